@@ -1,0 +1,1 @@
+"""Live migration of containers between nodes (vzmigrate equivalent); see issue 4."""

@@ -1,0 +1,1 @@
+"""Scheduled backup, prune and verify jobs (APScheduler daemon); see issue 6."""

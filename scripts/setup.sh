@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Make a fresh Debian 12 host ready for vzbackup (idempotent; a second run takes seconds).
+#   Debian packages, CRIU >= 4.2 (distro if good enough, else built from Debian sid's source),
+#   pycriu importable by the venv, fs.pipe-max-size raised, .venv with vzbackup[test] editable,
+#   and the busybox OS template in the embedded-defaults prefix.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VZBACKUP_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+CRIU_MIN=4.2
+CRIU_PREFIX=/usr/local
+PYCRIU_DIR=/usr/local/lib/vzbackup/pycriu      # holds the pycriu package
+BUILD_DIR=/var/cache/vzbackup/criu-build
+PIPE_MAX=4194304
+STAMP_DIR=/var/lib/vzbackup-setup
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (it installs packages and CRIU)"
+mkdir -p "$STAMP_DIR"
+
+DEB_PKGS=(busybox-static rsync openssh-server iproute2 iptables btrfs-progs zstd xz-utils
+  build-essential pkg-config protobuf-compiler protobuf-c-compiler libprotobuf-dev
+  libprotobuf-c-dev python3-protobuf libcap-dev libnl-3-dev libnet1-dev libaio-dev
+  libgnutls28-dev libbsd-dev libdrm-dev uuid-dev libnftables-dev
+  util-linux procps psmisc)
+
+missing_debs() {
+  local p
+  for p in "${DEB_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
+  done
+}
+
+install_debs() {
+  local miss
+  miss=$(missing_debs | tr '\n' ' ')
+  if [ -z "$miss" ]; then log "Debian packages: present"; return; fi
+  log "Debian packages: installing $miss"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $miss >/dev/null
+}
+
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -1)" = "$2" ]; }
+
+criu_ok() {  # $1 = criu binary
+  local bin=$1 v
+  [ -x "$bin" ] || return 1
+  v=$("$bin" --version 2>/dev/null | sed -n 's/^Version: *//p')
+  [ -n "$v" ] && version_ge "$v" "$CRIU_MIN" || return 1
+  "$bin" check >/dev/null 2>&1
+}
+
+build_criu() {
+  local srcdir apt_dir tarball
+  apt_dir=$BUILD_DIR/apt
+  mkdir -p "$apt_dir/lists/partial" "$BUILD_DIR"
+  echo "deb-src http://deb.debian.org/debian sid main" > "$apt_dir/sources.list"
+  local aopts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
+    -o "Dir::State::Lists=$apt_dir/lists" -o "APT::Get::List-Cleanup=0")
+  tarball=$(ls "$BUILD_DIR"/criu_*.orig.tar.xz 2>/dev/null | sort -V | tail -1 || true)
+  if [ -z "$tarball" ]; then
+    log "CRIU: fetching Debian sid source package"
+    apt-get "${aopts[@]}" update -qq
+    (cd "$BUILD_DIR" && apt-get "${aopts[@]}" source --download-only criu >/dev/null 2>&1 || true)
+    tarball=$(ls "$BUILD_DIR"/criu_*.orig.tar.xz 2>/dev/null | sort -V | tail -1 || true)
+    [ -n "$tarball" ] || die "could not download criu's source from Debian sid"
+  fi
+  srcdir=$BUILD_DIR/src
+  rm -rf "$srcdir"; mkdir -p "$srcdir"
+  tar -xJf "$tarball" -C "$srcdir" --strip-components=1
+  log "CRIU: building $(basename "$tarball") (make -j$(nproc) criu lib)"
+  make -C "$srcdir" -j"$(nproc)" criu lib >"$BUILD_DIR/build.log" 2>&1 \
+    || { tail -30 "$BUILD_DIR/build.log" >&2; die "CRIU build failed (log: $BUILD_DIR/build.log)"; }
+  install -m 0755 "$srcdir/criu/criu" "$CRIU_PREFIX/sbin/criu"
+  rm -rf "$PYCRIU_DIR"; mkdir -p "$PYCRIU_DIR"
+  cp -r "$srcdir/lib/pycriu" "$PYCRIU_DIR/pycriu"
+  find "$PYCRIU_DIR" -name '__pycache__' -prune -exec rm -rf {} +
+}
+
+install_criu() {
+  local dist
+  if criu_ok "$CRIU_PREFIX/sbin/criu" && [ -f "$PYCRIU_DIR/pycriu/rpc_pb2.py" ]; then
+    log "CRIU: $("$CRIU_PREFIX/sbin/criu" --version | head -1) (built) OK"; return
+  fi
+  dist=$(command -v criu || true)
+  if [ -n "$dist" ] && [ "$dist" != "$CRIU_PREFIX/sbin/criu" ] && criu_ok "$dist"; then
+    log "CRIU: distro $dist is good enough"
+  fi
+  build_criu
+  criu_ok "$CRIU_PREFIX/sbin/criu" || { "$CRIU_PREFIX/sbin/criu" check || true; die "built CRIU fails 'criu check'"; }
+  log "CRIU: installed $("$CRIU_PREFIX/sbin/criu" --version | head -1)"
+}
+
+raise_pipe_max() {
+  local cur
+  cur=$(sysctl -n fs.pipe-max-size)
+  if [ "$cur" -lt "$PIPE_MAX" ]; then sysctl -qw fs.pipe-max-size="$PIPE_MAX"; fi
+  mkdir -p /etc/sysctl.d
+  echo "fs.pipe-max-size = $PIPE_MAX" > /etc/sysctl.d/60-vzbackup.conf
+  log "sysctl: fs.pipe-max-size = $(sysctl -n fs.pipe-max-size)"
+}
+
+make_venv() {
+  local hash
+  [ -x "$VENV/bin/python" ] || { log "venv: creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+  # pycriu lives outside the venv; a .pth makes it importable.
+  local site
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$PYCRIU_DIR" > "$site/vzbackup-pycriu.pth"
+  hash=$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)
+  if [ "$(cat "$VENV/.vzbackup-installed" 2>/dev/null)" != "$hash" ]; then
+    log "venv: installing vzbackup[test] (editable)"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -e "$ROOT[test]"
+    echo "$hash" > "$VENV/.vzbackup-installed"
+  else
+    log "venv: up to date"
+  fi
+  "$VENV/bin/python" -c 'import pycriu, vzbackup' || die "pycriu or vzbackup not importable in $VENV"
+}
+
+install_debs
+install_criu
+raise_pipe_max
+make_venv
+"$ROOT/scripts/build-template.sh"
+log "ready"

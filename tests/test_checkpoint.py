@@ -1,0 +1,191 @@
+"""CRIU through pycriu: checkpoint/restore with a live TCP connection, failures, suspend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import NodeBed, http_get, wait_for
+
+pytestmark = pytest.mark.usefixtures("criu_ready")
+
+COUNTER = ("setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; "
+           "usleep 100000; done' </dev/null >/dev/null 2>&1 &")
+
+
+def _counter(node: NodeBed, ctid: int) -> int:
+    return int((node.prefix / f"vz/private/{ctid}/tmp/counter").read_text() or 0)
+
+
+def _state(node: NodeBed, ctid: int) -> dict:
+    return json.loads((node.prefix / f"vz/run/{ctid}.state").read_text())
+
+
+class EchoPeer:
+    """A host-side TCP server; the CT connects to it and echoes what it gets."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.listen(1)
+        self.sock.settimeout(20)
+        self.port = self.sock.getsockname()[1]
+        self.conn: socket.socket | None = None
+
+    def accept(self) -> None:
+        self.conn, _ = self.sock.accept()
+        self.conn.settimeout(30)
+
+    def roundtrip(self, msg: bytes) -> bytes:
+        assert self.conn is not None
+        self.conn.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            chunk = self.conn.recv(len(msg) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+    def close(self) -> None:
+        if self.conn:
+            self.conn.close()
+        self.sock.close()
+
+
+def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> None:
+    ctid, ip = node.create_running()
+    peer = EchoPeer()
+    try:
+        node.sh(ctid, COUNTER)
+        node.sh(ctid, f"setsid nc 169.254.0.1 {peer.port} -e /bin/cat </dev/null >/dev/null 2>&1 &")
+        node.sh(ctid, "echo held > /tmp/lockfile; setsid flock /tmp/lockfile sleep 1000 "
+                      "</dev/null >/dev/null 2>&1 &")
+        peer.accept()
+        assert peer.roundtrip(b"before\n") == b"before\n"
+        wait_for(lambda: _counter(node, ctid) > 3, what="counter")
+        nc_pid = node.sh(ctid, "pidof cat").strip()
+        assert node.vz("exec", str(ctid), "flock -n /tmp/lockfile true", check=False).returncode
+
+        out = json.loads(node.vz("chkpnt", str(ctid), "--json").stdout)
+        dump = Path(out["dumpdir"])
+        assert (dump / "inventory.img").exists()
+        assert "stopped" in node.vz("status", str(ctid)).stdout
+        frozen_at = _counter(node, ctid)
+        time.sleep(1.0)
+        assert _counter(node, ctid) == frozen_at        # nothing runs while checkpointed
+
+        node.vz("restore", str(ctid))
+        assert not dump.exists()                         # images consumed on success
+        assert "running" in node.vz("status", str(ctid)).stdout
+        wait_for(lambda: _counter(node, ctid) > frozen_at + 3, what="counter to continue")
+        assert _counter(node, ctid) > frozen_at          # continued, not restarted from 0
+        assert node.sh(ctid, "pidof cat").strip() == nc_pid
+        # The connection carries data both ways after the restore.
+        assert peer.roundtrip(b"after restore\n") == b"after restore\n"
+        # File lock is still held by the restored process.
+        assert node.vz("exec", str(ctid), "flock -n /tmp/lockfile true", check=False).returncode
+        # The restored CT is fully manageable: service, exec, supervisor, chkpnt again, stop.
+        assert "vzbackup" in wait_for(lambda: http_get(ip), what="httpd after restore")
+        st = _state(node, ctid)
+        assert st["restored"]
+        ppid = int(Path(f"/proc/{st['init_pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert ppid == st["supervisor_pid"]
+        node.vz("chkpnt", str(ctid))
+        node.vz("restore", str(ctid))
+        assert peer.roundtrip(b"twice\n") == b"twice\n"
+        node.vz("stop", str(ctid))
+        assert "stopped" in node.vz("status", str(ctid)).stdout
+    finally:
+        peer.close()
+
+
+def test_checkpoint_with_bind_mount_and_custom_dumpfile(node: NodeBed, tmp_path: Path) -> None:
+    shared = tmp_path / "vol"
+    shared.mkdir()
+    ctid = node.new_ctid()
+    node.vz("create", str(ctid), "--ipadd", node.new_ip())
+    node.vz("set", str(ctid), "--bindmount", f"{shared}:/srv/vol", "--save")
+    node.vz("start", str(ctid))
+    node.sh(ctid, "setsid sh -c 'exec 3>>/srv/vol/log; while true; do echo x >&3; usleep 100000;"
+                  " done' </dev/null >/dev/null 2>&1 &")
+    dump = tmp_path / "images"
+    node.vz("chkpnt", str(ctid), "--dumpfile", str(dump))
+    size = (shared / "log").stat().st_size
+    node.vz("restore", str(ctid), "--dumpfile", str(dump), "--keep-dump")
+    assert dump.exists()
+    wait_for(lambda: (shared / "log").stat().st_size > size + 10, what="writes to the bind mount")
+
+
+def test_failed_dump_leaves_ct_running(node: NodeBed, tmp_path: Path) -> None:
+    ctid, ip = node.create_running()
+    node.sh(ctid, COUNTER)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tiny", str(full)], check=True)
+    try:
+        res = node.vz("chkpnt", str(ctid), "--dumpfile", str(full / "Dump"), check=False)
+        assert res.returncode == 11, res.stderr
+        assert "CRIU dump" in res.stderr
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+    assert "running" in node.vz("status", str(ctid)).stdout
+    before = _counter(node, ctid)
+    wait_for(lambda: _counter(node, ctid) > before, what="counter after failed dump")
+    assert "vzbackup" in http_get(ip)
+
+
+def test_failed_restore_keeps_images_and_cleans_up(node: NodeBed, tmp_path: Path) -> None:
+    ctid, ip = node.create_running()
+    node.vz("chkpnt", str(ctid))
+    dump = node.prefix / f"vz/dump/Dump.{ctid}"
+    good = tmp_path / "good"
+    shutil.copytree(dump, good)
+    pstree = dump / "pstree.img"
+    pstree.write_bytes(pstree.read_bytes()[:10])
+    res = node.vz("restore", str(ctid), check=False)
+    assert res.returncode == 11, res.stderr
+    assert "restore" in res.stderr and "images are kept" in res.stderr
+    assert pstree.exists()
+    assert "unmounted stopped" in node.vz("status", str(ctid)).stdout
+    assert not any(ip in ln for ln in subprocess.run(
+        ["ip", "route"], capture_output=True, text=True).stdout.splitlines())
+    node.vz("restore", str(ctid), "--dumpfile", str(good))
+    assert "vzbackup" in wait_for(lambda: http_get(ip), what="httpd after good restore")
+
+
+def test_suspend_resume_freezes_in_place(node: NodeBed) -> None:
+    ctid, _ = node.create_running()
+    node.sh(ctid, COUNTER)
+    wait_for(lambda: _counter(node, ctid) > 2, what="counter")
+    node.vz("suspend", str(ctid))
+    assert "suspended" in node.vz("status", str(ctid)).stdout
+    frozen = _counter(node, ctid)
+    time.sleep(0.8)
+    assert _counter(node, ctid) == frozen
+    assert node.vz("suspend", str(ctid), check=False).returncode == 6
+    node.vz("resume", str(ctid))
+    wait_for(lambda: _counter(node, ctid) > frozen, what="counter after resume")
+    assert node.vz("resume", str(ctid), check=False).returncode == 6
+
+
+def test_missing_or_old_criu_is_one_clear_message(node: NodeBed, tmp_path: Path) -> None:
+    ctid, _ = node.create_running()
+    env_missing = {"VZBACKUP_CRIU": str(tmp_path / "no-criu")}
+    old = tmp_path / "criu"
+    old.write_text("#!/bin/sh\necho 'Version: 3.17.1'\n")
+    old.chmod(0o755)
+    for extra in (env_missing, {"VZBACKUP_CRIU": str(old)}):
+        res = subprocess.run([sys.executable, "-m", "vzbackup.cli", "chkpnt", str(ctid)],
+                             env={**node.env(), **extra}, capture_output=True, text=True)
+        assert res.returncode == 9, res.stderr
+        assert "CRIU >= 4.2 is required" in res.stderr and "setup.sh" in res.stderr
+    assert "3.17.1" in res.stderr
+    assert "running" in node.vz("status", str(ctid)).stdout

@@ -1,0 +1,584 @@
+"""Tests for vzbackup.ct.network against real kernel networking (netns + veth, no mocks).
+
+Every "container" is ``unshare --net sleep 300``; only loopback, the veths and a private test
+bridge are used. Addresses: routed 10.199.201.0/24, bridged 10.199.202.0/24; CTIDs 947xx.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vzbackup.ct import network as net
+from vzbackup.ct.network import GATEWAY, NetConfig, Netif
+from vzbackup.errors import ConfigError, ExistsError, RuntimeFailure, UsageError
+
+NEEDS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nsenter", "unshare")),
+    reason="needs root, iproute2, nsenter and unshare",
+)
+
+R = "10.199.201."  # routed test addresses
+B = "10.199.202."  # bridged test subnet
+
+# ICMP echo via a raw socket (no ping binary needed); exit 0 on a reply within the timeout.
+_PING = r"""
+import os, socket, struct, sys, time
+dst, timeout = sys.argv[1], float(sys.argv[2])
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xFFFF); s += s >> 16
+    return ~s & 0xFFFF
+ident = os.getpid() & 0xFFFF
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(0.2)
+deadline = time.monotonic() + timeout
+seq = 0
+while time.monotonic() < deadline:
+    seq += 1
+    hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"vzbackup"
+    s.sendto(struct.pack("!BBHHH", 8, 0, csum(hdr), ident, seq) + b"vzbackup", (dst, 0))
+    end = min(deadline, time.monotonic() + 0.3)
+    while time.monotonic() < end:
+        try:
+            data, addr = s.recvfrom(2048)
+        except socket.timeout:
+            continue
+        ihl = (data[0] & 0xF) * 4
+        typ, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+        if typ == 0 and rid == ident and addr[0] == dst:
+            sys.exit(0)
+sys.exit(1)
+"""
+
+# One-shot TCP echo server: prints its port, answers b"pong:" + request.
+_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+s.settimeout(10)
+c, _ = s.accept()
+c.sendall(b"pong:" + c.recv(100)); c.close()
+"""
+
+_CLIENT = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+c.sendall(sys.argv[3].encode()); print(c.recv(100).decode(), flush=True)
+"""
+
+
+def _in_ns(pid: int | None, argv: list[str]) -> list[str]:
+    return argv if pid is None else ["nsenter", f"--net=/proc/{pid}/ns/net", *argv]
+
+
+def ping(addr: str, *, pid: int | None = None, timeout: float = 3.0) -> bool:
+    """True if *addr* answers an ICMP echo (sent from the netns of *pid*, or the host)."""
+    argv = _in_ns(pid, [sys.executable, "-c", _PING, addr, str(timeout)])
+    return subprocess.run(argv, timeout=timeout + 10).returncode == 0
+
+
+def tcp_host_to_ct(pid: int, ct_ip: str) -> str:
+    """Start a server on ct_ip inside the CT, talk to it from the host; return the reply."""
+    srv = subprocess.Popen(
+        _in_ns(pid, [sys.executable, "-c", _SERVER, ct_ip]), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        port = int(srv.stdout.readline())
+        with socket.create_connection((ct_ip, port), timeout=5) as c:
+            c.sendall(b"from-host")
+            return c.recv(100).decode()
+    finally:
+        srv.wait(timeout=10)
+
+
+def tcp_ct_to_host(pid: int, host_ip: str) -> tuple[str, str]:
+    """Listen on host_ip on the host, connect from the CT; return (what host got, CT reply)."""
+    got: list[str] = []
+    srv = socket.socket()
+    srv.bind((host_ip, 0))
+    srv.listen(1)
+    srv.settimeout(10)
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        data = c.recv(100).decode()
+        got.append(data)
+        c.sendall(b"pong:" + data.encode())
+        c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        port = srv.getsockname()[1]
+        out = subprocess.run(
+            _in_ns(pid, [sys.executable, "-c", _CLIENT, host_ip, str(port), "from-ct"]),
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.strip()
+        t.join(10)
+    finally:
+        srv.close()
+    return (got[0] if got else ""), out
+
+
+def link_exists(name: str, pid: int | None = None) -> bool:
+    argv = _in_ns(pid, ["ip", "link", "show", "dev", name])
+    return subprocess.run(argv, capture_output=True).returncode == 0
+
+
+def ct_links(pid: int) -> list[str]:
+    out = subprocess.run(
+        _in_ns(pid, ["ip", "-j", "link", "show"]), capture_output=True, text=True, check=True
+    )
+    return sorted(link["ifname"] for link in json.loads(out.stdout))
+
+
+def ct_addrs(pid: int) -> set[str]:
+    out = subprocess.run(
+        _in_ns(pid, ["ip", "-j", "-4", "addr", "show"]), capture_output=True, text=True, check=True
+    )
+    links = json.loads(out.stdout)
+    return {a["local"] for link in links if link["ifname"] != "lo" for a in link["addr_info"]}
+
+
+def host_route(addr: str) -> str:
+    return subprocess.run(
+        ["ip", "route", "show", "exact", f"{addr}/32"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def ip_run(*args: str, pid: int | None = None) -> None:
+    subprocess.run(_in_ns(pid, ["ip", *args]), check=True, capture_output=True)
+
+
+def _netns_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def make_ct() -> Iterator[Callable[[], int]]:
+    """Factory: start a process in a fresh netns, return its PID; killed by PID afterwards."""
+    procs: list[subprocess.Popen] = []
+
+    def make() -> int:
+        p = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+        procs.append(p)
+        host = _netns_id("/proc/self/ns/net")
+        deadline = time.monotonic() + 5
+        while _netns_id(f"/proc/{p.pid}/ns/net") == host:
+            assert time.monotonic() < deadline, "unshare did not create a netns"
+            time.sleep(0.01)
+        return p.pid
+
+    yield make
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.fixture
+def torn() -> Iterator[Callable[[NetConfig], NetConfig]]:
+    """Register a NetConfig so teardown() always runs after the test."""
+    cfgs: list[NetConfig] = []
+
+    def reg(cfg: NetConfig) -> NetConfig:
+        cfgs.append(cfg)
+        return cfg
+
+    yield reg
+    for cfg in cfgs:
+        net.teardown(cfg)
+
+
+@pytest.fixture
+def bridge() -> Iterator[str]:
+    """A private test bridge with 10.199.202.1/24 (deleted afterwards)."""
+    name = f"vzbrt{os.getpid() % 1000}"
+    if link_exists(name):
+        ip_run("link", "del", "dev", name)
+    ip_run("link", "add", "name", name, "type", "bridge")
+    try:
+        ip_run("addr", "add", f"{B}1/24", "dev", name)
+        ip_run("link", "set", "dev", name, "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", "dev", name], capture_output=True)
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_validate_ip() -> None:
+    assert net.validate_ip(" 10.199.0.5 ") == "10.199.0.5"
+    assert net.validate_ip("10.199.0.5/24") == "10.199.0.5/24"
+    assert net.validate_ip("2001:DB8:0::1/64") == "2001:db8::1/64"
+    for bad in (
+        "",
+        "garbage",
+        "10.199.0.256",
+        "10.199.0",
+        "010.1.1.1",
+        "10.199.0.5/33",
+        "10.199.0.5/",
+        "10.199.0.0/24",
+        "10.199.0.255/24",
+        "0.0.0.0",
+        "127.0.0.1",
+        "224.0.0.1",
+        "169.254.0.1",
+        "255.255.255.255",
+        "fe80::1%eth0",
+    ):
+        with pytest.raises(UsageError):
+            net.validate_ip(bad)
+
+
+def test_host_veth_name() -> None:
+    assert net.host_veth_name(101, 0) == "veth101.0"
+    assert net.host_veth_name(123456789, 1) == "veth123456789.1"  # exactly 15
+    long = net.host_veth_name(1234567890, 12)
+    assert len(long) <= 15 and long.startswith("vz")
+    assert long != net.host_veth_name(1234567890, 13)
+    assert long == net.host_veth_name(1234567890, 12)
+    with pytest.raises(UsageError):
+        net.host_veth_name(-1, 0)
+
+
+def test_parse_format_netif_round_trip() -> None:
+    value = (
+        "ifname=eth1,mac=00:18:51:AA:BB:CC,host_ifname=veth101.1,host_mac=00:18:51:AA:BB:CD,"
+        "bridge=vzbr0,ip=10.199.1.5/24,ip=10.199.1.6/24,gw=10.199.1.1;ifname=eth2"
+    )
+    nifs = net.parse_netif(value)
+    assert nifs == [
+        Netif(
+            "eth1",
+            bridge="vzbr0",
+            mac="00:18:51:AA:BB:CC",
+            host_ifname="veth101.1",
+            host_mac="00:18:51:AA:BB:CD",
+            ip=("10.199.1.5/24", "10.199.1.6/24"),
+            gw="10.199.1.1",
+        ),
+        Netif("eth2"),
+    ]
+    assert net.format_netif(nifs) == value
+    assert net.parse_netif(net.format_netif(nifs)) == nifs
+    assert net.parse_netif("") == [] and net.format_netif([]) == ""
+    # lenient input: spaces, trailing ';', lower-case / dashed MAC, OpenVZ mac_filter
+    loose = net.parse_netif(" ifname=eth0 , mac=00-18-51-aa-bb-cc , mac_filter=on ; ")
+    assert loose == [Netif("eth0", mac="00:18:51:AA:BB:CC")]
+    assert Netif("eth0", ip=["10.199.1.5/24"]).ip == ("10.199.1.5/24",)  # list coerced
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("bridge=vzbr0", "missing ifname"),
+        ("ifname=eth1,colour=blue", "colour"),
+        ("ifname=eth1,bridge", "'bridge'"),
+        ("ifname=eth1,mac=zz:18:51:AA:BB:CC", "zz:18:51:AA:BB:CC"),
+        ("ifname=eth1,mac=01:18:51:AA:BB:CC", "multicast"),
+        ("ifname=eth1,ip=10.199.1.300/24", "10.199.1.300/24"),
+        ("ifname=eth1,gw=10.199.1.1/24", "10.199.1.1/24"),
+        ("ifname=eth1,gw=nope", "nope"),
+        ("ifname=averyveryverylongname", "averyveryverylongname"),
+        ("ifname=eth1,bridge=a b", "'a b'"),
+        ("ifname=eth1,ifname=eth2", "duplicate key"),
+        ("ifname=eth1;ifname=eth1", "used twice"),
+        ("ifname=eth1,host_ifname=v1;ifname=eth2,host_ifname=v1", "used twice"),
+        ("ifname=eth1,bridge=", "empty value"),
+    ],
+)
+def test_parse_netif_errors(value: str, named: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        net.parse_netif(value)
+    assert named in str(exc.value)
+
+
+def test_criu_veth_pairs() -> None:
+    cfg = NetConfig(
+        101,
+        ips=("10.199.0.5", "10.199.0.6/24"),
+        netifs=(
+            Netif("eth1", bridge="vzbr0"),
+            Netif("eth2", bridge="vzbr1", host_ifname="myveth"),
+            Netif("eth3"),
+        ),
+    )
+    assert net.criu_veth_pairs(cfg) == [
+        ("eth0", "veth101.0"),
+        ("eth1", "veth101.1@vzbr0"),
+        ("eth2", "myveth@vzbr1"),
+        ("eth3", "veth101.3"),
+    ]
+    # without routed IPs a NETIF eth0 gets index 0; routed + NETIF eth0 clash inside the CT
+    assert net.criu_veth_pairs(NetConfig(7, netifs=(Netif("eth0", bridge="b"),))) == [
+        ("eth0", "veth7.0@b")
+    ]
+    with pytest.raises(ConfigError):
+        net.criu_veth_pairs(NetConfig(7, ips=("10.199.0.5",), netifs=(Netif("eth0"),)))
+    # index collision with the routed veth falls back to the first free index
+    pairs = net.criu_veth_pairs(NetConfig(7, ips=("10.199.0.5",), netifs=(Netif("lan0"),)))
+    assert pairs == [("eth0", "veth7.0"), ("lan0", "veth7.1")]
+    with pytest.raises(ConfigError):
+        net.criu_veth_pairs(NetConfig(7, ips=("2001:db8::1",)))
+
+
+# --------------------------------------------------------------------------- routed mode
+
+
+@NEEDS_ROOT
+def test_routed_setup_ping_tcp_teardown(make_ct, torn) -> None:
+    pid = make_ct()
+    cfg = torn(NetConfig(94701, ips=(f"{R}11", f"{R}12/24")))
+    host = net.host_veth_name(94701, 0)
+    net.setup(cfg, pid)
+
+    assert ct_links(pid) == ["eth0", "lo"]
+    assert ct_addrs(pid) == {f"{R}11", f"{R}12"}
+    assert f"src {GATEWAY}" in host_route(f"{R}11") and host in host_route(f"{R}12")
+    assert Path(f"/proc/sys/net/ipv4/conf/{host}/proxy_arp").read_text().strip() == "1"
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "0"
+
+    assert ping(f"{R}11") and ping(f"{R}12")
+    assert ping(GATEWAY, pid=pid)
+    assert tcp_host_to_ct(pid, f"{R}12") == "pong:from-host"
+    assert tcp_ct_to_host(pid, GATEWAY) == ("from-ct", "pong:from-ct")
+    assert net.ips_in_use_on_host([f"{R}11", f"{R}13", f"{R}12/24"]) == [f"{R}11", f"{R}12/24"]
+
+    net.teardown(cfg)
+    assert not link_exists(host)
+    assert host_route(f"{R}11") == "" and host_route(f"{R}12") == ""
+    assert net.ips_in_use_on_host([f"{R}11"]) == []
+    net.teardown(cfg)  # idempotent
+
+
+@NEEDS_ROOT
+def test_two_routed_cts_share_gateway(make_ct, torn) -> None:
+    pa, pb = make_ct(), make_ct()
+    a = torn(NetConfig(94702, ips=(f"{R}21",)))
+    b = torn(NetConfig(94703, ips=(f"{R}22",)))
+    net.setup(a, pa)
+    net.setup(b, pb)
+    for pid, ip in ((pa, f"{R}21"), (pb, f"{R}22")):
+        assert ping(ip)
+        assert tcp_host_to_ct(pid, ip) == "pong:from-host"
+        assert tcp_ct_to_host(pid, GATEWAY) == ("from-ct", "pong:from-ct")
+
+    net.teardown(a)
+    assert not link_exists(net.host_veth_name(94702, 0))
+    assert not ping(f"{R}21", timeout=0.5)
+    assert ping(f"{R}22") and ping(GATEWAY, pid=pb)
+    assert tcp_host_to_ct(pb, f"{R}22") == "pong:from-host"
+    assert tcp_ct_to_host(pb, GATEWAY) == ("from-ct", "pong:from-ct")
+
+
+@NEEDS_ROOT
+def test_routed_duplicate_ip_refused(make_ct, torn) -> None:
+    pa, pb = make_ct(), make_ct()
+    net.setup(torn(NetConfig(94704, ips=(f"{R}31",))), pa)
+    dup = torn(NetConfig(94705, ips=(f"{R}32", f"{R}31")))
+    with pytest.raises(ExistsError, match=rf"{R}31"):
+        net.setup(dup, pb)
+    assert not link_exists(net.host_veth_name(94705, 0))
+    assert ct_links(pb) == ["lo"]
+    assert host_route(f"{R}32") == ""
+    assert ping(f"{R}31")  # the first CT is untouched
+
+
+@NEEDS_ROOT
+def test_add_del_ips_running(make_ct, torn) -> None:
+    pid = make_ct()
+    cfg = torn(NetConfig(94706, ips=(f"{R}41",)))
+    host = net.host_veth_name(94706, 0)
+    net.setup(cfg, pid)
+
+    net.add_ips(cfg, pid, [f"{R}42", f"{R}41"])  # already-present one is fine
+    assert ct_addrs(pid) == {f"{R}41", f"{R}42"}
+    assert host in host_route(f"{R}42")
+    assert ping(f"{R}42")
+    assert tcp_host_to_ct(pid, f"{R}42") == "pong:from-host"
+
+    net.del_ips(cfg, pid, [f"{R}41"])
+    assert ct_addrs(pid) == {f"{R}42"}
+    assert host_route(f"{R}41") == ""
+    assert not ping(f"{R}41", timeout=0.5)
+    assert ping(f"{R}42")
+    net.del_ips(cfg, pid, [f"{R}41"])  # already gone: no error
+
+    with pytest.raises(UsageError):
+        net.add_ips(cfg, pid, ["10.199.1.999"])
+
+    # a CT without routed IPs gets its routed veth created by add_ips
+    p2 = make_ct()
+    cfg2 = torn(NetConfig(94707))
+    net.setup(cfg2, p2)
+    assert ct_links(p2) == ["lo"]
+    with pytest.raises(ExistsError):
+        net.add_ips(cfg2, p2, [f"{R}42"])  # held by CT 94706
+    assert not link_exists(net.host_veth_name(94707, 0))
+    net.add_ips(cfg2, p2, [f"{R}43"])
+    assert ping(f"{R}43") and ping(GATEWAY, pid=p2)
+    net.teardown(NetConfig(94707, ips=(f"{R}43",)))
+    assert not link_exists(net.host_veth_name(94707, 0))
+
+
+@NEEDS_ROOT
+def test_teardown_after_ct_died(make_ct, torn) -> None:
+    pa, pb = make_ct(), make_ct()
+    a = torn(NetConfig(94708, ips=(f"{R}51",)))
+    b = torn(NetConfig(94709, ips=(f"{R}52",)))
+    net.setup(a, pa)
+    net.setup(b, pb)
+    os.kill(pa, signal.SIGKILL)
+    os.kill(pb, signal.SIGKILL)
+    net.teardown(a)  # immediately: the veth may or may not still exist
+    deadline = time.monotonic() + 10
+    while link_exists(net.host_veth_name(94709, 0)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    net.teardown(b)  # after the kernel removed the pair with the netns
+    for cfg, ip in ((a, f"{R}51"), (b, f"{R}52")):
+        assert not link_exists(net.host_veth_name(cfg.ctid, 0))
+        assert host_route(ip) == ""
+
+
+@NEEDS_ROOT
+def test_configure_host_side_after_restore(make_ct, torn, bridge) -> None:
+    """Simulate CRIU: pairs exist with the CT side configured, host side bare."""
+    pid = make_ct()
+    cfg = torn(
+        NetConfig(94710, ips=(f"{R}61",), netifs=(Netif("eth1", bridge=bridge, ip=(f"{B}61/24",)),))
+    )
+    (_, routed_host), (_, bridged_out) = net.criu_veth_pairs(cfg)
+    bridged_host = bridged_out.split("@")[0]
+    ip_run("link", "set", "dev", "lo", "up", pid=pid)
+    for ct_if, host_if in (("eth0", routed_host), ("eth1", bridged_host)):
+        ip_run(
+            "link", "add", "name", host_if, "type", "veth", "peer", "name", ct_if, "netns", str(pid)
+        )
+        ip_run("link", "set", "dev", ct_if, "up", pid=pid)
+    ip_run("addr", "add", f"{R}61/32", "dev", "eth0", pid=pid)
+    ip_run("route", "add", GATEWAY, "dev", "eth0", "scope", "link", pid=pid)
+    ip_run("route", "add", "default", "via", GATEWAY, "dev", "eth0", pid=pid)
+    ip_run("addr", "add", f"{B}61/24", "dev", "eth1", pid=pid)
+
+    net.configure_host_side(cfg)
+    net.configure_host_side(cfg)  # idempotent
+    assert ping(f"{R}61") and ping(GATEWAY, pid=pid)
+    assert ping(f"{B}61") and ping(f"{B}1", pid=pid)
+    info = json.loads(subprocess.check_output(["ip", "-j", "link", "show", "dev", bridged_host]))
+    assert info[0]["master"] == bridge
+
+    with pytest.raises(RuntimeFailure, match=r"veth94711\.0"):
+        net.configure_host_side(NetConfig(94711, ips=(f"{R}62",)))
+
+
+# --------------------------------------------------------------------------- bridged mode
+
+
+@NEEDS_ROOT
+def test_bridged_setup_ping_tcp(make_ct, torn, bridge) -> None:
+    pid = make_ct()
+    (nif,) = net.parse_netif(
+        f"ifname=eth1,bridge={bridge},mac=00:18:51:AA:BB:01,host_mac=00:18:51:AA:BB:02,"
+        f"ip={B}5/24,gw={B}1"
+    )
+    cfg = torn(NetConfig(94712, netifs=(nif,)))
+    host = net.host_veth_name(94712, 1)
+    net.setup(cfg, pid)
+
+    assert ct_links(pid) == ["eth1", "lo"]
+    info = json.loads(subprocess.check_output(["ip", "-j", "link", "show", "dev", host]))[0]
+    assert info["master"] == bridge and info["address"] == "00:18:51:aa:bb:02"
+    ct_info = json.loads(
+        subprocess.check_output(_in_ns(pid, ["ip", "-j", "link", "show", "dev", "eth1"]))
+    )[0]
+    assert ct_info["address"] == "00:18:51:aa:bb:01"
+    routes = subprocess.check_output(_in_ns(pid, ["ip", "route"]), text=True)
+    assert f"default via {B}1 dev eth1" in routes
+
+    assert ping(f"{B}5") and ping(f"{B}1", pid=pid)
+    assert tcp_host_to_ct(pid, f"{B}5") == "pong:from-host"
+    assert tcp_ct_to_host(pid, f"{B}1") == ("from-ct", "pong:from-ct")
+    assert net.ips_in_use_on_host([f"{B}1", f"{B}5"]) == [f"{B}1"]  # bridge addr is the host's
+
+    net.teardown(cfg)
+    assert not link_exists(host)
+    assert ct_links(pid) == ["lo"]
+
+
+@NEEDS_ROOT
+def test_bridged_missing_bridge(make_ct, torn) -> None:
+    pid = make_ct()
+    missing = f"vzbrx{os.getpid() % 100000}"
+    cfg = torn(
+        NetConfig(94713, ips=(f"{R}71",), netifs=(Netif("eth1", bridge=missing, ip=(f"{B}7/24",)),))
+    )
+    with pytest.raises(RuntimeFailure, match=missing):
+        net.setup(cfg, pid)
+    assert not link_exists(net.host_veth_name(94713, 0))
+    assert not link_exists(net.host_veth_name(94713, 1))
+    assert ct_links(pid) == ["lo"]
+    assert host_route(f"{R}71") == ""
+
+
+@NEEDS_ROOT
+def test_setup_rolls_back_on_ip_failure(make_ct, torn, bridge) -> None:
+    """A failing ip command mid-way removes the routed pair already created."""
+    pid = make_ct()
+    ip_run("link", "add", "name", "eth1", "type", "bridge", pid=pid)  # CT name taken
+    cfg = torn(NetConfig(94714, ips=(f"{R}81",), netifs=(Netif("eth1", bridge=bridge),)))
+    with pytest.raises(RuntimeFailure, match="File exists"):
+        net.setup(cfg, pid)
+    assert not link_exists(net.host_veth_name(94714, 0))
+    assert not link_exists(net.host_veth_name(94714, 1))
+    assert host_route(f"{R}81") == ""
+    assert ct_links(pid) == ["eth1", "lo"]
+
+
+@NEEDS_ROOT
+def test_refuses_host_netns_and_dead_pid(torn) -> None:
+    cfg = torn(NetConfig(94715, ips=(f"{R}91",)))
+    with pytest.raises(RuntimeFailure, match="host network namespace"):
+        net.setup(cfg, os.getpid())
+    p = subprocess.Popen(["true"])
+    p.wait()
+    with pytest.raises(RuntimeFailure, match="does not exist"):
+        net.setup(cfg, p.pid)
+    assert not link_exists(net.host_veth_name(94715, 0))
+
+
+@NEEDS_ROOT
+def test_teardown_never_deletes_non_veth(torn) -> None:
+    assert link_exists("lo")
+    net.teardown(NetConfig(94716, netifs=(Netif("eth1", host_ifname="lo"),)))
+    assert link_exists("lo")
+
+
+@NEEDS_ROOT
+def test_ips_in_use_on_host() -> None:
+    assert net.ips_in_use_on_host([]) == []
+    assert net.ips_in_use_on_host(["127.0.0.1", f"{R}254"]) == ["127.0.0.1"]
+    with pytest.raises(UsageError):
+        net.ips_in_use_on_host(["not-an-ip"])

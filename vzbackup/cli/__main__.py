@@ -1,0 +1,5 @@
+"""``python -m vzbackup.cli`` runs the CLI."""
+
+from vzbackup.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""CLI commands, one module each; a module exports its click commands in ``COMMANDS``."""

@@ -1,0 +1,31 @@
+"""vzbackup check: is this node able to run and checkpoint containers?"""
+
+from __future__ import annotations
+
+import subprocess
+
+import click
+
+from vzbackup.cli.common import emit, json_option, require_root
+from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
+from vzbackup.ct.cgroups import detect_version
+from vzbackup.errors import DependencyError
+
+
+@click.command()
+@json_option
+def check(as_json: bool) -> None:
+    """Check CRIU (>= 4.2, 'criu check'), pycriu and the cgroup layout."""
+    require_root()
+    binary = criu_binary()
+    pycriu_module()
+    res = subprocess.run([binary, "check"], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise DependencyError(f"'{binary} check' failed:\n{res.stdout}{res.stderr}".rstrip())
+    pipe_max = int(open("/proc/sys/fs/pipe-max-size").read())
+    data = {"criu": binary, "criu_version": criu_version(), "criu_check": "ok",
+            "cgroup_version": detect_version(), "pipe_max_size": pipe_max}
+    emit(as_json, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+COMMANDS = [check]

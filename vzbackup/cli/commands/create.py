@@ -1,0 +1,31 @@
+"""vzbackup create: a new CT from an OS template."""
+
+from __future__ import annotations
+
+import click
+
+from vzbackup.cli.common import emit, json_option, node_of, require_root
+from vzbackup.ct import ops, registry
+
+
+@click.command()
+@click.argument("ctid")
+@click.option("--ostemplate", help="OS template name in TEMPLATE/cache (default DEF_OSTEMPLATE).")
+@click.option("--config", "sample", help="Sample config ve-NAME.conf-sample (default CONFIGFILE).")
+@click.option("--ipadd", multiple=True, help="IP address (repeatable).")
+@click.option("--hostname")
+@click.option("--name", help="A name that can be used instead of the CTID.")
+@json_option
+@click.pass_context
+def create(ctx: click.Context, ctid: str, ostemplate: str | None, sample: str | None,
+           ipadd: tuple[str, ...], hostname: str | None, name: str | None, as_json: bool) -> None:
+    """Create container CTID."""
+    require_root()
+    node = node_of(ctx)
+    ct = ops.create(node, registry.parse_ctid(ctid), ostemplate=ostemplate, sample=sample,
+                    ipadd=list(ipadd), hostname=hostname, name=name)
+    emit(as_json, {"ctid": ct.ctid, "private": str(ct.ve_private()), "config": str(ct.conf_path)},
+         f"CT {ct.ctid} created: private area {ct.ve_private()}")
+
+
+COMMANDS = [create]

@@ -1,0 +1,47 @@
+"""vzbackup start / stop / restart."""
+
+from __future__ import annotations
+
+import click
+
+from vzbackup.cli.common import container
+from vzbackup.ct import ops
+
+
+@click.command()
+@click.argument("ctid")
+@click.pass_context
+def start(ctx: click.Context, ctid: str) -> None:
+    """Start container CTID."""
+    ct = container(ctx, ctid)
+    pid = ops.start(ct)
+    click.echo(f"CT {ct.ctid} started (init pid {pid})")
+
+
+@click.command()
+@click.argument("ctid")
+@click.option("-t", "--timeout", type=int, help="Seconds to wait for a clean halt (STOP_TIMEOUT).")
+@click.option("--fast", is_flag=True, help="Kill at once, no clean halt.")
+@click.pass_context
+def stop(ctx: click.Context, ctid: str, timeout: int | None, fast: bool) -> None:
+    """Stop container CTID: halt inside, then kill after the timeout."""
+    ct = container(ctx, ctid)
+    ops.stop(ct, timeout=timeout, fast=fast)
+    click.echo(f"CT {ct.ctid} stopped")
+
+
+@click.command()
+@click.argument("ctid")
+@click.option("-t", "--timeout", type=int, help="Seconds to wait for a clean halt.")
+@click.pass_context
+def restart(ctx: click.Context, ctid: str, timeout: int | None) -> None:
+    """Stop (if running) and start container CTID."""
+    ct = container(ctx, ctid)
+    if ct.running:
+        ops.stop(ct, timeout=timeout)
+        click.echo(f"CT {ct.ctid} stopped")
+    pid = ops.start(ct)
+    click.echo(f"CT {ct.ctid} started (init pid {pid})")
+
+
+COMMANDS = [start, stop, restart]

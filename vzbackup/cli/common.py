@@ -1,0 +1,65 @@
+"""Shared CLI plumbing: node loading, CT resolution, JSON output, error to exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from vzbackup.config.node import Node
+from vzbackup.ct import registry
+from vzbackup.ct.container import Container
+from vzbackup.errors import NotRootError, VzError
+
+
+def node_of(ctx: click.Context) -> Node:
+    return Node.load(ctx.obj["prefix"])
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotRootError("this command must be run as root")
+
+
+def container(ctx: click.Context, ident: str, *, must_exist: bool = True) -> Container:
+    """The CT named by a CTID or name on the command line."""
+    require_root()
+    node = node_of(ctx)
+    ct = Container(node, registry.resolve(node, ident))
+    if must_exist:
+        ct.conf  # noqa: B018 - raises NotFoundError / ConfigError
+    return ct
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
+
+
+def emit(as_json: bool, data: Any, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    elif text is not None:
+        click.echo(text)
+
+
+def run_guarded(cli: click.Group) -> None:
+    """Run the CLI; a VzError becomes 'vzbackup: error: ...' and its exit code."""
+    try:
+        cli.main(standalone_mode=False)
+    except VzError as e:
+        click.echo(f"vzbackup: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)

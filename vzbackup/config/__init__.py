@@ -1,0 +1,1 @@
+"""OpenVZ-format configuration: vz.conf (node), CTID.conf (container), samples."""

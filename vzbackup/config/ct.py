@@ -1,0 +1,217 @@
+"""Container configuration (OpenVZ CTID.conf): typed access over a lossless VzFile."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vzbackup.config.vzfile import VzFile
+from vzbackup.errors import ConfigError, UsageError
+
+PAGE = 4096
+_SIZE = re.compile(r"^(\d+)([KMGTP]?)$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_size(text: str, *, default_unit: str = "") -> int:
+    """Parse ``256M``/``1G``/``100P`` (pages, as vzctl) into bytes; bare numbers use *default_unit*."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise UsageError(f"invalid size {text!r}", hint="use a number with K, M, G, T or P (pages)")
+    num, unit = int(m.group(1)), (m.group(2) or default_unit).upper()
+    return num * PAGE if unit == "P" else num * _UNITS[unit]
+
+
+def _barrier_limit(value: str) -> tuple[int, int]:
+    parts = value.split(":")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.isdigit() or p == "unlimited" for p in parts):
+        raise ValueError(value)
+    vals = [0 if p == "unlimited" else int(p) for p in parts]
+    return vals[0], vals[1]
+
+
+def _bindmounts(v: str) -> None:
+    parse_bindmounts(v)
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], None]:
+    def check(v: str) -> None:
+        if not v.isdigit() or not lo <= int(v) <= hi:
+            raise ValueError(f"expected an integer {lo}..{hi}")
+    return check
+
+
+def _yes_no(v: str) -> None:
+    if v not in ("yes", "no"):
+        raise ValueError("expected yes or no")
+
+
+def _pages(v: str) -> None:
+    _barrier_limit(v)
+
+
+def _diskspace(v: str) -> None:
+    for part in v.split(":"):
+        parse_size(part, default_unit="K")
+
+
+# Known keys and their validators; unknown keys are kept untouched.
+VALIDATORS: dict[str, Callable[[str], None]] = {
+    "ONBOOT": _yes_no,
+    "CPUUNITS": _int_range(8, 500000),
+    "CPULIMIT": _int_range(0, 100 * 4096),
+    "CPUS": _int_range(0, 4096),
+    "PHYSPAGES": _pages,
+    "SWAPPAGES": _pages,
+    "NUMPROC": _pages,
+    "DISKSPACE": _diskspace,
+    "BINDMOUNT": _bindmounts,
+}
+
+
+@dataclass
+class CTConfig:
+    """A container's CTID.conf."""
+
+    ctid: int
+    file: VzFile
+
+    @classmethod
+    def load(cls, ctid: int, path: Path) -> CTConfig:
+        conf = cls(ctid, VzFile.load(path))
+        conf.validate()
+        return conf
+
+    def validate(self) -> None:
+        for key, value in self.file.items():
+            check = VALIDATORS.get(key)
+            if check is None:
+                continue
+            try:
+                check(value)
+            except (ValueError, UsageError) as e:
+                raise ConfigError(f"{self.file.path}: {key}={value!r} is invalid: {e}") from None
+
+    def get(self, key: str, default: str = "") -> str:
+        v = self.file.get(key)
+        return default if v is None else v
+
+    def set(self, key: str, value: str) -> None:
+        check = VALIDATORS.get(key)
+        if check is not None:
+            try:
+                check(value)
+            except ValueError as e:
+                raise UsageError(f"{key}={value!r} is invalid: {e}") from None
+        self.file.set(key, value)
+
+    def save(self) -> None:
+        self.file.save()
+
+    # Typed views of the keys the runtime uses.
+    @property
+    def name(self) -> str:
+        return self.get("NAME")
+
+    @property
+    def hostname(self) -> str:
+        return self.get("HOSTNAME")
+
+    @property
+    def ostemplate(self) -> str:
+        return self.get("OSTEMPLATE")
+
+    @property
+    def ips(self) -> list[str]:
+        return self.get("IP_ADDRESS").split()
+
+    @property
+    def nameservers(self) -> list[str]:
+        return self.get("NAMESERVER").split()
+
+    @property
+    def searchdomains(self) -> list[str]:
+        return self.get("SEARCHDOMAIN").split()
+
+    @property
+    def onboot(self) -> bool:
+        return self.get("ONBOOT") == "yes"
+
+    def _int(self, key: str) -> int | None:
+        v = self.get(key)
+        return int(v) if v.isdigit() else None
+
+    @property
+    def cpus(self) -> int | None:
+        return self._int("CPUS")
+
+    @property
+    def cpulimit(self) -> int | None:
+        return self._int("CPULIMIT")
+
+    @property
+    def cpuunits(self) -> int | None:
+        return self._int("CPUUNITS")
+
+    def _limit_bytes(self, key: str) -> int | None:
+        v = self.get(key)
+        return _barrier_limit(v)[1] * PAGE if v else None
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """Memory limit from PHYSPAGES (limit part, pages); 0 = unlimited."""
+        return self._limit_bytes("PHYSPAGES")
+
+    @property
+    def swap_bytes(self) -> int | None:
+        return self._limit_bytes("SWAPPAGES")
+
+    @property
+    def bindmounts(self) -> list[BindMount]:
+        return parse_bindmounts(self.get("BINDMOUNT"))
+
+    @property
+    def numproc(self) -> int | None:
+        v = self.get("NUMPROC")
+        return _barrier_limit(v)[1] if v else None
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host directory bound into the CT (BINDMOUNT="host:ct[:ro] ...")."""
+
+    host: str
+    ct: str
+    readonly: bool = False
+
+    @property
+    def key(self) -> str:
+        """CRIU's external-mount key for this bind mount."""
+        return "bm" + self.ct.strip("/").replace("/", "_")
+
+
+def parse_bindmounts(value: str) -> list[BindMount]:
+    out = []
+    for item in value.split():
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            raise ValueError(f"bad bind mount {item!r} (want /host/dir:/ct/dir[:ro])")
+        host, ct = parts[0], parts[1]
+        if not host.startswith("/") or not ct.startswith("/") or ".." in ct.split("/"):
+            raise ValueError(f"bad bind mount {item!r}: paths must be absolute, no '..'")
+        out.append(BindMount(host, ct, len(parts) == 3 and parts[2] == "ro"))
+    return out
+
+
+def validate_name(name: str) -> str:
+    if not _NAME.match(name) or name.isdigit():
+        raise UsageError(
+            f"invalid CT name {name!r}",
+            hint="letters, digits, '.', '_' and '-', not all digits, at most 64 characters",
+        )
+    return name

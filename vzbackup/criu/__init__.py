@@ -1,0 +1,1 @@
+"""CRIU through pycriu (criu swrk RPC): checks, dump and restore of containers."""

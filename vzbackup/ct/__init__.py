@@ -1,0 +1,1 @@
+"""Container runtime: lifecycle, namespaces, cgroups, network, templates."""

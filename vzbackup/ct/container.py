@@ -1,0 +1,183 @@
+"""One container on a node: its config, private area, root mount, cgroups and status."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from vzbackup import syscalls as S
+from vzbackup.config.ct import CTConfig
+from vzbackup.config.node import Node, expand
+from vzbackup.ct import network
+from vzbackup.ct.cgroups import CgroupSet, Limits
+from vzbackup.ct.state import CTState, read_state
+from vzbackup.errors import NotFoundError, RuntimeFailure, StateError
+from vzbackup.lock import Lock
+
+CT_LOCK_WAIT = 30.0
+
+
+@dataclass
+class Container:
+    node: Node
+    ctid: int
+
+    # --- configuration -------------------------------------------------------------
+    @property
+    def conf_path(self) -> Path:
+        return self.node.ct_conf_path(self.ctid)
+
+    @property
+    def exists(self) -> bool:
+        return self.conf_path.exists()
+
+    @property
+    def conf(self) -> CTConfig:
+        if not self.exists:
+            raise NotFoundError(f"CT {self.ctid} does not exist", hint="see 'vzbackup list -a'")
+        return CTConfig.load(self.ctid, self.conf_path)
+
+    def _path(self, key: str, conf: CTConfig | None = None) -> Path:
+        raw = (conf.get(key) if conf else "") or self.node.value(key)
+        return Path(expand(raw, prefix=self.node.prefix, ctid=self.ctid))
+
+    def ve_root(self, conf: CTConfig | None = None) -> Path:
+        return self._path("VE_ROOT", conf or (self.conf if self.exists else None))
+
+    def ve_private(self, conf: CTConfig | None = None) -> Path:
+        return self._path("VE_PRIVATE", conf or (self.conf if self.exists else None))
+
+    def lock(self, wait: float = CT_LOCK_WAIT) -> Lock:
+        return Lock(self.node.lockdir / f"{self.ctid}.lck", wait=wait, what=f"CT {self.ctid}")
+
+    # --- runtime views -------------------------------------------------------------
+    def state(self) -> CTState | None:
+        return read_state(self.node, self.ctid)
+
+    @property
+    def running(self) -> bool:
+        return self.state() is not None
+
+    @property
+    def mounted(self) -> bool:
+        root = self.ve_root()
+        return root.is_dir() and S.is_mountpoint(str(root))
+
+    def cgroup(self) -> CgroupSet:
+        return CgroupSet(f"{self.node.cgroup_parent}/{self.ctid}")
+
+    def status(self) -> str:
+        """vzctl-like status word: running, suspended or stopped."""
+        st = self.state()
+        if st is None:
+            return "stopped"
+        with contextlib.suppress(OSError, RuntimeFailure):
+            if self.cgroup().is_frozen():
+                return "suspended"
+        return st.status
+
+    def require_running(self) -> CTState:
+        st = self.state()
+        if st is None or st.status != "running":
+            raise StateError(f"CT {self.ctid} is not running")
+        return st
+
+    def require_stopped(self, action: str) -> None:
+        if self.running:
+            raise StateError(f"CT {self.ctid} is running: stop it before {action}")
+
+    def limits(self, conf: CTConfig | None = None) -> Limits:
+        c = conf or self.conf
+        return Limits(memory_bytes=c.memory_bytes, swap_bytes=c.swap_bytes, cpus=c.cpus,
+                      cpulimit_percent=c.cpulimit, cpuunits=c.cpuunits, pids_max=c.numproc)
+
+    def net_config(self, conf: CTConfig | None = None) -> network.NetConfig:
+        c = conf or self.conf
+        netif = c.get("NETIF")
+        return network.NetConfig(ctid=self.ctid, ips=tuple(c.ips),
+                                 netifs=tuple(network.parse_netif(netif)) if netif else ())
+
+    def nproc(self) -> int:
+        with contextlib.suppress(OSError, RuntimeFailure):
+            return len(self.cgroup().pids()) if self.running else 0
+        return 0
+
+    # --- root mount ----------------------------------------------------------------
+    def mount(self) -> bool:
+        """Bind VE_PRIVATE onto VE_ROOT (simfs-like); False if it already was mounted."""
+        conf = self.conf
+        private, root = self.ve_private(conf), self.ve_root(conf)
+        if not private.is_dir():
+            raise NotFoundError(f"CT {self.ctid}: private area {private} is missing")
+        root.mkdir(parents=True, exist_ok=True)
+        if S.is_mountpoint(str(root)):
+            return False
+        S.mount(str(private), str(root), None, S.MS_BIND)
+        S.mount("none", str(root), None, S.MS_PRIVATE)
+        return True
+
+    def umount(self) -> None:
+        root = self.ve_root()
+        if root.is_dir() and S.is_mountpoint(str(root)):
+            try:
+                S.umount(str(root))
+            except OSError:
+                S.umount(str(root), S.MNT_DETACH)
+
+    # --- files inside the CT (what vzctl's dist scripts do) --------------------------
+    def write_dist_files(self, conf: CTConfig | None = None) -> None:
+        """Hostname, resolv.conf and hosts in the private area, from the config."""
+        c = conf or self.conf
+        etc = self.ve_private(c) / "etc"
+        if not etc.is_dir() or etc.is_symlink():
+            return
+        if c.hostname:
+            _write_in_ct(etc / "hostname", c.hostname + "\n")
+            ip = c.ips[0].split("/")[0] if c.ips else "127.0.0.1"
+            _write_in_ct(etc / "hosts", f"127.0.0.1 localhost\n{ip} {c.hostname}\n")
+        if c.nameservers or c.searchdomains:
+            lines = [f"search {' '.join(c.searchdomains)}"] if c.searchdomains else []
+            lines += [f"nameserver {ns}" for ns in c.nameservers]
+            _write_in_ct(etc / "resolv.conf", "\n".join(lines) + "\n")
+
+    def remove_private(self) -> None:
+        private = self.ve_private()
+        if private.resolve() in (Path("/"), Path(self.node.prefix).resolve()):
+            raise RuntimeFailure(f"refusing to remove {private}")
+        shutil.rmtree(private, ignore_errors=False) if private.exists() else None
+        with contextlib.suppress(OSError):
+            self.ve_root().rmdir()
+
+    # --- entering --------------------------------------------------------------------
+    def nsenter_argv(self, st: CTState) -> list[str]:
+        return ["nsenter", f"--target={st.init_pid}", "--mount", "--uts", "--ipc", "--net",
+                "--pid", "--root", "--wd"]
+
+    def exec(self, argv: list[str], *, tty: bool = False, input_: bytes | None = None,
+             capture: bool = False) -> subprocess.CompletedProcess:
+        """Run *argv* inside the running CT (its namespaces, root and cgroups)."""
+        st = self.require_running()
+        cg = self.cgroup()
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+               "TERM": os.environ.get("TERM", "linux") if tty else "dumb"}
+        kwargs: dict = {}
+        if capture:
+            kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        return subprocess.run(
+            [*self.nsenter_argv(st), "--", *argv], env=env, input=input_, check=False,
+            preexec_fn=lambda: cg.attach(os.getpid()), close_fds=True, **kwargs)
+
+
+def _write_in_ct(path: Path, text: str) -> None:
+    """Write a file inside a CT's tree without following a symlink the CT may have planted."""
+    if path.is_symlink():
+        path.unlink()
+    tmp = path.with_name(f".{path.name}.vzbackup")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,665 @@
+"""Container networking: routed (venet-like) and bridged (veth) modes, driven by ``ip``.
+
+Every container has its own network namespace, addressed by the host PID of its init
+(``/proc/PID/ns/net``); commands inside it run as ``nsenter --net=... ip ...``.
+
+Routed mode: one veth pair per CT, CT end ``eth0`` holding every IP_ADDRESS as /32 with a
+default route via 169.254.0.1. The host end carries 169.254.0.1/32 itself (the same address on
+every routed host veth), so the CT reaches the host at that address, and has proxy_arp on plus
+a ``IP/32 dev <veth> src 169.254.0.1`` route per CT address, so host-originated packets carry
+a source the CT can answer through its default route. No forwarding is enabled here.
+
+Bridged mode: OpenVZ NETIF entries; the host end is enslaved to an existing bridge and the CT
+end gets the optional ``ip=``/``gw=`` extension keys configured inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from vzbackup.errors import (
+    ConfigError,
+    DependencyError,
+    ExistsError,
+    RuntimeFailure,
+    UsageError,
+    VzError,
+)
+
+GATEWAY = "169.254.0.1"
+"""Address of the host as seen from every routed CT (on each routed host veth)."""
+ROUTED_IFNAME = "eth0"
+"""Name of the routed interface inside the CT."""
+IFNAMSIZ = 15
+_CMD_TIMEOUT = 30
+
+_NETIF_KEYS = ("ifname", "mac", "host_ifname", "host_mac", "bridge", "ip", "gw")
+_NETIF_IGNORED = ("mac_filter",)  # OpenVZ keys we accept but do not model
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
+_BAD_IFNAME = re.compile(r"[\s/:,;=@%]")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Netif:
+    """One bridged veth interface (an OpenVZ NETIF entry plus ``ip``/``gw`` extensions)."""
+
+    ifname: str
+    bridge: str | None = None
+    mac: str | None = None
+    host_ifname: str | None = None
+    host_mac: str | None = None
+    ip: tuple[str, ...] = ()
+    gw: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ip, tuple):
+            object.__setattr__(self, "ip", tuple(self.ip))
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Network configuration of one CT: routed IPs (IP_ADDRESS) and bridged NETIF entries."""
+
+    ctid: int
+    ips: tuple[str, ...] = ()
+    netifs: tuple[Netif, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ips, tuple):
+            object.__setattr__(self, "ips", tuple(self.ips))
+        if not isinstance(self.netifs, tuple):
+            object.__setattr__(self, "netifs", tuple(self.netifs))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_ip(s: str) -> str:
+    """Normalise ``addr`` or ``addr/prefix`` (IPv4 or IPv6); raise UsageError for garbage."""
+    if not isinstance(s, str):
+        raise UsageError(f"invalid IP address {s!r}")
+    text = s.strip()
+    if not text or "%" in text:
+        raise UsageError(f"invalid IP address {s!r}")
+    try:
+        if "/" in text:
+            iface = ipaddress.ip_interface(text)
+            addr, prefix = iface.ip, iface.network.prefixlen
+        else:
+            addr, prefix = ipaddress.ip_address(text), None
+    except ValueError as e:
+        raise UsageError(f"invalid IP address {s!r}: {e}") from None
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr.is_link_local:
+        raise UsageError(
+            f"IP address {s!r} is not usable for a container",
+            hint="unspecified, multicast, loopback and link-local addresses are reserved",
+        )
+    if addr.version == 4 and (addr.is_reserved or str(addr) == "255.255.255.255"):
+        raise UsageError(f"IP address {s!r} is reserved")
+    if prefix is None:
+        return str(addr)
+    if prefix == 0:
+        raise UsageError(f"invalid prefix length in {s!r}")
+    net = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+    if addr.version == 4 and prefix <= 30 and addr in (net.network_address, net.broadcast_address):
+        raise UsageError(f"{s!r} is the network or broadcast address of {net}")
+    return f"{addr}/{prefix}"
+
+
+def _routed_addr(ip: str) -> str:
+    """The bare IPv4 address of a routed-mode IP (any prefix is ignored; /32 is used)."""
+    addr = ipaddress.ip_interface(validate_ip(ip)).ip
+    if addr.version != 4:
+        raise ConfigError(f"routed IP {ip!r}: IPv6 is not supported in routed mode")
+    return str(addr)
+
+
+def _check_ifname(name: str, what: str) -> str:
+    if not name or len(name) > IFNAMSIZ or name in (".", "..") or _BAD_IFNAME.search(name):
+        raise ConfigError(
+            f"invalid {what} {name!r}",
+            hint=f"1-{IFNAMSIZ} characters, no whitespace or any of / : , ; = @ %",
+        )
+    return name
+
+
+def _check_mac(mac: str, what: str) -> str:
+    if not _MAC.match(mac):
+        raise ConfigError(f"invalid {what} {mac!r}", hint="use six hex octets: 00:18:51:AA:BB:CC")
+    norm = mac.replace("-", ":").upper()
+    if int(norm[:2], 16) & 1:
+        raise ConfigError(f"invalid {what} {mac!r}: multicast MAC address")
+    if norm == "00:00:00:00:00:00":
+        raise ConfigError(f"invalid {what} {mac!r}: all-zero MAC address")
+    return norm
+
+
+# --------------------------------------------------------------------------- NETIF
+
+
+def parse_netif(value: str) -> list[Netif]:
+    """Parse an OpenVZ NETIF value: ``key=val,...`` entries separated by ``;``.
+
+    Keys: ifname (required), mac, host_ifname, host_mac, bridge, ip (repeatable), gw.
+    """
+    result: list[Netif] = []
+    for n, raw in enumerate(value.split(";"), 1):
+        entry = raw.strip()
+        if not entry:
+            continue
+        where = f"NETIF entry {n} ({entry!r})"
+        fields: dict[str, str] = {}
+        ips: list[str] = []
+        for part in entry.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, val = part.partition("=")
+            key, val = key.strip(), val.strip()
+            if not sep or not key:
+                raise ConfigError(f"{where}: {part!r} is not key=value")
+            if key in _NETIF_IGNORED:
+                continue
+            if key not in _NETIF_KEYS:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}", hint=f"known keys: {', '.join(_NETIF_KEYS)}"
+                )
+            if not val:
+                raise ConfigError(f"{where}: empty value for {key!r}")
+            if key == "ip":
+                try:
+                    norm = validate_ip(val)
+                except UsageError as e:
+                    raise ConfigError(f"{where}: bad ip {val!r}: {e}") from None
+                if norm not in ips:
+                    ips.append(norm)
+                continue
+            if key in fields:
+                raise ConfigError(f"{where}: duplicate key {key!r}")
+            fields[key] = val
+        if "ifname" not in fields:
+            raise ConfigError(f"{where}: missing ifname=")
+        try:
+            ifname = _check_ifname(fields["ifname"], "ifname")
+            host_ifname = fields.get("host_ifname")
+            if host_ifname is not None:
+                _check_ifname(host_ifname, "host_ifname")
+            bridge = fields.get("bridge")
+            if bridge is not None:
+                _check_ifname(bridge, "bridge")
+            mac = _check_mac(fields["mac"], "mac") if "mac" in fields else None
+            host_mac = _check_mac(fields["host_mac"], "host_mac") if "host_mac" in fields else None
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        gw = fields.get("gw")
+        if gw is not None:
+            try:
+                gw = validate_ip(gw)
+            except UsageError as e:
+                raise ConfigError(f"{where}: bad gw {gw!r}: {e}") from None
+            if "/" in gw:
+                raise ConfigError(f"{where}: gw {gw!r} must be a plain address")
+        if any(x.ifname == ifname for x in result):
+            raise ConfigError(f"{where}: ifname {ifname!r} used twice")
+        if host_ifname and any(x.host_ifname == host_ifname for x in result):
+            raise ConfigError(f"{where}: host_ifname {host_ifname!r} used twice")
+        result.append(Netif(ifname, bridge, mac, host_ifname, host_mac, tuple(ips), gw))
+    return result
+
+
+def format_netif(netifs: Iterable[Netif]) -> str:
+    """Inverse of :func:`parse_netif`."""
+    entries = []
+    for nif in netifs:
+        parts = [f"ifname={nif.ifname}"]
+        for key in ("mac", "host_ifname", "host_mac", "bridge"):
+            val = getattr(nif, key)
+            if val is not None:
+                parts.append(f"{key}={val}")
+        parts.extend(f"ip={ip}" for ip in nif.ip)
+        if nif.gw is not None:
+            parts.append(f"gw={nif.gw}")
+        entries.append(",".join(parts))
+    return ";".join(entries)
+
+
+def host_veth_name(ctid: int, index: int) -> str:
+    """Host-side veth name, OpenVZ style ``veth{ctid}.{index}``, or ``vz<hash>`` if too long."""
+    if ctid < 0 or index < 0:
+        raise UsageError(f"invalid CTID/index {ctid}/{index} for a veth name")
+    name = f"veth{ctid}.{index}"
+    if len(name) <= IFNAMSIZ:
+        return name
+    return "vz" + hashlib.sha1(f"{ctid}.{index}".encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class _Plan:
+    routed_host: str | None
+    routed_ips: tuple[str, ...]
+    bridged: tuple[tuple[Netif, str], ...]  # (netif, resolved host name)
+
+
+def _plan(cfg: NetConfig) -> _Plan:
+    """Resolve names deterministically from the config alone (teardown relies on this)."""
+    ips: list[str] = []
+    for ip in cfg.ips:
+        try:
+            addr = _routed_addr(ip)
+        except UsageError as e:
+            raise ConfigError(f"CT {cfg.ctid}: bad IP_ADDRESS entry {ip!r}: {e}") from None
+        if addr not in ips:
+            ips.append(addr)
+    routed_host = host_veth_name(cfg.ctid, 0) if ips else None
+    used = {routed_host} if routed_host else set()
+    used |= {n.host_ifname for n in cfg.netifs if n.host_ifname}
+    ct_names: set[str] = {ROUTED_IFNAME} if ips else set()
+    bridged: list[tuple[Netif, str]] = []
+    for nif in cfg.netifs:
+        if nif.ifname in ct_names:
+            raise ConfigError(
+                f"CT {cfg.ctid}: NETIF ifname {nif.ifname!r} clashes with another interface",
+                hint=f"routed mode (IP_ADDRESS) uses {ROUTED_IFNAME!r} inside the CT",
+            )
+        ct_names.add(nif.ifname)
+        name = nif.host_ifname
+        if name is None:
+            m = re.search(r"(\d+)$", nif.ifname)
+            if m and host_veth_name(cfg.ctid, int(m.group(1))) not in used:
+                name = host_veth_name(cfg.ctid, int(m.group(1)))
+            else:
+                idx = 0
+                while host_veth_name(cfg.ctid, idx) in used:
+                    idx += 1
+                name = host_veth_name(cfg.ctid, idx)
+            used.add(name)
+        bridged.append((nif, name))
+    return _Plan(routed_host, tuple(ips), tuple(bridged))
+
+
+# --------------------------------------------------------------------------- ip helpers
+
+
+def _ip(
+    args: list[str], *, pid: int | None = None, ok: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``ip ARGS`` (inside the netns of *pid* if given); RuntimeFailure on error.
+
+    An error whose stderr contains one of *ok* is tolerated (returned, not raised).
+    """
+    cmd = ["ip", *args]
+    if pid is not None:
+        cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", *cmd]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=_CMD_TIMEOUT)
+    except FileNotFoundError as e:
+        raise DependencyError(f"{cmd[0]} not found", hint="install iproute2 and util-linux") from e
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeFailure(f"{' '.join(cmd)} timed out") from e
+    if res.returncode != 0 and not any(s in res.stderr for s in ok):
+        where = f" (in the netns of pid {pid})" if pid is not None else ""
+        raise RuntimeFailure(
+            f"ip {' '.join(args)} failed{where}: {res.stderr.strip() or f'exit {res.returncode}'}"
+        )
+    return res
+
+
+_GONE = ("Cannot find device", "does not exist", "No such device")
+_ADDR_EXISTS = ("Address already assigned", "File exists")
+
+
+def _link(name: str) -> dict | None:
+    """``ip -d link show`` of a host interface as a dict, or None if it does not exist."""
+    res = _ip(["-j", "-d", "link", "show", "dev", name], ok=_GONE)
+    if res.returncode != 0:
+        return None
+    data = json.loads(res.stdout or "[]")
+    return data[0] if data else None
+
+
+def _kind(info: dict) -> str | None:
+    return (info.get("linkinfo") or {}).get("info_kind")
+
+
+def _require_bridge(bridge: str) -> None:
+    info = _link(bridge)
+    if info is None:
+        raise RuntimeFailure(
+            f"bridge {bridge!r} does not exist", hint=f"create it: ip link add {bridge} type bridge"
+        )
+    if _kind(info) != "bridge":
+        raise RuntimeFailure(f"{bridge!r} is not a bridge (kind {_kind(info)!r})")
+
+
+def _ns_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _check_netns(pid: int) -> bool:
+    """Ensure /proc/PID/ns/net is a netns other than ours; False if the process is gone."""
+    try:
+        theirs = _ns_id(f"/proc/{pid}/ns/net")
+    except FileNotFoundError:
+        return False
+    if theirs == _ns_id("/proc/self/ns/net"):
+        raise RuntimeFailure(f"pid {pid} shares the host network namespace; refusing to touch it")
+    return True
+
+
+def _require_netns(pid: int) -> None:
+    if not _check_netns(pid):
+        raise RuntimeFailure(f"process {pid} does not exist (container not running?)")
+
+
+def _set_proxy_arp(dev: str) -> None:
+    path = f"/proc/sys/net/ipv4/conf/{dev}/proxy_arp"
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as e:
+        raise RuntimeFailure(f"cannot enable proxy_arp on {dev}: {e}") from e
+
+
+def _host_addresses() -> set[str]:
+    res = _ip(["-j", "addr", "show"])
+    return {
+        a["local"]
+        for link in json.loads(res.stdout or "[]")
+        for a in link.get("addr_info", [])
+        if "local" in a
+    }
+
+
+def _host_routes(family: str) -> list[dict]:
+    res = _ip(["-j", family, "route", "show", "table", "all"])
+    return json.loads(res.stdout or "[]")
+
+
+def _host_route_devs(addr: str) -> list[str]:
+    """Devices that carry a host (/32 or /128) unicast or local route to *addr*."""
+    ver = ipaddress.ip_address(addr).version
+    full = 32 if ver == 4 else 128
+    devs = []
+    for r in _host_routes("-4" if ver == 4 else "-6"):
+        if r.get("type", "unicast") not in ("unicast", "local"):
+            continue
+        if r.get("dst") in (addr, f"{addr}/{full}"):
+            devs.append(r.get("dev", ""))
+    return devs
+
+
+def ips_in_use_on_host(ips: Iterable[str]) -> list[str]:
+    """The entries of *ips* already assigned to a host interface or having a host route."""
+    ips = list(ips)
+    if not ips:
+        return []
+    addrs = _host_addresses()
+    routes: dict[int, list[dict]] = {}
+    used = []
+    for ip in ips:
+        try:
+            addr = ipaddress.ip_interface(ip.strip()).ip
+        except (ValueError, AttributeError):
+            raise UsageError(f"invalid IP address {ip!r}") from None
+        if str(addr) in addrs:
+            used.append(ip)
+            continue
+        full = addr.max_prefixlen
+        if addr.version not in routes:
+            routes[addr.version] = _host_routes(f"-{addr.version}")
+        if any(
+            r.get("type", "unicast") in ("unicast", "local")
+            and r.get("dst") in (str(addr), f"{addr}/{full}")
+            for r in routes[addr.version]
+        ):
+            used.append(ip)
+    return used
+
+
+# --------------------------------------------------------------------------- undo
+
+
+class _Undo:
+    """Reverse-order cleanup actions for a partially applied configuration."""
+
+    def __init__(self) -> None:
+        self._actions: list[Callable[[], object]] = []
+
+    def push(self, action: Callable[[], object]) -> None:
+        self._actions.append(action)
+
+    def run(self) -> None:
+        for action in reversed(self._actions):
+            with contextlib.suppress(VzError):
+                action()
+        self._actions.clear()
+
+
+def _del_link(name: str) -> None:
+    _ip(["link", "del", "dev", name], ok=_GONE)
+
+
+# --------------------------------------------------------------------------- routed mode
+
+
+def _routed_host_side(host: str, ips: Iterable[str], *, replace: bool) -> None:
+    _ip(["addr", "replace", f"{GATEWAY}/32", "dev", host])
+    _ip(["link", "set", "dev", host, "up"])
+    _set_proxy_arp(host)
+    verb = "replace" if replace else "add"
+    for addr in ips:
+        _ip(["route", verb, f"{addr}/32", "dev", host, "src", GATEWAY])
+
+
+def _routed_ct_side(pid: int, ips: Iterable[str]) -> None:
+    for addr in ips:
+        _ip(["addr", "replace", f"{addr}/32", "dev", ROUTED_IFNAME], pid=pid)
+    _ip(["link", "set", "dev", ROUTED_IFNAME, "up"], pid=pid)
+    _ip(["route", "replace", GATEWAY, "dev", ROUTED_IFNAME, "scope", "link"], pid=pid)
+    _ip(["route", "replace", "default", "via", GATEWAY, "dev", ROUTED_IFNAME], pid=pid)
+
+
+def _refuse_used(ips: Iterable[str], ctid: int) -> None:
+    used = ips_in_use_on_host(ips)
+    if used:
+        raise ExistsError(
+            f"CT {ctid}: IP address(es) {', '.join(used)} already in use on this host",
+            hint="another CT or a host interface has them; pick different addresses",
+        )
+
+
+def _setup_routed(ctid: int, host: str, ips: tuple[str, ...], pid: int, undo: _Undo) -> None:
+    if _link(host) is not None:
+        raise RuntimeFailure(f"CT {ctid}: host interface {host!r} already exists")
+    peer = ["peer", "name", ROUTED_IFNAME, "netns", str(pid)]
+    _ip(["link", "add", "name", host, "type", "veth", *peer])
+    undo.push(lambda: _del_link(host))  # also removes its addresses and routes
+    _routed_host_side(host, ips, replace=False)
+    _routed_ct_side(pid, ips)
+
+
+# --------------------------------------------------------------------------- bridged mode
+
+
+def _setup_bridged(nif: Netif, host: str, pid: int, undo: _Undo) -> None:
+    cmd = ["link", "add", "name", host]
+    if nif.host_mac:
+        cmd += ["address", nif.host_mac]
+    cmd += ["type", "veth", "peer", "name", nif.ifname]
+    if nif.mac:
+        cmd += ["address", nif.mac]
+    _ip([*cmd, "netns", str(pid)])
+    undo.push(lambda: _del_link(host))
+    _bridged_host_side(nif, host)
+    dev = nif.ifname
+    for ip in nif.ip:
+        _ip(["addr", "replace", ip, "dev", dev], pid=pid)
+    _ip(["link", "set", "dev", dev, "up"], pid=pid)
+    if nif.gw:
+        gw = ipaddress.ip_address(nif.gw)
+        nets = [ipaddress.ip_interface(ip).network for ip in nif.ip]
+        if not any(gw in net for net in nets if net.version == gw.version):
+            _ip(["route", "replace", nif.gw, "dev", dev, "scope", "link"], pid=pid)
+        fam = "-4" if gw.version == 4 else "-6"
+        _ip([fam, "route", "replace", "default", "via", nif.gw, "dev", dev], pid=pid)
+
+
+def _bridged_host_side(nif: Netif, host: str) -> None:
+    if nif.bridge:
+        _ip(["link", "set", "dev", host, "master", nif.bridge])
+    _ip(["link", "set", "dev", host, "up"])
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def setup(cfg: NetConfig, pid: int) -> None:
+    """Create and configure all interfaces of *cfg* for the CT whose init is *pid*.
+
+    On failure everything created so far is removed and RuntimeFailure is raised (ExistsError
+    if a routed IP is already in use on the host, before anything is touched).
+    """
+    plan = _plan(cfg)
+    _require_netns(pid)
+    for nif, host in plan.bridged:
+        if nif.bridge:
+            _require_bridge(nif.bridge)
+        if _link(host) is not None:
+            raise RuntimeFailure(f"CT {cfg.ctid}: host interface {host!r} already exists")
+    if plan.routed_ips:
+        _refuse_used(plan.routed_ips, cfg.ctid)
+    undo = _Undo()
+    try:
+        _ip(["link", "set", "dev", "lo", "up"], pid=pid)
+        if plan.routed_host:
+            _setup_routed(cfg.ctid, plan.routed_host, plan.routed_ips, pid, undo)
+        for nif, host in plan.bridged:
+            _setup_bridged(nif, host, pid, undo)
+    except BaseException:
+        undo.run()
+        raise
+
+
+def teardown(cfg: NetConfig) -> None:
+    """Remove the CT's host routes and host veths that still exist (idempotent).
+
+    Only veth devices are deleted, so a misconfigured host_ifname never removes a host NIC.
+    """
+    plan = _plan(cfg)
+    errors: list[str] = []
+    hosts = [plan.routed_host] if plan.routed_host else []
+    hosts += [host for _, host in plan.bridged]
+    for host in hosts:
+        try:
+            info = _link(host)
+            if info is None or _kind(info) != "veth":
+                continue
+            if host == plan.routed_host:
+                for addr in plan.routed_ips:
+                    _ip(["route", "del", f"{addr}/32", "dev", host], ok=(*_GONE, "No such process"))
+            _del_link(host)
+        except VzError as e:
+            errors.append(str(e))
+    if errors:
+        raise RuntimeFailure(f"CT {cfg.ctid}: network teardown incomplete: " + "; ".join(errors))
+
+
+def criu_veth_pairs(cfg: NetConfig) -> list[tuple[str, str]]:
+    """``(if_in, if_out)`` pairs for CRIU ``--veth-pair``; bridged ones as ``host@bridge``."""
+    plan = _plan(cfg)
+    pairs: list[tuple[str, str]] = []
+    if plan.routed_host:
+        pairs.append((ROUTED_IFNAME, plan.routed_host))
+    for nif, host in plan.bridged:
+        pairs.append((nif.ifname, f"{host}@{nif.bridge}" if nif.bridge else host))
+    return pairs
+
+
+def configure_host_side(cfg: NetConfig) -> None:
+    """Configure the host ends after CRIU recreated the veth pairs (idempotent)."""
+    plan = _plan(cfg)
+    for host in ([plan.routed_host] if plan.routed_host else []) + [h for _, h in plan.bridged]:
+        info = _link(host)
+        if info is None:
+            raise RuntimeFailure(f"CT {cfg.ctid}: host interface {host!r} does not exist")
+        if _kind(info) != "veth":
+            raise RuntimeFailure(f"CT {cfg.ctid}: host interface {host!r} is not a veth")
+    if plan.routed_host:
+        _routed_host_side(plan.routed_host, plan.routed_ips, replace=True)
+    for nif, host in plan.bridged:
+        if nif.bridge:
+            _require_bridge(nif.bridge)
+        if nif.host_mac:
+            _ip(["link", "set", "dev", host, "address", nif.host_mac])
+        _bridged_host_side(nif, host)
+
+
+def add_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
+    """Add routed IPs to a running CT: addresses inside plus host routes.
+
+    Creates the routed veth pair first if the CT had no routed IPs yet.
+    """
+    addrs: list[str] = []
+    for ip in ips:
+        addr = _routed_addr(ip)
+        if addr not in addrs:
+            addrs.append(addr)
+    if not addrs:
+        return
+    _require_netns(pid)
+    host = host_veth_name(cfg.ctid, 0)
+    undo = _Undo()
+    if _link(host) is None:
+        _plan(NetConfig(cfg.ctid, tuple(addrs), cfg.netifs))  # name clashes with NETIF
+        _refuse_used(addrs, cfg.ctid)
+        try:
+            _setup_routed(cfg.ctid, host, tuple(addrs), pid, undo)
+        except BaseException:
+            undo.run()
+            raise
+        return
+    new = [a for a in addrs if host not in _host_route_devs(a)]
+    _refuse_used(new, cfg.ctid)
+    try:
+        for addr in new:
+            _ip(["route", "add", f"{addr}/32", "dev", host, "src", GATEWAY])
+            undo.push(lambda a=addr: _ip(["route", "del", f"{a}/32", "dev", host]))
+        for addr in addrs:
+            res = _ip(["addr", "add", f"{addr}/32", "dev", ROUTED_IFNAME], pid=pid, ok=_ADDR_EXISTS)
+            if res.returncode == 0:
+                undo.push(
+                    lambda a=addr: _ip(["addr", "del", f"{a}/32", "dev", ROUTED_IFNAME], pid=pid)
+                )
+    except BaseException:
+        undo.run()
+        raise
+
+
+def del_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
+    """Remove routed IPs from a running CT (missing addresses/routes are ignored)."""
+    addrs = list(dict.fromkeys(_routed_addr(ip) for ip in ips))
+    host = host_veth_name(cfg.ctid, 0)
+    inside = _check_netns(pid)
+    for addr in addrs:
+        if inside:
+            _ip(
+                ["addr", "del", f"{addr}/32", "dev", ROUTED_IFNAME],
+                pid=pid,
+                ok=("Cannot assign requested address", "Address not found", *_GONE),
+            )
+        _ip(["route", "del", f"{addr}/32", "dev", host], ok=("No such process", *_GONE))

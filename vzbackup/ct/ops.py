@@ -1,0 +1,324 @@
+"""vzctl verbs as functions: each validates first, locks the CT, and undoes partial work."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vzbackup import constants as C
+from vzbackup import errors as E
+from vzbackup.config.ct import CTConfig, parse_size, validate_name
+from vzbackup.config.node import Node
+from vzbackup.config.vzfile import VzFile
+from vzbackup.criu import driver
+from vzbackup.criu.check import criu_binary, pycriu_module
+from vzbackup.ct import network, registry, template
+from vzbackup.ct.container import Container
+from vzbackup.ct.state import read_state
+
+START_TIMEOUT = 60.0
+
+
+def _others_ips(node: Node, ctid: int) -> dict[str, int]:
+    used: dict[str, int] = {}
+    for other in registry.list_ctids(node):
+        if other == ctid:
+            continue
+        with contextlib.suppress(E.VzError):
+            for ip in Container(node, other).conf.ips:
+                used[ip.split("/")[0]] = other
+    return used
+
+
+def _check_ips_free(node: Node, ctid: int, ips: list[str]) -> None:
+    used = _others_ips(node, ctid)
+    for ip in ips:
+        if ip.split("/")[0] in used:
+            raise E.ExistsError(f"IP {ip} is already used by CT {used[ip.split('/')[0]]}")
+
+
+def create(node: Node, ctid: int, *, ostemplate: str | None = None, sample: str | None = None,
+           ipadd: list[str] | None = None, hostname: str | None = None,
+           name: str | None = None) -> Container:
+    """Create CT *ctid* from an OS template: private area, CTID.conf, name link."""
+    ct = Container(node, ctid)
+    ips = [network.validate_ip(ip) for ip in ipadd or []]
+    if name:
+        validate_name(name)
+    node.ensure_dirs()
+    with ct.lock():
+        if ct.exists:
+            raise E.ExistsError(f"CT {ctid} already exists ({ct.conf_path})")
+        if name and registry.name_owner(node, name) is not None:
+            raise E.ExistsError(f"name {name!r} is already used by CT {registry.resolve(node, name)}")
+        _check_ips_free(node, ctid, ips)
+        ostemplate = ostemplate or node.value("DEF_OSTEMPLATE")
+        archive = template.find_template(node.template_cache, ostemplate)
+        sample = sample or node.value("CONFIGFILE")
+        sample_path = next((p for p in node.sample_paths(sample) if p.exists()), None)
+        if sample_path is None:
+            raise E.NotFoundError(f"sample config {sample!r} not found",
+                                  hint=f"looked for {', '.join(map(str, node.sample_paths(sample)))}")
+        conf = CTConfig(ctid, VzFile(node.ct_conf_path(ctid), sample_path.read_text()))
+        conf.validate()
+        conf.set("VE_ROOT", node.value("VE_ROOT"))
+        conf.set("VE_PRIVATE", node.value("VE_PRIVATE"))
+        conf.set("OSTEMPLATE", ostemplate)
+        conf.set("ORIGIN_SAMPLE", sample)
+        if hostname:
+            conf.set("HOSTNAME", hostname)
+        if ips:
+            conf.set("IP_ADDRESS", " ".join(ips))
+        if name:
+            conf.set("NAME", name)
+        private = ct.ve_private(conf)
+        if private.exists():
+            raise E.ExistsError(f"private area {private} already exists",
+                                hint="remove it, or destroy the CT that owns it")
+        private.parent.mkdir(parents=True, exist_ok=True)
+        template.extract_template(archive, private)
+        try:
+            conf.save()
+            if name:
+                registry.set_name(node, ctid, name)
+            ct.write_dist_files(conf)
+        except BaseException:
+            shutil.rmtree(private, ignore_errors=True)
+            ct.conf_path.unlink(missing_ok=True)
+            raise
+    return ct
+
+
+def destroy(ct: Container) -> None:
+    """Remove a stopped CT: private area, root dir, config (kept as .destroyed), name."""
+    with ct.lock():
+        conf = ct.conf
+        ct.require_stopped("destroying it")
+        ct.umount()
+        ct.remove_private()
+        registry.remove_name(ct.node, conf.name)
+        os.replace(ct.conf_path, ct.conf_path.with_suffix(".conf.destroyed"))
+
+
+def _spawn_supervisor(ct: Container, mode: str, extra: list[str]) -> int:
+    """Start the detached supervisor and wait for its verdict; returns the init pid."""
+    ct.node.rundir.mkdir(parents=True, exist_ok=True)
+    logf = open(ct.node.rundir / C.SUPERVISOR_LOG.format(ctid=ct.ctid), "ab")  # noqa: SIM115
+    r, w = os.pipe()
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "vzbackup.ct.supervisor", mode, str(ct.ctid),
+             "--prefix", ct.node.prefix, "--ready-fd", str(w), *extra],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+            start_new_session=True, close_fds=True, cwd="/")
+    finally:
+        os.close(w)
+        logf.close()
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    try:
+        verdict = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        verdict = {}
+    if not verdict.get("ok"):
+        err = verdict.get("error") or f"supervisor died; see {ct.node.rundir}/{ct.ctid}.log"
+        cls = getattr(E, verdict.get("kind", ""), E.RuntimeFailure)
+        raise cls(f"CT {ct.ctid}: {mode} failed: {err}")
+    return int(verdict["pid"])
+
+
+def _check_start_inputs(conf: CTConfig) -> None:
+    """Refuse before anything is set up: IPs taken on the host, missing bind mount sources."""
+    used = network.ips_in_use_on_host(conf.ips)
+    if used:
+        raise E.ExistsError(f"IP address(es) {', '.join(used)} already in use on this host")
+    for b in conf.bindmounts:
+        if not os.path.isdir(b.host):
+            raise E.NotFoundError(f"CT {conf.ctid}: bind mount source {b.host} is not a directory")
+
+
+def start(ct: Container) -> int:
+    with ct.lock():
+        conf = ct.conf
+        if ct.running:
+            raise E.StateError(f"CT {ct.ctid} is already running")
+        _check_start_inputs(conf)
+        return _spawn_supervisor(ct, "start", [])
+
+
+def _wait_gone(ct: Container, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_state(ct.node, ct.ctid) is None:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop(ct: Container, *, timeout: float | None = None, fast: bool = False) -> None:
+    """Graceful halt inside the CT, then SIGKILL of its init after *timeout* seconds."""
+    with ct.lock():
+        ct.conf  # noqa: B018 - raises NotFoundError for an unknown CT
+        st = ct.state()
+        if st is None:
+            raise E.StateError(f"CT {ct.ctid} is not running")
+        timeout = ct.node.stop_timeout if timeout is None else timeout
+        with contextlib.suppress(Exception):
+            ct.cgroup().thaw()
+        if not fast and st.init_pid:
+            halted = ct.exec(["/sbin/halt"], capture=True).returncode == 0
+            if not halted:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(st.init_pid, signal.SIGTERM)
+            if _wait_gone(ct, timeout):
+                return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(st.init_pid, signal.SIGKILL)
+        if not _wait_gone(ct, 30):
+            raise E.RuntimeFailure(f"CT {ct.ctid}: supervisor {st.supervisor_pid} did not finish")
+
+
+def dump_dir(ct: Container, dumpfile: str | None) -> Path:
+    return Path(dumpfile) if dumpfile else ct.node.dumpdir / C.CRIU_IMAGE_SUBDIR.format(ctid=ct.ctid)
+
+
+def chkpnt(ct: Container, dumpfile: str | None = None) -> tuple[Path, float]:
+    """CRIU dump of a running CT (it stops); a failed dump leaves it running."""
+    criu_binary()
+    pycriu_module()
+    with ct.lock():
+        st = ct.require_running()
+        if ct.status() == "suspended":
+            ct.cgroup().thaw()
+        final = dump_dir(ct, dumpfile)
+        if final.exists() and any(final.iterdir()):
+            raise E.ExistsError(f"dump directory {final} is not empty",
+                                hint="restore from it or remove it first")
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            ext = [f"mnt[{b.ct}]:{b.key}" for b in ct.conf.bindmounts]
+            took = driver.dump(st.init_pid, partial, driver.DumpOptions(external=ext))
+        except E.CheckpointError:
+            failed_log = final.with_name(final.name + ".failed.log")
+            with contextlib.suppress(OSError):
+                shutil.copy(partial / driver.DUMP_LOG, failed_log)
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if final.exists():
+            final.rmdir()
+        os.replace(partial, final)
+        if not _wait_gone(ct, 30):
+            raise E.RuntimeFailure(f"CT {ct.ctid} did not stop after the dump")
+        return final, took
+
+
+def restore(ct: Container, dumpfile: str | None = None, *, keep_dump: bool = False) -> int:
+    criu_binary()
+    pycriu_module()
+    with ct.lock():
+        conf = ct.conf
+        if ct.running:
+            raise E.StateError(f"CT {ct.ctid} is running: nothing to restore into")
+        images = dump_dir(ct, dumpfile)
+        if not (images / "inventory.img").exists():
+            raise E.NotFoundError(f"no CRIU images in {images}")
+        _check_start_inputs(conf)
+        extra = ["--dumpdir", str(images)] + (["--keep-dump"] if keep_dump else [])
+        return _spawn_supervisor(ct, "restore", extra)
+
+
+def suspend(ct: Container) -> None:
+    with ct.lock():
+        ct.require_running()
+        if ct.status() == "suspended":
+            raise E.StateError(f"CT {ct.ctid} is already suspended")
+        ct.cgroup().freeze()
+
+
+def resume(ct: Container) -> None:
+    with ct.lock():
+        if ct.status() != "suspended":
+            raise E.StateError(f"CT {ct.ctid} is not suspended")
+        ct.cgroup().thaw()
+
+
+def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[str]:
+    """vzctl set: apply to the running CT and/or save to CTID.conf; returns what changed."""
+    with ct.lock():
+        conf = ct.conf
+        running = ct.running
+        if not running and not save:
+            raise E.UsageError(f"CT {ct.ctid} is not running: use --save to store the settings")
+        changed: list[str] = []
+        ipadd = [network.validate_ip(i) for i in params.pop("ipadd", None) or []]
+        ipdel = list(params.pop("ipdel", None) or [])
+        if ipadd or ipdel:
+            _check_ips_free(ct.node, ct.ctid, ipadd)
+            current = conf.ips
+            if "all" in ipdel:
+                ipdel = list(current)
+            else:
+                ipdel = [network.validate_ip(i) for i in ipdel]
+                missing = [i for i in ipdel if i not in current]
+                if missing:
+                    raise E.UsageError(f"CT {ct.ctid} has no IP {', '.join(missing)}")
+            new_ips = [i for i in current if i not in ipdel] + [i for i in ipadd if i not in current]
+            if running:
+                st = ct.require_running()
+                net = ct.net_config(conf)
+                if ipdel:
+                    network.del_ips(net, st.init_pid, ipdel)
+                if ipadd:
+                    network.add_ips(net, st.init_pid, [i for i in ipadd if i not in current])
+            conf.set("IP_ADDRESS", " ".join(new_ips))
+            changed.append("IP_ADDRESS")
+        name = params.pop("name", None)
+        if name is not None:
+            validate_name(str(name))
+            registry.set_name(ct.node, ct.ctid, str(name))
+            if conf.name and conf.name != name:
+                registry.remove_name(ct.node, conf.name)
+            conf.set("NAME", str(name))
+            changed.append("NAME")
+        simple = {"hostname": "HOSTNAME", "onboot": "ONBOOT", "cpus": "CPUS",
+                  "cpulimit": "CPULIMIT", "cpuunits": "CPUUNITS", "diskspace": "DISKSPACE",
+                  "numproc": "NUMPROC"}
+        for opt, key in simple.items():
+            v = params.pop(opt, None)
+            if v is not None:
+                conf.set(key, str(v))
+                changed.append(key)
+        for opt, key in (("nameserver", "NAMESERVER"), ("searchdomain", "SEARCHDOMAIN"),
+                         ("bindmount", "BINDMOUNT")):
+            v = params.pop(opt, None)
+            if v:
+                conf.set(key, " ".join(v))  # type: ignore[arg-type]
+                changed.append(key)
+        for opt, key in (("ram", "PHYSPAGES"), ("swap", "SWAPPAGES")):
+            v = params.pop(opt, None)
+            if v is not None:
+                pages = parse_size(str(v)) // 4096
+                conf.set(key, f"0:{pages}")
+                changed.append(key)
+        if params:
+            raise E.UsageError(f"unknown setting(s): {', '.join(params)}")
+        if running:
+            if {"PHYSPAGES", "SWAPPAGES", "CPUS", "CPULIMIT", "CPUUNITS", "NUMPROC"} & set(changed):
+                ct.cgroup().apply(ct.limits(conf))
+            if {"HOSTNAME", "NAMESERVER", "SEARCHDOMAIN"} & set(changed):
+                ct.write_dist_files(conf)
+            if "HOSTNAME" in changed:
+                ct.exec(["hostname", conf.hostname], capture=True)
+        if save:
+            conf.save()
+        return changed

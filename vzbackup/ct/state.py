@@ -1,0 +1,61 @@
+"""Runtime state a CT's supervisor records (RUNDIR/CTID.state) and status derived from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vzbackup import constants as C
+from vzbackup.config.node import Node
+
+
+@dataclass
+class CTState:
+    status: str                 # starting | running | stopping
+    supervisor_pid: int
+    init_pid: int = 0           # host PID of the CT's init
+    started: float = 0.0
+    restored: bool = False
+
+
+def state_path(node: Node, ctid: int) -> Path:
+    return node.rundir / C.STATE_FILE.format(ctid=ctid)
+
+
+def write_state(node: Node, ctid: int, state: CTState) -> None:
+    path = state_path(node, ctid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{ctid}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(state), f)
+    os.replace(tmp, path)
+
+
+def clear_state(node: Node, ctid: int) -> None:
+    state_path(node, ctid).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def read_state(node: Node, ctid: int) -> CTState | None:
+    """The recorded state if its supervisor is still alive; a stale file is removed."""
+    path = state_path(node, ctid)
+    try:
+        st = CTState(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not _alive(st.supervisor_pid):
+        path.unlink(missing_ok=True)
+        return None
+    return st

@@ -1,0 +1,166 @@
+"""Per-container supervisor: owns the CT's init (subreaper), records its state, cleans up.
+
+Started detached by ``vzbackup start``/``restore`` as
+``python -m vzbackup.ct.supervisor {start|restore} CTID --prefix P --ready-fd N [--dumpdir D]``.
+It reports success or the error on the ready fd, then waits for init to exit and tears the
+CT's runtime down (network, cgroups, root mount, state file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from vzbackup import syscalls as S
+from vzbackup.config.node import Node
+from vzbackup.criu import driver
+from vzbackup.ct import network, runtime
+from vzbackup.ct.container import Container
+from vzbackup.ct.state import CTState, clear_state, write_state
+from vzbackup.errors import VzError
+
+log = logging.getLogger("vzbackup.supervisor")
+
+
+class Supervisor:
+    def __init__(self, ct: Container) -> None:
+        self.ct = ct
+        self.init_pid = 0
+        self.we_mounted = False
+
+    def _prepare(self) -> None:
+        conf = self.ct.conf
+        self.we_mounted = self.ct.mount()
+        self.ct.write_dist_files(conf)
+        cg = self.ct.cgroup()
+        cg.create()
+        cg.apply(self.ct.limits(conf))
+
+    def start(self) -> None:
+        conf = self.ct.conf
+        self._prepare()
+        cg = self.ct.cgroup()
+        proc = runtime.spawn(runtime.InitSpec(root=str(self.ct.ve_root(conf)),
+                                              hostname=conf.hostname or f"ct{self.ct.ctid}",
+                                              attach=cg.attach, binds=conf.bindmounts))
+        self.init_pid = proc.pid
+        try:
+            network.setup(self.ct.net_config(conf), proc.pid)
+            proc.go()
+        except BaseException:
+            proc.abort()
+            raise
+        log.info("CT %s started, init pid %s", self.ct.ctid, proc.pid)
+
+    def restore(self, images: Path) -> None:
+        conf = self.ct.conf
+        self._prepare()
+        os.chdir("/")
+        net = self.ct.net_config(conf)
+        t0 = time.monotonic()
+        self.init_pid = driver.restore(images, driver.RestoreOptions(
+            root=str(self.ct.ve_root(conf)), veths=network.criu_veth_pairs(net),
+            external=[f"mnt[{b.key}]:{b.host}" for b in conf.bindmounts]))
+        network.configure_host_side(net)
+        log.info("CT %s restored from %s in %.3fs, init pid %s", self.ct.ctid, images,
+                 time.monotonic() - t0, self.init_pid)
+
+    def wait(self) -> int:
+        """Reap children until init exits; returns its wait status."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return 0
+            except InterruptedError:
+                continue
+            if pid == self.init_pid:
+                return status
+
+    def cleanup(self) -> None:
+        """Tear the runtime down; each step runs even if an earlier one failed."""
+        ct = self.ct
+        steps = [
+            ("network", lambda: network.teardown(ct.net_config())),
+            ("cgroup kill", lambda: ct.cgroup().kill_all()),
+            ("cgroup", lambda: _retry(ct.cgroup().destroy)),
+            ("umount", ct.umount),
+        ]
+        for what, fn in steps:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - log and continue cleaning
+                log.warning("cleanup of %s failed: %s", what, e)
+        clear_state(ct.node, ct.ctid)
+
+
+def _retry(fn, attempts: int = 20) -> None:
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.1)
+
+
+def _report(fd: int, payload: dict) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, json.dumps(payload).encode())
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vzbackup-supervisor")
+    ap.add_argument("mode", choices=["start", "restore"])
+    ap.add_argument("ctid", type=int)
+    ap.add_argument("--prefix", required=True)
+    ap.add_argument("--ready-fd", type=int, required=True)
+    ap.add_argument("--dumpdir")
+    ap.add_argument("--keep-dump", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s CT {args.ctid} supervisor[%(process)d]: %(message)s")
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    S.set_child_subreaper()
+    S.set_process_name(f"vzsup-{args.ctid}")
+    ct = Container(Node.load(args.prefix), args.ctid)
+    sup = Supervisor(ct)
+    write_state(ct.node, ct.ctid, CTState("starting", os.getpid(), started=time.time()))
+    try:
+        if args.mode == "start":
+            sup.start()
+        else:
+            sup.restore(Path(args.dumpdir))
+    except BaseException as e:
+        log.error("%s failed: %s", args.mode, e)
+        if sup.init_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sup.init_pid, signal.SIGKILL)
+            sup.wait()
+        sup.cleanup()
+        kind = type(e).__name__ if isinstance(e, VzError) else "RuntimeFailure"
+        _report(args.ready_fd, {"ok": False, "error": str(e), "kind": kind})
+        return 1
+    write_state(ct.node, ct.ctid, CTState("running", os.getpid(), sup.init_pid,
+                                          started=time.time(), restored=args.mode == "restore"))
+    if args.mode == "restore" and not args.keep_dump:
+        shutil.rmtree(args.dumpdir, ignore_errors=True)
+    _report(args.ready_fd, {"ok": True, "pid": sup.init_pid})
+    status = sup.wait()
+    log.info("CT %s init exited (status %#x)", ct.ctid, status)
+    sup.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
