@@ -55,8 +55,8 @@ criu_ok() {  # $1 = criu binary
   "$bin" check >/dev/null 2>&1
 }
 
-build_criu() {
-  local srcdir apt_dir tarball
+build_criu() {  # $1 = "full" (criu + pycriu) or "lib" (pycriu only, distro criu is used)
+  local mode=$1 srcdir apt_dir tarball targets="criu lib"
   apt_dir=$BUILD_DIR/apt
   mkdir -p "$apt_dir/lists/partial" "$BUILD_DIR"
   echo "deb-src http://deb.debian.org/debian sid main" > "$apt_dir/sources.list"
@@ -73,25 +73,37 @@ build_criu() {
   srcdir=$BUILD_DIR/src
   rm -rf "$srcdir"; mkdir -p "$srcdir"
   tar -xJf "$tarball" -C "$srcdir" --strip-components=1
-  log "CRIU: building $(basename "$tarball") (make -j$(nproc) criu lib)"
-  make -C "$srcdir" -j"$(nproc)" criu lib >"$BUILD_DIR/build.log" 2>&1 \
+  [ "$mode" = lib ] && targets=lib
+  log "CRIU: building $(basename "$tarball") (make -j$(nproc) $targets)"
+  # shellcheck disable=SC2086
+  make -C "$srcdir" -j"$(nproc)" $targets >"$BUILD_DIR/build.log" 2>&1 \
     || { tail -30 "$BUILD_DIR/build.log" >&2; die "CRIU build failed (log: $BUILD_DIR/build.log)"; }
-  install -m 0755 "$srcdir/criu/criu" "$CRIU_PREFIX/sbin/criu"
+  [ "$mode" = lib ] || install -m 0755 "$srcdir/criu/criu" "$CRIU_PREFIX/sbin/criu"
   rm -rf "$PYCRIU_DIR"; mkdir -p "$PYCRIU_DIR"
   cp -r "$srcdir/lib/pycriu" "$PYCRIU_DIR/pycriu"
   find "$PYCRIU_DIR" -name '__pycache__' -prune -exec rm -rf {} +
 }
 
 install_criu() {
-  local dist
+  local dist=/usr/sbin/criu
+  local cand
+  cand=$(apt-cache policy criu 2>/dev/null | sed -n 's/^ *Candidate: *//p')
+  if [ ! -x "$dist" ] && [ -n "$cand" ] && [ "$cand" != "(none)" ] \
+     && version_ge "${cand#*:}" "$CRIU_MIN"; then
+    # The distro's package is new enough: use it when its 'criu check' passes.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends criu \
+      >/dev/null 2>&1 || true
+  fi
+  if criu_ok "$dist"; then
+    log "CRIU: distro $("$dist" --version | head -1) passes 'criu check'"
+    [ -f "$PYCRIU_DIR/pycriu/rpc_pb2.py" ] || build_criu lib
+    return
+  fi
   if criu_ok "$CRIU_PREFIX/sbin/criu" && [ -f "$PYCRIU_DIR/pycriu/rpc_pb2.py" ]; then
-    log "CRIU: $("$CRIU_PREFIX/sbin/criu" --version | head -1) (built) OK"; return
+    log "CRIU: $("$CRIU_PREFIX/sbin/criu" --version | head -1) (built from source) OK"; return
   fi
-  dist=$(command -v criu || true)
-  if [ -n "$dist" ] && [ "$dist" != "$CRIU_PREFIX/sbin/criu" ] && criu_ok "$dist"; then
-    log "CRIU: distro $dist is good enough"
-  fi
-  build_criu
+  log "CRIU: distro criu missing, older than $CRIU_MIN or failing 'criu check': building"
+  build_criu full
   criu_ok "$CRIU_PREFIX/sbin/criu" || { "$CRIU_PREFIX/sbin/criu" check || true; die "built CRIU fails 'criu check'"; }
   log "CRIU: installed $("$CRIU_PREFIX/sbin/criu" --version | head -1)"
 }

@@ -42,8 +42,9 @@ def template_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     need(os.geteuid() == 0, "tests need root")
     cache = tmp_path_factory.mktemp("template-cache")
     out = cache / f"{TEMPLATE_NAME}.tar.zst"
-    subprocess.run(["bash", str(ROOT / "scripts/build-template.sh"), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts/build-template.sh"), str(out)], check=True, capture_output=True
+    )
     return cache
 
 
@@ -56,14 +57,23 @@ class NodeBed:
     def env(self) -> dict[str, str]:
         return {**os.environ, "VZBACKUP_PREFIX": str(self.prefix)}
 
-    def vz(self, *args: str, check: bool = True, timeout: float = 120,
-           input_: str | None = None) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([sys.executable, "-m", "vzbackup.cli", *args],
-                             env=self.env(), capture_output=True, text=True, timeout=timeout,
-                             input=input_, check=False)
+    def vz(
+        self, *args: str, check: bool = True, timeout: float = 120, input_: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [sys.executable, "-m", "vzbackup.cli", *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input_,
+            check=False,
+        )
         if check and res.returncode != 0:
-            raise AssertionError(f"vzbackup {' '.join(args)} -> {res.returncode}\n"
-                                 f"stdout: {res.stdout}\nstderr: {res.stderr}")
+            raise AssertionError(
+                f"vzbackup {' '.join(args)} -> {res.returncode}\n"
+                f"stdout: {res.stdout}\nstderr: {res.stderr}"
+            )
         return res
 
     def sh(self, ctid: int, script: str, check: bool = True) -> str:
@@ -85,12 +95,17 @@ class NodeBed:
         run = self.prefix / "vz/run"
         for state in run.glob("*.state") if run.is_dir() else []:
             with contextlib.suppress(Exception):
-                subprocess.run([sys.executable, "-m", "vzbackup.cli", "stop", "--fast",
-                                state.stem], env=self.env(), capture_output=True, timeout=60)
+                subprocess.run(
+                    [sys.executable, "-m", "vzbackup.cli", "stop", "--fast", state.stem],
+                    env=self.env(),
+                    capture_output=True,
+                    timeout=60,
+                )
         # Last resort: kill supervisors this prefix recorded, by PID.
         for state in run.glob("*.state") if run.is_dir() else []:
             with contextlib.suppress(Exception):
                 import json
+
                 st = json.loads(state.read_text())
                 for pid in (st.get("init_pid"), st.get("supervisor_pid")):
                     if pid:
@@ -110,7 +125,8 @@ def node(template_cache: Path) -> Iterator[NodeBed]:
     cache.mkdir(parents=True)
     for f in template_cache.iterdir():
         os.link(f, cache / f.name) if f.stat().st_dev == cache.stat().st_dev else shutil.copy(
-            f, cache / f.name)
+            f, cache / f.name
+        )
     bed = NodeBed(prefix)
     try:
         yield bed
@@ -122,6 +138,7 @@ def node(template_cache: Path) -> Iterator[NodeBed]:
 def criu_ready() -> None:
     from vzbackup.criu.check import criu_binary, pycriu_module
     from vzbackup.errors import DependencyError
+
     try:
         criu_binary()
         pycriu_module()

@@ -15,8 +15,10 @@ from conftest import NodeBed, http_get, wait_for
 
 pytestmark = pytest.mark.usefixtures("criu_ready")
 
-COUNTER = ("setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; "
-           "usleep 100000; done' </dev/null >/dev/null 2>&1 &")
+COUNTER = (
+    "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; "
+    "usleep 100000; done' </dev/null >/dev/null 2>&1 &"
+)
 
 
 def _counter(node: NodeBed, ctid: int) -> int:
@@ -66,8 +68,11 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
     try:
         node.sh(ctid, COUNTER)
         node.sh(ctid, f"setsid nc 169.254.0.1 {peer.port} -e /bin/cat </dev/null >/dev/null 2>&1 &")
-        node.sh(ctid, "echo held > /tmp/lockfile; setsid flock /tmp/lockfile sleep 1000 "
-                      "</dev/null >/dev/null 2>&1 &")
+        node.sh(
+            ctid,
+            "echo held > /tmp/lockfile; setsid flock /tmp/lockfile sleep 1000 "
+            "</dev/null >/dev/null 2>&1 &",
+        )
         peer.accept()
         assert peer.roundtrip(b"before\n") == b"before\n"
         wait_for(lambda: _counter(node, ctid) > 3, what="counter")
@@ -80,13 +85,13 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
         assert "stopped" in node.vz("status", str(ctid)).stdout
         frozen_at = _counter(node, ctid)
         time.sleep(1.0)
-        assert _counter(node, ctid) == frozen_at        # nothing runs while checkpointed
+        assert _counter(node, ctid) == frozen_at  # nothing runs while checkpointed
 
         node.vz("restore", str(ctid))
-        assert not dump.exists()                         # images consumed on success
+        assert not dump.exists()  # images consumed on success
         assert "running" in node.vz("status", str(ctid)).stdout
         wait_for(lambda: _counter(node, ctid) > frozen_at + 3, what="counter to continue")
-        assert _counter(node, ctid) > frozen_at          # continued, not restarted from 0
+        assert _counter(node, ctid) > frozen_at  # continued, not restarted from 0
         assert node.sh(ctid, "pidof cat").strip() == nc_pid
         # The connection carries data both ways after the restore.
         assert peer.roundtrip(b"after restore\n") == b"after restore\n"
@@ -114,8 +119,11 @@ def test_checkpoint_with_bind_mount_and_custom_dumpfile(node: NodeBed, tmp_path:
     node.vz("create", str(ctid), "--ipadd", node.new_ip())
     node.vz("set", str(ctid), "--bindmount", f"{shared}:/srv/vol", "--save")
     node.vz("start", str(ctid))
-    node.sh(ctid, "setsid sh -c 'exec 3>>/srv/vol/log; while true; do echo x >&3; usleep 100000;"
-                  " done' </dev/null >/dev/null 2>&1 &")
+    node.sh(
+        ctid,
+        "setsid sh -c 'exec 3>>/srv/vol/log; while true; do echo x >&3; usleep 100000;"
+        " done' </dev/null >/dev/null 2>&1 &",
+    )
     dump = tmp_path / "images"
     node.vz("chkpnt", str(ctid), "--dumpfile", str(dump))
     size = (shared / "log").stat().st_size
@@ -155,8 +163,12 @@ def test_failed_restore_keeps_images_and_cleans_up(node: NodeBed, tmp_path: Path
     assert "restore" in res.stderr and "images are kept" in res.stderr
     assert pstree.exists()
     assert "unmounted stopped" in node.vz("status", str(ctid)).stdout
-    assert not any(ip in ln for ln in subprocess.run(
-        ["ip", "route"], capture_output=True, text=True).stdout.splitlines())
+    assert not any(
+        ip in ln
+        for ln in subprocess.run(
+            ["ip", "route"], capture_output=True, text=True
+        ).stdout.splitlines()
+    )
     node.vz("restore", str(ctid), "--dumpfile", str(good))
     assert "vzbackup" in wait_for(lambda: http_get(ip), what="httpd after good restore")
 
@@ -183,8 +195,12 @@ def test_missing_or_old_criu_is_one_clear_message(node: NodeBed, tmp_path: Path)
     old.write_text("#!/bin/sh\necho 'Version: 3.17.1'\n")
     old.chmod(0o755)
     for extra in (env_missing, {"VZBACKUP_CRIU": str(old)}):
-        res = subprocess.run([sys.executable, "-m", "vzbackup.cli", "chkpnt", str(ctid)],
-                             env={**node.env(), **extra}, capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, "-m", "vzbackup.cli", "chkpnt", str(ctid)],
+            env={**node.env(), **extra},
+            capture_output=True,
+            text=True,
+        )
         assert res.returncode == 9, res.stderr
         assert "CRIU >= 4.2 is required" in res.stderr and "setup.sh" in res.stderr
     assert "3.17.1" in res.stderr

@@ -39,7 +39,7 @@ def test_round_trip_is_lossless(tmp_path: Path) -> None:
 
 def test_set_rewrites_in_place_and_keeps_the_rest(tmp_path: Path) -> None:
     p = tmp_path / "101.conf"
-    p.write_text(SAMPLE + 'ONBOOT="no"\n')      # duplicate key: the last one wins
+    p.write_text(SAMPLE + 'ONBOOT="no"\n')  # duplicate key: the last one wins
     f = VzFile.load(p)
     assert f.get("ONBOOT") == "no"
     f.set("ONBOOT", "yes")
@@ -75,8 +75,10 @@ def test_set_refuses_quotes_and_bad_keys() -> None:
         f.set("bad key", "x")
 
 
-@pytest.mark.parametrize(("key", "value"), [("ONBOOT", "maybe"), ("CPUUNITS", "3"),
-                                            ("PHYSPAGES", "lots"), ("CPUS", "-1")])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ONBOOT", "maybe"), ("CPUUNITS", "3"), ("PHYSPAGES", "lots"), ("CPUS", "-1")],
+)
 def test_invalid_known_values_are_rejected(tmp_path: Path, key: str, value: str) -> None:
     p = tmp_path / "103.conf"
     p.write_text(f'{key}="{value}"\n')
@@ -86,8 +88,10 @@ def test_invalid_known_values_are_rejected(tmp_path: Path, key: str, value: str)
 
 def test_typed_views(tmp_path: Path) -> None:
     p = tmp_path / "104.conf"
-    p.write_text('PHYSPAGES="0:65536"\nSWAPPAGES="0:unlimited"\nNUMPROC="100:200"\n'
-                 'CPUS="2"\nIP_ADDRESS="10.1.1.1 10.1.1.2"\nNAMESERVER="1.1.1.1"\n')
+    p.write_text(
+        'PHYSPAGES="0:65536"\nSWAPPAGES="0:unlimited"\nNUMPROC="100:200"\n'
+        'CPUS="2"\nIP_ADDRESS="10.1.1.1 10.1.1.2"\nNAMESERVER="1.1.1.1"\n'
+    )
     c = CTConfig.load(104, p)
     assert c.memory_bytes == 256 << 20
     assert c.swap_bytes == 0

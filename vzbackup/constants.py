@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-MIN_CTID = 101                       # OpenVZ reserves 0..100
+MIN_CTID = 101  # OpenVZ reserves 0..100
 MAX_CTID = 2**31 - 1
 DEFAULT_PREFIX = "/"
 PREFIX_ENV = "VZBACKUP_PREFIX"
-CRIU_ENV = "VZBACKUP_CRIU"           # explicit path of the criu binary
+CRIU_ENV = "VZBACKUP_CRIU"  # explicit path of the criu binary
 CRIU_MIN_VERSION = (4, 2)
 CRIU_SEARCH = ("/usr/local/sbin/criu", "/usr/sbin/criu", "/usr/local/bin/criu", "/usr/bin/criu")
 
@@ -23,13 +23,13 @@ NODE_DEFAULTS: dict[str, str] = {
     "CONFIGFILE": "basic",
     "DEF_OSTEMPLATE": "busybox-1.0-x86_64",
     "STOP_TIMEOUT": "30",
-    "CGROUP_PARENT": "",              # empty: "vzbackup" for prefix "/", else derived from the prefix
+    "CGROUP_PARENT": "",  # empty: "vzbackup" for prefix "/", else derived from the prefix
 }
 
-VZ_CONF = "etc/vz/vz.conf"           # relative to the prefix
+VZ_CONF = "etc/vz/vz.conf"  # relative to the prefix
 SAMPLE_SUFFIX = ".conf-sample"
 
-HOST_GATEWAY = "169.254.0.1"        # what routed CTs see as their gateway (host side of veth)
-STATE_FILE = "{ctid}.state"           # in RUNDIR, written by the supervisor
-SUPERVISOR_LOG = "{ctid}.log"         # in RUNDIR
-CRIU_IMAGE_SUBDIR = "Dump.{ctid}"     # OpenVZ's dump file name, a directory of CRIU images here
+HOST_GATEWAY = "169.254.0.1"  # what routed CTs see as their gateway (host side of veth)
+STATE_FILE = "{ctid}.state"  # in RUNDIR, written by the supervisor
+SUPERVISOR_LOG = "{ctid}.log"  # in RUNDIR
+CRIU_IMAGE_SUBDIR = "Dump.{ctid}"  # OpenVZ's dump file name, a directory of CRIU images here

@@ -44,8 +44,10 @@ class Lock:
                     os.close(fd)
                     h = self.holder()
                     who = f"pid {h.get('pid')} ({h.get('cmd', '?')})" if h else "another process"
-                    raise LockedError(f"{self.what} is locked by {who}",
-                                      hint="wait for it to finish or pass a longer --lockwait") from None
+                    raise LockedError(
+                        f"{self.what} is locked by {who}",
+                        hint="wait for it to finish or pass a longer --lockwait",
+                    ) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "cmd": " ".join(sys.argv[:4]), "since": time.time()}
@@ -63,6 +65,7 @@ class Lock:
     def __enter__(self) -> Lock:
         return self.acquire()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()

@@ -17,7 +17,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def parse_size(text: str, *, default_unit: str = "") -> int:
-    """Parse ``256M``/``1G``/``100P`` (pages, as vzctl) into bytes; bare numbers use *default_unit*."""
+    """Parse 256M, 1G or 100P (pages, as vzctl) to bytes; bare numbers use *default_unit*."""
     m = _SIZE.match(text.strip())
     if not m:
         raise UsageError(f"invalid size {text!r}", hint="use a number with K, M, G, T or P (pages)")
@@ -43,6 +43,7 @@ def _int_range(lo: int, hi: int) -> Callable[[str], None]:
     def check(v: str) -> None:
         if not v.isdigit() or not lo <= int(v) <= hi:
             raise ValueError(f"expected an integer {lo}..{hi}")
+
     return check
 
 

@@ -108,6 +108,12 @@ class Node:
         return [self.confdir / fname, Path(__file__).with_name("samples") / fname]
 
     def ensure_dirs(self) -> None:
-        for d in (self.confdir, self.namesdir, self.template_cache, self.dumpdir,
-                  self.lockdir, self.rundir):
+        for d in (
+            self.confdir,
+            self.namesdir,
+            self.template_cache,
+            self.dumpdir,
+            self.lockdir,
+            self.rundir,
+        ):
             d.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ from pathlib import Path
 from vzbackup.errors import ConfigError, UsageError
 
 _KEY = r"[A-Za-z_][A-Za-z0-9_]*"
-_ASSIGN = re.compile(rf'^\s*(?:export\s+)?({_KEY})=(?:"([^"]*)"|\'([^\']*)\'|([^\s"\'#]*))\s*(?:#.*)?$')
+_ASSIGN = re.compile(
+    rf'^\s*(?:export\s+)?({_KEY})=(?:"([^"]*)"|\'([^\']*)\'|([^\s"\'#]*))\s*(?:#.*)?$'
+)
 _IGNORABLE = re.compile(r"^\s*(#.*)?$")
 
 

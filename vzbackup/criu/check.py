@@ -16,7 +16,9 @@ INSTALL_HINT = "run 'scripts/setup.sh' as root (it builds CRIU >= 4.2 into /usr/
 
 def _version(binary: str) -> tuple[int, ...] | None:
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=20
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", out)

@@ -22,15 +22,15 @@ class DumpOptions:
     leave_running: bool = False
     tcp_established: bool = True
     file_locks: bool = True
-    external: list[str] = field(default_factory=list)   # e.g. "mnt[/mnt/vol]:vol"
+    external: list[str] = field(default_factory=list)  # e.g. "mnt[/mnt/vol]:vol"
 
 
 @dataclass
 class RestoreOptions:
     root: str = ""
-    tcp_established: bool = True     # tcp_close instead for a restore from a backup
+    tcp_established: bool = True  # tcp_close instead for a restore from a backup
     file_locks: bool = True
-    veths: list[tuple[str, str]] = field(default_factory=list)   # (if_in, if_out[@bridge])
+    veths: list[tuple[str, str]] = field(default_factory=list)  # (if_in, if_out[@bridge])
     external: list[str] = field(default_factory=list)
 
 
@@ -71,7 +71,8 @@ def dump(pid: int, images_dir: Path, opts: DumpOptions) -> float:
         except Exception as e:
             raise CheckpointError(
                 f"CRIU dump of pid {pid} failed: {e}\n{_log_tail(images_dir / DUMP_LOG)}",
-                hint=f"full log: {images_dir / DUMP_LOG}") from None
+                hint=f"full log: {images_dir / DUMP_LOG}",
+            ) from None
         return time.monotonic() - t0
     finally:
         os.close(fd)
@@ -95,7 +96,8 @@ def restore(images_dir: Path, opts: RestoreOptions) -> int:
             raise CheckpointError(
                 f"CRIU restore from {images_dir} failed: {e}\n"
                 f"{_log_tail(images_dir / RESTORE_LOG)}",
-                hint=f"the images are kept; full log: {images_dir / RESTORE_LOG}") from None
+                hint=f"the images are kept; full log: {images_dir / RESTORE_LOG}",
+            ) from None
         return int(resp.pid)
     finally:
         os.close(fd)

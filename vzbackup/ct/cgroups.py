@@ -3,7 +3,8 @@
 The version is detected, never configured: a host is pure v2 iff ``<root>/cgroup.controllers``
 exists; otherwise it is treated as v1 and every v1 controller hierarchy mounted under ``<root>``
 (found in ``/proc/self/mountinfo``) is used.  Named v1 hierarchies such as ``name=systemd``
-and the hybrid ``unified`` cgroup2 mount are left alone.
+and the hybrid ``unified`` cgroup2 mount get a directory too (no limits there), so every task
+of a CT sits in the CT's own cgroup everywhere and CRIU never dumps the host's tree.
 
 OpenVZ limits map onto the two versions as follows (see :class:`Limits`):
 
@@ -23,6 +24,11 @@ pids_max           pids.max                             pids.max
 ``cpu.weight`` uses ``units // 10`` so that the OpenVZ default of 1000 units lands on the v2
 default weight of 100 (and the v1 default shares of 1024), keeping a container with default
 units on par with everything else on the host.
+
+On v1 a swap limit needs a memory limit to mean anything (memsw = memory + swap; with
+unlimited memory memsw stays unlimited); when only the memory limit changes, the current swap
+allowance (memsw - memory) is kept.  On v1 a memory limit below the current usage fails with
+EBUSY (RuntimeFailure); v2 accepts it and reclaims or OOM-kills instead.
 
 Device access control is v1 only: v2 has no devices files (it needs a BPF program), so on
 v2 :meth:`CgroupSet.create` does no device filtering at all.
@@ -232,13 +238,16 @@ def _v1_mounts(root: str, mountinfo: str = MOUNTINFO) -> dict[str, str]:
         if not sep:
             continue
         fields, tail = pre.split(), post.split()
-        if len(fields) < 5 or len(tail) < 3 or tail[0] != "cgroup":
+        if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
             continue
         mountpoint = os.path.normpath(_unescape(fields[4]))
         if mountpoint != root and not mountpoint.startswith(root.rstrip("/") + "/"):
             continue
+        if tail[0] == "cgroup2":  # hybrid layout: the controller-less unified hierarchy
+            result.setdefault("unified", mountpoint)
+            continue
         for opt in tail[2].split(","):
-            if opt in known:
+            if opt in known or opt.startswith("name="):
                 result.setdefault(opt, mountpoint)
     return result
 
@@ -645,8 +654,6 @@ class CgroupSet:
         for leaf in self._dirs():
             for d in _walk_dirs(leaf):
                 self._rmdir(d)
-            if os.path.exists(leaf):
-                raise RuntimeFailure(f"cgroup {leaf} still exists after rmdir")
         for d in reversed(self._created):
             try:
                 os.rmdir(d)
@@ -654,6 +661,18 @@ class CgroupSet:
                 if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
                     raise RuntimeFailure(f"cannot remove cgroup {d}: {_errmsg(exc)}") from exc
         self._created.clear()
+
+    def prune_parents(self) -> None:
+        """Remove this set's ancestors that are now empty (e.g. a node's parent after its
+        last CT stopped); a parent still in use is left alone. create() retries on a race."""
+        for mnt in set(self._mounts.values()):
+            parts = self._parts[:-1]
+            while parts:
+                try:
+                    os.rmdir(os.path.join(mnt, *parts))
+                except OSError:
+                    break
+                parts = parts[:-1]
 
     @staticmethod
     def _rmdir(path: str) -> None:

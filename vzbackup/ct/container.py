@@ -92,14 +92,23 @@ class Container:
 
     def limits(self, conf: CTConfig | None = None) -> Limits:
         c = conf or self.conf
-        return Limits(memory_bytes=c.memory_bytes, swap_bytes=c.swap_bytes, cpus=c.cpus,
-                      cpulimit_percent=c.cpulimit, cpuunits=c.cpuunits, pids_max=c.numproc)
+        return Limits(
+            memory_bytes=c.memory_bytes,
+            swap_bytes=c.swap_bytes,
+            cpus=c.cpus,
+            cpulimit_percent=c.cpulimit,
+            cpuunits=c.cpuunits,
+            pids_max=c.numproc,
+        )
 
     def net_config(self, conf: CTConfig | None = None) -> network.NetConfig:
         c = conf or self.conf
         netif = c.get("NETIF")
-        return network.NetConfig(ctid=self.ctid, ips=tuple(c.ips),
-                                 netifs=tuple(network.parse_netif(netif)) if netif else ())
+        return network.NetConfig(
+            ctid=self.ctid,
+            ips=tuple(c.ips),
+            netifs=tuple(network.parse_netif(netif)) if netif else (),
+        )
 
     def nproc(self) -> int:
         with contextlib.suppress(OSError, RuntimeFailure):
@@ -154,22 +163,52 @@ class Container:
 
     # --- entering --------------------------------------------------------------------
     def nsenter_argv(self, st: CTState) -> list[str]:
-        return ["nsenter", f"--target={st.init_pid}", "--mount", "--uts", "--ipc", "--net",
-                "--pid", "--root", "--wd"]
+        return [
+            "nsenter",
+            f"--target={st.init_pid}",
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--net",
+            "--pid",
+            "--root",
+            "--wd",
+        ]
 
-    def exec(self, argv: list[str], *, tty: bool = False, input_: bytes | None = None,
-             capture: bool = False) -> subprocess.CompletedProcess:
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        tty: bool = False,
+        input_: bytes | None = None,
+        capture: bool = False,
+    ) -> subprocess.CompletedProcess:
         """Run *argv* inside the running CT (its namespaces, root and cgroups)."""
         st = self.require_running()
-        cg = self.cgroup()
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
-               "TERM": os.environ.get("TERM", "linux") if tty else "dumb"}
+        procs = [Path(d, "cgroup.procs") for d in self.cgroup().controller_paths().values()]
+        procs = [p for p in procs if p.exists()]  # a CT started by an older version may lack some
+
+        def enter_cgroups() -> None:
+            for p in procs:
+                p.write_text(str(os.getpid()))
+
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "TERM": os.environ.get("TERM", "linux") if tty else "dumb",
+        }
         kwargs: dict = {}
         if capture:
             kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
         return subprocess.run(
-            [*self.nsenter_argv(st), "--", *argv], env=env, input=input_, check=False,
-            preexec_fn=lambda: cg.attach(os.getpid()), close_fds=True, **kwargs)
+            [*self.nsenter_argv(st), "--", *argv],
+            env=env,
+            input=input_,
+            check=False,
+            preexec_fn=enter_cgroups,
+            close_fds=True,
+            **kwargs,
+        )
 
 
 def _write_in_ct(path: Path, text: str) -> None:

@@ -44,9 +44,16 @@ def _check_ips_free(node: Node, ctid: int, ips: list[str]) -> None:
             raise E.ExistsError(f"IP {ip} is already used by CT {used[ip.split('/')[0]]}")
 
 
-def create(node: Node, ctid: int, *, ostemplate: str | None = None, sample: str | None = None,
-           ipadd: list[str] | None = None, hostname: str | None = None,
-           name: str | None = None) -> Container:
+def create(
+    node: Node,
+    ctid: int,
+    *,
+    ostemplate: str | None = None,
+    sample: str | None = None,
+    ipadd: list[str] | None = None,
+    hostname: str | None = None,
+    name: str | None = None,
+) -> Container:
     """Create CT *ctid* from an OS template: private area, CTID.conf, name link."""
     ct = Container(node, ctid)
     ips = [network.validate_ip(ip) for ip in ipadd or []]
@@ -57,15 +64,19 @@ def create(node: Node, ctid: int, *, ostemplate: str | None = None, sample: str 
         if ct.exists:
             raise E.ExistsError(f"CT {ctid} already exists ({ct.conf_path})")
         if name and registry.name_owner(node, name) is not None:
-            raise E.ExistsError(f"name {name!r} is already used by CT {registry.resolve(node, name)}")
+            raise E.ExistsError(
+                f"name {name!r} is already used by CT {registry.resolve(node, name)}"
+            )
         _check_ips_free(node, ctid, ips)
         ostemplate = ostemplate or node.value("DEF_OSTEMPLATE")
         archive = template.find_template(node.template_cache, ostemplate)
         sample = sample or node.value("CONFIGFILE")
         sample_path = next((p for p in node.sample_paths(sample) if p.exists()), None)
         if sample_path is None:
-            raise E.NotFoundError(f"sample config {sample!r} not found",
-                                  hint=f"looked for {', '.join(map(str, node.sample_paths(sample)))}")
+            raise E.NotFoundError(
+                f"sample config {sample!r} not found",
+                hint=f"looked for {', '.join(map(str, node.sample_paths(sample)))}",
+            )
         conf = CTConfig(ctid, VzFile(node.ct_conf_path(ctid), sample_path.read_text()))
         conf.validate()
         conf.set("VE_ROOT", node.value("VE_ROOT"))
@@ -80,8 +91,10 @@ def create(node: Node, ctid: int, *, ostemplate: str | None = None, sample: str 
             conf.set("NAME", name)
         private = ct.ve_private(conf)
         if private.exists():
-            raise E.ExistsError(f"private area {private} already exists",
-                                hint="remove it, or destroy the CT that owns it")
+            raise E.ExistsError(
+                f"private area {private} already exists",
+                hint="remove it, or destroy the CT that owns it",
+            )
         private.parent.mkdir(parents=True, exist_ok=True)
         template.extract_template(archive, private)
         try:
@@ -114,10 +127,26 @@ def _spawn_supervisor(ct: Container, mode: str, extra: list[str]) -> int:
     r, w = os.pipe()
     try:
         subprocess.Popen(
-            [sys.executable, "-m", "vzbackup.ct.supervisor", mode, str(ct.ctid),
-             "--prefix", ct.node.prefix, "--ready-fd", str(w), *extra],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
-            start_new_session=True, close_fds=True, cwd="/")
+            [
+                sys.executable,
+                "-m",
+                "vzbackup.ct.supervisor",
+                mode,
+                str(ct.ctid),
+                "--prefix",
+                ct.node.prefix,
+                "--ready-fd",
+                str(w),
+                *extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            pass_fds=(w,),
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )
     finally:
         os.close(w)
         logf.close()
@@ -188,7 +217,9 @@ def stop(ct: Container, *, timeout: float | None = None, fast: bool = False) -> 
 
 
 def dump_dir(ct: Container, dumpfile: str | None) -> Path:
-    return Path(dumpfile) if dumpfile else ct.node.dumpdir / C.CRIU_IMAGE_SUBDIR.format(ctid=ct.ctid)
+    return (
+        Path(dumpfile) if dumpfile else ct.node.dumpdir / C.CRIU_IMAGE_SUBDIR.format(ctid=ct.ctid)
+    )
 
 
 def chkpnt(ct: Container, dumpfile: str | None = None) -> tuple[Path, float]:
@@ -201,8 +232,9 @@ def chkpnt(ct: Container, dumpfile: str | None = None) -> tuple[Path, float]:
             ct.cgroup().thaw()
         final = dump_dir(ct, dumpfile)
         if final.exists() and any(final.iterdir()):
-            raise E.ExistsError(f"dump directory {final} is not empty",
-                                hint="restore from it or remove it first")
+            raise E.ExistsError(
+                f"dump directory {final} is not empty", hint="restore from it or remove it first"
+            )
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
@@ -272,7 +304,9 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
                 missing = [i for i in ipdel if i not in current]
                 if missing:
                     raise E.UsageError(f"CT {ct.ctid} has no IP {', '.join(missing)}")
-            new_ips = [i for i in current if i not in ipdel] + [i for i in ipadd if i not in current]
+            new_ips = [i for i in current if i not in ipdel] + [
+                i for i in ipadd if i not in current
+            ]
             if running:
                 st = ct.require_running()
                 net = ct.net_config(conf)
@@ -290,16 +324,25 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
                 registry.remove_name(ct.node, conf.name)
             conf.set("NAME", str(name))
             changed.append("NAME")
-        simple = {"hostname": "HOSTNAME", "onboot": "ONBOOT", "cpus": "CPUS",
-                  "cpulimit": "CPULIMIT", "cpuunits": "CPUUNITS", "diskspace": "DISKSPACE",
-                  "numproc": "NUMPROC"}
+        simple = {
+            "hostname": "HOSTNAME",
+            "onboot": "ONBOOT",
+            "cpus": "CPUS",
+            "cpulimit": "CPULIMIT",
+            "cpuunits": "CPUUNITS",
+            "diskspace": "DISKSPACE",
+            "numproc": "NUMPROC",
+        }
         for opt, key in simple.items():
             v = params.pop(opt, None)
             if v is not None:
                 conf.set(key, str(v))
                 changed.append(key)
-        for opt, key in (("nameserver", "NAMESERVER"), ("searchdomain", "SEARCHDOMAIN"),
-                         ("bindmount", "BINDMOUNT")):
+        for opt, key in (
+            ("nameserver", "NAMESERVER"),
+            ("searchdomain", "SEARCHDOMAIN"),
+            ("bindmount", "BINDMOUNT"),
+        ):
             v = params.pop(opt, None)
             if v:
                 conf.set(key, " ".join(v))  # type: ignore[arg-type]

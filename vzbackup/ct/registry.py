@@ -18,7 +18,9 @@ def parse_ctid(text: str | int) -> int:
         raise UsageError(f"invalid CTID {text!r}: must be a number")
     ctid = int(s)
     if not C.MIN_CTID <= ctid <= C.MAX_CTID:
-        raise UsageError(f"invalid CTID {ctid}: must be {C.MIN_CTID}..{C.MAX_CTID} (0-100 are reserved)")
+        raise UsageError(
+            f"invalid CTID {ctid}: must be {C.MIN_CTID}..{C.MAX_CTID} (0-100 are reserved)"
+        )
     return ctid
 
 

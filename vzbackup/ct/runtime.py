@@ -20,19 +20,33 @@ from vzbackup.config.ct import BindMount
 from vzbackup.errors import RuntimeFailure
 
 NAMESPACES = S.CLONE_NEWNS | S.CLONE_NEWUTS | S.CLONE_NEWIPC | S.CLONE_NEWNET | S.CLONE_NEWPID
-INIT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TERM": "linux", "HOME": "/root",
-            "container": "vzbackup"}
+INIT_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "TERM": "linux",
+    "HOME": "/root",
+    "container": "vzbackup",
+}
 # (name, kind, major, minor, mode)
-DEVICES = [("null", stat.S_IFCHR, 1, 3, 0o666), ("zero", stat.S_IFCHR, 1, 5, 0o666),
-           ("full", stat.S_IFCHR, 1, 7, 0o666), ("random", stat.S_IFCHR, 1, 8, 0o666),
-           ("urandom", stat.S_IFCHR, 1, 9, 0o666), ("tty", stat.S_IFCHR, 5, 0, 0o666)]
-DEV_LINKS = {"ptmx": "pts/ptmx", "fd": "/proc/self/fd", "stdin": "/proc/self/fd/0",
-             "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"}
+DEVICES = [
+    ("null", stat.S_IFCHR, 1, 3, 0o666),
+    ("zero", stat.S_IFCHR, 1, 5, 0o666),
+    ("full", stat.S_IFCHR, 1, 7, 0o666),
+    ("random", stat.S_IFCHR, 1, 8, 0o666),
+    ("urandom", stat.S_IFCHR, 1, 9, 0o666),
+    ("tty", stat.S_IFCHR, 5, 0, 0o666),
+]
+DEV_LINKS = {
+    "ptmx": "pts/ptmx",
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+}
 
 
 @dataclass
 class InitSpec:
-    root: str                                   # mounted VE_ROOT
+    root: str  # mounted VE_ROOT
     hostname: str
     argv: list[str] = field(default_factory=lambda: ["/sbin/init"])
     attach: Callable[[int], None] | None = None  # puts a pid into the CT's cgroups
@@ -107,7 +121,9 @@ def spawn(spec: InitSpec) -> InitProcess:
     _, status = os.waitpid(first, 0)
     if not raw.isdigit() or status != 0:
         msg = _read_all(err_r)
-        raise RuntimeFailure(f"could not create the container's namespaces: {msg.strip() or status}")
+        raise RuntimeFailure(
+            f"could not create the container's namespaces: {msg.strip() or status}"
+        )
     return InitProcess(int(raw), go_w, err_r)
 
 
@@ -163,8 +179,13 @@ def _prepare_fs(root: str) -> None:
         os.mknod(f"{dev}/{name}", kind | mode, os.makedev(major, minor))
         os.chmod(f"{dev}/{name}", mode)
     os.mkdir(f"{dev}/pts", 0o755)
-    S.mount("devpts", f"{dev}/pts", "devpts", S.MS_NOSUID | S.MS_NOEXEC,
-            "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    S.mount(
+        "devpts",
+        f"{dev}/pts",
+        "devpts",
+        S.MS_NOSUID | S.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+    )
     for name, target in DEV_LINKS.items():
         os.symlink(target, f"{dev}/{name}")
     os.mkdir(f"{dev}/shm", 0o1777)

@@ -14,9 +14,9 @@ from vzbackup.config.node import Node
 
 @dataclass
 class CTState:
-    status: str                 # starting | running | stopping
+    status: str  # starting | running | stopping
     supervisor_pid: int
-    init_pid: int = 0           # host PID of the CT's init
+    init_pid: int = 0  # host PID of the CT's init
     started: float = 0.0
     restored: bool = False
 

@@ -48,9 +48,14 @@ class Supervisor:
         conf = self.ct.conf
         self._prepare()
         cg = self.ct.cgroup()
-        proc = runtime.spawn(runtime.InitSpec(root=str(self.ct.ve_root(conf)),
-                                              hostname=conf.hostname or f"ct{self.ct.ctid}",
-                                              attach=cg.attach, binds=conf.bindmounts))
+        proc = runtime.spawn(
+            runtime.InitSpec(
+                root=str(self.ct.ve_root(conf)),
+                hostname=conf.hostname or f"ct{self.ct.ctid}",
+                attach=cg.attach,
+                binds=conf.bindmounts,
+            )
+        )
         self.init_pid = proc.pid
         try:
             network.setup(self.ct.net_config(conf), proc.pid)
@@ -66,12 +71,22 @@ class Supervisor:
         os.chdir("/")
         net = self.ct.net_config(conf)
         t0 = time.monotonic()
-        self.init_pid = driver.restore(images, driver.RestoreOptions(
-            root=str(self.ct.ve_root(conf)), veths=network.criu_veth_pairs(net),
-            external=[f"mnt[{b.key}]:{b.host}" for b in conf.bindmounts]))
+        self.init_pid = driver.restore(
+            images,
+            driver.RestoreOptions(
+                root=str(self.ct.ve_root(conf)),
+                veths=network.criu_veth_pairs(net),
+                external=[f"mnt[{b.key}]:{b.host}" for b in conf.bindmounts],
+            ),
+        )
         network.configure_host_side(net)
-        log.info("CT %s restored from %s in %.3fs, init pid %s", self.ct.ctid, images,
-                 time.monotonic() - t0, self.init_pid)
+        log.info(
+            "CT %s restored from %s in %.3fs, init pid %s",
+            self.ct.ctid,
+            images,
+            time.monotonic() - t0,
+            self.init_pid,
+        )
 
     def wait(self) -> int:
         """Reap children until init exits; returns its wait status."""
@@ -92,12 +107,13 @@ class Supervisor:
             ("network", lambda: network.teardown(ct.net_config())),
             ("cgroup kill", lambda: ct.cgroup().kill_all()),
             ("cgroup", lambda: _retry(ct.cgroup().destroy)),
+            ("cgroup parents", lambda: ct.cgroup().prune_parents()),
             ("umount", ct.umount),
         ]
         for what, fn in steps:
             try:
                 fn()
-            except Exception as e:  # noqa: BLE001 - log and continue cleaning
+            except Exception as e:
                 log.warning("cleanup of %s failed: %s", what, e)
         clear_state(ct.node, ct.ctid)
 
@@ -127,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dumpdir")
     ap.add_argument("--keep-dump", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s CT {args.ctid} supervisor[%(process)d]: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s CT {args.ctid} supervisor[%(process)d]: %(message)s",
+    )
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     S.set_child_subreaper()
@@ -151,8 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         kind = type(e).__name__ if isinstance(e, VzError) else "RuntimeFailure"
         _report(args.ready_fd, {"ok": False, "error": str(e), "kind": kind})
         return 1
-    write_state(ct.node, ct.ctid, CTState("running", os.getpid(), sup.init_pid,
-                                          started=time.time(), restored=args.mode == "restore"))
+    write_state(
+        ct.node,
+        ct.ctid,
+        CTState(
+            "running",
+            os.getpid(),
+            sup.init_pid,
+            started=time.time(),
+            restored=args.mode == "restore",
+        ),
+    )
     if args.mode == "restore" and not args.keep_dump:
         shutil.rmtree(args.dumpdir, ignore_errors=True)
     _report(args.ready_fd, {"ok": True, "pid": sup.init_pid})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import click
 
@@ -22,9 +23,14 @@ def check(as_json: bool) -> None:
     res = subprocess.run([binary, "check"], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise DependencyError(f"'{binary} check' failed:\n{res.stdout}{res.stderr}".rstrip())
-    pipe_max = int(open("/proc/sys/fs/pipe-max-size").read())
-    data = {"criu": binary, "criu_version": criu_version(), "criu_check": "ok",
-            "cgroup_version": detect_version(), "pipe_max_size": pipe_max}
+    pipe_max = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    data = {
+        "criu": binary,
+        "criu_version": criu_version(),
+        "criu_check": "ok",
+        "cgroup_version": detect_version(),
+        "pipe_max_size": pipe_max,
+    }
     emit(as_json, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
 
 

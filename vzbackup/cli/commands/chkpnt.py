@@ -17,8 +17,11 @@ def chkpnt(ctx: click.Context, ctid: str, dumpfile: str | None, as_json: bool) -
     """Checkpoint running CTID to disk; the CT stops."""
     ct = container(ctx, ctid)
     path, took = ops.chkpnt(ct, dumpfile)
-    emit(as_json, {"ctid": ct.ctid, "dumpdir": str(path), "seconds": round(took, 3)},
-         f"CT {ct.ctid} checkpointed to {path} ({took:.2f}s)")
+    emit(
+        as_json,
+        {"ctid": ct.ctid, "dumpdir": str(path), "seconds": round(took, 3)},
+        f"CT {ct.ctid} checkpointed to {path} ({took:.2f}s)",
+    )
 
 
 @click.command()
@@ -27,8 +30,9 @@ def chkpnt(ctx: click.Context, ctid: str, dumpfile: str | None, as_json: bool) -
 @click.option("--keep-dump", is_flag=True, help="Keep the images after a successful restore.")
 @json_option
 @click.pass_context
-def restore(ctx: click.Context, ctid: str, dumpfile: str | None, keep_dump: bool,
-            as_json: bool) -> None:
+def restore(
+    ctx: click.Context, ctid: str, dumpfile: str | None, keep_dump: bool, as_json: bool
+) -> None:
     """Restore CTID from a checkpoint."""
     ct = container(ctx, ctid)
     pid = ops.restore(ct, dumpfile, keep_dump=keep_dump)

@@ -17,15 +17,33 @@ from vzbackup.ct import ops, registry
 @click.option("--name", help="A name that can be used instead of the CTID.")
 @json_option
 @click.pass_context
-def create(ctx: click.Context, ctid: str, ostemplate: str | None, sample: str | None,
-           ipadd: tuple[str, ...], hostname: str | None, name: str | None, as_json: bool) -> None:
+def create(
+    ctx: click.Context,
+    ctid: str,
+    ostemplate: str | None,
+    sample: str | None,
+    ipadd: tuple[str, ...],
+    hostname: str | None,
+    name: str | None,
+    as_json: bool,
+) -> None:
     """Create container CTID."""
     require_root()
     node = node_of(ctx)
-    ct = ops.create(node, registry.parse_ctid(ctid), ostemplate=ostemplate, sample=sample,
-                    ipadd=list(ipadd), hostname=hostname, name=name)
-    emit(as_json, {"ctid": ct.ctid, "private": str(ct.ve_private()), "config": str(ct.conf_path)},
-         f"CT {ct.ctid} created: private area {ct.ve_private()}")
+    ct = ops.create(
+        node,
+        registry.parse_ctid(ctid),
+        ostemplate=ostemplate,
+        sample=sample,
+        ipadd=list(ipadd),
+        hostname=hostname,
+        name=name,
+    )
+    emit(
+        as_json,
+        {"ctid": ct.ctid, "private": str(ct.ve_private()), "config": str(ct.conf_path)},
+        f"CT {ct.ctid} created: private area {ct.ve_private()}",
+    )
 
 
 COMMANDS = [create]

@@ -28,7 +28,7 @@ FIELDS: dict[str, tuple[str, Callable[[Container], object]]] = {
     "diskspace": ("DISKSPACE", lambda ct: ct.conf.get("DISKSPACE", "-")),
     "private": ("PRIVATE", lambda ct: str(ct.ve_private())),
     "root": ("ROOT", lambda ct: str(ct.ve_root())),
-    "pid": ("PID", lambda ct: (ct.state().init_pid if ct.state() else "-")),
+    "pid": ("PID", lambda ct: ct.state().init_pid if ct.state() else "-"),
 }
 DEFAULT = "ctid,nproc,status,ip,hostname"
 
@@ -36,13 +36,19 @@ DEFAULT = "ctid,nproc,status,ip,hostname"
 @click.command(name="list")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Stopped CTs too.")
 @click.option("-S", "--stopped", is_flag=True, help="Only stopped CTs.")
-@click.option("-o", "--output", default=DEFAULT, show_default=True,
-              help=f"Comma-separated fields: {', '.join(FIELDS)}.")
+@click.option(
+    "-o",
+    "--output",
+    default=DEFAULT,
+    show_default=True,
+    help=f"Comma-separated fields: {', '.join(FIELDS)}.",
+)
 @click.option("-H", "--no-header", is_flag=True)
 @json_option
 @click.pass_context
-def list_(ctx: click.Context, show_all: bool, stopped: bool, output: str, no_header: bool,
-          as_json: bool) -> None:
+def list_(
+    ctx: click.Context, show_all: bool, stopped: bool, output: str, no_header: bool, as_json: bool
+) -> None:
     """List containers (running ones unless -a)."""
     require_root()
     fields = [f.strip() for f in output.split(",") if f.strip()]
@@ -65,8 +71,12 @@ def list_(ctx: click.Context, show_all: bool, stopped: bool, output: str, no_hea
         table.insert(0, [FIELDS[f][0] for f in fields])
     widths = [max((len(row[i]) for row in table), default=0) for i in range(len(fields))]
     for row in table:
-        click.echo("  ".join(c.rjust(w) if i == 0 else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+        click.echo(
+            "  ".join(
+                c.rjust(w) if i == 0 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
 
 
 COMMANDS = [list_]

@@ -23,8 +23,11 @@ from vzbackup.ct import ops
 @click.option("--cpuunits", type=click.IntRange(8, 500000))
 @click.option("--ram", "--memory", "ram", help="Memory limit, e.g. 256M (PHYSPAGES).")
 @click.option("--swap", help="Swap limit, e.g. 128M (SWAPPAGES).")
-@click.option("--bindmount", multiple=True,
-              help="/host/dir:/ct/dir[:ro] (repeatable; takes effect at the next start).")
+@click.option(
+    "--bindmount",
+    multiple=True,
+    help="/host/dir:/ct/dir[:ro] (repeatable; takes effect at the next start).",
+)
 @click.option("--numproc", type=click.IntRange(1))
 @click.option("--diskspace", help="soft[:hard] in KiB or with K/M/G (recorded).")
 @click.pass_context

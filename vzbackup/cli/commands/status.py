@@ -20,11 +20,18 @@ def status(ctx: click.Context, ctid: str, as_json: bool) -> None:
     ct = Container(node, registry.resolve(node, ctid))
     exists = ct.exists
     st = ct.state() if exists else None
-    data = {"ctid": ct.ctid, "exist": exists, "mounted": exists and ct.mounted,
-            "status": ct.status() if exists else "deleted",
-            "init_pid": st.init_pid if st else None}
-    words = ["exist" if exists else "deleted", "mounted" if data["mounted"] else "unmounted",
-             data["status"] if exists else "down"]
+    data = {
+        "ctid": ct.ctid,
+        "exist": exists,
+        "mounted": exists and ct.mounted,
+        "status": ct.status() if exists else "deleted",
+        "init_pid": st.init_pid if st else None,
+    }
+    words = [
+        "exist" if exists else "deleted",
+        "mounted" if data["mounted"] else "unmounted",
+        data["status"] if exists else "down",
+    ]
     emit(as_json, data, f"CTID {ct.ctid} {' '.join(words)}")
 
 

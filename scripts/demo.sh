@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The main job on embedded defaults: set the machine up, then create a container from the
+# bundled busybox template, start it, show its web service answering, checkpoint it with
+# CRIU, restore it, and show it still serving with its processes' state intact.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export VZBACKUP_PREFIX=${VZBACKUP_PREFIX:-/var/lib/vzbackup/demo}
+CTID=${DEMO_CTID:-101}
+IP=${DEMO_IP:-10.199.0.101}
+
+"$ROOT/scripts/setup.sh"
+VZ="$ROOT/.venv/bin/vzbackup"
+step() { if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi; }
+fetch() {
+  "$ROOT/.venv/bin/python" -c 'import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode(), end="")' "http://$IP/$1"
+}
+
+step "node prefix $VZBACKUP_PREFIX (no vz.conf there: embedded defaults)"
+if "$VZ" status "$CTID" | grep -q ' exist '; then
+  "$VZ" status "$CTID" | grep -q running && "$VZ" stop "$CTID" --fast
+  "$VZ" destroy "$CTID"
+fi
+"$VZ" check
+
+step "create CT $CTID from the busybox template"
+"$VZ" create "$CTID" --ipadd "$IP" --hostname demo --name demo
+"$VZ" start demo
+"$VZ" list
+
+step "its service answers on $IP"
+for _ in $(seq 50); do fetch "" >/dev/null 2>&1 && break; sleep 0.1; done
+fetch "" | grep -o '<h1>.*</h1>'
+fetch cgi-bin/status
+"$VZ" exec demo 'tail -1 /var/log/heartbeat'
+
+step "checkpoint (CRIU dump; the CT stops)"
+"$VZ" chkpnt demo
+"$VZ" status demo
+fetch "" >/dev/null 2>&1 && { echo "still answering after the dump?!"; exit 1; } || echo "service down while checkpointed"
+
+step "restore"
+"$VZ" restore demo
+fetch "" | grep -o '<h1>.*</h1>'
+echo "heartbeat counter continues from where it was (not restarted):"
+"$VZ" exec demo 'sleep 1; tail -3 /var/log/heartbeat'
+"$VZ" list -o ctid,name,status,ip,nproc,pid
+
+step "done: CT $CTID runs under prefix $VZBACKUP_PREFIX"
+echo "  enter it:   VZBACKUP_PREFIX=$VZBACKUP_PREFIX $VZ enter demo"
+echo "  stop it:    VZBACKUP_PREFIX=$VZBACKUP_PREFIX $VZ stop demo"
