@@ -5,5 +5,5 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-.venv/bin/ruff check vzbackup migrate storage scheduler tests
+.venv/bin/ruff check vzbackup migrate storage scheduler tests bench
 exec .venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -75,6 +75,10 @@ def test_supervisor_owns_init_and_survives_the_cli(node: NodeBed) -> None:
     ppid = int(Path(f"/proc/{st['init_pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
     assert ppid == st["supervisor_pid"]
     assert "vzsup" in Path(f"/proc/{ppid}/comm").read_text()
+    node.vz("restart", str(ctid))
+    after = json.loads((node.prefix / f"vz/run/{ctid}.state").read_text())
+    assert after["init_pid"] != st["init_pid"] and after["supervisor_pid"] != st["supervisor_pid"]
+    assert not Path(f"/proc/{st['supervisor_pid']}").exists()
 
 
 def test_graceful_stop_runs_shutdown_and_kill_after_timeout(node: NodeBed) -> None:

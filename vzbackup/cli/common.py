@@ -63,3 +63,17 @@ def run_guarded(cli: click.Group) -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def ct_verb(name: str, action: Callable[[Container], object], done: str, doc: str) -> click.Command:
+    """A command that takes one CTID, runs *action* on the CT and reports 'CT N <done>'."""
+
+    @click.command(name=name, help=doc)
+    @click.argument("ctid")
+    @click.pass_context
+    def command(ctx: click.Context, ctid: str) -> None:
+        ct = container(ctx, ctid)
+        action(ct)
+        click.echo(f"CT {ct.ctid} {done}")
+
+    return command

@@ -269,6 +269,17 @@ def restore(ct: Container, dumpfile: str | None = None, *, keep_dump: bool = Fal
         return _spawn_supervisor(ct, "restore", extra)
 
 
+def mount(ct: Container) -> None:
+    with ct.lock():
+        ct.mount()
+
+
+def umount(ct: Container) -> None:
+    with ct.lock():
+        ct.require_stopped("unmounting it")
+        ct.umount()
+
+
 def suspend(ct: Container) -> None:
     with ct.lock():
         ct.require_running()

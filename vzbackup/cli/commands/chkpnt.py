@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vzbackup.cli.common import container, emit, json_option
+from vzbackup.cli.common import container, ct_verb, emit, json_option
 from vzbackup.ct import ops
 
 
@@ -39,24 +39,8 @@ def restore(
     emit(as_json, {"ctid": ct.ctid, "init_pid": pid}, f"CT {ct.ctid} restored (init pid {pid})")
 
 
-@click.command()
-@click.argument("ctid")
-@click.pass_context
-def suspend(ctx: click.Context, ctid: str) -> None:
-    """Freeze all processes of CTID in place."""
-    ct = container(ctx, ctid)
-    ops.suspend(ct)
-    click.echo(f"CT {ct.ctid} suspended")
-
-
-@click.command()
-@click.argument("ctid")
-@click.pass_context
-def resume(ctx: click.Context, ctid: str) -> None:
-    """Thaw a suspended CTID."""
-    ct = container(ctx, ctid)
-    ops.resume(ct)
-    click.echo(f"CT {ct.ctid} resumed")
+suspend = ct_verb("suspend", ops.suspend, "suspended", "Freeze all processes of CTID in place.")
+resume = ct_verb("resume", ops.resume, "resumed", "Thaw a suspended CTID.")
 
 
 COMMANDS = [chkpnt, restore, suspend, resume]
