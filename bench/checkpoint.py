@@ -108,6 +108,7 @@ def plain_criu_round(prefix: Path, criu: str, work: Path) -> tuple[float, float]
     cg = ct.cgroup()
     cg.kill_all()
     cg.destroy()
+    cg.prune_parents()
     ct.umount()
     return t_dump, t_restore
 

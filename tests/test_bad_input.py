@@ -178,3 +178,22 @@ def test_enter_gives_an_interactive_shell(node: NodeBed) -> None:
         os.close(fd)
     assert f"inside-ct{ctid}".encode() in out, out
     assert os.waitstatus_to_exitcode(status) == 3
+
+
+def test_create_on_full_disk_leaves_nothing(node: NodeBed, tmp_path: Path) -> None:
+    """The private area's filesystem is full: one clear error, no half-created CT."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tiny", str(tiny)], check=True)
+    try:
+        conf = node.prefix / "etc/vz/vz.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(f'VE_PRIVATE="{tiny}/$VEID"\n')
+        ctid = node.new_ctid()
+        res = node.vz("create", str(ctid), check=False)
+        assert res.returncode == 10, res.stderr
+        assert "No space left on device" in res.stderr and "Traceback" not in res.stderr
+        assert list(tiny.iterdir()) == []
+        assert not (node.prefix / f"etc/vz/conf/{ctid}.conf").exists()
+    finally:
+        subprocess.run(["umount", str(tiny)], check=True)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import skip_outside_ci
 
 from vzbackup.ct.cgroups import (
     V1_DEVICE_RULES,
@@ -35,8 +36,8 @@ HYBRID_V2_ROOT = "/sys/fs/cgroup/unified"
 MIB = 1024 * 1024
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create cgroups"),
-    pytest.mark.skipif(not os.path.isdir(DEFAULT_ROOT), reason="no /sys/fs/cgroup"),
+    skip_outside_ci(os.geteuid() != 0, reason="needs root to create cgroups"),
+    skip_outside_ci(not os.path.isdir(DEFAULT_ROOT), reason="no /sys/fs/cgroup"),
 ]
 
 HOST_VERSION = detect_version(DEFAULT_ROOT)

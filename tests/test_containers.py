@@ -78,7 +78,7 @@ def test_supervisor_owns_init_and_survives_the_cli(node: NodeBed) -> None:
     node.vz("restart", str(ctid))
     after = json.loads((node.prefix / f"vz/run/{ctid}.state").read_text())
     assert after["init_pid"] != st["init_pid"] and after["supervisor_pid"] != st["supervisor_pid"]
-    assert not Path(f"/proc/{st['supervisor_pid']}").exists()
+    wait_for(lambda: not Path(f"/proc/{st['supervisor_pid']}").exists(), what="old supervisor exit")
 
 
 def test_graceful_stop_runs_shutdown_and_kill_after_timeout(node: NodeBed) -> None:

@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import skip_outside_ci
 
 from vzbackup.ct import network as net
 from vzbackup.ct.network import GATEWAY, NetConfig, Netif
 from vzbackup.errors import ConfigError, ExistsError, RuntimeFailure, UsageError
 
-NEEDS_ROOT = pytest.mark.skipif(
+NEEDS_ROOT = skip_outside_ci(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nsenter", "unshare")),
     reason="needs root, iproute2, nsenter and unshare",
 )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from conftest import skip_outside_ci
 
 from vzbackup.ct.template import (
     TEMPLATE_SUFFIXES,
@@ -32,8 +33,8 @@ SCRIPT = ROOT / "scripts" / "build-template.sh"
 NAME = "busybox-1.0-x86_64"
 BUSYBOX = Path("/bin/busybox")
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, chown, mknod)")
-pytestmark = pytest.mark.skipif(not BUSYBOX.is_file(), reason="busybox-static not installed")
+needs_root = skip_outside_ci(os.geteuid() != 0, reason="needs root (chroot, chown, mknod)")
+pytestmark = skip_outside_ci(not BUSYBOX.is_file(), reason="busybox-static not installed")
 
 
 def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ import click
 from vzbackup.config.node import Node
 from vzbackup.ct import registry
 from vzbackup.ct.container import Container
-from vzbackup.errors import NotRootError, VzError
+from vzbackup.errors import NotRootError, RuntimeFailure, VzError
 
 
 def node_of(ctx: click.Context) -> Node:
@@ -53,6 +53,10 @@ def run_guarded(cli: click.Group) -> None:
     except VzError as e:
         click.echo(f"vzbackup: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # e.g. a full disk or a vanished path: one line, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        click.echo(f"vzbackup: error: {e.strerror or e}{where}", err=True)
+        sys.exit(RuntimeFailure.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
