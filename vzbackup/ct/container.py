@@ -157,12 +157,13 @@ class Container:
         private = self.ve_private()
         if private.resolve() in (Path("/"), Path(self.node.prefix).resolve()):
             raise RuntimeFailure(f"refusing to remove {private}")
-        shutil.rmtree(private, ignore_errors=False) if private.exists() else None
+        if private.exists():
+            shutil.rmtree(private)
         with contextlib.suppress(OSError):
             self.ve_root().rmdir()
 
     # --- entering --------------------------------------------------------------------
-    def nsenter_argv(self, st: CTState) -> list[str]:
+    def _nsenter_argv(self, st: CTState) -> list[str]:
         return [
             "nsenter",
             f"--target={st.init_pid}",
@@ -201,7 +202,7 @@ class Container:
         if capture:
             kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
         return subprocess.run(
-            [*self.nsenter_argv(st), "--", *argv],
+            [*self._nsenter_argv(st), "--", *argv],
             env=env,
             input=input_,
             check=False,

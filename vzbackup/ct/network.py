@@ -25,6 +25,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from vzbackup.constants import HOST_GATEWAY
 from vzbackup.errors import (
     ConfigError,
     DependencyError,
@@ -34,7 +35,7 @@ from vzbackup.errors import (
     VzError,
 )
 
-GATEWAY = "169.254.0.1"
+GATEWAY = HOST_GATEWAY
 """Address of the host as seen from every routed CT (on each routed host veth)."""
 ROUTED_IFNAME = "eth0"
 """Name of the routed interface inside the CT."""
