@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -109,8 +110,6 @@ class NodeBed:
         # Last resort: kill supervisors this prefix recorded, by PID.
         for state in run.glob("*.state") if run.is_dir() else []:
             with contextlib.suppress(Exception):
-                import json
-
                 st = json.loads(state.read_text())
                 for pid in (st.get("init_pid"), st.get("supervisor_pid")):
                     if pid:

@@ -473,3 +473,19 @@ def test_destroy(env: Env, root: str) -> None:
     inner.destroy()
     assert all(os.path.isdir(p) for p in outer.controller_paths().values())
     assert not any(os.path.exists(p) for p in inner.controller_paths().values())
+
+
+def test_attach_existing_only_skips_missing_hierarchies(env: Env) -> None:
+    cg = env.cgroup()
+    if len(cg.controller_paths()) < 2:
+        pytest.skip("needs a v1 host with several hierarchies")
+    missing = cg.controller_paths()["pids" if "pids" in cg.controller_paths() else "memory"]
+    os.rmdir(missing)  # as for a CT started before that hierarchy was managed
+    proc = env.spawn(None, ["sleep", "30"])
+    with pytest.raises(RuntimeFailure):
+        cg.attach(proc.pid)
+    cg.attach(proc.pid, existing_only=True)
+    present = [d for d in cg.controller_paths().values() if os.path.isdir(d)]
+    assert present and all(
+        str(proc.pid) in Path(d, "cgroup.procs").read_text().split() for d in present
+    )

@@ -549,9 +549,15 @@ class CgroupSet:
 
     # -- processes
 
-    def attach(self, pid: int) -> None:
-        """Move process ``pid`` (all its threads) into this set in every hierarchy."""
+    def attach(self, pid: int, *, existing_only: bool = False) -> None:
+        """Move process ``pid`` (all its threads) into this set in every hierarchy.
+
+        ``existing_only`` skips hierarchies where the set has no directory (a CT started by
+        an older version may lack some); by default a missing one is an error.
+        """
         for d in self._dirs():
+            if existing_only and not os.path.isdir(d):
+                continue
             _write(os.path.join(d, "cgroup.procs"), str(pid))
 
     def pids(self) -> list[int]:

@@ -70,9 +70,9 @@ class Container:
     def cgroup(self) -> CgroupSet:
         return CgroupSet(f"{self.node.cgroup_parent}/{self.ctid}")
 
-    def status(self) -> str:
-        """vzctl-like status word: running, suspended or stopped."""
-        st = self.state()
+    def status(self, state: CTState | None = None) -> str:
+        """vzctl-like status word: running, suspended or stopped (*state*: already read)."""
+        st = state or self.state()
         if st is None:
             return "stopped"
         with contextlib.suppress(OSError, RuntimeFailure):
@@ -111,8 +111,9 @@ class Container:
         )
 
     def nproc(self) -> int:
+        """Processes in the CT's cgroups (0 when they don't exist)."""
         with contextlib.suppress(OSError, RuntimeFailure):
-            return len(self.cgroup().pids()) if self.running else 0
+            return len(self.cgroup().pids())
         return 0
 
     # --- root mount ----------------------------------------------------------------
@@ -186,13 +187,7 @@ class Container:
     ) -> subprocess.CompletedProcess:
         """Run *argv* inside the running CT (its namespaces, root and cgroups)."""
         st = self.require_running()
-        procs = [Path(d, "cgroup.procs") for d in self.cgroup().controller_paths().values()]
-        procs = [p for p in procs if p.exists()]  # a CT started by an older version may lack some
-
-        def enter_cgroups() -> None:
-            for p in procs:
-                p.write_text(str(os.getpid()))
-
+        cg = self.cgroup()
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root",
@@ -206,7 +201,7 @@ class Container:
             env=env,
             input=input_,
             check=False,
-            preexec_fn=enter_cgroups,
+            preexec_fn=lambda: cg.attach(os.getpid(), existing_only=True),
             close_fds=True,
             **kwargs,
         )

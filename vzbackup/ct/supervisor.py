@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from vzbackup import syscalls as S
+from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.criu import driver
 from vzbackup.ct import network, runtime
@@ -36,8 +37,7 @@ class Supervisor:
         self.init_pid = 0
         self.we_mounted = False
 
-    def _prepare(self) -> None:
-        conf = self.ct.conf
+    def _prepare(self, conf: CTConfig) -> None:
         self.we_mounted = self.ct.mount()
         self.ct.write_dist_files(conf)
         cg = self.ct.cgroup()
@@ -46,7 +46,7 @@ class Supervisor:
 
     def start(self) -> None:
         conf = self.ct.conf
-        self._prepare()
+        self._prepare(conf)
         cg = self.ct.cgroup()
         proc = runtime.spawn(
             runtime.InitSpec(
@@ -67,7 +67,7 @@ class Supervisor:
 
     def restore(self, images: Path) -> None:
         conf = self.ct.conf
-        self._prepare()
+        self._prepare(conf)
         os.chdir("/")
         net = self.ct.net_config(conf)
         t0 = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 
 import click
 
@@ -10,25 +11,43 @@ from vzbackup.cli.common import emit, json_option, node_of, require_root
 from vzbackup.ct import registry
 from vzbackup.ct.container import Container
 
+
+class _Row:
+    """One CT as list sees it: config and state are read once, columns derive from them."""
+
+    def __init__(self, ct: Container) -> None:
+        self.ct = ct
+        self.conf = ct.conf
+        self.state = ct.state()
+        self.running = self.state is not None
+
+    @cached_property
+    def status(self) -> str:
+        return self.ct.status(self.state)
+
+    def key(self, key: str) -> str:
+        return self.conf.get(key, "-")
+
+
 # field -> (header, getter)
-FIELDS: dict[str, tuple[str, Callable[[Container], object]]] = {
-    "ctid": ("CTID", lambda ct: ct.ctid),
-    "nproc": ("NPROC", lambda ct: ct.nproc() if ct.running else "-"),
-    "status": ("STATUS", lambda ct: ct.status()),
-    "ip": ("IP_ADDR", lambda ct: " ".join(ct.conf.ips) or "-"),
-    "hostname": ("HOSTNAME", lambda ct: ct.conf.hostname or "-"),
-    "name": ("NAME", lambda ct: ct.conf.name or "-"),
-    "onboot": ("ONBOOT", lambda ct: ct.conf.get("ONBOOT", "no")),
-    "ostemplate": ("OSTEMPLATE", lambda ct: ct.conf.ostemplate or "-"),
-    "cpus": ("CPUS", lambda ct: ct.conf.get("CPUS", "-")),
-    "cpulimit": ("CPULIM", lambda ct: ct.conf.get("CPULIMIT", "-")),
-    "cpuunits": ("CPUUNI", lambda ct: ct.conf.get("CPUUNITS", "-")),
-    "physpages": ("PHYSPAGES", lambda ct: ct.conf.get("PHYSPAGES", "-")),
-    "swappages": ("SWAPPAGES", lambda ct: ct.conf.get("SWAPPAGES", "-")),
-    "diskspace": ("DISKSPACE", lambda ct: ct.conf.get("DISKSPACE", "-")),
-    "private": ("PRIVATE", lambda ct: str(ct.ve_private())),
-    "root": ("ROOT", lambda ct: str(ct.ve_root())),
-    "pid": ("PID", lambda ct: ct.state().init_pid if ct.state() else "-"),
+FIELDS: dict[str, tuple[str, Callable[[_Row], object]]] = {
+    "ctid": ("CTID", lambda r: r.ct.ctid),
+    "nproc": ("NPROC", lambda r: r.ct.nproc() if r.running else "-"),
+    "status": ("STATUS", lambda r: r.status),
+    "ip": ("IP_ADDR", lambda r: " ".join(r.conf.ips) or "-"),
+    "hostname": ("HOSTNAME", lambda r: r.conf.hostname or "-"),
+    "name": ("NAME", lambda r: r.conf.name or "-"),
+    "onboot": ("ONBOOT", lambda r: r.conf.get("ONBOOT", "no")),
+    "ostemplate": ("OSTEMPLATE", lambda r: r.conf.ostemplate or "-"),
+    "cpus": ("CPUS", lambda r: r.key("CPUS")),
+    "cpulimit": ("CPULIM", lambda r: r.key("CPULIMIT")),
+    "cpuunits": ("CPUUNI", lambda r: r.key("CPUUNITS")),
+    "physpages": ("PHYSPAGES", lambda r: r.key("PHYSPAGES")),
+    "swappages": ("SWAPPAGES", lambda r: r.key("SWAPPAGES")),
+    "diskspace": ("DISKSPACE", lambda r: r.key("DISKSPACE")),
+    "private": ("PRIVATE", lambda r: str(r.ct.ve_private(r.conf))),
+    "root": ("ROOT", lambda r: str(r.ct.ve_root(r.conf))),
+    "pid": ("PID", lambda r: r.state.init_pid if r.state else "-"),
 }
 DEFAULT = "ctid,nproc,status,ip,hostname"
 
@@ -58,11 +77,10 @@ def list_(
     node = node_of(ctx)
     rows = []
     for ctid in registry.list_ctids(node):
-        ct = Container(node, ctid)
-        running = ct.running
-        if (stopped and running) or (not show_all and not stopped and not running):
+        row = _Row(Container(node, ctid))
+        if (stopped and row.running) or (not show_all and not stopped and not row.running):
             continue
-        rows.append({f: FIELDS[f][1](ct) for f in fields})
+        rows.append({f: FIELDS[f][1](row) for f in fields})
     if as_json:
         emit(True, rows)
         return
