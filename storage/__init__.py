@@ -1,1 +1,5 @@
-"""Storage backends for the backup repository (local directory, S3); see issues 3 and 5."""
+"""Storage backends for the backup repository: a tiny put/get/list/delete interface.
+
+``storage.backend.Backend`` is the interface, ``storage.registry`` maps a storage type
+("dir", later "s3") to its implementation, ``storage.config`` reads named storages.
+"""

@@ -19,6 +19,9 @@ NODE_DEFAULTS: dict[str, str] = {
     "LOCKDIR": "${PREFIX}/vz/lock",
     "RUNDIR": "${PREFIX}/vz/run",
     "CONFDIR": "${PREFIX}/etc/vz/conf",
+    "BACKUPDIR": "${PREFIX}/vz/backup",  # the built-in "local" backup storage
+    "CACHEDIR": "${PREFIX}/var/cache/vzbackup",  # files cache, repository metadata cache
+    "VZBACKUP_CONFDIR": "${PREFIX}/etc/vzbackup",  # vzdump.conf, storage.cfg
     "NAMESDIR": "${PREFIX}/etc/vz/names",
     "CONFIGFILE": "basic",
     "DEF_OSTEMPLATE": "busybox-1.0-x86_64",
@@ -33,3 +36,6 @@ HOST_GATEWAY = "169.254.0.1"  # what routed CTs see as their gateway (host side 
 STATE_FILE = "{ctid}.state"  # in RUNDIR, written by the supervisor
 SUPERVISOR_LOG = "{ctid}.log"  # in RUNDIR
 CRIU_IMAGE_SUBDIR = "Dump.{ctid}"  # OpenVZ's dump file name, a directory of CRIU images here
+
+VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults
+STORAGE_CFG = "storage.cfg"  # in VZBACKUP_CONFDIR: named storages

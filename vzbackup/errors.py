@@ -75,3 +75,15 @@ class CheckpointError(VzError):
     """CRIU dump or restore failed."""
 
     exit_code = 11
+
+
+class DamagedError(VzError):
+    """Backup data is corrupt or missing: a chunk fails its hash, an object can't be read."""
+
+    exit_code = 12
+
+
+class StorageError(VzError):
+    """The backup storage can't be reached or written (permissions, full disk, network)."""
+
+    exit_code = 13

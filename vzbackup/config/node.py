@@ -86,6 +86,18 @@ class Node:
         return self.path("RUNDIR")
 
     @property
+    def backupdir(self) -> Path:
+        return self.path("BACKUPDIR")
+
+    @property
+    def cachedir(self) -> Path:
+        return self.path("CACHEDIR")
+
+    @property
+    def vzbackup_confdir(self) -> Path:
+        return self.path("VZBACKUP_CONFDIR")
+
+    @property
     def stop_timeout(self) -> int:
         return int(self.value("STOP_TIMEOUT"))
 

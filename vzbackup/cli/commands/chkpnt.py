@@ -1,4 +1,4 @@
-"""vzbackup chkpnt / restore / suspend / resume: CRIU state snapshots and freezing."""
+"""vzbackup chkpnt / suspend / resume: CRIU state snapshots and freezing."""
 
 from __future__ import annotations
 
@@ -24,23 +24,8 @@ def chkpnt(ctx: click.Context, ctid: str, dumpfile: str | None, as_json: bool) -
     )
 
 
-@click.command()
-@click.argument("ctid")
-@click.option("--dumpfile", help="Directory holding the CRIU images.")
-@click.option("--keep-dump", is_flag=True, help="Keep the images after a successful restore.")
-@json_option
-@click.pass_context
-def restore(
-    ctx: click.Context, ctid: str, dumpfile: str | None, keep_dump: bool, as_json: bool
-) -> None:
-    """Restore CTID from a checkpoint."""
-    ct = container(ctx, ctid)
-    pid = ops.restore(ct, dumpfile, keep_dump=keep_dump)
-    emit(as_json, {"ctid": ct.ctid, "init_pid": pid}, f"CT {ct.ctid} restored (init pid {pid})")
-
-
 suspend = ct_verb("suspend", ops.suspend, "suspended", "Freeze all processes of CTID in place.")
 resume = ct_verb("resume", ops.resume, "resumed", "Thaw a suspended CTID.")
 
 
-COMMANDS = [chkpnt, restore, suspend, resume]
+COMMANDS = [chkpnt, suspend, resume]

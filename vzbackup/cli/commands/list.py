@@ -63,13 +63,24 @@ DEFAULT = "ctid,nproc,status,ip,hostname"
     help=f"Comma-separated fields: {', '.join(FIELDS)}.",
 )
 @click.option("-H", "--no-header", is_flag=True)
+@click.option("-b", "--backups", is_flag=True, help="List backup snapshots instead of CTs.")
+@click.option("--storage", help="List the snapshots on this storage (implies -b).")
+@click.option("--keyfile", type=click.Path(dir_okay=False), help="Key of an encrypted repository.")
+@click.argument("ctids", nargs=-1)
 @json_option
 @click.pass_context
 def list_(
-    ctx: click.Context, show_all: bool, stopped: bool, output: str, no_header: bool, as_json: bool
+    ctx: click.Context, show_all: bool, stopped: bool, output: str, no_header: bool,
+    backups: bool, storage: str | None, keyfile: str | None, ctids: tuple[str, ...],
+    as_json: bool,
 ) -> None:
-    """List containers (running ones unless -a)."""
+    """List containers (running ones unless -a), or backup snapshots with -b/--storage."""
     require_root()
+    if backups or storage or keyfile:
+        _list_snapshots(ctx, storage, keyfile, ctids, no_header, as_json)
+        return
+    if ctids:
+        raise click.UsageError("CTIDs only go with -b/--storage (listing snapshots)")
     fields = [f.strip() for f in output.split(",") if f.strip()]
     unknown = [f for f in fields if f not in FIELDS]
     if unknown:
@@ -95,6 +106,44 @@ def list_(
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             ).rstrip()
         )
+
+
+def _list_snapshots(ctx: click.Context, storage: str | None, keyfile: str | None,
+                    ctids: tuple[str, ...], no_header: bool, as_json: bool) -> None:
+    from vzbackup.cli.repo_common import human, open_repo
+
+    repo = open_repo(ctx, storage, keyfile)
+    wanted = {registry.parse_ctid(c) for c in ctids}
+    ms = [m for m in repo.manifests() if not wanted or m.ctid in wanted]
+    stored = sum(size for _, _, size in repo.list_chunks())
+    logical = sum(m.size for m in ms)
+    if as_json:
+        emit(True, {
+            "storage": repo.backend.url,
+            "encrypted": repo.encrypted,
+            "stored_bytes": stored,
+            "dedup_ratio": round(logical / stored, 2) if stored else None,
+            "snapshots": [
+                {"id": m.id, "ctid": m.ctid, "time": m.time, "mode": m.mode,
+                 "hostname": m.hostname, "size": m.size, "new_bytes": m.stats.get("stored_new"),
+                 "files": m.stats.get("files"), "protected": m.protected,
+                 "with_state": bool(m.state_tree), "notes": m.notes}
+                for m in ms
+            ],
+        })
+        return
+    if not no_header:
+        click.echo(f"{'SNAPSHOT':<28} {'MODE':<10} {'SIZE':>10} {'NEW':>10}  P  NOTES")
+    for m in ms:
+        click.echo(
+            f"{m.id:<28} {m.mode + ('+state' if m.state_tree else ''):<10} "
+            f"{human(m.size):>10} {human(m.stats.get('stored_new', 0)):>10}  "
+            f"{'*' if m.protected else ' '}  {m.notes}"
+        )
+    if not no_header:
+        ratio = f"{logical / stored:.1f}x" if stored else "-"
+        click.echo(f"{len(ms)} snapshots, {human(logical)} of data in {human(stored)} "
+                   f"stored ({repo.backend.url}); dedup+compression {ratio}")
 
 
 COMMANDS = [list_]

@@ -1,0 +1,75 @@
+"""The backend interface every repository storage implements (duplicity style: tiny).
+
+Keys are relative posix paths ("chunks/ab/ab12...", "snapshots/101/..."). Every write is
+atomic: a reader sees the whole object or none of it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch, set by the storage (server time for S3)
+
+
+class BackendError(Exception):
+    """A storage operation failed (I/O, permissions, network); the message says which."""
+
+
+class ObjectMissing(BackendError):
+    """The key does not exist."""
+
+
+class Backend(abc.ABC):
+    """put/get/list/delete/exists plus create-if-absent (locks, atomic publish) and touch."""
+
+    #: a short human description, e.g. "dir:/var/lib/vz/backup" (never holds secrets)
+    url: str = ""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Store *data* under *key*, replacing it atomically."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Store *data* only if *key* does not exist yet; False if it already existed."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes; ObjectMissing if there is none."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose key starts with *prefix*, in no particular order."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove *key*; a missing key is not an error."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether *key* exists."""
+
+    @abc.abstractmethod
+    def touch(self, key: str) -> None:
+        """Set the object's mtime to now (garbage collection spares recently used chunks)."""
+
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and mtime of *key* (default: via list)."""
+        for info in self.list(key):
+            if info.key == key:
+                return info
+        raise ObjectMissing(f"{self.url}: no object {key}")
+
+    def free_bytes(self) -> int | None:
+        """Free space if the storage knows it (a local disk does), else None."""
+        return None
+
+    def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,164 @@
+"""A repository in a local directory (or any mounted filesystem: NFS, CIFS, a USB disk).
+
+Writes go to a temporary file in the same directory, are fsync'ed and renamed over the
+key, so a crash leaves either the old object or the new one. ``put_if_absent`` uses
+link(2), which fails if the name exists, so two writers never both win.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
+
+TMP_MARK = ".tmp-"
+
+
+class DirBackend(Backend):
+    def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
+        self.root = Path(path)
+        self.fsync = fsync
+        self.url = f"dir:{self.root}"
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise BackendError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def _write_tmp(self, target: Path, data: bytes) -> Path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{TMP_MARK}{target.name}.{os.getpid()}.{time.monotonic_ns()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.close(fd)
+        return tmp
+
+    def _sync_dir(self, d: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        try:
+            tmp = self._write_tmp(target, data)
+            os.replace(tmp, target)
+            self._sync_dir(target.parent)
+        except OSError as e:
+            raise BackendError(f"{self.url}: cannot write {key}: {e.strerror}") from e
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        target = self._path(key)
+        try:
+            tmp = self._write_tmp(target, data)
+        except OSError as e:
+            raise BackendError(f"{self.url}: cannot write {key}: {e.strerror}") from e
+        try:
+            os.link(tmp, target)
+            self._sync_dir(target.parent)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise BackendError(f"{self.url}: cannot write {key}: {e.strerror}") from e
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(f"{self.url}: no object {key}") from None
+        except OSError as e:
+            raise BackendError(f"{self.url}: cannot read {key}: {e.strerror}") from e
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        # walk only the directory that can hold the prefix
+        head, _, _ = prefix.rpartition("/")
+        start = self.root / head if head else self.root
+        if not start.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for name in sorted(filenames):
+                if name.startswith(TMP_MARK):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise BackendError(f"{self.url}: cannot delete {key}: {e.strerror}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def touch(self, key: str) -> None:
+        try:
+            os.utime(self._path(key))
+        except FileNotFoundError:
+            raise ObjectMissing(f"{self.url}: no object {key}") from None
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            raise ObjectMissing(f"{self.url}: no object {key}") from None
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def free_bytes(self) -> int | None:
+        p = self.root
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        try:
+            st = os.statvfs(p)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return st.f_bavail * st.f_frsize
+
+    def remove_stale_tmp(self, older_than: float = 3600.0) -> int:
+        """Delete temporary files a crashed writer left behind; returns how many."""
+        n = 0
+        cutoff = time.time() - older_than
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.startswith(TMP_MARK):
+                    p = os.path.join(dirpath, name)
+                    with contextlib.suppress(OSError):
+                        if os.stat(p).st_mtime < cutoff:
+                            os.unlink(p)
+                            n += 1
+        return n

@@ -1,0 +1,1 @@
+"""Deduplicated backups of containers: repository, modes, prune, restore."""

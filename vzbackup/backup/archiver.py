@@ -1,0 +1,445 @@
+"""Back a directory tree up into the repository: walk, chunk, dedup, compress, upload.
+
+File contents are cut by content-defined chunking (FastCDC, compiled, from ``pyfastcdc``).
+Files of at least the average chunk size are chunked on their own, so their chunks stay
+the same wherever they sit in the tree. Smaller files are concatenated, in walk order, into
+one stream that is chunked the same way: a root filesystem's many small files compress
+together (as in a tar) and still deduplicate, because content-defined cuts resynchronise.
+An entry's content is a list of ``[chunk, offset, length]`` slices.
+
+Hashing, compression, encryption and uploads run in a bounded thread pool; the walk reads
+ahead while the pool works. A files cache (inode, size, mtime, ctime) lets an unchanged
+file reuse its slices without being read.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfastcdc
+import zstandard
+
+from vzbackup.backup import tree as T
+from vzbackup.backup.repo import Repository
+from vzbackup.errors import RuntimeFailure
+
+READ_BLOCK = 8 * 1024 * 1024
+CACHE_VERSION = 1
+
+
+@dataclass
+class Stats:
+    files: int = 0
+    dirs: int = 0
+    other: int = 0
+    bytes_total: int = 0  # logical size of all regular files
+    bytes_read: int = 0  # what was actually read (files cache misses)
+    bytes_new: int = 0  # plaintext of chunks the repository did not have
+    stored_new: int = 0  # what those took in the repository
+    chunks_total: int = 0
+    chunks_new: int = 0
+    cache_hits: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def merge(self, other: Stats) -> None:
+        for k, v in other.__dict__.items():
+            if isinstance(v, int):
+                setattr(self, k, getattr(self, k) + v)
+            else:
+                getattr(self, k).extend(v)
+
+
+class Limiter:
+    """A simple token bucket: at most *kbps* KiB/s of stored bytes."""
+
+    def __init__(self, kbps: int | None) -> None:
+        self.rate = kbps * 1024 if kbps else 0
+        self.lock = threading.Lock()
+        self.t = time.monotonic()
+
+    def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.t = max(self.t, now) + n / self.rate
+            delay = self.t - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+class ChunkStore:
+    """Dedups and uploads chunks in a thread pool; ``submit`` returns a future chunk id."""
+
+    def __init__(self, repo: Repository, known: set[str], *, threads: int, stats: Stats,
+                 bwlimit_kbps: int | None = None) -> None:
+        self.repo = repo
+        self.known = known  # chunks referenced by published snapshots + stored by us
+        self.stats = stats
+        self.refs: set[str] = set()
+        self.reused_orphans: list[str] = []
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="chunk")
+        self.slots = threading.BoundedSemaphore(max(2, threads) * 3)
+        self.limiter = Limiter(bwlimit_kbps)
+        self.error: BaseException | None = None
+
+    def submit(self, data: bytes) -> Future:
+        if self.error:
+            raise self.error
+        self.slots.acquire()
+        fut = self.pool.submit(self._process, data)
+        fut.add_done_callback(lambda f: self.slots.release())
+        return fut
+
+    def _process(self, data: bytes) -> str:
+        try:
+            cid = self.repo.codec.chunk_id(data)
+            with self.lock:
+                self.refs.add(cid)
+                if cid in self.known:
+                    return cid
+                self.known.add(cid)
+            # left by an interrupted backup or a pruned snapshot: reuse it, and touch it so
+            # a concurrent GC spares it (checked again before the snapshot is published)
+            if self.repo.has_chunk(cid) and self.repo.touch_chunk(cid):
+                with self.lock:
+                    self.reused_orphans.append(cid)
+                return cid
+            blob = self.repo.seal_chunk(cid, data)
+            self.limiter.take(len(blob))
+            self.repo.put_chunk_blob(cid, blob)
+            with self.lock:
+                self.stats.bytes_new += len(data)
+                self.stats.stored_new += len(blob)
+                self.stats.chunks_new += 1
+            return cid
+        except BaseException as e:
+            self.error = self.error or e
+            raise
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Stream:
+    """Content-defined chunking of a byte stream fed piecewise; remembers chunk positions."""
+
+    def __init__(self, cdc: pyfastcdc.FastCDC, store: ChunkStore, flush_at: int) -> None:
+        self.cdc = cdc
+        self.store = store
+        self.flush_at = flush_at
+        self.buf = bytearray()
+        self.base = 0  # stream offset of buf[0]
+        self.chunks: collections.deque[tuple[int, int, Future]] = collections.deque()
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.buf)
+
+    @property
+    def cut(self) -> int:
+        """Everything before this offset is in chunks already."""
+        return self.base
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.buf += data
+        if len(self.buf) >= self.flush_at:
+            self._cut(final=False)
+
+    def finish(self) -> None:
+        self._cut(final=True)
+
+    def _cut(self, final: bool) -> None:
+        if not self.buf:
+            return
+        data = memoryview(bytes(self.buf))
+        pieces = [(c.offset, c.length) for c in self.cdc.cut_buf(data)]
+        if not final:
+            pieces = pieces[:-1]  # the last cut is only where the buffer ended
+        used = 0
+        for off, length in pieces:
+            fut = self.store.submit(data[off : off + length])
+            self.chunks.append((self.base + off, length, fut))
+            used = off + length
+        del self.buf[:used]
+        self.base += used
+
+    def slices(self, start: int, end: int) -> list[tuple[Future, int, int]]:
+        out = []
+        for cstart, clen, fut in self.chunks:
+            if cstart + clen <= start:
+                continue
+            if cstart >= end:
+                break
+            lo, hi = max(start, cstart), min(end, cstart + clen)
+            out.append((fut, lo - cstart, hi - lo))
+        return out
+
+    def forget_before(self, offset: int) -> None:
+        while self.chunks and self.chunks[0][0] + self.chunks[0][1] <= offset:
+            self.chunks.popleft()
+
+
+class FilesCache:
+    """path -> (inode, size, mtime_ns, ctime_ns, slices, extents), per repository and CT."""
+
+    def __init__(self, path: Path | None, *, use_inode: bool = True) -> None:
+        self.path = path
+        self.use_inode = use_inode
+        self.old: dict[str, list] = {}
+        self.new: dict[str, list] = {}
+        if path and path.exists():
+            try:
+                d = json.loads(zstandard.ZstdDecompressor().decompress(path.read_bytes()))
+                if d.get("v") == CACHE_VERSION:
+                    self.old = d["files"]
+            except (OSError, ValueError, zstandard.ZstdError):
+                self.old = {}  # only an optimisation: start over
+
+    def lookup(self, rel: str, st: os.stat_result, known: set[str]) -> list | None:
+        hit = self.old.get(rel)
+        if not hit:
+            return None
+        ino, size, mtime, ctime, chunks, extents = hit
+        if size != st.st_size or mtime != st.st_mtime_ns:
+            return None
+        if self.use_inode and (ino != st.st_ino or ctime != st.st_ctime_ns):
+            return None
+        if any(c[0] not in known for c in chunks):
+            return None
+        return hit
+
+    def record(self, rel: str, st: os.stat_result, chunks: list, extents: list | None) -> None:
+        self.new[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, chunks, extents]
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        data = json.dumps({"v": CACHE_VERSION, "files": self.new}, separators=(",", ":"))
+        tmp.write_bytes(zstandard.ZstdCompressor(level=1).compress(data.encode()))
+        os.replace(tmp, self.path)
+
+
+def data_extents(fd: int, size: int) -> list[list[int]]:
+    """[offset, length] of the data regions of a sparse file (SEEK_DATA/SEEK_HOLE)."""
+    out: list[list[int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append([start, min(end, size) - start])
+        pos = end
+    return out
+
+
+Excluder = Callable[[str, bool], bool]
+Progress = Callable[[int, int], None]  # (files done, bytes done)
+
+
+class _Pending:
+    __slots__ = ("entry", "ranges", "stream")
+
+    def __init__(self, entry: T.Entry, stream: Stream | None, ranges: list | None) -> None:
+        self.entry = entry
+        self.stream = stream
+        self.ranges = ranges  # (start, end) on stream, or already-resolved slices
+
+
+class TreeWriter:
+    """Walks a directory and writes its entries and contents into the repository."""
+
+    def __init__(self, repo: Repository, store: ChunkStore, *, cache: FilesCache | None = None,
+                 exclude: Excluder | None = None, progress: Progress | None = None,
+                 log: Callable[[str], None] = lambda m: None) -> None:
+        mn, avg, mx = repo.chunker_params
+        self.cdc = pyfastcdc.FastCDC(avg_size=avg, min_size=mn, max_size=mx)
+        self.avg = avg
+        self.repo = repo
+        self.store = store
+        self.cache = cache
+        self.exclude = exclude
+        self.progress = progress
+        self.log = log
+        self.stats = store.stats
+        self.small = Stream(self.cdc, store, flush_at=4 * mx)
+        self.meta = Stream(self.cdc, store, flush_at=4 * mx)
+        self.queue: collections.deque[_Pending] = collections.deque()
+        self.hardlinks: dict[tuple[int, int], str] = {}
+
+    # --- output in walk order ----------------------------------------------------------------
+    def _emit(self, p: _Pending) -> None:
+        self.queue.append(p)
+        self._drain(force=False)
+
+    def _drain(self, force: bool) -> None:
+        while self.queue:
+            p = self.queue[0]
+            if p.stream is not None:
+                start, end = p.ranges[0] if p.ranges else (0, 0)
+                if p.ranges and p.stream.cut < end:
+                    if not force:
+                        return
+                    p.stream.finish()
+                resolved = p.stream.slices(start, end) if p.ranges else []
+                p.stream = None
+                p.ranges = resolved
+            self.queue.popleft()
+            e = p.entry
+            if e.kind == T.FILE:
+                e.chunks = [[fut.result(), off, ln] for fut, off, ln in p.ranges or []]
+                if self.cache is not None and p.ranges is not None:
+                    self.cache.record(e.path, self._stat_of.pop(e.path), e.chunks, e.extents)
+            line = json.dumps(e.to_dict(), separators=(",", ":")).encode() + b"\n"
+            self.meta.write(line)
+        if not self.queue:
+            self.small.forget_before(self.small.cut)
+
+    # --- walking -----------------------------------------------------------------------------
+    def write(self, root: Path) -> list[str]:
+        """Back up the tree under *root*; returns the chunk ids of its metadata stream."""
+        self._stat_of: dict[str, os.stat_result] = {}
+        self.meta.write(json.dumps(T.HEADER).encode() + b"\n")
+        root_st = os.lstat(root)
+        if not stat.S_ISDIR(root_st.st_mode):
+            raise RuntimeFailure(f"{root} is not a directory")
+        self._add(str(root), ".", root_st)
+        stack = [(str(root), "")]
+        while stack:
+            abs_dir, rel_dir = stack.pop()
+            try:
+                with os.scandir(abs_dir) as it:
+                    names = sorted(d.name for d in it)
+            except OSError as e:
+                raise RuntimeFailure(f"cannot read directory {abs_dir}: {e.strerror}") from None
+            subdirs = []
+            for name in names:
+                abs_p = os.path.join(abs_dir, name)
+                rel = f"{rel_dir}/{name}" if rel_dir else name
+                try:
+                    st = os.lstat(abs_p)
+                except FileNotFoundError:
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if self.exclude and self.exclude("/" + rel, is_dir):
+                    continue
+                self._add(abs_p, rel, st)
+                if is_dir and st.st_dev == root_st.st_dev:
+                    subdirs.append((abs_p, rel))
+            stack.extend(reversed(subdirs))
+        self.small.finish()
+        self._drain(force=True)
+        self.meta.finish()
+        return [fut.result() for _, _, fut in self.meta.chunks]
+
+    def _add(self, abs_p: str, rel: str, st: os.stat_result) -> None:
+        mode = st.st_mode
+        e = T.Entry(rel, "", stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+        if stat.S_ISDIR(mode):
+            e.kind = T.DIR
+            self.stats.dirs += 1
+        elif stat.S_ISLNK(mode):
+            e.kind = T.SYMLINK
+            e.link = os.readlink(abs_p)
+            self.stats.other += 1
+        elif stat.S_ISSOCK(mode):
+            self.stats.skipped.append(rel)  # like tar: sockets are not archived
+            return
+        elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in self.hardlinks:
+            e.kind = T.HARDLINK
+            e.link = self.hardlinks[(st.st_dev, st.st_ino)]
+            self.stats.other += 1
+        elif stat.S_ISREG(mode):
+            e.kind = T.FILE
+            if st.st_nlink > 1:
+                self.hardlinks[(st.st_dev, st.st_ino)] = rel
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            e.kind = T.CHAR if stat.S_ISCHR(mode) else T.BLOCK
+            e.rdev = st.st_rdev
+            self.stats.other += 1
+        elif stat.S_ISFIFO(mode):
+            e.kind = T.FIFO
+            self.stats.other += 1
+        else:
+            self.stats.skipped.append(rel)
+            return
+        e.xattrs = T.read_xattrs(abs_p)
+        if e.kind != T.FILE:
+            self._emit(_Pending(e, None, None))
+            return
+        self._add_file(abs_p, e, st)
+
+    def _add_file(self, abs_p: str, e: T.Entry, st: os.stat_result) -> None:
+        self.stats.files += 1
+        self.stats.bytes_total += st.st_size
+        if self.cache is not None:
+            self._stat_of[e.path] = st
+            hit = self.cache.lookup(e.path, st, self.store.known)
+            if hit:
+                e.size, e.extents = st.st_size, hit[5]
+                self.stats.cache_hits += 1
+                for c in hit[4]:
+                    self.store.refs.add(c[0])
+                slices = []
+                for cid, off, ln in hit[4]:
+                    f: Future = Future()
+                    f.set_result(cid)
+                    slices.append((f, off, ln))
+                self._emit(_Pending(e, None, slices))
+                self._progress(st.st_size)
+                return
+        try:
+            fd = os.open(abs_p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
+        except PermissionError:
+            fd = os.open(abs_p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e2:
+            raise RuntimeFailure(f"cannot read {abs_p}: {e2.strerror}") from None
+        try:
+            extents = None
+            if st.st_blocks * 512 < st.st_size:
+                extents = data_extents(fd, st.st_size)
+            regions = extents if extents is not None else [[0, st.st_size]]
+            total = sum(ln for _, ln in regions)
+            stream = self.small if total < self.avg else Stream(self.cdc, self.store, 4 * READ_BLOCK)
+            start = stream.end
+            for off, ln in regions:
+                os.lseek(fd, off, os.SEEK_SET)
+                left = ln
+                while left > 0:
+                    block = os.read(fd, min(READ_BLOCK, left))
+                    if not block:
+                        break
+                    stream.write(block)
+                    left -= len(block)
+                    self.stats.bytes_read += len(block)
+                    self._progress(len(block))
+                if left and extents is None:  # the file shrank while read: keep what exists
+                    break
+            end = stream.end
+            e.size = st.st_size if extents is not None else end - start
+            e.extents = extents
+        except OSError as e2:
+            raise RuntimeFailure(f"cannot read {abs_p}: {e2.strerror}") from None
+        finally:
+            os.close(fd)
+        if stream is not self.small:
+            stream.finish()
+        self._emit(_Pending(e, stream, [(start, end)] if end > start else []))
+
+    def _progress(self, nbytes: int) -> None:
+        if self.progress:
+            self.progress(self.stats.files, nbytes)

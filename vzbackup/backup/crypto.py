@@ -1,0 +1,153 @@
+"""Key files, chunk ids and the blob format (zstd, optionally AES-256-GCM).
+
+A blob is one type byte and a payload:
+
+- ``0x00`` + zstd frame                        (plain repository)
+- ``0x01`` + 12-byte nonce + AES-256-GCM(zstd frame), the object's name as associated data
+
+Chunk ids are SHA-256 of the plaintext in a plain repository and HMAC-SHA256 under a
+separate id key in an encrypted one, so ids reveal nothing about the data.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from vzbackup.errors import ConfigError, DamagedError
+
+PLAIN, AESGCM_V1 = 0, 1
+KEY_KIND = "vzbackup-key"
+ENCRYPTION = "aes-256-gcm"
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    enc_key: bytes
+    id_key: bytes
+    created: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the key without revealing it (stored in the repository config)."""
+        return hmac.new(self.id_key, b"vzbackup-fingerprint" + self.enc_key, "sha256").hexdigest()[
+            :32
+        ]
+
+    @classmethod
+    def create(cls, path: Path) -> KeyFile:
+        """Write a new random key to *path* (mode 0600); refuses to overwrite one."""
+        key = cls(os.urandom(32), os.urandom(32), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        data = {
+            "kind": KEY_KIND,
+            "version": 1,
+            "encryption": ENCRYPTION,
+            "created": key.created,
+            "enc_key": base64.b64encode(key.enc_key).decode(),
+            "id_key": base64.b64encode(key.id_key).decode(),
+            "fingerprint": key.fingerprint,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConfigError(f"key file {path} already exists; not overwriting it") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        return key
+
+    @classmethod
+    def load(cls, path: Path) -> KeyFile:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("kind") != KEY_KIND:
+                raise ValueError("not a vzbackup key file")
+            key = cls(
+                base64.b64decode(data["enc_key"]),
+                base64.b64decode(data["id_key"]),
+                data.get("created", ""),
+            )
+            if len(key.enc_key) != 32 or len(key.id_key) != 32:
+                raise ValueError("wrong key length")
+        except FileNotFoundError:
+            raise ConfigError(f"key file {path} does not exist") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"key file {path} is unreadable: {e}") from None
+        return key
+
+
+class Codec:
+    """Turns plaintext into (id, blob) and back; thread-safe."""
+
+    def __init__(self, key: KeyFile | None, level: int = 3) -> None:
+        self.key = key
+        self.level = level
+        self._aead = AESGCM(key.enc_key) if key else None
+        self._local = threading.local()
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
+
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+        return c
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    def chunk_id(self, data: bytes | memoryview) -> str:
+        if self.key:
+            return hmac.new(self.key.id_key, data, "sha256").hexdigest()
+        return hashlib.sha256(data).hexdigest()
+
+    def seal(self, name: str, data: bytes | memoryview) -> bytes:
+        """Compress (and encrypt) *data*, bound to the object *name*."""
+        frame = self._cctx().compress(data)
+        if self._aead is None:
+            return bytes((PLAIN,)) + frame
+        nonce = os.urandom(12)
+        return bytes((AESGCM_V1,)) + nonce + self._aead.encrypt(nonce, frame, name.encode())
+
+    def open(self, name: str, blob: bytes, label: str | None = None) -> bytes:
+        """Inverse of seal; DamagedError if the blob is corrupt or was made with another key.
+
+        *label* names the object in error messages (default: *name*)."""
+        aad = name.encode()
+        name = label or name
+        if not blob:
+            raise DamagedError(f"{name}: empty object")
+        kind = blob[0]
+        try:
+            if kind == PLAIN:
+                if self._aead is not None:
+                    raise DamagedError(f"{name}: unencrypted object in an encrypted repository")
+                frame = blob[1:]
+            elif kind == AESGCM_V1:
+                if self._aead is None:
+                    raise DamagedError(f"{name}: encrypted object, but no key was given")
+                frame = self._aead.decrypt(blob[1:13], blob[13:], aad)
+            else:
+                raise DamagedError(f"{name}: unknown object format {kind}")
+            return self._dctx().decompress(frame)
+        except InvalidTag:
+            raise DamagedError(f"{name}: authentication failed (corrupt, or a different key)") from None
+        except zstandard.ZstdError as e:
+            raise DamagedError(f"{name}: corrupt compressed data ({e})") from None

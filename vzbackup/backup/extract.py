@@ -1,0 +1,279 @@
+"""Read snapshots back: load a tree, stream file contents, restore a tree to a directory.
+
+Restoring never writes outside the target: every path is validated, parents are opened
+component by component with O_NOFOLLOW relative to the target's directory fd, and entries
+are created with the ``*at`` calls, so a symlink in the snapshot can't redirect a later
+entry. Chunks are fetched and decrypted ahead of the writer by a small thread pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from vzbackup.backup import tree as T
+from vzbackup.backup.repo import Repository
+from vzbackup.ct import fs
+from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure
+
+PREFETCH = 24
+
+
+def load_tree(repo: Repository, tree_chunks: list[str]) -> list[T.Entry]:
+    data = b"".join(repo.get_chunk(c) for c in tree_chunks)
+    try:
+        return list(T.decode(data))
+    except (ValueError, KeyError) as e:
+        raise DamagedError(f"the snapshot's file list is unreadable ({e})") from None
+
+
+class ChunkReader:
+    """Fetches the chunks a sequence of entries needs, in order, *PREFETCH* ahead."""
+
+    def __init__(self, repo: Repository, entries: Iterable[T.Entry], threads: int = 4) -> None:
+        self.repo = repo
+        order: list[str] = []
+        seen_last = None
+        for e in entries:
+            for cid, _, _ in e.chunks:
+                if cid != seen_last:
+                    order.append(cid)
+                    seen_last = cid
+        self.order = order
+        self.pos = 0
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
+        self.ahead: collections.deque[tuple[str, Future]] = collections.deque()
+        self.current: tuple[str, bytes] | None = None
+
+    def _fill(self) -> None:
+        while len(self.ahead) < PREFETCH and self.pos < len(self.order):
+            cid = self.order[self.pos]
+            self.pos += 1
+            self.ahead.append((cid, self.pool.submit(self.repo.get_chunk, cid)))
+
+    def get(self, cid: str) -> bytes:
+        if self.current and self.current[0] == cid:
+            return self.current[1]
+        self._fill()
+        while self.ahead:
+            want, fut = self.ahead.popleft()
+            self._fill()
+            if want == cid:
+                self.current = (cid, fut.result())
+                return self.current[1]
+        # not in the planned order (e.g. a partial extract): fetch directly
+        self.current = (cid, self.repo.get_chunk(cid))
+        return self.current[1]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def file_pieces(reader: ChunkReader, e: T.Entry) -> Iterator[memoryview]:
+    for cid, off, ln in e.chunks:
+        try:
+            data = reader.get(cid)
+        except DamagedError as err:
+            raise DamagedError(f"{e.path}: {err}") from None
+        if off + ln > len(data):
+            raise DamagedError(f"{e.path}: chunk {cid[:16]} is shorter than the file needs")
+        yield memoryview(data)[off : off + ln]
+
+
+class _Dirs:
+    """Directory fds below the target, opened without following symlinks."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self.cache: dict[str, int] = {}
+
+    def parent(self, rel: str) -> tuple[int, str]:
+        head, _, name = rel.rpartition("/")
+        return self.open_dir(head), name
+
+    def open_dir(self, rel: str) -> int:
+        if not rel:
+            return self.root_fd
+        fd = self.cache.get(rel)
+        if fd is not None:
+            return fd
+        head, _, name = rel.rpartition("/")
+        pfd = self.open_dir(head)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=pfd)
+        except OSError as e:
+            raise DamagedError(f"{rel}: not a directory in the restored tree ({e.strerror})") from None
+        if len(self.cache) > 256:
+            self.close()
+        self.cache[rel] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self.cache.values():
+            os.close(fd)
+        self.cache.clear()
+
+
+INHERITED_ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+def _set_meta(e: T.Entry, pfd: int, name: str, fd: int | None) -> None:
+    if fd is not None:
+        os.fchown(fd, e.uid, e.gid)
+        os.fchmod(fd, e.mode)
+        for k in INHERITED_ACLS:  # from a parent's default ACL, not in the backup
+            if k not in e.xattrs:
+                with contextlib.suppress(OSError):
+                    os.removexattr(fd, k)
+        for k, v in e.xattrs.items():
+            with contextlib.suppress(OSError):
+                os.setxattr(fd, k, v)
+    else:
+        os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        if e.kind != T.SYMLINK:
+            os.chmod(name, e.mode, dir_fd=pfd)
+        for k, v in e.xattrs.items():
+            with contextlib.suppress(OSError):
+                os.setxattr(f"/proc/self/fd/{pfd}/{name}", k, v, follow_symlinks=False)
+
+
+def restore_tree(
+    repo: Repository,
+    entries: list[T.Entry],
+    target: Path,
+    *,
+    threads: int = 4,
+    progress: Callable[[int], None] | None = None,
+    allow_devices: bool = True,
+    make_root: Callable[[Path], None] | None = None,
+) -> int:
+    """Create the tree in the new directory *target*; returns bytes written.
+
+    The tree is built in ``target.partial`` and renamed when complete; on failure nothing
+    is left behind.
+    """
+    if target.exists():
+        raise ExistsError(f"{target} already exists")
+    partial = target.with_name(target.name + ".partial")
+    fs.remove_tree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    (make_root or Path.mkdir)(partial)
+    written = 0
+    root_fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dirs = _Dirs(root_fd)
+    reader = ChunkReader(repo, entries, threads)
+    dir_times: list[tuple[str, int]] = []
+    try:
+        for e in entries:
+            try:
+                T.safe_relpath(e.path)
+            except ValueError as err:
+                raise DamagedError(f"snapshot has {err}; refusing to restore it") from None
+            if e.path == ".":
+                os.fchown(root_fd, e.uid, e.gid)
+                os.fchmod(root_fd, e.mode)
+                dir_times.append((".", e.mtime_ns))
+                continue
+            pfd, name = dirs.parent(e.path)
+            written += _create(e, pfd, name, reader, dirs, allow_devices)
+            if e.kind == T.DIR:
+                dir_times.append((e.path, e.mtime_ns))
+            if progress and e.kind == T.FILE:
+                progress(e.size)
+        dirs.close()
+        for rel, mt in reversed(dir_times):
+            fd = root_fd if rel == "." else dirs.open_dir(rel)
+            os.utime(fd, ns=(mt, mt))
+        dirs.close()
+    except OSError as err:
+        raise RuntimeFailure(f"restore into {target} failed: {err}") from None
+    except BaseException:
+        dirs.close()
+        os.close(root_fd)
+        reader.close()
+        fs.remove_tree(partial, ignore_errors=True)
+        raise
+    os.close(root_fd)
+    reader.close()
+    os.rename(partial, target)
+    return written
+
+
+def _create(e: T.Entry, pfd: int, name: str, reader: ChunkReader, dirs: _Dirs,
+            allow_devices: bool) -> int:
+    ns = (e.mtime_ns, e.mtime_ns)
+    if e.kind == T.DIR:
+        os.mkdir(name, 0o700, dir_fd=pfd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pfd)
+        try:
+            _set_meta(e, pfd, name, fd)
+        finally:
+            os.close(fd)
+        return 0
+    if e.kind == T.SYMLINK:
+        os.symlink(e.link, name, dir_fd=pfd)
+        _set_meta(e, pfd, name, None)
+        os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
+        return 0
+    if e.kind == T.HARDLINK:
+        try:
+            T.safe_relpath(e.link)
+        except ValueError as err:
+            raise DamagedError(f"{e.path}: hard link to an {err}") from None
+        spfd, sname = dirs.parent(e.link)
+        os.link(sname, name, src_dir_fd=spfd, dst_dir_fd=pfd, follow_symlinks=False)
+        return 0
+    if e.kind in (T.CHAR, T.BLOCK, T.FIFO):
+        if e.kind != T.FIFO and not allow_devices:
+            raise DamagedError(f"{e.path}: device nodes are not allowed here")
+        os.mknod(name, e.st_mode & ~0o7777 | 0o600, e.rdev, dir_fd=pfd)
+        _set_meta(e, pfd, name, None)
+        os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
+        return 0
+    if e.kind != T.FILE:
+        raise DamagedError(f"{e.path}: unknown entry type {e.kind!r}")
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=pfd)
+    written = 0
+    try:
+        regions = e.extents if e.extents is not None else [[0, e.size]]
+        pieces = file_pieces(reader, e)
+        buf = b""
+        for off, ln in regions:
+            os.lseek(fd, off, os.SEEK_SET)
+            left = ln
+            while left > 0:
+                if not buf:
+                    buf = next(pieces, b"")
+                    if not buf:
+                        raise DamagedError(f"{e.path}: content is shorter than its size")
+                n = min(left, len(buf))
+                os.write(fd, buf[:n])
+                buf = buf[n:]
+                left -= n
+                written += n
+        if e.extents is not None or written != e.size:
+            os.ftruncate(fd, e.size)
+        _set_meta(e, pfd, name, fd)
+        os.utime(fd, ns=ns)
+    finally:
+        os.close(fd)
+    return written
+
+
+def find(entries: list[T.Entry], path: str) -> list[T.Entry]:
+    """Entries at *path* and below it ('/' or '' is everything)."""
+    p = path.strip("/")
+    if not p or p == ".":
+        return entries
+    return [e for e in entries if e.path == p or e.path.startswith(p + "/")]
+
+
+def is_dir_entry(e: T.Entry) -> bool:
+    return stat.S_ISDIR(e.st_mode)

@@ -1,0 +1,197 @@
+"""``vzbackup dump``: back up containers, one snapshot each, like a vzdump job.
+
+Per CT: backup-start hook, per-CT lock, repository backup lock, a consistent source
+(stop / suspend / snapshot / checkpoint), the tree (and CRIU images) into the repository,
+the manifest published last, the files cache saved, backup-end hook. A failure aborts
+only that CT (backup-abort hook), leaves no snapshot, and the repository stays valid.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vzbackup.backup import locks as L
+from vzbackup.backup import modes, session
+from vzbackup.backup.archiver import ChunkStore, FilesCache, Stats, TreeWriter
+from vzbackup.backup.defaults import DumpDefaults, ExcludeMatcher
+from vzbackup.backup.hooks import HookScript
+from vzbackup.backup.repo import TIME_FMT, Manifest, Repository
+from vzbackup.ct.container import Container
+from vzbackup.errors import StorageError, VzError
+from vzbackup.lock import Lock
+
+
+class BackupLog:
+    """Timestamped lines kept for the snapshot and echoed to *echo*."""
+
+    def __init__(self, echo: Callable[[str], None] | None = None) -> None:
+        self.lines: list[str] = []
+        self.echo = echo
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        self.lines.append(line)
+        if self.echo:
+            self.echo(line)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+@dataclass
+class DumpResult:
+    ctid: int
+    ok: bool = False
+    snapshot: str = ""
+    mode: str = ""
+    error: str = ""
+    exit_code: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def known_chunks(repo: Repository) -> set[str]:
+    known: set[str] = set()
+    for m in repo.manifests():
+        known.update(m.refs)
+    return known
+
+
+def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookScript,
+              log: BackupLog, progress: Callable[[int, int], None] | None = None) -> Manifest:
+    """One CT into *repo*; returns the published manifest."""
+    t0 = time.monotonic()
+    conf = ct.conf
+    conf_text = ct.conf_path.read_text()
+    mode = opts.mode
+    log(f"INFO: starting backup of CT {ct.ctid} ({conf.hostname or 'no hostname'}), mode {mode}")
+    tmpdir = Path(opts.tmpdir) if opts.tmpdir else ct.node.dumpdir
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    exclude = ExcludeMatcher(opts.exclude_path, stdexcludes=opts.stdexcludes)
+    stats = Stats()
+    with Lock(ct.node.lockdir / f"{ct.ctid}.backup.lock", wait=opts.lockwait * 60,
+              what=f"backup of CT {ct.ctid}"), \
+            L.RepoLock(repo, L.BACKUP, what=f"CT {ct.ctid} on {socket.gethostname()}",
+                       wait=opts.lockwait * 60):
+        known = known_chunks(repo)
+        log(f"INFO: repository {repo.backend.url}: {len(known)} chunks known")
+        store = ChunkStore(repo, known, threads=opts.threads, stats=stats,
+                           bwlimit_kbps=opts.bwlimit or None)
+        try:
+            with modes.consistent_source(
+                ct, mode, tmpdir=tmpdir, stopwait=opts.stopwait * 60 if opts.stopwait else None,
+                phase=lambda p: hooks.call(p, ctid=ct.ctid, mode=mode), log=log,
+                bwlimit_kbps=opts.bwlimit or None,
+            ) as src:
+                cache = FilesCache(session.files_cache_path(ct.node, repo, ct.ctid),
+                                   use_inode=src.same_inodes)
+                log(f"INFO: backing up {src.root}")
+                t1 = time.monotonic()
+                tree = TreeWriter(repo, store, cache=cache, exclude=exclude, progress=progress,
+                                  log=log).write(src.root)
+                state_tree = None
+                if src.state_dir:
+                    log(f"INFO: backing up CRIU images from {src.state_dir}")
+                    state_tree = TreeWriter(repo, store, log=log).write(src.state_dir)
+                read_s = time.monotonic() - t1
+                frozen = src.frozen_seconds
+                was_running = src.was_running
+        finally:
+            store.close()
+        gone = [c for c in store.reused_orphans if not repo.has_chunk(c)]
+        if gone:
+            raise StorageError(
+                f"{len(gone)} chunks vanished while the backup ran (a concurrent gc?)",
+                hint="run the backup again; it will store them anew",
+            )
+        for s in stats.skipped[:20]:
+            log(f"INFO: skipped {s} (socket or unknown type)")
+        refs = sorted(store.refs)
+        st = dict(stats.__dict__)
+        st.pop("skipped")
+        st.update(
+            chunks_total=len(refs),
+            duration=round(time.monotonic() - t0, 3),
+            read_seconds=round(read_s, 3),
+            frozen_seconds=round(frozen, 3),
+            was_running=was_running,
+            dedup_ratio=round(stats.bytes_total / stats.stored_new, 2) if stats.stored_new else None,
+        )
+        manifest = Manifest(
+            id="",
+            ctid=ct.ctid,
+            time=time.strftime(TIME_FMT, time.gmtime()),
+            hostname=conf.hostname or "",
+            mode=mode,
+            notes=(opts.notes or "").replace("{{vmid}}", str(ct.ctid)).replace(
+                "{{guestname}}", conf.hostname or ""),
+            ct_config=conf_text,
+            tree=tree,
+            state_tree=state_tree,
+            refs=refs,
+            stats=st,
+            node=socket.gethostname(),
+        )
+        log(
+            f"INFO: {stats.files} files, {stats.bytes_total} bytes; read {stats.bytes_read}, "
+            f"new {stats.bytes_new} stored as {stats.stored_new} in {stats.chunks_new} new chunks "
+            f"({stats.cache_hits} files unchanged)"
+        )
+        log(f"INFO: finished backup of CT {ct.ctid} in {st['duration']:.2f} s")
+        manifest = repo.publish(manifest, log.text)
+        cache.save()
+    return manifest
+
+
+def run(node_ctids: list[Container], opts: DumpDefaults, *,
+        echo: Callable[[str], None] | None = None,
+        progress_factory: Callable[[Container], Callable[[int, int], None] | None] | None = None,
+        ) -> list[DumpResult]:
+    """The whole job: hooks job-start/job-end, each CT in turn; results per CT."""
+    if not node_ctids:
+        return []
+    node = node_ctids[0].node
+    base_env = {"STOREID": opts.storage or "local", "DUMPDIR": str(node.backupdir),
+                "HOSTNAME": socket.gethostname()}
+    hooks = HookScript(opts.script, base_env)
+    repo = session.open_repository(node, opts.storage, opts.encryption_key, create=True,
+                                   level=opts.zstd_level)
+    results: list[DumpResult] = []
+    hooks.call("job-start")
+    try:
+        for ct in node_ctids:
+            res = DumpResult(ct.ctid, mode=opts.mode)
+            log = BackupLog(echo)
+            try:
+                hooks.call("backup-start", ctid=ct.ctid, mode=opts.mode)
+                progress = progress_factory(ct) if progress_factory else None
+                m = backup_ct(ct, repo, opts, hooks, log, progress)
+                res.ok, res.snapshot, res.stats = True, m.id, m.stats
+                hooks.call("backup-end", ctid=ct.ctid, mode=opts.mode,
+                           extra_env={"TARGET": m.id})
+            except VzError as e:
+                res.error, res.exit_code = str(e), e.exit_code
+                log(f"ERROR: backup of CT {ct.ctid} failed: {e}")
+                hooks.call("backup-abort", ctid=ct.ctid, mode=opts.mode)
+            except OSError as e:
+                res.error, res.exit_code = f"{e.strerror or e}", 10
+                log(f"ERROR: backup of CT {ct.ctid} failed: {e}")
+                hooks.call("backup-abort", ctid=ct.ctid, mode=opts.mode)
+            results.append(res)
+    finally:
+        failed = any(not r.ok for r in results)
+        hooks.call("job-abort" if failed else "job-end")
+    return results
+
+
+def default_threads() -> int:
+    return max(2, os.cpu_count() or 2)

@@ -1,0 +1,42 @@
+"""Prune (retention) and garbage collection of a repository, under its maintenance lock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vzbackup.backup import gc
+from vzbackup.backup import locks as L
+from vzbackup.backup.prune import Decision, Item, KeepPolicy, plan
+from vzbackup.backup.repo import Repository, snapshot_time
+
+
+def prune(repo: Repository, policy: KeepPolicy, *, ctids: list[int] | None = None,
+          dry_run: bool = False, lockwait: float = 0.0,
+          log: Callable[[str], None] = lambda m: None) -> dict[int, list[Decision]]:
+    """Apply *policy* to each CT's snapshots separately; returns the decisions per CT."""
+    out: dict[int, list[Decision]] = {}
+    with L.RepoLock(repo, L.MAINTENANCE, what="prune", wait=lockwait):
+        protected = repo.protected_ids()
+        by_ct: dict[int, list[Item]] = {}
+        for sid in repo.snapshot_ids():
+            ctid = int(sid.split("/")[0])
+            if ctids and ctid not in ctids:
+                continue
+            by_ct.setdefault(ctid, []).append(Item(sid, snapshot_time(sid), sid in protected))
+        for ctid, items in sorted(by_ct.items()):
+            decisions = plan(items, policy)
+            out[ctid] = decisions
+            for d in decisions:
+                if d.keep:
+                    continue
+                log(f"prune: {'would remove' if dry_run else 'removing'} {d.item.id}")
+                if not dry_run:
+                    repo.trash(d.item.id)
+    return out
+
+
+def collect_garbage(repo: Repository, *, grace: float = gc.DEFAULT_GRACE, dry_run: bool = False,
+                    lockwait: float = 0.0, log: Callable[[str], None] = lambda m: None
+                    ) -> gc.GcReport:
+    with L.RepoLock(repo, L.MAINTENANCE, what="gc", wait=lockwait):
+        return gc.collect(repo, grace=grace, dry_run=dry_run, log=log)

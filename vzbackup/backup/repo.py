@@ -1,0 +1,369 @@
+"""The backup repository on a storage backend: config, chunks, snapshot manifests.
+
+Layout (keys on the backend):
+
+- ``config``                       repository id, format version, chunker, encryption
+- ``chunks/ID[:2]/ID``             one blob per chunk (see crypto.py)
+- ``snapshots/CTID/TIME``          a snapshot manifest; written last, with create-if-absent
+- ``snapshots/CTID/TIME.log``      the backup's log
+- ``snapshots/CTID/TIME.protected`` marker: prune never removes it
+- ``trash/CTID/TIME``              a pruned manifest, kept until GC knows no backup needs it
+- ``locks/NAME``                   repository locks (locks.py)
+
+A snapshot id is ``CTID/TIME`` with TIME as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from storage.backend import Backend, BackendError, ObjectMissing
+from vzbackup.backup.crypto import ENCRYPTION, Codec, KeyFile
+from vzbackup.errors import ConfigError, DamagedError, NotFoundError, StorageError, UsageError
+
+FORMAT = "vzbackup-repo"
+VERSION = 1
+CONFIG_KEY = "config"
+SNAP_PREFIX = "snapshots/"
+TRASH_PREFIX = "trash/"
+CHUNK_PREFIX = "chunks/"
+LOG_SUFFIX = ".log"
+PROTECTED_SUFFIX = ".protected"
+TIME_FMT = "%Y-%m-%dT%H:%M:%SZ"
+
+CHUNK_MIN = 256 * 1024
+CHUNK_AVG = 1024 * 1024
+CHUNK_MAX = 4 * 1024 * 1024
+
+
+def chunk_key(cid: str) -> str:
+    return f"{CHUNK_PREFIX}{cid[:2]}/{cid}"
+
+
+def snapshot_time(sid: str) -> datetime:
+    return datetime.strptime(sid.split("/", 1)[1], TIME_FMT).replace(tzinfo=UTC)
+
+
+def parse_snapshot_id(text: str) -> tuple[int, str]:
+    """'101/2026-11-21T02:00:00Z' -> (101, the id); UsageError otherwise."""
+    ctid, sep, stamp = text.strip("/").partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        datetime.strptime(stamp, TIME_FMT)
+        return int(ctid), f"{int(ctid)}/{stamp}"
+    except ValueError:
+        raise UsageError(
+            f"{text!r} is not a snapshot id", hint="ids look like 101/2026-11-21T02:00:00Z"
+        ) from None
+
+
+@dataclass
+class Manifest:
+    """What a snapshot is: the CT, when, how, its tree, its state and what it references."""
+
+    id: str
+    ctid: int
+    time: str
+    hostname: str = ""
+    mode: str = ""
+    notes: str = ""
+    ct_config: str = ""
+    tree: list[str] = field(default_factory=list)  # chunk ids of the metadata stream
+    state_tree: list[str] | None = None  # CRIU images (checkpoint mode)
+    refs: list[str] = field(default_factory=list)  # every chunk the snapshot needs, sorted
+    stats: dict[str, Any] = field(default_factory=dict)
+    node: str = ""
+    version: int = VERSION
+    protected: bool = False  # filled in from the marker when listing
+
+    def to_json(self) -> bytes:
+        d = dict(self.__dict__)
+        d.pop("protected")
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        d = json.loads(data)
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def size(self) -> int:
+        return int(self.stats.get("bytes_total", 0))
+
+
+class Repository:
+    """Open with ``Repository.open`` (or ``init`` for a new one); thread-safe for chunk I/O."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any], key: KeyFile | None, level: int):
+        self.backend = backend
+        self.config = config
+        self.key = key
+        self.codec = Codec(key, level)
+
+    # --- life cycle --------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return str(self.config["id"])
+
+    @property
+    def encrypted(self) -> bool:
+        return self.config.get("encryption", "none") != "none"
+
+    @classmethod
+    def init(cls, backend: Backend, key: KeyFile | None = None, level: int = 3) -> Repository:
+        config = {
+            "format": FORMAT,
+            "version": VERSION,
+            "id": uuid.uuid4().hex,
+            "created": time.strftime(TIME_FMT, time.gmtime()),
+            "chunker": {"min": CHUNK_MIN, "avg": CHUNK_AVG, "max": CHUNK_MAX},
+            "encryption": ENCRYPTION if key else "none",
+            "key_fingerprint": key.fingerprint if key else "",
+        }
+        try:
+            created = backend.put_if_absent(CONFIG_KEY, json.dumps(config, indent=1).encode())
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+        if not created:
+            return cls.open(backend, key, level)
+        return cls(backend, config, key, level)
+
+    @classmethod
+    def open(
+        cls, backend: Backend, key: KeyFile | None = None, level: int = 3, *, create: bool = False
+    ) -> Repository:
+        try:
+            raw = backend.get(CONFIG_KEY)
+        except ObjectMissing:
+            if create:
+                return cls.init(backend, key, level)
+            raise NotFoundError(
+                f"no backup repository at {backend.url}",
+                hint="a first 'vzbackup dump' creates it",
+            ) from None
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+        try:
+            config = json.loads(raw)
+            if config.get("format") != FORMAT:
+                raise ValueError("not a vzbackup repository")
+            if int(config.get("version", 0)) > VERSION:
+                raise ValueError(f"format version {config['version']} is newer than this vzbackup")
+        except (ValueError, TypeError) as e:
+            raise DamagedError(f"{backend.url}/{CONFIG_KEY}: {e}") from None
+        if config.get("encryption", "none") != "none":
+            if key is None:
+                raise ConfigError(
+                    f"the repository at {backend.url} is encrypted",
+                    hint="pass --keyfile (or set encryption-key in vzdump.conf)",
+                )
+            if key.fingerprint != config.get("key_fingerprint"):
+                raise ConfigError(
+                    f"the key file does not belong to the repository at {backend.url} "
+                    f"(fingerprint {key.fingerprint[:12]} != {config.get('key_fingerprint', '')[:12]})"
+                )
+        elif key is not None:
+            raise ConfigError(
+                f"the repository at {backend.url} is not encrypted; don't pass a key for it"
+            )
+        return cls(backend, config, key, level)
+
+    @property
+    def chunker_params(self) -> tuple[int, int, int]:
+        c = self.config.get("chunker", {})
+        return (
+            int(c.get("min", CHUNK_MIN)),
+            int(c.get("avg", CHUNK_AVG)),
+            int(c.get("max", CHUNK_MAX)),
+        )
+
+    # --- chunks ---------------------------------------------------------------------------
+    def seal_chunk(self, cid: str, data: bytes | memoryview) -> bytes:
+        return self.codec.seal(cid, data)
+
+    def put_chunk_blob(self, cid: str, blob: bytes) -> None:
+        try:
+            self.backend.put(chunk_key(cid), blob)
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+
+    def has_chunk(self, cid: str) -> bool:
+        try:
+            return self.backend.exists(chunk_key(cid))
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+
+    def touch_chunk(self, cid: str) -> bool:
+        """Mark a chunk as just used; False if it is gone."""
+        try:
+            self.backend.touch(chunk_key(cid))
+            return True
+        except ObjectMissing:
+            return False
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+
+    def get_chunk(self, cid: str, verify: bool = True) -> bytes:
+        """The chunk's plaintext; DamagedError if missing, corrupt or not matching its id."""
+        try:
+            blob = self.backend.get(chunk_key(cid))
+        except ObjectMissing:
+            raise DamagedError(f"chunk {cid[:16]} is missing from the repository") from None
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+        data = self.codec.open(cid, blob, f"chunk {cid[:16]}")
+        if verify and self.codec.chunk_id(data) != cid:
+            raise DamagedError(f"chunk {cid[:16]} does not match its hash (corrupt)")
+        return data
+
+    def list_chunks(self) -> Iterator[tuple[str, float, int]]:
+        """(id, mtime, stored size) of every chunk object."""
+        try:
+            for info in self.backend.list(CHUNK_PREFIX):
+                yield info.key.rsplit("/", 1)[-1], info.mtime, info.size
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+
+    def delete_chunk(self, cid: str) -> None:
+        try:
+            self.backend.delete(chunk_key(cid))
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+
+    # --- small encrypted objects ----------------------------------------------------------
+    def put_object(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
+        blob = self.codec.seal(key, data)
+        try:
+            if exclusive:
+                return self.backend.put_if_absent(key, blob)
+            self.backend.put(key, blob)
+            return True
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+
+    def get_object(self, key: str) -> bytes:
+        try:
+            blob = self.backend.get(key)
+        except ObjectMissing:
+            raise NotFoundError(f"{key} does not exist in {self.backend.url}") from None
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+        return self.codec.open(key, blob)
+
+    # --- snapshots -------------------------------------------------------------------------
+    def publish(self, manifest: Manifest, log_text: str) -> Manifest:
+        """Write the log, then the manifest (create-if-absent, a clash moves the time on)."""
+        stamp = datetime.strptime(manifest.time, TIME_FMT).replace(tzinfo=UTC)
+        for _ in range(60):
+            manifest.time = stamp.strftime(TIME_FMT)
+            manifest.id = f"{manifest.ctid}/{manifest.time}"
+            key = SNAP_PREFIX + manifest.id
+            if self.backend.exists(key) or self.backend.exists(TRASH_PREFIX + manifest.id):
+                stamp = stamp.fromtimestamp(stamp.timestamp() + 1, UTC)
+                continue
+            self.put_object(key + LOG_SUFFIX, log_text.encode())
+            if self.put_object(key, manifest.to_json(), exclusive=True):
+                return manifest
+        raise StorageError(f"could not find a free snapshot name for CT {manifest.ctid}")
+
+    def snapshot_ids(self, ctid: int | None = None) -> list[str]:
+        prefix = SNAP_PREFIX + (f"{ctid}/" if ctid is not None else "")
+        ids = []
+        try:
+            for info in self.backend.list(prefix):
+                sid = info.key[len(SNAP_PREFIX) :]
+                if sid.endswith((LOG_SUFFIX, PROTECTED_SUFFIX)):
+                    continue
+                ids.append(sid)
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+        return sorted(ids, key=lambda s: (int(s.split("/")[0]), s))
+
+    def protected_ids(self) -> set[str]:
+        return {
+            info.key[len(SNAP_PREFIX) : -len(PROTECTED_SUFFIX)]
+            for info in self.backend.list(SNAP_PREFIX)
+            if info.key.endswith(PROTECTED_SUFFIX)
+        }
+
+    def load_manifest(self, sid: str, *, trashed: bool = False) -> Manifest:
+        key = (TRASH_PREFIX if trashed else SNAP_PREFIX) + sid
+        try:
+            m = Manifest.from_json(self.get_object(key))
+        except NotFoundError:
+            raise NotFoundError(f"snapshot {sid} does not exist in {self.backend.url}") from None
+        except (ValueError, TypeError) as e:
+            raise DamagedError(f"snapshot {sid}: unreadable manifest ({e})") from None
+        if not trashed:
+            m.protected = self.backend.exists(key + PROTECTED_SUFFIX)
+        return m
+
+    def manifests(self, ctid: int | None = None) -> list[Manifest]:
+        protected = self.protected_ids()
+        out = []
+        for sid in self.snapshot_ids(ctid):
+            m = self.load_manifest(sid)
+            m.protected = sid in protected
+            out.append(m)
+        return out
+
+    def latest(self, ctid: int) -> Manifest:
+        ids = self.snapshot_ids(ctid)
+        if not ids:
+            raise NotFoundError(f"no snapshot of CT {ctid} in {self.backend.url}")
+        return self.load_manifest(max(ids, key=snapshot_time))
+
+    def resolve(self, text: str) -> Manifest:
+        """A snapshot by id, or the latest of a CT given as 'CTID' or 'CTID/latest'."""
+        head = text.strip("/").split("/")
+        if head[0].isdigit() and (len(head) == 1 or head[1] == "latest"):
+            return self.latest(int(head[0]))
+        return self.load_manifest(parse_snapshot_id(text)[1])
+
+    def read_log(self, sid: str) -> str:
+        return self.get_object(SNAP_PREFIX + sid + LOG_SUFFIX).decode(errors="replace")
+
+    def set_protected(self, sid: str, on: bool) -> None:
+        self.load_manifest(sid)
+        key = SNAP_PREFIX + sid + PROTECTED_SUFFIX
+        try:
+            if on:
+                self.backend.put(key, b"1")
+            else:
+                self.backend.delete(key)
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+
+    def trash(self, sid: str) -> None:
+        """Move a snapshot to the trash (prune); GC deletes it once no backup can need it."""
+        if self.backend.exists(SNAP_PREFIX + sid + PROTECTED_SUFFIX):
+            raise UsageError(f"snapshot {sid} is protected")
+        key = SNAP_PREFIX + sid
+        try:
+            blob = self.backend.get(key)
+            # the blob is bound to its key: re-seal under the trash key
+            data = self.codec.open(key, blob)
+            self.put_object(TRASH_PREFIX + sid, data)
+            self.backend.delete(key)
+            with contextlib.suppress(BackendError):
+                self.backend.delete(key + LOG_SUFFIX)
+        except ObjectMissing:
+            raise NotFoundError(f"snapshot {sid} does not exist") from None
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+
+    def trashed(self) -> list[tuple[str, float]]:
+        """(snapshot id, time it was trashed) of pruned manifests still kept."""
+        return [(i.key[len(TRASH_PREFIX) :], i.mtime) for i in self.backend.list(TRASH_PREFIX)]
+
+    def drop_trashed(self, sid: str) -> None:
+        self.backend.delete(TRASH_PREFIX + sid)

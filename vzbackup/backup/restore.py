@@ -1,0 +1,191 @@
+"""Restore a snapshot (or a classic vzdump archive) as a container on this node.
+
+The CT's files are built next to the final private area and swapped in only when complete;
+an existing CT is replaced only with ``force`` and never while it runs. The config comes
+from the backup, with this node's paths, and optionally new IPs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from vzbackup import errors as E
+from vzbackup.backup import vzdump_archive
+from vzbackup.backup.extract import load_tree, restore_tree
+from vzbackup.backup.repo import Manifest, Repository
+from vzbackup.config.ct import CTConfig
+from vzbackup.config.node import Node
+from vzbackup.config.vzfile import VzFile
+from vzbackup.ct import fs, network, ops, registry
+from vzbackup.ct.container import Container
+
+PATH_KEYS = ("VE_ROOT", "VE_PRIVATE")
+
+
+def _target(node: Node, ctid: int, force: bool) -> Container:
+    ct = Container(node, ctid)
+    if ct.exists:
+        if ct.running:
+            raise E.StateError(
+                f"CT {ctid} is running; restore never touches a running CT",
+                hint="stop it first, or restore to another CTID",
+            )
+        if not force:
+            raise E.ExistsError(
+                f"CT {ctid} already exists", hint="pass --force to replace it, or pick a new CTID"
+            )
+    return ct
+
+
+def _config(node: Node, ctid: int, conf_text: str, ipadd: list[str] | None,
+            hostname: str | None, log: Callable[[str], None]) -> CTConfig:
+    conf = CTConfig(ctid, VzFile(node.ct_conf_path(ctid), conf_text))
+    for key in PATH_KEYS:  # this node's layout, not the source node's
+        conf.set(key, node.value(key))
+    if ipadd is not None:
+        ips = [network.validate_ip(ip) for ip in ipadd]
+        if ips:
+            conf.set("IP_ADDRESS", " ".join(ips))
+        else:
+            conf.delete("IP_ADDRESS")
+    if hostname:
+        conf.set("HOSTNAME", hostname)
+    used = ops._others_ips(node, ctid)
+    clash = [ip for ip in conf.ips if ip.split("/")[0] in used]
+    if clash:
+        raise E.ExistsError(
+            f"IP {clash[0]} of the backup is used by CT {used[clash[0].split('/')[0]]}",
+            hint="pass --ipadd NEW_IP (repeatable) or --ipadd none",
+        )
+    name = conf.get("NAME")
+    if name:
+        owner = registry.name_owner(node, name)
+        if owner is not None and owner != ctid:
+            log(f"WARN: name {name!r} belongs to CT {owner}; the restored CT has no name")
+            conf.delete("NAME")
+    conf.validate()
+    return conf
+
+
+def _install(ct: Container, conf: CTConfig, build: Callable[[Path], None]) -> None:
+    """Build the private area with *build*, then swap it (and the config) in."""
+    private = ct.ve_private(conf)
+    private.parent.mkdir(parents=True, exist_ok=True)
+    fresh = private.with_name(f".{private.name}.restore-{os.getpid()}")
+    build(fresh)
+    old = private.with_name(f".{private.name}.old-{os.getpid()}")
+    try:
+        if ct.exists:
+            if ct.mounted:
+                ct.umount()
+            prev = ct.ve_private()
+            if prev.exists():
+                os.rename(prev, old)
+        if private.exists():
+            raise E.ExistsError(f"private area {private} already exists")
+        os.rename(fresh, private)
+        conf.save()
+        name = conf.get("NAME")
+        if name:
+            registry.set_name(ct.node, ct.ctid, name)
+    except BaseException:
+        if old.exists() and not private.exists():
+            os.rename(old, private)
+        fs.remove_tree(fresh, ignore_errors=True)
+        raise
+    fs.remove_tree(old, ignore_errors=True)
+
+
+def _make_root(parent: Path) -> Callable[[Path], None]:
+    if fs.fs_type(parent) == "btrfs":
+        return fs.create_subvolume
+    return Path.mkdir
+
+
+def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
+                     force: bool = False, start: bool = False, ipadd: list[str] | None = None,
+                     hostname: str | None = None, with_state: bool = False, threads: int = 4,
+                     progress: Callable[[int], None] | None = None,
+                     log: Callable[[str], None] = lambda s: None) -> Container:
+    if with_state and not m.state_tree:
+        raise E.UsageError(
+            f"snapshot {m.id} has no running state (mode {m.mode})",
+            hint="only mode=checkpoint backups carry it; restore without --with-state",
+        )
+    node.ensure_dirs()
+    ct = _target(node, ctid, force)
+    with ct.lock():
+        if ct.exists and ct.running:
+            raise E.StateError(f"CT {ctid} is running; restore never touches a running CT")
+        conf = _config(node, ctid, m.ct_config, ipadd, hostname, log)
+        entries = load_tree(repo, m.tree)
+        log(f"INFO: restoring {m.id} ({len(entries)} entries) as CT {ctid}")
+        private = ct.ve_private(conf)
+        make_root = _make_root(private.parent)
+
+        def build(dest: Path) -> None:
+            restore_tree(repo, entries, dest, threads=threads, progress=progress,
+                         make_root=make_root)
+
+        images = None
+        if with_state:
+            images = ops.dump_dir(ct, None)
+            if images.exists() and any(images.iterdir()):
+                raise E.ExistsError(f"dump directory {images} is not empty",
+                                    hint="remove it first")
+            with contextlib.suppress(OSError):
+                images.rmdir()
+            restore_tree(repo, load_tree(repo, m.state_tree or []), images, threads=threads)
+        try:
+            _install(ct, conf, build)
+        except BaseException:
+            if images:
+                shutil.rmtree(images, ignore_errors=True)
+            raise
+    if with_state:
+        log("INFO: restoring the running state (CRIU; TCP connections are closed)")
+        ops.restore(ct, None, tcp_close=True)
+    elif start:
+        ops.start(ct)
+    return ct
+
+
+def restore_archive(node: Node, archive: Path, ctid: int, *, force: bool = False,
+                    start: bool = False, ipadd: list[str] | None = None,
+                    hostname: str | None = None,
+                    log: Callable[[str], None] = lambda s: None) -> Container:
+    """Restore a classic ``vzdump-openvz-*.tar.{zst,xz,gz}`` archive."""
+    if not archive.is_file():
+        raise E.NotFoundError(f"archive {archive} does not exist")
+    node.ensure_dirs()
+    ct = _target(node, ctid, force)
+    conf_holder: dict[str, str] = {}
+
+    def build(dest: Path) -> None:
+        conf_holder["text"] = vzdump_archive.import_tar(archive, dest)
+
+    with ct.lock():
+        # the config is inside the archive: extract first into a scratch name, then configure
+        scratch = node.path("VE_PRIVATE", ctid)
+        scratch = scratch.with_name(f".{scratch.name}.import-{os.getpid()}")
+        scratch.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            build(scratch)
+            conf = _config(node, ctid, conf_holder["text"], ipadd, hostname, log)
+            _install(ct, conf, lambda dest: os.rename(scratch, dest))
+        finally:
+            fs.remove_tree(scratch, ignore_errors=True)
+    log(f"INFO: restored {archive.name} as CT {ctid}")
+    if start:
+        ops.start(ct)
+    return ct
+
+
+def is_archive(text: str) -> bool:
+    return text.endswith((".tar", ".tar.zst", ".tar.gz", ".tgz", ".tar.xz", ".tar.lzo")) or (
+        os.path.sep in text and os.path.isfile(text)
+    )

@@ -1,0 +1,48 @@
+"""Open the repository a command works on: named storage, key file, compression level."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from storage import config as storage_config
+from storage.backend import Backend, BackendError
+from vzbackup import constants as C
+from vzbackup.backup.crypto import KeyFile
+from vzbackup.backup.repo import Repository
+from vzbackup.config.node import Node
+from vzbackup.errors import ConfigError, NotFoundError, StorageError
+
+
+def storages(node: Node) -> dict[str, storage_config.StorageDef]:
+    try:
+        return storage_config.load(node.vzbackup_confdir / C.STORAGE_CFG, node.backupdir)
+    except storage_config.StorageConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def open_backend(node: Node, name: str | None) -> Backend:
+    all_ = storages(node)
+    name = name or storage_config.DEFAULT_STORAGE
+    if name not in all_:
+        raise NotFoundError(
+            f"no storage named {name!r}",
+            hint=f"known: {', '.join(sorted(all_))} (see {node.vzbackup_confdir / C.STORAGE_CFG})",
+        )
+    try:
+        return all_[name].open()
+    except storage_config.StorageConfigError as e:
+        raise ConfigError(str(e)) from None
+    except BackendError as e:
+        raise StorageError(str(e)) from None
+
+
+def open_repository(node: Node, storage: str | None, keyfile: str | Path | None, *,
+                    create: bool = False, level: int = 3) -> Repository:
+    """The repository on *storage*; with *create*, a first backup initialises it."""
+    key = KeyFile.load(Path(keyfile)) if keyfile else None
+    backend = open_backend(node, storage)
+    return Repository.open(backend, key, level, create=create)
+
+
+def files_cache_path(node: Node, repo: Repository, ctid: int) -> Path:
+    return node.cachedir / repo.id / "files" / f"{ctid}.zst"

@@ -1,0 +1,138 @@
+"""File tree metadata as stored in a snapshot: one JSON object per entry, in walk order.
+
+Keys: ``p`` path (relative, "." is the root), ``t`` type (d f l h c b p), ``m`` permission
+bits, ``u``/``g`` numeric owner, ``mt`` mtime in ns, ``s`` size, ``c`` content as
+``[chunk id, offset, length]`` slices, ``e`` data extents ``[offset, length]`` of a sparse
+file, ``l`` symlink target or hardlink target path, ``r`` device number, ``x`` xattrs
+(base64; POSIX ACLs are the ``system.posix_acl_*`` xattrs).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+DIR, FILE, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO = "d", "f", "l", "h", "c", "b", "p"
+KIND_NAMES = {
+    DIR: "dir",
+    FILE: "file",
+    SYMLINK: "symlink",
+    HARDLINK: "hardlink",
+    CHAR: "chardev",
+    BLOCK: "blockdev",
+    FIFO: "fifo",
+}
+TYPE_BITS = {DIR: stat.S_IFDIR, FILE: stat.S_IFREG, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR,
+             BLOCK: stat.S_IFBLK, FIFO: stat.S_IFIFO, HARDLINK: stat.S_IFREG}
+HEADER = {"format": "vzbackup-tree", "v": 1}
+
+
+@dataclass
+class Entry:
+    path: str
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int = 0
+    chunks: list[list] = field(default_factory=list)  # [cid, offset, length]
+    extents: list[list[int]] | None = None
+    link: str = ""
+    rdev: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d: dict = {"p": self.path, "t": self.kind, "m": self.mode, "u": self.uid, "g": self.gid,
+                   "mt": self.mtime_ns}
+        if self.kind == FILE:
+            d["s"] = self.size
+            d["c"] = self.chunks
+            if self.extents is not None:
+                d["e"] = self.extents
+        if self.link:
+            d["l"] = self.link
+        if self.rdev:
+            d["r"] = self.rdev
+        if self.xattrs:
+            d["x"] = {k: base64.b64encode(v).decode() for k, v in self.xattrs.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Entry:
+        return cls(
+            path=d["p"],
+            kind=d["t"],
+            mode=int(d["m"]),
+            uid=int(d["u"]),
+            gid=int(d["g"]),
+            mtime_ns=int(d["mt"]),
+            size=int(d.get("s", 0)),
+            chunks=d.get("c", []),
+            extents=d.get("e"),
+            link=d.get("l", ""),
+            rdev=int(d.get("r", 0)),
+            xattrs={k: base64.b64decode(v) for k, v in d.get("x", {}).items()},
+        )
+
+    @property
+    def st_mode(self) -> int:
+        return TYPE_BITS[self.kind] | self.mode
+
+    def ls_line(self) -> str:
+        """An ``ls -l``-like line: mode, owner, size, mtime, path (-> target)."""
+        import time
+
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.mtime_ns / 1e9))
+        target = f" -> {self.link}" if self.kind == SYMLINK else ""
+        target = f" link to {self.link}" if self.kind == HARDLINK else target
+        size = self.size if self.kind == FILE else 0
+        return (
+            f"{stat.filemode(self.st_mode)} {self.uid:>5}/{self.gid:<5} {size:>12} {when} "
+            f"{self.path}{target}"
+        )
+
+
+def encode_lines(entries: Iterable[dict]) -> Iterator[bytes]:
+    yield json.dumps(HEADER).encode() + b"\n"
+    for d in entries:
+        yield json.dumps(d, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(data: bytes) -> Iterator[Entry]:
+    lines = data.split(b"\n")
+    if not lines or json.loads(lines[0]).get("format") != HEADER["format"]:
+        raise ValueError("not a vzbackup tree")
+    for line in lines[1:]:
+        if line:
+            yield Entry.from_dict(json.loads(line))
+
+
+def safe_relpath(path: str) -> str:
+    """Validate a path from a snapshot: relative, no '..', no empty parts; ValueError if not."""
+    if path == ".":
+        return path
+    if not path or path.startswith("/") or "\0" in path:
+        raise ValueError(f"unsafe path {path!r}")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"unsafe path {path!r}")
+    return path
+
+
+def read_xattrs(path: str) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for n in names:
+        try:
+            out[n] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError:
+            continue
+    return out

@@ -1,0 +1,86 @@
+"""Verify snapshots: re-read, decrypt and re-hash every chunk they reference.
+
+Damaged or missing chunks are reported with the snapshots and file paths that need them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from vzbackup.backup import tree as T
+from vzbackup.backup.extract import load_tree
+from vzbackup.backup.repo import Manifest, Repository
+from vzbackup.errors import DamagedError, StorageError
+
+
+@dataclass
+class Damage:
+    chunk: str
+    error: str
+    where: list[str] = field(default_factory=list)  # "SNAPSHOT:path" (or ":file list")
+
+
+@dataclass
+class VerifyReport:
+    snapshots: list[str] = field(default_factory=list)
+    chunks: int = 0
+    bytes: int = 0
+    damaged: list[Damage] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "snapshots": self.snapshots,
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "damaged": [d.__dict__ for d in self.damaged],
+        }
+
+
+def verify(repo: Repository, manifests: list[Manifest], *, threads: int = 4,
+           progress: Callable[[int], None] | None = None) -> VerifyReport:
+    report = VerifyReport(snapshots=[m.id for m in manifests])
+    bad: dict[str, Damage] = {}
+    needed: dict[str, None] = {}
+    for m in manifests:
+        for cid in m.refs:
+            needed.setdefault(cid, None)
+
+    def check(cid: str) -> tuple[str, int, str | None]:
+        try:
+            return cid, len(repo.get_chunk(cid)), None
+        except (DamagedError, StorageError) as e:
+            return cid, 0, str(e)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for cid, size, err in pool.map(check, needed):
+            report.chunks += 1
+            report.bytes += size
+            if err:
+                bad[cid] = Damage(cid, err)
+            if progress:
+                progress(1)
+    # name the files that need each damaged chunk
+    for m in manifests:
+        for label, chunks in (("file list", m.tree), ("state file list", m.state_tree or [])):
+            for cid in chunks:
+                if cid in bad:
+                    bad[cid].where.append(f"{m.id}:({label})")
+        for chunks, prefix in ((m.tree, ""), (m.state_tree, "[state] ")):
+            if not chunks or any(c in bad for c in chunks):
+                continue
+            for e in load_tree(repo, chunks):
+                if e.kind != T.FILE:
+                    continue
+                for cid, _, _ in e.chunks:
+                    if cid in bad:
+                        bad[cid].where.append(f"{m.id}:{prefix}/{e.path}")
+                        break
+    report.damaged = sorted(bad.values(), key=lambda d: d.chunk)
+    return report
