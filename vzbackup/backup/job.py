@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from vzbackup.backup import locks as L
-from vzbackup.backup import modes, session
+from vzbackup.backup import maintenance, modes, session
 from vzbackup.backup.archiver import ChunkStore, FilesCache, Stats, TreeWriter
-from vzbackup.backup.defaults import DumpDefaults, ExcludeMatcher
+from vzbackup.backup.defaults import DumpDefaults
 from vzbackup.backup.hooks import HookScript
 from vzbackup.backup.repo import TIME_FMT, Manifest, Repository
 from vzbackup.ct.container import Container
@@ -53,6 +53,7 @@ class DumpResult:
     mode: str = ""
     error: str = ""
     exit_code: int = 0
+    pruned: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,7 +77,8 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
     log(f"INFO: starting backup of CT {ct.ctid} ({conf.hostname or 'no hostname'}), mode {mode}")
     tmpdir = Path(opts.tmpdir) if opts.tmpdir else ct.node.dumpdir
     tmpdir.mkdir(parents=True, exist_ok=True)
-    exclude = ExcludeMatcher(opts.exclude_path, stdexcludes=opts.stdexcludes)
+    matcher = opts.matcher()
+    exclude = matcher.excluded if matcher else None
     stats = Stats()
     with Lock(ct.node.lockdir / f"{ct.ctid}.backup.lock", wait=opts.lockwait * 60,
               what=f"backup of CT {ct.ctid}"), \
@@ -84,7 +86,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
                        wait=opts.lockwait * 60):
         known = known_chunks(repo)
         log(f"INFO: repository {repo.backend.url}: {len(known)} chunks known")
-        store = ChunkStore(repo, known, threads=opts.threads, stats=stats,
+        store = ChunkStore(repo, known, threads=worker_threads(opts.zstd), stats=stats,
                            bwlimit_kbps=opts.bwlimit or None)
         try:
             with modes.consistent_source(
@@ -132,7 +134,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             time=time.strftime(TIME_FMT, time.gmtime()),
             hostname=conf.hostname or "",
             mode=mode,
-            notes=(opts.notes or "").replace("{{vmid}}", str(ct.ctid)).replace(
+            notes=(opts.notes_template or "").replace("{{vmid}}", str(ct.ctid)).replace(
                 "{{guestname}}", conf.hostname or ""),
             ct_config=conf_text,
             tree=tree,
@@ -162,7 +164,7 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
     node = node_ctids[0].node
     base_env = {"STOREID": opts.storage or "local", "DUMPDIR": str(node.backupdir),
                 "HOSTNAME": socket.gethostname()}
-    hooks = HookScript(opts.script, base_env)
+    hooks = HookScript(opts.script, base_env, log_line=echo, on_warning=echo)
     repo = session.open_repository(node, opts.storage, opts.encryption_key, create=True,
                                    level=opts.zstd_level)
     results: list[DumpResult] = []
@@ -178,6 +180,10 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
                 res.ok, res.snapshot, res.stats = True, m.id, m.stats
                 hooks.call("backup-end", ctid=ct.ctid, mode=opts.mode,
                            extra_env={"TARGET": m.id})
+                if opts.remove and not opts.prune_backups.keep_all:
+                    pruned = maintenance.prune(repo, opts.prune_backups, ctids=[ct.ctid],
+                                               lockwait=opts.lockwait * 60, log=log)
+                    res.pruned = [d.item.id for d in pruned.get(ct.ctid, []) if not d.keep]
             except VzError as e:
                 res.error, res.exit_code = str(e), e.exit_code
                 log(f"ERROR: backup of CT {ct.ctid} failed: {e}")
@@ -187,11 +193,13 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
                 log(f"ERROR: backup of CT {ct.ctid} failed: {e}")
                 hooks.call("backup-abort", ctid=ct.ctid, mode=opts.mode)
             results.append(res)
-    finally:
-        failed = any(not r.ok for r in results)
-        hooks.call("job-abort" if failed else "job-end")
+    except BaseException:
+        hooks.call("job-abort")
+        raise
+    hooks.call("job-end")
     return results
 
 
-def default_threads() -> int:
-    return max(2, os.cpu_count() or 2)
+def worker_threads(zstd: int) -> int:
+    """Chunk workers (hash, compress, encrypt, store): vzdump's zstd threads, 0 = all CPUs."""
+    return zstd if zstd > 0 else max(2, os.cpu_count() or 2)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vzbackup import errors as E
-from vzbackup.backup import vzdump_archive
 from vzbackup.backup.extract import load_tree, restore_tree
 from vzbackup.backup.repo import Manifest, Repository
 from vzbackup.config.ct import CTConfig
@@ -51,7 +50,7 @@ def _config(node: Node, ctid: int, conf_text: str, ipadd: list[str] | None,
         if ips:
             conf.set("IP_ADDRESS", " ".join(ips))
         else:
-            conf.delete("IP_ADDRESS")
+            conf.file.delete("IP_ADDRESS")
     if hostname:
         conf.set("HOSTNAME", hostname)
     used = ops._others_ips(node, ctid)
@@ -66,7 +65,7 @@ def _config(node: Node, ctid: int, conf_text: str, ipadd: list[str] | None,
         owner = registry.name_owner(node, name)
         if owner is not None and owner != ctid:
             log(f"WARN: name {name!r} belongs to CT {owner}; the restored CT has no name")
-            conf.delete("NAME")
+            conf.file.delete("NAME")
     conf.validate()
     return conf
 
@@ -164,6 +163,8 @@ def restore_archive(node: Node, archive: Path, ctid: int, *, force: bool = False
     node.ensure_dirs()
     ct = _target(node, ctid, force)
     conf_holder: dict[str, str] = {}
+
+    from vzbackup.backup import vzdump_archive
 
     def build(dest: Path) -> None:
         conf_holder["text"] = vzdump_archive.import_tar(archive, dest)

@@ -49,7 +49,9 @@ def emit(as_json: bool, data: Any, text: str | None = None) -> None:
 def run_guarded(cli: click.Group) -> None:
     """Run the CLI; a VzError becomes 'vzbackup: error: ...' and its exit code."""
     try:
-        cli.main(standalone_mode=False)
+        rc = cli.main(standalone_mode=False)  # returns the code of a click Exit
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except VzError as e:
         click.echo(f"vzbackup: error: {e}", err=True)
         sys.exit(e.exit_code)

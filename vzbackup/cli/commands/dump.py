@@ -23,18 +23,19 @@ from vzbackup.errors import UsageError, VzError
 @click.option("--exclude", multiple=True, help="With --all: skip this CTID (repeatable).")
 @click.option("--mode", type=click.Choice(MODES), help="Consistency mode (default: stop).")
 @click.option("--storage", help="Named storage (storage.cfg); default 'local'.")
-@click.option("--keyfile", type=click.Path(dir_okay=False), help="Encrypt with this key file.")
+@click.option("--keyfile", "encryption_key", type=click.Path(dir_okay=False),
+              help="Encrypt with this key file (vzdump.conf: encryption-key).")
 @click.option("--zstd-level", type=click.IntRange(1, 19), help="zstd level per chunk.")
-@click.option("--zstd", "zstd_threads", type=click.IntRange(0, 256),
-              help="Worker threads for compression (0 = one per CPU).")
+@click.option("--zstd", type=click.IntRange(0, 256),
+              help="Worker threads for hashing/compression (0 = one per CPU).")
 @click.option("--exclude-path", multiple=True, help="Pattern to leave out (repeatable).")
 @click.option("--stdexcludes/--no-stdexcludes", default=None, help="vzdump's standard excludes.")
 @click.option("--bwlimit", type=click.IntRange(0), help="Write limit in KiB/s.")
 @click.option("--tmpdir", type=click.Path(file_okay=False), help="For suspend/checkpoint copies.")
-@click.option("--lockwait", type=click.FloatRange(0), help="Minutes to wait for locks.")
-@click.option("--stopwait", type=click.FloatRange(0), help="Minutes to wait for a clean stop.")
+@click.option("--lockwait", type=click.IntRange(0), help="Minutes to wait for locks.")
+@click.option("--stopwait", type=click.IntRange(0), help="Minutes to wait for a clean stop.")
 @click.option("--script", type=click.Path(dir_okay=False), help="Hook script (vzdump phases).")
-@click.option("--notes", "notes", help="Notes for the snapshot ({{vmid}}, {{guestname}}).")
+@click.option("--notes-template", help="Notes for the snapshot ({{vmid}}, {{guestname}}).")
 @click.option("--prune-backups", help="Prune after the backup, e.g. keep-last=3,keep-daily=7.")
 @json_option
 @click.pass_context

@@ -1,0 +1,300 @@
+"""vzbackup dump / restore / list / ls / extract / export / verify / prune / gc on real CTs.
+
+Everything through the real CLI against a per-test node prefix; the repository is the
+built-in ``local`` storage of that prefix unless a test configures another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import NodeBed, http_get, wait_for
+from treecmp import diff, tree_manifest
+
+COUNTER = (  # an in-memory counter: a cold start would begin again at 1
+    "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; "
+    "usleep 100000; done' </dev/null >/dev/null 2>&1 &"
+)
+
+
+def dump(node: NodeBed, *args: str, check: bool = True) -> dict:
+    res = node.vz("dump", *args, "--json", check=check, timeout=300)
+    return json.loads(res.stdout) if res.stdout.strip() else {"rc": res.returncode}
+
+
+def snapshots(node: NodeBed, *args: str) -> list[dict]:
+    return json.loads(node.vz("list", "-b", "--json", *args).stdout)["snapshots"]
+
+
+def private(node: NodeBed, ctid: int) -> Path:
+    return node.prefix / "vz/private" / str(ctid)
+
+
+def stopped_ct(node: NodeBed) -> tuple[int, str]:
+    ctid, ip = node.create_running()
+    node.sh(ctid, "mkdir -p /srv/data && echo hello > /srv/data/greeting && "
+                  "ln -s greeting /srv/data/link && ln /srv/data/greeting /srv/data/hard")
+    node.vz("stop", str(ctid))
+    return ctid, ip
+
+
+def test_stop_mode_backup_and_restore_to_new_ctid(node: NodeBed):
+    ctid, ip = node.create_running()
+    node.sh(ctid, "echo precious > /root/data")
+    res = dump(node, str(ctid))["results"][0]
+    assert res["ok"] and res["mode"] == "stop" and res["stats"]["was_running"]
+    assert node.vz("status", str(ctid)).stdout.split()[-1] == "running"  # started again
+    snaps = snapshots(node)
+    assert [s["id"] for s in snaps] == [res["snapshot"]]
+    assert snaps[0]["size"] > 0 and snaps[0]["files"] > 10
+    # restore as a new CT with a new IP, started
+    new, new_ip = node.new_ctid(), node.new_ip()
+    node.vz("restore", res["snapshot"], str(new), "--ipadd", new_ip, "--start")
+    assert node.sh(new, "cat /root/data").strip() == "precious"
+    wait_for(lambda: http_get(new_ip), what="http on the restored CT")
+    conf = (node.prefix / f"etc/vz/conf/{new}.conf").read_text()
+    assert f'IP_ADDRESS="{new_ip}"' in conf and 'VE_PRIVATE="${PREFIX}/vz/private/$VEID"' in conf
+
+
+def test_restored_tree_equals_original_and_incremental_is_cheap(node: NodeBed):
+    ctid, _ = stopped_ct(node)
+    src = private(node, ctid)
+    os.setxattr(src / "srv/data/greeting", "user.note", b"xattr survives")
+    os.chown(src / "srv/data/greeting", 1234, 5678)
+    with open(src / "srv/sparse", "wb") as f:
+        f.truncate(50 << 20)
+        f.write(b"head")
+    full = dump(node, str(ctid))["results"][0]
+    assert full["stats"]["bytes_read"] > 0
+    # unchanged: a metadata walk, nothing read, (almost) nothing stored
+    again = dump(node, str(ctid))["results"][0]
+    assert again["stats"]["bytes_read"] == 0
+    assert again["stats"]["chunks_new"] <= 2
+    # change one file: only it is read
+    (src / "srv/data/greeting").write_text("changed\n")
+    inc = dump(node, str(ctid))["results"][0]
+    assert 0 < inc["stats"]["bytes_read"] < 100
+    new = node.new_ctid()
+    node.vz("restore", inc["snapshot"], str(new), "--ipadd", "none")
+    assert diff(tree_manifest(src), tree_manifest(private(node, new))) == []
+    # the first snapshot still restores the old content
+    old = node.new_ctid()
+    node.vz("restore", full["snapshot"], str(old), "--ipadd", "none")
+    assert (private(node, old) / "srv/data/greeting").read_text() == "hello\n"
+
+
+def test_suspend_mode_keeps_ct_running_and_backs_up_a_copy(node: NodeBed):
+    ctid, _ = node.create_running()
+    node.sh(ctid, COUNTER)
+    node.sh(ctid, "echo consistent > /root/mark")
+    res = dump(node, str(ctid), "--mode", "suspend")["results"][0]
+    assert res["ok"] and res["stats"]["frozen_seconds"] < 30
+    assert node.vz("status", str(ctid)).stdout.split()[-1] == "running"
+    out = node.prefix / "extract"
+    node.vz("extract", res["snapshot"], "/root", str(out))
+    assert (out / "root/mark").read_text() == "consistent\n"
+    assert not list((node.prefix / "vz/dump").glob("*suspend*"))  # temp copy gone
+
+
+def test_snapshot_mode_needs_btrfs(node: NodeBed):
+    ctid, _ = node.create_running()
+    res = node.vz("dump", str(ctid), "--mode", "snapshot", check=False)
+    assert res.returncode == 2
+    assert "stop" in res.stderr and "suspend" in res.stderr and "checkpoint" in res.stderr
+    assert snapshots(node) == []
+
+
+def test_snapshot_mode_on_btrfs(btrfs_node: NodeBed):
+    node = btrfs_node
+    ctid, _ = node.create_running()
+    node.sh(ctid, "echo on-btrfs > /root/mark")
+    res = dump(node, str(ctid), "--mode", "snapshot")["results"][0]
+    assert res["ok"]
+    assert node.vz("status", str(ctid)).stdout.split()[-1] == "running"
+    assert not list(private(node, ctid).parent.glob(".vzbackup-snap-*"))
+    new = node.new_ctid()
+    node.vz("restore", res["snapshot"], str(new), "--ipadd", "none")
+    assert (private(node, new) / "root/mark").read_text() == "on-btrfs\n"
+
+
+@pytest.mark.parametrize("btrfs", [False, True], ids=["copy", "btrfs"])
+def test_checkpoint_mode_restores_running_state(request: pytest.FixtureRequest, btrfs: bool):
+    node: NodeBed = request.getfixturevalue("btrfs_node" if btrfs else "node")
+    ctid, ip = node.create_running()
+    node.sh(ctid, COUNTER)
+    wait_for(lambda: int(node.sh(ctid, "cat /tmp/counter").strip() or 0) > 5, what="counter")
+    res = dump(node, str(ctid), "--mode", "checkpoint")["results"][0]
+    assert res["ok"], res
+    assert snapshots(node)[0]["with_state"]
+    at_dump = int(node.sh(ctid, "cat /tmp/counter").strip())
+    node.vz("stop", str(ctid), "--fast")
+    node.vz("destroy", str(ctid))
+    node.vz("restore", res["snapshot"], str(ctid), "--with-state")
+    assert node.vz("status", str(ctid)).stdout.split()[-1] == "running"
+    value = int(node.sh(ctid, "cat /tmp/counter").strip())
+    assert value > 5, "the counter restarted: the state was not restored"
+    assert value <= at_dump + 50
+    assert http_get(ip)
+
+
+def test_restore_never_touches_a_running_ct_and_needs_force(node: NodeBed):
+    ctid, _ = node.create_running()
+    node.sh(ctid, "echo v1 > /root/v")
+    snap = dump(node, str(ctid))["results"][0]["snapshot"]
+    node.sh(ctid, "echo v2 > /root/v")
+    res = node.vz("restore", snap, str(ctid), "--force", check=False)
+    assert res.returncode == 6 and "running" in res.stderr
+    assert node.sh(ctid, "cat /root/v").strip() == "v2"
+    node.vz("stop", str(ctid))
+    res = node.vz("restore", snap, str(ctid), check=False)
+    assert res.returncode == 5 and "--force" in res.stderr
+    node.vz("restore", snap, str(ctid), "--force", "--start")
+    assert node.sh(ctid, "cat /root/v").strip() == "v1"
+    assert not [p for p in private(node, ctid).parent.iterdir() if p.name.startswith(".")]
+
+
+def test_export_to_vzdump_archive_and_back(node: NodeBed):
+    ctid, _ = stopped_ct(node)
+    snap = dump(node, str(ctid))["results"][0]["snapshot"]
+    out = node.prefix / "exports"
+    res = json.loads(node.vz("export", snap, "--dumpdir", str(out), "--json").stdout)
+    archive = Path(res["archive"])
+    assert archive.name.startswith(f"vzdump-openvz-{ctid}-") and archive.name.endswith(".tar.zst")
+    import zstandard
+
+    with open(archive, "rb") as f, tarfile.open(
+        fileobj=zstandard.ZstdDecompressor().stream_reader(f), mode="r|"
+    ) as tf:
+        names = [m.name for m in tf]
+    assert "./etc/vzdump/vps.conf" in names
+    new = node.new_ctid()
+    node.vz("restore", str(archive), str(new), "--ipadd", "none")
+    assert diff(tree_manifest(private(node, ctid)), tree_manifest(private(node, new))) == []
+
+
+def test_ls_extract_log_and_hooks(node: NodeBed, tmp_path: Path):
+    ctid, _ = stopped_ct(node)
+    hook = tmp_path / "hook.sh"
+    record = tmp_path / "phases"
+    hook.write_text(f'#!/bin/sh\necho "$1 $2 $3 $STOREID" >> {record}\necho hook says hi\n')
+    hook.chmod(0o755)
+    snap = dump(node, str(ctid), "--script", str(hook), "--notes-template", "nightly {{vmid}}"
+                )["results"][0]["snapshot"]
+    phases = record.read_text().splitlines()
+    assert phases == ["job-start   local", f"backup-start stop {ctid} local",
+                      f"backup-end stop {ctid} local", "job-end   local"]
+    listing = node.vz("ls", snap, "/srv/data").stdout
+    assert "greeting" in listing and "link -> greeting" in listing
+    assert snapshots(node)[0]["notes"] == f"nightly {ctid}"
+    out = tmp_path / "out"
+    node.vz("extract", snap, "/srv/data/greeting", str(out))
+    assert (out / "greeting").read_text() == "hello\n"
+    log = node.vz("log", snap).stdout
+    assert f"starting backup of CT {ctid}" in log and "finished backup" in log
+
+
+def test_corrupt_chunk_verify_names_the_file_and_restore_fails_clean(node: NodeBed):
+    ctid, _ = stopped_ct(node)
+    (private(node, ctid) / "srv/data/big").write_bytes(os.urandom(3 << 20))
+    snap = dump(node, str(ctid))["results"][0]["snapshot"]
+    assert node.vz("verify").returncode == 0
+    chunks = sorted((node.prefix / "vz/backup/chunks").rglob("*"), key=lambda p: -p.stat().st_size
+                    if p.is_file() else 0)
+    victim = chunks[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    res = node.vz("verify", check=False)
+    assert res.returncode == 12
+    assert f"{snap}:/srv/data/big" in res.stderr
+    new = node.new_ctid()
+    res = node.vz("restore", snap, str(new), "--ipadd", "none", check=False)
+    assert res.returncode == 12 and "srv/data/big" in res.stderr
+    assert not (node.prefix / f"etc/vz/conf/{new}.conf").exists()
+    assert not private(node, new).exists()
+    assert [p.name for p in private(node, new).parent.iterdir()] == [str(ctid)]
+
+
+def test_encrypted_backups_via_cli(node: NodeBed, tmp_path: Path):
+    ctid, _ = stopped_ct(node)
+    key = tmp_path / "key"
+    node.vz("key", "create", str(key))
+    snap = dump(node, str(ctid), "--keyfile", str(key))["results"][0]["snapshot"]
+    res = node.vz("list", "-b", check=False)
+    assert res.returncode == 3 and "encrypted" in res.stderr
+    assert snap in node.vz("list", "-b", "--keyfile", str(key)).stdout
+    new = node.new_ctid()
+    node.vz("restore", snap, str(new), "--keyfile", str(key), "--ipadd", "none")
+    assert (private(node, new) / "srv/data/greeting").read_text() == "hello\n"
+
+
+def test_prune_and_gc_via_cli(node: NodeBed):
+    ctid, _ = stopped_ct(node)
+    ids = []
+    for i in range(3):
+        (private(node, ctid) / f"srv/file{i}").write_bytes(os.urandom(200_000))
+        ids.append(dump(node, str(ctid))["results"][0]["snapshot"])
+    node.vz("protect", ids[0])
+    dry = json.loads(node.vz("prune", "--keep-last", "1", "--dry-run", "--json").stdout)
+    assert [s["snapshot"] for s in dry["snapshots"] if not s["keep"]] == [ids[1]]
+    assert len(snapshots(node)) == 3
+    node.vz("prune", "--keep-last", "1")
+    assert [s["id"] for s in snapshots(node)] == [ids[0], ids[2]]
+    gc = json.loads(node.vz("gc", "--grace", "0", "--json").stdout)
+    assert gc["trash_deleted"] == [ids[1]]
+    assert node.vz("verify").returncode == 0
+
+
+def test_dump_all_with_exclude_and_bad_input(node: NodeBed):
+    a, _ = stopped_ct(node)
+    b, _ = stopped_ct(node)
+    res = dump(node, "--all", "--exclude", str(b))
+    assert [r["ctid"] for r in res["results"]] == [a]
+    bad = node.vz("dump", "4242", check=False)
+    assert bad.returncode == 4 and "4242" in bad.stderr
+    assert node.vz("dump", check=False).returncode == 2
+    assert node.vz("restore", "101/not-a-time", "500", check=False).returncode == 2
+    missing = node.vz("restore", f"{a}/2001-01-01T00:00:00Z", "500", check=False)
+    assert missing.returncode == 4
+    assert node.vz("dump", str(a), "--storage", "nowhere", check=False).returncode == 4
+    cfg = node.prefix / "etc/vzbackup/storage.cfg"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("dir: usb\n    fsync 0\n")
+    res = node.vz("dump", str(a), "--storage", "usb", check=False)
+    assert res.returncode == 3 and "storage.cfg:1" in res.stderr
+
+
+def test_two_nodes_share_a_repository(node: NodeBed, tmp_path: Path):
+    """Restore on another node that only knows the storage (no CT config there)."""
+    ctid, _ = stopped_ct(node)
+    snap = dump(node, str(ctid))["results"][0]["snapshot"]
+    other = NodeBed(tmp_path / "node-b")
+    cfg = other.prefix / "etc/vzbackup/storage.cfg"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(f"dir: shared\n    path {node.prefix / 'vz/backup'}\n")
+    try:
+        assert snap in other.vz("list", "--storage", "shared").stdout
+        other.vz("restore", "--storage", "shared", str(ctid), "--ipadd", "none")
+        assert diff(tree_manifest(private(node, ctid)),
+                    tree_manifest(private(other, ctid))) == []
+    finally:
+        other.cleanup()
+
+
+def test_hardlinks_devices_and_modes_survive_via_cli(node: NodeBed):
+    ctid, _ = stopped_ct(node)
+    p = private(node, ctid)
+    os.mknod(p / "srv/tty9", 0o620 | stat.S_IFCHR, os.makedev(4, 9))
+    os.chmod(p / "srv/data/greeting", 0o4750)
+    snap = dump(node, str(ctid))["results"][0]["snapshot"]
+    new = node.new_ctid()
+    node.vz("restore", snap, str(new), "--ipadd", "none")
+    q = private(node, new)
+    assert os.stat(q / "srv/data/greeting").st_ino == os.stat(q / "srv/data/hard").st_ino
+    assert os.lstat(q / "srv/tty9").st_rdev == os.makedev(4, 9)
+    assert stat.S_IMODE(os.stat(q / "srv/data/greeting").st_mode) == 0o4750
