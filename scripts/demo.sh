@@ -7,20 +7,25 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export VZBACKUP_PREFIX=${VZBACKUP_PREFIX:-/var/lib/vzbackup/demo}
 CTID=${DEMO_CTID:-101}
 IP=${DEMO_IP:-10.199.0.101}
+COPY=${DEMO_COPY_CTID:-102}
+COPY_IP=${DEMO_COPY_IP:-10.199.0.102}
 
 "$ROOT/scripts/setup.sh"
 VZ="$ROOT/.venv/bin/vzbackup"
 step() { if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi; }
-fetch() {
+fetch() {  # fetch PATH [IP]
   "$ROOT/.venv/bin/python" -c 'import sys, urllib.request
-print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode(), end="")' "http://$IP/$1"
+print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode(), end="")' "http://${2:-$IP}/$1"
 }
 
 step "node prefix $VZBACKUP_PREFIX (no vz.conf there: embedded defaults)"
-if "$VZ" status "$CTID" | grep -q ' exist '; then
-  "$VZ" status "$CTID" | grep -q running && "$VZ" stop "$CTID" --fast
-  "$VZ" destroy "$CTID"
-fi
+for ct in "$CTID" "$COPY"; do
+  if "$VZ" status "$ct" | grep -q ' exist '; then
+    "$VZ" status "$ct" | grep -q running && "$VZ" stop "$ct" --fast
+    "$VZ" destroy "$ct"
+  fi
+done
+rm -rf "$VZBACKUP_PREFIX/vz/backup" "$VZBACKUP_PREFIX/var/cache/vzbackup"  # a fresh repository
 "$VZ" check
 
 step "create CT $CTID from the busybox template"
@@ -46,6 +51,21 @@ echo "heartbeat counter continues from where it was (not restarted):"
 "$VZ" exec demo 'sleep 1; tail -3 /var/log/heartbeat'
 "$VZ" list -o ctid,name,status,ip,nproc,pid
 
-step "done: CT $CTID runs under prefix $VZBACKUP_PREFIX"
+step "back it up (mode suspend: the CT keeps running) into the local repository"
+"$VZ" dump demo --mode suspend
+
+step "change a file inside, back up again: only the change is read and stored"
+"$VZ" exec demo 'echo "<h1>changed after the first backup</h1>" > /www/changed.html'
+"$VZ" dump demo --mode suspend
+"$VZ" list -b
+
+step "restore the newest snapshot as a new CT $COPY ($COPY_IP) and start it"
+"$VZ" restore "$CTID" "$COPY" --ipadd "$COPY_IP" --hostname demo-copy --start
+for _ in $(seq 50); do fetch "" "$COPY_IP" >/dev/null 2>&1 && break; sleep 0.1; done
+fetch changed.html "$COPY_IP"
+"$VZ" verify
+"$VZ" list -o ctid,name,status,ip,hostname
+
+step "done: CTs $CTID and $COPY run under prefix $VZBACKUP_PREFIX"
 echo "  enter it:   VZBACKUP_PREFIX=$VZBACKUP_PREFIX $VZ enter demo"
 echo "  stop it:    VZBACKUP_PREFIX=$VZBACKUP_PREFIX $VZ stop demo"
