@@ -71,5 +71,5 @@ class Backend(abc.ABC):
         """Free space if the storage knows it (a local disk does), else None."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections."""

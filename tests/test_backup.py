@@ -44,7 +44,7 @@ def stopped_ct(node: NodeBed) -> tuple[int, str]:
 
 
 def test_stop_mode_backup_and_restore_to_new_ctid(node: NodeBed):
-    ctid, ip = node.create_running()
+    ctid, _ = node.create_running()
     node.sh(ctid, "echo precious > /root/data")
     res = dump(node, str(ctid))["results"][0]
     assert res["ok"] and res["mode"] == "stop" and res["stats"]["was_running"]

@@ -86,8 +86,8 @@ def test_second_backup_dedups_and_files_cache_skips_reading(repo: Repository, tm
     src = tmp_path / "src"
     make_rich_tree(src)
     cache_path = tmp_path / "cache" / "101.zst"
-    m1, s1 = backup(repo, src, cache=FilesCache(cache_path))
-    m2, s2 = backup(repo, src, cache=FilesCache(cache_path))
+    _, s1 = backup(repo, src, cache=FilesCache(cache_path))
+    _, s2 = backup(repo, src, cache=FilesCache(cache_path))
     assert s2.bytes_read == 0, "unchanged files must not be read again"
     assert s2.cache_hits == s1.files
     assert s2.chunks_new <= 1  # at most the file list differs (none of the data)
@@ -179,7 +179,7 @@ def test_corrupt_chunk_is_reported_with_file_path(repo: Repository, tmp_path: Pa
     rep = verify(repo, [m])
     assert not rep.ok
     assert any(f"{m.id}:/a" in w for d in rep.damaged for w in d.where)
-    with pytest.raises(DamagedError, match="^a: "):
+    with pytest.raises(DamagedError, match=r"^a: "):
         restore_tree(repo, load_tree(repo, m.tree), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     # a missing chunk as well

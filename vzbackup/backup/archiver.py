@@ -210,7 +210,7 @@ class FilesCache:
         hit = self.old.get(rel)
         if not hit:
             return None
-        ino, size, mtime, ctime, chunks, extents = hit
+        ino, size, mtime, ctime, chunks, _extents = hit
         if size != st.st_size or mtime != st.st_mtime_ns:
             return None
         if self.use_inode and (ino != st.st_ino or ctime != st.st_ctime_ns):
@@ -414,7 +414,9 @@ class TreeWriter:
                 extents = data_extents(fd, st.st_size)
             regions = extents if extents is not None else [[0, st.st_size]]
             total = sum(ln for _, ln in regions)
-            stream = self.small if total < self.avg else Stream(self.cdc, self.store, 4 * READ_BLOCK)
+            stream = (
+                self.small if total < self.avg else Stream(self.cdc, self.store, 4 * READ_BLOCK)
+            )
             start = stream.end
             for off, ln in regions:
                 os.lseek(fd, off, os.SEEK_SET)

@@ -48,7 +48,8 @@ class KeyFile:
     @classmethod
     def create(cls, path: Path) -> KeyFile:
         """Write a new random key to *path* (mode 0600); refuses to overwrite one."""
-        key = cls(os.urandom(32), os.urandom(32), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        key = cls(os.urandom(32), os.urandom(32), now)
         data = {
             "kind": KEY_KIND,
             "version": 1,
@@ -148,6 +149,8 @@ class Codec:
                 raise DamagedError(f"{name}: unknown object format {kind}")
             return self._dctx().decompress(frame)
         except InvalidTag:
-            raise DamagedError(f"{name}: authentication failed (corrupt, or a different key)") from None
+            raise DamagedError(
+                f"{name}: authentication failed (corrupt, or a different key)"
+            ) from None
         except zstandard.ZstdError as e:
             raise DamagedError(f"{name}: corrupt compressed data ({e})") from None

@@ -108,7 +108,9 @@ class _Dirs:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=pfd)
         except OSError as e:
-            raise DamagedError(f"{rel}: not a directory in the restored tree ({e.strerror})") from None
+            raise DamagedError(
+                f"{rel}: not a directory in the restored tree ({e.strerror})"
+            ) from None
         if len(self.cache) > 256:
             self.close()
         self.cache[rel] = fd

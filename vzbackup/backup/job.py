@@ -126,7 +126,9 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             read_seconds=round(read_s, 3),
             frozen_seconds=round(frozen, 3),
             was_running=was_running,
-            dedup_ratio=round(stats.bytes_total / stats.stored_new, 2) if stats.stored_new else None,
+            dedup_ratio=(
+                round(stats.bytes_total / stats.stored_new, 2) if stats.stored_new else None
+            ),
         )
         manifest = Manifest(
             id="",

@@ -167,9 +167,10 @@ class Repository:
                     hint="pass --keyfile (or set encryption-key in vzdump.conf)",
                 )
             if key.fingerprint != config.get("key_fingerprint"):
+                want = str(config.get("key_fingerprint", ""))[:12]
                 raise ConfigError(
                     f"the key file does not belong to the repository at {backend.url} "
-                    f"(fingerprint {key.fingerprint[:12]} != {config.get('key_fingerprint', '')[:12]})"
+                    f"(fingerprint {key.fingerprint[:12]} != {want})"
                 )
         elif key is not None:
             raise ConfigError(

@@ -118,9 +118,9 @@ def export(ctx: click.Context, snapshot: str, dumpdir: str, storage: str | None,
                 yield bytes(e.size - pos)
         return read
 
-    items = (
+    items = V.preorder(
         V.ExportEntry(path=e.path, kind=kinds[e.kind], mode=e.mode, uid=e.uid, gid=e.gid,
-                      mtime_ns=e.mtime_ns, size=e.size, link_target=e.link, rdev=e.rdev,
+                      mtime_ns=e.mtime_ns, size=e.size, link_target=e.link or None, rdev=e.rdev,
                       xattrs=e.xattrs, read=content(e) if e.kind == T.FILE else None)
         for e in entries
     )

@@ -62,7 +62,7 @@ def dump(ctx: click.Context, ctids: tuple[str, ...], all_: bool, exclude: tuple[
     )
     tty = sys.stderr.isatty() and not as_json
     echo = (lambda line: click.echo(line, err=True)) if (ctx.find_root().params.get("verbose")
-                                                         or not as_json and not tty) else None
+                                                         or (not as_json and not tty)) else None
 
     def progress_factory(ct: Container):
         if not tty:

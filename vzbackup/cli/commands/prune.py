@@ -8,10 +8,9 @@ from vzbackup.backup import gc as G
 from vzbackup.backup import locks as L
 from vzbackup.backup import maintenance
 from vzbackup.backup.prune import KeepPolicy
-from vzbackup.cli.common import emit, json_option
+from vzbackup.cli.common import emit, json_option, node_of
 from vzbackup.cli.repo_common import human, open_repo, repo_options
 from vzbackup.ct import registry
-from vzbackup.cli.common import node_of
 from vzbackup.errors import UsageError
 
 KEEPS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
