@@ -138,31 +138,34 @@ class Stream:
         self.cdc = cdc
         self.store = store
         self.flush_at = flush_at
-        self.buf = bytearray()
-        self.base = 0  # stream offset of buf[0]
+        self.parts: list[bytes] = []  # not yet chunked, in order
+        self.pending = 0  # their total length
+        self.base = 0  # stream offset of parts[0]
         self.chunks: collections.deque[tuple[int, int, Future]] = collections.deque()
 
     @property
     def end(self) -> int:
-        return self.base + len(self.buf)
+        return self.base + self.pending
 
     @property
     def cut(self) -> int:
         """Everything before this offset is in chunks already."""
         return self.base
 
-    def write(self, data: bytes | memoryview) -> None:
-        self.buf += data
-        if len(self.buf) >= self.flush_at:
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.pending += len(data)
+        if self.pending >= self.flush_at:
             self._cut(final=False)
 
     def finish(self) -> None:
         self._cut(final=True)
 
     def _cut(self, final: bool) -> None:
-        if not self.buf:
+        if not self.pending:
             return
-        data = memoryview(bytes(self.buf))
+        # one copy at most; chunks are views into it (kept alive until processed)
+        data = memoryview(self.parts[0] if len(self.parts) == 1 else b"".join(self.parts))
         pieces = [(c.offset, c.length) for c in self.cdc.cut_buf(data)]
         if not final:
             pieces = pieces[:-1]  # the last cut is only where the buffer ended
@@ -171,7 +174,9 @@ class Stream:
             fut = self.store.submit(data[off : off + length])
             self.chunks.append((self.base + off, length, fut))
             used = off + length
-        del self.buf[:used]
+        rest = data[used:]
+        self.parts = [bytes(rest)] if len(rest) else []
+        self.pending = len(rest)
         self.base += used
 
     def slices(self, start: int, end: int) -> list[tuple[Future, int, int]]:
