@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from vzbackup.ct import fs
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_NAME = "busybox-1.0-x86_64"
 _ctids = itertools.count(int(os.environ.get("VZBACKUP_TEST_CTID_BASE", "3100")))
@@ -169,3 +171,43 @@ def http_get(ip: str, port: int = 80, path: str = "/", timeout: float = 3.0) -> 
         while data := s.recv(65536):
             chunks.append(data)
     return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.fixture
+def btrfs_node(node: NodeBed) -> Iterator[NodeBed]:
+    """The bed with a 300 MB loopback btrfs mounted on vz/private; all undone afterwards."""
+    img_dir = Path(tempfile.mkdtemp(prefix="vzt-btrfs-", dir="/var/tmp"))
+    img = img_dir / "private.img"
+    mnt = node.prefix / "vz/private"
+    mnt.mkdir(parents=True, exist_ok=True)
+    loop = ""
+    try:
+        subprocess.run(["truncate", "-s", "300M", str(img)], check=True)
+        subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
+        loop = subprocess.run(
+            ["losetup", "--find", "--show", str(img)], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        subprocess.run(["mount", "-t", "btrfs", loop, str(mnt)], check=True)
+        assert fs.fs_type(mnt) == "btrfs"
+        yield node
+    finally:
+        run = node.prefix / "vz/run"
+        for state in run.glob("*.state") if run.is_dir() else []:
+            node.vz("stop", "--fast", state.stem, check=False, timeout=90)
+        with open("/proc/self/mountinfo") as f:
+            below = [ln.split()[4] for ln in f if ln.split()[4].startswith(f"{node.prefix}/")]
+        for m in sorted(below, key=len, reverse=True):  # CT roots bound from the btrfs first
+            subprocess.run(["umount", m], capture_output=True, check=False)
+        for _ in range(50):
+            if not os.path.ismount(mnt):
+                break
+            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+        with contextlib.suppress(OSError):
+            img.unlink()
+            img_dir.rmdir()

@@ -105,8 +105,6 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
                     log(f"INFO: backing up CRIU images from {src.state_dir}")
                     state_tree = TreeWriter(repo, store, log=log).write(src.state_dir)
                 read_s = time.monotonic() - t1
-                frozen = src.frozen_seconds
-                was_running = src.was_running
         finally:
             store.close()
         gone = [c for c in store.reused_orphans if not repo.has_chunk(c)]
@@ -124,8 +122,8 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             chunks_total=len(refs),
             duration=round(time.monotonic() - t0, 3),
             read_seconds=round(read_s, 3),
-            frozen_seconds=round(frozen, 3),
-            was_running=was_running,
+            frozen_seconds=round(src.frozen_seconds, 3),  # final only after the with block
+            was_running=src.was_running,
             dedup_ratio=(
                 round(stats.bytes_total / stats.stored_new, 2) if stats.stored_new else None
             ),

@@ -1,12 +1,16 @@
 """Dump and restore a container's process tree with pycriu (criu swrk RPC).
 
 One fresh ``pycriu.criu()`` per request; images go to a directory, CRIU's log beside them.
+A dump can also take callbacks for CRIU's notifications ("post-dump" runs while the tasks are
+still frozen): pycriu's ``criu.dump()`` can't answer them, so that request loop is run here.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +58,21 @@ def _new(images_dir: Path, log_name: str):
     return c, fd
 
 
-def dump(pid: int, images_dir: Path, opts: DumpOptions) -> float:
-    """Checkpoint the tree rooted at host *pid* into *images_dir*; returns seconds taken."""
+def dump(
+    pid: int,
+    images_dir: Path,
+    opts: DumpOptions,
+    notify: dict[str, Callable[[], None]] | None = None,
+) -> float:
+    """Checkpoint the tree rooted at host *pid* into *images_dir*; returns seconds taken.
+
+    *notify* maps CRIU notification names ("pre-dump", "network-lock", "post-dump",
+    "network-unlock", ...) to callbacks run when CRIU reaches that point. "post-dump" comes
+    after the images are written and before the tasks are resumed (``leave_running``) or
+    killed. A callback that raises makes CRIU abort the dump (the tasks keep running); the
+    dump then raises CheckpointError chained to the callback's exception (a BaseException
+    such as KeyboardInterrupt is re-raised as is once CRIU has finished).
+    """
     images_dir.mkdir(parents=True, exist_ok=True)
     c, fd = _new(images_dir, DUMP_LOG)
     try:
@@ -66,6 +83,9 @@ def dump(pid: int, images_dir: Path, opts: DumpOptions) -> float:
         c.opts.manage_cgroups = True
         c.opts.external.extend(opts.external)
         t0 = time.monotonic()
+        if notify:
+            _dump_with_notify(c, pid, images_dir, notify)
+            return time.monotonic() - t0
         try:
             c.dump()
         except Exception as e:
@@ -76,6 +96,69 @@ def dump(pid: int, images_dir: Path, opts: DumpOptions) -> float:
         return time.monotonic() - t0
     finally:
         os.close(fd)
+
+
+def _recv(sk: socket.socket):
+    """One criu_resp from the swrk socket (SOCK_SEQPACKET: one message per packet)."""
+    rpc = pycriu_module().rpc
+    size = len(sk.recv(1, socket.MSG_TRUNC | socket.MSG_PEEK))  # real length, as pycriu does
+    if size == 0:
+        raise EOFError("criu closed the connection")
+    resp = rpc.criu_resp()
+    resp.ParseFromString(sk.recv(size))
+    return resp
+
+
+def _dump_with_notify(c, pid: int, images_dir: Path, notify: dict[str, Callable[[], None]]):
+    """criu.dump() with notify_scripts on: answer each NOTIFY, running *notify*'s callbacks."""
+    pycriu = pycriu_module()
+    rpc = pycriu.rpc
+    c.opts.notify_scripts = True
+    req = rpc.criu_req(type=rpc.DUMP)
+    req.opts.MergeFrom(c.opts)
+    log = images_dir / DUMP_LOG
+    failed: BaseException | None = None
+    failed_step = ""
+    try:
+        sk = c._comm.connect(False)  # forks "criu swrk" as our child, like criu.dump() does
+    except Exception as e:
+        raise CheckpointError(f"CRIU dump of pid {pid} failed: cannot start criu: {e}") from None
+    try:
+        sk.send(req.SerializeToString())
+        while True:
+            resp = _recv(sk)
+            if resp.type != rpc.NOTIFY:
+                break
+            step = resp.notify.script
+            callback = notify.get(step)
+            ok = True
+            if callback is not None and failed is None:
+                try:
+                    callback()
+                except BaseException as e:  # CRIU must hear about any failure
+                    failed, failed_step, ok = e, step, False
+            sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
+    except (OSError, EOFError, ValueError) as e:  # ValueError covers protobuf's DecodeError
+        raise CheckpointError(
+            f"CRIU dump of pid {pid} failed: lost the connection to criu: {e}\n{_log_tail(log)}",
+            hint=f"full log: {log}",
+        ) from None
+    finally:
+        c._comm.disconnect()  # closes the socket and reaps criu: the tasks run again by now
+    if failed is not None:
+        if not isinstance(failed, Exception):
+            raise failed
+        raise CheckpointError(
+            f"CRIU dump of pid {pid} aborted: the {failed_step} step failed: {failed}",
+            hint=f"the tasks were left running; CRIU log: {log}",
+        ) from failed
+    if resp.type != rpc.DUMP or not resp.success:
+        why = str(pycriu.CRIUExceptionExternal(req.type, resp.type, resp.cr_errno))
+        if resp.cr_errmsg:
+            why += f" ({resp.cr_errmsg})"
+        raise CheckpointError(
+            f"CRIU dump of pid {pid} failed: {why}\n{_log_tail(log)}", hint=f"full log: {log}"
+        )
 
 
 def restore(images_dir: Path, opts: RestoreOptions) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node, expand
-from vzbackup.ct import network
+from vzbackup.ct import fs, network
 from vzbackup.ct.cgroups import CgroupSet, Limits
 from vzbackup.ct.state import CTState, read_state
 from vzbackup.errors import NotFoundError, RuntimeFailure, StateError
@@ -158,7 +158,12 @@ class Container:
         private = self.ve_private()
         if private.resolve() in (Path("/"), Path(self.node.prefix).resolve()):
             raise RuntimeFailure(f"refusing to remove {private}")
-        if private.exists():
+        if fs.fs_type(private.parent) == "btrfs":
+            for snap in fs.leftover_snapshots(private, self.ctid):
+                fs.delete_subvolume(snap)
+        if fs.is_btrfs_subvolume(private) and not fs.is_mount_point(private):
+            fs.delete_subvolume(private)
+        elif private.exists():
             shutil.rmtree(private)
         with contextlib.suppress(OSError):
             self.ve_root().rmdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,11 +20,13 @@ from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu import driver
 from vzbackup.criu.check import criu_binary, pycriu_module
-from vzbackup.ct import network, registry, template
+from vzbackup.ct import fs, network, registry, template
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import read_state
 
 START_TIMEOUT = 60.0
+
+log = logging.getLogger(__name__)
 
 
 def _others_ips(node: Node, ctid: int) -> dict[str, int]:
@@ -96,14 +99,26 @@ def create(
                 hint="remove it, or destroy the CT that owns it",
             )
         private.parent.mkdir(parents=True, exist_ok=True)
-        template.extract_template(archive, private)
+        subvolume = fs.fs_type(private.parent) == "btrfs"
+        if subvolume:  # lets backups take instant snapshots (mode snapshot / checkpoint)
+            try:
+                fs.create_subvolume(private)
+            except E.DependencyError as e:
+                subvolume = False
+                log.warning("%s: private area %s is a plain directory", e, private)
+        try:
+            template.extract_template(archive, private)
+        except BaseException:
+            if subvolume:
+                fs.remove_tree(private, ignore_errors=True)
+            raise
         try:
             conf.save()
             if name:
                 registry.set_name(node, ctid, name)
             ct.write_dist_files(conf)
         except BaseException:
-            shutil.rmtree(private, ignore_errors=True)
+            fs.remove_tree(private, ignore_errors=True)
             ct.conf_path.unlink(missing_ok=True)
             raise
     return ct
@@ -177,11 +192,16 @@ def _check_start_inputs(conf: CTConfig) -> None:
 
 def start(ct: Container) -> int:
     with ct.lock():
-        conf = ct.conf
-        if ct.running:
-            raise E.StateError(f"CT {ct.ctid} is already running")
-        _check_start_inputs(conf)
-        return _spawn_supervisor(ct, "start", [])
+        return start_locked(ct)
+
+
+def start_locked(ct: Container) -> int:
+    """start() for a caller that already holds ``ct.lock()`` (the lock is not re-entrant)."""
+    conf = ct.conf
+    if ct.running:
+        raise E.StateError(f"CT {ct.ctid} is already running")
+    _check_start_inputs(conf)
+    return _spawn_supervisor(ct, "start", [])
 
 
 def _wait_gone(ct: Container, timeout: float) -> bool:
@@ -196,30 +216,40 @@ def _wait_gone(ct: Container, timeout: float) -> bool:
 def stop(ct: Container, *, timeout: float | None = None, fast: bool = False) -> None:
     """Graceful halt inside the CT, then SIGKILL of its init after *timeout* seconds."""
     with ct.lock():
-        ct.conf  # noqa: B018 - raises NotFoundError for an unknown CT
-        st = ct.state()
-        if st is None:
-            raise E.StateError(f"CT {ct.ctid} is not running")
-        timeout = ct.node.stop_timeout if timeout is None else timeout
-        with contextlib.suppress(Exception):
-            ct.cgroup().thaw()
-        if not fast and st.init_pid:
-            halted = ct.exec(["/sbin/halt"], capture=True).returncode == 0
-            if not halted:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(st.init_pid, signal.SIGTERM)
-            if _wait_gone(ct, timeout):
-                return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(st.init_pid, signal.SIGKILL)
-        if not _wait_gone(ct, 30):
-            raise E.RuntimeFailure(f"CT {ct.ctid}: supervisor {st.supervisor_pid} did not finish")
+        stop_locked(ct, timeout=timeout, fast=fast)
+
+
+def stop_locked(ct: Container, *, timeout: float | None = None, fast: bool = False) -> None:
+    """stop() for a caller that already holds ``ct.lock()`` (the lock is not re-entrant)."""
+    ct.conf  # noqa: B018 - raises NotFoundError for an unknown CT
+    st = ct.state()
+    if st is None:
+        raise E.StateError(f"CT {ct.ctid} is not running")
+    timeout = ct.node.stop_timeout if timeout is None else timeout
+    with contextlib.suppress(Exception):
+        ct.cgroup().thaw()
+    if not fast and st.init_pid:
+        halted = ct.exec(["/sbin/halt"], capture=True).returncode == 0
+        if not halted:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(st.init_pid, signal.SIGTERM)
+        if _wait_gone(ct, timeout):
+            return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(st.init_pid, signal.SIGKILL)
+    if not _wait_gone(ct, 30):
+        raise E.RuntimeFailure(f"CT {ct.ctid}: supervisor {st.supervisor_pid} did not finish")
 
 
 def dump_dir(ct: Container, dumpfile: str | None) -> Path:
     return (
         Path(dumpfile) if dumpfile else ct.node.dumpdir / C.CRIU_IMAGE_SUBDIR.format(ctid=ct.ctid)
     )
+
+
+def dump_external(conf: CTConfig) -> list[str]:
+    """CRIU ``external`` entries for a dump of the CT: its bind mounts, by key."""
+    return [f"mnt[{b.ct}]:{b.key}" for b in conf.bindmounts]
 
 
 def chkpnt(ct: Container, dumpfile: str | None = None) -> tuple[Path, float]:
@@ -238,7 +268,7 @@ def chkpnt(ct: Container, dumpfile: str | None = None) -> tuple[Path, float]:
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            ext = [f"mnt[{b.ct}]:{b.key}" for b in ct.conf.bindmounts]
+            ext = dump_external(ct.conf)
             took = driver.dump(st.init_pid, partial, driver.DumpOptions(external=ext))
         except E.CheckpointError:
             failed_log = final.with_name(final.name + ".failed.log")
@@ -254,7 +284,10 @@ def chkpnt(ct: Container, dumpfile: str | None = None) -> tuple[Path, float]:
         return final, took
 
 
-def restore(ct: Container, dumpfile: str | None = None, *, keep_dump: bool = False) -> int:
+def restore(
+    ct: Container, dumpfile: str | None = None, *, keep_dump: bool = False, tcp_close: bool = False
+) -> int:
+    """Restore the CT from CRIU images; *tcp_close*: images whose TCP peers are gone (backups)."""
     criu_binary()
     pycriu_module()
     with ct.lock():
@@ -266,6 +299,8 @@ def restore(ct: Container, dumpfile: str | None = None, *, keep_dump: bool = Fal
             raise E.NotFoundError(f"no CRIU images in {images}")
         _check_start_inputs(conf)
         extra = ["--dumpdir", str(images)] + (["--keep-dump"] if keep_dump else [])
+        if tcp_close:
+            extra.append("--tcp-close")
         return _spawn_supervisor(ct, "restore", extra)
 
 

@@ -1,7 +1,8 @@
 """Per-container supervisor: owns the CT's init (subreaper), records its state, cleans up.
 
 Started detached by ``vzbackup start``/``restore`` as
-``python -m vzbackup.ct.supervisor {start|restore} CTID --prefix P --ready-fd N [--dumpdir D]``.
+``python -m vzbackup.ct.supervisor {start|restore} CTID --prefix P --ready-fd N``
+(restore: ``--dumpdir D [--keep-dump] [--tcp-close]``).
 It reports success or the error on the ready fd, then waits for init to exit and tears the
 CT's runtime down (network, cgroups, root mount, state file).
 """
@@ -65,7 +66,7 @@ class Supervisor:
             raise
         log.info("CT %s started, init pid %s", self.ct.ctid, proc.pid)
 
-    def restore(self, images: Path) -> None:
+    def restore(self, images: Path, *, tcp_close: bool = False) -> None:
         conf = self.ct.conf
         self._prepare(conf)
         os.chdir("/")
@@ -77,6 +78,7 @@ class Supervisor:
                 root=str(self.ct.ve_root(conf)),
                 veths=network.criu_veth_pairs(net),
                 external=[f"mnt[{b.key}]:{b.host}" for b in conf.bindmounts],
+                tcp_established=not tcp_close,
             ),
         )
         network.configure_host_side(net)
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-fd", type=int, required=True)
     ap.add_argument("--dumpdir")
     ap.add_argument("--keep-dump", action="store_true")
+    ap.add_argument(
+        "--tcp-close", action="store_true", help="restore TCP connections closed (from a backup)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "start":
             sup.start()
         else:
-            sup.restore(Path(args.dumpdir))
+            sup.restore(Path(args.dumpdir), tcp_close=args.tcp_close)
     except BaseException as e:
         log.error("%s failed: %s", args.mode, e)
         if sup.init_pid:
