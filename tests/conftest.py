@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from vzbackup.constants import HOST_GATEWAY
 from vzbackup.ct import fs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,3 +212,49 @@ def btrfs_node(node: NodeBed) -> Iterator[NodeBed]:
         with contextlib.suppress(OSError):
             img.unlink()
             img_dir.rmdir()
+
+
+COUNTER = (  # an in-memory counter in a CT: a cold start would begin again at 1
+    # (written to a new file and renamed, so a reader never sees it empty)
+    "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; "
+    "mv /tmp/counter.new /tmp/counter; usleep 100000; done' </dev/null >/dev/null 2>&1 &"
+)
+
+
+class EchoPeer:
+    """A host-side TCP server; the CT connects to it and echoes what it gets."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.listen(1)
+        self.sock.settimeout(20)
+        self.port = self.sock.getsockname()[1]
+        self.conn: socket.socket | None = None
+
+    def accept(self) -> None:
+        self.conn, _ = self.sock.accept()
+        self.conn.settimeout(30)
+
+    def roundtrip(self, msg: bytes) -> bytes:
+        assert self.conn is not None
+        self.conn.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            chunk = self.conn.recv(len(msg) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+    def close(self) -> None:
+        if self.conn:
+            self.conn.close()
+        self.sock.close()
+
+    def connect_from(self, bed: NodeBed, ctid: int) -> None:
+        """Let CT *ctid* connect here with busybox nc echoing through cat."""
+        nc = f"nc {HOST_GATEWAY} {self.port} -e /bin/cat"
+        bed.sh(ctid, f"setsid {nc} </dev/null >/dev/null 2>&1 &")
+        self.accept()

@@ -13,13 +13,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import NodeBed, http_get, wait_for
+from conftest import COUNTER, NodeBed, http_get, wait_for
 from treecmp import diff, tree_manifest
-
-COUNTER = (  # an in-memory counter: a cold start would begin again at 1
-    "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; "
-    "usleep 100000; done' </dev/null >/dev/null 2>&1 &"
-)
 
 
 def dump(node: NodeBed, *args: str, check: bool = True) -> dict:

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import NodeBed, http_get, wait_for
+from conftest import COUNTER, EchoPeer, NodeBed, http_get, wait_for
 
 pytestmark = pytest.mark.usefixtures("criu_ready")
 
-COUNTER = (
-    "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; "
-    "usleep 100000; done' </dev/null >/dev/null 2>&1 &"
-)
+
 
 
 def _counter(node: NodeBed, ctid: int) -> int:
@@ -29,37 +25,6 @@ def _state(node: NodeBed, ctid: int) -> dict:
     return json.loads((node.prefix / f"vz/run/{ctid}.state").read_text())
 
 
-class EchoPeer:
-    """A host-side TCP server; the CT connects to it and echoes what it gets."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.listen(1)
-        self.sock.settimeout(20)
-        self.port = self.sock.getsockname()[1]
-        self.conn: socket.socket | None = None
-
-    def accept(self) -> None:
-        self.conn, _ = self.sock.accept()
-        self.conn.settimeout(30)
-
-    def roundtrip(self, msg: bytes) -> bytes:
-        assert self.conn is not None
-        self.conn.sendall(msg)
-        got = b""
-        while len(got) < len(msg):
-            chunk = self.conn.recv(len(msg) - len(got))
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-    def close(self) -> None:
-        if self.conn:
-            self.conn.close()
-        self.sock.close()
 
 
 def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> None:
@@ -67,13 +32,12 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
     peer = EchoPeer()
     try:
         node.sh(ctid, COUNTER)
-        node.sh(ctid, f"setsid nc 169.254.0.1 {peer.port} -e /bin/cat </dev/null >/dev/null 2>&1 &")
+        peer.connect_from(node, ctid)
         node.sh(
             ctid,
             "echo held > /tmp/lockfile; setsid flock /tmp/lockfile sleep 1000 "
             "</dev/null >/dev/null 2>&1 &",
         )
-        peer.accept()
         assert peer.roundtrip(b"before\n") == b"before\n"
         wait_for(lambda: _counter(node, ctid) > 3, what="counter")
         nc_pid = node.sh(ctid, "pidof cat").strip()

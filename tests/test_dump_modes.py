@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import NodeBed, http_get, wait_for
+from conftest import COUNTER, EchoPeer, NodeBed, http_get, wait_for
 from treecmp import tree_manifest as full_manifest
 
 from vzbackup.backup.modes import MODES, Source, consistent_source, is_btrfs_subvolume
@@ -25,10 +24,6 @@ from vzbackup.ct import fs, ops
 from vzbackup.ct.container import Container
 from vzbackup.errors import CheckpointError, LockedError, UsageError
 
-COUNTER = (  # an in-memory counter: a cold start would begin again at 1
-    "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; "
-    "usleep 100000; done' </dev/null >/dev/null 2>&1 &"
-)
 APPENDER = (  # keeps a file open and growing: CRIU's size check needs files == state
     "setsid sh -c 'exec 3>>/var/log/appender; i=0; while true; do i=$((i+1)); echo $i >&3; "
     "usleep 50000; done' </dev/null >/dev/null 2>&1 &"
@@ -78,44 +73,6 @@ def start_ct(bed: NodeBed) -> tuple[int, str]:
     return ctid, ip
 
 
-class Peer:
-    """A host-side TCP server the CT connects to and echoes through (nc -e cat)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.listen(1)
-        self.sock.settimeout(20)
-        self.port = self.sock.getsockname()[1]
-        self.conn: socket.socket | None = None
-
-    def connect_from(self, bed: NodeBed, ctid: int) -> None:
-        bed.sh(ctid, f"setsid nc 169.254.0.1 {self.port} -e /bin/cat </dev/null >/dev/null 2>&1 &")
-        self.conn, _ = self.sock.accept()
-        self.conn.settimeout(20)
-
-    def roundtrip(self, msg: bytes) -> bytes:
-        assert self.conn is not None
-        self.conn.sendall(msg)
-        got = b""
-        while len(got) < len(msg):
-            chunk = self.conn.recv(len(msg) - len(got))
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-    def close(self) -> None:
-        if self.conn:
-            self.conn.close()
-        self.sock.close()
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    d = tmp_path / "work"
-    d.mkdir()
-    return d
 
 
 def bed_for(request: pytest.FixtureRequest, btrfs: bool) -> NodeBed:
@@ -277,7 +234,7 @@ def test_checkpoint_backup_restores_with_state(
     ctid, ip = start_ct(bed)
     ct = container(bed, ctid)
     priv = private(bed, ctid)
-    peer = Peer()
+    peer = EchoPeer()
     try:
         bed.sh(ctid, COUNTER)
         bed.sh(ctid, APPENDER)

@@ -19,7 +19,7 @@ from typing import Any
 from vzbackup.backup import locks as L
 from vzbackup.backup import maintenance, modes, session
 from vzbackup.backup.archiver import ChunkStore, FilesCache, Stats, TreeWriter
-from vzbackup.backup.defaults import DumpDefaults
+from vzbackup.backup.defaults import DumpDefaults, ExcludeMatcher
 from vzbackup.backup.hooks import HookScript
 from vzbackup.backup.repo import TIME_FMT, Manifest, Repository
 from vzbackup.ct.container import Container
@@ -77,7 +77,8 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
     log(f"INFO: starting backup of CT {ct.ctid} ({conf.hostname or 'no hostname'}), mode {mode}")
     tmpdir = Path(opts.tmpdir) if opts.tmpdir else ct.node.dumpdir
     tmpdir.mkdir(parents=True, exist_ok=True)
-    matcher = opts.matcher()
+    # a checkpoint's processes may hold files in /tmp open: keep the tree whole for CRIU
+    matcher = ExcludeMatcher(opts.exclude_path) if mode == "checkpoint" else opts.matcher()
     exclude = matcher.excluded if matcher else None
     stats = Stats()
     with Lock(ct.node.lockdir / f"{ct.ctid}.backup.lock", wait=opts.lockwait * 60,

@@ -23,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import grp
-import gzip
 import io
 import logging
-import lzma
 import os
 import posixpath
 import pwd
@@ -35,7 +33,6 @@ import stat
 import struct
 import tarfile
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,6 +46,7 @@ from vzbackup.constants import MAX_CTID
 from vzbackup.ct.template import (
     _CHUNK,
     _FILTER_KWARGS,
+    ARCHIVE_ERRORS,
     _check_member,
     _Corrupt,
     _decompressed,
@@ -725,15 +723,7 @@ def import_tar(archive: Path, dest: Path, *, allow_devices: bool = True) -> str:
         raise
     except _Unsafe as e:
         raise RuntimeFailure(f"archive {archive} has an unsafe member {e.name}: {e}") from None
-    except (
-        _Corrupt,
-        tarfile.ReadError,
-        EOFError,
-        zlib.error,
-        lzma.LZMAError,
-        gzip.BadGzipFile,
-        zstandard.ZstdError,
-    ) as e:
+    except ARCHIVE_ERRORS as e:
         raise RuntimeFailure(f"archive {archive} is corrupt: {e}") from None
     except (OSError, tarfile.TarError) as e:
         raise RuntimeFailure(f"importing {archive} into {dest} failed: {e}") from e

@@ -57,6 +57,18 @@ class _Corrupt(Exception):
     """The archive's data is damaged or inconsistent."""
 
 
+# what a truncated or garbled archive raises, whatever its compression
+ARCHIVE_ERRORS = (
+    _Corrupt,
+    tarfile.ReadError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    gzip.BadGzipFile,
+    zstandard.ZstdError,
+)
+
+
 # --------------------------------------------------------------------------------- lookup
 
 
@@ -326,15 +338,7 @@ def extract_template(archive: Path, dest: str | Path) -> None:
             raise
     except _Unsafe as e:
         raise RuntimeFailure(f"template {archive} has an unsafe member {e.name}: {e}") from None
-    except (
-        _Corrupt,
-        tarfile.ReadError,
-        EOFError,
-        zlib.error,
-        lzma.LZMAError,
-        gzip.BadGzipFile,
-        zstandard.ZstdError,
-    ) as e:
+    except ARCHIVE_ERRORS as e:
         raise RuntimeFailure(f"template {archive} is corrupt: {e}") from None
     except (OSError, tarfile.TarError) as e:
         raise RuntimeFailure(f"extracting template {archive} into {dest} failed: {e}") from e
