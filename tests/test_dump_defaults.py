@@ -33,7 +33,7 @@ def conf(tmp_path: Path, text: str) -> Path:
 def test_embedded_defaults_are_vzdumps() -> None:
     d = load_defaults(None)
     assert d == DumpDefaults()
-    assert (d.storage, d.mode, d.zstd_level, d.zstd, d.tmpdir) == (None, "stop", 3, 1, None)
+    assert (d.storage, d.mode, d.zstd_level, d.zstd, d.tmpdir) == (None, "stop", 3, 0, None)
     assert (d.lockwait, d.stopwait, d.bwlimit, d.ionice) == (180, 10, 0, 7)
     assert (d.exclude_path, d.stdexcludes, d.remove) == ((), True, True)
     assert (d.script, d.notes_template, d.encryption_key) == (None, None, None)

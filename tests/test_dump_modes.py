@@ -38,6 +38,14 @@ def tree_manifest(root: Path) -> dict[str, tuple]:
     return full_manifest(root, mtimes=False, xattrs=False)
 
 
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """tmpdir for the modes' copies and CRIU images; must end up empty."""
+    d = tmp_path / "work"
+    d.mkdir()
+    return d
+
+
 def container(bed: NodeBed, ctid: int) -> Container:
     return Container(Node.load(str(bed.prefix)), ctid)
 
