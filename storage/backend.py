@@ -67,6 +67,9 @@ class Backend(abc.ABC):
                 return info
         raise ObjectMissing(f"{self.url}: no object {key}")
 
+    def flush(self) -> None:  # noqa: B027 - a no-op where every write is durable
+        """Make every object written so far durable (called before a snapshot is published)."""
+
     def free_bytes(self) -> int | None:
         """Free space if the storage knows it (a local disk does), else None."""
         return None

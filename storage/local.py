@@ -1,13 +1,16 @@
 """A repository in a local directory (or any mounted filesystem: NFS, CIFS, a USB disk).
 
-Writes go to a temporary file in the same directory, are fsync'ed and renamed over the
-key, so a crash leaves either the old object or the new one. ``put_if_absent`` uses
+Writes go to a temporary file in the same directory and are renamed over the key, so a
+crash leaves either the old object or the new one. Bulk objects (chunks) are not synced one
+by one: ``flush()`` syncs the whole filesystem once (syncfs) before a snapshot is published;
+everything else is fsync'ed with its directory as it is written. ``put_if_absent`` uses
 link(2), which fails if the name exists, so two writers never both win.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import time
@@ -17,6 +20,9 @@ from pathlib import Path
 from storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
 
 TMP_MARK = ".tmp-"
+BULK_PREFIX = "chunks/"  # synced by flush(), not per object
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class DirBackend(Backend):
@@ -30,7 +36,7 @@ class DirBackend(Backend):
             raise BackendError(f"invalid object key {key!r}")
         return self.root / key
 
-    def _write_tmp(self, target: Path, data: bytes) -> Path:
+    def _write_tmp(self, target: Path, data: bytes, sync: bool = True) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{TMP_MARK}{target.name}.{os.getpid()}.{time.monotonic_ns()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -38,7 +44,7 @@ class DirBackend(Backend):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if self.fsync:
+            if self.fsync and sync:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -59,10 +65,12 @@ class DirBackend(Backend):
 
     def put(self, key: str, data: bytes) -> None:
         target = self._path(key)
+        bulk = key.startswith(BULK_PREFIX)
         try:
-            tmp = self._write_tmp(target, data)
+            tmp = self._write_tmp(target, data, sync=not bulk)
             os.replace(tmp, target)
-            self._sync_dir(target.parent)
+            if not bulk:
+                self._sync_dir(target.parent)
         except OSError as e:
             raise BackendError(f"{self.url}: cannot write {key}: {e.strerror}") from e
 
@@ -83,6 +91,17 @@ class DirBackend(Backend):
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+    def flush(self) -> None:
+        if not self.fsync or not self.root.exists():
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise BackendError(f"{self.url}: syncfs failed: {os.strerror(err)}")
+        finally:
+            os.close(fd)
 
     def get(self, key: str) -> bytes:
         try:

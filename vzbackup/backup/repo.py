@@ -264,6 +264,10 @@ class Repository:
     def publish(self, manifest: Manifest, log_text: str) -> Manifest:
         """Write the log, then the manifest (create-if-absent, a clash moves the time on)."""
         stamp = datetime.strptime(manifest.time, TIME_FMT).replace(tzinfo=UTC)
+        try:
+            self.backend.flush()  # the chunks are durable before anything refers to them
+        except BackendError as e:
+            raise StorageError(str(e)) from None
         for _ in range(60):
             manifest.time = stamp.strftime(TIME_FMT)
             manifest.id = f"{manifest.ctid}/{manifest.time}"
