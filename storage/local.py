@@ -30,6 +30,7 @@ class DirBackend(Backend):
         self.root = Path(path)
         self.fsync = fsync
         self.url = f"dir:{self.root}"
+        self._dirs: set[Path] = set()  # directories known to exist
 
     def _path(self, key: str) -> Path:
         if not key or key.startswith("/") or ".." in key.split("/"):
@@ -37,9 +38,16 @@ class DirBackend(Backend):
         return self.root / key
 
     def _write_tmp(self, target: Path, data: bytes, sync: bool = True) -> Path:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in self._dirs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(target.parent)
         tmp = target.with_name(f"{TMP_MARK}{target.name}.{os.getpid()}.{time.monotonic_ns()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:  # the directory went away meanwhile
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o600)
         try:
             view = memoryview(data)
             while view:

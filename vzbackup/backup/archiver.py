@@ -15,6 +15,7 @@ file reuse its slices without being read.
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import os
 import stat
@@ -88,8 +89,10 @@ class ChunkStore:
         self.refs: set[str] = set()
         self.reused_orphans: list[str] = []
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="chunk")
-        self.slots = threading.BoundedSemaphore(max(2, threads) * 3)
+        # twice the CPU threads: a worker blocked on storage I/O leaves its CPU to another
+        workers = max(1, threads) * 2
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk")
+        self.slots = threading.BoundedSemaphore(workers * 3)
         self.limiter = Limiter(bwlimit_kbps)
         self.error: BaseException | None = None
 
@@ -303,6 +306,8 @@ class TreeWriter:
                 resolved = p.stream.slices(start, end) if p.ranges else []
                 p.stream = None
                 p.ranges = resolved
+            if not force and p.ranges and not all(f.done() for f, _, _ in p.ranges):
+                break  # keep reading while the workers finish; never wait here
             self.queue.popleft()
             e = p.entry
             if e.kind == T.FILE:
@@ -311,12 +316,22 @@ class TreeWriter:
                     self.cache.record(e.path, self._stat_of.pop(e.path), e.chunks, e.extents)
             line = json.dumps(e.to_dict(), separators=(",", ":")).encode() + b"\n"
             self.meta.write(line)
-        if not self.queue:
-            self.small.forget_before(self.small.cut)
+        first = next((p.ranges[0][0] for p in self.queue if p.stream is self.small and p.ranges),
+                     self.small.cut)
+        self.small.forget_before(first)
 
     # --- walking -----------------------------------------------------------------------------
     def write(self, root: Path) -> list[str]:
         """Back up the tree under *root*; returns the chunk ids of its metadata stream."""
+        gc_was_on = gc.isenabled()
+        gc.disable()  # the walk makes many small objects and no cycles: skip the collector
+        try:
+            return self._write(root)
+        finally:
+            if gc_was_on:
+                gc.enable()
+
+    def _write(self, root: Path) -> list[str]:
         self._stat_of: dict[str, os.stat_result] = {}
         self.meta.write(json.dumps(T.HEADER).encode() + b"\n")
         root_st = os.lstat(root)

@@ -88,9 +88,10 @@ def file_pieces(reader: ChunkReader, e: T.Entry) -> Iterator[memoryview]:
 class _Dirs:
     """Directory fds below the target, opened without following symlinks."""
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, strip_acls: bool = False) -> None:
         self.root_fd = root_fd
         self.cache: dict[str, int] = {}
+        self.strip_acls = strip_acls  # a default ACL in the tree: drop what entries inherit
 
     def parent(self, rel: str) -> tuple[int, str]:
         head, _, name = rel.rpartition("/")
@@ -125,11 +126,11 @@ class _Dirs:
 INHERITED_ACLS = ("system.posix_acl_access", "system.posix_acl_default")
 
 
-def _set_meta(e: T.Entry, pfd: int, name: str, fd: int | None) -> None:
+def _set_meta(e: T.Entry, pfd: int, name: str, fd: int | None, strip_acls: bool = False) -> None:
     if fd is not None:
         os.fchown(fd, e.uid, e.gid)
         os.fchmod(fd, e.mode)
-        for k in INHERITED_ACLS:  # from a parent's default ACL, not in the backup
+        for k in INHERITED_ACLS if strip_acls else ():  # inherited, not in the backup
             if k not in e.xattrs:
                 with contextlib.suppress(OSError):
                     os.removexattr(fd, k)
@@ -168,7 +169,7 @@ def restore_tree(
     (make_root or Path.mkdir)(partial)
     written = 0
     root_fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    dirs = _Dirs(root_fd)
+    dirs = _Dirs(root_fd, any(INHERITED_ACLS[1] in e.xattrs for e in entries if e.kind == T.DIR))
     reader = ChunkReader(repo, entries, threads)
     dir_times: list[tuple[str, int]] = []
     try:
@@ -214,7 +215,7 @@ def _create(e: T.Entry, pfd: int, name: str, reader: ChunkReader, dirs: _Dirs,
         os.mkdir(name, 0o700, dir_fd=pfd)
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pfd)
         try:
-            _set_meta(e, pfd, name, fd)
+            _set_meta(e, pfd, name, fd, dirs.strip_acls)
         finally:
             os.close(fd)
         return 0
@@ -262,7 +263,7 @@ def _create(e: T.Entry, pfd: int, name: str, reader: ChunkReader, dirs: _Dirs,
                 written += n
         if e.extents is not None or written != e.size:
             os.ftruncate(fd, e.size)
-        _set_meta(e, pfd, name, fd)
+        _set_meta(e, pfd, name, fd, dirs.strip_acls)
         os.utime(fd, ns=ns)
     finally:
         os.close(fd)

@@ -38,9 +38,11 @@ LOG_SUFFIX = ".log"
 PROTECTED_SUFFIX = ".protected"
 TIME_FMT = "%Y-%m-%dT%H:%M:%SZ"
 
-CHUNK_MIN = 256 * 1024
-CHUNK_AVG = 1024 * 1024
-CHUNK_MAX = 4 * 1024 * 1024
+# 512 KiB on average: scattered small writes (a database's pages) re-store little, while
+# objects stay large enough that per-object costs don't dominate
+CHUNK_MIN = 128 * 1024
+CHUNK_AVG = 512 * 1024
+CHUNK_MAX = 2 * 1024 * 1024
 
 
 def chunk_key(cid: str) -> str:
