@@ -1,0 +1,957 @@
+"""Benchmark: vzbackup dump/restore vs tar|zstd (vzdump's pipeline) and restic, in one run.
+
+A stopped CT (busybox template) gets a generated private area of --size-mb MB on top of the
+template's files (kept, so the CT stays a real, bootable CT): ELF binaries and libraries
+copied (some truncated) from the host's /usr/bin and /usr/lib/x86_64-linux-gnu, Python
+sources and /usr/share/doc files from the host as text, ~1500 small generated configs in
+etc/, two logs, symlinks, a hardlink pair, a few owners, modes and a user xattr, and a
+database file of 8 KiB pages with structured records (var/lib/db/, --size-mb / 3). The tree
+is deterministic for a seed on a given host (above ~800 MB the host's distinct binaries run
+out and the tree stays smaller: the table shows the real size). No file is under tmp/,
+var/tmp/ or var/run/ so vzdump's standard excludes (on by default in vzbackup) remove nothing.
+
+Each round starts with empty repositories; before every measured command the source is
+read once (tar into a pipe: caches warm, as on a node that was just used) and os.sync()
+flushes what earlier steps left dirty. Nothing is timed twice in one round:
+
+  full        vzbackup dump | tar -cf - . | zstd -3 -T0 (plain, and with vzdump's flags) |
+              restic init + backup (repository version 2, compression auto)
+  1% change   rewrite scattered 64 KiB runs of db pages, 1% of the small text files in place
+              and append to the syslog (about 1% of the bytes in all; undone after the round)
+  incremental vzbackup dump vs restic backup (time, repository growth); tar|zstd full again
+  unchanged   vzbackup dump vs restic backup with nothing changed
+  restore     vzbackup restore SNAPSHOT NEWCTID | zstd -dc | tar -x | restic restore latest,
+              in a rotating order; each result is compared with the source (path, type,
+              mode, owner, size, sha256, symlink target, hardlink group, user xattrs)
+
+Wall time, CPU time and peak RSS (os.wait4 of the measured command; for a pipeline the
+largest process) are taken per command; the table shows medians over --rounds. Ratios: time
+rows are baseline/vzbackup (> 1: vzbackup is faster), size and RSS rows are
+vzbackup/baseline (< 1: vzbackup is smaller). Restores are bound by the filesystem's
+file-creation latency; on a VM disk with online discard it grows after the first few large
+trees were created and deleted, for every tool alike, so compare restores within one run
+only. With --py-spy PATH, one more pass records the vzbackup full and incremental backup and
+the restore with py-spy and prints the top functions. Results go to
+bench/results/backup-TIMESTAMP.json. Run as root after scripts/setup.sh:
+
+    .venv/bin/python bench/backup.py [--size-mb 300] [--rounds 3] [--py-spy /path/py-spy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import random
+import resource
+import shlex
+import shutil
+import stat
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench/results"
+TEMPLATE = Path("/var/lib/vzbackup/demo/vz/template/cache/busybox-1.0-x86_64.tar.zst")
+MARKER = ".vzbench-backup"
+MB = 1024 * 1024
+PAGE = 8192
+# vzdump's tar flags for a CT (PVE's VZDump::LXC, less --totals/--one-file-system/warnings)
+VZDUMP_TAR = [
+    "--numeric-owner",
+    "--acls",
+    "--xattrs",
+    "--xattrs-include=user.*",
+    "--xattrs-include=security.capability",
+    "--sparse",
+]
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+WORDS = _words(
+    "alpha beta gamma delta server client cache proxy worker queue socket timeout retry "
+    "listen address port user group enable disable path root home data log level debug info "
+    "warning error file size limit memory buffer thread pool max min default local remote "
+    "host name domain interface route gateway mask mirror update package source binary "
+    "module driver kernel option value key secret token session cookie header request "
+    "response status backup restore archive compress encrypt verify mount device volume "
+    "network bridge firewall rule chain accept drop reject policy schedule daily weekly"
+)
+FIRST = _words("anna ben carla david elena frank greta hugo ines jonas karin lukas mia noah olga")
+LAST = _words("meyer schmidt fischer weber wagner becker hoffmann koch richter klein wolf neumann")
+CITIES = _words("berlin hamburg munich cologne frankfurt stuttgart leipzig dresden bremen essen")
+SERVICES = _words("sshd cron nginx postgres systemd kernel dhclient rsyslogd app-worker")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+@dataclass
+class Run:
+    seconds: float
+    rss_mb: float
+    cpu_s: float  # user + system time of the command and its children
+    out: str
+    err: str
+
+
+def measure(cmd: list[str] | str, *, env: dict | None = None, cwd: Path | None = None) -> Run:
+    """Run *cmd* (a str runs in bash with pipefail); wall time and peak RSS via wait4."""
+    argv = ["bash", "-c", "set -o pipefail; " + cmd] if isinstance(cmd, str) else cmd
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=fo, stderr=fe, env=env, cwd=cwd)
+        _, status, ru = os.wait4(p.pid, 0)
+        dt = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read().decode(errors="replace"), fe.read().decode(errors="replace")
+    if p.returncode:
+        shown = cmd if isinstance(cmd, str) else shlex.join(cmd)
+        raise RuntimeError(f"{shown} failed (exit {p.returncode}):\n{err[-3000:]}{out[-2000:]}")
+    return Run(dt, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime, out, err)
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds all CPUs of the machine spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of the children it has waited for."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def tree_size(path: Path) -> dict[str, int]:
+    """Apparent bytes of files and allocated bytes of everything under *path*."""
+    apparent = allocated = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            allocated += st.st_blocks * 512
+            if stat.S_ISREG(st.st_mode):
+                apparent += st.st_size
+    return {"bytes": apparent, "allocated": allocated}
+
+
+def manifest(root: Path) -> dict[str, tuple]:
+    """path -> (type, mode, uid, gid, size, sha256, link target, hardlink group, user xattrs)."""
+    out: dict[str, list] = {}
+    inodes: dict[tuple[int, int], list[str]] = collections.defaultdict(list)
+
+    def add(abs_p: str, rel: str) -> None:
+        st = os.lstat(abs_p)
+        m = st.st_mode
+        kind = stat.S_IFMT(m)
+        size, digest, link = 0, "", ""
+        if stat.S_ISREG(m):
+            size = st.st_size
+            h = hashlib.sha256()
+            with open(abs_p, "rb") as f:
+                while block := f.read(MB):
+                    h.update(block)
+            digest = h.hexdigest()
+            if st.st_nlink > 1:
+                inodes[(st.st_dev, st.st_ino)].append(rel)
+        elif stat.S_ISLNK(m):
+            link = os.readlink(abs_p)
+        xattrs = []
+        with contextlib.suppress(OSError):
+            for n in sorted(os.listxattr(abs_p, follow_symlinks=False)):
+                if n.startswith("user."):
+                    xattrs.append((n, os.getxattr(abs_p, n, follow_symlinks=False).hex()))
+        out[rel] = [kind, stat.S_IMODE(m), st.st_uid, st.st_gid, size, digest, link, "",
+                    tuple(xattrs)]
+        if stat.S_ISDIR(m):
+            with os.scandir(abs_p) as it:
+                names = sorted(e.name for e in it)
+            for n in names:
+                add(os.path.join(abs_p, n), n if rel == "." else f"{rel}/{n}")
+
+    add(str(root), ".")
+    for group in inodes.values():
+        for p in group:
+            out[p][7] = min(group)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def compare(src: dict[str, tuple], got: dict[str, tuple]) -> dict:
+    diffs = []
+    for p in sorted(set(src) | set(got)):
+        a, b = src.get(p), got.get(p)
+        if a == b:
+            continue
+        if a is None or b is None:
+            diffs.append(f"{p}: {'missing' if b is None else 'extra'}")
+            continue
+        names = ("type", "mode", "uid", "gid", "size", "sha256", "link", "hardlink", "xattrs")
+        bad = [f"{n} {x!r}!={y!r}" for n, x, y in zip(names, a, b, strict=True) if x != y]
+        diffs.append(f"{p}: {', '.join(bad)}")
+    return {"ok": not diffs, "entries": len(src), "differences": len(diffs), "first": diffs[:8]}
+
+
+# --- the data set ------------------------------------------------------------------------------
+REC = struct.Struct("<QqIB3xq16s24s16s")  # id, created_us, user, status, amount, uuid, name, city
+PAGE_HDR = struct.Struct("<4sIQHHI")  # magic, page no, lsn, records, free offset, crc32
+PER_PAGE = (PAGE - PAGE_HDR.size) // REC.size
+
+
+def db_page(rng: random.Random, no: int, lsn: int, first_id: int) -> bytes:
+    n = rng.randint(PER_PAGE * 6 // 10, PER_PAGE)
+    t = 1_700_000_000_000_000 + first_id * 1_500_000
+    recs = []
+    for i in range(n):
+        name = f"{rng.choice(FIRST)} {rng.choice(LAST)}".ljust(24).encode()
+        recs.append(
+            REC.pack(first_id + i, t + i * rng.randint(1, 3_000_000), rng.randrange(1, 50_000),
+                     rng.choice((1, 1, 1, 2, 3)), rng.randrange(-10**6, 10**8),
+                     rng.randbytes(16), name, rng.choice(CITIES).ljust(16).encode())
+        )
+    body = b"".join(recs).ljust(PAGE - PAGE_HDR.size, b"\0")
+    return PAGE_HDR.pack(b"PGDB", no, lsn, n, PAGE_HDR.size + n * REC.size,
+                         zlib.crc32(body)) + body
+
+
+def config_text(rng: random.Random, name: str, size: int) -> bytes:
+    lines = [f"# {name}: generated configuration", "# see the manual for details", ""]
+    n = 0
+    while n < size:
+        if rng.random() < 0.12:
+            line = f"\n[{rng.choice(WORDS)}.{rng.choice(WORDS)}]"
+        elif rng.random() < 0.15:
+            line = "# " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        else:
+            v = rng.choice((str(rng.randrange(0, 65536)), rng.choice(WORDS),
+                            f"/{rng.choice(WORDS)}/{rng.choice(WORDS)}", "yes", "no",
+                            f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}"))
+            line = f"{rng.choice(WORDS)}_{rng.choice(WORDS)} = {v}"
+        lines.append(line)
+        n += len(line) + 1
+    return ("\n".join(lines) + "\n").encode()
+
+
+def log_lines(rng: random.Random, nbytes: int, t0: int, host: str) -> bytes:
+    out, n, t = [], 0, t0
+    while n < nbytes:
+        t += rng.randint(0, 4)
+        svc = rng.choice(SERVICES)
+        ip = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        msg = rng.choice((
+            f"Accepted publickey for {rng.choice(FIRST)} from {ip} port "
+            f"{rng.randrange(1024, 65535)} ssh2: ED25519 SHA256:{rng.randbytes(9).hex()}",
+            f"GET /{rng.choice(WORDS)}/{rng.randrange(10**6)} HTTP/1.1 200 "
+            f"{rng.randrange(100, 90000)} \"-\" \"curl/7.88.1\" {ip}",
+            f"({rng.choice(WORDS)}) CMD (run-parts /etc/cron.{rng.choice(('hourly', 'daily'))})",
+            f"checkpoint complete: wrote {rng.randrange(9999)} buffers "
+            f"({rng.random() * 10:.1f}%); sync={rng.random():.3f} s",
+            f"{rng.choice(WORDS)} {rng.choice(WORDS)}: {rng.choice(WORDS)} {rng.choice(WORDS)} "
+            f"{rng.randrange(100000)}",
+        ))
+        line = f"{time.strftime('%b %d %H:%M:%S', time.gmtime(t))} {host} {svc}" \
+               f"[{rng.randrange(100, 40000)}]: {msg}"
+        out.append(line)
+        n += len(line) + 1
+    return ("\n".join(out) + "\n").encode()
+
+
+def host_files(tops: list[Path], want, limit: int) -> list[Path]:
+    """Regular files under *tops* accepted by *want*, sorted, without inode/content twins."""
+    seen_ino, seen_head, out = set(), set(), []
+    for top in tops:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for n in sorted(filenames):
+                p = Path(dirpath, n)
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode) or not want(p, st):
+                    continue
+                if (st.st_dev, st.st_ino) in seen_ino:
+                    continue
+                seen_ino.add((st.st_dev, st.st_ino))
+                try:
+                    with open(p, "rb") as f:
+                        head = (st.st_size, hashlib.sha256(f.read(65536)).digest())
+                except OSError:
+                    continue
+                if head in seen_head:
+                    continue
+                seen_head.add(head)
+                out.append(p)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+class DataSet:
+    """Generates the CT's files, applies the 1% change and undoes it."""
+
+    def __init__(self, private: Path, size_mb: int, seed: int) -> None:
+        self.private = private
+        self.size = size_mb * MB
+        self.seed = seed
+        self.small_text: list[str] = []  # rewritable small text files (rel paths)
+        self.db = "var/lib/db/base/16384/2619"
+        self.syslog = "var/log/syslog"
+        self.db_pages = 0
+        self.undo: list[tuple] = []
+        self.counts = collections.Counter()
+        self.mtime = 1_700_000_000
+
+    def _write(self, rel: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0,
+               text: bool = False) -> bool:
+        p = self.private / rel
+        if os.path.lexists(p):  # a template file: keep it
+            return False
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.chown(p, uid, gid)
+        os.chmod(p, mode)
+        t = self.mtime + (zlib.crc32(rel.encode()) % 10_000_000)
+        os.utime(p, (t, t))
+        self.counts["files"] += 1
+        self.counts["bytes"] += len(data)
+        if text and len(data) < 65536:
+            self.small_text.append(rel)
+        return True
+
+    def _copy(self, src: Path, rel: str, nbytes: int, mode: int, text: bool = False) -> int:
+        with open(src, "rb") as f:
+            data = f.read(nbytes)
+        return len(data) if self._write(rel, data, mode, text=text) else 0
+
+    def generate(self) -> dict:
+        rng = random.Random(self.seed)
+        t0 = time.perf_counter()
+        db_bytes = self.size // 3 // PAGE * PAGE
+        budget_bin = int(self.size * 0.46)
+        budget_py = int(self.size * 0.12)
+        budget_doc = int(self.size * 0.05)
+        log_bytes = int(self.size * 0.03)
+        # etc/: many small configs (~1500 for 300 MB; at least 200)
+        n_etc = max(200, self.size // MB * 5)
+        pkgs = sorted({f"{rng.choice(WORDS)}-{rng.choice(WORDS)}" for _ in range(150)})
+        for i in range(n_etc):
+            pkg = pkgs[i % len(pkgs)]
+            size = int(min(16384, max(60, rng.lognormvariate(6.8, 1.0))))
+            rel = f"etc/{pkg}/{rng.choice(WORDS)}-{i}.conf"
+            mode = 0o600 if rng.random() < 0.05 else 0o644
+            self._write(rel, config_text(rng, rel, size), mode, text=True)
+        for i in range(8):
+            self._write(f"etc/ssh/ssh_host_{i}_key", rng.randbytes(400).hex().encode(), 0o600)
+        # binaries and libraries: real ELF bytes from the host, some truncated
+        libs = host_files([Path("/usr/lib/x86_64-linux-gnu")],
+                          lambda p, st: ".so" in p.name and st.st_size > 4096, 100_000)
+        bins = host_files([Path("/usr/bin")], lambda p, st: st.st_size > 4096, 100_000)
+        pool = [(p, "usr/lib/x86_64-linux-gnu/" + str(p.relative_to("/usr/lib/x86_64-linux-gnu")))
+                for p in libs] + [(p, f"usr/bin/{p.name}") for p in bins]
+        rng.shuffle(pool)
+        used, copied = 0, []
+        for src, rel in pool:
+            if used >= budget_bin:
+                break
+            size = src.stat().st_size
+            n = size if size <= 6 * MB else rng.randint(2 * MB, 6 * MB)
+            n = min(n, budget_bin - used + 4096)
+            mode = 0o755 if rel.startswith("usr/bin/") or rng.random() < 0.5 else 0o644
+            got = self._copy(src, rel, n, mode)
+            if got:
+                used += got
+                copied.append(rel)
+        for rel in copied[::4]:  # libfoo.so.1.2 <- libfoo.so.1, like ldconfig's links
+            if ".so." in rel:
+                link = rel[: rel.rindex(".so.") + 3]
+                if not os.path.lexists(self.private / link):
+                    os.symlink(os.path.basename(rel), self.private / link)
+                    self.counts["symlinks"] += 1
+        # text: Python sources and package docs from the host
+        pylib = Path(sys.base_prefix) / f"lib/python{sys.version_info[0]}.{sys.version_info[1]}"
+        srcs = host_files([pylib], lambda p, st: p.suffix == ".py", 100_000)
+        rng.shuffle(srcs)
+        used = 0
+        for src in srcs:
+            if used >= budget_py:
+                break
+            used += self._copy(src, f"usr/lib/python3/dist-packages/{src.relative_to(pylib)}",
+                               budget_py, 0o644, text=True)
+        docs = host_files([Path("/usr/share/doc")], lambda p, st: True, 100_000)
+        rng.shuffle(docs)
+        used = 0
+        for src in docs:
+            if used >= budget_doc:
+                break
+            used += self._copy(src, f"usr/share/doc/{src.relative_to('/usr/share/doc')}",
+                               budget_doc, 0o644, text=not src.name.endswith(".gz"))
+        # the database: fixed-size pages of records, owned by the db user
+        db = self.private / self.db
+        db.parent.mkdir(parents=True, exist_ok=True)
+        self.db_pages = db_bytes // PAGE
+        with open(db, "wb") as f:
+            rid = 1
+            for no in range(self.db_pages):
+                page = db_page(rng, no, 1000 + no, rid)
+                rid += PER_PAGE
+                f.write(page)
+        self.counts["files"] += 1
+        self.counts["bytes"] += db_bytes
+        for d in ("var/lib/db", "var/lib/db/base", "var/lib/db/base/16384"):
+            os.chown(self.private / d, 105, 110)
+            os.chmod(self.private / d, 0o700)
+        os.chown(db, 105, 110)
+        os.chmod(db, 0o600)
+        self._write("var/lib/db/PG_VERSION", b"15\n", 0o600, 105, 110)
+        # logs
+        self._write(self.syslog, log_lines(rng, log_bytes * 2 // 3, self.mtime, "ct"), 0o640,
+                    0, 4)
+        self._write("var/log/nginx/access.log", log_lines(rng, log_bytes // 3, self.mtime, "ct"),
+                    0o640, 33, 4)
+        # a home, symlinks, a hardlink pair, a setuid binary, an xattr
+        for i in range(20):
+            self._write(f"home/anna/notes/{i:02d}.txt", config_text(rng, f"note {i}", 2000),
+                        0o640, 1000, 1000, text=True)
+        os.chown(self.private / "home/anna", 1000, 1000)
+        os.chown(self.private / "home/anna/notes", 1000, 1000)
+        tool = self.private / "usr/libexec/vzbench/tool"
+        if self._write(str(tool.relative_to(self.private)), rng.randbytes(300_000), 0o755):
+            os.link(tool, tool.with_name("tool-hardlink"))
+            self.counts["hardlinks"] += 1
+        for link, target in (("lib", "usr/lib"), ("lib64", "usr/lib/x86_64-linux-gnu"),
+                             ("etc/localtime", "/usr/share/zoneinfo/Etc/UTC"),
+                             ("var/lib/db/current", "base/16384"),
+                             ("usr/libexec/vzbench/tool-link", "tool")):
+            if not os.path.lexists(self.private / link):
+                os.symlink(target, self.private / link)
+                self.counts["symlinks"] += 1
+        if self._write("usr/bin/sudo-like", rng.randbytes(200_000), 0o4755):
+            os.chmod(self.private / "usr/bin/sudo-like", 0o4755)
+        with contextlib.suppress(OSError):
+            os.setxattr(self.private / "etc/ssh/ssh_host_0_key", "user.origin", b"bench")
+        self.small_text.sort()
+        return {"generate_seconds": round(time.perf_counter() - t0, 2), **self.counts,
+                "small_text_files": len(self.small_text)}
+
+    def change(self) -> dict:
+        """Change ~1% of the bytes: db page runs, 1% of the small text files, the syslog."""
+        assert not self.undo
+        rng = random.Random(self.seed + 1)
+        target = self.size // 100
+        changed = collections.Counter()
+        for rel in rng.sample(self.small_text, max(1, len(self.small_text) // 100)):
+            p = self.private / rel
+            old = p.read_bytes()
+            lines = old.split(b"\n")
+            for _ in range(rng.randint(1, 3)):
+                i = rng.randrange(len(lines))
+                lines[i] = (f"# changed {rng.choice(WORDS)} = {rng.randrange(10**9)}").encode()
+            new = b"\n".join(lines)
+            with open(p, "r+b") as f:
+                f.truncate(0)
+                f.write(new)
+            self.undo.append(("file", p, old))
+            changed["small_files"] += 1
+            changed["small_bytes"] += len(new)
+        log_p = self.private / self.syslog
+        old_len = log_p.stat().st_size
+        extra = log_lines(rng, target // 20, self.mtime + 10**8, "ct")
+        with open(log_p, "ab") as f:
+            f.write(extra)
+        self.undo.append(("truncate", log_p, old_len))
+        changed["log_bytes"] += len(extra)
+        run = 8  # pages: 64 KiB, a typical extent
+        want = max(run, (target - changed["small_bytes"] - changed["log_bytes"]) // PAGE)
+        starts = sorted(rng.sample(range(self.db_pages // run), max(1, want // run)))
+        fd = os.open(self.private / self.db, os.O_RDWR)
+        try:
+            for s in starts:
+                off = s * run * PAGE
+                old = os.pread(fd, run * PAGE, off)
+                new = b"".join(db_page(rng, s * run + k, 10**9 + s * run + k,
+                                       10**8 + (s * run + k) * PER_PAGE) for k in range(run))
+                os.pwrite(fd, new, off)
+                self.undo.append(("pages", self.private / self.db, (off, old)))
+                changed["db_pages"] += run
+                changed["db_bytes"] += len(new)
+        finally:
+            os.close(fd)
+        changed["total_bytes"] = changed["small_bytes"] + changed["log_bytes"] + changed[
+            "db_bytes"]
+        return dict(changed)
+
+    def revert(self) -> None:
+        for kind, p, what in reversed(self.undo):
+            if kind == "file":
+                with open(p, "r+b") as f:
+                    f.truncate(0)
+                    f.write(what)
+            elif kind == "truncate":
+                os.truncate(p, what)
+            else:
+                off, old = what
+                fd = os.open(p, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, old, off)
+                finally:
+                    os.close(fd)
+        self.undo.clear()
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.prefix = Path(args.prefix).absolute()
+        self.ctid, self.rctid = args.ctid, args.restore_ctid
+        self.private = self.prefix / "vz/private" / str(self.ctid)
+        self.backupdir = self.prefix / "vz/backup"
+        self.cachedir = self.prefix / "var/cache/vzbackup"
+        self.work = self.prefix / "bench"
+        self.restic_repo = self.work / "restic-repo"
+        self.restic_env = {
+            **os.environ,
+            "RESTIC_PASSWORD": "vzbench",
+            "RESTIC_REPOSITORY": str(self.restic_repo),
+            "RESTIC_CACHE_DIR": str(self.work / "restic-cache"),
+        }
+        exe = Path(sys.executable).parent / "vzbackup"
+        self.vz_cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "vzbackup.cli"]
+        self.data = DataSet(self.private, args.size_mb, args.seed)
+
+    # --- helpers
+    def vz(self, *args: str, wrap: list[str] | None = None) -> Run:
+        return measure([*(wrap or []), *self.vz_cmd, "--prefix", str(self.prefix), *args])
+
+    def restic(self, *args: str) -> Run:
+        return measure(["restic", *args], env=self.restic_env)
+
+    def warm(self) -> None:
+        """Read the source once, and flush what earlier steps left dirty (not timed)."""
+        measure(f"tar -C {shlex.quote(str(self.private))} -cf - . | cat >/dev/null")
+        os.sync()
+
+    def setup(self) -> dict:
+        if self.prefix.exists():
+            if not (self.prefix / MARKER).exists():
+                raise SystemExit(f"{self.prefix} exists and is not a bench prefix; not touching it")
+            log(f"removing the leftovers of an earlier run in {self.prefix}")
+            self.cleanup()
+        cache = self.prefix / "vz/template/cache"
+        cache.mkdir(parents=True)
+        (self.prefix / MARKER).touch()
+        if not TEMPLATE.exists():
+            raise SystemExit(f"{TEMPLATE} is missing: run scripts/setup.sh first")
+        shutil.copy(TEMPLATE, cache / TEMPLATE.name)
+        self.work.mkdir()
+        log(f"creating CT {self.ctid} under {self.prefix}")
+        self.vz("create", str(self.ctid))
+        log(f"generating {self.args.size_mb} MB into {self.private}")
+        info = self.data.generate()
+        info.update(tree_size(self.private))
+        info["entries"] = 1 + sum(len(d) + len(f) for _, d, f in os.walk(self.private))
+        # what any vzbackup command costs before it does anything (interpreter, imports)
+        info["cli_startup_s"] = statistics.median(
+            self.vz("status", str(self.ctid)).seconds for _ in range(5))
+        log(f"data set: {info}")
+        return info
+
+    def reset_repos(self) -> None:
+        for p in (self.backupdir, self.cachedir, self.restic_repo, self.work / "restic-cache",
+                  self.work / "restore-tar", self.work / "restore-restic"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.work.glob("*.tar.zst"):
+            p.unlink()
+
+    def vz_dump(self, wrap: list[str] | None = None) -> dict:
+        self.warm()
+        extra = shlex.split(self.args.dump_args)
+        r = self.vz("dump", str(self.ctid), "--json", *extra, wrap=wrap)
+        out = "\n".join(ln for ln in r.out.splitlines() if not ln.startswith("py-spy>"))
+        res = json.loads(out)["results"][0]
+        if not res.get("ok"):
+            raise RuntimeError(f"vzbackup dump failed: {res}")
+        return {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "snapshot": res["snapshot"],
+                "repo": tree_size(self.backupdir), "stats": res.get("stats", {})}
+
+    def tar(self, name: str, flags: list[str]) -> dict:
+        self.warm()
+        out = self.work / name
+        out.unlink(missing_ok=True)
+        r = measure(f"tar -C {shlex.quote(str(self.private))} {shlex.join(flags)} -cf - . | "
+                    f"zstd -q -3 -T0 -o {shlex.quote(str(out))}")
+        return {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "size": out.stat().st_size}
+
+    def restic_backup(self) -> dict:
+        self.warm()
+        r = self.restic("backup", "--json", "--compression", "auto", "--host", "vzbench",
+                       str(self.private))
+        summary = {}
+        for line in r.out.splitlines():
+            with contextlib.suppress(ValueError):
+                d = json.loads(line)
+                if d.get("message_type") == "summary":
+                    summary = d
+        return {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
+                "repo": tree_size(self.restic_repo),
+                "data_added": summary.get("data_added"), "snapshot": summary.get("snapshot_id")}
+
+    # --- one round
+    def round(self, n: int) -> dict:
+        rec: dict = {"round": n}
+        t0, busy0, own0 = time.monotonic(), busy_cpu_s(), own_cpu_s()
+        if n:
+            self.data.revert()
+        self.reset_repos()
+        log(f"round {n + 1}: full backups")
+        rec["vz_full"] = self.vz_dump()
+        rec["tar_full"] = self.tar("full.tar.zst", [])
+        rec["tar_full_vzdump"] = self.tar("full-vzdump.tar.zst", VZDUMP_TAR)
+        rec["restic_init_s"] = self.restic("init", "--repository-version", "2").seconds
+        rec["restic_full"] = self.restic_backup()
+        rec["change"] = self.data.change()
+        log(f"round {n + 1}: changed {rec['change']}; incremental backups")
+        rec["vz_incr"] = self.vz_dump()
+        rec["restic_incr"] = self.restic_backup()
+        rec["tar_full2"] = self.tar("full2.tar.zst", [])
+        rec["tar_full2_vzdump"] = self.tar("full2-vzdump.tar.zst", VZDUMP_TAR)
+        log(f"round {n + 1}: unchanged backups")
+        rec["vz_unchanged"] = self.vz_dump()
+        rec["restic_unchanged"] = self.restic_backup()
+        log(f"round {n + 1}: restores")
+        src = manifest(self.private)
+        restores = [
+            ("vz_restore", lambda: self.vz_restore(rec["vz_unchanged"]["snapshot"], src)),
+            ("tar_restore", lambda: self.tar_restore(self.work / "full2-vzdump.tar.zst", src)),
+            ("restic_restore", lambda: self.restic_restore(src)),
+        ]
+        for key, fn in restores[n % 3:] + restores[: n % 3]:  # a different order each round
+            self.warm()
+            rec[key] = fn()
+        # CPU used by anything but this benchmark (other jobs: noisy timings)
+        foreign = (busy_cpu_s() - busy0) - (own_cpu_s() - own0)
+        rec["foreign_cpu_share"] = max(0.0, foreign) / ((time.monotonic() - t0) * os.cpu_count())
+        return rec
+
+    def vz_restore(self, snapshot: str, src: dict, wrap: list[str] | None = None) -> dict:
+        r = self.vz("restore", snapshot, str(self.rctid), "--json", wrap=wrap)
+        got = self.prefix / "vz/private" / str(self.rctid)
+        res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
+               "verify": compare(src, manifest(got))}
+        self.vz("destroy", str(self.rctid))
+        return res
+
+    def tar_restore(self, archive: Path, src: dict) -> dict:
+        dest = self.work / "restore-tar"
+        dest.mkdir()
+        r = measure(f"zstd -q -dc {shlex.quote(str(archive))} | tar -C {shlex.quote(str(dest))} "
+                    f"-xpf - {shlex.join(VZDUMP_TAR)}")
+        res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
+               "verify": compare(src, manifest(dest))}
+        shutil.rmtree(dest)
+        return res
+
+    def restic_restore(self, src: dict) -> dict:
+        dest = self.work / "restore-restic"
+        r = self.restic("restore", "latest", "--host", "vzbench", "--target", str(dest))
+        got = dest / self.private.relative_to("/")
+        res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
+               "verify": compare(src, manifest(got))}
+        shutil.rmtree(dest)
+        return res
+
+    # --- profiling pass
+    def profile(self, py_spy: str, stamp: str) -> dict:
+        self.data.revert()
+        self.reset_repos()
+        out: dict = {}
+        snap = ""
+        for phase in ("full", "incremental", "restore"):
+            raw = RESULTS / f"backup-{stamp}-profile-{phase}.txt"
+            wrap = [py_spy, "record", "--rate", "250", "--format", "raw", "--subprocesses",
+                    "-o", str(raw), "--"]
+            log(f"profiling the vzbackup {phase} with py-spy")
+            if phase == "incremental":
+                self.data.change()
+            if phase == "restore":
+                r = self.vz_restore(snap, manifest(self.private), wrap=wrap)
+            else:
+                r = self.vz_dump(wrap=wrap)
+                snap = r["snapshot"]
+            out[phase] = {"s_under_py_spy": r["s"], "raw": str(raw), **summarise_profile(raw)}
+        return out
+
+    def cleanup(self) -> None:
+        for ctid in (self.rctid, self.ctid):
+            with contextlib.suppress(Exception):
+                subprocess.run([*self.vz_cmd, "--prefix", str(self.prefix), "destroy",
+                                str(ctid)], capture_output=True, timeout=120, check=False)
+        with open("/proc/self/mountinfo") as f:
+            mounts = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(self.prefix))]
+        for m in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+def summarise_profile(raw: Path, top: int = 15) -> dict:
+    """Top functions by own samples and by inclusive samples from py-spy's raw output."""
+    own: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f.rsplit(":", 1)[0] + ")" if f.endswith(")") and ":" in f else f
+                  for f in stack.split(";")]
+        frames = [f.replace(str(ROOT) + "/", "").replace(sys.base_prefix + "/lib/", "")
+                  for f in frames]
+        own[frames[-1]] += n
+        for f in set(frames):  # inclusive: the project's own functions only
+            if f.split(" (", 1)[-1].startswith(("vzbackup/", "storage/")) and \
+                    not f.startswith(("<module>", "main ", "run_guarded ")):
+                incl[f] += n
+    pct = (lambda c: [(f, round(100 * v / total, 1)) for f, v in c.most_common(top)]) if total \
+        else (lambda c: [])
+    return {"samples": total, "self": pct(own), "inclusive_project": pct(incl)}
+
+
+# --- report ------------------------------------------------------------------------------------
+def summarise(rounds: list[dict]) -> dict:
+    def med(*keys: str) -> float:
+        vals = []
+        for r in rounds:
+            v = r
+            for k in keys:
+                v = v[k]
+            vals.append(v)
+        return statistics.median(vals)
+
+    s = {
+        "vz_full_s": med("vz_full", "s"),
+        "vz_full_repo": med("vz_full", "repo", "bytes"),
+        "tar_full_s": med("tar_full", "s"),
+        "tar_full_size": med("tar_full", "size"),
+        "tar_vzdump_s": med("tar_full_vzdump", "s"),
+        "tar_vzdump_size": med("tar_full_vzdump", "size"),
+        "restic_full_s": med("restic_full", "s"),
+        "restic_full_repo": med("restic_full", "repo", "bytes"),
+        "vz_incr_s": med("vz_incr", "s"),
+        "vz_incr_repo": med("vz_incr", "repo", "bytes"),
+        "restic_incr_s": med("restic_incr", "s"),
+        "restic_incr_repo": med("restic_incr", "repo", "bytes"),
+        "tar_full2_s": med("tar_full2", "s"),
+        "tar_full2_size": med("tar_full2", "size"),
+        "vz_unch_s": med("vz_unchanged", "s"),
+        "vz_unch_own_s": med("vz_unchanged", "stats", "duration"),
+        "restic_unch_s": med("restic_unchanged", "s"),
+        "vz_restore_s": med("vz_restore", "s"),
+        "tar_restore_s": med("tar_restore", "s"),
+        "restic_restore_s": med("restic_restore", "s"),
+    }
+    for k in ("vz_full", "tar_full", "restic_full", "vz_incr", "restic_incr", "vz_unchanged",
+              "restic_unchanged", "vz_restore", "tar_restore", "restic_restore"):
+        s[f"{k}_cpu_s"] = med(k, "cpu_s")
+    for k in ("vz_full", "vz_incr", "vz_unchanged", "vz_restore", "restic_full", "restic_incr",
+              "restic_unchanged", "restic_restore", "tar_full", "tar_full_vzdump",
+              "tar_restore"):
+        s[f"{k}_rss_mb"] = max(r[k]["rss_mb"] for r in rounds)
+    s["max_foreign_cpu_share"] = max(r["foreign_cpu_share"] for r in rounds)
+    s["vz_incr_growth"] = s["vz_incr_repo"] - s["vz_full_repo"]
+    s["restic_incr_growth"] = s["restic_incr_repo"] - s["restic_full_repo"]
+    s["vz_peak_rss_mb"] = max(s[f"{k}_rss_mb"] for k in ("vz_full", "vz_incr", "vz_unchanged",
+                                                          "vz_restore"))
+    s["verified"] = {t: all(r[f"{t}_restore"]["verify"]["ok"] for r in rounds)
+                     for t in ("vz", "tar", "restic")}
+    s["targets"] = {
+        "full_speed_vs_tar": s["tar_full_s"] / s["vz_full_s"] >= 1.0,
+        "full_size_vs_tar": s["vz_full_repo"] / s["tar_full_size"] <= 1.05,
+        "incr_speed_vs_restic": s["restic_incr_s"] / s["vz_incr_s"] >= 1.5,
+        "incr_repo_vs_restic": s["vz_incr_repo"] <= s["restic_incr_repo"],
+        "unchanged_vs_full": s["vz_unch_s"] / s["vz_full_s"] <= 0.05,
+        "peak_rss": s["vz_peak_rss_mb"] <= 300,
+    }
+    return s
+
+
+def print_table(s: dict, rounds: int, data: dict) -> None:
+    t = s["targets"]
+    ok = {True: "PASS", False: "FAIL"}
+    mb = 1 / MB
+    rows = [
+        ("full backup, s (vs tar|zstd -3 -T0)", s["vz_full_s"], s["tar_full_s"], "speed",
+         ">= 1.0x", t["full_speed_vs_tar"]),
+        ("full backup, MB (vs tar|zstd)", s["vz_full_repo"] * mb, s["tar_full_size"] * mb,
+         "size", "<= 1.05x", t["full_size_vs_tar"]),
+        ("full backup, s (vs tar, vzdump flags)", s["vz_full_s"], s["tar_vzdump_s"], "speed",
+         "", None),
+        ("full backup, MB (vs tar, vzdump flags)", s["vz_full_repo"] * mb,
+         s["tar_vzdump_size"] * mb, "size", "", None),
+        ("full backup, CPU s (vs tar|zstd)", s["vz_full_cpu_s"], s["tar_full_cpu_s"], "speed",
+         "", None),
+        ("full backup, s (vs restic)", s["vz_full_s"], s["restic_full_s"], "speed", "", None),
+        ("full backup, CPU s (vs restic)", s["vz_full_cpu_s"], s["restic_full_cpu_s"], "speed",
+         "", None),
+        ("full backup, MB (vs restic repo)", s["vz_full_repo"] * mb,
+         s["restic_full_repo"] * mb, "size", "", None),
+        ("1% incremental, s (vs restic)", s["vz_incr_s"], s["restic_incr_s"], "speed",
+         ">= 1.5x", t["incr_speed_vs_restic"]),
+        ("1% incremental, CPU s (vs restic)", s["vz_incr_cpu_s"], s["restic_incr_cpu_s"],
+         "speed", "", None),
+        ("1% incremental, repo MB (vs restic)", s["vz_incr_repo"] * mb,
+         s["restic_incr_repo"] * mb, "size", "<= 1.0x", t["incr_repo_vs_restic"]),
+        ("1% incremental, growth MB (vs restic)", s["vz_incr_growth"] * mb,
+         s["restic_incr_growth"] * mb, "size", "", None),
+        ("1% incremental, s (vs tar|zstd full)", s["vz_incr_s"], s["tar_full2_s"], "speed",
+         "", None),
+        ("unchanged, s (vs restic)", s["vz_unch_s"], s["restic_unch_s"], "speed", "", None),
+        ("unchanged, s (vs vzbackup full)", s["vz_unch_s"], s["vz_full_s"], "size",
+         "<= 0.05x", t["unchanged_vs_full"]),
+        ("restore, s (vs zstd -dc|tar -x)", s["vz_restore_s"], s["tar_restore_s"], "speed",
+         "", None),
+        ("restore, s (vs restic restore)", s["vz_restore_s"], s["restic_restore_s"], "speed",
+         "", None),
+        ("restore, CPU s (vs zstd -dc|tar -x)", s["vz_restore_cpu_s"], s["tar_restore_cpu_s"],
+         "speed", "", None),
+        ("peak RSS full, MB (vs tar|zstd)", s["vz_full_rss_mb"], s["tar_full_rss_mb"], "size",
+         "", None),
+        ("peak RSS full, MB (vs restic)", s["vz_full_rss_mb"], s["restic_full_rss_mb"], "size",
+         "", None),
+        ("peak RSS incr, MB (vs restic)", s["vz_incr_rss_mb"], s["restic_incr_rss_mb"], "size",
+         "", None),
+        ("peak RSS restore, MB (vs restic)", s["vz_restore_rss_mb"],
+         s["restic_restore_rss_mb"], "size", "", None),
+        ("peak RSS any vzbackup run, MB", s["vz_peak_rss_mb"], 300.0, "size", "<= 300 MB",
+         t["peak_rss"]),
+    ]
+    print(f"\ndata: {data['bytes'] * mb:.0f} MB in {data['entries']} entries "
+          f"({data['files']} generated files); median of {rounds} round(s)")
+    print("ratio: speed rows = baseline s / vzbackup s (> 1: vzbackup faster); "
+          "size rows = vzbackup / baseline")
+    print(f"{'operation':<40} {'vzbackup':>9} {'baseline':>9} {'ratio':>7}  "
+          f"{'target':<10} result")
+    for name, ours, base, kind, target, passed in rows:
+        ratio = base / ours if kind == "speed" else ours / base
+        res = "" if passed is None else ok[passed]
+        print(f"{name:<40} {ours:>9.2f} {base:>9.2f} {ratio:>6.2f}x  {target:<10} {res}")
+    print(f"{'(vzbackup CLI start-up: status)':<40} {data['cli_startup_s']:>9.2f}")
+    print(f"{'(vzbackup unchanged, own duration)':<40} {s['vz_unch_own_s']:>9.2f}")
+    foreign = s["max_foreign_cpu_share"]
+    print(f"other processes used up to {100 * foreign:.0f}% of the CPUs during a round"
+          + (": timings are noisy" if foreign > 0.1 else ""))
+    v = s["verified"]
+    print("restored trees equal the source: " + ", ".join(
+        f"{k} {'yes' if x else 'NO'}" for k, x in v.items()))
+
+
+def print_profile(prof: dict) -> None:
+    for phase, p in prof.items():
+        print(f"\nprofile {phase} ({p['samples']} samples, {p['s_under_py_spy']:.1f} s "
+              f"under py-spy; {p['raw']})")
+        print("  own time:")
+        for f, pc in p["self"][:12]:
+            print(f"    {pc:5.1f}%  {f}")
+        print("  inclusive (vzbackup's functions):")
+        for f, pc in p["inclusive_project"][:12]:
+            print(f"    {pc:5.1f}%  {f}")
+
+
+def environment() -> dict:
+    def out(*cmd: str) -> str:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            return subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                  cwd=ROOT).stdout.strip().splitlines()[0]
+        return ""
+
+    return {
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "restic": out("restic", "version"),
+        "tar": out("tar", "--version"),
+        "zstd": out("zstd", "--version"),
+        "git_head": out("git", "rev-parse", "HEAD"),
+        "git_dirty_files": len(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
+                                              capture_output=True, text=True).stdout.split("\n"))
+        - 1,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-mb", type=int, default=300, help="size of the generated data")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--prefix", default="/var/tmp/vzbench-backup", help="private node prefix")
+    ap.add_argument("--ctid", type=int, default=9101)
+    ap.add_argument("--restore-ctid", type=int, default=9102)
+    ap.add_argument("--dump-args", default="", help="extra 'vzbackup dump' options")
+    ap.add_argument("--py-spy", help="py-spy binary: add a profiling pass of vzbackup")
+    ap.add_argument("--keep", action="store_true", help="keep the prefix and the CT")
+    ap.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    args = ap.parse_args()
+    if os.geteuid():
+        raise SystemExit("run as root")
+    for tool in ("restic", "tar", "zstd"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_path = RESULTS / f"backup-{stamp}.json"
+    bench = Bench(args)
+    doc: dict = {"benchmark": "backup", "time": stamp, "args": vars(args),
+                 "env": environment(), "rounds": []}
+    try:
+        doc["data"] = bench.setup()
+        for n in range(args.rounds):
+            doc["rounds"].append(bench.round(n))
+        doc["summary"] = summarise(doc["rounds"])
+        if args.py_spy:
+            try:
+                doc["profile"] = bench.profile(args.py_spy, stamp)
+            except Exception as e:  # the measurements stand without it
+                doc["profile_error"] = f"{type(e).__name__}: {e}"
+                log(f"profiling failed: {doc['profile_error']}")
+    except BaseException as e:
+        doc["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if args.keep:
+            log(f"kept {bench.prefix}")
+        else:
+            bench.cleanup()
+        out_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        log(f"results: {out_path}")
+    if args.json:
+        print(json.dumps(doc, indent=1, default=str))
+        return
+    print_table(doc["summary"], args.rounds, doc["data"])
+    if "profile" in doc:
+        print_profile(doc["profile"])
+    print(f"\nJSON: {out_path}")
+
+
+if __name__ == "__main__":
+    main()
