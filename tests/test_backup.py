@@ -293,3 +293,23 @@ def test_hardlinks_devices_and_modes_survive_via_cli(node: NodeBed):
     assert os.stat(q / "srv/data/greeting").st_ino == os.stat(q / "srv/data/hard").st_ino
     assert os.lstat(q / "srv/tty9").st_rdev == os.makedev(4, 9)
     assert stat.S_IMODE(os.stat(q / "srv/data/greeting").st_mode) == 0o4750
+
+
+def test_one_backup_per_ct_at_a_time(node: NodeBed):
+    from vzbackup.lock import Lock
+
+    ctid, _ = stopped_ct(node)
+    with Lock(node.prefix / f"vz/lock/{ctid}.backup.lock"):
+        res = node.vz("dump", str(ctid), "--lockwait", "0", "--json", check=False)
+    assert res.returncode == 7
+    error = json.loads(res.stdout)["results"][0]["error"]
+    assert error.startswith(f"backup of CT {ctid} is locked")
+    assert snapshots(node) == []
+    assert dump(node, str(ctid))["results"][0]["ok"]  # and works once the lock is free
+
+
+def test_bwlimit_slows_the_backup_down(node: NodeBed):
+    ctid, _ = stopped_ct(node)
+    (private(node, ctid) / "srv/noise").write_bytes(os.urandom(3 << 20))
+    res = dump(node, str(ctid), "--bwlimit", "1024")["results"][0]  # 1 MiB/s
+    assert res["stats"]["read_seconds"] >= 2.0
