@@ -176,10 +176,12 @@ def test_ls_extract_log_and_hooks(node: NodeBed, tmp_path: Path):
     ctid, _ = stopped_ct(node)
     hook = tmp_path / "hook.sh"
     record = tmp_path / "phases"
-    hook.write_text(f'#!/bin/sh\necho "$1 $2 $3 $STOREID" >> {record}\necho hook says hi\n')
+    hook.write_text(f'#!/bin/sh\necho "$1 $2 $3 $STOREID" >> {record}\necho hook says hi\n'
+                    f'ionice -p $$ > {record}.io\n')
     hook.chmod(0o755)
     snap = dump(node, str(ctid), "--script", str(hook), "--notes-template", "nightly {{vmid}}"
                 )["results"][0]["snapshot"]
+    assert "best-effort: prio 7" in Path(f"{record}.io").read_text()  # vzdump's ionice 7
     phases = record.read_text().splitlines()
     assert phases == ["job-start   local", f"backup-start stop {ctid} local",
                       f"backup-end stop {ctid} local", "job-end   local"]

@@ -8,6 +8,7 @@ only that CT (backup-abort hook), leaves no snapshot, and the repository stays v
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import time
@@ -165,6 +166,7 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
     node = node_ctids[0].node
     base_env = {"STOREID": opts.storage or "local", "DUMPDIR": str(node.backupdir),
                 "HOSTNAME": socket.gethostname()}
+    set_io_priority(opts.ionice)
     hooks = HookScript(opts.script, base_env, log_line=echo, on_warning=echo)
     repo = session.open_repository(node, opts.storage, opts.encryption_key, create=True,
                                    level=opts.zstd_level)
@@ -199,6 +201,17 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
         raise
     hooks.call("job-end")
     return results
+
+
+SYS_IOPRIO_SET = 251  # x86_64
+IOPRIO_WHO_PROCESS, IOPRIO_CLASS_BE, IOPRIO_CLASS_IDLE = 1, 2, 3
+
+
+def set_io_priority(level: int) -> None:
+    """vzdump's ionice: best-effort class at *level* (0-7), 8 = idle; threads inherit it."""
+    prio = (IOPRIO_CLASS_IDLE << 13) if level >= 8 else (IOPRIO_CLASS_BE << 13) | level
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(SYS_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, prio)  # best effort, like vzdump
 
 
 def worker_threads(zstd: int) -> int:
