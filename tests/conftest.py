@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sinks import smtp, web, web500  # noqa: F401 - fixtures
 
 from vzbackup.constants import HOST_GATEWAY
 from vzbackup.ct import fs

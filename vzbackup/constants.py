@@ -21,7 +21,8 @@ NODE_DEFAULTS: dict[str, str] = {
     "CONFDIR": "${PREFIX}/etc/vz/conf",
     "BACKUPDIR": "${PREFIX}/vz/backup",  # the built-in "local" backup storage
     "CACHEDIR": "${PREFIX}/var/cache/vzbackup",  # files cache, repository metadata cache
-    "VZBACKUP_CONFDIR": "${PREFIX}/etc/vzbackup",  # vzdump.conf, storage.cfg
+    "VZBACKUP_CONFDIR": "${PREFIX}/etc/vzbackup",  # vzdump.conf, storage.cfg, jobs.cfg
+    "STATEDIR": "${PREFIX}/var/lib/vzbackup",  # scheduler database (next runs, history)
     "NAMESDIR": "${PREFIX}/etc/vz/names",
     "CONFIGFILE": "basic",
     "DEF_OSTEMPLATE": "busybox-1.0-x86_64",
@@ -39,3 +40,6 @@ CRIU_IMAGE_SUBDIR = "Dump.{ctid}"  # OpenVZ's dump file name, a directory of CRI
 
 VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults
 STORAGE_CFG = "storage.cfg"  # in VZBACKUP_CONFDIR: named storages
+JOBS_CFG = "jobs.cfg"  # in VZBACKUP_CONFDIR: scheduled jobs
+SCHEDULER_DB = "scheduler.db"  # in STATEDIR
+SCHEDULER_PID = "vzbackup-scheduler.pid"  # in RUNDIR

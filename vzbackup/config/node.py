@@ -94,6 +94,10 @@ class Node:
         return self.path("CACHEDIR")
 
     @property
+    def statedir(self) -> Path:
+        return self.path("STATEDIR")
+
+    @property
     def vzbackup_confdir(self) -> Path:
         return self.path("VZBACKUP_CONFDIR")
 
