@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -196,3 +197,26 @@ def test_restore_test_and_prune_jobs_run_now_without_daemon(node: NodeBed):
     assert run["status"] == "ok" and "pruned 1 snapshots" in run["details"][0]
     assert len(json.loads(node.vz("list", "-b", "--json").stdout)["snapshots"]) == 1
     assert [r["job"] for r in history(node)] == ["tidy", "drill"]
+
+
+def test_sigterm_aborts_a_long_run_cleanly(node: NodeBed, daemon: Daemon):
+    ctid = stopped_ct(node)
+    (node.prefix / f"vz/private/{ctid}/big").write_bytes(os.urandom(6 << 20))
+    conf = node.prefix / "etc/vzbackup/vzdump.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text("bwlimit: 256\n")  # KiB/s: the backup would take ~25 s
+    jobs_cfg(node, "scheduler: options\n    shutdown-timeout 1\n"
+                   f"vzdump: slow\n    schedule {EVERY_2S}\n    vmid {ctid}\n")
+    daemon.start()
+    wait_for(lambda: any(r["status"] == "running" for r in history(node)), timeout=30,
+             what="a run in progress")
+    time.sleep(1)
+    t0 = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - t0 < 20
+    assert [r["status"] for r in history(node, "slow")] == ["aborted"]
+    assert json.loads(node.vz("list", "-b", "--json").stdout)["snapshots"] == []
+    assert node.vz("verify").returncode == 0
+    # the next backup of that CT is not blocked by anything the aborted run left
+    conf.write_text("")
+    assert json.loads(node.vz("dump", str(ctid), "--json").stdout)["results"][0]["ok"]
