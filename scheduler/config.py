@@ -115,19 +115,6 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected 0 or 1, not {text!r}")
 
 
-def _int(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        if not re.fullmatch(r"[0-9]+", text):
-            raise ValueError(f"expected a whole number, not {text!r}")
-        value = int(text)
-        if value < low or (high is not None and value > high):
-            upper = f"..{high}" if high is not None else " or more"
-            raise ValueError(f"{value} is out of range ({low}{upper})")
-        return value
-
-    return parse
-
-
 def _ctid(text: str) -> int:
     if not re.fullmatch(r"[0-9]+", text.strip()) or not (
         C.MIN_CTID <= int(text) <= C.MAX_CTID
@@ -161,7 +148,7 @@ def _split_hostport(text: str) -> tuple[str, int]:
     host = host.strip("[]")
     if not host or not re.fullmatch(r"[A-Za-z0-9_.:-]+", host):
         raise ValueError(f"invalid host {host!r}")
-    return host, _int(1, 65535)(port)
+    return host, dump_defaults.int_range(1, 65535)(port)
 
 
 def _smtp(text: str) -> str:
@@ -211,8 +198,8 @@ def _dump_option(key: str) -> Callable[[str], Any]:
 
 
 _GLOBAL_PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "max-workers": ("max_workers", _int(1, 64)),
-    "shutdown-timeout": ("shutdown_timeout", _int(0)),
+    "max-workers": ("max_workers", dump_defaults.int_range(1, 64)),
+    "shutdown-timeout": ("shutdown_timeout", dump_defaults.int_range(0)),
     "notify": ("notify", _choice(NOTIFY)),
     "mailto": ("mailto", _mailto),
     "mail-from": ("mail_from", _address),
@@ -423,9 +410,9 @@ def _parse_job_value(key: str, value: str) -> Any:
     if key == "scratch-ctid":
         return _ctid(value)
     if key == "jitter":
-        return _int(0, 86400)(value)
+        return dump_defaults.int_range(0, 86400)(value)
     if key == "lockwait":
-        return _int(0)(value)
+        return dump_defaults.int_range(0)(value)
     if key == "storage":
         return dump_defaults._storage(value)
     if key == "keyfile":

@@ -77,7 +77,9 @@ class DumpDefaults:
 # ----------------------------------------------------------------------------- value parsers
 
 
-def _int(low: int, high: int | None = None) -> Callable[[str], int]:
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A parser of whole numbers in low..high (ValueError naming the range otherwise)."""
+
     def parse(text: str) -> int:
         if not re.fullmatch(r"[0-9]+", text):
             raise ValueError(f"expected a whole number, not {text!r}")
@@ -151,19 +153,19 @@ def _patterns(text: str) -> tuple[str, ...]:
 _KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "storage": ("storage", _storage),
     "mode": ("mode", _mode),
-    "zstd-level": ("zstd_level", _int(*ZSTD_LEVELS)),
-    "zstd": ("zstd", _int(0, 256)),
+    "zstd-level": ("zstd_level", int_range(*ZSTD_LEVELS)),
+    "zstd": ("zstd", int_range(0, 256)),
     "tmpdir": ("tmpdir", _abspath),
-    "lockwait": ("lockwait", _int(0)),
-    "stopwait": ("stopwait", _int(0)),
-    "bwlimit": ("bwlimit", _int(0)),
+    "lockwait": ("lockwait", int_range(0)),
+    "stopwait": ("stopwait", int_range(0)),
+    "bwlimit": ("bwlimit", int_range(0)),
     "exclude-path": ("exclude_path", _patterns),  # repeatable; values accumulate
     "stdexcludes": ("stdexcludes", _bool),
     "script": ("script", _abspath),
     "notes-template": ("notes_template", _notes),
     "prune-backups": ("prune_backups", _prune),
     "encryption-key": ("encryption_key", _abspath),
-    "ionice": ("ionice", _int(0, 8)),
+    "ionice": ("ionice", int_range(0, 8)),
     "remove": ("remove", _bool),
 }
 _LINE = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*)\s*:\s*(.*?)\s*$")
