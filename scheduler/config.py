@@ -157,11 +157,7 @@ def _smtp(text: str) -> str:
 
 
 def _mailto(text: str) -> list[str]:
-    out = [a.strip() for a in text.split(",")]
-    for addr in out:
-        if not re.fullmatch(r"[^@\s,]+@[^@\s,]+", addr):
-            raise ValueError(f"invalid mail address {addr!r}")
-    return out
+    return [_address(a.strip()) for a in text.split(",")]
 
 
 def _address(text: str) -> str:

@@ -30,7 +30,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from scheduler.config import JobDef, load_jobs
 from scheduler.history import History
 from scheduler.notify import Notifier, NotifySettings
-from scheduler.runner import Runner
+from scheduler.runner import Outcome, Runner
 from vzbackup import constants as C
 from vzbackup.config.node import Node
 from vzbackup.errors import ConfigError
@@ -130,8 +130,6 @@ class Daemon:
         try:
             out = self.runner.run(job)
         except Exception as e:
-            from scheduler.runner import Outcome
-
             out = Outcome()
             out.fail(f"internal error: {e}")
         finally:

@@ -70,9 +70,5 @@ class Backend(abc.ABC):
     def flush(self) -> None:  # noqa: B027 - a no-op where every write is durable
         """Make every object written so far durable (called before a snapshot is published)."""
 
-    def free_bytes(self) -> int | None:
-        """Free space if the storage knows it (a local disk does), else None."""
-        return None
-
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections."""

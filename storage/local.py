@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import time
 from collections.abc import Iterator
@@ -163,29 +162,3 @@ class DirBackend(Backend):
         except FileNotFoundError:
             raise ObjectMissing(f"{self.url}: no object {key}") from None
         return ObjectInfo(key, st.st_size, st.st_mtime)
-
-    def free_bytes(self) -> int | None:
-        p = self.root
-        while not p.exists() and p != p.parent:
-            p = p.parent
-        try:
-            st = os.statvfs(p)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise
-        return st.f_bavail * st.f_frsize
-
-    def remove_stale_tmp(self, older_than: float = 3600.0) -> int:
-        """Delete temporary files a crashed writer left behind; returns how many."""
-        n = 0
-        cutoff = time.time() - older_than
-        for dirpath, _, filenames in os.walk(self.root):
-            for name in filenames:
-                if name.startswith(TMP_MARK):
-                    p = os.path.join(dirpath, name)
-                    with contextlib.suppress(OSError):
-                        if os.stat(p).st_mtime < cutoff:
-                            os.unlink(p)
-                            n += 1
-        return n

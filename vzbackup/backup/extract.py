@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -277,6 +276,3 @@ def find(entries: list[T.Entry], path: str) -> list[T.Entry]:
         return entries
     return [e for e in entries if e.path == p or e.path.startswith(p + "/")]
 
-
-def is_dir_entry(e: T.Entry) -> bool:
-    return stat.S_ISDIR(e.st_mode)

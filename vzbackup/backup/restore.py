@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vzbackup import errors as E
+from vzbackup.backup import vzdump_archive
 from vzbackup.backup.extract import load_tree, restore_tree
 from vzbackup.backup.repo import Manifest, Repository
 from vzbackup.config.ct import CTConfig
@@ -162,21 +163,14 @@ def restore_archive(node: Node, archive: Path, ctid: int, *, force: bool = False
         raise E.NotFoundError(f"archive {archive} does not exist")
     node.ensure_dirs()
     ct = _target(node, ctid, force)
-    conf_holder: dict[str, str] = {}
-
-    from vzbackup.backup import vzdump_archive
-
-    def build(dest: Path) -> None:
-        conf_holder["text"] = vzdump_archive.import_tar(archive, dest)
-
     with ct.lock():
         # the config is inside the archive: extract first into a scratch name, then configure
         scratch = node.path("VE_PRIVATE", ctid)
         scratch = scratch.with_name(f".{scratch.name}.import-{os.getpid()}")
         scratch.parent.mkdir(parents=True, exist_ok=True)
         try:
-            build(scratch)
-            conf = _config(node, ctid, conf_holder["text"], ipadd, hostname, log)
+            conf_text = vzdump_archive.import_tar(archive, scratch)
+            conf = _config(node, ctid, conf_text, ipadd, hostname, log)
             _install(ct, conf, lambda dest: os.rename(scratch, dest))
         finally:
             fs.remove_tree(scratch, ignore_errors=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from vzbackup.backup import tree as T
+from vzbackup.backup import vzdump_archive as V
 from vzbackup.backup.extract import ChunkReader, file_pieces, find, load_tree, restore_tree
 from vzbackup.backup.repo import snapshot_time
 from vzbackup.cli.common import emit, json_option
@@ -91,8 +92,6 @@ def extract(ctx: click.Context, snapshot: str, path: str, dest: str, storage: st
 def export(ctx: click.Context, snapshot: str, dumpdir: str, storage: str | None,
            keyfile: str | None, zstd_level: int, as_json: bool) -> None:
     """Write SNAPSHOT as a classic vzdump archive (vzdump-openvz-CTID-DATE.tar.zst)."""
-    from vzbackup.backup import vzdump_archive as V
-
     repo = open_repo(ctx, storage, keyfile)
     m = repo.resolve(snapshot)
     entries = [e for e in load_tree(repo, m.tree) if e.path != "."]
