@@ -27,6 +27,7 @@ class DumpOptions:
     tcp_established: bool = True
     file_locks: bool = True
     external: list[str] = field(default_factory=list)  # e.g. "mnt[/mnt/vol]:vol"
+    lazy_port: int = 0  # post-copy: keep anonymous memory and serve it on this TCP port
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RestoreOptions:
     file_locks: bool = True
     veths: list[tuple[str, str]] = field(default_factory=list)  # (if_in, if_out[@bridge])
     external: list[str] = field(default_factory=list)
+    lazy_pages: bool = False  # missing pages come from a "criu lazy-pages" daemon (images dir)
 
 
 def _log_tail(path: Path, lines: int = 12) -> str:
@@ -72,6 +74,10 @@ def dump(
     killed. A callback that raises makes CRIU abort the dump (the tasks keep running); the
     dump then raises CheckpointError chained to the callback's exception (a BaseException
     such as KeyboardInterrupt is re-raised as is once CRIU has finished).
+
+    With ``opts.lazy_port`` anonymous memory stays out of the images: after "post-dump" CRIU
+    serves it on that port to a restoring node's lazy-pages daemon and returns only when all
+    pages were taken (then kills the tasks) or the transfer failed (then resumes them).
     """
     images_dir.mkdir(parents=True, exist_ok=True)
     c, fd = _new(images_dir, DUMP_LOG)
@@ -82,6 +88,9 @@ def dump(
         c.opts.file_locks = opts.file_locks
         c.opts.manage_cgroups = True
         c.opts.external.extend(opts.external)
+        if opts.lazy_port:
+            c.opts.lazy_pages = True
+            c.opts.ps.port = opts.lazy_port
         t0 = time.monotonic()
         if notify:
             _dump_with_notify(c, pid, images_dir, notify)
@@ -173,6 +182,7 @@ def restore(images_dir: Path, opts: RestoreOptions) -> int:
         c.opts.manage_cgroups = True
         c.opts.external.extend(f"veth[{if_in}]:{if_out}" for if_in, if_out in opts.veths)
         c.opts.external.extend(opts.external)
+        c.opts.lazy_pages = opts.lazy_pages
         try:
             resp = c.restore()
         except Exception as e:

@@ -108,6 +108,7 @@ class Container:
             ctid=self.ctid,
             ips=tuple(c.ips),
             netifs=tuple(network.parse_netif(netif)) if netif else (),
+            neighbour_devs=self.node.value("NEIGHBOUR_DEVS"),
         )
 
     def nproc(self) -> int:

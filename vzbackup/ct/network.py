@@ -21,6 +21,8 @@ import ipaddress
 import json
 import os
 import re
+import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -75,6 +77,7 @@ class NetConfig:
     ctid: int
     ips: tuple[str, ...] = ()
     netifs: tuple[Netif, ...] = field(default=())
+    neighbour_devs: str = "detect"  # vz.conf NEIGHBOUR_DEVS: "detect", "none" or device names
 
     def __post_init__(self) -> None:
         if not isinstance(self.ips, tuple):
@@ -526,6 +529,70 @@ def _bridged_host_side(nif: Netif, host: str) -> None:
     _ip(["link", "set", "dev", host, "up"])
 
 
+# --------------------------------------------------------------------------- neighbours
+
+_ETH_P_ARP = 0x0806
+
+
+def _neighbour_devs(cfg: NetConfig, addr: str) -> list[str]:
+    """Host devices on which this node answers ARP for the routed *addr* (vzctl's
+    NEIGHBOUR_DEVS): "detect" picks every non-veth device with a connected route to it."""
+    setting = cfg.neighbour_devs.strip()
+    if setting == "none" or ipaddress.ip_address(addr).version != 4:
+        return []
+    if setting != "detect":
+        return setting.split()
+    ip = ipaddress.ip_address(addr)
+    devs: list[str] = []
+    for r in _host_routes("-4"):
+        dst, dev = r.get("dst", ""), r.get("dev", "")
+        if r.get("scope") != "link" or not dev or "/" not in dst or dev in devs:
+            continue
+        if ip in ipaddress.ip_network(dst, strict=False) and _kind(_link(dev) or {}) != "veth":
+            devs.append(dev)
+    return devs
+
+
+def _gratuitous_arp(dev: str, addr: str) -> None:
+    """Broadcast an unsolicited ARP reply for *addr* from *dev*'s MAC so neighbours (and
+    switches) move the address to this node at once, as vzctl's ``arpsend -U`` does."""
+    info = _link(dev)
+    if not info or not info.get("address"):
+        return
+    mac = bytes.fromhex(info["address"].replace(":", ""))
+    ip = ipaddress.ip_address(addr).packed
+    bcast = b"\xff" * 6
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, mac, ip, bcast, ip)
+    frame = bcast + mac + struct.pack("!H", _ETH_P_ARP) + arp
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sk:
+        sk.bind((dev, _ETH_P_ARP))
+        sk.send(frame)
+
+
+def announce(cfg: NetConfig) -> list[str]:
+    """Answer ARP for the CT's routed IPv4 addresses on the node's neighbour devices and
+    announce them there (after start, restore or migration); returns ``IP@dev`` entries."""
+    done: list[str] = []
+    for addr in _plan(cfg).routed_ips:
+        for dev in _neighbour_devs(cfg, addr):
+            _ip(["neigh", "replace", "proxy", addr, "dev", dev])
+            with contextlib.suppress(OSError):
+                _gratuitous_arp(dev, addr)
+            done.append(f"{addr}@{dev}")
+    return done
+
+
+def withdraw(cfg: NetConfig) -> None:
+    """Stop answering ARP for the CT's routed addresses (idempotent)."""
+    addrs = set(_plan(cfg).routed_ips)
+    if not addrs:
+        return
+    res = _ip(["-j", "-4", "neigh", "show", "proxy"])
+    for entry in json.loads(res.stdout or "[]"):
+        if entry.get("dst") in addrs and entry.get("dev"):
+            _ip(["neigh", "del", "proxy", entry["dst"], "dev", entry["dev"]], ok=_GONE)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -551,6 +618,8 @@ def setup(cfg: NetConfig, pid: int) -> None:
             _setup_routed(cfg.ctid, plan.routed_host, plan.routed_ips, pid, undo)
         for nif, host in plan.bridged:
             _setup_bridged(nif, host, pid, undo)
+        undo.push(lambda: withdraw(cfg))
+        announce(cfg)
     except BaseException:
         undo.run()
         raise
@@ -563,6 +632,10 @@ def teardown(cfg: NetConfig) -> None:
     """
     plan = _plan(cfg)
     errors: list[str] = []
+    try:
+        withdraw(cfg)
+    except VzError as e:
+        errors.append(str(e))
     hosts = [plan.routed_host] if plan.routed_host else []
     hosts += [host for _, host in plan.bridged]
     for host in hosts:
@@ -608,6 +681,7 @@ def configure_host_side(cfg: NetConfig) -> None:
         if nif.host_mac:
             _ip(["link", "set", "dev", host, "address", nif.host_mac])
         _bridged_host_side(nif, host)
+    announce(cfg)
 
 
 def add_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
@@ -630,6 +704,7 @@ def add_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
         _refuse_used(addrs, cfg.ctid)
         try:
             _setup_routed(cfg.ctid, host, tuple(addrs), pid, undo)
+            announce(_subset(cfg, addrs))
         except BaseException:
             undo.run()
             raise
@@ -646,9 +721,14 @@ def add_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
                 undo.push(
                     lambda a=addr: _ip(["addr", "del", f"{a}/32", "dev", ROUTED_IFNAME], pid=pid)
                 )
+        announce(_subset(cfg, addrs))
     except BaseException:
         undo.run()
         raise
+
+
+def _subset(cfg: NetConfig, addrs: list[str]) -> NetConfig:
+    return NetConfig(cfg.ctid, tuple(addrs), neighbour_devs=cfg.neighbour_devs)
 
 
 def del_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
@@ -656,6 +736,7 @@ def del_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
     addrs = list(dict.fromkeys(_routed_addr(ip) for ip in ips))
     host = host_veth_name(cfg.ctid, 0)
     inside = _check_netns(pid)
+    withdraw(_subset(cfg, addrs))
     for addr in addrs:
         if inside:
             _ip(

@@ -285,23 +285,43 @@ def chkpnt(ct: Container, dumpfile: str | None = None) -> tuple[Path, float]:
 
 
 def restore(
-    ct: Container, dumpfile: str | None = None, *, keep_dump: bool = False, tcp_close: bool = False
+    ct: Container,
+    dumpfile: str | None = None,
+    *,
+    keep_dump: bool = False,
+    tcp_close: bool = False,
+    lazy: bool = False,
 ) -> int:
-    """Restore the CT from CRIU images; *tcp_close*: images whose TCP peers are gone (backups)."""
+    """Restore the CT from CRIU images; *tcp_close*: images whose TCP peers are gone (backups);
+    *lazy*: memory is pulled by a ``criu lazy-pages`` daemon already serving the images dir."""
+    with ct.lock():
+        return restore_locked(ct, dumpfile, keep_dump=keep_dump, tcp_close=tcp_close, lazy=lazy)
+
+
+def restore_locked(
+    ct: Container,
+    dumpfile: str | None = None,
+    *,
+    keep_dump: bool = False,
+    tcp_close: bool = False,
+    lazy: bool = False,
+) -> int:
+    """restore() for a caller that already holds ``ct.lock()``."""
     criu_binary()
     pycriu_module()
-    with ct.lock():
-        conf = ct.conf
-        if ct.running:
-            raise E.StateError(f"CT {ct.ctid} is running: nothing to restore into")
-        images = dump_dir(ct, dumpfile)
-        if not (images / "inventory.img").exists():
-            raise E.NotFoundError(f"no CRIU images in {images}")
-        _check_start_inputs(conf)
-        extra = ["--dumpdir", str(images)] + (["--keep-dump"] if keep_dump else [])
-        if tcp_close:
-            extra.append("--tcp-close")
-        return _spawn_supervisor(ct, "restore", extra)
+    conf = ct.conf
+    if ct.running:
+        raise E.StateError(f"CT {ct.ctid} is running: nothing to restore into")
+    images = dump_dir(ct, dumpfile)
+    if not (images / "inventory.img").exists():
+        raise E.NotFoundError(f"no CRIU images in {images}")
+    _check_start_inputs(conf)
+    extra = ["--dumpdir", str(images)] + (["--keep-dump"] if keep_dump else [])
+    if tcp_close:
+        extra.append("--tcp-close")
+    if lazy:
+        extra.append("--lazy-pages")
+    return _spawn_supervisor(ct, "restore", extra)
 
 
 def mount(ct: Container) -> None:

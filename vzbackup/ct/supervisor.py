@@ -2,7 +2,7 @@
 
 Started detached by ``vzbackup start``/``restore`` as
 ``python -m vzbackup.ct.supervisor {start|restore} CTID --prefix P --ready-fd N``
-(restore: ``--dumpdir D [--keep-dump] [--tcp-close]``).
+(restore: ``--dumpdir D [--keep-dump] [--tcp-close] [--lazy-pages]``).
 It reports success or the error on the ready fd, then waits for init to exit and tears the
 CT's runtime down (network, cgroups, root mount, state file).
 """
@@ -66,7 +66,7 @@ class Supervisor:
             raise
         log.info("CT %s started, init pid %s", self.ct.ctid, proc.pid)
 
-    def restore(self, images: Path, *, tcp_close: bool = False) -> None:
+    def restore(self, images: Path, *, tcp_close: bool = False, lazy: bool = False) -> None:
         conf = self.ct.conf
         self._prepare(conf)
         os.chdir("/")
@@ -79,6 +79,7 @@ class Supervisor:
                 veths=network.criu_veth_pairs(net),
                 external=[f"mnt[{b.key}]:{b.host}" for b in conf.bindmounts],
                 tcp_established=not tcp_close,
+                lazy_pages=lazy,
             ),
         )
         network.configure_host_side(net)
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tcp-close", action="store_true", help="restore TCP connections closed (from a backup)"
     )
+    ap.add_argument(
+        "--lazy-pages", action="store_true", help="memory comes from a criu lazy-pages daemon"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "start":
             sup.start()
         else:
-            sup.restore(Path(args.dumpdir), tcp_close=args.tcp_close)
+            sup.restore(Path(args.dumpdir), tcp_close=args.tcp_close, lazy=args.lazy_pages)
     except BaseException as e:
         log.error("%s failed: %s", args.mode, e)
         if sup.init_pid:

@@ -1,0 +1,459 @@
+"""DEST side of a migration: ``vzbackup migrate-agent CTID`` answering the source on stdin/stdout.
+
+The agent holds the DEST CT lock for its whole life and records what it created in a journal
+(``LOCKDIR/CTID.migrate.json``). Until the source sends ``commit``, an ``abort``, the end of
+its input (the SSH connection dropped) or a signal removes everything it created again, so a
+failed migration never leaves a second copy of the CT. ``vzbackup migrate-cleanup CTID``
+does the same from the journal after the agent itself crashed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from migrate.protocol import PROTOCOL_VERSION, Link, error_reply
+from vzbackup import __version__
+from vzbackup import errors as E
+from vzbackup.config.ct import CTConfig
+from vzbackup.config.node import Node
+from vzbackup.config.vzfile import VzFile
+from vzbackup.criu.check import criu_binary, criu_version
+from vzbackup.ct import fs, network, ops, registry
+from vzbackup.ct.container import Container
+
+log = logging.getLogger("vzbackup.migrate.agent")
+
+JOURNAL = "{ctid}.migrate.json"  # in LOCKDIR, on both ends
+LAZY_LOG = "lazy-pages.log"
+LAZY_READY_TIMEOUT = 30.0
+
+
+@dataclass
+class Journal:
+    """What one side of a migration did so far; enough to undo or finish it after a crash."""
+
+    ctid: int
+    role: str  # "dest" | "source"
+    state: str = "preparing"  # preparing | restored | committed | kept
+    pid: int = field(default_factory=os.getpid)
+    peer: str = ""
+    private: str = ""  # DEST: the private area this migration created
+    conf: bool = False  # DEST: CTID.conf was written by this migration
+    name: str = ""  # DEST: names/ link created
+    images: str = ""  # DEST: image dir to remove
+    since: float = field(default_factory=time.time)
+
+    @staticmethod
+    def path(node: Node, ctid: int) -> Path:
+        return node.lockdir / JOURNAL.format(ctid=ctid)
+
+    def save(self, node: Node) -> None:
+        p = self.path(node, self.ctid)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    @classmethod
+    def load(cls, node: Node, ctid: int) -> Journal | None:
+        try:
+            return cls(**json.loads(cls.path(node, ctid).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def remove(self, node: Node) -> None:
+        self.path(node, self.ctid).unlink(missing_ok=True)
+
+
+def _free_bytes(path: Path) -> int:
+    p = path
+    while not p.exists():
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
+
+
+def _criu_check(features: list[str]) -> list[str]:
+    """Problems `criu check` reports for the basic set and each extra feature."""
+    problems = []
+    try:
+        binary = criu_binary()
+    except E.DependencyError as e:
+        return [str(e)]
+    for feat in [None, *features]:
+        argv = [binary, "check"] + (["--feature", feat] if feat else [])
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["failed"]
+            problems.append(f"criu check{' --feature ' + feat if feat else ''}: {tail[0]}")
+    return problems
+
+
+def cpuinfo_dump() -> str:
+    """This node's CPU description (``criu cpuinfo dump``), base64 for the wire."""
+    with tempfile.TemporaryDirectory(prefix="vzb-cpuinfo-") as d:
+        subprocess.run(
+            [criu_binary(), "cpuinfo", "dump", "-D", d], check=True, capture_output=True, timeout=60
+        )
+        return base64.b64encode(Path(d, "cpuinfo.img").read_bytes()).decode()
+
+
+def _cpuinfo_check(b64: str) -> str | None:
+    with tempfile.TemporaryDirectory(prefix="vzb-cpuinfo-") as d:
+        Path(d, "cpuinfo.img").write_bytes(base64.b64decode(b64))
+        res = subprocess.run(
+            [criu_binary(), "cpuinfo", "check", "-D", d, "-o", "check.log"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if res.returncode == 0:
+            return None
+        logf = Path(d, "check.log")
+        text = logf.read_text(errors="replace") if logf.exists() else ""
+        errs = [ln for ln in text.splitlines() if "Error" in ln][-2:]
+        return "CPU of the source is not compatible with this node: " + (
+            "; ".join(errs) or "criu cpuinfo check failed"
+        )
+
+
+class Agent:
+    """Serves one migration of CT *ctid* into this node."""
+
+    def __init__(self, node: Node, ctid: int, *, source: str = "") -> None:
+        self.node = node
+        self.ct = Container(node, ctid)
+        self.journal = Journal(ctid, "dest", peer=source)
+        self.conf_text = ""
+        self.lazy_proc: subprocess.Popen[bytes] | None = None
+        self.lock = None
+
+    # ------------------------------------------------------------------ paths
+    def _conf(self) -> CTConfig:
+        return CTConfig(self.ct.ctid, VzFile(self.node.ct_conf_path(self.ct.ctid), self.conf_text))
+
+    @property
+    def images_dir(self) -> Path:
+        return self.node.dumpdir / f"Dump.{self.ct.ctid}.migrate"
+
+    # ------------------------------------------------------------------ requests
+    def op_hello(
+        self,
+        conf: str,
+        need_bytes: int = 0,
+        online: bool = False,
+        lazy: bool = False,
+        cpuinfo: str | None = None,
+        protocol: int = PROTOCOL_VERSION,
+    ) -> dict[str, Any]:
+        """Preflight: everything that must hold before anything is touched."""
+        self.conf_text = conf
+        problems: list[str] = []
+        if protocol != PROTOCOL_VERSION:
+            problems.append(f"protocol {protocol} unsupported (DEST speaks {PROTOCOL_VERSION})")
+        ctid = self.ct.ctid
+        conf_obj = self._conf()
+        try:
+            conf_obj.validate()
+        except E.VzError as e:
+            problems.append(f"the CT config is not valid here: {e}")
+        if self.ct.exists:
+            problems.append(f"CT {ctid} already exists on this node ({self.ct.conf_path})")
+        private = self.ct.ve_private(conf_obj)
+        prior = Journal.load(self.node, ctid)
+        reusable = prior is not None and prior.state == "kept" and prior.private == str(private)
+        if private.exists() and not reusable and any(private.iterdir()):
+            problems.append(f"private area {private} already exists on this node")
+        if conf_obj.name and registry.name_owner(self.node, conf_obj.name) not in (None, ctid):
+            problems.append(f"name {conf_obj.name!r} is used by another CT on this node")
+        ips = list(conf_obj.ips)
+        used = network.ips_in_use_on_host(ips)
+        others = ops._others_ips(self.node, ctid)
+        used += [ip.split("/")[0] for ip in ips if ip.split("/")[0] in others]
+        if used:
+            problems.append(f"IP address(es) {', '.join(sorted(set(used)))} already in use here")
+        free = _free_bytes(private.parent)
+        if need_bytes and free < need_bytes * 1.1:
+            problems.append(
+                f"not enough space for the private area under {private.parent}: "
+                f"{free // 2**20} MiB free, {need_bytes // 2**20} MiB needed"
+            )
+        if online:
+            problems += _criu_check(["uffd-noncoop"] if lazy else [])
+            if cpuinfo:
+                with contextlib.suppress(E.DependencyError):
+                    bad = _cpuinfo_check(cpuinfo)
+                    if bad:
+                        problems.append(bad)
+        lazy_ok = online and lazy and not any("uffd" in p for p in problems)
+        try:
+            cv = criu_version()
+        except E.DependencyError:
+            cv = None
+        return {
+            "version": __version__,
+            "criu": cv,
+            "problems": problems,
+            "lazy_ok": lazy_ok,
+            "free_bytes": free,
+            "private": str(private),
+            "images": str(self.images_dir),
+            "reuse_private": reusable,
+        }
+
+    def op_prepare(self) -> dict[str, Any]:
+        """Create the empty private area (btrfs subvolume where possible) and image dir."""
+        conf = self._conf()
+        private = self.ct.ve_private(conf)
+        if not private.exists():
+            private.parent.mkdir(parents=True, exist_ok=True)
+            if fs.fs_type(private.parent) == "btrfs":
+                try:
+                    fs.create_subvolume(private)
+                except E.DependencyError:
+                    private.mkdir()
+            else:
+                private.mkdir()
+        self.journal.private = str(private)
+        shutil.rmtree(self.images_dir, ignore_errors=True)
+        self.images_dir.mkdir(parents=True)
+        self.journal.images = str(self.images_dir)
+        self.journal.save(self.node)
+        return {"private": str(private), "images": str(self.images_dir)}
+
+    def _place_conf(self) -> None:
+        if self.journal.conf:
+            return
+        if self.ct.exists:
+            raise E.ExistsError(f"CT {self.ct.ctid} appeared on this node meanwhile")
+        conf = self._conf()
+        self.journal.conf = True  # journal first: a crash right after leaves it removable
+        self.journal.save(self.node)
+        self.node.ensure_dirs()
+        conf.save()
+        if conf.name:
+            registry.set_name(self.node, self.ct.ctid, conf.name)
+            self.journal.name = conf.name
+            self.journal.save(self.node)
+
+    def _start_lazy_daemon(self, address: str, port: int) -> None:
+        r, w = os.pipe()
+        argv = [
+            criu_binary(), "lazy-pages", "--page-server", "--address", address,
+            "--port", str(port), "-D", str(self.images_dir), "-W", str(self.images_dir),
+            "-o", LAZY_LOG, "-v4", "--status-fd", str(w),
+        ]  # fmt: skip
+        try:
+            self.lazy_proc = subprocess.Popen(
+                argv,
+                pass_fds=(w,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            os.close(w)
+        try:
+            ready, _, _ = select.select([r], [], [], LAZY_READY_TIMEOUT)
+            ok = bool(ready) and os.read(r, 1) == b"\0"
+        finally:
+            os.close(r)
+        if not ok:
+            self._stop_lazy_daemon()
+            raise E.CheckpointError(
+                "criu lazy-pages did not become ready",
+                hint=f"log: {self.images_dir / LAZY_LOG}",
+            )
+
+    def _stop_lazy_daemon(self) -> None:
+        if self.lazy_proc and self.lazy_proc.poll() is None:
+            self.lazy_proc.kill()
+            self.lazy_proc.wait()
+
+    def op_restore(self, lazy_address: str = "", lazy_port: int = 0) -> dict[str, Any]:
+        """Restore the CT from the pushed images; with a page server address, post-copy."""
+        t0 = time.monotonic()
+        self._place_conf()
+        lazy = bool(lazy_port)
+        if lazy:
+            self._start_lazy_daemon(lazy_address, lazy_port)
+        self.journal.state = "restored"
+        self.journal.save(self.node)
+        pid = ops.restore_locked(self.ct, str(self.images_dir), keep_dump=True, lazy=lazy)
+        return {"pid": pid, "seconds": time.monotonic() - t0}
+
+    def op_start(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        self._place_conf()
+        self.journal.state = "restored"
+        self.journal.save(self.node)
+        pid = ops.start_locked(self.ct)
+        return {"pid": pid, "seconds": time.monotonic() - t0}
+
+    def op_register(self) -> dict[str, Any]:
+        self._place_conf()
+        return {}
+
+    def op_commit(self) -> dict[str, Any]:
+        """The source hands the CT over: from now on this node owns it."""
+        if self.journal.conf is False:
+            raise E.StateError("nothing to commit: the CT was not registered here")
+        if self.journal.state == "restored" and not self.ct.running:
+            raise E.StateError(f"CT {self.ct.ctid} is not running here any more")
+        self.journal.state = "committed"
+        self.journal.save(self.node)
+        if not self.lazy_proc:
+            self._finish()
+        return {}
+
+    def op_lazy_wait(self, timeout: float = 3600) -> dict[str, Any]:
+        """Wait until the lazy-pages daemon has pulled every page (or failed)."""
+        t0 = time.monotonic()
+        rc = None
+        if self.lazy_proc:
+            try:
+                rc = self.lazy_proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+        if rc != 0:
+            raise E.CheckpointError(
+                f"lazy page transfer did not finish (criu lazy-pages: {rc})",
+                hint=f"log: {self.images_dir / LAZY_LOG}",
+            )
+        self.lazy_proc = None
+        if self.journal.state == "committed":
+            self._finish()
+        return {"seconds": time.monotonic() - t0}
+
+    def op_abort(self, keep_private: bool = False) -> dict[str, Any]:
+        self.rollback(keep_private=keep_private)
+        return {}
+
+    # ------------------------------------------------------------------ outcomes
+    def _finish(self) -> None:
+        shutil.rmtree(self.images_dir, ignore_errors=True)
+        self.journal.remove(self.node)
+
+    def rollback(self, *, keep_private: bool = False) -> None:
+        """Remove everything this migration created here (the CT first, if it runs)."""
+        if self.journal.state == "committed":
+            return
+        log.warning("rolling back the migration of CT %s on this node", self.ct.ctid)
+        self._stop_lazy_daemon()
+        undo_created(self.node, self.journal, keep_private=keep_private)
+
+    def serve(self, link: Link) -> int:
+        """Answer requests until ``bye``, the end of input, or a fatal signal."""
+        ops_table = {
+            "hello": self.op_hello,
+            "prepare": self.op_prepare,
+            "restore": self.op_restore,
+            "start": self.op_start,
+            "register": self.op_register,
+            "commit": self.op_commit,
+            "lazy_wait": self.op_lazy_wait,
+            "abort": self.op_abort,
+        }
+        keep_private = False
+        try:
+            while True:
+                msg = link.recv()
+                if msg is None:
+                    log.warning("the source went away")
+                    break
+                op = msg.pop("op", "")
+                if op == "bye":
+                    link.send({"ok": True})
+                    break
+                if op == "abort":
+                    keep_private = bool(msg.get("keep_private"))
+                handler = ops_table.get(op)
+                try:
+                    if handler is None:
+                        raise E.UsageError(f"unknown request {op!r}")
+                    reply = {"ok": True, **handler(**msg)}
+                except Exception as e:
+                    log.error("%s failed: %s", op, e)
+                    reply = error_reply(e)
+                link.send(reply)
+        except BaseException as e:  # lost link, SIGTERM/SIGHUP: never leave a half copy
+            log.error("agent stopping: %s", e)
+        finally:
+            if self.journal.state != "committed":
+                self.rollback(keep_private=keep_private)
+            elif self.lazy_proc:  # the CT is ours: let the pages arrive, then tidy up
+                self.lazy_proc.wait()
+                self._finish()
+        return 0 if self.journal.state == "committed" else 1
+
+
+def undo_created(node: Node, journal: Journal, *, keep_private: bool = False) -> None:
+    """Undo what a DEST journal records: stop the CT, remove config, name, private area."""
+    ct = Container(node, journal.ctid)
+    if journal.conf and ct.running:
+        with contextlib.suppress(E.VzError):
+            ops.stop_locked(ct, fast=True)
+    if journal.name:
+        registry.remove_name(node, journal.name)
+    if journal.conf:
+        ct.conf_path.unlink(missing_ok=True)
+    if journal.images:
+        shutil.rmtree(journal.images, ignore_errors=True)
+    if journal.private and not keep_private:
+        fs.remove_tree(Path(journal.private), ignore_errors=True)
+    if journal.private and keep_private:
+        journal.state, journal.conf, journal.name, journal.images = "kept", False, "", ""
+        journal.save(node)
+    else:
+        journal.remove(node)
+
+
+def run_agent(node: Node, ctid: int, source: str = "") -> int:
+    """Entry point of ``vzbackup migrate-agent``: lock, serve stdin/stdout, clean up."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="DEST %(levelname)s: %(message)s"
+    )
+
+    def _term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _term)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    link = Link(sys.stdin.buffer, sys.stdout.buffer)
+    agent = Agent(node, ctid, source=source)
+    try:
+        lock = agent.ct.lock()
+        lock.acquire()
+    except E.VzError as e:
+        link.send(error_reply(e))
+        return e.exit_code
+    try:
+        prior = Journal.load(node, ctid)
+        if prior and prior.role == "dest" and prior.state in ("preparing", "restored"):
+            undo_created(node, prior)  # a crashed earlier attempt: its lock is ours now
+        if prior and prior.state == "kept":
+            agent.journal.private = prior.private
+        link.send({"ok": True, "ready": True, "pid": os.getpid()})
+        return agent.serve(link)
+    finally:
+        lock.release()

@@ -1,0 +1,81 @@
+"""The control protocol between a migration's source and its DEST agent: JSON lines.
+
+One request per line (``{"op": NAME, ...}``), one reply per request (``{"ok": true, ...}`` or
+``{"ok": false, "error": MESSAGE, "kind": VzError subclass name}``). The streams are whatever
+the transport gives: a paramiko exec channel's stdin/stdout, or a local pipe pair.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any
+
+from vzbackup import errors as E
+
+PROTOCOL_VERSION = 1
+
+
+class RemoteError(E.VzError):
+    """The DEST agent refused or failed a request; the message is the agent's."""
+
+    exit_code = 14
+
+
+class LinkLost(E.VzError):
+    """The control connection to DEST ended unexpectedly."""
+
+    exit_code = 14
+
+
+def error_reply(e: BaseException) -> dict[str, Any]:
+    kind = type(e).__name__ if isinstance(e, E.VzError) else "RuntimeFailure"
+    return {"ok": False, "error": str(e), "kind": kind}
+
+
+def raise_reply(reply: dict[str, Any], op: str) -> dict[str, Any]:
+    """Return *reply* if it says ok, else raise the matching VzError subclass."""
+    if reply.get("ok"):
+        return reply
+    cls = getattr(E, str(reply.get("kind", "")), None)
+    if not (isinstance(cls, type) and issubclass(cls, E.VzError)):
+        cls = RemoteError
+    raise cls(f"DEST {op}: {reply.get('error', 'failed')}")
+
+
+class Link:
+    """A JSON-lines request/reply link over a pair of binary streams."""
+
+    def __init__(self, rfile: IO[bytes], wfile: IO[bytes]) -> None:
+        self.rfile = rfile
+        self.wfile = wfile
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.wfile.write(json.dumps(msg).encode() + b"\n")
+            self.wfile.flush()
+        except (OSError, EOFError, ValueError) as e:
+            raise LinkLost(f"control connection lost while sending: {e}") from None
+
+    def recv(self) -> dict[str, Any] | None:
+        """The next message, or None at end of stream."""
+        try:
+            line = self.rfile.readline()
+        except (OSError, EOFError, ValueError) as e:
+            raise LinkLost(f"control connection lost while receiving: {e}") from None
+        if not line:
+            return None
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise LinkLost(f"garbled message on the control connection: {line[:200]!r}") from None
+        if not isinstance(msg, dict):
+            raise LinkLost(f"unexpected message on the control connection: {line[:200]!r}")
+        return msg
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send a request and return its (ok) reply; raises the agent's error otherwise."""
+        self.send({"op": op, **args})
+        reply = self.recv()
+        if reply is None:
+            raise LinkLost(f"DEST agent went away during {op!r}")
+        return raise_reply(reply, op)
