@@ -55,6 +55,7 @@ class Journal:
     conf: bool = False  # DEST: CTID.conf was written by this migration
     name: str = ""  # DEST: names/ link created
     images: str = ""  # DEST: image dir to remove
+    remove_area: bool = True  # source: what finishing a committed migration does here
     since: float = field(default_factory=time.time)
 
     @staticmethod
@@ -335,6 +336,7 @@ class Agent:
             except subprocess.TimeoutExpired:
                 rc = None
         if rc != 0:
+            self.rollback()
             raise E.CheckpointError(
                 f"lazy page transfer did not finish (criu lazy-pages: {rc})",
                 hint=f"log: {self.images_dir / LAZY_LOG}",
@@ -353,10 +355,18 @@ class Agent:
         shutil.rmtree(self.images_dir, ignore_errors=True)
         self.journal.remove(self.node)
 
+    def _pages_pending(self) -> bool:
+        return self.lazy_proc is not None and self.lazy_proc.poll() != 0
+
     def rollback(self, *, keep_private: bool = False) -> None:
-        """Remove everything this migration created here (the CT first, if it runs)."""
-        if self.journal.state == "committed":
+        """Remove everything this migration created here (the CT first, if it runs).
+
+        A committed CT is kept, unless its memory is still arriving by lazy pages: then the
+        source resumes its own complete copy when the transfer fails, so this one must go.
+        """
+        if self.journal.state == "committed" and not self._pages_pending():
             return
+        self.journal.state = "preparing"
         log.warning("rolling back the migration of CT %s on this node", self.ct.ctid)
         self._stop_lazy_daemon()
         undo_created(self.node, self.journal, keep_private=keep_private)
@@ -400,9 +410,11 @@ class Agent:
         finally:
             if self.journal.state != "committed":
                 self.rollback(keep_private=keep_private)
-            elif self.lazy_proc:  # the CT is ours: let the pages arrive, then tidy up
-                self.lazy_proc.wait()
-                self._finish()
+            elif self.lazy_proc:  # the CT is ours once every page has arrived
+                if self.lazy_proc.wait() == 0:
+                    self._finish()
+                else:
+                    self.rollback()
         return 0 if self.journal.state == "committed" else 1
 
 

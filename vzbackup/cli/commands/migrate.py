@@ -1,0 +1,171 @@
+"""vzbackup migrate / migrate-agent / migrate-cleanup: move a CT to another node over SSH."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+
+import click
+
+from vzbackup import errors as E
+from vzbackup.cli.common import container, emit, json_option, node_of, require_root
+from vzbackup.ct import registry
+from vzbackup.ct.container import Container
+
+PHASE_ORDER = (
+    "preflight", "first_sync", "stop", "dump", "final_sync", "image_transfer", "restore",
+    "start", "commit", "lazy_pages", "cleanup",
+)  # fmt: skip
+
+
+def _yes_no(_ctx: click.Context, _p: click.Parameter, value: str) -> bool:
+    return value == "yes"
+
+
+def _print_times(report: dict) -> None:
+    click.echo(f"Timings for CT {report['ctid']} -> {report['dest']} ({report['mode']}):")
+    times = report["times"]
+    for name in [*PHASE_ORDER, *sorted(set(times) - set(PHASE_ORDER))]:
+        if name in times:
+            click.echo(f"  {name:<15} {times[name]:8.3f} s")
+    if report["mode"] not in ("stopped", "dry-run"):
+        label = "downtime" if report["mode"] == "restart" else "frozen"
+        click.echo(f"  {label:<15} {report['frozen']:8.3f} s")
+    click.echo(f"  {'total':<15} {report['total']:8.3f} s")
+
+
+@click.command()
+@click.argument("ctid")
+@click.argument("dest")
+@click.option("--online", is_flag=True, help="Live migration: checkpoint, move, restore (CRIU).")
+@click.option("--lazy/--no-lazy", default=None,
+              help="Post-copy memory (default: when DEST supports userfaultfd).")
+@click.option("--keep-dst", is_flag=True, help="On failure keep the synced private area at DEST.")
+@click.option("--remove-area", type=click.Choice(["yes", "no"]), default="yes",
+              callback=_yes_no, show_default=True,
+              help="Remove the private area here after success (no: keep it, config renamed "
+                   "to CTID.conf.migrated).")
+@click.option("--new-id", type=int, help="CTID at DEST (stopped and restart migrations).")
+@click.option("--bwlimit", type=click.IntRange(min=1), help="Private-area bandwidth, KB/s.")
+@click.option("--sync", "sync_method", type=click.Choice(["auto", "rsync", "stream"]),
+              default="auto", show_default=True, help="Private-area transfer.")
+@click.option("--ssh-port", type=int, default=22, show_default=True)
+@click.option("--ssh-key", help="Private key file for SSH.")
+@click.option("--ssh-opt", multiple=True, metavar="KEY=VALUE",
+              help="SSH option (UserKnownHostsFile, ConnectTimeout, ServerAliveInterval, "
+                   "StrictHostKeyChecking=accept-new).")
+@click.option("--accept-new-hostkey", is_flag=True,
+              help="Trust and record an unknown host key (a changed key is always refused).")
+@click.option("--dry-run", is_flag=True, help="Run the preflight checks only.")
+@click.option("-t", "--times", "show_times", is_flag=True, help="Print phase timings.")
+@json_option
+@click.pass_context
+def migrate(ctx: click.Context, ctid: str, dest: str, online: bool, lazy: bool | None,
+            keep_dst: bool, remove_area: bool, new_id: int | None, bwlimit: int | None,
+            sync_method: str, ssh_port: int, ssh_key: str | None, ssh_opt: tuple[str, ...],
+            accept_new_hostkey: bool, dry_run: bool, show_times: bool, as_json: bool) -> None:
+    """Move CTID to the node DEST ([user@]host) over SSH.
+
+    A stopped CT is copied and registered there. A running CT is restarted there, or with
+    --online moved while running (frozen only for the final step). Until DEST confirms, any
+    failure leaves the CT running here.
+    """
+    from migrate.phases import MigrateOptions, Migration
+    from migrate.ssh import Session, SSHTarget
+    from migrate.sync import push_tree
+
+    ct = container(ctx, ctid)
+    if new_id is not None:
+        registry.parse_ctid(new_id)
+    if not as_json:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("migrate: %(message)s"))
+        mlog = logging.getLogger("vzbackup.migrate")
+        mlog.addHandler(handler)
+        mlog.setLevel(logging.INFO)
+        mlog.propagate = False
+    target = SSHTarget.parse(dest, port=ssh_port, key=ssh_key, opts=list(ssh_opt))
+    if accept_new_hostkey:
+        target.accept_new = True
+    opts = MigrateOptions(
+        online=online, lazy=lazy, keep_dst=keep_dst, remove_area=remove_area, new_id=new_id,
+        bwlimit_kbps=bwlimit, dry_run=dry_run, sync_method=sync_method,
+    )  # fmt: skip
+    with Session(target) as session:
+        session.connect()
+        mig = Migration(ct, session, opts, push_tree=push_tree)
+        try:
+            report = mig.run()
+        except E.VzError:
+            if as_json:
+                click.echo(json.dumps(mig.report.as_dict(), indent=2, sort_keys=True))
+            raise
+    data = report.as_dict()
+    if as_json:
+        emit(True, data)
+        return
+    if show_times:
+        _print_times(data)
+    if dry_run:
+        click.echo(f"preflight OK: CT {ct.ctid} can migrate to {dest}")
+    else:
+        click.echo(f"CT {ct.ctid} migrated to {dest} ({data['mode']}, "
+                   f"frozen {data['frozen']:.3f}s, total {data['total']:.2f}s)")
+
+
+@click.command(name="migrate-agent", hidden=True)
+@click.argument("ctid")
+@click.option("--source", default="", help="Name of the source node (for logs).")
+@click.pass_context
+def migrate_agent(ctx: click.Context, ctid: str, source: str) -> None:
+    """DEST side of 'vzbackup migrate' (JSON lines on stdin/stdout)."""
+    from migrate.agent import run_agent
+
+    require_root()
+    node = node_of(ctx)
+    sys.exit(run_agent(node, registry.parse_ctid(ctid), source))
+
+
+@click.command(name="migrate-cleanup")
+@click.argument("ctid")
+@json_option
+@click.pass_context
+def migrate_cleanup(ctx: click.Context, ctid: str, as_json: bool) -> None:
+    """Finish or undo a crashed migration of CTID on this node, from its journal.
+
+    On DEST an uncommitted copy is removed; on the source of a committed migration the
+    source copy is retired (as after a successful migration).
+    """
+    from migrate.agent import Journal, undo_created
+    from migrate.phases import finish_source
+    from vzbackup.ct.state import _alive
+
+    ct: Container = container(ctx, ctid, must_exist=False)
+    journal = Journal.load(ct.node, ct.ctid)
+    if journal is None:
+        emit(as_json, {"ctid": ct.ctid, "action": "none"}, f"CT {ct.ctid}: no migration journal")
+        return
+    if journal.pid and _alive(journal.pid):
+        raise E.LockedError(f"CT {ct.ctid}: migration process {journal.pid} is still running")
+    with ct.lock():
+        if journal.role == "dest":
+            action = "kept" if journal.state == "committed" else "removed DEST copy"
+            if journal.state != "committed":
+                undo_created(ct.node, journal)
+            else:
+                journal.remove(ct.node)
+        elif journal.state == "committed":
+            finish_source(ct, remove_area=journal.remove_area)
+            journal.remove(ct.node)
+            action = "retired source copy"
+        else:
+            with contextlib.suppress(OSError):
+                journal.remove(ct.node)
+            action = "nothing to undo here"
+    emit(as_json, {"ctid": ct.ctid, "role": journal.role, "action": action},
+         f"CT {ct.ctid}: {action} ({journal.role}, state {journal.state})")
+
+
+COMMANDS = [migrate, migrate_agent, migrate_cleanup]
