@@ -38,6 +38,7 @@ class RestoreOptions:
     veths: list[tuple[str, str]] = field(default_factory=list)  # (if_in, if_out[@bridge])
     external: list[str] = field(default_factory=list)
     lazy_pages: bool = False  # missing pages come from a "criu lazy-pages" daemon (images dir)
+    cgroup_root: str = ""  # restore the CT's cgroups here, whatever the dump node called them
 
 
 def _log_tail(path: Path, lines: int = 12) -> str:
@@ -183,6 +184,8 @@ def restore(images_dir: Path, opts: RestoreOptions) -> int:
         c.opts.external.extend(f"veth[{if_in}]:{if_out}" for if_in, if_out in opts.veths)
         c.opts.external.extend(opts.external)
         c.opts.lazy_pages = opts.lazy_pages
+        if opts.cgroup_root:
+            c.opts.cg_root.add(path=opts.cgroup_root)
         try:
             resp = c.restore()
         except Exception as e:

@@ -80,6 +80,7 @@ class Supervisor:
                 external=[f"mnt[{b.key}]:{b.host}" for b in conf.bindmounts],
                 tcp_established=not tcp_close,
                 lazy_pages=lazy,
+                cgroup_root="/" + self.ct.cgroup().name,
             ),
         )
         network.configure_host_side(net)
