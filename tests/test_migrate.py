@@ -1,0 +1,343 @@
+"""vzbackup migrate between two real nodes (network namespaces with their own sshd).
+
+Every test moves real busybox CTs with a counter process and a TCP connection from the root
+netns (the "client" on the LAN), and checks where the CT runs afterwards, that its memory state
+and connection survived, and that its files equal the source's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import COUNTER, _ctids, wait_for
+from treecmp import diff, tree_manifest
+from twonode_fixture import twonode
+
+pytestmark = pytest.mark.slow
+Bed = twonode.TwoNodes
+Node = twonode.BedNode
+ECHO_PORT = 7000
+
+
+class Client:
+    """A TCP connection from the root netns to the CT's echo server."""
+
+    def __init__(self, ip: str) -> None:
+        self.sock = wait_for(
+            lambda: socket.create_connection((ip, ECHO_PORT), timeout=3), what=f"{ip} echo"
+        )
+        self.sock.settimeout(30)
+
+    def roundtrip(self, msg: bytes) -> bytes:
+        self.sock.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            chunk = self.sock.recv(len(msg) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _make_ct(node: Node, *, start: bool = True) -> tuple[int, str]:
+    ctid, ip = next(_ctids), node.new_ip()
+    node.vz("create", str(ctid), "--ipadd", ip, "--hostname", f"m{ctid}")
+    if start:
+        node.vz("start", str(ctid))
+        node.sh(ctid, COUNTER)
+        node.sh(ctid, f"setsid nc -ll -p {ECHO_PORT} -e /bin/cat </dev/null >/dev/null 2>&1 &")
+        node.sh(ctid, "mkdir -p /data && echo payload > /data/f && ln /data/f /data/hard")
+    return ctid, ip
+
+
+def _counter(node: Node, ctid: int) -> int:
+    return int(wait_for(lambda: node.sh(ctid, "cat /tmp/counter").strip(), what="counter"))
+
+
+def _private(node: Node, ctid: int) -> Path:
+    return node.prefix / "vz/private" / str(ctid)
+
+
+def _files(root: Path) -> dict[str, tuple]:
+    """The tree minus what a running CT changes by itself (the counter in /tmp)."""
+    return {k: v for k, v in tree_manifest(root).items() if not k.startswith("tmp/")}
+
+
+def _migrate(bed: Bed, src: Node, dst: Node, ctid: int, *extra: str, check: bool = True):
+    res = src.vz("migrate", str(ctid), bed.dest(dst), *bed.ssh_args(), "--json", *extra,
+                 check=check, timeout=240)
+    try:
+        report = json.loads(res.stdout) if res.stdout.strip() else {}
+    except ValueError:
+        report = {}
+    return res, report
+
+
+def _status(node: Node, ctid: int) -> str:
+    return node.vz("status", str(ctid), check=False).stdout
+
+
+def _assert_moved(src: Node, dst: Node, ctid: int, running: bool = True) -> None:
+    assert "deleted" in _status(src, ctid)
+    assert not _private(src, ctid).exists()
+    st = _status(dst, ctid)
+    assert "exist" in st and ("running" in st) == running, st
+    assert (src.prefix / f"etc/vz/conf/{ctid}.conf.migrated").exists()
+    assert not list((src.prefix / "vz/lock").glob("*.migrate.json"))
+    assert not list((dst.prefix / "vz/lock").glob("*.migrate.json"))
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+@pytest.mark.parametrize(
+    ("mode", "flags"),
+    [("online+lazy", ["--online"]), ("online", ["--online", "--no-lazy"])],
+)
+def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, flags) -> None:
+    bed = two_nodes
+    ctid, ip = _make_ct(bed.a)
+    client = Client(ip)
+    try:
+        assert client.roundtrip(b"before") == b"before"
+        before = _counter(bed.a, ctid)
+        res, report = _migrate(bed, bed.a, bed.b, ctid, *flags, "--remove-area", "no")
+        assert report["mode"] == mode and report["ok"] and report["runs_on"] == "dest"
+        for phase in ("preflight", "first_sync", "dump", "final_sync", "image_transfer",
+                      "restore", "commit"):
+            assert phase in report["times"], report
+        assert 0 < report["frozen"] < report["total"]
+        st = _status(bed.b, ctid)
+        assert "running" in st
+        assert _counter(bed.b, ctid) >= before  # memory state moved: no restart from 1
+        time.sleep(0.3)
+        assert _counter(bed.b, ctid) > before
+        assert client.roundtrip(b"after the move") == b"after the move"
+        # --remove-area no: the source keeps its (stopped) files, equal to DEST's
+        assert "deleted" in _status(bed.a, ctid)
+        assert not diff(_files(_private(bed.a, ctid)), _files(_private(bed.b, ctid)))
+        assert bed.b.sh(ctid, "cat /data/hard") == "payload\n"
+    finally:
+        client.close()
+    # and back: B -> A, lazy by default
+    client = Client(ip)
+    try:
+        res, report = _migrate(bed, bed.b, bed.a, ctid, "--online", check=False)
+        # A still has the kept private area of the first move: preflight refuses it
+        assert res.returncode != 0 and "private area" in res.stderr
+        assert "running" in _status(bed.b, ctid)
+        (bed.a.prefix / f"etc/vz/conf/{ctid}.conf.migrated").unlink()
+        twonode._run(["rm", "-rf", str(_private(bed.a, ctid))])
+        res, report = _migrate(bed, bed.b, bed.a, ctid, "--online")
+        assert report["mode"] == "online+lazy"
+        assert "running" in _status(bed.a, ctid) and "deleted" in _status(bed.b, ctid)
+        assert client.roundtrip(b"home again") == b"home again"
+    finally:
+        client.close()
+
+
+def test_restart_migration_b_to_a(two_nodes: Bed) -> None:
+    bed = two_nodes
+    ctid, ip = _make_ct(bed.b)
+    files = _files(_private(bed.b, ctid))
+    _, report = _migrate(bed, bed.b, bed.a, ctid, "-t")
+    assert report["mode"] == "restart" and report["ok"]
+    assert {"first_sync", "stop", "final_sync", "start"} <= set(report["times"])
+    _assert_moved(bed.b, bed.a, ctid)
+    assert not diff(files, _files(_private(bed.a, ctid)))
+    bed.a.sh(ctid, f"setsid nc -ll -p {ECHO_PORT} -e /bin/cat </dev/null >/dev/null 2>&1 &")
+    client = Client(ip)
+    assert client.roundtrip(b"x") == b"x"
+    client.close()
+
+
+def test_stopped_migration_with_new_id_and_times(two_nodes: Bed) -> None:
+    bed = two_nodes
+    ctid, _ = _make_ct(bed.a, start=False)
+    files = _files(_private(bed.a, ctid))
+    new = next(_ctids)
+    res = bed.a.vz("migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "-t",
+                   "--new-id", str(new), timeout=240)
+    assert "Timings for CT" in res.stdout and "first_sync" in res.stdout
+    assert "deleted" in _status(bed.a, ctid)
+    assert "exist" in _status(bed.b, new) and "down" in _status(bed.b, new)
+    assert not diff(files, _files(_private(bed.b, new)))
+    bed.b.vz("start", str(new))
+    assert "running" in _status(bed.b, new)
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def test_dry_run_and_preflight_refusals_change_nothing(two_nodes: Bed) -> None:
+    bed = two_nodes
+    ctid, ip = _make_ct(bed.a)
+    res, report = _migrate(bed, bed.a, bed.b, ctid, "--online", "--dry-run")
+    assert report["mode"] == "dry-run" and report["preflight"]["dest_criu"]
+    assert report["preflight"]["lazy"] is True
+    assert "running" in _status(bed.a, ctid) and "deleted" in _status(bed.b, ctid)
+    # the CTID exists at DEST, and the IP is used by another CT there
+    bed.b.vz("create", str(ctid))
+    other = next(_ctids)
+    bed.b.vz("create", str(other), "--ipadd", ip)
+    res, _ = _migrate(bed, bed.a, bed.b, ctid, "--online", check=False)
+    assert res.returncode == 15, res.stderr
+    assert "already exists" in res.stderr and ip in res.stderr
+    assert "nothing was changed" in res.stderr
+    assert "running" in _status(bed.a, ctid)
+    # --online for a stopped CT, and an unknown CT
+    stopped, _ = _make_ct(bed.a, start=False)
+    res, _ = _migrate(bed, bed.a, bed.b, stopped, "--online", check=False)
+    assert res.returncode == 15 and "--online needs a running CT" in res.stderr
+    res, _ = _migrate(bed, bed.a, bed.b, next(_ctids), check=False)
+    assert res.returncode == 4
+
+
+def test_unknown_host_key_refused_before_anything(two_nodes: Bed, tmp_path: Path) -> None:
+    bed = two_nodes
+    ctid, _ = _make_ct(bed.a, start=False)
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    res = bed.a.vz("migrate", str(ctid), bed.dest(bed.b), "--ssh-key", str(bed.ssh_key),
+                   "--ssh-opt", f"UserKnownHostsFile={empty}", check=False)
+    assert res.returncode == 14 and "host key" in res.stderr.lower()
+    assert "exist" in _status(bed.a, ctid) and "deleted" in _status(bed.b, ctid)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _assert_still_home(src: Node, dst: Node, ctid: int, before: int, client: Client) -> None:
+    assert "running" in _status(src, ctid)
+    assert "deleted" in _status(dst, ctid)
+    assert not _private(dst, ctid).exists()
+    assert not list((dst.prefix / "vz/lock").glob("*.migrate.json"))
+    assert not list((src.prefix / "vz/lock").glob("*.migrate.json"))
+    assert _counter(src, ctid) >= before
+    assert client.roundtrip(b"still here") == b"still here"
+
+
+@pytest.mark.parametrize("lazy", ["--lazy", "--no-lazy"])
+def test_dest_restore_failure_resumes_at_source(two_nodes: Bed, lazy: str) -> None:
+    bed = two_nodes
+    ctid, ip = _make_ct(bed.a)
+    client = Client(ip)
+    try:
+        before = _counter(bed.a, ctid)
+        # DEST's criu passes every check but can't restore: the failure comes after the
+        # dump froze the CT here
+        failing = bed.dir / "failcriu"
+        failing.write_text("#!/bin/sh\ncase \"$1\" in --version) echo 'Version: 4.2.1';;"
+                           " check|cpuinfo) exit 0;; *) exit 3;; esac\n")
+        failing.chmod(0o755)
+        _set_remote_env(bed, bed.b, "VZBACKUP_CRIU", str(failing))
+        res, _ = _migrate(bed, bed.a, bed.b, ctid, "--online", lazy, check=False)
+        assert res.returncode != 0
+        assert "keeps running here" in res.stderr or "running here" in res.stderr, res.stderr
+        _assert_still_home(bed.a, bed.b, ctid, before, client)
+    finally:
+        client.close()
+
+
+def _set_remote_env(bed: Bed, node: Node, key: str, value: str) -> None:
+    """Add an environment variable to the sessions of *node*'s sshd (SetEnv) and reload it."""
+    conf = next(bed.dir.glob(f"{node.name}/sshd_config"))
+    text = conf.read_text()
+    conf.write_text(text.replace("SetEnv ", f"SetEnv {key}={value} ", 1))
+    for pid in bed.sshd_pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if str(conf).encode() in cmdline:
+            os.kill(pid, signal.SIGHUP)
+    time.sleep(0.5)
+
+
+def test_ssh_drop_during_transfer_leaves_ct_at_source(two_nodes: Bed) -> None:
+    bed = two_nodes
+    ctid, ip = _make_ct(bed.a)
+    bed.a.sh(ctid, "dd if=/dev/urandom of=/data/big bs=1M count=40 2>/dev/null")
+    client = Client(ip)
+    try:
+        before = _counter(bed.a, ctid)
+        mig = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m",
+             "vzbackup.cli", "migrate", str(ctid),
+             bed.dest(bed.b), *bed.ssh_args(), "--online", "--bwlimit", "4000"],
+            env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        # cut the LAN link of node B while the private area is being copied
+        wait_for(lambda: _private(bed.b, ctid).exists(), what="first sync started")
+        time.sleep(1.0)
+        down = bed.b.run(["ip", "link", "set", "lan0", "down"])
+        assert down.returncode == 0, down.stderr
+        out, _ = mig.communicate(timeout=240)
+        assert mig.returncode != 0, out
+        bed.b.run(["ip", "link", "set", "lan0", "up"])
+        bed.b.run(["ip", "route", "replace", "default", "dev", "lan0"])
+        # DEST's agent notices the dead link (keepalive) and removes its partial copy
+        wait_for(lambda: not _private(bed.b, ctid).exists(), timeout=120,
+                 what="DEST rolled back")
+        _assert_still_home(bed.a, bed.b, ctid, before, client)
+    finally:
+        client.close()
+
+
+def test_disk_full_at_dest_leaves_ct_at_source(two_nodes: Bed) -> None:
+    bed = two_nodes
+    ctid, ip = _make_ct(bed.a)
+    bed.a.sh(ctid, "dd if=/dev/urandom of=/data/big bs=1M count=30 2>/dev/null")
+    private_parent = bed.b.prefix / "vz/private"
+    private_parent.mkdir(parents=True, exist_ok=True)
+    # 40 MiB of space, which preflight accepts for the ~33 MiB private area... almost
+    twonode._run(["mount", "-t", "tmpfs", "-o", "size=36m", "tmpfs", str(private_parent)])
+    client = Client(ip)
+    try:
+        before = _counter(bed.a, ctid)
+        bed.b.run(["dd", "if=/dev/zero", f"of={private_parent}/filler", "bs=1M", "count=4"])
+        res, _ = _migrate(bed, bed.a, bed.b, ctid, "--online", check=False)
+        assert res.returncode != 0
+        assert "space" in res.stderr.lower()
+        (private_parent / "filler").unlink()
+        _assert_still_home(bed.a, bed.b, ctid, before, client)
+    finally:
+        client.close()
+        twonode._run(["umount", "-l", str(private_parent)], check=False)
+
+
+def test_locks_refuse_second_migration_and_cleanup_command(two_nodes: Bed) -> None:
+    bed = two_nodes
+    ctid, _ = _make_ct(bed.a, start=False)
+    lockfile = bed.a.prefix / f"vz/lock/{ctid}.backup.lock"
+    lockfile.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lockfile, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a backup of this CT is running
+    try:
+        res, _ = _migrate(bed, bed.a, bed.b, ctid, check=False)
+        assert res.returncode == 7 and "locked" in res.stderr
+    finally:
+        os.close(fd)
+    # a crashed DEST attempt: journal + partial private area; migrate-cleanup removes them
+    journal = bed.b.prefix / f"vz/lock/{ctid}.migrate.json"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    partial = _private(bed.b, ctid)
+    partial.mkdir(parents=True)
+    (partial / "junk").write_text("x")
+    journal.write_text(json.dumps({"ctid": ctid, "role": "dest", "state": "preparing",
+                                   "pid": 999999, "private": str(partial)}))
+    out = bed.b.vz("migrate-cleanup", str(ctid)).stdout
+    assert "removed DEST copy" in out
+    assert not partial.exists() and not journal.exists()
+    res, report = _migrate(bed, bed.a, bed.b, ctid)
+    assert report["mode"] == "stopped"
+    _assert_moved(bed.a, bed.b, ctid, running=False)
