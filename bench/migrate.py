@@ -1,0 +1,179 @@
+"""Benchmark: live migration between two nodes of the two-node bed, in one run.
+
+For CTs holding ~100 MB, 500 MB and 1 GB of touched anonymous memory (bench/memhog.c, built
+static and run inside the CT; it also records the longest gap between its 5 ms ticks, i.e. the
+freeze as the process saw it), each method moves the CT from node A to node B:
+
+  online+lazy   vzbackup migrate --online (post-copy: pages follow on demand)
+  online        vzbackup migrate --online --no-lazy (all memory copied while frozen)
+  restart       vzbackup migrate (stop, final sync, start at DEST: memory state is lost)
+  criu+rsync    the manual baseline: vzbackup chkpnt (criu dump) on A, rsync of images and
+                private area over OpenSSH, vzbackup restore (criu restore) on B
+
+and reports the frozen time (vzbackup's own measure; the process-seen gap where it exists),
+the total time, and the ratios against restart migration and the baseline. Targets (issue 4):
+lazy frozen <= 0.3 s and flat in memory size; lazy total <= 1.2x restart.
+
+    .venv/bin/python bench/migrate.py [--sizes 100,500,1000] [--rounds 1]
+
+Results go to bench/results/migrate-TIMESTAMP.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import twonode  # noqa: E402
+
+METHODS = ("online+lazy", "online", "restart", "criu+rsync")
+CTID_BASE = 8800
+
+
+def build_memhog(out: Path) -> Path:
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(out), str(ROOT / "bench/memhog.c")],
+                   check=True)
+    return out
+
+
+def make_ct(node: twonode.BedNode, ctid: int, mib: int, memhog: Path) -> str:
+    ip = node.new_ip()
+    node.vz("create", str(ctid), "--ipadd", ip)
+    shutil.copy(memhog, node.prefix / f"vz/private/{ctid}/bin/memhog")
+    node.vz("start", str(ctid))
+    node.sh(ctid, f"setsid /bin/memhog {mib} </dev/null >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 300
+    while "ready" not in node.sh(ctid, "test -f /tmp/memhog.ready && echo ready", check=False):
+        if time.monotonic() > deadline:
+            raise RuntimeError("memhog did not start")
+        time.sleep(0.2)
+    time.sleep(0.3)
+    return ip
+
+
+def seen_gap(node: twonode.BedNode, ctid: int) -> float | None:
+    out = node.sh(ctid, "cat /tmp/memhog.gap_ms", check=False).strip()
+    try:
+        return float(out) / 1000
+    except ValueError:
+        return None
+
+
+def run_vzbackup(bed: twonode.TwoNodes, ctid: int, flags: list[str]) -> dict:
+    res = bed.a.vz("migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "--json", *flags,
+                   timeout=1800)
+    return json.loads(res.stdout)
+
+
+def run_baseline(bed: twonode.TwoNodes, ctid: int) -> dict:
+    """vzctl-style manual migration: chkpnt, rsync images + private + config, restore."""
+    dump = bed.a.prefix / f"vz/dump/Dump.{ctid}"
+    ssh = " ".join(["ssh", "-i", str(bed.ssh_key), "-o", f"UserKnownHostsFile={bed.known_hosts}",
+                    "-o", "BatchMode=yes"])
+    t0 = time.monotonic()
+    bed.a.vz("chkpnt", str(ctid))
+    t_dumped = time.monotonic()
+    dest = bed.dest(bed.b)
+    for src, dst in (
+        (bed.a.prefix / f"vz/private/{ctid}", bed.b.prefix / f"vz/private/{ctid}"),
+        (dump, bed.b.prefix / f"vz/dump/Dump.{ctid}"),
+    ):
+        r = bed.a.run(["rsync", "-aHAXS", "--numeric-ids", "-e", ssh, f"{src}/",
+                       f"{dest}:{dst}/"], timeout=1800)
+        if r.returncode:
+            raise RuntimeError(r.stderr)
+    conf = bed.b.prefix / f"etc/vz/conf/{ctid}.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(bed.a.prefix / f"etc/vz/conf/{ctid}.conf", conf)
+    t_copied = time.monotonic()
+    bed.b.vz("restore", str(ctid))
+    t1 = time.monotonic()
+    bed.a.vz("destroy", str(ctid))
+    return {"mode": "criu+rsync", "frozen": t1 - t0, "total": t1 - t0,
+            "times": {"dump": t_dumped - t0, "copy": t_copied - t_dumped,
+                      "restore": t1 - t_copied}}
+
+
+def one(bed: twonode.TwoNodes, method: str, mib: int, ctid: int, memhog: Path) -> dict:
+    make_ct(bed.a, ctid, mib, memhog)
+    try:
+        if method == "criu+rsync":
+            rep = run_baseline(bed, ctid)
+        else:
+            flags = {"online+lazy": ["--online", "--lazy"], "online": ["--online", "--no-lazy"],
+                     "restart": []}[method]
+            rep = run_vzbackup(bed, ctid, flags)
+        rep["seen_gap"] = seen_gap(bed.b, ctid) if method != "restart" else None
+        return rep
+    finally:
+        bed.b.vz("stop", "--fast", str(ctid), check=False)
+        bed.b.vz("destroy", str(ctid), check=False)
+        bed.a.vz("stop", "--fast", str(ctid), check=False)
+        bed.a.vz("destroy", str(ctid), check=False)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="100,500,1000", help="MiB of touched memory, comma list")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    methods = args.methods.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="vzb-bench-"))
+    memhog = build_memhog(tmp / "memhog")
+    bed = twonode.up(f"bench{os.getpid()}")
+    results: dict[str, dict[str, list[dict]]] = {}
+    ctid = CTID_BASE
+    try:
+        for _ in range(args.rounds):
+            for mib in sizes:
+                for method in methods:
+                    ctid += 1
+                    rep = one(bed, method, mib, ctid, memhog)
+                    results.setdefault(str(mib), {}).setdefault(method, []).append(rep)
+                    gap = rep.get("seen_gap")
+                    print(f"{mib:>5} MiB {method:<12} frozen {rep['frozen']:7.3f} s"
+                          f"  seen {gap if gap is None else round(gap, 3)!s:>6}"
+                          f"  total {rep['total']:7.2f} s", flush=True)
+    finally:
+        bed.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def med(mib: int, method: str, key: str) -> float:
+        vals = [r[key] for r in results[str(mib)].get(method, []) if r.get(key) is not None]
+        return statistics.median(vals) if vals else float("nan")
+
+    print("\nmedians (s)      " + "".join(f"{m:>24}" for m in methods))
+    for mib in sizes:
+        row = "".join(f"{med(mib, m, 'frozen'):>11.3f} /{med(mib, m, 'total'):>10.2f}  "
+                      for m in methods)
+        print(f"{mib:>5} MiB frozen/total {row}")
+    print("\nratios")
+    for mib in sizes:
+        lz_f, lz_t = med(mib, "online+lazy", "frozen"), med(mib, "online+lazy", "total")
+        print(f"{mib:>5} MiB  lazy frozen {lz_f:.3f}s (target <= 0.3: "
+              f"{'PASS' if lz_f <= 0.3 else 'FAIL'})"
+              f"  lazy total / restart total {lz_t / med(mib, 'restart', 'total'):.2f}x "
+              f"(target <= 1.2)"
+              f"  baseline frozen / lazy frozen {med(mib, 'criu+rsync', 'frozen') / lz_f:.1f}x"
+              f"  online(no lazy) frozen / lazy frozen {med(mib, 'online', 'frozen') / lz_f:.1f}x")
+    out = ROOT / "bench/results" / f"migrate-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"sizes": sizes, "results": results}, indent=2))
+    print(f"\nresults: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
