@@ -341,3 +341,32 @@ def test_locks_refuse_second_migration_and_cleanup_command(two_nodes: Bed) -> No
     res, report = _migrate(bed, bed.a, bed.b, ctid)
     assert report["mode"] == "stopped"
     _assert_moved(bed.a, bed.b, ctid, running=False)
+
+
+def test_source_killed_while_frozen_resumes_ct_and_dest_rolls_back(two_nodes: Bed) -> None:
+    bed = two_nodes
+    ctid, ip = _make_ct(bed.a)
+    # 40 MB of shared memory: part of the images, slow to send under --bwlimit
+    bed.a.sh(ctid, "dd if=/dev/urandom of=/dev/shm/blob bs=1M count=40 2>/dev/null")
+    client = Client(ip)
+    try:
+        before = _counter(bed.a, ctid)
+        mig = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m",
+             "vzbackup.cli", "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(),
+             "--online", "--no-lazy", "--bwlimit", "2000"],
+            env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        log = bed.a.prefix / f"vz/dump/Dump.{ctid}.migrate-out/dump.log"
+        # CRIU reached post-dump: the CT is frozen here and its images are on their way
+        wait_for(lambda: "post-dump" in log.read_text(), timeout=120, interval=0.02,
+                 what="post-dump")
+        time.sleep(1)
+        mig.kill()
+        mig.communicate(timeout=60)
+        # CRIU lost its caller: it resumes the tasks; DEST's agent lost its link: it rolls back
+        wait_for(lambda: not _private(bed.b, ctid).exists(), timeout=120, what="DEST rollback")
+        wait_for(lambda: _counter(bed.a, ctid) > before, what="counter runs on at the source")
+        _assert_still_home(bed.a, bed.b, ctid, before, client)
+    finally:
+        client.close()
