@@ -37,7 +37,7 @@ from vzbackup.errors import DependencyError, RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
 
-RSYNC_OPTS = ["-aHAXS", "--numeric-ids", "--stats"]
+RSYNC_OPTS = ["-aHAXS", "--numeric-ids", "--modify-window=-1", "--stats"]  # ns mtimes
 RSYNC_VANISHED = 24  # files vanished while reading a live tree: the next pass catches up
 TAR_CREATE = ["tar", "-c", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner",
               "--sparse"]
@@ -46,6 +46,7 @@ TAR_EXTRACT = ["tar", "-x", "--xattrs", "--xattrs-include=*", "--acls", "--numer
 TAR_CHANGED = 1  # "file changed as we read it": like rsync's 24
 ZSTD_LEVEL = 3
 CHUNK = 1 << 20
+RELAY_DRAIN = 30  # seconds a finished rsync's remote side gets to report its status
 RECV_COMMAND = "migrate-recv-tree"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -126,22 +127,34 @@ class _Relay:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(self.path)
         self.sock.listen(4)
+        self.remote_err = bytearray()
         self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
+        """Stop listening; give running commands a moment to report their exit status."""
         self.sock.close()
+        for t in self._threads:
+            t.join(timeout=RELAY_DRAIN)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _accept(self) -> None:
         with contextlib.suppress(OSError):
             while True:
                 conn, _ = self.sock.accept()
-                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+                t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+                self._threads.append(t)
+                t.start()
 
     @staticmethod
-    def _frame(conn: socket.socket, kind: bytes, payload: bytes) -> None:
-        conn.sendall(rsh_bridge.FRAME.pack(kind, len(payload)) + payload)
+    def _frame(conn: socket.socket, kind: bytes, payload: bytes) -> bool:
+        """Send one frame; False once the bridge is gone (the remote side is still drained)."""
+        try:
+            conn.sendall(rsh_bridge.FRAME.pack(kind, len(payload)) + payload)
+        except OSError:
+            return False
+        return True
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError), conn.makefile("rb") as up:
@@ -153,9 +166,12 @@ class _Relay:
             chan = self.session.transport.open_session()
             chan.exec_command(cmd)
             threading.Thread(target=self._upstream, args=(up, chan), daemon=True).start()
+            bridge = True
             try:
                 for is_err, data in self.session.iter_output(chan, what=cmd):
-                    self._frame(conn, b"e" if is_err else b"o", data)
+                    if is_err:
+                        self.remote_err += data
+                    bridge = bridge and self._frame(conn, b"e" if is_err else b"o", data)
             finally:
                 chan.close()
             self.remote_status = chan.recv_exit_status()
@@ -196,7 +212,9 @@ def _push_rsync(
     finally:
         relay.close()
     if res.returncode not in (0, RSYNC_VANISHED):
-        tail = res.stderr.strip()[-2000:]
+        local = res.stderr.strip().splitlines()  # the bridge forwarded what it could
+        remote = relay.remote_err.decode(errors="replace").strip().splitlines()
+        tail = "\n".join(local + [ln for ln in remote if ln not in local])[-2000:]
         raise RuntimeFailure(
             f"rsync to {target.host}:{dst} failed (rsync exit {res.returncode}, remote "
             f"{relay.remote_status}): {tail}")
@@ -301,7 +319,10 @@ def receive_tree(stream: BinaryIO, dst: Path, *, delete: bool = True) -> None:
     """
     dst = Path(os.path.abspath(dst))
     partial = dst.with_name(dst.name + ".partial")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RuntimeFailure(f"cannot create {dst}: a parent is not a directory") from None
     if partial.exists() or partial.is_symlink():
         shutil.rmtree(partial)
     if not delete and dst.is_dir():
@@ -328,6 +349,9 @@ def receive_tree(stream: BinaryIO, dst: Path, *, delete: bool = True) -> None:
             tar_err.seek(0)
             msg = tar_err.read().decode(errors="replace").strip()
         if rc != 0 or not complete:
+            free = os.statvfs(partial)
+            if free.f_bavail * free.f_frsize < CHUNK or free.f_favail == 0:
+                msg += f"\nNo space left on device at {dst.parent}"
             raise RuntimeFailure(f"receiving {dst} failed: "
                                  + (msg[-2000:] if rc else "the stream was cut short"))
         if dst.exists():
