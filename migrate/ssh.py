@@ -15,6 +15,7 @@ import shlex
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,25 +318,9 @@ class Session:
         writer = threading.Thread(target=_feed, args=(chan, input_ or b""), daemon=True)
         writer.start()
         out, err = bytearray(), bytearray()
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while True:
-                while chan.recv_ready():
-                    out += chan.recv(1 << 16)
-                while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(1 << 16)
-                # sshd may send the exit status before the last output: wait for EOF too
-                done = (chan.eof_received or chan.closed) and chan.exit_status_ready()
-                if done and not (chan.recv_ready() or chan.recv_stderr_ready()):
-                    break
-                if chan.closed or not self.transport.is_active():
-                    raise UnreachableError(
-                        f"{self.target.host}: SSH connection lost while running "
-                        f"{shlex.join(argv)}")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise RuntimeFailure(f"{self.target.host}: {shlex.join(argv)} timed out "
-                                         f"after {timeout:g}s")
-                select.select([chan], [], [], 0.5)
+            for is_err, data in self.iter_output(chan, timeout=timeout, what=shlex.join(argv)):
+                (err if is_err else out).extend(data)
         finally:
             chan.close()
         rc = chan.recv_exit_status()
@@ -347,6 +332,28 @@ class Session:
             raise RuntimeFailure(f"{self.target.host}: {shlex.join(argv)} exited with {rc}"
                                  + (f": {tail}" if tail else ""))
         return rc, bytes(out), bytes(err)
+
+    def iter_output(
+        self, chan: paramiko.Channel, *, timeout: float | None = None, what: str = "command"
+    ) -> Iterator[tuple[bool, bytes]]:
+        """Yield ``(is_stderr, data)`` from *chan* until the command exited and all output
+        arrived; UnreachableError if the connection drops, RuntimeFailure after *timeout*."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            while chan.recv_ready():
+                yield False, chan.recv(1 << 16)
+            while chan.recv_stderr_ready():
+                yield True, chan.recv_stderr(1 << 16)
+            # sshd may send the exit status before the last output: wait for EOF too
+            done = (chan.eof_received or chan.closed) and chan.exit_status_ready()
+            if done and not (chan.recv_ready() or chan.recv_stderr_ready()):
+                return
+            if chan.closed or not self.transport.is_active():
+                raise UnreachableError(f"{self.target.host}: SSH connection lost while "
+                                       f"running {what}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeFailure(f"{self.target.host}: {what} timed out after {timeout:g}s")
+            select.select([chan], [], [], 0.5)
 
     def vzbackup(self, *args: str, **kw) -> tuple[int, bytes, bytes]:
         """Run the remote node's ``vzbackup ARGS`` (see run())."""

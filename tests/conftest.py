@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from sinks import smtp, web, web500  # noqa: F401 - fixtures
-from twonode_fixture import two_nodes  # noqa: F401 - fixture
+from twonode_fixture import shared_two_nodes, two_nodes  # noqa: F401 - fixtures
 
 from vzbackup.constants import HOST_GATEWAY
 from vzbackup.ct import fs

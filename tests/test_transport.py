@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
 import pytest
+from twonode_fixture import ssh_target as target
 from twonode_fixture import twonode
 
 from migrate.ssh import (
@@ -27,19 +27,9 @@ from vzbackup.errors import RuntimeFailure, UsageError
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def bed(template_cache: Path) -> Iterator[twonode.TwoNodes]:
-    b = twonode.up(f"tr{os.getpid()}", template_cache)
-    try:
-        yield b
-    finally:
-        b.cleanup()
-
-
-def target(bed: twonode.TwoNodes, *opts: str, known: Path | None = None, **kw) -> SSHTarget:
-    kh = known or bed.known_hosts
-    return SSHTarget.parse(bed.dest(bed.b), key=str(bed.ssh_key),
-                           opts=[f"UserKnownHostsFile={kh}", *opts], **kw)
+@pytest.fixture
+def bed(shared_two_nodes: twonode.TwoNodes) -> twonode.TwoNodes:
+    return shared_two_nodes
 
 
 def host_key(bed: twonode.TwoNodes, node: twonode.BedNode) -> paramiko.PKey:

@@ -1,0 +1,364 @@
+"""Private-area transfer to the destination over the migration's own SSH session.
+
+rsync (vzmigrate semantics ``-aHAXS --numeric-ids --delete``) runs locally with its remote
+shell replaced by :mod:`migrate.rsh_bridge`, which hands rsync's remote-shell stream to a new
+exec channel of the already verified paramiko transport: no second SSH connection. Without
+rsync at either end, a tar stream compressed with zstd goes to the hidden DEST command
+``vzbackup migrate-recv-tree``, which extracts into ``DST.partial`` and swaps it in atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import paramiko
+import zstandard
+
+from migrate import rsh_bridge
+from migrate.ssh import Session
+from vzbackup.errors import DependencyError, RuntimeFailure, UsageError
+
+log = logging.getLogger(__name__)
+
+RSYNC_OPTS = ["-aHAXS", "--numeric-ids", "--modify-window=-1", "--stats"]  # ns mtimes
+RSYNC_VANISHED = 24  # files vanished while reading a live tree: the next pass catches up
+TAR_CREATE = ["tar", "-c", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner",
+              "--sparse"]
+TAR_EXTRACT = ["tar", "-x", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner",
+               "--preserve-permissions"]
+TAR_CHANGED = 1  # "file changed as we read it": like rsync's 24
+ZSTD_LEVEL = 3
+CHUNK = 1 << 20
+RELAY_DRAIN = 30  # seconds a finished rsync's remote side gets to report its status
+RECV_COMMAND = "migrate-recv-tree"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class SyncStats:
+    """What a push did: method used, payload bytes sent over SSH, time, files transferred."""
+
+    method: str
+    bytes_sent: int
+    seconds: float
+    files: int | None = None
+
+
+def remote_has_rsync(session: Session, rsync: str = "rsync") -> bool:
+    """Whether *rsync* (a name on the remote PATH or a path) runs on the remote node."""
+    rc, _, _ = session.run(["sh", "-c", 'command -v "$1" >/dev/null', "sh", rsync],
+                           check=False)
+    return rc == 0
+
+
+def push_tree(
+    session: Session,
+    src: Path,
+    dst: str,
+    *,
+    method: str = "auto",
+    bwlimit_kbps: int | None = None,
+    delete: bool = True,
+    progress: Progress | None = None,
+    remote_rsync: str = "rsync",
+) -> SyncStats:
+    """Make remote directory *dst* a copy of local directory *src* (contents, not the dir).
+
+    *method* "auto" uses rsync when both ends have it, else the tar+zstd stream. *delete*
+    removes files at *dst* that *src* lacks. *bwlimit_kbps* caps the rate in KiB/s.
+    *progress* gets the running total of bytes sent.
+    """
+    if method not in ("auto", "rsync", "stream"):
+        raise UsageError(f"unknown transfer method {method!r}", hint="auto, rsync or stream")
+    src = Path(src)
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a directory")
+    if method != "stream":
+        have = shutil.which("rsync") is not None and remote_has_rsync(session, remote_rsync)
+        if not have and method == "rsync":
+            raise DependencyError(f"rsync is missing here or on {session.target.host}",
+                                  hint="install rsync on both nodes or use the stream method")
+        method = "rsync" if have else "stream"
+        if not have:
+            log.info("rsync missing on one end: streaming tar+zstd")
+    start = time.monotonic()
+    if method == "rsync":
+        sent, files = _push_rsync(session, src, dst, bwlimit_kbps, delete, progress,
+                                  remote_rsync)
+    else:
+        sent, files = _push_stream(session, src, dst, bwlimit_kbps, delete, progress), None
+    return SyncStats(method, sent, time.monotonic() - start, files)
+
+
+# --------------------------------------------------------------------------- rsync
+
+
+class _Relay:
+    """Serves rsh_bridge connections: each runs its command on a new channel of *session*."""
+
+    def __init__(self, session: Session, allowed_prefix: str, progress: Progress | None):
+        self.session = session
+        self.allowed_prefix = allowed_prefix
+        self.progress = progress
+        self.sent = 0
+        self.remote_status: int | None = None
+        self.dir = tempfile.mkdtemp(prefix="vzb-rsh-")  # mode 0700: ours only
+        self.path = os.path.join(self.dir, "sock")
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(self.path)
+        self.sock.listen(4)
+        self.remote_err = bytearray()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop listening; give running commands a moment to report their exit status."""
+        self.sock.close()
+        for t in self._threads:
+            t.join(timeout=RELAY_DRAIN)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    @staticmethod
+    def _frame(conn: socket.socket, kind: bytes, payload: bytes) -> bool:
+        """Send one frame; False once the bridge is gone (the remote side is still drained)."""
+        try:
+            conn.sendall(rsh_bridge.FRAME.pack(kind, len(payload)) + payload)
+        except OSError:
+            return False
+        return True
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError), conn.makefile("rb") as up:
+            cmd = json.loads(up.readline() or b"{}").get("cmd", "")
+            if not cmd.startswith(self.allowed_prefix):
+                self._frame(conn, b"e", f"relay: refusing to run {cmd!r}\n".encode())
+                self._frame(conn, b"x", rsh_bridge.STATUS.pack(255))
+                return
+            chan = self.session.transport.open_session()
+            chan.exec_command(cmd)
+            threading.Thread(target=self._upstream, args=(up, chan), daemon=True).start()
+            bridge = True
+            try:
+                for is_err, data in self.session.iter_output(chan, what=cmd):
+                    if is_err:
+                        self.remote_err += data
+                    bridge = bridge and self._frame(conn, b"e" if is_err else b"o", data)
+            finally:
+                chan.close()
+            self.remote_status = chan.recv_exit_status()
+            self._frame(conn, b"x", rsh_bridge.STATUS.pack(self.remote_status))
+
+    def _upstream(self, up: BinaryIO, chan: paramiko.Channel) -> None:
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            while data := up.read1(CHUNK):
+                chan.sendall(data)
+                with self._lock:
+                    self.sent += len(data)
+                    if self.progress:
+                        self.progress(self.sent)
+            chan.shutdown_write()
+
+
+def _bridge_env() -> dict[str, str]:
+    root = str(Path(rsh_bridge.__file__).resolve().parent.parent)
+    return {**os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+def _push_rsync(
+    session: Session, src: Path, dst: str, bwlimit: int | None, delete: bool,
+    progress: Progress | None, remote_rsync: str,
+) -> tuple[int, int | None]:
+    session.run(["mkdir", "-p", os.path.dirname(dst.rstrip("/")) or "/"])
+    relay = _Relay(session, remote_rsync + " ", progress)
+    argv = ["rsync", *RSYNC_OPTS, "--rsh", f"{sys.executable} -m migrate.rsh_bridge {relay.path}",
+            "--rsync-path", remote_rsync]
+    argv += ["--delete"] if delete else []
+    argv += [f"--bwlimit={bwlimit}"] if bwlimit else []
+    target = session.target
+    argv += [f"{src}/", f"{target.user}@{target.host}:{shlex.quote(dst.rstrip('/'))}/"]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, env=_bridge_env(),
+                             check=False)
+    finally:
+        relay.close()
+    if res.returncode not in (0, RSYNC_VANISHED):
+        local = res.stderr.strip().splitlines()  # the bridge forwarded what it could
+        remote = relay.remote_err.decode(errors="replace").strip().splitlines()
+        tail = "\n".join(local + [ln for ln in remote if ln not in local])[-2000:]
+        raise RuntimeFailure(
+            f"rsync to {target.host}:{dst} failed (rsync exit {res.returncode}, remote "
+            f"{relay.remote_status}): {tail}")
+    found = re.search(r"Number of regular files transferred: ([\d,]+)", res.stdout)
+    return relay.sent, int(found.group(1).replace(",", "")) if found else None
+
+
+# --------------------------------------------------------------------------- stream
+
+
+class _Throttle:
+    """Sleeps so that bytes counted stay under *kbps* KiB/s on average."""
+
+    def __init__(self, kbps: int | None) -> None:
+        self.rate = kbps * 1024 if kbps else None
+        self.start = time.monotonic()
+        self.total = 0
+
+    def account(self, n: int) -> None:
+        self.total += n
+        if self.rate:
+            ahead = self.total / self.rate - (time.monotonic() - self.start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def _push_stream(
+    session: Session, src: Path, dst: str, bwlimit: int | None, delete: bool,
+    progress: Progress | None,
+) -> int:
+    argv = [*session.target.remote_vzbackup, RECV_COMMAND, *([] if delete else ["--keep"]), dst]
+    chan = session.open_exec(argv)
+    out: dict[bool, bytearray] = {False: bytearray(), True: bytearray()}
+    failure: list[BaseException] = []
+
+    def collect() -> None:
+        try:
+            for is_err, data in session.iter_output(chan, what=shlex.join(argv)):
+                out[is_err].extend(data)
+        except BaseException as e:  # re-raised in the caller's thread
+            failure.append(e)
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    throttle = _Throttle(bwlimit)
+    with tempfile.TemporaryFile() as tar_err:
+        tar = subprocess.Popen([*TAR_CREATE, "-C", str(src), "."], stdout=subprocess.PIPE,
+                               stderr=tar_err)
+        assert tar.stdout is not None
+        cobj = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+        try:
+            for block in iter(lambda: tar.stdout.read(CHUNK), b""):
+                _send(chan, cobj.compress(block), throttle, progress)
+            _send(chan, cobj.flush(), throttle, progress)
+            chan.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            tar.kill()  # DEST went away: its status and stderr tell why
+        finally:
+            tar.stdout.close()
+            tar_rc = tar.wait()
+        reader.join()
+        tar_err.seek(0)
+        tar_msg = tar_err.read().decode(errors="replace").strip()
+    chan.close()
+    if failure:
+        raise failure[0]
+    rc = chan.recv_exit_status()
+    if rc != 0:
+        tail = out[True].decode(errors="replace").strip()[-2000:]
+        raise RuntimeFailure(f"streaming {src} to {session.target.host}:{dst} failed "
+                             f"(remote exit {rc}): {tail or tar_msg}")
+    if tar_rc not in (0, TAR_CHANGED):
+        raise RuntimeFailure(f"tar of {src} failed (exit {tar_rc}): {tar_msg[-2000:]}")
+    return throttle.total
+
+
+def _send(chan: paramiko.Channel, data: bytes, throttle: _Throttle,
+          progress: Progress | None) -> None:
+    if not data:
+        return
+    chan.sendall(data)
+    throttle.account(len(data))
+    if progress:
+        progress(throttle.total)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Atomically swap two directory entries (renameat2 RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                      _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(b))
+
+
+def receive_tree(stream: BinaryIO, dst: Path, *, delete: bool = True) -> None:
+    """DEST side of the stream: extract a zstd tar from *stream* into *dst* atomically.
+
+    The archive is unpacked into ``DST.partial`` (seeded with hardlinks of DST when not
+    *delete*, so files only DST has survive), then swapped with DST in one rename. On any
+    failure DST is untouched and the partial tree removed.
+    """
+    dst = Path(os.path.abspath(dst))
+    partial = dst.with_name(dst.name + ".partial")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RuntimeFailure(f"cannot create {dst}: a parent is not a directory") from None
+    if partial.exists() or partial.is_symlink():
+        shutil.rmtree(partial)
+    if not delete and dst.is_dir():
+        subprocess.run(["cp", "-a", "-l", str(dst), str(partial)], check=True,
+                       capture_output=True)
+    else:
+        partial.mkdir()
+    complete = False
+    try:
+        with tempfile.TemporaryFile() as tar_err:
+            tar = subprocess.Popen([*TAR_EXTRACT, "-C", str(partial)], stdin=subprocess.PIPE,
+                                   stderr=tar_err)
+            assert tar.stdin is not None
+            dobj = zstandard.ZstdDecompressor().decompressobj()
+            try:
+                while chunk := stream.read(CHUNK):
+                    tar.stdin.write(dobj.decompress(chunk))
+                complete = dobj.eof
+            except BrokenPipeError:  # tar gave up (disk full...): its stderr says why
+                complete = False
+            with contextlib.suppress(BrokenPipeError):
+                tar.stdin.close()
+            rc = tar.wait()
+            tar_err.seek(0)
+            msg = tar_err.read().decode(errors="replace").strip()
+        if rc != 0 or not complete:
+            free = os.statvfs(partial)
+            if free.f_bavail * free.f_frsize < CHUNK or free.f_favail == 0:
+                msg += f"\nNo space left on device at {dst.parent}"
+            raise RuntimeFailure(f"receiving {dst} failed: "
+                                 + (msg[-2000:] if rc else "the stream was cut short"))
+        if dst.exists():
+            _exchange(partial, dst)
+            shutil.rmtree(partial)
+        else:
+            partial.rename(dst)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

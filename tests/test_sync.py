@@ -1,0 +1,185 @@
+"""Private-area transfer (migrate/sync.py) between the bed's nodes: rsync over the paramiko
+session, the tar+zstd stream, fallback, failures at DEST."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from treecmp import diff, make_rich_tree, tree_manifest
+from twonode_fixture import ssh_target, twonode
+
+from migrate import sync
+from migrate.rsh_bridge import main as bridge_main
+from migrate.ssh import Session
+from vzbackup.errors import DependencyError, RuntimeFailure
+
+pytestmark = pytest.mark.slow
+METHODS = ["rsync", "stream"]
+
+
+@pytest.fixture(scope="module")
+def rich(shared_two_nodes: twonode.TwoNodes) -> Path:
+    """The rich tree on node A's side (shared, never modified)."""
+    src = shared_two_nodes.dir / "rich"
+    make_rich_tree(src)
+    return src
+
+
+@pytest.fixture
+def session(shared_two_nodes: twonode.TwoNodes) -> Iterator[Session]:
+    with Session(ssh_target(shared_two_nodes)) as s:
+        yield s
+
+
+@pytest.fixture
+def work(shared_two_nodes: twonode.TwoNodes, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory per test (src copies and DST trees go below it)."""
+    d = shared_two_nodes.dir / f"w-{request.node.name.replace('[', '-').strip(']')}"
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        with open("/proc/self/mountinfo") as f:
+            mounts = [ln.split()[4] for ln in f if ln.split()[4].startswith(f"{d}/")]
+        for m in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", m], check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def same(a: Path, b: Path) -> list[str]:
+    return diff(tree_manifest(a), tree_manifest(b))
+
+
+def accepted_logins(bed: twonode.TwoNodes) -> int:
+    return (bed.dir / "b/sshd.log").read_text().count("Accepted publickey")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_push_then_incremental(
+    method: str, rich: Path, session: Session, work: Path, shared_two_nodes: twonode.TwoNodes
+) -> None:
+    src, dst = work / "src", work / "dst"
+    subprocess.run(["cp", "-a", str(rich), str(src)], check=True)
+    seen: list[int] = []
+    logins = accepted_logins(shared_two_nodes)
+    first = sync.push_tree(session, src, str(dst), method=method, progress=seen.append)
+    assert accepted_logins(shared_two_nodes) == logins  # over the session: no new login
+    assert first.method == method
+    assert same(src, dst) == []
+    assert seen and seen == sorted(seen) and seen[-1] == first.bytes_sent
+    if method == "rsync":
+        assert first.files == sum(1 for p in src.rglob("*") if p.is_file()
+                                  and not p.is_symlink()) - 1  # ash is a hardlink of sh
+
+    (src / "etc/conf7").write_text("changed\n")
+    (src / "etc/conf8").unlink()
+    shutil.rmtree(src / "home/user")
+    (src / "new").write_bytes(os.urandom(1000))
+    os.setxattr(src / "etc/conf9", "user.added", b"x")
+    second = sync.push_tree(session, src, str(dst), method=method)
+    assert same(src, dst) == []
+    assert not (dst / "etc/conf8").exists() and not (dst / "home/user").exists()
+    assert not Path(f"{dst}.partial").exists()
+    if method == "rsync":
+        assert second.bytes_sent * 20 < first.bytes_sent
+        assert second.files == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_delete_keeps_extra_files(method: str, session: Session, work: Path) -> None:
+    src, dst = work / "src", work / "dst"
+    (src / "d").mkdir(parents=True)
+    (src / "d/f").write_text("new\n")
+    (dst / "d").mkdir(parents=True)
+    (dst / "d/f").write_text("old\n")
+    (dst / "extra").write_text("keep me\n")
+    sync.push_tree(session, src, str(dst), method=method, delete=False)
+    assert (dst / "d/f").read_text() == "new\n"
+    assert (dst / "extra").read_text() == "keep me\n"
+
+
+def test_auto_falls_back_without_remote_rsync(
+    rich: Path, session: Session, work: Path
+) -> None:
+    assert sync.remote_has_rsync(session)
+    missing = "/nonexistent/rsync"
+    assert not sync.remote_has_rsync(session, missing)
+    dst = work / "dst"
+    stats = sync.push_tree(session, rich, str(dst), remote_rsync=missing)
+    assert stats.method == "stream" and stats.files is None
+    assert same(rich, dst) == []
+    with pytest.raises(DependencyError, match="rsync is missing"):
+        sync.push_tree(session, rich, str(dst), method="rsync", remote_rsync=missing)
+    assert sync.push_tree(session, rich, str(work / "dst2")).method == "rsync"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_disk_full_at_dest(method: str, rich: Path, session: Session, work: Path) -> None:
+    mnt = work / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    dst = mnt / "private"
+    dst.mkdir()
+    (dst / "old").write_text("previous contents\n")
+    before = tree_manifest(dst)
+    with pytest.raises(RuntimeFailure, match="No space left on device") as e:
+        sync.push_tree(session, rich, str(dst), method=method)
+    assert str(dst) in str(e.value)
+    if method == "stream":  # the swap never happened and the partial tree is gone
+        assert diff(before, tree_manifest(dst)) == []
+        assert sorted(p.name for p in mnt.iterdir()) == ["private"]
+
+
+def test_stream_into_unwritable_dest(rich: Path, session: Session, work: Path) -> None:
+    (work / "file").write_text("not a directory\n")
+    with pytest.raises(RuntimeFailure, match="not a directory"):
+        sync.push_tree(session, rich, str(work / "file/private"), method="stream")
+
+
+def test_stream_bwlimit_paces_sending(
+    session: Session, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = work / "src"
+    src.mkdir()
+    (src / "random").write_bytes(os.urandom(3 << 20))
+    now = [0.0]
+    slept: list[float] = []
+    monkeypatch.setattr(sync.time, "monotonic", lambda: now[0])
+
+    def fake_sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    monkeypatch.setattr(sync.time, "sleep", fake_sleep)
+    stats = sync.push_tree(session, src, str(work / "dst"), method="stream", bwlimit_kbps=512)
+    assert sum(slept) == pytest.approx(stats.bytes_sent / (512 * 1024))
+    assert same(src, work / "dst") == []
+
+
+def test_relay_runs_only_the_remote_rsync(session: Session) -> None:
+    relay = sync._Relay(session, "rsync ", None)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "migrate.rsh_bridge", relay.path, "-l", "root", "host",
+             "touch", "/tmp/x"], capture_output=True, text=True, env=sync._bridge_env(),
+        )
+        assert res.returncode == 255 and "refusing" in res.stderr
+        ok = subprocess.run(
+            [sys.executable, "-m", "migrate.rsh_bridge", relay.path, "host", "rsync",
+             "--version"], capture_output=True, text=True, env=sync._bridge_env(),
+        )
+        assert ok.returncode == 0 and "rsync" in ok.stdout
+        bad = subprocess.run(
+            [sys.executable, "-m", "migrate.rsh_bridge", relay.path, "host", "rsync",
+             "--no-such-option"], capture_output=True, text=True, env=sync._bridge_env(),
+        )
+        assert bad.returncode == relay.remote_status != 0  # the remote status propagates
+    finally:
+        relay.close()
+    assert bridge_main(["only-socket"]) == 255
