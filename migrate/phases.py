@@ -32,6 +32,7 @@ from typing import Any
 
 from migrate.agent import Journal, cpuinfo_dump
 from migrate.protocol import PROTOCOL_VERSION, Link, LinkLost, raise_reply
+from migrate.sync import remote_has_rsync
 from vzbackup import __version__
 from vzbackup import errors as E
 from vzbackup.criu import driver
@@ -280,6 +281,11 @@ class Migration:
                 raise MigrationError(
                     "preflight failed, nothing was changed:\n  " + "\n  ".join(problems)
                 )
+            if o.sync_method == "auto":  # decided once: no probing while the CT is frozen
+                rsync_here = shutil.which("rsync") is not None
+                o.sync_method = "rsync" if rsync_here and remote_has_rsync(self.session) \
+                    else "stream"
+            self.report.preflight["sync"] = o.sync_method
 
     def run(self) -> Report:
         """Run the whole migration; the report says where the CT runs afterwards."""

@@ -71,8 +71,9 @@ def _private(node: Node, ctid: int) -> Path:
 
 
 def _files(root: Path) -> dict[str, tuple]:
-    """The tree minus what a running CT changes by itself (the counter in /tmp)."""
-    return {k: v for k, v in tree_manifest(root).items() if not k.startswith("tmp/")}
+    """The tree minus what a running CT changes by itself (counter, heartbeat log)."""
+    return {k: v for k, v in tree_manifest(root).items()
+            if not k.startswith(("tmp/", "var/log/"))}
 
 
 def _migrate(bed: Bed, src: Node, dst: Node, ctid: int, *extra: str, check: bool = True):

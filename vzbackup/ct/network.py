@@ -536,7 +536,8 @@ _ETH_P_ARP = 0x0806
 
 def _neighbour_devs(cfg: NetConfig, addr: str) -> list[str]:
     """Host devices on which this node answers ARP for the routed *addr* (vzctl's
-    NEIGHBOUR_DEVS): "detect" picks every non-veth device with a connected route to it."""
+    NEIGHBOUR_DEVS): "detect" picks every device with a connected subnet route to it (the
+    CTs' own veths only carry /32 routes)."""
     setting = cfg.neighbour_devs.strip()
     if setting == "none" or ipaddress.ip_address(addr).version != 4:
         return []
@@ -548,7 +549,7 @@ def _neighbour_devs(cfg: NetConfig, addr: str) -> list[str]:
         dst, dev = r.get("dst", ""), r.get("dev", "")
         if r.get("scope") != "link" or not dev or "/" not in dst or dev in devs:
             continue
-        if ip in ipaddress.ip_network(dst, strict=False) and _kind(_link(dev) or {}) != "veth":
+        if dev != "lo" and ip in ipaddress.ip_network(dst, strict=False):
             devs.append(dev)
     return devs
 
