@@ -37,7 +37,10 @@ from vzbackup.errors import DependencyError, RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
 
-RSYNC_OPTS = ["-aHAXS", "--numeric-ids", "--modify-window=-1", "--stats"]  # ns mtimes
+# vzmigrate's -aHAX --numeric-ids, plus sparse files, nanosecond mtime comparison (a file
+# rewritten within the second of the first pass is still caught) and compression (negotiated:
+# zstd with rsync >= 3.2; holes of sparse files cross the wire as zeros otherwise)
+RSYNC_OPTS = ["-aHAXS", "--numeric-ids", "--modify-window=-1", "-z", "--stats"]
 RSYNC_VANISHED = 24  # files vanished while reading a live tree: the next pass catches up
 TAR_CREATE = ["tar", "-c", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner",
               "--sparse"]

@@ -191,8 +191,7 @@ class TwoNodes:
         time.sleep(0.2)
         with open("/proc/self/mountinfo") as f:
             mounts = [ln.split()[4] for ln in f]
-        roots = [str(n.prefix) for n in (self.a, self.b)]
-        below = [m for m in mounts if any(m == r or m.startswith(r + "/") for r in roots)]
+        below = [m for m in mounts if m.startswith(f"{self.dir}/")]
         for m in sorted(below, key=len, reverse=True):
             _run(["umount", "-l", m], check=False)
         for n in (self.a, self.b):
