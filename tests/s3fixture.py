@@ -76,7 +76,7 @@ class Bucket:
     name: str
     client: object  # a boto3 S3 client with the test credentials
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def object_keys(self, prefix: str = "") -> list[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.name, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]

@@ -27,7 +27,7 @@ def test_contract_with_prefix(s3_bucket: Bucket):
     be.put("chunks/ab/abc", b"data")
     be.put("snapshots/101/x", b"manifest")
     assert be.get("chunks/ab/abc") == b"data"
-    assert s3_bucket.keys() == ["repo/one/chunks/ab/abc", "repo/one/snapshots/101/x"]
+    assert s3_bucket.object_keys() == ["repo/one/chunks/ab/abc", "repo/one/snapshots/101/x"]
     assert sorted(i.key for i in be.list()) == ["chunks/ab/abc", "snapshots/101/x"]
     assert [(i.key, i.size) for i in be.list("chunks/")] == [("chunks/ab/abc", 4)]
     assert be.exists("chunks/ab/abc") and not be.exists("chunks/ab/nope")
