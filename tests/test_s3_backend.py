@@ -178,3 +178,14 @@ def test_storage_cfg_s3_section(s3_bucket: Bucket, tmp_path):
     cfg.write_text("s3: x\n\tbucket b\n\tsecret-key only\n")
     with pytest.raises(BackendError, match="both access-key and secret-key"):
         storage_config.load(cfg, tmp_path)["x"].open()
+
+
+def test_example_storage_cfg_is_valid(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "conf/storage.cfg"
+    storages = storage_config.parse(example.read_text(), str(example))
+    offsite = storages["offsite"]
+    be = offsite.open()  # every documented key is an accepted option (no request is made)
+    assert isinstance(be, S3Backend) and be.prefix == "node-pve1/" and be.lock_days == 30
+    assert "example-secret" not in be.url
