@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NodeBed, http_get, wait_for
+from conftest import COUNTER, NodeBed, http_get, wait_for
 from faultproxy import FaultProxy
 from s3fixture import ENDPOINT, Bucket
 from treecmp import diff, tree_manifest
@@ -290,3 +290,23 @@ def test_object_lock_keeps_snapshots_from_prune(node: NodeBed, s3_lock_bucket: B
     assert [s["id"] for s in snapshots(node)] == ids
     head = s3_lock_bucket.client.head_object(Bucket=s3_lock_bucket.name, Key=f"snapshots/{ids[0]}")
     assert head["ObjectLockMode"] == "GOVERNANCE"
+
+
+def test_disaster_restore_with_running_state(s3_node: NodeBed, s3_bucket: Bucket, criu_ready):
+    """The node is reinstalled at the same path (CRIU images name the node's cgroups)."""
+    node = s3_node
+    ctid, ip = node.create_running()
+    node.sh(ctid, COUNTER)
+    wait_for(lambda: int(node.sh(ctid, "cat /tmp/counter").strip() or 0) > 5, what="counter")
+    res = dump(node, str(ctid), "--mode", "checkpoint")["results"][0]
+    assert res["ok"], res
+    node.vz("stop", str(ctid), "--fast")
+    node.vz("destroy", str(ctid))
+    for child in node.prefix.iterdir():  # nothing of the old node survives
+        shutil.rmtree(child)
+    configure(node, s3_bucket.storage_cfg())
+    node.vz("restore", "--storage", "s3", str(ctid), "--with-state")
+    assert node.vz("status", str(ctid)).stdout.split()[-1] == "running"
+    value = int(node.sh(ctid, "cat /tmp/counter").strip())
+    assert value > 5, "the counter restarted: the state was not restored"
+    assert http_get(ip)
