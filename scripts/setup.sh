@@ -25,7 +25,8 @@ DEB_PKGS=(busybox-static rsync openssh-server iproute2 iptables btrfs-progs zstd
   build-essential pkg-config protobuf-compiler protobuf-c-compiler libprotobuf-dev
   libprotobuf-c-dev python3-protobuf libcap-dev libnl-3-dev libnet1-dev libaio-dev
   libgnutls28-dev libbsd-dev libdrm-dev uuid-dev libnftables-dev
-  util-linux procps psmisc acl attr restic)
+  util-linux procps psmisc acl attr restic
+  ceph-mon ceph-osd radosgw curl)  # the S3 server of the tests (scripts/s3-server.sh)
 
 missing_debs() {
   local p

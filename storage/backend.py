@@ -31,6 +31,8 @@ class Backend(abc.ABC):
 
     #: a short human description, e.g. "dir:/var/lib/vz/backup" (never holds secrets)
     url: str = ""
+    #: whether the repository should keep a local copy of its metadata (remote storage)
+    cache_metadata: bool = False
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes) -> None:
@@ -66,6 +68,10 @@ class Backend(abc.ABC):
             if info.key == key:
                 return info
         raise ObjectMissing(f"{self.url}: no object {key}")
+
+    def retained_until(self, key: str) -> float | None:
+        """When an immutability lock on *key* ends (epoch seconds); None if it has none."""
+        return None
 
     def flush(self) -> None:  # noqa: B027 - a no-op where every write is durable
         """Make every object written so far durable (called before a snapshot is published)."""

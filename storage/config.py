@@ -21,7 +21,8 @@ from storage import registry
 from storage.backend import Backend
 
 DEFAULT_STORAGE = "local"
-BOOL_OPTIONS = {"fsync", "path-style", "disable"}
+BOOL_OPTIONS = {"fsync", "path-style", "disable", "create-bucket", "verify-tls"}
+REQUIRED = {"dir": "path", "s3": "bucket"}
 
 
 class StorageConfigError(Exception):
@@ -42,7 +43,7 @@ class StorageDef:
             opts[key] = v not in ("0", "no", "false") if k in BOOL_OPTIONS else v
         opts.pop("disable", None)
         try:
-            return registry.open_backend(self.kind, **opts)
+            return registry.open_backend(self.kind, self.name, **opts)
         except (KeyError, TypeError) as e:
             raise StorageConfigError(f"{self.source}: storage {self.name!r}: {e}") from None
 
@@ -75,8 +76,9 @@ def parse(text: str, source: str = "storage.cfg") -> dict[str, StorageDef]:
             raise StorageConfigError(f"{where}: option {key!r} has no value")
         cur.options[key] = value.strip()
     for s in storages.values():
-        if s.kind == "dir" and "path" not in s.options:
-            raise StorageConfigError(f"{s.source}: dir storage {s.name!r} needs a path")
+        need = REQUIRED.get(s.kind)
+        if need and need not in s.options:
+            raise StorageConfigError(f"{s.source}: {s.kind} storage {s.name!r} needs a {need}")
     return storages
 
 

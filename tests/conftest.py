@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from s3fixture import s3_bucket, s3_lock_bucket, s3_server  # noqa: F401 - fixtures
 from sinks import smtp, web, web500  # noqa: F401 - fixtures
 from twonode_fixture import shared_two_nodes, two_nodes  # noqa: F401 - fixtures
 

@@ -20,7 +20,6 @@ import json
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import pyfastcdc
 import zstandard
 
+from storage.ratelimit import Limiter
 from vzbackup.backup import tree as T
 from vzbackup.backup.repo import Repository
 from vzbackup.errors import RuntimeFailure
@@ -57,25 +57,6 @@ class Stats:
                 setattr(self, k, getattr(self, k) + v)
             else:
                 getattr(self, k).extend(v)
-
-
-class Limiter:
-    """A simple token bucket: at most *kbps* KiB/s of stored bytes."""
-
-    def __init__(self, kbps: int | None) -> None:
-        self.rate = kbps * 1024 if kbps else 0
-        self.lock = threading.Lock()
-        self.t = time.monotonic()
-
-    def take(self, n: int) -> None:
-        if not self.rate:
-            return
-        with self.lock:
-            now = time.monotonic()
-            self.t = max(self.t, now) + n / self.rate
-            delay = self.t - now
-        if delay > 0:
-            time.sleep(delay)
 
 
 class ChunkStore:

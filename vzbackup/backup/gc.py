@@ -53,7 +53,7 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
     oldest = min([lk.started for lk in live], default=start)
     cutoff = min(start, oldest) - grace
 
-    roots = [repo.load_manifest(sid) for sid in repo.snapshot_ids()]
+    roots = repo.manifests()
     trashed = repo.trashed()
     needed_trash = [sid for sid, t in trashed if live and t >= oldest]
     roots += [repo.load_manifest(sid, trashed=True) for sid in needed_trash]

@@ -22,7 +22,8 @@ def prune(repo: Repository, policy: KeepPolicy, *, ctids: list[int] | None = Non
             ctid = int(sid.split("/")[0])
             if ctids and ctid not in ctids:
                 continue
-            by_ct.setdefault(ctid, []).append(Item(sid, snapshot_time(sid), sid in protected))
+            keep = sid in protected or repo.retained(sid)  # retained: under Object Lock
+            by_ct.setdefault(ctid, []).append(Item(sid, snapshot_time(sid), keep))
         for ctid, items in sorted(by_ct.items()):
             decisions = plan(items, policy)
             out[ctid] = decisions

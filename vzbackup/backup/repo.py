@@ -20,12 +20,14 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from storage.backend import Backend, BackendError, ObjectMissing
 from vzbackup.backup.crypto import ENCRYPTION, Codec, KeyFile
+from vzbackup.backup.metacache import ManifestCache
 from vzbackup.errors import ConfigError, DamagedError, NotFoundError, StorageError, UsageError
 
 FORMAT = "vzbackup-repo"
@@ -37,6 +39,7 @@ CHUNK_PREFIX = "chunks/"
 LOG_SUFFIX = ".log"
 PROTECTED_SUFFIX = ".protected"
 TIME_FMT = "%Y-%m-%dT%H:%M:%SZ"
+MANIFEST_FETCHERS = 8  # parallel manifest downloads when the local cache is cold
 
 # 512 KiB on average: scattered small writes (a database's pages) re-store little, while
 # objects stay large enough that per-object costs don't dominate
@@ -110,6 +113,7 @@ class Repository:
         self.config = config
         self.key = key
         self.codec = Codec(key, level)
+        self.manifest_cache: ManifestCache | None = None  # set for remote storage
 
     # --- life cycle --------------------------------------------------------------------
     @property
@@ -305,20 +309,56 @@ class Repository:
     def load_manifest(self, sid: str, *, trashed: bool = False) -> Manifest:
         key = (TRASH_PREFIX if trashed else SNAP_PREFIX) + sid
         try:
-            m = Manifest.from_json(self.get_object(key))
+            m = self._parse_manifest(sid, self.get_object(key))
         except NotFoundError:
             raise NotFoundError(f"snapshot {sid} does not exist in {self.backend.url}") from None
-        except (ValueError, TypeError) as e:
-            raise DamagedError(f"snapshot {sid}: unreadable manifest ({e})") from None
         if not trashed:
             m.protected = self.backend.exists(key + PROTECTED_SUFFIX)
         return m
 
+    def _parse_manifest(self, sid: str, data: bytes) -> Manifest:
+        try:
+            return Manifest.from_json(data)
+        except (ValueError, TypeError) as e:
+            raise DamagedError(f"snapshot {sid}: unreadable manifest ({e})") from None
+
     def manifests(self, ctid: int | None = None) -> list[Manifest]:
-        protected = self.protected_ids()
+        """Every snapshot (of *ctid*), from one listing; manifests come from the local
+        cache where it holds them, the others are downloaded in parallel."""
+        sizes: dict[str, int] = {}
+        protected: set[str] = set()
+        prefix = SNAP_PREFIX + (f"{ctid}/" if ctid is not None else "")
+        try:
+            for info in self.backend.list(prefix):
+                sid = info.key[len(SNAP_PREFIX):]
+                if sid.endswith(PROTECTED_SUFFIX):
+                    protected.add(sid[: -len(PROTECTED_SUFFIX)])
+                elif not sid.endswith(LOG_SUFFIX):
+                    sizes[sid] = info.size
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+        cache = self.manifest_cache
+        blobs = {sid: cache.get(sid, size) for sid, size in sizes.items()} if cache else {}
+        missing = [sid for sid in sizes if blobs.get(sid) is None]
+
+        def fetch(sid: str) -> bytes:
+            try:
+                return self.backend.get(SNAP_PREFIX + sid)
+            except ObjectMissing:
+                raise NotFoundError(f"snapshot {sid} vanished while listing") from None
+            except BackendError as e:
+                raise StorageError(str(e)) from None
+
+        with ThreadPoolExecutor(MANIFEST_FETCHERS) as pool:
+            for sid, blob in zip(missing, pool.map(fetch, missing), strict=True):
+                blobs[sid] = blob
+                if cache:
+                    cache.put(sid, blob)
+        if cache and ctid is None:
+            cache.retain(set(sizes))
         out = []
-        for sid in self.snapshot_ids(ctid):
-            m = self.load_manifest(sid)
+        for sid in sorted(sizes, key=lambda s: (int(s.split("/")[0]), s)):
+            m = self._parse_manifest(sid, self.codec.open(SNAP_PREFIX + sid, blobs[sid]))
             m.protected = sid in protected
             out.append(m)
         return out
@@ -350,10 +390,20 @@ class Repository:
         except BackendError as e:
             raise StorageError(str(e)) from None
 
+    def retained(self, sid: str) -> bool:
+        """Whether an immutability lock (S3 Object Lock) still holds the snapshot."""
+        try:
+            until = self.backend.retained_until(SNAP_PREFIX + sid)
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+        return until is not None and until > time.time()
+
     def trash(self, sid: str) -> None:
         """Move a snapshot to the trash (prune); GC deletes it once no backup can need it."""
         if self.backend.exists(SNAP_PREFIX + sid + PROTECTED_SUFFIX):
             raise UsageError(f"snapshot {sid} is protected")
+        if self.retained(sid):
+            raise UsageError(f"snapshot {sid} is under Object Lock retention")
         key = SNAP_PREFIX + sid
         try:
             blob = self.backend.get(key)

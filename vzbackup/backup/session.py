@@ -8,6 +8,7 @@ from storage import config as storage_config
 from storage.backend import Backend, BackendError
 from vzbackup import constants as C
 from vzbackup.backup.crypto import KeyFile
+from vzbackup.backup.metacache import ManifestCache
 from vzbackup.backup.repo import Repository
 from vzbackup.config.node import Node
 from vzbackup.errors import ConfigError, NotFoundError, StorageError
@@ -41,7 +42,10 @@ def open_repository(node: Node, storage: str | None, keyfile: str | Path | None,
     """The repository on *storage*; with *create*, a first backup initialises it."""
     key = KeyFile.load(Path(keyfile)) if keyfile else None
     backend = open_backend(node, storage)
-    return Repository.open(backend, key, level, create=create)
+    repo = Repository.open(backend, key, level, create=create)
+    if backend.cache_metadata:
+        repo.manifest_cache = ManifestCache(node.cachedir / repo.id / "manifests")
+    return repo
 
 
 def files_cache_path(node: Node, repo: Repository, ctid: int) -> Path:

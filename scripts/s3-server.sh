@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# A real S3 server on loopback for the tests and the benchmark: single-node Ceph RGW
+# (one mon, one bluestore OSD on a sparse file, radosgw with the beast frontend).
+# Ceph 16.2 from Debian bookworm; root needed.
+#
+#   s3-server.sh install   apt-get the Ceph packages (setup.sh does this too)
+#   s3-server.sh start     create the cluster on first use (~15 s), else restart it (~4 s)
+#   s3-server.sh stop      stop radosgw, the OSD and the mon (data kept)
+#   s3-server.sh purge     stop and delete the cluster
+#   s3-server.sh status    exit 0 when the endpoint answers
+#
+# Endpoint http://127.0.0.1:$VZBACKUP_S3_PORT (7480), access key / secret: test / testtest,
+# region us-east-1, path-style addressing. State in $VZBACKUP_S3_DIR (/var/tmp/vzbackup-s3).
+set -euo pipefail
+DIR=${VZBACKUP_S3_DIR:-/var/tmp/vzbackup-s3}
+PORT=${VZBACKUP_S3_PORT:-7480}
+ACCESS_KEY=${VZBACKUP_S3_ACCESS_KEY:-test}
+SECRET_KEY=${VZBACKUP_S3_SECRET_KEY:-testtest}
+OSD_BYTES=${VZBACKUP_S3_OSD_BYTES:-21474836480}  # sparse: only what is written uses disk
+PACKAGES=(ceph-mon ceph-osd radosgw curl)
+CONF="-c $DIR/ceph.conf"
+
+log() { printf '[s3-server] %s\n' "$*" >&2; }
+
+answering() {
+  [ "$(curl -s -o /dev/null -w '%{http_code}' -m 1 "http://127.0.0.1:$PORT/" || true)" = 200 ]
+}
+
+write_conf() {
+  cat > "$DIR/ceph.conf" <<CONF
+[global]
+fsid = $1
+mon host = v2:127.0.0.1:3300
+public network = 127.0.0.0/8
+ms bind ipv6 = false
+auth allow insecure global id reclaim = false
+run dir = $DIR/run
+pid file = $DIR/run/\$name.pid
+admin socket = $DIR/run/\$name.asok
+log file = $DIR/log/\$name.log
+keyring = $DIR/keyring
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+mon data avail warn = 5
+osd crush chooseleaf type = 0
+[mon]
+mon data = $DIR/mon.\$id
+mon cluster log file = $DIR/log/cluster.log
+[osd]
+osd data = $DIR/osd.\$id
+osd objectstore = bluestore
+bluestore block create = true
+bluestore block size = $OSD_BYTES
+bluestore fsck on mount = false
+osd memory target = 1073741824
+bluestore cache autotune = false
+bluestore cache size = 268435456
+[client.rgw.a]
+rgw frontends = beast endpoint=127.0.0.1:$PORT
+rgw dns name = localhost
+CONF
+}
+
+create_cluster() {
+  local fsid osd_uuid
+  rm -rf "$DIR"
+  mkdir -p "$DIR"/{run,log,mon.a,osd.0}
+  fsid=$(cat /proc/sys/kernel/random/uuid)
+  write_conf "$fsid"
+  ceph-authtool --create-keyring "$DIR/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+  ceph-authtool "$DIR/keyring" --gen-key -n client.admin --cap mon 'allow *' \
+    --cap osd 'allow *' --cap mgr 'allow *' >/dev/null
+  ceph-authtool "$DIR/keyring" --gen-key -n osd.0 --cap mon 'allow profile osd' \
+    --cap osd 'allow *' --cap mgr 'allow profile osd' >/dev/null
+  ceph-authtool "$DIR/keyring" --gen-key -n client.rgw.a --cap mon 'allow rw' \
+    --cap osd 'allow rwx' --cap mgr 'allow rw' >/dev/null
+  monmaptool --create --addv a "[v2:127.0.0.1:3300]" --fsid "$fsid" "$DIR/monmap" >/dev/null
+  # shellcheck disable=SC2086
+  ceph-mon $CONF --mkfs -i a --monmap "$DIR/monmap" --keyring "$DIR/keyring"
+  # shellcheck disable=SC2086
+  ceph-mon $CONF -i a
+  osd_uuid=$(cat /proc/sys/kernel/random/uuid)
+  # shellcheck disable=SC2086
+  ceph $CONF osd new "$osd_uuid" >/dev/null
+  # shellcheck disable=SC2086
+  ceph-osd $CONF -i 0 --mkfs --osd-uuid "$osd_uuid" >>"$DIR/log/mkfs.log" 2>&1
+  # shellcheck disable=SC2086
+  ceph-osd $CONF -i 0 2>>"$DIR/log/stderr.log"
+  # shellcheck disable=SC2086
+  radosgw $CONF -n client.rgw.a
+  # shellcheck disable=SC2086
+  radosgw-admin $CONF user create --uid=vzbackup --display-name=vzbackup \
+    --access-key="$ACCESS_KEY" --secret-key="$SECRET_KEY" >/dev/null
+  touch "$DIR/.initialized"
+}
+
+start() {
+  local t0 i
+  if answering; then log "already answering on http://127.0.0.1:$PORT"; return; fi
+  command -v radosgw >/dev/null || { log "Ceph is not installed: run '$0 install'"; exit 1; }
+  t0=$(date +%s%N)
+  if [ -f "$DIR/.initialized" ]; then
+    # shellcheck disable=SC2086
+    ceph-mon $CONF -i a
+    # shellcheck disable=SC2086
+    ceph-osd $CONF -i 0 2>>"$DIR/log/stderr.log"
+    # shellcheck disable=SC2086
+    radosgw $CONF -n client.rgw.a
+  else
+    create_cluster
+  fi
+  for i in $(seq 1 900); do answering && break; sleep 0.1; done
+  answering || { log "RGW not ready after 90 s; see $DIR/log"; exit 1; }
+  log "ready on http://127.0.0.1:$PORT in $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+}
+
+stop() {
+  local name pid
+  for name in client.rgw.a osd.0 mon.a; do
+    pid=$(cat "$DIR/run/$name.pid" 2>/dev/null) || continue
+    kill "$pid" 2>/dev/null || continue
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done
+}
+
+case ${1:-} in
+install)
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" \
+    >/dev/null ;;
+start) start ;;
+stop) stop ;;
+purge) stop; rm -rf "$DIR" ;;
+status) answering ;;
+*) echo "usage: $0 install|start|stop|purge|status" >&2; exit 2 ;;
+esac

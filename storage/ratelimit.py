@@ -1,0 +1,25 @@
+"""A token bucket shared by threads: at most a given number of KiB per second."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class Limiter:
+    """``take(n)`` sleeps as long as needed to keep the rate at *kbps* KiB/s (0/None: no limit)."""
+
+    def __init__(self, kbps: int | None) -> None:
+        self.rate = kbps * 1024 if kbps else 0
+        self.lock = threading.Lock()
+        self.t = time.monotonic()
+
+    def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.t = max(self.t, now) + n / self.rate
+            delay = self.t - now
+        if delay > 0:
+            time.sleep(delay)

@@ -1,0 +1,387 @@
+"""A repository in an S3 bucket (AWS, Ceph RGW, MinIO, any S3-compatible server), on boto3.
+
+- Credentials: ``access-key``/``secret-key`` from storage.cfg, else boto3's standard chain
+  (environment, shared config and ``profile``, instance role). They never appear in
+  ``url``, logs or error messages.
+- One boto3 client per storage, shared by every thread (clients are thread-safe), with a
+  connection pool of ``max-connections``. botocore retries throttling, 5xx and connection
+  errors (``retry-mode``, ``retries`` attempts); a whole operation is retried again on top
+  of that (a reset while a response body streams in is not retried by botocore).
+- Objects above ``multipart-threshold`` are uploaded in parts and downloaded by parallel
+  ranged GETs. Everything a repository writes is small except big manifests.
+- ``put_if_absent`` is a PutObject with ``If-None-Match: *`` (412 = it exists). Servers
+  that ignore the header are detected once (a probe object written twice) and then get the
+  fallback in ``_claim_and_put``: claim objects with a lease, the oldest live claim wins.
+  A 412 after a retried request may be our own first attempt: the object's content decides.
+- ``touch`` copies the object onto itself (MetadataDirective REPLACE), which sets its
+  LastModified to the server's now. ``flush`` does nothing: a completed PUT is durable.
+- Object Lock: with ``object-lock-days N`` every snapshot manifest is written with a
+  retention of N days (mode ``object-lock-mode``, GOVERNANCE by default); ``retained_until``
+  tells prune to keep it. The bucket must have been created with Object Lock enabled.
+
+S3 as used here is strongly consistent (read-after-write and list-after-write), as AWS S3
+and Ceph RGW are.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import boto3
+import botocore.exceptions as bx
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
+from storage.ratelimit import Limiter
+
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+LOCKED_PREFIX = "snapshots/"  # manifests get Object Lock retention ...
+UNLOCKED_SUFFIXES = (".log", ".protected")  # ... but not their logs and markers
+CLAIM_PREFIX = "claims/"  # fallback create-if-absent (servers without If-None-Match)
+CLAIM_LEASE = 120.0  # seconds after which a claim is stale
+PROBE_PREFIX = "claims/probe-"
+OUTER_ATTEMPTS = 3  # whole-operation retries on top of botocore's own
+
+MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
+              "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
+NETWORK_ERRORS = (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
+                  bx.ConnectTimeoutError, bx.ResponseStreamingError,
+                  bx.IncompleteReadError, bx.HTTPClientError)
+
+
+class _Exists(BackendError):
+    """A conditional write found the key already there (HTTP 412)."""
+
+
+def _flag(value: object) -> bool:
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "yes", "true")
+
+
+class S3Backend(Backend):
+    """put/get/list/delete on ``BUCKET/PREFIX/KEY``; options are storage.cfg's s3 keys."""
+
+    cache_metadata = True
+
+    def __init__(self, bucket: str, *, name: str = "", endpoint: str | None = None,
+                 region: str = "us-east-1", prefix: str = "", path_style: bool = False,
+                 access_key: str | None = None, secret_key: str | None = None,
+                 session_token: str | None = None, profile: str | None = None,
+                 storage_class: str | None = None, sse: str | None = None,
+                 sse_kms_key_id: str | None = None, max_connections: int | str = 16,
+                 retries: int | str = 5, retry_mode: str = "standard",
+                 bwlimit: int | str | None = None,
+                 multipart_threshold: int | str = 64, multipart_chunksize: int | str = 16,
+                 object_lock_days: int | str | None = None, object_lock_mode: str = "GOVERNANCE",
+                 create_bucket: bool | str = False, conditional_writes: str = "auto",
+                 verify_tls: bool | str = True, connect_timeout: float | str = 10,
+                 read_timeout: float | str = 60) -> None:
+        if bool(access_key) != bool(secret_key):
+            raise BackendError(f"S3 storage {name!r}: set both access-key and secret-key, "
+                               "or neither (boto3's credential chain)")
+        if conditional_writes not in ("auto", "yes", "no"):
+            raise BackendError(f"S3 storage {name!r}: conditional-writes is auto, yes or no")
+        self.name = name or bucket
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.endpoint = endpoint
+        where = endpoint or f"AWS {region}"
+        self.url = f"s3:{self.bucket}/{self.prefix}".rstrip("/") + f" ({where})"
+        self.max_connections = int(max_connections)
+        self.attempts = int(retries) + 1
+        self.threshold = int(multipart_threshold) * MiB
+        self.part_size = int(multipart_chunksize) * MiB
+        self.limiter = Limiter(int(bwlimit) if bwlimit else None)
+        self.lock_days = int(object_lock_days) if object_lock_days else 0
+        self.lock_mode = object_lock_mode.upper()
+        self.conditional = {"auto": None, "yes": True, "no": False}[conditional_writes]
+        self._probe_lock = threading.Lock()
+        self.write_args: dict[str, str] = {}
+        if storage_class:
+            self.write_args["StorageClass"] = storage_class
+        if sse:
+            self.write_args["ServerSideEncryption"] = sse
+        if sse_kms_key_id:
+            self.write_args["SSEKMSKeyId"] = sse_kms_key_id
+        config = Config(
+            region_name=region,
+            max_pool_connections=self.max_connections,
+            retries={"mode": retry_mode, "max_attempts": self.attempts},
+            s3={"addressing_style": "path" if _flag(path_style) else "auto"},
+            connect_timeout=float(connect_timeout),
+            read_timeout=float(read_timeout),
+            # checksums only where the API demands them: S3-compatible servers vary
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        try:
+            session = boto3.session.Session(profile_name=profile or None)
+        except bx.ProfileNotFound:
+            raise BackendError(f"S3 storage {self.name!r}: no AWS profile {profile!r}") from None
+        self.client = session.client(
+            "s3", endpoint_url=endpoint or None, aws_access_key_id=access_key or None,
+            aws_secret_access_key=secret_key or None, aws_session_token=session_token or None,
+            verify=_flag(verify_tls), config=config,
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=self.threshold, multipart_chunksize=self.part_size,
+            max_concurrency=min(8, self.max_connections), use_threads=True,
+        )
+        self._ranges = ThreadPoolExecutor(max_workers=min(8, self.max_connections),
+                                          thread_name_prefix="s3-range")
+        if _flag(create_bucket):
+            self._ensure_bucket(region)
+
+    # --- plumbing ------------------------------------------------------------------------
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise BackendError(f"invalid object key {key!r}")
+        return self.prefix + key
+
+    def _error(self, e: Exception, what: str) -> BackendError:
+        """A clear BackendError for a boto3 failure of *what* (never holding credentials)."""
+        label = f"S3 storage {self.name!r}"
+        if isinstance(e, bx.ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412:
+                return _Exists(f"{label}: {what}: the object exists already")
+            if code == "NoSuchBucket":
+                return BackendError(f"{label}: bucket {self.bucket} does not exist "
+                                    "(create it, or set 'create-bucket 1' in storage.cfg)")
+            if code in MISSING_CODES:
+                return ObjectMissing(f"{label}: no object {what}")
+            if code in AUTH_CODES:
+                return BackendError(f"{label}: access denied ({code}) on {what}: check the "
+                                    "credentials and the bucket's permissions")
+            return BackendError(f"{label}: {what} failed: {code or status} "
+                                f"{e.response.get('Error', {}).get('Message') or ''}".rstrip())
+        if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError):
+            return BackendError(f"{label}: no credentials: set access-key and secret-key in "
+                                "storage.cfg, or configure boto3 (environment, profile, role)")
+        if isinstance(e, NETWORK_ERRORS):
+            where = self.endpoint or "AWS S3"
+            return BackendError(f"{label}: cannot reach endpoint {where} ({type(e).__name__}) "
+                                f"during {what}")
+        return BackendError(f"{label}: {what} failed: {type(e).__name__}")
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run *fn*, retrying network failures botocore gave up on; map errors."""
+        for attempt in range(OUTER_ATTEMPTS):
+            last = attempt + 1 >= OUTER_ATTEMPTS
+            try:
+                return fn()
+            except NETWORK_ERRORS as e:
+                if last:
+                    raise self._error(e, what) from None
+            except bx.ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+                if status < 500 or last:
+                    raise self._error(e, what) from None
+            except (bx.BotoCoreError, ValueError) as e:
+                raise self._error(e, what) from None
+            time.sleep(min(10.0, 0.2 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _ensure_bucket(self, region: str) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except bx.ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                raise self._error(e, f"bucket {self.bucket}") from None
+        except bx.BotoCoreError as e:
+            raise self._error(e, f"bucket {self.bucket}") from None
+        args: dict[str, Any] = {"Bucket": self.bucket}
+        if region != "us-east-1":
+            args["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        if self.lock_days:
+            args["ObjectLockEnabledForBucket"] = True
+        self._call(f"creating bucket {self.bucket}", lambda: self.client.create_bucket(**args))
+
+    def _put_args(self, key: str, data: bytes) -> dict[str, Any]:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), **self.write_args}
+        if self.lock_days and key.startswith(LOCKED_PREFIX) and not key.endswith(
+                UNLOCKED_SUFFIXES):
+            args["ObjectLockMode"] = self.lock_mode
+            args["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=self.lock_days)
+            args["ContentMD5"] = base64.b64encode(hashlib.md5(data).digest()).decode()
+        return args
+
+    # --- the interface ---------------------------------------------------------------------
+    def put(self, key: str, data: bytes) -> None:
+        args = self._put_args(key, data)
+        self.limiter.take(len(data))
+        if len(data) < self.threshold:
+            self._call(f"writing {key}", lambda: self.client.put_object(Body=data, **args))
+            return
+        bucket, name = args.pop("Bucket"), args.pop("Key")
+        self._call(f"writing {key}", lambda: self.client.upload_fileobj(
+            io.BytesIO(data), bucket, name, ExtraArgs=args, Config=self.transfer))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        # always one PutObject, whatever the size: Ceph ignores If-None-Match on multipart
+        if not self._conditional_writes():
+            return self._claim_and_put(key, data)
+        args = self._put_args(key, data)
+        self.limiter.take(len(data))
+        try:
+            self._call(f"writing {key}",
+                       lambda: self.client.put_object(Body=data, IfNoneMatch="*", **args))
+            return True
+        except _Exists:
+            pass
+        # a retried request may have met our own first attempt
+        try:
+            return self.get(key) == data
+        except ObjectMissing:
+            return False
+
+    def _conditional_writes(self) -> bool:
+        """Whether the server honours If-None-Match: * (probed once when not configured)."""
+        with self._probe_lock:
+            if self.conditional is None:
+                probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+                args = {"Bucket": self.bucket, "Key": self._key(probe), "IfNoneMatch": "*"}
+                self._call("probing conditional writes",
+                           lambda: self.client.put_object(Body=b"1", **args))
+                try:
+                    self.client.put_object(Body=b"2", **args)
+                    self.conditional = False
+                except bx.ClientError as e:
+                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    self.conditional = status == 412
+                finally:
+                    with contextlib.suppress(BackendError):
+                        self.delete(probe)
+            return self.conditional
+
+    def _claim_and_put(self, key: str, data: bytes) -> bool:
+        """Create-if-absent without server support: the oldest live claim on *key* writes it.
+
+        Each writer puts ``claims/KEY/UUID``, then lists the claims: claims older than
+        CLAIM_LEASE are stale (a crashed writer) and removed; the oldest remaining one, by
+        (server time, uuid), may write *key* if it still does not exist. Others wait for
+        *key* to appear and report that it existed.
+        """
+        if self.exists(key):
+            return False
+        mine = f"{CLAIM_PREFIX}{key}/{uuid.uuid4().hex}"
+        self.put(mine, b"")
+        try:
+            claims = list(self.list(f"{CLAIM_PREFIX}{key}/"))
+            now = max((c.mtime for c in claims), default=time.time())
+            live = []
+            for c in claims:
+                if c.key != mine and now - c.mtime > CLAIM_LEASE:
+                    self.delete(c.key)
+                else:
+                    live.append(c)
+            winner = min(live, key=lambda c: (c.mtime, c.key))
+            if winner.key == mine:
+                if self.exists(key):
+                    return False
+                self.put(key, data)
+                return True
+        finally:
+            self.delete(mine)
+        deadline = time.monotonic() + CLAIM_LEASE
+        while not self.exists(key) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return False
+
+    def get(self, key: str) -> bytes:
+        name = self._key(key)
+
+        def first() -> tuple[bytes, int]:
+            try:
+                r = self.client.get_object(Bucket=self.bucket, Key=name,
+                                           Range=f"bytes=0-{self.threshold - 1}")
+            except bx.ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "InvalidRange":
+                    raise
+                return b"", 0  # an empty object has no byte 0
+            body = r["Body"].read()
+            total = int(r.get("ContentRange", "/0").rsplit("/", 1)[-1] or len(body))
+            return body, total
+
+        head, total = self._call(f"reading {key}", first)
+        self.limiter.take(len(head))
+        if total <= len(head):
+            return head
+        return head + self._get_ranges(key, name, len(head), total)
+
+    def _get_ranges(self, key: str, name: str, start: int, total: int) -> bytes:
+        """Bytes [start, total) of a large object by parallel ranged GETs."""
+
+        def part(lo: int) -> bytes:
+            hi = min(total, lo + self.part_size) - 1
+            data = self._call(f"reading {key}", lambda: self.client.get_object(
+                Bucket=self.bucket, Key=name, Range=f"bytes={lo}-{hi}")["Body"].read())
+            if len(data) != hi - lo + 1:
+                raise BackendError(f"S3 storage {self.name!r}: {key} changed while read")
+            self.limiter.take(len(data))
+            return data
+
+        return b"".join(self._ranges.map(part, range(start, total, self.part_size)))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix)
+        cut = len(self.prefix)
+        try:
+            for page in pages:
+                for o in page.get("Contents", []):
+                    yield ObjectInfo(o["Key"][cut:], int(o["Size"]),
+                                     o["LastModified"].timestamp())
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            raise self._error(e, f"listing {prefix or '/'}") from None
+
+    def delete(self, key: str) -> None:
+        name = self._key(key)
+        self._call(f"deleting {key}",
+                   lambda: self.client.delete_object(Bucket=self.bucket, Key=name))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+            return True
+        except ObjectMissing:
+            return False
+
+    def stat(self, key: str) -> ObjectInfo:
+        name = self._key(key)
+        r = self._call(key, lambda: self.client.head_object(Bucket=self.bucket, Key=name))
+        return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"].timestamp())
+
+    def touch(self, key: str) -> None:
+        name = self._key(key)
+        self._call(f"touching {key}", lambda: self.client.copy_object(
+            Bucket=self.bucket, Key=name, CopySource={"Bucket": self.bucket, "Key": name},
+            MetadataDirective="REPLACE", Metadata={"touched": str(time.time())},
+            **self.write_args))
+
+    def retained_until(self, key: str) -> float | None:
+        if not self.lock_days:
+            return None
+        name = self._key(key)
+        r = self._call(key, lambda: self.client.head_object(Bucket=self.bucket, Key=name))
+        until = r.get("ObjectLockRetainUntilDate")
+        return until.timestamp() if until else None
+
+    def close(self) -> None:
+        self._ranges.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
