@@ -31,7 +31,7 @@ from vzbackup import errors as E
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
-from vzbackup.criu.check import criu_binary, criu_version
+from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
 from vzbackup.ct import fs, network, ops, registry
 from vzbackup.ct.container import Container
 
@@ -40,6 +40,8 @@ log = logging.getLogger("vzbackup.migrate.agent")
 JOURNAL = "{ctid}.migrate.json"  # in LOCKDIR, on both ends
 LAZY_LOG = "lazy-pages.log"
 LAZY_READY_TIMEOUT = 30.0
+COMMIT_LEASE = 20.0  # a restored, uncommitted CT is removed if the source stays silent this
+# long; shorter than the source's dead-peer timeout, after which the source resumes its copy
 
 
 @dataclass
@@ -290,12 +292,21 @@ class Agent:
             self.lazy_proc.kill()
             self.lazy_proc.wait()
 
+    def op_stage_lazy(self, lazy_address: str, lazy_port: int) -> dict[str, Any]:
+        """Everything a post-copy restore needs before the source's page server starts:
+        whatever fails here still lets the source resume cleanly."""
+        self._place_conf()
+        pycriu_module()
+        ops.check_start_inputs(self.ct.conf)
+        self._start_lazy_daemon(lazy_address, lazy_port)
+        return {}
+
     def op_restore(self, lazy_address: str = "", lazy_port: int = 0) -> dict[str, Any]:
         """Restore the CT from the pushed images; with a page server address, post-copy."""
         t0 = time.monotonic()
         self._place_conf()
         lazy = bool(lazy_port)
-        if lazy:
+        if lazy and self.lazy_proc is None:
             self._start_lazy_daemon(lazy_address, lazy_port)
         self.journal.state = "restored"
         self.journal.save(self.node)
@@ -376,6 +387,7 @@ class Agent:
         ops_table = {
             "hello": self.op_hello,
             "prepare": self.op_prepare,
+            "stage_lazy": self.op_stage_lazy,
             "restore": self.op_restore,
             "start": self.op_start,
             "register": self.op_register,
@@ -386,6 +398,9 @@ class Agent:
         keep_private = False
         try:
             while True:
+                if self.journal.state == "restored" and not link.readable(COMMIT_LEASE):
+                    log.warning("no commit from the source within %ss", COMMIT_LEASE)
+                    break
                 msg = link.recv()
                 if msg is None:
                     log.warning("the source went away")

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -210,6 +211,10 @@ class Migration:
             with contextlib.suppress(Exception):
                 self.chan.close()
         self.link = self.chan = None
+
+    def _my_address(self) -> str:
+        """This node's address as DEST sees it (where DEST fetches lazy pages from)."""
+        return self.session.transport.sock.getsockname()[0]
 
     def _abort_dest(self) -> None:
         if self.link is None:
@@ -408,6 +413,9 @@ class Migration:
                     self._committed()
                 self.report.frozen = time.monotonic() - clock["freeze"]
                 return
+            with self.phase("restore"):  # everything DEST can do before the pages flow
+                self._call("stage_lazy", lazy_address=self._my_address(), lazy_port=port)
+            clock["post_dump_done"] = time.monotonic()
             restorer = threading.Thread(target=lazy_restore, daemon=True)
             restorer.start()
 
@@ -418,9 +426,8 @@ class Migration:
                     if time.monotonic() > deadline:
                         raise E.CheckpointError("CRIU's page server did not start listening")
                     time.sleep(0.002)
-                address = self.session.transport.sock.getsockname()[0]
                 with self.phase("restore"):
-                    self._call("restore", lazy_address=address, lazy_port=port)
+                    self._call("restore", lazy_address=self._my_address(), lazy_port=port)
                 clock["restored"] = time.monotonic()
                 self.report.frozen = clock["restored"] - clock["freeze"]
                 with self.phase("commit"):
@@ -451,6 +458,8 @@ class Migration:
         except BaseException as e:
             if restorer is not None:
                 restorer.join()
+            if lazy and "post_dump_done" in clock:
+                _unlock_network(st.init_pid)
             if lazy and self.committed:
                 # Pages stopped flowing after DEST took over: CRIU resumed the tasks here
                 # (they hold the only complete memory) and DEST drops its copy on its own.
@@ -477,8 +486,21 @@ class Migration:
 
 
 def _poke(port: int) -> None:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
-        pass
+    """Fail CRIU's lazy page server (a torn request, not a clean EOF, which it would take
+    for success): the dump then resumes the tasks here instead of killing them."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2) as sk:
+        sk.sendall(b"\0")
+
+
+def _unlock_network(pid: int) -> None:
+    """Drop CRIU's network lock in the CT's netns. CRIU leaves it in place when a lazy page
+    transfer fails after "post-dump" (it resumes the tasks but skips its own unlock)."""
+    for tool in ("iptables", "ip6tables"):
+        for rule in (["-D", "INPUT", "-j", "CRIU"], ["-D", "OUTPUT", "-j", "CRIU"],
+                     ["-F", "CRIU"], ["-X", "CRIU"]):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", tool, "-w", *rule],
+                               capture_output=True, timeout=30, check=False)
 
 
 def finish_source(ct: Container, *, remove_area: bool) -> None:

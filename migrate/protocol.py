@@ -8,6 +8,7 @@ the transport gives: a paramiko exec channel's stdin/stdout, or a local pipe pai
 from __future__ import annotations
 
 import json
+import select
 from typing import IO, Any
 
 from vzbackup import errors as E
@@ -55,6 +56,15 @@ class Link:
             self.wfile.flush()
         except (OSError, EOFError, ValueError) as e:
             raise LinkLost(f"control connection lost while sending: {e}") from None
+
+    def readable(self, timeout: float) -> bool:
+        """Whether a message arrives within *timeout* seconds (the peer never pipelines
+        requests, so nothing waits in our buffer when this is asked)."""
+        try:
+            ready, _, _ = select.select([self.rfile], [], [], timeout)
+        except (OSError, ValueError):
+            return True  # let recv() report the broken stream
+        return bool(ready)
 
     def recv(self) -> dict[str, Any] | None:
         """The next message, or None at end of stream."""

@@ -28,6 +28,7 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 KEEPALIVE = 15
+DEAD_PEER_SECONDS = 30  # TCP_USER_TIMEOUT of the control connection
 SUPPORTED_OPTS = ("UserKnownHostsFile", "ConnectTimeout", "ServerAliveInterval",
                   "StrictHostKeyChecking", "IdentityFile", "Port", "User")
 
@@ -187,6 +188,9 @@ class Session:
         except OSError as e:
             raise UnreachableError(f"{where}: {e.strerror or e}",
                                    hint="is sshd running there and the port right?") from None
+        # A dead peer must fail the session, not hang it: unacknowledged data (keepalives
+        # included) aborts the connection after DEAD_PEER_SECONDS.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_SECONDS * 1000)
         transport = paramiko.Transport(sock)
         try:
             _, files = t.known_hosts_files()

@@ -278,6 +278,7 @@ def _sshd_config(node: BedNode, ndir: Path, authorized: Path) -> Path:
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         "UsePAM no\nStrictModes no\nUseDNS no\nPrintMotd no\nMaxStartups 100:30:200\n"
         "MaxSessions 100\nSubsystem sftp internal-sftp\n"
+        "ClientAliveInterval 5\nClientAliveCountMax 3\n"
         "SetEnv " + " ".join(f'"{k}={v}"' for k, v in setenv.items()) + "\n"
     )
     return conf

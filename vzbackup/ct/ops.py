@@ -180,7 +180,7 @@ def _spawn_supervisor(ct: Container, mode: str, extra: list[str]) -> int:
     return int(verdict["pid"])
 
 
-def _check_start_inputs(conf: CTConfig) -> None:
+def check_start_inputs(conf: CTConfig) -> None:
     """Refuse before anything is set up: IPs taken on the host, missing bind mount sources."""
     used = network.ips_in_use_on_host(conf.ips)
     if used:
@@ -200,7 +200,7 @@ def start_locked(ct: Container) -> int:
     conf = ct.conf
     if ct.running:
         raise E.StateError(f"CT {ct.ctid} is already running")
-    _check_start_inputs(conf)
+    check_start_inputs(conf)
     return _spawn_supervisor(ct, "start", [])
 
 
@@ -315,7 +315,7 @@ def restore_locked(
     images = dump_dir(ct, dumpfile)
     if not (images / "inventory.img").exists():
         raise E.NotFoundError(f"no CRIU images in {images}")
-    _check_start_inputs(conf)
+    check_start_inputs(conf)
     extra = ["--dumpdir", str(images)] + (["--keep-dump"] if keep_dump else [])
     if tcp_close:
         extra.append("--tcp-close")
