@@ -394,15 +394,46 @@ class Migration:
         lazy_failed: list[BaseException] = []
         restorer: threading.Thread | None = None
 
+        sync_failed: list[BaseException] = []
+        syncer: threading.Thread | None = None
+
         def pre_dump() -> None:
             clock["freeze"] = time.monotonic()
 
+        def final_sync() -> None:
+            try:
+                with self.phase("final_sync"):
+                    self._push("private", private, self.hello["private"])
+            except BaseException as e:
+                sync_failed.append(e)
+
+        def network_lock() -> None:
+            # CRIU has seized (frozen) every task: the files are final, so the last sync
+            # runs while CRIU writes the images
+            nonlocal syncer
+            syncer = threading.Thread(target=final_sync, daemon=True)
+            syncer.start()
+
         def post_dump() -> None:
+            try:
+                _post_dump()
+            except BaseException:
+                if lazy:  # CRIU starts its page server even after a failed post-dump:
+                    # fail it as soon as it listens, or the dump would wait for ever
+                    threading.Thread(target=_poke_when_listening, args=(port,),
+                                     daemon=True).start()
+                raise
+
+        def _post_dump() -> None:
             nonlocal restorer
             now = time.monotonic()
             self.report.times["dump"] = now - clock.get("freeze", now)
-            with self.phase("final_sync"):
-                self._push("private", private, self.hello["private"])
+            if syncer is None:
+                final_sync()
+            else:
+                syncer.join()
+            if sync_failed:
+                raise sync_failed[0]
             with self.phase("image_transfer"):
                 self._push("images", images, self.hello["images"], method="stream")
             if not lazy:
@@ -443,7 +474,8 @@ class Migration:
                 st.init_pid,
                 images,
                 driver.DumpOptions(external=ops.dump_external(ct.conf), lazy_port=port),
-                notify={"pre-dump": pre_dump, "post-dump": post_dump},
+                notify={"pre-dump": pre_dump, "network-lock": network_lock,
+                        "post-dump": post_dump},
             )
             t_pages = time.monotonic()
             if restorer is not None:
@@ -456,6 +488,8 @@ class Migration:
                 )
                 self._call("lazy_wait")
         except BaseException as e:
+            if syncer is not None:
+                syncer.join()
             if restorer is not None:
                 restorer.join()
             if lazy and "post_dump_done" in clock:
@@ -483,6 +517,13 @@ class Migration:
         finish_source(ct, remove_area=self.opts.remove_area)
         shutil.rmtree(ct.node.dumpdir / f"Dump.{ct.ctid}.migrate-out", ignore_errors=True)
         self.journal.remove(ct.node)
+
+
+def _poke_when_listening(port: int) -> None:
+    deadline = time.monotonic() + LISTEN_TIMEOUT
+    while not _listening(port) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    _poke(port)
 
 
 def _poke(port: int) -> None:

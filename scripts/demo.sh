@@ -66,6 +66,25 @@ fetch changed.html "$COPY_IP"
 "$VZ" verify
 "$VZ" list -o ctid,name,status,ip,hostname
 
+step "live migration: two nodes (network namespaces with their own sshd) on this machine"
+BED=vzdemo
+"$ROOT/.venv/bin/python" "$ROOT/scripts/twonode.py" down "$BED" >/dev/null 2>&1 || true
+eval "$("$ROOT/.venv/bin/python" "$ROOT/scripts/twonode.py" up "$BED")"
+trap '"$ROOT/.venv/bin/python" "$ROOT/scripts/twonode.py" down "$BED" >/dev/null 2>&1 || true' EXIT
+on() { local ns=$1 prefix=$2; shift 2; nsenter --net="/run/netns/$ns" env VZBACKUP_PREFIX="$prefix" "$VZ" "$@"; }
+A=(on "$VZBED_A_NETNS" "$VZBED_A_PREFIX"); B=(on "$VZBED_B_NETNS" "$VZBED_B_PREFIX")
+MIG_IP=${VZBED_CLIENT_IP%.*}.100
+"${A[@]}" create 201 --ipadd "$MIG_IP" --hostname mover >/dev/null
+"${A[@]}" start 201
+for _ in $(seq 50); do fetch "" "$MIG_IP" >/dev/null 2>&1 && break; sleep 0.1; done
+echo "CT 201 on node A ($VZBED_A_IP) serves $(fetch cgi-bin/status "$MIG_IP" | head -1)"
+"${A[@]}" migrate 201 "root@$VZBED_B_IP" --online -t --ssh-key "$VZBED_SSH_KEY" \
+  --ssh-opt "UserKnownHostsFile=$VZBED_KNOWN_HOSTS"
+echo "node A: $("${A[@]}" status 201)"
+echo "node B: $("${B[@]}" status 201)"
+echo "the same address now answers from node B: $(fetch cgi-bin/status "$MIG_IP" | head -1)"
+"${B[@]}" exec 201 'tail -2 /var/log/heartbeat'
+
 step "done: CTs $CTID and $COPY run under prefix $VZBACKUP_PREFIX"
 echo "  enter it:   VZBACKUP_PREFIX=$VZBACKUP_PREFIX $VZ enter demo"
 echo "  stop it:    VZBACKUP_PREFIX=$VZBACKUP_PREFIX $VZ stop demo"
