@@ -86,6 +86,15 @@ def _migrate(bed: Bed, src: Node, dst: Node, ctid: int, *extra: str, check: bool
     return res, report
 
 
+def _spawn_migrate(bed: Bed, ctid: int, *extra: str) -> subprocess.Popen[str]:
+    """A migration A -> B in the background (to disturb it while it runs)."""
+    return subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m", "vzbackup.cli",
+         "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), *extra],
+        env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
 def _status(node: Node, ctid: int) -> str:
     return node.vz("status", str(ctid), check=False).stdout
 
@@ -288,12 +297,7 @@ def test_ssh_drop_during_transfer_leaves_ct_at_source(two_nodes: Bed) -> None:
     client = Client(ip)
     try:
         before = _counter(bed.a, ctid)
-        mig = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m",
-             "vzbackup.cli", "migrate", str(ctid),
-             bed.dest(bed.b), *bed.ssh_args(), "--online", "--bwlimit", "4000"],
-            env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        mig = _spawn_migrate(bed, ctid, "--online", "--bwlimit", "4000")
         # cut the LAN link of node B while the private area is being copied
         wait_for(lambda: _private(bed.b, ctid).exists(), what="first sync started")
         time.sleep(1.0)
@@ -369,12 +373,7 @@ def test_source_killed_while_frozen_resumes_ct_and_dest_rolls_back(two_nodes: Be
     client = Client(ip)
     try:
         before = _counter(bed.a, ctid)
-        mig = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m",
-             "vzbackup.cli", "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(),
-             "--online", "--no-lazy", "--bwlimit", "2000"],
-            env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        mig = _spawn_migrate(bed, ctid, "--online", "--no-lazy", "--bwlimit", "2000")
         log = bed.a.prefix / f"vz/dump/Dump.{ctid}.migrate-out/dump.log"
         # CRIU reached post-dump: the CT is frozen here and its images are on their way
         wait_for(lambda: "post-dump" in log.read_text(), timeout=120, interval=0.02,
