@@ -49,6 +49,7 @@ def build_memhog(out: Path) -> Path:
 def make_ct(node: twonode.BedNode, ctid: int, mib: int, memhog: Path) -> str:
     ip = node.new_ip()
     node.vz("create", str(ctid), "--ipadd", ip)
+    node.vz("set", str(ctid), "--ram", f"{mib + 512}M", "--save")  # room for the memory
     shutil.copy(memhog, node.prefix / f"vz/private/{ctid}/bin/memhog")
     node.vz("start", str(ctid))
     node.sh(ctid, f"setsid /bin/memhog {mib} </dev/null >/dev/null 2>&1 &")
@@ -145,7 +146,9 @@ def main() -> int:
                     gap = rep.get("seen_gap")
                     print(f"{mib:>5} MiB {method:<12} frozen {rep['frozen']:7.3f} s"
                           f"  seen {gap if gap is None else round(gap, 3)!s:>6}"
-                          f"  total {rep['total']:7.2f} s", flush=True)
+                          f"  total {rep['total']:7.2f} s  "
+                          + " ".join(f"{k}={v:.2f}" for k, v in rep.get("times", {}).items()),
+                          flush=True)
     finally:
         bed.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -358,9 +358,9 @@ class Migration:
 
     def _restart(self, private: Path) -> None:
         ct = self.ct
+        t_down = time.monotonic()  # downtime: from the stop until DEST runs it
         with self.phase("stop"):
             ops.stop_locked(ct)
-        t_down = time.monotonic()
         try:
             with self.phase("final_sync"):
                 self._push("private", private, self.hello["private"])
