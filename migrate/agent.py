@@ -31,7 +31,7 @@ from vzbackup import errors as E
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
-from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
+from vzbackup.criu.check import criu_binary, criu_check, criu_version, pycriu_module
 from vzbackup.ct import fs, network, ops, registry
 from vzbackup.ct.container import Container
 
@@ -96,16 +96,14 @@ def _free_bytes(path: Path) -> int:
 def _criu_check(features: list[str]) -> list[str]:
     """Problems `criu check` reports for the basic set and each extra feature."""
     problems = []
-    try:
-        binary = criu_binary()
-    except E.DependencyError as e:
-        return [str(e)]
     for feat in [None, *features]:
-        argv = [binary, "check"] + (["--feature", feat] if feat else [])
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-        if res.returncode != 0:
-            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["failed"]
-            problems.append(f"criu check{' --feature ' + feat if feat else ''}: {tail[0]}")
+        try:
+            failed = criu_check(feat)
+        except E.DependencyError as e:
+            return [str(e)]
+        if failed is not None:
+            tail = failed.splitlines()[-1]
+            problems.append(f"criu check{' --feature ' + feat if feat else ''}: {tail}")
     return problems
 
 

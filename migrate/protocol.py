@@ -16,16 +16,12 @@ from vzbackup import errors as E
 PROTOCOL_VERSION = 1
 
 
-class RemoteError(E.VzError):
+class RemoteError(E.RemoteNodeError):
     """The DEST agent refused or failed a request; the message is the agent's."""
 
-    exit_code = 14
 
-
-class LinkLost(E.VzError):
+class LinkLost(E.RemoteNodeError):
     """The control connection to DEST ended unexpectedly."""
-
-    exit_code = 14
 
 
 def error_reply(e: BaseException) -> dict[str, Any]:

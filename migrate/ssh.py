@@ -22,7 +22,7 @@ from pathlib import Path
 import paramiko
 from paramiko.hostkeys import HostKeyEntry, HostKeys, InvalidHostKey
 
-from vzbackup.errors import RuntimeFailure, UsageError, VzError
+from vzbackup.errors import RemoteNodeError, RuntimeFailure, UsageError
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
@@ -31,12 +31,6 @@ KEEPALIVE = 15
 DEAD_PEER_SECONDS = 30  # TCP_USER_TIMEOUT of the control connection
 SUPPORTED_OPTS = ("UserKnownHostsFile", "ConnectTimeout", "ServerAliveInterval",
                   "StrictHostKeyChecking", "IdentityFile", "Port", "User")
-
-
-class RemoteNodeError(VzError):
-    """The remote node can't be reached, authenticated or trusted."""
-
-    exit_code = 14
 
 
 class UnreachableError(RemoteNodeError):

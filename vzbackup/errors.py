@@ -87,3 +87,9 @@ class StorageError(VzError):
     """The backup storage can't be reached or written (permissions, full disk, network)."""
 
     exit_code = 13
+
+
+class RemoteNodeError(VzError):
+    """The remote node can't be reached, authenticated or trusted, or its side failed."""
+
+    exit_code = 14

@@ -55,3 +55,13 @@ def pycriu_module():  # -> module
 def criu_version() -> str:
     ver = _version(criu_binary())
     return ".".join(map(str, ver)) if ver else "?"
+
+
+def criu_check(feature: str | None = None) -> str | None:
+    """Run ``criu check`` (or ``criu check --feature F``); None if it passes, else its output."""
+    argv = [criu_binary(), "check"] + (["--feature", feature] if feature else [])
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        return f"{' '.join(argv)} timed out"
+    return None if res.returncode == 0 else (res.stdout + res.stderr).strip() or "failed"

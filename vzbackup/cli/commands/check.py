@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import click
 
 from vzbackup.cli.common import emit, json_option, require_root
-from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
+from vzbackup.criu.check import criu_binary, criu_check, criu_version, pycriu_module
 from vzbackup.ct.cgroups import detect_version
 from vzbackup.errors import DependencyError
 
@@ -20,9 +19,9 @@ def check(as_json: bool) -> None:
     require_root()
     binary = criu_binary()
     pycriu_module()
-    res = subprocess.run([binary, "check"], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise DependencyError(f"'{binary} check' failed:\n{res.stdout}{res.stderr}".rstrip())
+    failed = criu_check()
+    if failed is not None:
+        raise DependencyError(f"'{binary} check' failed:\n{failed}")
     pipe_max = int(Path("/proc/sys/fs/pipe-max-size").read_text())
     data = {
         "criu": binary,
