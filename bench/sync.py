@@ -20,9 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import twonode  # noqa: E402
-
-from migrate.ssh import Session, SSHTarget  # noqa: E402
-from migrate.sync import push_tree  # noqa: E402
+from vzbackup.migrate.ssh import Session, SSHTarget  # noqa: E402
+from vzbackup.migrate.sync import push_tree  # noqa: E402
 
 MIB = 1 << 20
 

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migrate.protocol import PROTOCOL_VERSION, Link, error_reply
+from vzbackup.migrate.protocol import PROTOCOL_VERSION, Link, error_reply
+
 from vzbackup import __version__
 from vzbackup import errors as E
 from vzbackup.config.ct import CTConfig

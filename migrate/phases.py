@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migrate.agent import Journal, cpuinfo_dump
-from migrate.protocol import PROTOCOL_VERSION, Link, LinkLost, raise_reply
-from migrate.sync import remote_has_rsync
+from vzbackup.migrate.agent import Journal, cpuinfo_dump
+from vzbackup.migrate.protocol import PROTOCOL_VERSION, Link, LinkLost, raise_reply
+from vzbackup.migrate.sync import remote_has_rsync
+
 from vzbackup import __version__
 from vzbackup import errors as E
 from vzbackup.criu import driver

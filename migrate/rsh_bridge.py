@@ -1,6 +1,6 @@
 """rsync's remote shell when rsync runs over vzbackup's own SSH session (see migrate.sync).
 
-    python -m migrate.rsh_bridge SOCKET [-l USER] HOST COMMAND...
+    python -m vzbackup.migrate.rsh_bridge SOCKET [-l USER] HOST COMMAND...
 
 Instead of opening an SSH connection it connects to SOCKET, where the migrating process runs
 COMMAND (joined with spaces, as ssh does) on a new exec channel of its authenticated paramiko

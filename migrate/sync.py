@@ -1,8 +1,8 @@
 """Private-area transfer to the destination over the migration's own SSH session.
 
 rsync (vzmigrate semantics ``-aHAXS --numeric-ids --delete``) runs locally with its remote
-shell replaced by :mod:`migrate.rsh_bridge`, which hands rsync's remote-shell stream to a new
-exec channel of the already verified paramiko transport: no second SSH connection. Without
+shell replaced by :mod:`vzbackup.migrate.rsh_bridge`, which hands rsync's remote-shell stream
+to a new exec channel of the already verified paramiko transport: no second SSH connection. Without
 rsync at either end, a tar stream compressed with zstd goes to the hidden DEST command
 ``vzbackup migrate-recv-tree``, which extracts into ``DST.partial`` and swaps it in atomically.
 """
@@ -30,9 +30,9 @@ from typing import BinaryIO
 
 import paramiko
 import zstandard
+from vzbackup.migrate import rsh_bridge
+from vzbackup.migrate.ssh import Session
 
-from migrate import rsh_bridge
-from migrate.ssh import Session
 from vzbackup.errors import DependencyError, RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
@@ -191,27 +191,20 @@ class _Relay:
             chan.shutdown_write()
 
 
-def _bridge_env() -> dict[str, str]:
-    root = str(Path(rsh_bridge.__file__).resolve().parent.parent)
-    return {**os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-
-
 def _push_rsync(
     session: Session, src: Path, dst: str, bwlimit: int | None, delete: bool,
     progress: Progress | None, remote_rsync: str,
 ) -> tuple[int, int | None]:
     session.run(["mkdir", "-p", os.path.dirname(dst.rstrip("/")) or "/"])
     relay = _Relay(session, remote_rsync + " ", progress)
-    argv = ["rsync", *RSYNC_OPTS, "--rsh", f"{sys.executable} -m migrate.rsh_bridge {relay.path}",
-            "--rsync-path", remote_rsync]
+    bridge = f"{sys.executable} -m {rsh_bridge.__name__} {relay.path}"
+    argv = ["rsync", *RSYNC_OPTS, "--rsh", bridge, "--rsync-path", remote_rsync]
     argv += ["--delete"] if delete else []
     argv += [f"--bwlimit={bwlimit}"] if bwlimit else []
     target = session.target
     argv += [f"{src}/", f"{target.user}@{target.host}:{shlex.quote(dst.rstrip('/'))}/"]
     try:
-        res = subprocess.run(argv, capture_output=True, text=True, env=_bridge_env(),
-                             check=False)
+        res = subprocess.run(argv, capture_output=True, text=True, check=False)
     finally:
         relay.close()
     if res.returncode not in (0, RSYNC_VANISHED):

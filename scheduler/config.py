@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from apscheduler.triggers.base import BaseTrigger
+from vzbackup.scheduler.calendar import ScheduleError, parse_schedule
 
-from scheduler.calendar import ScheduleError, parse_schedule
 from vzbackup import constants as C
 from vzbackup.backup import defaults as dump_defaults
 from vzbackup.backup.prune import KeepPolicy

@@ -26,11 +26,11 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
+from vzbackup.scheduler.config import JobDef, load_jobs
+from vzbackup.scheduler.history import History
+from vzbackup.scheduler.notify import Notifier, NotifySettings
+from vzbackup.scheduler.runner import Outcome, Runner
 
-from scheduler.config import JobDef, load_jobs
-from scheduler.history import History
-from scheduler.notify import Notifier, NotifySettings
-from scheduler.runner import Outcome, Runner
 from vzbackup import constants as C
 from vzbackup.config.node import Node
 from vzbackup.errors import ConfigError

@@ -17,7 +17,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scheduler.config import JobDef
+from vzbackup.scheduler.config import JobDef
+
 from vzbackup.config.node import Node
 
 KILL_AFTER = 15.0  # seconds between SIGTERM and SIGKILL when a run is aborted

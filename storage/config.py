@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage import registry
-from storage.backend import Backend
+from vzbackup.storage import registry
+from vzbackup.storage.backend import Backend
 
 DEFAULT_STORAGE = "local"
 BOOL_OPTIONS = {"fsync", "path-style", "disable", "create-bucket", "verify-tls"}

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
+from vzbackup.storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
 
 TMP_MARK = ".tmp-"
 BULK_PREFIX = "chunks/"  # synced by flush(), not per object

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from storage.backend import Backend
+from vzbackup.storage.backend import Backend
 
 _TYPES: dict[str, Callable[..., Backend]] = {}
 
@@ -26,14 +26,14 @@ def open_backend(kind: str, name: str = "", **options: Any) -> Backend:
 
 
 def _register_builtin() -> None:
-    from storage.local import DirBackend
+    from vzbackup.storage.local import DirBackend
 
     register("dir", lambda path, name="", **kw: DirBackend(path, **kw))
     register("s3", _open_s3)
 
 
 def _open_s3(bucket: str, **options: Any) -> Backend:
-    from storage.s3 import S3Backend  # boto3 takes a while to import: only when used
+    from vzbackup.storage.s3 import S3Backend  # boto3 takes a while to import: only when used
 
     return S3Backend(bucket, **options)
 

@@ -41,9 +41,8 @@ import boto3
 import botocore.exceptions as bx
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-
-from storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
-from storage.ratelimit import Limiter
+from vzbackup.storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
+from vzbackup.storage.ratelimit import Limiter
 
 T = TypeVar("T")
 

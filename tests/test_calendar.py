@@ -6,8 +6,13 @@ from datetime import UTC, datetime
 
 import pytest
 from apscheduler.triggers.cron import CronTrigger
-
-from scheduler.calendar import ScheduleError, calendar_fields, describe, next_runs, parse_schedule
+from vzbackup.scheduler.calendar import (
+    ScheduleError,
+    calendar_fields,
+    describe,
+    next_runs,
+    parse_schedule,
+)
 
 NOW = datetime(2026, 11, 21, 7, 40, 13, tzinfo=UTC)  # a Saturday
 

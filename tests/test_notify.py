@@ -8,8 +8,8 @@ import time
 
 import pytest
 from sinks import Collector, Web, free_port
+from vzbackup.scheduler.notify import Notifier, NotifySettings, body, split_smtp_server, subject
 
-from scheduler.notify import Notifier, NotifySettings, body, split_smtp_server, subject
 from vzbackup.errors import ConfigError
 
 FAILED = {

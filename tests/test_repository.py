@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from treecmp import diff, make_rich_tree, tree_manifest
+from vzbackup.storage.local import DirBackend
 
-from storage.local import DirBackend
 from vzbackup.backup import gc, maintenance
 from vzbackup.backup import locks as L
 from vzbackup.backup import tree as T
@@ -327,7 +327,7 @@ def test_full_disk_fails_cleanly_and_next_backup_works(tmp_path: Path):
 KILLED_BACKUP = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from storage.local import DirBackend
+    from vzbackup.storage.local import DirBackend
     from vzbackup.backup import locks as L
     from vzbackup.backup.archiver import ChunkStore, Stats, TreeWriter
     from vzbackup.backup.repo import Repository

@@ -10,10 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from s3fixture import ACCESS_KEY, ENDPOINT, SECRET_KEY, Bucket
-
-from storage import config as storage_config
-from storage.backend import BackendError, ObjectMissing
-from storage.s3 import CLAIM_PREFIX, S3Backend
+from vzbackup.storage import config as storage_config
+from vzbackup.storage.backend import BackendError, ObjectMissing
+from vzbackup.storage.s3 import CLAIM_PREFIX, S3Backend
 
 
 def backend(bucket: Bucket, **kw: object) -> S3Backend:
@@ -88,7 +87,7 @@ def test_stale_claim_does_not_block(s3_bucket: Bucket):
     be = backend(s3_bucket, conditional_writes="no")
     s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=f"{CLAIM_PREFIX}lk/0000", Body=b"")
     # a crashed writer's claim older than the lease: pretend the lease is over
-    import storage.s3 as s3mod
+    import vzbackup.storage.s3 as s3mod
 
     lease, s3mod.CLAIM_LEASE = s3mod.CLAIM_LEASE, -1.0
     try:

@@ -6,9 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-
-from scheduler.calendar import describe
-from scheduler.config import (
+from vzbackup.scheduler.calendar import describe
+from vzbackup.scheduler.config import (
     SchedulerOptions,
     add_job,
     jobs_path,
@@ -17,6 +16,7 @@ from scheduler.config import (
     remove_job,
     set_enabled,
 )
+
 from vzbackup.backup.prune import KeepPolicy
 from vzbackup.config.node import Node
 from vzbackup.errors import ConfigError, ExistsError, NotFoundError

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from treecmp import diff, make_rich_tree, tree_manifest
 from twonode_fixture import ssh_target, twonode
+from vzbackup.migrate import sync
+from vzbackup.migrate.rsh_bridge import main as bridge_main
+from vzbackup.migrate.ssh import Session
 
-from migrate import sync
-from migrate.rsh_bridge import main as bridge_main
-from migrate.ssh import Session
 from vzbackup.errors import DependencyError, RuntimeFailure
 
 pytestmark = pytest.mark.slow
@@ -167,18 +167,18 @@ def test_relay_runs_only_the_remote_rsync(session: Session) -> None:
     relay = sync._Relay(session, "rsync ", None)
     try:
         res = subprocess.run(
-            [sys.executable, "-m", "migrate.rsh_bridge", relay.path, "-l", "root", "host",
-             "touch", "/tmp/x"], capture_output=True, text=True, env=sync._bridge_env(),
+            [sys.executable, "-m", "vzbackup.migrate.rsh_bridge", relay.path, "-l", "root", "host",
+             "touch", "/tmp/x"], capture_output=True, text=True,
         )
         assert res.returncode == 255 and "refusing" in res.stderr
         ok = subprocess.run(
-            [sys.executable, "-m", "migrate.rsh_bridge", relay.path, "host", "rsync",
-             "--version"], capture_output=True, text=True, env=sync._bridge_env(),
+            [sys.executable, "-m", "vzbackup.migrate.rsh_bridge", relay.path, "host", "rsync",
+             "--version"], capture_output=True, text=True,
         )
         assert ok.returncode == 0 and "rsync" in ok.stdout
         bad = subprocess.run(
-            [sys.executable, "-m", "migrate.rsh_bridge", relay.path, "host", "rsync",
-             "--no-such-option"], capture_output=True, text=True, env=sync._bridge_env(),
+            [sys.executable, "-m", "vzbackup.migrate.rsh_bridge", relay.path, "host", "rsync",
+             "--no-such-option"], capture_output=True, text=True,
         )
         assert bad.returncode == relay.remote_status != 0  # the remote status propagates
     finally:

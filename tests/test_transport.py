@@ -13,8 +13,7 @@ import paramiko
 import pytest
 from twonode_fixture import ssh_target as target
 from twonode_fixture import twonode
-
-from migrate.ssh import (
+from vzbackup.migrate.ssh import (
     AuthError,
     HostKeyError,
     Session,
@@ -22,6 +21,7 @@ from migrate.ssh import (
     UnreachableError,
     fingerprint,
 )
+
 from vzbackup.errors import RuntimeFailure, UsageError
 
 pytestmark = pytest.mark.slow

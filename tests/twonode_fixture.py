@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from migrate.ssh import SSHTarget
+from vzbackup.migrate.ssh import SSHTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 twonode = importlib.import_module("twonode")

@@ -28,10 +28,10 @@ from pathlib import Path
 import pyfastcdc
 import zstandard
 
-from storage.ratelimit import Limiter
 from vzbackup.backup import tree as T
 from vzbackup.backup.repo import Repository
 from vzbackup.errors import RuntimeFailure
+from vzbackup.storage.ratelimit import Limiter
 
 READ_BLOCK = 8 * 1024 * 1024
 CACHE_VERSION = 1

@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from storage.backend import BackendError, ObjectMissing
 from vzbackup.backup import locks as L
 from vzbackup.backup.repo import Repository, chunk_key
+from vzbackup.storage.backend import BackendError, ObjectMissing
 
 DEFAULT_GRACE = 300.0  # seconds: a margin for clock rounding between storage and hosts
 

@@ -24,9 +24,9 @@ import uuid
 from dataclasses import dataclass
 from types import TracebackType
 
-from storage.backend import BackendError, ObjectMissing
 from vzbackup.backup.repo import Repository
 from vzbackup.errors import LockedError, StorageError
+from vzbackup.storage.backend import BackendError, ObjectMissing
 
 LOCK_PREFIX = "locks/"
 LEASE = 900.0  # seconds without refresh after which another host's lock is stale

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from storage.backend import Backend, BackendError, ObjectMissing
 from vzbackup.backup.crypto import ENCRYPTION, Codec, KeyFile
 from vzbackup.backup.metacache import ManifestCache
 from vzbackup.errors import ConfigError, DamagedError, NotFoundError, StorageError, UsageError
+from vzbackup.storage.backend import Backend, BackendError, ObjectMissing
 
 FORMAT = "vzbackup-repo"
 VERSION = 1

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage import config as storage_config
-from storage.backend import Backend, BackendError
 from vzbackup import constants as C
 from vzbackup.backup.crypto import KeyFile
 from vzbackup.backup.metacache import ManifestCache
 from vzbackup.backup.repo import Repository
 from vzbackup.config.node import Node
 from vzbackup.errors import ConfigError, NotFoundError, StorageError
+from vzbackup.storage import config as storage_config
+from vzbackup.storage.backend import Backend, BackendError
 
 
 def storages(node: Node) -> dict[str, storage_config.StorageDef]:

@@ -72,9 +72,9 @@ def migrate(ctx: click.Context, ctid: str, dest: str, online: bool, lazy: bool |
     --online moved while running (frozen only for the final step). Until DEST confirms, any
     failure leaves the CT running here.
     """
-    from migrate.phases import MigrateOptions, Migration
-    from migrate.ssh import Session, SSHTarget
-    from migrate.sync import push_tree
+    from vzbackup.migrate.phases import MigrateOptions, Migration
+    from vzbackup.migrate.ssh import Session, SSHTarget
+    from vzbackup.migrate.sync import push_tree
 
     ct = container(ctx, ctid)
     if new_id is not None:
@@ -121,7 +121,7 @@ def migrate(ctx: click.Context, ctid: str, dest: str, online: bool, lazy: bool |
 @click.pass_context
 def migrate_agent(ctx: click.Context, ctid: str, source: str) -> None:
     """DEST side of 'vzbackup migrate' (JSON lines on stdin/stdout)."""
-    from migrate.agent import run_agent
+    from vzbackup.migrate.agent import run_agent
 
     require_root()
     node = node_of(ctx)
@@ -138,9 +138,9 @@ def migrate_cleanup(ctx: click.Context, ctid: str, as_json: bool) -> None:
     On DEST an uncommitted copy is removed; on the source of a committed migration the
     source copy is retired (as after a successful migration).
     """
-    from migrate.agent import Journal, undo_created
-    from migrate.phases import finish_source
     from vzbackup.ct.state import _alive
+    from vzbackup.migrate.agent import Journal, undo_created
+    from vzbackup.migrate.phases import finish_source
 
     ct: Container = container(ctx, ctid, must_exist=False)
     journal = Journal.load(ct.node, ct.ctid)

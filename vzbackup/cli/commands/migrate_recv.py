@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from migrate.sync import RECV_COMMAND, receive_tree
+from vzbackup.migrate.sync import RECV_COMMAND, receive_tree
 
 
 @click.command(name=RECV_COMMAND, hidden=True)

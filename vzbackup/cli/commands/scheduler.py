@@ -34,7 +34,7 @@ def scheduler_group() -> None:
 @click.pass_context
 def run(ctx: click.Context, jobs_file: str | None) -> None:
     """Run the scheduler in the foreground; logs go to stderr (the journal)."""
-    from scheduler.daemon import Daemon, daemon_pid
+    from vzbackup.scheduler.daemon import Daemon, daemon_pid
 
     require_root()
     node = node_of(ctx)
@@ -55,7 +55,7 @@ def jobs_group() -> None:
 
 
 def _load(ctx: click.Context, jobs_file: str | None):
-    from scheduler.config import load_jobs
+    from vzbackup.scheduler.config import load_jobs
 
     node = node_of(ctx)
     path = _jobs_path(node, jobs_file)
@@ -63,7 +63,7 @@ def _load(ctx: click.Context, jobs_file: str | None):
 
 
 def _reload(node: Node) -> str:
-    from scheduler.daemon import daemon_pid
+    from vzbackup.scheduler.daemon import daemon_pid
 
     pid = daemon_pid(node)
     if pid:
@@ -77,7 +77,7 @@ jobs_file_option = click.option("--jobs", "jobs_file", type=click.Path(dir_okay=
 
 
 def _job_dict(j, next_runs: dict) -> dict:
-    from scheduler.daemon import next_run
+    from vzbackup.scheduler.daemon import next_run
 
     return {"id": j.id, "kind": j.kind, "schedule": j.schedule_text, "enabled": j.enabled,
             "ctids": j.ctids, "all": j.all, "exclude": j.exclude, "storage": j.storage,
@@ -87,7 +87,7 @@ def _job_dict(j, next_runs: dict) -> dict:
 
 
 def _history(node: Node):
-    from scheduler.history import History
+    from vzbackup.scheduler.history import History
 
     return History(node.statedir / C.SCHEDULER_DB)
 
@@ -155,7 +155,7 @@ def add(ctx: click.Context, job_id: str, kind: str, schedule: str, all_: bool,
         prune_backups: str | None, repeat_missed: bool, jitter: int | None,
         scratch_ctid: int | None, disabled: bool, jobs_file: str | None) -> None:
     """Add a job, e.g.: vzbackup jobs add nightly --all --schedule 02:00"""
-    from scheduler.config import add_job
+    from vzbackup.scheduler.config import add_job
 
     require_root()
     node = node_of(ctx)
@@ -182,7 +182,7 @@ def add(ctx: click.Context, job_id: str, kind: str, schedule: str, all_: bool,
 @click.pass_context
 def remove(ctx: click.Context, job_id: str, jobs_file: str | None) -> None:
     """Remove a job."""
-    from scheduler.config import remove_job
+    from vzbackup.scheduler.config import remove_job
 
     require_root()
     node = node_of(ctx)
@@ -196,7 +196,7 @@ def _toggle(on: bool):
     @jobs_file_option
     @click.pass_context
     def toggle(ctx: click.Context, job_id: str, jobs_file: str | None) -> None:
-        from scheduler.config import set_enabled
+        from vzbackup.scheduler.config import set_enabled
 
         require_root()
         node = node_of(ctx)
@@ -220,7 +220,7 @@ jobs_group.add_command(_toggle(False))
 def run_now(ctx: click.Context, job_id: str, wait: bool, jobs_file: str | None,
             as_json: bool) -> None:
     """Run a job now: through the daemon if one runs, else in the foreground."""
-    from scheduler.daemon import Daemon, daemon_pid
+    from vzbackup.scheduler.daemon import Daemon, daemon_pid
 
     require_root()
     node, path, _, jobs = _load(ctx, jobs_file)
@@ -255,7 +255,7 @@ def run_now(ctx: click.Context, job_id: str, wait: bool, jobs_file: str | None,
 @click.pass_context
 def next_(ctx: click.Context, jobs_file: str | None, as_json: bool) -> None:
     """When each enabled job runs next."""
-    from scheduler.daemon import next_run
+    from vzbackup.scheduler.daemon import next_run
 
     node, _, _, jobs = _load(ctx, jobs_file)
     nxt = _history(node).next_runs()
