@@ -27,8 +27,8 @@ from vzbackup.scheduler.calendar import ScheduleError, parse_schedule
 
 from vzbackup import constants as C
 from vzbackup.backup import defaults as dump_defaults
-from vzbackup.backup.prune import KeepPolicy
 from vzbackup.config.node import Node
+from vzbackup.engine.prune import KeepPolicy
 from vzbackup.errors import ConfigError, ExistsError, NotFoundError, UsageError
 
 JOBS_CFG = "jobs.cfg"

@@ -1,4 +1,4 @@
-"""Retention planning (vzbackup.backup.prune) against Proxmox's prune-backups semantics."""
+"""Retention planning (vzbackup.engine.prune) against Proxmox's prune-backups semantics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from vzbackup.backup.prune import Decision, Item, KeepPolicy, plan
+from vzbackup.engine.prune import Decision, Item, KeepPolicy, plan
 from vzbackup.errors import UsageError
 
 

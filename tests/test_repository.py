@@ -20,16 +20,16 @@ import pytest
 from treecmp import diff, make_rich_tree, tree_manifest
 from vzbackup.storage.local import DirBackend
 
-from vzbackup.backup import gc, maintenance
-from vzbackup.backup import locks as L
-from vzbackup.backup import tree as T
-from vzbackup.backup.archiver import ChunkStore, FilesCache, Stats, TreeWriter
-from vzbackup.backup.crypto import KeyFile
-from vzbackup.backup.extract import load_tree, restore_tree
 from vzbackup.backup.job import known_chunks
-from vzbackup.backup.prune import KeepPolicy
-from vzbackup.backup.repo import TIME_FMT, Manifest, Repository, chunk_key
-from vzbackup.backup.verify import verify
+from vzbackup.engine import gc, maintenance
+from vzbackup.engine import locks as L
+from vzbackup.engine import tree as T
+from vzbackup.engine.archiver import ChunkStore, FilesCache, Stats, TreeWriter
+from vzbackup.engine.crypto import KeyFile
+from vzbackup.engine.extract import load_tree, restore_tree
+from vzbackup.engine.prune import KeepPolicy
+from vzbackup.engine.repo import TIME_FMT, Manifest, Repository, chunk_key
+from vzbackup.engine.verify import verify
 from vzbackup.errors import ConfigError, DamagedError, LockedError, StorageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,9 +328,9 @@ KILLED_BACKUP = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from vzbackup.storage.local import DirBackend
-    from vzbackup.backup import locks as L
-    from vzbackup.backup.archiver import ChunkStore, Stats, TreeWriter
-    from vzbackup.backup.repo import Repository
+    from vzbackup.engine import locks as L
+    from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
+    from vzbackup.engine.repo import Repository
     repo = Repository.open(DirBackend(sys.argv[1]))
     L.RepoLock(repo, L.BACKUP, what="doomed").acquire()
     store = ChunkStore(repo, set(), threads=2, stats=Stats(), bwlimit_kbps=2048)

@@ -17,8 +17,8 @@ from vzbackup.scheduler.config import (
     set_enabled,
 )
 
-from vzbackup.backup.prune import KeepPolicy
 from vzbackup.config.node import Node
+from vzbackup.engine.prune import KeepPolicy
 from vzbackup.errors import ConfigError, ExistsError, NotFoundError
 
 ROOT = Path(__file__).resolve().parent.parent

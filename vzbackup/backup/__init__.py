@@ -1,1 +1,1 @@
-"""Deduplicated backups of containers: repository, modes, prune, restore."""
+"""vzdump-facing backup jobs: modes, hooks, defaults, restore of CTs and vzdump archives."""

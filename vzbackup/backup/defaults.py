@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vzbackup.backup.prune import KeepPolicy
+from vzbackup.engine.prune import KeepPolicy
 from vzbackup.errors import ConfigError, UsageError, VzError
 
 MODES = ("stop", "suspend", "snapshot", "checkpoint")

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vzbackup.backup import locks as L
-from vzbackup.backup import maintenance, modes, session
-from vzbackup.backup.archiver import ChunkStore, FilesCache, Stats, TreeWriter
+from vzbackup.backup import modes, session
 from vzbackup.backup.defaults import DumpDefaults, ExcludeMatcher
 from vzbackup.backup.hooks import HookScript
-from vzbackup.backup.repo import TIME_FMT, Manifest, Repository
 from vzbackup.ct.container import Container
+from vzbackup.engine import locks as L
+from vzbackup.engine import maintenance
+from vzbackup.engine.archiver import ChunkStore, FilesCache, Stats, TreeWriter
+from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.errors import StorageError, VzError
 from vzbackup.lock import Lock
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from vzbackup import errors as E
 from vzbackup.backup import vzdump_archive
-from vzbackup.backup.extract import load_tree, restore_tree
-from vzbackup.backup.repo import Manifest, Repository
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.ct import fs, network, ops, registry
 from vzbackup.ct.container import Container
+from vzbackup.engine.extract import load_tree, restore_tree
+from vzbackup.engine.repo import Manifest, Repository
 
 PATH_KEYS = ("VE_ROOT", "VE_PRIVATE")
 

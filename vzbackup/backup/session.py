@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from vzbackup import constants as C
-from vzbackup.backup.crypto import KeyFile
-from vzbackup.backup.metacache import ManifestCache
-from vzbackup.backup.repo import Repository
 from vzbackup.config.node import Node
+from vzbackup.engine.crypto import KeyFile
+from vzbackup.engine.metacache import ManifestCache
+from vzbackup.engine.repo import Repository
 from vzbackup.errors import ConfigError, NotFoundError, StorageError
 from vzbackup.storage import config as storage_config
 from vzbackup.storage.backend import Backend, BackendError

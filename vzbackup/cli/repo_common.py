@@ -9,8 +9,8 @@ import click
 from vzbackup import constants as C
 from vzbackup.backup import defaults as D
 from vzbackup.backup import session
-from vzbackup.backup.repo import Repository
 from vzbackup.cli.common import node_of, require_root
+from vzbackup.engine.repo import Repository
 
 
 def repo_options(f: Callable) -> Callable:

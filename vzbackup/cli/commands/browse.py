@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from vzbackup.backup import tree as T
 from vzbackup.backup import vzdump_archive as V
-from vzbackup.backup.extract import ChunkReader, file_pieces, find, load_tree, restore_tree
-from vzbackup.backup.repo import snapshot_time
 from vzbackup.cli.common import emit, json_option
 from vzbackup.cli.repo_common import human, open_repo, repo_options
+from vzbackup.engine import tree as T
+from vzbackup.engine.extract import ChunkReader, file_pieces, find, load_tree, restore_tree
+from vzbackup.engine.repo import snapshot_time
 from vzbackup.errors import ExistsError, NotFoundError
 
 

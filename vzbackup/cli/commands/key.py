@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vzbackup.backup.crypto import KeyFile
+from vzbackup.engine.crypto import KeyFile
 
 
 @click.group()

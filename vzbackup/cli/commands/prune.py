@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from vzbackup.backup import gc as G
-from vzbackup.backup import locks as L
-from vzbackup.backup import maintenance
-from vzbackup.backup.prune import KeepPolicy
 from vzbackup.cli.common import emit, json_option, node_of
 from vzbackup.cli.repo_common import human, open_repo, repo_options
 from vzbackup.ct import registry
+from vzbackup.engine import gc as G
+from vzbackup.engine import locks as L
+from vzbackup.engine import maintenance
+from vzbackup.engine.prune import KeepPolicy
 from vzbackup.errors import UsageError
 
 KEEPS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from vzbackup.backup.verify import verify as run_verify
 from vzbackup.cli.common import emit, json_option
 from vzbackup.cli.repo_common import human, open_repo, repo_options
+from vzbackup.engine.verify import verify as run_verify
 from vzbackup.errors import DamagedError
 
 

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from vzbackup.backup import tree as T
-from vzbackup.backup.extract import load_tree
-from vzbackup.backup.repo import Manifest, Repository
+from vzbackup.engine import tree as T
+from vzbackup.engine.extract import load_tree
+from vzbackup.engine.repo import Manifest, Repository
 from vzbackup.errors import DamagedError, StorageError
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vzbackup.backup import gc
-from vzbackup.backup import locks as L
-from vzbackup.backup.prune import Decision, Item, KeepPolicy, plan
-from vzbackup.backup.repo import Repository, snapshot_time
+from vzbackup.engine import gc
+from vzbackup.engine import locks as L
+from vzbackup.engine.prune import Decision, Item, KeepPolicy, plan
+from vzbackup.engine.repo import Repository, snapshot_time
 
 
 def prune(repo: Repository, policy: KeepPolicy, *, ctids: list[int] | None = None,

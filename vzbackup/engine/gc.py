@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vzbackup.backup import locks as L
-from vzbackup.backup.repo import Repository, chunk_key
+from vzbackup.engine import locks as L
+from vzbackup.engine.repo import Repository, chunk_key
 from vzbackup.storage.backend import BackendError, ObjectMissing
 
 DEFAULT_GRACE = 300.0  # seconds: a margin for clock rounding between storage and hosts

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from vzbackup.backup.crypto import ENCRYPTION, Codec, KeyFile
-from vzbackup.backup.metacache import ManifestCache
+from vzbackup.engine.crypto import ENCRYPTION, Codec, KeyFile
+from vzbackup.engine.metacache import ManifestCache
 from vzbackup.errors import ConfigError, DamagedError, NotFoundError, StorageError, UsageError
 from vzbackup.storage.backend import Backend, BackendError, ObjectMissing
 

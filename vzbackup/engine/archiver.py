@@ -28,8 +28,8 @@ from pathlib import Path
 import pyfastcdc
 import zstandard
 
-from vzbackup.backup import tree as T
-from vzbackup.backup.repo import Repository
+from vzbackup.engine import tree as T
+from vzbackup.engine.repo import Repository
 from vzbackup.errors import RuntimeFailure
 from vzbackup.storage.ratelimit import Limiter
 

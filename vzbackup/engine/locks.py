@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from types import TracebackType
 
-from vzbackup.backup.repo import Repository
+from vzbackup.engine.repo import Repository
 from vzbackup.errors import LockedError, StorageError
 from vzbackup.storage.backend import BackendError, ObjectMissing
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from vzbackup.backup import tree as T
-from vzbackup.backup.repo import Repository
 from vzbackup.ct import fs
+from vzbackup.engine import tree as T
+from vzbackup.engine.repo import Repository
 from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure
 
 PREFETCH = 24
