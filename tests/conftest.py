@@ -1,52 +1,28 @@
 """Test harness: a fresh node prefix per test, the real busybox template, real CLI runs.
 
 Every CT a test starts is stopped and every prefix removed afterwards, even on failure.
-In CI (CI=true) a missing component fails the run instead of skipping.
+In CI (CI=true) a missing component fails the run instead of skipping. Helpers the tests
+import live in nodebed.py; this file holds only fixtures.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from nodebed import ROOT, TEMPLATE_NAME, NodeBed, need
 from s3fixture import s3_bucket, s3_lock_bucket, s3_server  # noqa: F401 - fixtures
 from sinks import smtp, web, web500  # noqa: F401 - fixtures
 from twonode_fixture import shared_two_nodes, two_nodes  # noqa: F401 - fixtures
 
-from vzbackup.constants import HOST_GATEWAY
 from vzbackup.ct import fs
-
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE_NAME = "busybox-1.0-x86_64"
-_ctids = itertools.count(int(os.environ.get("VZBACKUP_TEST_CTID_BASE", "3100")))
-_ips = itertools.count(10)
-
-
-def need(condition: bool, why: str) -> None:
-    """Skip when a component is missing, but fail in CI where set-up installs everything."""
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"required component missing in CI: {why}")
-    pytest.skip(why)
-
-
-def skip_outside_ci(condition: bool, reason: str) -> pytest.MarkDecorator:
-    """skipif for a missing component, except in CI, where the test runs and fails instead."""
-    return pytest.mark.skipif(condition and not os.environ.get("CI"), reason=reason)
 
 
 @pytest.fixture(scope="session")
@@ -58,74 +34,6 @@ def template_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["bash", str(ROOT / "scripts/build-template.sh"), str(out)], check=True, capture_output=True
     )
     return cache
-
-
-@dataclass
-class NodeBed:
-    """A node prefix with helpers to run the real CLI against it."""
-
-    prefix: Path
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "VZBACKUP_PREFIX": str(self.prefix)}
-
-    def vz(
-        self, *args: str, check: bool = True, timeout: float = 120, input_: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            [sys.executable, "-m", "vzbackup.cli", *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            input=input_,
-            check=False,
-        )
-        if check and res.returncode != 0:
-            raise AssertionError(
-                f"vzbackup {' '.join(args)} -> {res.returncode}\n"
-                f"stdout: {res.stdout}\nstderr: {res.stderr}"
-            )
-        return res
-
-    def sh(self, ctid: int, script: str, check: bool = True) -> str:
-        return self.vz("exec", str(ctid), script, check=check).stdout
-
-    def new_ctid(self) -> int:
-        return next(_ctids)
-
-    def new_ip(self) -> str:
-        return f"10.199.{os.getpid() % 200}.{next(_ips)}"
-
-    def create_running(self, *extra: str) -> tuple[int, str]:
-        ctid, ip = self.new_ctid(), self.new_ip()
-        self.vz("create", str(ctid), "--ipadd", ip, "--hostname", f"ct{ctid}", *extra)
-        self.vz("start", str(ctid))
-        return ctid, ip
-
-    def cleanup(self) -> None:
-        run = self.prefix / "vz/run"
-        for state in run.glob("*.state") if run.is_dir() else []:
-            with contextlib.suppress(Exception):
-                subprocess.run(
-                    [sys.executable, "-m", "vzbackup.cli", "stop", "--fast", state.stem],
-                    env=self.env(),
-                    capture_output=True,
-                    timeout=60,
-                )
-        # Last resort: kill supervisors this prefix recorded, by PID.
-        for state in run.glob("*.state") if run.is_dir() else []:
-            with contextlib.suppress(Exception):
-                st = json.loads(state.read_text())
-                for pid in (st.get("init_pid"), st.get("supervisor_pid")):
-                    if pid:
-                        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-        with open("/proc/self/mountinfo") as f:
-            mounts = [ln.split()[4] for ln in f if str(self.prefix) in ln.split()[4]]
-        for m in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
-        shutil.rmtree(self.prefix, ignore_errors=True)
 
 
 @pytest.fixture
@@ -154,27 +62,6 @@ def criu_ready() -> None:
         pycriu_module()
     except DependencyError as e:
         need(False, str(e))
-
-
-def wait_for(pred, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            last = pred()
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def http_get(ip: str, port: int = 80, path: str = "/", timeout: float = 3.0) -> str:
-    with socket.create_connection((ip, port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
-        chunks = []
-        while data := s.recv(65536):
-            chunks.append(data)
-    return b"".join(chunks).decode(errors="replace")
 
 
 @pytest.fixture
@@ -215,49 +102,3 @@ def btrfs_node(node: NodeBed) -> Iterator[NodeBed]:
         with contextlib.suppress(OSError):
             img.unlink()
             img_dir.rmdir()
-
-
-COUNTER = (  # an in-memory counter in a CT: a cold start would begin again at 1
-    # (written to a new file and renamed, so a reader never sees it empty)
-    "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; "
-    "mv /tmp/counter.new /tmp/counter; usleep 100000; done' </dev/null >/dev/null 2>&1 &"
-)
-
-
-class EchoPeer:
-    """A host-side TCP server; the CT connects to it and echoes what it gets."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.listen(1)
-        self.sock.settimeout(20)
-        self.port = self.sock.getsockname()[1]
-        self.conn: socket.socket | None = None
-
-    def accept(self) -> None:
-        self.conn, _ = self.sock.accept()
-        self.conn.settimeout(30)
-
-    def roundtrip(self, msg: bytes) -> bytes:
-        assert self.conn is not None
-        self.conn.sendall(msg)
-        got = b""
-        while len(got) < len(msg):
-            chunk = self.conn.recv(len(msg) - len(got))
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-    def close(self) -> None:
-        if self.conn:
-            self.conn.close()
-        self.sock.close()
-
-    def connect_from(self, bed: NodeBed, ctid: int) -> None:
-        """Let CT *ctid* connect here with busybox nc echoing through cat."""
-        nc = f"nc {HOST_GATEWAY} {self.port} -e /bin/cat"
-        bed.sh(ctid, f"setsid {nc} </dev/null >/dev/null 2>&1 &")
-        self.accept()

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import COUNTER, NodeBed, http_get, wait_for
+from nodebed import COUNTER, NodeBed, http_get, wait_for
 from treecmp import diff, tree_manifest
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NodeBed
+from nodebed import NodeBed
 
 # Exit codes (vzbackup/errors.py)
 USAGE, CONFIG, NOTFOUND, EXISTS, STATE, NOTROOT = 2, 3, 4, 5, 6, 8

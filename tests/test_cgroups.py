@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import skip_outside_ci
+from nodebed import skip_outside_ci
 
 from vzbackup.ct.cgroups import (
     V1_DEVICE_RULES,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import COUNTER, EchoPeer, NodeBed, http_get, wait_for
+from nodebed import COUNTER, EchoPeer, NodeBed, http_get, wait_for
 
 pytestmark = pytest.mark.usefixtures("criu_ready")
 

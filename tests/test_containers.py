@@ -8,7 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import NodeBed, http_get, wait_for
+from nodebed import NodeBed, http_get, wait_for
 
 from vzbackup.config.node import Node
 from vzbackup.ct.cgroups import CgroupSet

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import COUNTER, EchoPeer, NodeBed, http_get, wait_for
+from nodebed import COUNTER, EchoPeer, NodeBed, http_get, wait_for
 from treecmp import tree_manifest as full_manifest
 
 from vzbackup.backup.modes import MODES, Source, consistent_source, is_btrfs_subvolume

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import COUNTER, _ctids, wait_for
+from nodebed import COUNTER, next_ctid, wait_for
 from treecmp import diff, tree_manifest
 from twonode_fixture import twonode
 
@@ -52,7 +52,7 @@ class Client:
 
 
 def _make_ct(node: Node, *, start: bool = True) -> tuple[int, str]:
-    ctid, ip = next(_ctids), node.new_ip()
+    ctid, ip = next_ctid(), node.new_ip()
     node.vz("create", str(ctid), "--ipadd", ip, "--hostname", f"m{ctid}")
     if start:
         node.vz("start", str(ctid))
@@ -177,7 +177,7 @@ def test_stopped_migration_with_new_id_and_times(two_nodes: Bed) -> None:
     bed = two_nodes
     ctid, _ = _make_ct(bed.a, start=False)
     files = _files(_private(bed.a, ctid))
-    new = next(_ctids)
+    new = next_ctid()
     res = bed.a.vz("migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "-t",
                    "--new-id", str(new), timeout=240)
     assert "Timings for CT" in res.stdout and "first_sync" in res.stdout
@@ -200,7 +200,7 @@ def test_dry_run_and_preflight_refusals_change_nothing(two_nodes: Bed) -> None:
     assert "running" in _status(bed.a, ctid) and "deleted" in _status(bed.b, ctid)
     # the CTID exists at DEST, and the IP is used by another CT there
     bed.b.vz("create", str(ctid))
-    other = next(_ctids)
+    other = next_ctid()
     bed.b.vz("create", str(other), "--ipadd", ip)
     res, _ = _migrate(bed, bed.a, bed.b, ctid, "--online", check=False)
     assert res.returncode == 15, res.stderr
@@ -211,7 +211,7 @@ def test_dry_run_and_preflight_refusals_change_nothing(two_nodes: Bed) -> None:
     stopped, _ = _make_ct(bed.a, start=False)
     res, _ = _migrate(bed, bed.a, bed.b, stopped, "--online", check=False)
     assert res.returncode == 15 and "--online needs a running CT" in res.stderr
-    res, _ = _migrate(bed, bed.a, bed.b, next(_ctids), check=False)
+    res, _ = _migrate(bed, bed.a, bed.b, next_ctid(), check=False)
     assert res.returncode == 4
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import skip_outside_ci
+from nodebed import skip_outside_ci
 
 from vzbackup.ct import network as net
 from vzbackup.ct.network import GATEWAY, NetConfig, Netif

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import COUNTER, NodeBed, http_get, wait_for
 from faultproxy import FaultProxy
+from nodebed import COUNTER, NodeBed, http_get, wait_for
 from s3fixture import ENDPOINT, Bucket
 from treecmp import diff, tree_manifest
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NodeBed, wait_for
+from nodebed import NodeBed, wait_for
 
 EVERY_2S = "*:*:0/2"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import skip_outside_ci
+from nodebed import skip_outside_ci
 
 from vzbackup.ct.template import (
     TEMPLATE_SUFFIXES,

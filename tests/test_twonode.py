@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import _ctids, wait_for
+from nodebed import next_ctid, wait_for
 from twonode_fixture import twonode
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def _gone(bed: twonode.TwoNodes) -> list[str]:
 
 def test_ssh_from_a_runs_vzbackup_of_b(two_nodes: twonode.TwoNodes) -> None:
     bed = two_nodes
-    ctid = next(_ctids)
+    ctid = next_ctid()
     bed.b.vz("create", str(ctid), "--hostname", "onb")
     res = bed.a.run(bed.ssh_cmd(bed.b, "vzbackup --version && vzbackup list -a"), timeout=60)
     assert res.returncode == 0, res.stderr
@@ -53,7 +53,7 @@ def test_unknown_client_key_is_refused(two_nodes: twonode.TwoNodes, tmp_path: Pa
 
 def test_ct_on_b_reached_from_root_netns(two_nodes: twonode.TwoNodes) -> None:
     bed = two_nodes
-    ctid, ip = next(_ctids), bed.b.new_ip()
+    ctid, ip = next_ctid(), bed.b.new_ip()
     assert ip != bed.a.new_ip()
     bed.b.vz("create", str(ctid), "--ipadd", ip, "--hostname", "web")
     bed.b.vz("start", str(ctid))
@@ -73,7 +73,7 @@ def test_ct_on_b_reached_from_root_netns(two_nodes: twonode.TwoNodes) -> None:
 def test_cleanup_leaves_nothing(template_cache: Path) -> None:
     bed = twonode.up(f"c{os.getpid()}", template_cache)
     try:
-        ctid = next(_ctids)
+        ctid = next_ctid()
         bed.a.vz("create", str(ctid), "--ipadd", bed.a.new_ip())
         bed.a.vz("start", str(ctid))
         session = subprocess.Popen(  # a lingering ssh session inside node B

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import skip_outside_ci
+from nodebed import skip_outside_ci
 
 from vzbackup.backup.defaults import STD_EXCLUDES, ExcludeMatcher
 from vzbackup.backup.vzdump_archive import (
