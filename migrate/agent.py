@@ -9,9 +9,7 @@ does the same from the journal after the agent itself crashed.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import logging
 import os
 import select
@@ -19,12 +17,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vzbackup.migrate.cpuinfo import cpuinfo_check
+from vzbackup.migrate.journal import Journal
 from vzbackup.migrate.protocol import PROTOCOL_VERSION, Link, error_reply
 
 from vzbackup import __version__
@@ -38,52 +36,10 @@ from vzbackup.ct.container import Container
 
 log = logging.getLogger("vzbackup.migrate.agent")
 
-JOURNAL = "{ctid}.migrate.json"  # in LOCKDIR, on both ends
 LAZY_LOG = "lazy-pages.log"
 LAZY_READY_TIMEOUT = 30.0
 COMMIT_LEASE = 20.0  # a restored, uncommitted CT is removed if the source stays silent this
 # long; shorter than the source's dead-peer timeout, after which the source resumes its copy
-
-
-@dataclass
-class Journal:
-    """What one side of a migration did so far; enough to undo or finish it after a crash."""
-
-    ctid: int
-    role: str  # "dest" | "source"
-    state: str = "preparing"  # preparing | restored | committed | kept
-    pid: int = field(default_factory=os.getpid)
-    peer: str = ""
-    private: str = ""  # DEST: the private area this migration created
-    conf: bool = False  # DEST: CTID.conf was written by this migration
-    name: str = ""  # DEST: names/ link created
-    images: str = ""  # DEST: image dir to remove
-    remove_area: bool = True  # source: what finishing a committed migration does here
-    since: float = field(default_factory=time.time)
-
-    @staticmethod
-    def path(node: Node, ctid: int) -> Path:
-        return node.lockdir / JOURNAL.format(ctid=ctid)
-
-    def save(self, node: Node) -> None:
-        p = self.path(node, self.ctid)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-
-    @classmethod
-    def load(cls, node: Node, ctid: int) -> Journal | None:
-        try:
-            return cls(**json.loads(cls.path(node, ctid).read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def remove(self, node: Node) -> None:
-        self.path(node, self.ctid).unlink(missing_ok=True)
 
 
 def _free_bytes(path: Path) -> int:
@@ -106,35 +62,6 @@ def _criu_check(features: list[str]) -> list[str]:
             tail = failed.splitlines()[-1]
             problems.append(f"criu check{' --feature ' + feat if feat else ''}: {tail}")
     return problems
-
-
-def cpuinfo_dump() -> str:
-    """This node's CPU description (``criu cpuinfo dump``), base64 for the wire."""
-    with tempfile.TemporaryDirectory(prefix="vzb-cpuinfo-") as d:
-        subprocess.run(
-            [criu_binary(), "cpuinfo", "dump", "-D", d], check=True, capture_output=True, timeout=60
-        )
-        return base64.b64encode(Path(d, "cpuinfo.img").read_bytes()).decode()
-
-
-def _cpuinfo_check(b64: str) -> str | None:
-    with tempfile.TemporaryDirectory(prefix="vzb-cpuinfo-") as d:
-        Path(d, "cpuinfo.img").write_bytes(base64.b64decode(b64))
-        res = subprocess.run(
-            [criu_binary(), "cpuinfo", "check", "-D", d, "-o", "check.log"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if res.returncode == 0:
-            return None
-        logf = Path(d, "check.log")
-        text = logf.read_text(errors="replace") if logf.exists() else ""
-        errs = [ln for ln in text.splitlines() if "Error" in ln][-2:]
-        return "CPU of the source is not compatible with this node: " + (
-            "; ".join(errs) or "criu cpuinfo check failed"
-        )
 
 
 class Agent:
@@ -202,7 +129,7 @@ class Agent:
             problems += _criu_check(["uffd-noncoop"] if lazy else [])
             if cpuinfo:
                 with contextlib.suppress(E.DependencyError):
-                    bad = _cpuinfo_check(cpuinfo)
+                    bad = cpuinfo_check(cpuinfo)
                     if bad:
                         problems.append(bad)
         lazy_ok = online and lazy and not any("uffd" in p for p in problems)

@@ -184,6 +184,15 @@ def test_stopped_migration_with_new_id_and_times(two_nodes: Bed) -> None:
     assert "deleted" in _status(bed.a, ctid)
     assert "exist" in _status(bed.b, new) and "stopped" in _status(bed.b, new)
     assert not diff(files, _files(_private(bed.b, new)))
+    (rec,) = json.loads(bed.a.vz("migrate", "history", "--json").stdout)
+    assert set(rec) == {"time", "ctid", "new_ctid", "mode", "dest", "result", "error",
+                        "bytes", "phases"}
+    assert (rec["ctid"], rec["new_ctid"], rec["mode"], rec["result"]) == (
+        ctid, new, "stopped", "ok")
+    assert rec["error"] is None and rec["time"].endswith("Z")
+    assert rec["bytes"]["tree"] > 0 and set(rec["bytes"]) == {"tree", "images", "pages"}
+    assert {"first_sync", "frozen", "total"} <= set(rec["phases"])
+    assert str(ctid) in bed.a.vz("migrate", "history").stdout
     bed.b.vz("start", str(new))
     assert "running" in _status(bed.b, new)
 
@@ -274,6 +283,8 @@ def test_dest_restore_failure_resumes_at_source(
         assert res.returncode == 15, res.stderr
         assert "keeps running here" in res.stderr, res.stderr
         _assert_still_home(bed.a, bed.b, ctid, before, client if keeps_tcp else None)
+        rec = json.loads(bed.a.vz("migrate", "history", "--json").stdout)[-1]
+        assert rec["result"] == "failed" and "keeps running here" in rec["error"]
     finally:
         client.close()
 

@@ -36,7 +36,38 @@ def _print_times(report: dict) -> None:
     click.echo(f"  {'total':<15} {report['total']:8.3f} s")
 
 
-@click.command()
+class _MigrateGroup(click.Group):
+    """``migrate CTID DEST [OPTIONS]`` moves a CT; ``migrate history`` (a subcommand) and
+    any future one are recognized by their first word, everything else moves a CT."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = [MOVE, *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.commands[MOVE].format_help(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text("Also: 'vzbackup migrate history [--json]' lists past migrations.")
+
+
+MOVE = "move"
+
+
+class _MoveCommand(click.Command):
+    """The default subcommand, shown as plain ``migrate`` in usage lines."""
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        path = ctx.parent.command_path if ctx.parent else ctx.command_path
+        formatter.write_usage(path, " ".join(self.collect_usage_pieces(ctx)))
+
+
+@click.group(cls=_MigrateGroup, name="migrate", invoke_without_command=False)
+def migrate_group() -> None:
+    """Move a CT to another node over SSH (see 'migrate CTID DEST --help')."""
+
+
+@migrate_group.command(name=MOVE, cls=_MoveCommand, hidden=True)
 @click.argument("ctid")
 @click.argument("dest")
 @click.option("--online", is_flag=True, help="Live migration: checkpoint, move, restore (CRIU).")
@@ -139,7 +170,8 @@ def migrate_cleanup(ctx: click.Context, ctid: str, as_json: bool) -> None:
     source copy is retired (as after a successful migration).
     """
     from vzbackup.ct.state import _alive
-    from vzbackup.migrate.agent import Journal, undo_created
+    from vzbackup.migrate.agent import undo_created
+    from vzbackup.migrate.journal import Journal
     from vzbackup.migrate.phases import finish_source
 
     ct: Container = container(ctx, ctid, must_exist=False)
@@ -168,4 +200,28 @@ def migrate_cleanup(ctx: click.Context, ctid: str, as_json: bool) -> None:
          f"CT {ct.ctid}: {action} ({journal.role}, state {journal.state})")
 
 
-COMMANDS = [migrate, migrate_agent, migrate_cleanup]
+@migrate_group.command(name="history")
+@json_option
+@click.pass_context
+def migrate_history(ctx: click.Context, as_json: bool) -> None:
+    """Migrations run from this node, oldest first (STATEDIR/migrations.jsonl)."""
+    from vzbackup.migrate.history import records
+
+    recs = list(records(node_of(ctx)))
+    if as_json:
+        emit(True, recs)
+        return
+    if not recs:
+        click.echo("no migrations recorded on this node")
+        return
+    click.echo(f"{'time':<21} {'CT':>6} {'new':>6} {'mode':<12} {'result':<7} "
+               f"{'frozen':>8} {'total':>8}  dest")
+    for r in recs:
+        ph = r.get("phases", {})
+        click.echo(f"{r.get('time', ''):<21} {r.get('ctid', ''):>6} {r.get('new_ctid', ''):>6} "
+                   f"{r.get('mode', ''):<12} {r.get('result', ''):<7} "
+                   f"{ph.get('frozen', 0):8.3f} {ph.get('total', 0):8.2f}  {r.get('dest', '')}"
+                   + (f"  ({r['error']})" if r.get("error") else ""))
+
+
+COMMANDS = [migrate_group, migrate_agent, migrate_cleanup]

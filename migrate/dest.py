@@ -1,0 +1,113 @@
+"""The source's handle on DEST: the agent started over SSH, spoken to in JSON lines.
+
+Also the two seams of the source side, typed as Protocols so that tests and benchmarks can
+pass their own: the SSH session (:class:`RemoteSession`) and the tree pusher
+(:class:`TreePusher`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+from vzbackup.migrate.protocol import Link, LinkLost, raise_reply
+
+from vzbackup import errors as E
+
+log = logging.getLogger("vzbackup.migrate")
+
+
+class Target(Protocol):
+    user: str
+    host: str
+    port: int
+    remote_vzbackup: list[str]
+
+
+class RemoteSession(Protocol):
+    """An authenticated connection to DEST that runs commands (migrate.ssh.Session)."""
+
+    target: Any  # Target
+
+    @property
+    def transport(self) -> Any: ...
+
+    def open_exec(self, argv: list[str]) -> Any: ...
+
+    def run(self, argv: list[str], *, input_: bytes | None = None,
+            timeout: float | None = 60, check: bool = True) -> tuple[int, bytes, bytes]: ...
+
+
+class PushStats(Protocol):
+    bytes_sent: int
+
+
+class TreePusher(Protocol):
+    """Makes remote directory *dst* a copy of local *src* (migrate.sync.push_tree)."""
+
+    def __call__(self, session: RemoteSession, src: Path, dst: str, *, method: str = ...,
+                 bwlimit_kbps: int | None = ...) -> PushStats: ...
+
+
+class DestAgent:
+    """``vzbackup migrate-agent`` on DEST, on one exec channel; its stderr becomes our log."""
+
+    def __init__(self, session: RemoteSession, dest_ctid: int) -> None:
+        self.session = session
+        self.dest_ctid = dest_ctid
+        self.link: Link | None = None
+        self.chan: Any = None
+
+    def open(self) -> None:
+        argv = [
+            *self.session.target.remote_vzbackup, "migrate-agent", str(self.dest_ctid),
+            "--source", socket.gethostname(),
+        ]  # fmt: skip
+        self.chan = self.session.open_exec(argv)
+        self.link = Link(self.chan.makefile("rb"), self.chan.makefile_stdin("wb"))
+        threading.Thread(target=self._relay_stderr, daemon=True).start()
+        first = self.link.recv()
+        if first is None:
+            raise LinkLost(
+                "DEST agent did not start",
+                hint=f"is vzbackup installed on DEST ({' '.join(argv[:2])})?",
+            )
+        raise_reply(first, "start of the agent")
+
+    def _relay_stderr(self) -> None:
+        with contextlib.suppress(Exception):
+            for line in self.chan.makefile_stderr("rb"):
+                text = line.decode(errors="replace").rstrip()
+                if text:
+                    log.info("%s", text)
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        if self.link is None:
+            raise LinkLost(f"DEST agent is not connected (during {op!r})")
+        return self.link.call(op, **args)
+
+    def abort(self, *, keep_private: bool) -> None:
+        """Ask DEST to remove what it created (it also does so when the link drops)."""
+        if self.link is None:
+            return
+        try:
+            self.call("abort", keep_private=keep_private)
+        except E.VzError as e:
+            log.warning("DEST abort: %s (the agent rolls back on its own when the link drops)", e)
+
+    def close(self) -> None:
+        if self.link is not None:
+            with contextlib.suppress(E.VzError):
+                self.link.call("bye")
+        if self.chan is not None:
+            with contextlib.suppress(Exception):
+                self.chan.close()
+        self.link = self.chan = None
+
+    def my_address(self) -> str:
+        """This node's address as DEST sees it."""
+        return self.session.transport.sock.getsockname()[0]

@@ -1,0 +1,221 @@
+"""The online move: one CRIU dump whose notify steps drive the whole hand-over.
+
+CRIU calls back at each step of its dump; :class:`OnlineDump` has one method per step::
+
+    pre-dump      the tasks are about to freeze: start the clock
+    network-lock  every task is seized, files are final: the last tree sync starts
+    post-dump     images written, tasks still frozen: finish the sync, send the images,
+                  restore at DEST (or, with lazy pages, stage DEST's page daemon)
+
+A step that raises makes CRIU resume the tasks here. With lazy pages CRIU then serves the
+memory on a TCP port until DEST's daemon has pulled every page: the restore at DEST runs
+beside it (:meth:`OnlineDump.restore_lazy`), and a failure there fails the page server so
+that CRIU resumes the tasks here instead of killing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from vzbackup import errors as E
+from vzbackup.criu import driver
+from vzbackup.ct import ops
+
+if TYPE_CHECKING:
+    from vzbackup.migrate.phases import Migration
+
+LISTEN_TIMEOUT = 30.0  # for CRIU's page server to start listening after post-dump
+
+
+class OnlineDump:
+    """One checkpoint-and-move of a running CT; attributes hold its clock and its errors."""
+
+    def __init__(self, mig: Migration, *, lazy: bool) -> None:
+        self.mig = mig
+        self.lazy = lazy
+        ct = mig.ct
+        self.pid = ct.require_running().init_pid
+        self.images = ct.node.dumpdir / f"Dump.{ct.ctid}.migrate-out"
+        self.port = (mig.opts.lazy_port or _free_port()) if lazy else 0
+        self.clock: dict[str, float] = {}  # freeze, staged, restored: monotonic seconds
+        self.errors: list[BaseException] = []  # from the sync and restore threads
+        self.syncer: threading.Thread | None = None
+        self.restorer: threading.Thread | None = None
+
+    # ------------------------------------------------------------ CRIU's notify steps
+    def pre_dump(self) -> None:
+        self.clock["freeze"] = time.monotonic()
+
+    def network_lock(self) -> None:
+        self.syncer = self._thread(self.final_sync)
+
+    def post_dump(self) -> None:
+        try:
+            self._hand_over()
+        except BaseException:
+            if self.lazy:  # CRIU starts its page server even after a failed post-dump:
+                # fail it as soon as it listens, or the dump would wait for ever
+                threading.Thread(target=_poke_when_listening, args=(self.port,),
+                                 daemon=True).start()
+            raise
+
+    def steps(self) -> dict[str, object]:
+        return {"pre-dump": self.pre_dump, "network-lock": self.network_lock,
+                "post-dump": self.post_dump}
+
+    # ------------------------------------------------------------ the work of the steps
+    def final_sync(self) -> None:
+        with self.mig.phase("final_sync"):
+            self.mig.push_private()
+
+    def _hand_over(self) -> None:
+        mig = self.mig
+        now = time.monotonic()
+        mig.report.times["dump"] = now - self.clock.get("freeze", now)
+        if self.syncer is None:
+            self.final_sync()
+        else:
+            self.syncer.join()
+        self._raise_first()
+        with mig.phase("image_transfer"):
+            mig.push("images", self.images, mig.hello["images"], method="stream")
+        if not self.lazy:
+            with mig.phase("restore"):
+                mig.dest.call("restore")
+            with mig.phase("commit"):
+                mig.commit()
+            self.clock["restored"] = time.monotonic()
+            return
+        with mig.phase("restore"):  # everything DEST can do before the pages flow
+            mig.dest.call("stage_lazy", lazy_address=mig.dest.my_address(), lazy_port=self.port)
+        self.clock["staged"] = time.monotonic()
+        self.restorer = self._thread(self.restore_lazy)
+
+    def restore_lazy(self) -> None:
+        """Beside CRIU's page server: restore at DEST once the server listens, commit."""
+        mig = self.mig
+        try:
+            deadline = time.monotonic() + LISTEN_TIMEOUT
+            while not _listening(self.port):
+                if time.monotonic() > deadline:
+                    raise E.CheckpointError("CRIU's page server did not start listening")
+                time.sleep(0.002)
+            with mig.phase("restore"):
+                mig.dest.call("restore", lazy_address=mig.dest.my_address(),
+                              lazy_port=self.port)
+            self.clock["restored"] = time.monotonic()
+            with mig.phase("commit"):
+                mig.commit()
+        except BaseException:
+            mig.dest.abort(keep_private=mig.opts.keep_dst)
+            _poke(self.port)  # the page server gets a torn request: CRIU resumes the tasks
+            raise
+
+    # ------------------------------------------------------------ the dump itself
+    def run(self) -> None:
+        """Dump, move, restore; on failure the CT keeps running here."""
+        mig = self.mig
+        shutil.rmtree(self.images, ignore_errors=True)
+        try:
+            driver.dump(
+                self.pid, self.images,
+                driver.DumpOptions(external=ops.dump_external(mig.ct.conf), lazy_port=self.port),
+                notify=self.steps(),
+            )  # fmt: skip
+            t_served = time.monotonic()
+            self._join()
+            self._raise_first()
+            if self.lazy:
+                mig.report.times["lazy_pages"] = t_served - self.clock.get("restored", t_served)
+                mig.dest.call("lazy_wait")
+        except BaseException as e:
+            self._join()
+            self._fail(e)
+        finally:
+            if "restored" in self.clock:
+                mig.report.frozen = self.clock["restored"] - self.clock["freeze"]
+            if not mig.committed:
+                shutil.rmtree(self.images, ignore_errors=True)
+
+    def _fail(self, e: BaseException) -> None:
+        mig = self.mig
+        if self.lazy and "staged" in self.clock:
+            _unlock_network(self.pid)
+        if self.lazy and mig.committed:
+            # Pages stopped flowing after DEST took over: CRIU resumed the tasks here (they
+            # hold the only complete memory) and DEST drops its copy on its own.
+            mig.uncommit()
+        cause = self.errors[0] if self.errors else e
+        raise mig.failed(
+            f"online migration failed: {cause}; CT {mig.ct.ctid} keeps running here",
+            hint=f"CRIU log: {self.images / driver.DUMP_LOG}",
+        ) from e
+
+    # ------------------------------------------------------------ helpers
+    def _thread(self, fn) -> threading.Thread:
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as e:
+                self.errors.append(e)
+
+        t = threading.Thread(target=target, daemon=True)
+        t.start()
+        return t
+
+    def _join(self) -> None:
+        for t in (self.syncer, self.restorer):
+            if t is not None:
+                t.join()
+
+    def _raise_first(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    """Whether something in this network namespace listens on TCP *port*."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def _poke_when_listening(port: int) -> None:
+    deadline = time.monotonic() + LISTEN_TIMEOUT
+    while not _listening(port) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    _poke(port)
+
+
+def _poke(port: int) -> None:
+    """Fail CRIU's lazy page server (a torn request, not a clean EOF, which it would take
+    for success): the dump then resumes the tasks here instead of killing them."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2) as sk:
+        sk.sendall(b"\0")
+
+
+def _unlock_network(pid: int) -> None:
+    """Drop CRIU's network lock in the CT's netns. CRIU leaves it in place when a lazy page
+    transfer fails after "post-dump" (it resumes the tasks but skips its own unlock)."""
+    for tool in ("iptables", "ip6tables"):
+        for rule in (["-D", "INPUT", "-j", "CRIU"], ["-D", "OUTPUT", "-j", "CRIU"],
+                     ["-F", "CRIU"], ["-X", "CRIU"]):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", tool, "-w", *rule],
+                               capture_output=True, timeout=30, check=False)
