@@ -26,7 +26,9 @@ DEB_PKGS=(busybox-static rsync openssh-server iproute2 iptables btrfs-progs zstd
   libprotobuf-c-dev python3-protobuf libcap-dev libnl-3-dev libnet1-dev libaio-dev
   libgnutls28-dev libbsd-dev libdrm-dev uuid-dev libnftables-dev
   util-linux procps psmisc acl attr restic
-  ceph-mon ceph-osd radosgw curl)  # the S3 server of the tests (scripts/s3-server.sh)
+  ceph-mon ceph-osd radosgw curl  # the S3 server of the tests (scripts/s3-server.sh)
+  fuse3                           # vzbackup browse (libfuse 3 + fusermount3)
+  chromium fonts-dejavu-core)     # the report's rendering test (headless screenshot)
 
 missing_debs() {
   local p
@@ -41,9 +43,9 @@ install_debs() {
   if [ -z "$miss" ]; then log "Debian packages: present"; return; fi
   log "Debian packages: installing $miss"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
   # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $miss >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $miss >/dev/null
 }
 
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -1)" = "$2" ]; }

@@ -1,0 +1,1 @@
+"""Look at what backups and migrations do: browse snapshots (FUSE), metrics, a report."""
