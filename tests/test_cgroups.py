@@ -9,8 +9,11 @@ the controller-independent tests also run against the empty cgroup2 mount at
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
+import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -28,7 +31,9 @@ from vzbackup.ct.cgroups import (
     _parse_cpulist,
     _v1_mounts,
     detect_version,
+    open_cgroups,
 )
+from vzbackup.ct.cgroups.devices import attached_count
 from vzbackup.errors import RuntimeFailure
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
@@ -56,7 +61,7 @@ class Env:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def cgroup(self, root: str = DEFAULT_ROOT, *, create: bool = True) -> CgroupSet:
-        cg = CgroupSet(f"vzbackup-test/{os.getpid()}-{next(_counter)}", root=root)
+        cg = open_cgroups(f"vzbackup-test/{os.getpid()}-{next(_counter)}", root=root)
         self.sets.append(cg)
         if create:
             cg.create()
@@ -115,7 +120,7 @@ def _tidy_test_parent() -> Iterator[None]:
     """
     yield
     for root in ROOTS:
-        for path in set(CgroupSet("vzbackup-test", root=root).controller_paths().values()):
+        for path in set(open_cgroups("vzbackup-test", root=root).controller_paths().values()):
             with contextlib.suppress(OSError):
                 os.rmdir(path)
 
@@ -177,7 +182,7 @@ def test_cpulist_helpers() -> None:
 @pytest.mark.parametrize("name", ["", "/abs", "a/../b", "a//b", "./a"])
 def test_bad_names(name: str) -> None:
     with pytest.raises(ValueError):
-        CgroupSet(name)
+        open_cgroups(name)
 
 
 @pytest.mark.parametrize(
@@ -467,7 +472,7 @@ def test_destroy(env: Env, root: str) -> None:
 
     # intermediate directories that existed before are kept
     outer = env.cgroup(root)
-    inner = CgroupSet(outer.name + "/inner", root=root)
+    inner = open_cgroups(outer.name + "/inner", root=root)
     env.sets.insert(0, inner)
     inner.create()
     inner.destroy()
@@ -489,3 +494,47 @@ def test_attach_existing_only_skips_missing_hierarchies(env: Env) -> None:
     assert present and all(
         str(proc.pid) in Path(d, "cgroup.procs").read_text().split() for d in present
     )
+
+
+# Device nodes made in tmp_path: (name, S_IFCHR/S_IFBLK, major, minor, allowed?)
+_PROBE_DEVICES = [
+    ("null", stat.S_IFCHR, 1, 3, True),
+    ("urandom", stat.S_IFCHR, 1, 9, True),
+    ("loop0", stat.S_IFBLK, 7, 0, False),
+    ("kmsg", stat.S_IFCHR, 1, 11, False),
+]
+_OPEN_PROBE = """
+import json, os, sys
+out = {}
+for path in sys.argv[1:]:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        out[os.path.basename(path)] = "ok"
+    except OSError as e:
+        out[os.path.basename(path)] = e.errno
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_device_access(env: Env, root: str, tmp_path: Path) -> None:
+    """Only DEVICE_RULES open; on v2 (and a hybrid host's cgroup2 mount) the BPF program
+    alone decides, since the unified root's tasks have no v1 devices whitelist there."""
+    cg = env.cgroup(root)
+    cg.create()  # again: still one program attached
+    program_dir = cg.controller_paths().get("unified")
+    if program_dir:
+        assert attached_count(program_dir) == 1
+    for name, kind, major, minor, _ in _PROBE_DEVICES:
+        os.mknod(tmp_path / name, kind | 0o600, os.makedev(major, minor))
+    probe = env.spawn(
+        cg,
+        [sys.executable, "-c", _OPEN_PROBE, *(str(tmp_path / d[0]) for d in _PROBE_DEVICES)],
+        stdout=subprocess.PIPE,
+    )
+    got = json.loads(probe.communicate(timeout=30)[0])
+    want = {name: "ok" if ok else errno.EPERM for name, *_, ok in _PROBE_DEVICES}
+    assert got == want
+    mknod = env.spawn(cg, ["mknod", str(tmp_path / "sda"), "b", "8", "0"], stderr=subprocess.PIPE)
+    assert mknod.wait(timeout=30) != 0
+    assert not (tmp_path / "sda").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 from nodebed import NodeBed, http_get, wait_for
 
 from vzbackup.config.node import Node
-from vzbackup.ct.cgroups import CgroupSet
+from vzbackup.ct.cgroups import open_cgroups
 
 
 def test_lifecycle_create_start_exec_stop_destroy(node: NodeBed) -> None:
@@ -61,7 +61,7 @@ def test_lifecycle_create_start_exec_stop_destroy(node: NodeBed) -> None:
     assert "vzbackup busybox template" in page
     node.vz("stop", str(ctid))
     assert "stopped" in node.vz("status", str(ctid)).stdout
-    cg = CgroupSet(f"{Node.load(str(node.prefix)).cgroup_parent}/{ctid}")
+    cg = open_cgroups(f"{Node.load(str(node.prefix)).cgroup_parent}/{ctid}")
     assert not any(Path(p).exists() for p in cg.controller_paths().values())
     node.vz("destroy", str(ctid))
     assert not (node.prefix / f"vz/private/{ctid}").exists()
@@ -141,7 +141,7 @@ def test_cgroup_limits_applied_and_changed_live(node: NodeBed) -> None:
         "--save",
     )
     node.vz("start", str(ctid))
-    cg = CgroupSet(f"{Node.load(str(node.prefix)).cgroup_parent}/{ctid}")
+    cg = open_cgroups(f"{Node.load(str(node.prefix)).cgroup_parent}/{ctid}")
     lim = cg.read_limits()
     assert int(lim["memory"]) == 96 << 20
     assert lim["pids_max"] == "40"

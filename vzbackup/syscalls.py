@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -27,6 +28,7 @@ MNT_DETACH = 0x2
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 SYS_PIVOT_ROOT = 155  # x86_64
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), -1)
 
 
 def _check(ret: int, what: str) -> int:
@@ -61,6 +63,13 @@ def umount(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
+
+
+def bpf(cmd: int, attr: bytearray) -> int:
+    """bpf(2) with *attr* (a union bpf_attr, zero-padded); returns the syscall's result."""
+    buf = (ctypes.c_char * len(attr)).from_buffer(attr)
+    ret = _libc.syscall(ctypes.c_long(SYS_BPF), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
+    return _check(ret, f"bpf({cmd})")
 
 
 def sethostname(name: str) -> None:

@@ -13,7 +13,7 @@ from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node, expand
 from vzbackup.ct import fs, network
-from vzbackup.ct.cgroups import CgroupSet, Limits
+from vzbackup.ct.cgroups import CgroupSet, Limits, open_cgroups
 from vzbackup.ct.state import CTState, read_state
 from vzbackup.errors import NotFoundError, RuntimeFailure, StateError
 from vzbackup.lock import Lock
@@ -68,7 +68,7 @@ class Container:
         return root.is_dir() and S.is_mountpoint(str(root))
 
     def cgroup(self) -> CgroupSet:
-        return CgroupSet(f"{self.node.cgroup_parent}/{self.ctid}")
+        return open_cgroups(f"{self.node.cgroup_parent}/{self.ctid}")
 
     def status(self, state: CTState | None = None) -> str:
         """vzctl-like status word: running, suspended or stopped (*state*: already read)."""
