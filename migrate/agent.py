@@ -236,7 +236,7 @@ class Agent:
             self._start_lazy_daemon(lazy_address, lazy_port)
         self.journal.state = "restored"
         self.journal.save(self.node)
-        pid = ops.restore_locked(self.ct, str(self.images_dir), keep_dump=True, lazy=lazy)
+        pid = ops.restore(self.ct, str(self.images_dir), keep_dump=True, lazy=lazy)
         return {"pid": pid, "seconds": time.monotonic() - t0}
 
     def op_start(self) -> dict[str, Any]:
@@ -244,7 +244,7 @@ class Agent:
         self._place_conf()
         self.journal.state = "restored"
         self.journal.save(self.node)
-        pid = ops.start_locked(self.ct)
+        pid = ops.start(self.ct)
         return {"pid": pid, "seconds": time.monotonic() - t0}
 
     def op_register(self) -> dict[str, Any]:
@@ -364,7 +364,7 @@ def undo_created(node: Node, journal: Journal, *, keep_private: bool = False) ->
     ct = Container(node, journal.ctid)
     if journal.conf and ct.running:
         with contextlib.suppress(E.VzError):
-            ops.stop_locked(ct, fast=True)
+            ops.stop(ct, fast=True)
     if journal.name:
         registry.remove_name(node, journal.name)
     if journal.conf:

@@ -268,7 +268,7 @@ class Migration:
         ct = self.ct
         t_down = time.monotonic()  # downtime: from the stop until DEST runs it
         with self.phase("stop"):
-            ops.stop_locked(ct)
+            ops.stop(ct)
         try:
             with self.phase("final_sync"):
                 self.push_private()
@@ -279,7 +279,7 @@ class Migration:
         except BaseException as e:
             self.dest.abort(keep_private=self.opts.keep_dst)
             try:
-                ops.start_locked(ct)
+                ops.start(ct)
             except E.VzError as e2:
                 raise MigrationError(
                     f"migration failed ({e}) and restarting CT {ct.ctid} here failed too: {e2}",

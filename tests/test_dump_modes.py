@@ -263,11 +263,13 @@ def test_checkpoint_backup_restores_with_state(
         at_dump, hb_saved = counter(saved), heartbeat_lines(saved)
         wait_for(lambda: counter(priv) > at_dump + 5, what="counter after the backup")
         # Lose the CT's runtime and its files; bring both back from the backup.
-        ops.stop(ct, fast=True)
-        subprocess.run(
-            ["rsync", "-aHAX", "--numeric-ids", "--delete", f"{saved}/", f"{priv}/"], check=True
-        )
-        ops.restore(ct, str(images), tcp_close=True)
+        with ct.lock():
+            ops.stop(ct, fast=True)
+            subprocess.run(
+                ["rsync", "-aHAX", "--numeric-ids", "--delete", f"{saved}/", f"{priv}/"],
+                check=True,
+            )
+            ops.restore(ct, str(images), tcp_close=True)
         assert ct.status() == "running"
         assert counter(priv) >= at_dump  # the in-memory counter did not start again at 1
         wait_for(lambda: counter(priv) > at_dump + 3, what="counter after the restore")

@@ -15,6 +15,8 @@ from types import TracebackType
 
 from vzbackup.errors import LockedError
 
+_HELD: set[Path] = set()  # paths this process holds a lock on (flock is per process here)
+
 
 class Lock:
     """An exclusive lock on *path*, waited for up to *wait* seconds."""
@@ -24,6 +26,11 @@ class Lock:
         self.wait = wait
         self.what = what or self.path.name
         self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock on the path (through any Lock object)."""
+        return self.path in _HELD
 
     def holder(self) -> dict[str, object]:
         try:
@@ -53,6 +60,7 @@ class Lock:
         info = {"pid": os.getpid(), "cmd": " ".join(sys.argv[:4]), "since": time.time()}
         os.write(fd, json.dumps(info).encode())
         self._fd = fd
+        _HELD.add(self.path)
         return self
 
     def release(self) -> None:
@@ -61,6 +69,7 @@ class Lock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            _HELD.discard(self.path)
 
     def __enter__(self) -> Lock:
         return self.acquire()

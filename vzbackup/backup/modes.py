@@ -300,7 +300,7 @@ def _stop_mode(run: _Run, undo: ExitStack, stopwait: int | None) -> Source:
             if not run.ct.running:
                 t1 = time.monotonic()
                 try:
-                    ops.start_locked(run.ct)
+                    ops.start(run.ct)
                 except E.VzError as e:
                     raise RestartError(
                         f"CT {run.ct.ctid} was stopped for the backup and could not be started "
@@ -315,7 +315,7 @@ def _stop_mode(run: _Run, undo: ExitStack, stopwait: int | None) -> Source:
 
     run.phase("pre-stop")
     undo.callback(restart)
-    ops.stop_locked(run.ct, timeout=stopwait)
+    ops.stop(run.ct, timeout=stopwait)
     src.frozen_seconds = time.monotonic() - t0
     run.log(f"stopped in {src.frozen_seconds:.2f}s")
     return src

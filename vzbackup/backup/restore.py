@@ -146,11 +146,11 @@ def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
             if images:
                 shutil.rmtree(images, ignore_errors=True)
             raise
-    if with_state:
-        log("INFO: restoring the running state (CRIU; TCP connections are closed)")
-        ops.restore(ct, None, tcp_close=True)
-    elif start:
-        ops.start(ct)
+        if with_state:
+            log("INFO: restoring the running state (CRIU; TCP connections are closed)")
+            ops.restore(ct, None, tcp_close=True)
+        elif start:
+            ops.start(ct)
     return ct
 
 
@@ -174,9 +174,9 @@ def restore_archive(node: Node, archive: Path, ctid: int, *, force: bool = False
             _install(ct, conf, lambda dest: os.rename(scratch, dest))
         finally:
             fs.remove_tree(scratch, ignore_errors=True)
-    log(f"INFO: restored {archive.name} as CT {ctid}")
-    if start:
-        ops.start(ct)
+        log(f"INFO: restored {archive.name} as CT {ctid}")
+        if start:
+            ops.start(ct)
     return ct
 
 

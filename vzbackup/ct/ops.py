@@ -1,4 +1,9 @@
-"""vzctl verbs as functions: each validates first, locks the CT, and undoes partial work."""
+"""vzctl verbs as functions: each validates first, locks the CT, and undoes partial work.
+
+``start``, ``stop`` and ``restore`` run under the CT lock their caller holds
+(``with ct.lock(): ops.start(ct)``): backups, migrations and restores compose them inside
+their own locked section, and the lock is not re-entrant. The other verbs lock themselves.
+"""
 
 from __future__ import annotations
 
@@ -190,13 +195,14 @@ def check_start_inputs(conf: CTConfig) -> None:
             raise E.NotFoundError(f"CT {conf.ctid}: bind mount source {b.host} is not a directory")
 
 
+def _require_lock(ct: Container) -> None:
+    if not ct.lock().held:
+        raise AssertionError(f"CT {ct.ctid}: the caller must hold ct.lock()")
+
+
 def start(ct: Container) -> int:
-    with ct.lock():
-        return start_locked(ct)
-
-
-def start_locked(ct: Container) -> int:
-    """start() for a caller that already holds ``ct.lock()`` (the lock is not re-entrant)."""
+    """Start a stopped CT; returns its init pid. The caller holds ``ct.lock()``."""
+    _require_lock(ct)
     conf = ct.conf
     if ct.running:
         raise E.StateError(f"CT {ct.ctid} is already running")
@@ -214,13 +220,9 @@ def _wait_gone(ct: Container, timeout: float) -> bool:
 
 
 def stop(ct: Container, *, timeout: float | None = None, fast: bool = False) -> None:
-    """Graceful halt inside the CT, then SIGKILL of its init after *timeout* seconds."""
-    with ct.lock():
-        stop_locked(ct, timeout=timeout, fast=fast)
-
-
-def stop_locked(ct: Container, *, timeout: float | None = None, fast: bool = False) -> None:
-    """stop() for a caller that already holds ``ct.lock()`` (the lock is not re-entrant)."""
+    """Graceful halt inside the CT, then SIGKILL of its init after *timeout* seconds.
+    The caller holds ``ct.lock()``."""
+    _require_lock(ct)
     ct.conf  # noqa: B018 - raises NotFoundError for an unknown CT
     st = ct.state()
     if st is None:
@@ -293,20 +295,9 @@ def restore(
     lazy: bool = False,
 ) -> int:
     """Restore the CT from CRIU images; *tcp_close*: images whose TCP peers are gone (backups);
-    *lazy*: memory is pulled by a ``criu lazy-pages`` daemon already serving the images dir."""
-    with ct.lock():
-        return restore_locked(ct, dumpfile, keep_dump=keep_dump, tcp_close=tcp_close, lazy=lazy)
-
-
-def restore_locked(
-    ct: Container,
-    dumpfile: str | None = None,
-    *,
-    keep_dump: bool = False,
-    tcp_close: bool = False,
-    lazy: bool = False,
-) -> int:
-    """restore() for a caller that already holds ``ct.lock()``."""
+    *lazy*: memory is pulled by a ``criu lazy-pages`` daemon already serving the images dir.
+    The caller holds ``ct.lock()``."""
+    _require_lock(ct)
     criu_binary()
     pycriu_module()
     conf = ct.conf

@@ -41,7 +41,8 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
     from_backup = ctid is not None or storage is not None or keyfile is not None
     if not from_backup:
         ct = container(ctx, source)
-        pid = ops.restore(ct, dumpfile, keep_dump=keep_dump)
+        with ct.lock():
+            pid = ops.restore(ct, dumpfile, keep_dump=keep_dump)
         emit(as_json, {"ctid": ct.ctid, "init_pid": pid}, f"CT {ct.ctid} restored (init pid {pid})")
         return
     if dumpfile or keep_dump:

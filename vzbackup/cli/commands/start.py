@@ -14,7 +14,8 @@ from vzbackup.ct import ops
 def start(ctx: click.Context, ctid: str) -> None:
     """Start container CTID."""
     ct = container(ctx, ctid)
-    pid = ops.start(ct)
+    with ct.lock():
+        pid = ops.start(ct)
     click.echo(f"CT {ct.ctid} started (init pid {pid})")
 
 
@@ -26,7 +27,8 @@ def start(ctx: click.Context, ctid: str) -> None:
 def stop(ctx: click.Context, ctid: str, timeout: int | None, fast: bool) -> None:
     """Stop container CTID: halt inside, then kill after the timeout."""
     ct = container(ctx, ctid)
-    ops.stop(ct, timeout=timeout, fast=fast)
+    with ct.lock():
+        ops.stop(ct, timeout=timeout, fast=fast)
     click.echo(f"CT {ct.ctid} stopped")
 
 
@@ -37,10 +39,11 @@ def stop(ctx: click.Context, ctid: str, timeout: int | None, fast: bool) -> None
 def restart(ctx: click.Context, ctid: str, timeout: int | None) -> None:
     """Stop (if running) and start container CTID."""
     ct = container(ctx, ctid)
-    if ct.running:
-        ops.stop(ct, timeout=timeout)
-        click.echo(f"CT {ct.ctid} stopped")
-    pid = ops.start(ct)
+    with ct.lock():  # one lock for both: nobody starts or migrates it in between
+        if ct.running:
+            ops.stop(ct, timeout=timeout)
+            click.echo(f"CT {ct.ctid} stopped")
+        pid = ops.start(ct)
     click.echo(f"CT {ct.ctid} started (init pid {pid})")
 
 
