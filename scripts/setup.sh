@@ -2,7 +2,8 @@
 # Make a fresh Debian 12 host ready for vzbackup (idempotent; a second run takes seconds).
 #   Debian packages, CRIU >= 4.2 (distro if good enough, else built from Debian sid's source),
 #   pycriu importable by the venv, fs.pipe-max-size raised, .venv with vzbackup[test] editable,
-#   and the busybox OS template in the embedded-defaults prefix.
+#   the busybox OS template and the Debian 12 one (debian-12-x86_64, built with mmdebstrap from
+#   deb.debian.org on the first run) in the embedded-defaults prefix.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,7 +26,7 @@ DEB_PKGS=(busybox-static rsync openssh-server iproute2 iptables btrfs-progs zstd
   build-essential pkg-config protobuf-compiler protobuf-c-compiler libprotobuf-dev
   libprotobuf-c-dev python3-protobuf libcap-dev libnl-3-dev libnet1-dev libaio-dev
   libgnutls28-dev libbsd-dev libdrm-dev uuid-dev libnftables-dev
-  util-linux procps psmisc acl attr restic
+  util-linux procps psmisc acl attr restic mmdebstrap
   ceph-mon ceph-osd radosgw curl  # the S3 server of the tests (scripts/s3-server.sh)
   fuse3                           # vzbackup browse (libfuse 3 + fusermount3)
   chromium fonts-dejavu-core)     # the report's rendering test (headless screenshot)
@@ -94,7 +95,7 @@ install_criu() {
   if [ ! -x "$dist" ] && [ -n "$cand" ] && [ "$cand" != "(none)" ] \
      && version_ge "${cand#*:}" "$CRIU_MIN"; then
     # The distro's package is new enough: use it when its 'criu check' passes.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends criu \
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends criu \
       >/dev/null 2>&1 || true
   fi
   if criu_ok "$dist"; then
@@ -144,4 +145,7 @@ install_criu
 raise_pipe_max
 make_venv
 "$ROOT/scripts/build-template.sh"
+# The Debian template: a no-op when the cached one has the same recipe (NAME.tar.zst.json).
+"$VENV/bin/vzbackup" --prefix "${VZBACKUP_PREFIX:-/var/lib/vzbackup/demo}" \
+  template build debian-12-x86_64 | sed 's/^/[setup] /' >&2
 log "ready"

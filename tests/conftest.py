@@ -11,13 +11,23 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodebed import ROOT, TEMPLATE_NAME, NodeBed, need
+from nodebed import (
+    DEBIAN_TEMPLATE_BUILD_TIMEOUT,
+    DEBIAN_TEMPLATE_NAME,
+    DEMO_PREFIX,
+    ROOT,
+    TEMPLATE_NAME,
+    NodeBed,
+    link_or_copy,
+    need,
+)
 from s3fixture import s3_bucket, s3_lock_bucket, s3_server  # noqa: F401 - fixtures
 from sinks import smtp, web, web500  # noqa: F401 - fixtures
 from twonode_fixture import shared_two_nodes, two_nodes  # noqa: F401 - fixtures
@@ -36,20 +46,54 @@ def template_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-@pytest.fixture
-def node(template_cache: Path) -> Iterator[NodeBed]:
+@pytest.fixture(scope="session")
+def debian_template_cache() -> Iterator[Path]:
+    """A directory holding debian-12-x86_64.tar.zst (+ its recipe), as scripts/setup.sh caches it.
+
+    Built into DEMO_PREFIX's cache (under the template's lock) when missing: several minutes.
+    """
+    need(os.geteuid() == 0, "tests need root")
+    cache = DEMO_PREFIX / "vz/template/cache"
+    tarball = cache / f"{DEBIAN_TEMPLATE_NAME}.tar.zst"
+    if not tarball.is_file():
+        need(shutil.which("mmdebstrap") is not None, "mmdebstrap not installed (scripts/setup.sh)")
+        subprocess.run(
+            [sys.executable, "-m", "vzbackup.cli", "--prefix", str(DEMO_PREFIX),
+             "template", "build", DEBIAN_TEMPLATE_NAME],
+            check=True, capture_output=True, timeout=DEBIAN_TEMPLATE_BUILD_TIMEOUT,
+        )  # fmt: skip
+    held = Path(tempfile.mkdtemp(prefix="vzt-debian-template-", dir="/var/tmp"))
+    try:  # our own links: a concurrent 'template remove' in the demo prefix can't pull it away
+        for f in cache.glob(f"{DEBIAN_TEMPLATE_NAME}.tar.zst*"):
+            link_or_copy(f, held)
+        yield held
+    finally:
+        shutil.rmtree(held, ignore_errors=True)
+
+
+def _bed(*caches: Path) -> Iterator[NodeBed]:
     prefix = Path(tempfile.mkdtemp(prefix="vzt-", dir="/var/tmp"))
     cache = prefix / "vz/template/cache"
     cache.mkdir(parents=True)
-    for f in template_cache.iterdir():
-        os.link(f, cache / f.name) if f.stat().st_dev == cache.stat().st_dev else shutil.copy(
-            f, cache / f.name
-        )
+    for src in caches:
+        for f in src.iterdir():
+            link_or_copy(f, cache)
     bed = NodeBed(prefix)
     try:
         yield bed
     finally:
         bed.cleanup()
+
+
+@pytest.fixture
+def node(template_cache: Path) -> Iterator[NodeBed]:
+    yield from _bed(template_cache)
+
+
+@pytest.fixture
+def debian_node(template_cache: Path, debian_template_cache: Path) -> Iterator[NodeBed]:
+    """Like ``node``, with the Debian 12 template in the cache too (create --ostemplate it)."""
+    yield from _bed(template_cache, debian_template_cache)
 
 
 @pytest.fixture

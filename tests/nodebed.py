@@ -27,6 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 TEMPLATE_NAME = "busybox-1.0-x86_64"
+# The Debian 12 template scripts/setup.sh builds (systemd, redis, postgresql, sshd, cron), and
+# the cache it lives in; the debian_template_cache fixture builds it there if it is missing.
+DEBIAN_TEMPLATE_NAME = "debian-12-x86_64"
+DEMO_PREFIX = Path(os.environ.get("VZBACKUP_DEMO_PREFIX", "/var/lib/vzbackup/demo"))
+DEBIAN_TEMPLATE_BUILD_TIMEOUT = 1800
 
 
 _ctids = itertools.count(int(os.environ.get("VZBACKUP_TEST_CTID_BASE", "3100")))
@@ -38,6 +43,15 @@ _ips = itertools.count(10)
 def next_ctid() -> int:
     """A CTID no other test of this run uses."""
     return next(_ctids)
+
+
+def link_or_copy(src: Path, dest_dir: Path) -> None:
+    """Hardlink *src* into *dest_dir* (copy across filesystems)."""
+    dest = dest_dir / src.name
+    if src.stat().st_dev == dest_dir.stat().st_dev:
+        os.link(src, dest)
+    else:
+        shutil.copy(src, dest)
 
 
 def need(condition: bool, why: str) -> None:

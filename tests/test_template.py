@@ -20,13 +20,9 @@ import pytest
 import zstandard
 from nodebed import skip_outside_ci
 
-from vzbackup.ct.template import (
-    TEMPLATE_SUFFIXES,
-    available_templates,
-    extract_template,
-    find_template,
-)
+from vzbackup.ct.template import extract_template
 from vzbackup.errors import ExistsError, NotFoundError, RuntimeFailure, UsageError
+from vzbackup.template.cache import TEMPLATE_SUFFIXES, available_templates, find_template
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "build-template.sh"

@@ -44,3 +44,18 @@ STORAGE_CFG = "storage.cfg"  # in VZBACKUP_CONFDIR: named storages
 JOBS_CFG = "jobs.cfg"  # in VZBACKUP_CONFDIR: scheduled jobs
 SCHEDULER_DB = "scheduler.db"  # in STATEDIR
 SCHEDULER_PID = "vzbackup-scheduler.pid"  # in RUNDIR
+
+# OS templates built by 'vzbackup template build' (vzbackup/template/).
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie"}  # OpenVZ-style name part -> suite
+TEMPLATE_ARCHES = {"x86_64": "amd64"}  # name part -> Debian architecture (host's only)
+TEMPLATE_EPOCH = 1704067200  # SOURCE_DATE_EPOCH of built templates: reproducible mtimes
+TEMPLATE_BASE_PACKAGES = ("systemd-sysv", "iproute2")  # always installed: init and networking
+# The test/demo set: the services issue 17 checkpoints. PostgreSQL rather than MariaDB: lighter
+# at rest and no io_uring/libaio (which CRIU can't dump).
+TEMPLATE_DEFAULT_PACKAGES = (
+    "dbus", "redis-server", "openssh-server", "cron", "postgresql",
+    "procps", "netcat-openbsd", "python3-minimal",
+)  # fmt: skip
+TEMPLATE_INFO_SUFFIX = ".json"  # NAME.tar.zst.json beside a built template: recipe and inputs
+DEBIAN_TEMPLATE = "debian-12-x86_64"  # what setup.sh builds for the tests and the demo

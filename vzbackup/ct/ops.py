@@ -25,9 +25,10 @@ from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu import driver
 from vzbackup.criu.check import criu_binary, pycriu_module
-from vzbackup.ct import fs, network, registry, template
+from vzbackup.ct import fs, network, registry, rootfs, template
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import read_state
+from vzbackup.template import cache as template_cache
 
 START_TIMEOUT = 60.0
 
@@ -77,7 +78,7 @@ def create(
             )
         _check_ips_free(node, ctid, ips)
         ostemplate = ostemplate or node.value("DEF_OSTEMPLATE")
-        archive = template.find_template(node.template_cache, ostemplate)
+        archive = template_cache.find_template(node.template_cache, ostemplate)
         sample = sample or node.value("CONFIGFILE")
         sample_path = next((p for p in node.sample_paths(sample) if p.exists()), None)
         if sample_path is None:
@@ -113,9 +114,14 @@ def create(
                 log.warning("%s: private area %s is a plain directory", e, private)
         try:
             template.extract_template(archive, private)
+            problem = rootfs.init_problem(private)
+            if problem:
+                raise E.UsageError(
+                    f"OS template {ostemplate!r} is not a root filesystem: {problem}",
+                    hint=f"{archive} must hold a whole OS tree (./sbin/init, ./etc, ...)",
+                )
         except BaseException:
-            if subvolume:
-                fs.remove_tree(private, ignore_errors=True)
+            fs.remove_tree(private, ignore_errors=True)
             raise
         try:
             conf.save()
@@ -207,6 +213,12 @@ def start(ct: Container) -> int:
     if ct.running:
         raise E.StateError(f"CT {ct.ctid} is already running")
     check_start_inputs(conf)
+    problem = rootfs.init_problem(ct.ve_private(conf))
+    if problem:
+        raise E.NotFoundError(
+            f"CT {ct.ctid} cannot start: {problem} in {ct.ve_private(conf)}",
+            hint="restore the CT's files, or recreate it from a root filesystem template",
+        )
     return _spawn_supervisor(ct, "start", [])
 
 

@@ -1,4 +1,4 @@
-"""OS templates: ``<ostemplate>.tar.{zst,xz,gz}`` tarballs in TEMPLATE/cache, and safe extraction.
+"""Safe extraction of OS template tarballs (``<ostemplate>.tar.{zst,xz,gz}``) into a private area.
 
 Extraction streams the archive (no seeking), keeps everything a root filesystem needs (device
 nodes, setuid/sticky modes, numeric uid/gid, symlinks, hardlinks, mtimes) and refuses members
@@ -29,9 +29,7 @@ from typing import IO
 
 import zstandard
 
-from vzbackup.errors import ExistsError, NotFoundError, RuntimeFailure, UsageError
-
-TEMPLATE_SUFFIXES = (".tar.zst", ".tar.xz", ".tar.gz")
+from vzbackup.errors import ExistsError, NotFoundError, RuntimeFailure
 
 _MAGIC = {
     b"\x28\xb5\x2f\xfd": "zst",
@@ -67,50 +65,6 @@ ARCHIVE_ERRORS = (
     gzip.BadGzipFile,
     zstandard.ZstdError,
 )
-
-
-# --------------------------------------------------------------------------------- lookup
-
-
-def _ostemplate_of(filename: str) -> str | None:
-    for suffix in TEMPLATE_SUFFIXES:
-        if filename.endswith(suffix) and len(filename) > len(suffix):
-            return filename[: -len(suffix)]
-    return None
-
-
-def available_templates(cache_dir: str | Path) -> list[str]:
-    """OS template names (``busybox-1.0-x86_64``) present in *cache_dir*, sorted."""
-    try:
-        entries = list(Path(cache_dir).iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    names = set()
-    for entry in entries:
-        name = _ostemplate_of(entry.name)
-        if name and not name.startswith(".") and entry.is_file():
-            names.add(name)
-    return sorted(names)
-
-
-def find_template(cache_dir: str | Path, ostemplate: str) -> Path:
-    """Path of the tarball for *ostemplate* (zst preferred over xz over gz)."""
-    if not ostemplate or "/" in ostemplate or ostemplate.startswith(".") or "\0" in ostemplate:
-        raise UsageError(
-            f"invalid OS template name {ostemplate!r}",
-            hint="a template name is a file name without .tar.* suffix, e.g. busybox-1.0-x86_64",
-        )
-    cache = Path(cache_dir)
-    for suffix in TEMPLATE_SUFFIXES:
-        path = cache / (ostemplate + suffix)
-        if path.is_file():
-            return path
-    available = available_templates(cache)
-    listing = ", ".join(available) if available else "none"
-    raise NotFoundError(
-        f"OS template {ostemplate!r} not found in {cache} (available: {listing})",
-        hint=None if available else "build one with scripts/build-template.sh",
-    )
 
 
 # ---------------------------------------------------------------------------- decompression
