@@ -1,4 +1,4 @@
-"""OS templates: scripts/build-template.sh and vzbackup.ct.template, on real files (no mocks)."""
+"""OS templates: scripts/build-template.sh and vzbackup.template, on real files (no mocks)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import pytest
 import zstandard
 from nodebed import skip_outside_ci
 
-from vzbackup.ct.template import extract_template
 from vzbackup.errors import ExistsError, NotFoundError, RuntimeFailure, UsageError
 from vzbackup.template.cache import TEMPLATE_SUFFIXES, available_templates, find_template
+from vzbackup.template.extract import extract_template
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "build-template.sh"

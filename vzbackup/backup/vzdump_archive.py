@@ -12,7 +12,7 @@ Sparse files are stored in full (same size and content, holes written as zeros).
 is zstd with a content checksum. Entries go in depth-first, like ``find`` lists them.
 
 Import reads .tar, .tar.gz/.tgz, .tar.xz and .tar.zst (not .tar.lzo), with the checks of
-vzbackup.ct.template's safe extraction: nothing is ever written outside the destination. It
+vzbackup.safetar's safe extraction: nothing is ever written outside the destination. It
 restores owners, modes, nanosecond mtimes (symlinks included), hardlinks, xattrs and ACLs
 (from SCHILY.xattr, or from SCHILY.acl text for archives of ``tar --acls``), and returns the
 text of vps.conf, which is never written into the tree.
@@ -37,24 +37,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO
 
 import zstandard
 
 from vzbackup.backup.defaults import ExcludeMatcher
 from vzbackup.constants import MAX_CTID
-from vzbackup.ct.template import (
-    _CHUNK,
-    _FILTER_KWARGS,
-    ARCHIVE_ERRORS,
-    _check_member,
-    _Corrupt,
-    _decompressed,
-    _rmtree,
-    _set_dir_attrs,
-    _StrictTarInfo,
-    _Unsafe,
-)
 from vzbackup.errors import (
     ConfigError,
     ExistsError,
@@ -62,6 +49,14 @@ from vzbackup.errors import (
     RuntimeFailure,
     UsageError,
     VzError,
+)
+from vzbackup.safetar import (
+    ARCHIVE_ERRORS,
+    IdShift,
+    UnsafeMember,
+    extract,
+    open_stream,
+    remove_partial,
 )
 
 log = logging.getLogger("vzbackup.vzdump")
@@ -554,22 +549,13 @@ def _acl_id(tag: str, qualifier: str) -> int:
 # ----------------------------------------------------------------------------------- import
 
 
-@contextlib.contextmanager
-def _tar_stream(archive: Path) -> Iterator[IO[bytes]]:
-    """The decompressed tar stream: plain tar, or zstd/xz/gzip via the template reader."""
+def _refuse_lzo(archive: Path) -> None:
     with archive.open("rb") as raw:
-        head = raw.read(263)
-        if head.startswith(_LZO_MAGIC):
+        if raw.read(len(_LZO_MAGIC)) == _LZO_MAGIC:
             raise UsageError(
                 f"{archive}: .tar.lzo archives are not supported",
                 hint=f"convert it first: lzop -dc {archive} | zstd -o ARCHIVE.tar.zst",
             )
-        if head[257:262] == b"ustar":
-            raw.seek(0)
-            yield raw
-            return
-    with _decompressed(archive) as stream:
-        yield stream
 
 
 def _relative(name: str) -> str:
@@ -603,51 +589,30 @@ def _pax_ns(value: str | None) -> int | None:
 class _Extraction:
     """State of one import: vps.conf's text and the warnings already given."""
 
-    def __init__(self, root: str, allow_devices: bool) -> None:
+    def __init__(self, root: str, allow_devices: bool, shift: IdShift | None) -> None:
         self.root = root
         self.allow_devices = allow_devices
+        self.shift = shift
         self.conf: str | None = None
         self.lxc = False
         self._warned: set[tuple[str, int]] = set()
 
     def run(self, archive: Path) -> None:
-        directories: list[tarfile.TarInfo] = []
-        with (
-            _tar_stream(archive) as stream,
-            tarfile.open(fileobj=stream, mode="r|", errorlevel=2, tarinfo=_StrictTarInfo) as tf,
-        ):
-            for member in tf:
-                rel = _relative(member.name)
-                if rel == _CONF_PATH:
-                    self.conf = _read_conf(tf, member)  # never written into the tree
-                    continue
-                self.lxc |= rel == "etc/vzdump/pct.conf"
-                if (member.ischr() or member.isblk()) and not self.allow_devices:
-                    raise _Unsafe(member.name, "device nodes are not allowed here")
-                _check_member(member, self.root)
-                # Directories get their attributes at the end; a hardlink shares its target's
-                # inode, whose attributes it must not overwrite.
-                attrs = not (member.isdir() or member.islnk())
-                tf.extract(member, self.root, set_attrs=attrs, numeric_owner=True, **_FILTER_KWARGS)
-                if member.isdir():
-                    directories.append(member)
-                elif not member.islnk():
-                    self._finish(member, os.path.join(self.root, member.name))
-            while chunk := stream.read(_CHUNK):  # also makes the decompressor verify its end
-                if chunk.count(0) != len(chunk):
-                    raise _Corrupt("data after the end of the tar archive (damaged header?)")
-        vzdump_dir = os.path.join(self.root, _VZDUMP_DIR)
-        if os.path.isdir(vzdump_dir) and not os.path.islink(vzdump_dir):
-            with contextlib.suppress(OSError):  # only vzdump's own, empty once vps.conf is out
-                os.rmdir(vzdump_dir)
-        for member in sorted(directories, key=lambda m: m.name, reverse=True):
-            path = os.path.join(self.root, member.name)
-            if _relative(member.name) == _VZDUMP_DIR and not os.path.lexists(path):
-                continue
-            _set_dir_attrs(member, path, self.root)
-            self._finish(member, path)
-        if not any(_relative(m.name) == "." for m in directories):
-            os.chmod(self.root, 0o755)
+        _refuse_lzo(archive)
+        with open_stream(archive) as stream:
+            extract(
+                stream, self.root, shift=self.shift, allow_devices=self.allow_devices,
+                select=self._select, finish=self._finish,
+            )  # fmt: skip
+
+    def _select(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> bool:
+        """vps.conf is read, never written into the tree; vzdump's own directory stays out."""
+        rel = _relative(member.name)
+        if rel == _CONF_PATH:
+            self.conf = _read_conf(tf, member)
+            return False
+        self.lxc |= rel == "etc/vzdump/pct.conf"
+        return rel != _VZDUMP_DIR
 
     def _finish(self, member: tarfile.TarInfo, path: str) -> None:
         """xattrs and ACLs, then the exact mtime (after all else that could touch it)."""
@@ -667,6 +632,8 @@ class _Extraction:
         for name, value in xattrs.items():
             if member.issym() and name.startswith("system.posix_acl_"):
                 continue  # symlinks have no ACLs
+            if self.shift is not None:
+                value = self.shift.shift_xattr(name, value)
             try:
                 os.setxattr(path, name, value, follow_symlinks=False)
             except OSError as e:
@@ -682,11 +649,14 @@ class _Extraction:
             log.warning("cannot restore %s on %s (and maybe others): %s", xattr, member, reason)
 
 
-def import_tar(archive: Path, dest: Path, *, allow_devices: bool = True) -> str:
+def import_tar(
+    archive: Path, dest: Path, *, allow_devices: bool = True, shift: IdShift | None = None
+) -> str:
     """Extract a vzdump archive into the new directory *dest*; returns vps.conf's text.
 
     The tree is built in ``<dest>.partial`` and renamed to *dest*; nothing is left behind on
-    failure. Device nodes are allowed by default (a CT's /dev needs them).
+    failure. Device nodes are allowed by default (a CT's /dev needs them). *shift* rewrites
+    owners, ACLs and file capabilities on the way in (an unprivileged CT's id map).
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
@@ -702,7 +672,7 @@ def import_tar(archive: Path, dest: Path, *, allow_devices: bool = True) -> str:
             f"{partial} exists: another import is running or one was interrupted",
             hint=f"remove {partial} if no import is running",
         ) from None
-    job = _Extraction(os.path.realpath(partial), allow_devices)
+    job = _Extraction(os.path.realpath(partial), allow_devices, shift)
     try:
         try:
             job.run(archive)
@@ -717,11 +687,11 @@ def import_tar(archive: Path, dest: Path, *, allow_devices: bool = True) -> str:
                 raise ExistsError(f"cannot import into {dest}: it appeared meanwhile")
             os.rename(partial, dest)
         except BaseException:
-            _rmtree(str(partial))
+            remove_partial(partial)
             raise
     except VzError:
         raise
-    except _Unsafe as e:
+    except UnsafeMember as e:
         raise RuntimeFailure(f"archive {archive} has an unsafe member {e.name}: {e}") from None
     except ARCHIVE_ERRORS as e:
         raise RuntimeFailure(f"archive {archive} is corrupt: {e}") from None

@@ -25,10 +25,11 @@ from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu import driver
 from vzbackup.criu.check import criu_binary, pycriu_module
-from vzbackup.ct import fs, network, registry, rootfs, template
+from vzbackup.ct import fs, network, registry, rootfs
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import read_state
 from vzbackup.template import cache as template_cache
+from vzbackup.template.extract import extract_template
 
 START_TIMEOUT = 60.0
 
@@ -113,7 +114,7 @@ def create(
                 subvolume = False
                 log.warning("%s: private area %s is a plain directory", e, private)
         try:
-            template.extract_template(archive, private)
+            extract_template(archive, private)
             problem = rootfs.init_problem(private)
             if problem:
                 raise E.UsageError(

@@ -1,4 +1,4 @@
-"""Safe extraction of OS template tarballs (``<ostemplate>.tar.{zst,xz,gz}``) into a private area.
+"""Safe, streaming tar extraction of root filesystems: OS templates and vzdump archives.
 
 Extraction streams the archive (no seeking), keeps everything a root filesystem needs (device
 nodes, setuid/sticky modes, numeric uid/gid, symlinks, hardlinks, mtimes) and refuses members
@@ -11,6 +11,10 @@ member itself, against the tree on disk, right before it is written.
 Decompression validates stream integrity: tarfile's 'r|gz'/'r|xz' and zstandard's stream_reader
 accept a stream cut at a member boundary (or missing its CRC trailer) as a shorter archive, so
 gzip/lzma file objects and a strict zstd reader are used instead and drained to their end.
+
+Ownership can be shifted on the way in (an unprivileged CT's id map): ``extract(..., shift=S)``
+writes ``S.shift_id(uid)``/``S.shift_id(gid)`` for every member, and callers that restore
+xattrs pass ACLs and file capabilities through ``S.shift_xattr``.
 """
 
 from __future__ import annotations
@@ -23,13 +27,11 @@ import os
 import shutil
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import zstandard
-
-from vzbackup.errors import ExistsError, NotFoundError, RuntimeFailure
 
 _MAGIC = {
     b"\x28\xb5\x2f\xfd": "zst",
@@ -40,10 +42,10 @@ _MAGIC = {
 _FILTER_KWARGS: dict[str, str] = (
     {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
 )
-_CHUNK = 1 << 16
+CHUNK = 1 << 16
 
 
-class _Unsafe(Exception):
+class UnsafeMember(Exception):
     """A member that would write outside the destination."""
 
     def __init__(self, name: str, reason: str) -> None:
@@ -51,13 +53,13 @@ class _Unsafe(Exception):
         self.name = name
 
 
-class _Corrupt(Exception):
+class CorruptArchive(Exception):
     """The archive's data is damaged or inconsistent."""
 
 
 # what a truncated or garbled archive raises, whatever its compression
 ARCHIVE_ERRORS = (
-    _Corrupt,
+    CorruptArchive,
     tarfile.ReadError,
     EOFError,
     zlib.error,
@@ -65,6 +67,18 @@ ARCHIVE_ERRORS = (
     gzip.BadGzipFile,
     zstandard.ZstdError,
 )
+
+
+class IdShift(Protocol):
+    """Ownership rewrite applied while extracting (e.g. a CT's user-namespace id map)."""
+
+    def shift_id(self, node_id: int) -> int:
+        """The id to write for a member's uid or gid (one map for both)."""
+        ...
+
+    def shift_xattr(self, name: str, value: bytes) -> bytes:
+        """An xattr's value with the ids inside it shifted (POSIX ACLs, security.capability)."""
+        ...
 
 
 # ---------------------------------------------------------------------------- decompression
@@ -103,7 +117,7 @@ class _ZstdReader(io.RawIOBase):
     def _decode_more(self) -> bool:
         """Feed one slice of input; False at a clean end of the stream."""
         if self._in_pos >= len(self._in):
-            self._in, self._in_pos = self._raw.read(_CHUNK), 0
+            self._in, self._in_pos = self._raw.read(CHUNK), 0
             if not self._in:
                 if not self._started or not self._dobj.eof:
                     raise EOFError("zstd stream ends in the middle of a frame")
@@ -120,16 +134,19 @@ class _ZstdReader(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def _decompressed(archive: Path) -> Iterator[IO[bytes]]:
-    """The archive's decompressed tar stream, format sniffed from the magic bytes."""
-    with archive.open("rb") as raw:
-        head = raw.read(6)
+def open_stream(archive: Path) -> Iterator[IO[bytes]]:
+    """The archive's tar stream: plain tar, or zstd/xz/gzip sniffed from the magic bytes."""
+    with Path(archive).open("rb") as raw:
+        head = raw.read(263)
         raw.seek(0)
+        if head[257:262] == b"ustar":
+            yield raw
+            return
         kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
         if kind is None:
-            raise _Corrupt("not a zstd, xz or gzip stream")
+            raise CorruptArchive("not a tar, zstd, xz or gzip stream")
         if kind == "zst":
-            with io.BufferedReader(_ZstdReader(raw), _CHUNK) as zst:
+            with io.BufferedReader(_ZstdReader(raw), CHUNK) as zst:
                 yield zst
         elif kind == "xz":
             with lzma.LZMAFile(raw) as xz:
@@ -150,45 +167,45 @@ def _bad_path(name: str) -> bool:
     return not name or name.startswith("/") or "\0" in name or ".." in name.split("/")
 
 
-def _check_member(member: tarfile.TarInfo, root: str) -> None:
+def check_member(member: tarfile.TarInfo, root: str) -> None:
     """Refuse *member* if extracting it, given what is on disk now, could touch outside *root*."""
     name = member.name
     if _bad_path(name):
-        raise _Unsafe(name, "absolute path or '..' component")
+        raise UnsafeMember(name, "absolute path or '..' component")
     parent = os.path.realpath(os.path.join(root, os.path.dirname(name)))
     if not _inside(parent, root):
-        raise _Unsafe(name, f"its directory resolves to {parent}, outside the destination")
+        raise UnsafeMember(name, f"its directory resolves to {parent}, outside the destination")
     target = os.path.join(parent, os.path.basename(name))
     if member.issym() or member.islnk():
         # Links replace the final component instead of following it.
         if os.path.normpath(target) == root:
-            raise _Unsafe(name, "a link cannot replace the root directory")
+            raise UnsafeMember(name, "a link cannot replace the root directory")
     else:
         real = os.path.realpath(target)
         if not _inside(real, root):
-            raise _Unsafe(name, f"it would be written through a symlink to {real}")
+            raise UnsafeMember(name, f"it would be written through a symlink to {real}")
     if member.islnk():
         link = member.linkname
         if _bad_path(link):
-            raise _Unsafe(name, f"hardlink to {link!r} points outside the tree")
+            raise UnsafeMember(name, f"hardlink to {link!r} points outside the tree")
         real = os.path.realpath(os.path.join(root, link))
         if not _inside(real, root):
-            raise _Unsafe(name, f"hardlink to {link!r} resolves to {real}, outside the tree")
+            raise UnsafeMember(name, f"hardlink to {link!r} resolves to {real}, outside the tree")
         if not os.path.exists(real) or os.path.isdir(real):
-            raise _Corrupt(f"hardlink {name} refers to {link!r}, not extracted before it")
+            raise CorruptArchive(f"hardlink {name} refers to {link!r}, not extracted before it")
 
 
 def _set_dir_attrs(member: tarfile.TarInfo, path: str, root: str) -> None:
     """Apply a directory member's owner, mode and mtime (deferred, like tarfile does)."""
     if os.path.islink(path) or not _inside(os.path.realpath(path), root):
-        raise _Unsafe(member.name, "directory was replaced by a symlink")
+        raise UnsafeMember(member.name, "directory was replaced by a symlink")
     if os.geteuid() == 0:
         os.chown(path, member.uid, member.gid, follow_symlinks=False)
     os.chmod(path, member.mode)  # after chown, which clears setgid
     os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
 
 
-class _StrictTarInfo(tarfile.TarInfo):
+class StrictTarInfo(tarfile.TarInfo):
     """TarInfo whose reader fails on a damaged header (tarfile takes one for the archive's end)."""
 
     @classmethod
@@ -198,41 +215,64 @@ class _StrictTarInfo(tarfile.TarInfo):
         except tarfile.EOFHeaderError:  # a zero block: the regular end-of-archive marker
             raise
         except tarfile.EmptyHeaderError:
-            raise _Corrupt(
+            raise CorruptArchive(
                 f"tar data ends without an end-of-archive marker at {tf.offset}"
             ) from None
         except tarfile.HeaderError as e:
-            raise _Corrupt(f"damaged tar header at offset {tf.offset}: {e}") from None
+            raise CorruptArchive(f"damaged tar header at offset {tf.offset}: {e}") from None
 
 
-def _extract_into(archive: Path, root: str) -> None:
-    """Extract *archive* into the existing empty directory *root* (a realpath)."""
+def extract(
+    stream: IO[bytes],
+    root: str,
+    *,
+    shift: IdShift | None = None,
+    allow_devices: bool = True,
+    select: Callable[[tarfile.TarFile, tarfile.TarInfo], bool] | None = None,
+    finish: Callable[[tarfile.TarInfo, str], None] | None = None,
+) -> None:
+    """Extract the tar *stream* into the existing empty directory *root* (a realpath).
+
+    *select(tf, member)* may consume a member and return False to keep it out of the tree;
+    *finish(member, path)* runs once a member is complete on disk (directories last, after
+    their attributes), e.g. to restore xattrs. Raises UnsafeMember or CorruptArchive (or one
+    of ARCHIVE_ERRORS); the caller removes the half-made tree.
+    """
     directories: list[tarfile.TarInfo] = []
-    with (
-        _decompressed(archive) as stream,
-        tarfile.open(fileobj=stream, mode="r|", errorlevel=2, tarinfo=_StrictTarInfo) as tf,
-    ):
+    with tarfile.open(fileobj=stream, mode="r|", errorlevel=2, tarinfo=StrictTarInfo) as tf:
         for member in tf:
-            _check_member(member, root)
+            if select is not None and not select(tf, member):
+                continue
+            if (member.ischr() or member.isblk()) and not allow_devices:
+                raise UnsafeMember(member.name, "device nodes are not allowed here")
+            check_member(member, root)
+            if shift is not None:
+                member.uid, member.gid = shift.shift_id(member.uid), shift.shift_id(member.gid)
             # Directories get their attributes at the end; a hardlink shares its target's inode,
             # whose attributes it must not overwrite (GNU tar doesn't either).
             attrs = not (member.isdir() or member.islnk())
             tf.extract(member, root, set_attrs=attrs, numeric_owner=True, **_FILTER_KWARGS)
             if member.isdir():
                 directories.append(member)
+            elif finish is not None and not member.islnk():
+                finish(member, os.path.join(root, member.name))
         # After the end marker only zero padding may follow; reading to the very end also makes
         # the decompressor verify the stream's length and checksum.
-        while chunk := stream.read(_CHUNK):
+        while chunk := stream.read(CHUNK):
             if chunk.count(0) != len(chunk):
-                raise _Corrupt("data after the end of the tar archive (damaged header?)")
+                raise CorruptArchive("data after the end of the tar archive (damaged header?)")
     for member in sorted(directories, key=lambda m: m.name, reverse=True):
-        _set_dir_attrs(member, os.path.join(root, member.name), root)
+        path = os.path.join(root, member.name)
+        _set_dir_attrs(member, path, root)
+        if finish is not None:
+            finish(member, path)
     if not any(os.path.normpath(m.name) == "." for m in directories):
         os.chmod(root, 0o755)  # no entry for the root itself: a usable default, not mkdir's 0700
 
 
-def _rmtree(path: str) -> None:
-    """Best-effort removal of *path*, even if extracted modes lock out a non-root owner."""
+def remove_partial(path: str | Path) -> None:
+    """Best-effort removal of a half-extracted *path*, even if modes lock out a non-root owner."""
+    path = str(path)
     if not os.path.lexists(path):
         return
     if os.geteuid() != 0 and not os.path.islink(path):
@@ -251,54 +291,7 @@ def _rmtree(path: str) -> None:
             os.unlink(path)
 
 
-def extract_template(archive: Path, dest: str | Path) -> None:
-    """Extract the OS template *archive* into *dest* (absent or an empty directory), atomically.
-
-    A new *dest* is built as the sibling ``<dest>.partial-<pid>`` and renamed into place. An
-    existing empty *dest* (say a mounted volume or btrfs subvolume, which can't be renamed over)
-    is filled from ``<dest>/.partial-<pid>`` and emptied again on failure. Either way nothing is
-    left behind when extraction fails.
-    """
-    archive = Path(archive)
-    dest = Path(dest)
-    if not archive.is_file():
-        raise NotFoundError(f"template {archive} does not exist")
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise ExistsError(f"cannot extract template into {dest}: it exists and is not a directory")
-    in_place = dest.is_dir()
-    if in_place:
-        with os.scandir(dest) as it:
-            if any(True for _ in it):
-                raise ExistsError(f"cannot extract template into {dest}: directory is not empty")
-        tmp = dest / f".partial-{os.getpid()}"
-    else:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
-    _rmtree(str(tmp))  # stale leftover of a crashed run that had our pid
-    try:
-        try:
-            tmp.mkdir(mode=0o700)
-            _extract_into(archive, os.path.realpath(tmp))
-            if in_place:
-                _move_up(tmp, dest)
-            else:
-                os.rename(tmp, dest)
-        except BaseException:
-            if in_place:
-                for entry in os.listdir(dest):
-                    _rmtree(os.path.join(dest, entry))
-            else:
-                _rmtree(str(tmp))
-            raise
-    except _Unsafe as e:
-        raise RuntimeFailure(f"template {archive} has an unsafe member {e.name}: {e}") from None
-    except ARCHIVE_ERRORS as e:
-        raise RuntimeFailure(f"template {archive} is corrupt: {e}") from None
-    except (OSError, tarfile.TarError) as e:
-        raise RuntimeFailure(f"extracting template {archive} into {dest} failed: {e}") from e
-
-
-def _move_up(tmp: Path, dest: Path) -> None:
+def move_up(tmp: Path, dest: Path) -> None:
     """Move the tree from *tmp* up into *dest* (same filesystem); *dest* takes its attrs."""
     st = os.lstat(tmp)
     for entry in os.listdir(tmp):
