@@ -37,6 +37,9 @@ SAMPLE_SUFFIX = ".conf-sample"
 HOST_GATEWAY = "169.254.0.1"  # what routed CTs see as their gateway (host side of veth)
 STATE_FILE = "{ctid}.state"  # in RUNDIR, written by the supervisor
 SUPERVISOR_LOG = "{ctid}.log"  # in RUNDIR
+CONSOLE_LOG = "{ctid}.console.log"  # in RUNDIR: what the CT wrote to its console
+CONSOLE_LOG_MAX = 1 << 20  # bytes; the log is rotated once (.1), so at most twice this
+CONSOLE_SOCK = "{ctid}.console.sock"  # in RUNDIR: 'vzbackup console' attaches here
 CRIU_IMAGE_SUBDIR = "Dump.{ctid}"  # OpenVZ's dump file name, a directory of CRIU images here
 
 VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults

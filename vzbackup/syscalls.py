@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import platform
+import struct
+import termios
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -14,6 +17,7 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWCGROUP = 0x02000000
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -29,6 +33,8 @@ PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 SYS_PIVOT_ROOT = 155  # x86_64
 SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), -1)
+TIOCGPTN = 0x80045430  # the termios module lacks the pty ioctls
+TIOCSPTLCK = 0x40045431
 
 
 def _check(ret: int, what: str) -> int:
@@ -87,6 +93,31 @@ def set_child_subreaper() -> None:
 
 def set_process_name(name: str) -> None:
     prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def open_pty(ptmx: str) -> tuple[int, int]:
+    """A new pty pair from the devpts instance of *ptmx*: (master fd, index of the slave)."""
+    master = os.open(ptmx, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        index = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+    except BaseException:
+        os.close(master)
+        raise
+    return master, index
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def get_winsize(fd: int) -> tuple[int, int]:
+    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    return rows, cols
+
+
+def set_controlling_tty(fd: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
 
 
 def is_mountpoint(path: str) -> bool:

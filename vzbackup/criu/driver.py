@@ -27,6 +27,7 @@ class DumpOptions:
     tcp_established: bool = True
     file_locks: bool = True
     external: list[str] = field(default_factory=list)  # e.g. "mnt[/mnt/vol]:vol"
+    orphan_pts_master: bool = True  # the console's master is held outside (the supervisor)
     lazy_port: int = 0  # post-copy: keep anonymous memory and serve it on this TCP port
 
 
@@ -39,6 +40,13 @@ class RestoreOptions:
     external: list[str] = field(default_factory=list)
     lazy_pages: bool = False  # missing pages come from a "criu lazy-pages" daemon (images dir)
     cgroup_root: str = ""  # restore the CT's cgroups here, whatever the dump node called them
+    orphan_pts_master: bool = True  # a new master for the console comes back (RestoreResult)
+
+
+@dataclass
+class RestoreResult:
+    pid: int  # host pid of the restored init
+    console: int = -1  # master fd of the restored console pty, -1 if the CT had none open
 
 
 def _log_tail(path: Path, lines: int = 12) -> str:
@@ -88,6 +96,7 @@ def dump(
         c.opts.tcp_established = opts.tcp_established
         c.opts.file_locks = opts.file_locks
         c.opts.manage_cgroups = True
+        c.opts.orphan_pts_master = opts.orphan_pts_master
         c.opts.external.extend(opts.external)
         if opts.lazy_port:
             c.opts.lazy_pages = True
@@ -108,14 +117,21 @@ def dump(
         os.close(fd)
 
 
-def _recv(sk: socket.socket):
-    """One criu_resp from the swrk socket (SOCK_SEQPACKET: one message per packet)."""
+def _recv(sk: socket.socket, fds: list[int] | None = None):
+    """One criu_resp from the swrk socket (SOCK_SEQPACKET: one message per packet); a file
+    descriptor CRIU sends along (the "orphan-pts-master" notification) goes to *fds*."""
     rpc = pycriu_module().rpc
     size = len(sk.recv(1, socket.MSG_TRUNC | socket.MSG_PEEK))  # real length, as pycriu does
     if size == 0:
         raise EOFError("criu closed the connection")
+    data, got, _, _ = socket.recv_fds(sk, size, 1)
+    if fds is not None:
+        fds.extend(got)
+    else:
+        for fd in got:
+            os.close(fd)
     resp = rpc.criu_resp()
-    resp.ParseFromString(sk.recv(size))
+    resp.ParseFromString(data)
     return resp
 
 
@@ -171,8 +187,11 @@ def _dump_with_notify(c, pid: int, images_dir: Path, notify: dict[str, Callable[
         )
 
 
-def restore(images_dir: Path, opts: RestoreOptions) -> int:
-    """Restore the tree from *images_dir* as a child of the caller; returns its host pid."""
+def restore(images_dir: Path, opts: RestoreOptions) -> RestoreResult:
+    """Restore the tree from *images_dir* as a child of the caller (host pid in the result).
+
+    With ``orphan_pts_master`` CRIU recreates the console pty and sends its new master in
+    the "orphan-pts-master" notification; it is returned as ``console``."""
     c, fd = _new(images_dir, RESTORE_LOG)
     try:
         c.opts.root = opts.root
@@ -181,19 +200,63 @@ def restore(images_dir: Path, opts: RestoreOptions) -> int:
         c.opts.tcp_close = not opts.tcp_established
         c.opts.file_locks = opts.file_locks
         c.opts.manage_cgroups = True
+        c.opts.orphan_pts_master = opts.orphan_pts_master
+        c.opts.notify_scripts = True
         c.opts.external.extend(f"veth[{if_in}]:{if_out}" for if_in, if_out in opts.veths)
         c.opts.external.extend(opts.external)
         c.opts.lazy_pages = opts.lazy_pages
         if opts.cgroup_root:
             c.opts.cg_root.add(path=opts.cgroup_root)
-        try:
-            resp = c.restore()
-        except Exception as e:
-            raise CheckpointError(
-                f"CRIU restore from {images_dir} failed: {e}\n"
-                f"{_log_tail(images_dir / RESTORE_LOG)}",
-                hint=f"the images are kept; full log: {images_dir / RESTORE_LOG}",
-            ) from None
-        return int(resp.pid)
+        return _restore_with_notify(c, images_dir)
     finally:
         os.close(fd)
+
+
+def _restore_with_notify(c, images_dir: Path) -> RestoreResult:
+    """criu.restore() answering CRIU's notifications and keeping the console master it sends."""
+    pycriu = pycriu_module()
+    rpc = pycriu.rpc
+    req = rpc.criu_req(type=rpc.RESTORE)
+    req.opts.MergeFrom(c.opts)
+    log = images_dir / RESTORE_LOG
+    hint = f"the images are kept; full log: {log}"
+    console: list[int] = []
+    try:
+        sk = c._comm.connect(False)
+    except Exception as e:
+        raise CheckpointError(f"CRIU restore from {images_dir} failed: {e}", hint=hint) from None
+    try:
+        sk.send(req.SerializeToString())
+        while True:
+            got: list[int] = []
+            resp = _recv(sk, got)
+            if resp.type != rpc.NOTIFY:
+                break
+            if resp.notify.script == "orphan-pts-master" and got:
+                console.extend(got)
+            else:
+                for extra in got:
+                    os.close(extra)
+            sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=True).SerializeToString())
+    except (OSError, EOFError, ValueError) as e:
+        for extra in console:
+            os.close(extra)
+        raise CheckpointError(
+            f"CRIU restore from {images_dir} failed: lost the connection to criu: {e}\n"
+            f"{_log_tail(log)}",
+            hint=hint,
+        ) from None
+    finally:
+        c._comm.disconnect()
+    if resp.type != rpc.RESTORE or not resp.success:
+        for extra in console:
+            os.close(extra)
+        why = str(pycriu.CRIUExceptionExternal(req.type, resp.type, resp.cr_errno))
+        if resp.cr_errmsg:
+            why += f" ({resp.cr_errmsg})"
+        raise CheckpointError(
+            f"CRIU restore from {images_dir} failed: {why}\n{_log_tail(log)}", hint=hint
+        )
+    for extra in console[1:]:
+        os.close(extra)
+    return RestoreResult(int(resp.restore.pid), console[0] if console else -1)

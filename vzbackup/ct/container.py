@@ -179,6 +179,7 @@ class Container:
             "--ipc",
             "--net",
             "--pid",
+            "--cgroup",
             "--root",
             "--wd",
         ]

@@ -232,9 +232,35 @@ def _wait_gone(ct: Container, timeout: float) -> bool:
     return False
 
 
+# How to ask an init for a clean halt, by the name of its executable; other inits get
+# /sbin/halt run inside the CT, then SIGTERM.
+HALT_SIGNALS = {
+    "systemd": signal.SIGRTMIN + 3,  # systemd's "halt" in a container
+    "busybox": signal.SIGUSR1,  # busybox init's halt
+}
+
+
+def init_kind(init_pid: int) -> str:
+    """The base name of the CT init's executable (systemd, busybox, ...), '' if unknown."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{init_pid}/exe")).removesuffix(" (deleted)")
+    except OSError:
+        return ""
+
+
+def _ask_halt(ct: Container, init_pid: int) -> None:
+    sig = HALT_SIGNALS.get(init_kind(init_pid))
+    if sig is None:
+        if ct.exec(["/sbin/halt"], capture=True).returncode == 0:
+            return
+        sig = signal.SIGTERM
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(init_pid, sig)
+
+
 def stop(ct: Container, *, timeout: float | None = None, fast: bool = False) -> None:
-    """Graceful halt inside the CT, then SIGKILL of its init after *timeout* seconds.
-    The caller holds ``ct.lock()``."""
+    """Graceful halt inside the CT (the signal its init expects), then SIGKILL of its init
+    after *timeout* seconds. The caller holds ``ct.lock()``."""
     _require_lock(ct)
     ct.conf  # noqa: B018 - raises NotFoundError for an unknown CT
     st = ct.state()
@@ -244,12 +270,10 @@ def stop(ct: Container, *, timeout: float | None = None, fast: bool = False) -> 
     with contextlib.suppress(Exception):
         ct.cgroup().thaw()
     if not fast and st.init_pid:
-        halted = ct.exec(["/sbin/halt"], capture=True).returncode == 0
-        if not halted:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(st.init_pid, signal.SIGTERM)
+        _ask_halt(ct, st.init_pid)
         if _wait_gone(ct, timeout):
             return
+        log.warning("CT %s did not halt within %ss: killing it", ct.ctid, timeout)
     with contextlib.suppress(ProcessLookupError):
         os.kill(st.init_pid, signal.SIGKILL)
     if not _wait_gone(ct, 30):

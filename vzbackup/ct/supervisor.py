@@ -3,8 +3,9 @@
 Started detached by ``vzbackup start``/``restore`` as
 ``python -m vzbackup.ct.supervisor {start|restore} CTID --prefix P --ready-fd N``
 (restore: ``--dumpdir D [--keep-dump] [--tcp-close] [--lazy-pages]``).
-It reports success or the error on the ready fd, then waits for init to exit and tears the
-CT's runtime down (network, cgroups, root mount, state file).
+It reports success or the error on the ready fd, serves the CT's console (console.py), then
+waits for init to exit and tears the CT's runtime down (network, cgroups, root mount, state
+file, console socket).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.criu import driver
-from vzbackup.ct import network, runtime
+from vzbackup.ct import console, network, runtime
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import CTState, clear_state, write_state
 from vzbackup.errors import VzError
@@ -37,6 +38,14 @@ class Supervisor:
         self.ct = ct
         self.init_pid = 0
         self.we_mounted = False
+        self.console: console.ConsoleServer | None = None
+
+    def _serve_console(self, master: int) -> None:
+        if master < 0:
+            log.warning("CT %s has no console after restore (nothing held it open)", self.ct.ctid)
+            return
+        self.console = console.ConsoleServer(master, self.ct.node.rundir, self.ct.ctid)
+        self.console.start()
 
     def _prepare(self, conf: CTConfig) -> None:
         self.we_mounted = self.ct.mount()
@@ -59,6 +68,7 @@ class Supervisor:
         )
         self.init_pid = proc.pid
         try:
+            self._serve_console(proc.console)
             network.setup(self.ct.net_config(conf), proc.pid)
             proc.go()
         except BaseException:
@@ -72,7 +82,7 @@ class Supervisor:
         os.chdir("/")
         net = self.ct.net_config(conf)
         t0 = time.monotonic()
-        self.init_pid = driver.restore(
+        restored = driver.restore(
             images,
             driver.RestoreOptions(
                 root=str(self.ct.ve_root(conf)),
@@ -83,6 +93,8 @@ class Supervisor:
                 cgroup_root="/" + self.ct.cgroup().name,
             ),
         )
+        self.init_pid = restored.pid
+        self._serve_console(restored.console)
         network.configure_host_side(net)
         log.info(
             "CT %s restored from %s in %.3fs, init pid %s",
@@ -113,6 +125,7 @@ class Supervisor:
             ("cgroup", lambda: _retry(ct.cgroup().destroy)),
             ("cgroup parents", lambda: ct.cgroup().prune_parents()),
             ("umount", ct.umount),
+            ("console", lambda: self.console and self.console.close()),
         ]
         for what, fn in steps:
             try:

@@ -1,0 +1,201 @@
+"""A CT's console: the supervisor serves the pty master, ``vzbackup console`` attaches to it.
+
+The supervisor always drains the master into ``RUNDIR/CTID.console.log`` (rotated to
+``.log.1`` at CONSOLE_LOG_MAX, so at most twice that is kept) and relays it to every client
+attached to ``RUNDIR/CTID.console.sock``; what a client types goes to the master. A client
+detaches with Esc then ``.`` (vzctl console's sequence); the CT never notices.
+
+Client to server frames: one type byte, a 2-byte big-endian length, the payload: ``d`` data
+for the console, ``w`` a window size (rows, cols as 2 x 2 bytes). Server to client: raw output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import termios
+import threading
+import tty
+from pathlib import Path
+
+from vzbackup import constants as C
+from vzbackup import syscalls as S
+
+DETACH = b"\x1b."  # Esc then "."
+HUP_RETRY = 0.5  # seconds between looks at a console nobody in the CT has open
+_FRAME = struct.Struct(">cH")
+
+
+def log_path(rundir: Path, ctid: int) -> Path:
+    return rundir / C.CONSOLE_LOG.format(ctid=ctid)
+
+
+def socket_path(rundir: Path, ctid: int) -> Path:
+    return rundir / C.CONSOLE_SOCK.format(ctid=ctid)
+
+
+class ConsoleLog:
+    """Append-only log file with one rotation at *cap* bytes."""
+
+    def __init__(self, path: Path, cap: int = C.CONSOLE_LOG_MAX) -> None:
+        self.path = path
+        self.cap = cap
+        self._f = open(path, "ab")  # noqa: SIM115 - lives as long as the console
+        self._size = self._f.tell()
+
+    def write(self, data: bytes) -> None:
+        if self._size + len(data) > self.cap:
+            self._f.close()
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self._f = open(self.path, "ab")  # noqa: SIM115
+            self._size = 0
+        self._f.write(data)
+        self._f.flush()
+        self._size += len(data)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ConsoleServer(threading.Thread):
+    """Serve the master of a CT's console pty (a daemon thread of the supervisor)."""
+
+    def __init__(self, master: int, rundir: Path, ctid: int) -> None:
+        super().__init__(name=f"console-{ctid}", daemon=True)
+        self.master = master
+        self.log = ConsoleLog(log_path(rundir, ctid))
+        self.sock_path = socket_path(rundir, ctid)
+        self.sock_path.unlink(missing_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.sock_path))
+        os.chmod(self.sock_path, 0o600)
+        self.listener.listen(4)
+        self.sel = selectors.DefaultSelector()
+        self.clients: dict[socket.socket, bytes] = {}  # client -> unparsed input
+
+    def run(self) -> None:
+        self.sel.register(self.master, selectors.EVENT_READ, "master")
+        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        hung_up = False
+        while True:
+            events = self.sel.select(HUP_RETRY if hung_up else None)
+            if hung_up and not events:  # look again: init may have reopened the console
+                hung_up = False
+                self.sel.register(self.master, selectors.EVENT_READ, "master")
+                continue
+            for key, _ in events:
+                if key.data == "master":
+                    hung_up = not self._from_master()
+                    if hung_up:
+                        self.sel.unregister(self.master)
+                elif key.data == "listen":
+                    conn, _ = self.listener.accept()
+                    self.clients[conn] = b""
+                    self.sel.register(conn, selectors.EVENT_READ, "client")
+                else:
+                    self._from_client(key.fileobj)  # type: ignore[arg-type]
+
+    def _from_master(self) -> bool:
+        """Relay console output; False when no one in the CT has the console open."""
+        try:
+            data = os.read(self.master, 65536)
+        except OSError as e:
+            if e.errno == errno.EIO:
+                return False
+            raise
+        if not data:
+            return False
+        self.log.write(data)
+        for conn in list(self.clients):
+            try:
+                conn.sendall(data)
+            except OSError:
+                self._drop(conn)
+        return True
+
+    def _from_client(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        buf = self.clients[conn] + data
+        while len(buf) >= _FRAME.size:
+            kind, size = _FRAME.unpack_from(buf)
+            if len(buf) < _FRAME.size + size:
+                break
+            payload, buf = buf[_FRAME.size : _FRAME.size + size], buf[_FRAME.size + size :]
+            with contextlib.suppress(OSError):
+                if kind == b"d":
+                    os.write(self.master, payload)
+                elif kind == b"w" and size == 4:
+                    S.set_winsize(self.master, *struct.unpack(">HH", payload))
+        self.clients[conn] = buf
+
+    def _drop(self, conn: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(conn)
+        self.clients.pop(conn, None)
+        conn.close()
+
+    def close(self) -> None:
+        """Remove the socket (the thread dies with the supervisor)."""
+        self.sock_path.unlink(missing_ok=True)
+
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    return _FRAME.pack(kind, len(payload)) + payload
+
+
+def attach(sock_path: Path, stdin: int = 0, stdout: int = 1) -> None:
+    """Relay the terminal to a console until Esc . or the CT stops (its socket closes)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(sock_path))
+    is_tty = os.isatty(stdin)
+    saved = termios.tcgetattr(stdin) if is_tty else None
+
+    def send_winsize(*_: object) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(frame(b"w", struct.pack(">HH", *S.get_winsize(stdin))))
+
+    if is_tty:
+        tty.setraw(stdin)
+        send_winsize()
+        signal.signal(signal.SIGWINCH, send_winsize)
+    sel = selectors.DefaultSelector()
+    sel.register(stdin, selectors.EVENT_READ, "in")
+    sel.register(conn, selectors.EVENT_READ, "ct")
+    last = b""
+    try:
+        while True:
+            for key, _ in sel.select():
+                if key.data == "ct":
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    os.write(stdout, data)
+                    continue
+                data = os.read(stdin, 4096)
+                if not data:
+                    return
+                if DETACH in last[-1:] + data:
+                    cut = (last[-1:] + data).index(DETACH) - len(last[-1:])
+                    if cut > 0:
+                        conn.sendall(frame(b"d", data[:cut]))
+                    return
+                last = data
+                conn.sendall(frame(b"d", data))
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            signal.signal(signal.SIGWINCH, signal.SIG_DFL)
+        conn.close()
+        sys.stdout.flush()
