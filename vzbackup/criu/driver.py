@@ -7,6 +7,7 @@ still frozen): pycriu's ``criu.dump()`` can't answer them, so that request loop 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -96,6 +97,7 @@ def dump(
         c.opts.tcp_established = opts.tcp_established
         c.opts.file_locks = opts.file_locks
         c.opts.manage_cgroups = True
+        c.opts.cgroup_dump_controller.extend(own_cgroup_controllers(pid))
         c.opts.orphan_pts_master = opts.orphan_pts_master
         c.opts.external.extend(opts.external)
         if opts.lazy_port:
@@ -115,6 +117,20 @@ def dump(
         return time.monotonic() - t0
     finally:
         os.close(fd)
+
+
+def own_cgroup_controllers(pid: int) -> list[str]:
+    """The hierarchies (as /proc/PID/cgroup names them; "" is cgroup2) where *pid* sits in
+    a cgroup of its own. Only these are dumped: in a v1 hierarchy nobody set up for the CT
+    (one that systemd or another tool mounted somewhere) it sits at the root, and CRIU would
+    dump, and every restore re-create below the CT's cgroup, the node's whole tree there."""
+    names = []
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, name, path = line.split(":", 2)
+            if path != "/":
+                names.append(name)
+    return names
 
 
 def _recv(sk: socket.socket, fds: list[int] | None = None):

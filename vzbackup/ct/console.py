@@ -151,6 +151,60 @@ class ConsoleServer(threading.Thread):
         self.sock_path.unlink(missing_ok=True)
 
 
+class _Terminal:
+    """This process's terminal in raw mode for a relay (nothing to do when not a tty)."""
+
+    def __init__(self, fd: int, on_resize) -> None:
+        self.fd = fd
+        self.saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+        self.on_resize = on_resize
+
+    def __enter__(self) -> _Terminal:
+        if self.saved is not None:
+            tty.setraw(self.fd)
+            self.on_resize()
+            signal.signal(signal.SIGWINCH, lambda *_: self.on_resize())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            signal.signal(signal.SIGWINCH, signal.SIG_DFL)
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+
+def relay_pty(master: int, stdin: int = 0, stdout: int = 1) -> None:
+    """Relay the terminal to a pty master until its last slave closes (the session ended).
+
+    End of input sends ^D (EOF for a shell on the pty) and output is relayed to the end."""
+
+    def resize() -> None:
+        with contextlib.suppress(OSError):
+            S.set_winsize(master, *S.get_winsize(stdin))
+
+    sel = selectors.DefaultSelector()
+    sel.register(master, selectors.EVENT_READ, "pty")
+    sel.register(stdin, selectors.EVENT_READ, "in")
+    with _Terminal(stdin, resize):
+        while True:
+            for key, _ in sel.select():
+                if key.data == "pty":
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError as e:
+                        if e.errno != errno.EIO:
+                            raise
+                        data = b""
+                    if not data:
+                        return
+                    os.write(stdout, data)
+                    continue
+                data = os.read(stdin, 4096)
+                if not data:
+                    sel.unregister(stdin)
+                    data = b"\x04"
+                os.write(master, data)
+
+
 def frame(kind: bytes, payload: bytes) -> bytes:
     return _FRAME.pack(kind, len(payload)) + payload
 
@@ -159,43 +213,36 @@ def attach(sock_path: Path, stdin: int = 0, stdout: int = 1) -> None:
     """Relay the terminal to a console until Esc . or the CT stops (its socket closes)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(str(sock_path))
-    is_tty = os.isatty(stdin)
-    saved = termios.tcgetattr(stdin) if is_tty else None
 
-    def send_winsize(*_: object) -> None:
+    def resize() -> None:
         with contextlib.suppress(OSError):
             conn.sendall(frame(b"w", struct.pack(">HH", *S.get_winsize(stdin))))
 
-    if is_tty:
-        tty.setraw(stdin)
-        send_winsize()
-        signal.signal(signal.SIGWINCH, send_winsize)
     sel = selectors.DefaultSelector()
     sel.register(stdin, selectors.EVENT_READ, "in")
     sel.register(conn, selectors.EVENT_READ, "ct")
-    last = b""
+    prev = b""  # the last byte typed, for an escape split across reads
     try:
-        while True:
-            for key, _ in sel.select():
-                if key.data == "ct":
-                    data = conn.recv(65536)
+        with _Terminal(stdin, resize):
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "ct":
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        os.write(stdout, data)
+                        continue
+                    data = os.read(stdin, 4096)
                     if not data:
                         return
-                    os.write(stdout, data)
-                    continue
-                data = os.read(stdin, 4096)
-                if not data:
-                    return
-                if DETACH in last[-1:] + data:
-                    cut = (last[-1:] + data).index(DETACH) - len(last[-1:])
-                    if cut > 0:
-                        conn.sendall(frame(b"d", data[:cut]))
-                    return
-                last = data
-                conn.sendall(frame(b"d", data))
+                    seen = prev + data
+                    if DETACH in seen:
+                        keep = data[: max(0, seen.index(DETACH) - len(prev))]
+                        if keep:
+                            conn.sendall(frame(b"d", keep))
+                        return
+                    prev = data[-1:]
+                    conn.sendall(frame(b"d", data))
     finally:
-        if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
-            signal.signal(signal.SIGWINCH, signal.SIG_DFL)
         conn.close()
         sys.stdout.flush()

@@ -14,6 +14,7 @@ from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node, expand
 from vzbackup.ct import fs, network
 from vzbackup.ct.cgroups import CgroupSet, Limits, open_cgroups
+from vzbackup.ct.console import relay_pty
 from vzbackup.ct.state import CTState, read_state
 from vzbackup.errors import NotFoundError, RuntimeFailure, StateError
 from vzbackup.lock import Lock
@@ -184,6 +185,49 @@ class Container:
             "--wd",
         ]
 
+    def _env(self, tty: bool) -> dict[str, str]:
+        return {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "TERM": os.environ.get("TERM", "linux") if tty else "dumb",
+        }
+
+    def enter(self, argv: list[str]) -> int:
+        """Run *argv* inside the CT on a new pty of the CT's own devpts (like vzctl enter),
+        relaying this process's terminal to it; returns the command's exit code (-N: signal N).
+
+        The session is a child of this process, not of the CT's init, so a checkpoint of
+        the CT neither needs nor dumps it (a chkpnt ends it, a leave-running dump doesn't)."""
+        st = self.require_running()
+        cg = self.cgroup()
+        pts = f"/proc/{st.init_pid}/root/dev/pts"
+        master, index = S.open_pty(f"{pts}/ptmx")
+        try:
+            slave = os.open(f"{pts}/{index}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            os.fchown(slave, _host_id(st.init_pid, "uid", 0), _host_id(st.init_pid, "gid", 5))
+
+            def in_session() -> None:
+                os.setsid()
+                S.set_controlling_tty(0)
+                cg.attach(os.getpid(), existing_only=True)
+
+            try:
+                proc = subprocess.Popen(
+                    [*self._nsenter_argv(st), "--", *argv],
+                    env=self._env(tty=True),
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    preexec_fn=in_session,
+                    close_fds=True,
+                )
+            finally:
+                os.close(slave)
+            relay_pty(master)
+            return proc.wait()
+        finally:
+            os.close(master)
+
     def exec(
         self,
         argv: list[str],
@@ -195,11 +239,7 @@ class Container:
         """Run *argv* inside the running CT (its namespaces, root and cgroups)."""
         st = self.require_running()
         cg = self.cgroup()
-        env = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": "/root",
-            "TERM": os.environ.get("TERM", "linux") if tty else "dumb",
-        }
+        env = self._env(tty)
         kwargs: dict = {}
         if capture:
             kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
@@ -212,6 +252,16 @@ class Container:
             close_fds=True,
             **kwargs,
         )
+
+
+def _host_id(pid: int, kind: str, ct_id: int) -> int:
+    """The node's uid/gid (*kind*) for id *ct_id* in the user namespace of *pid*."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/{kind}_map").read_text().splitlines():
+            inside, outside, count = (int(x) for x in line.split())
+            if inside <= ct_id < inside + count:
+                return outside + ct_id - inside
+    return ct_id
 
 
 def _write_in_ct(path: Path, text: str) -> None:

@@ -28,7 +28,7 @@ def enter(ctx: click.Context, ctid: str) -> None:
     """Open an interactive shell in CTID (like vzctl enter)."""
     ct = container(ctx, ctid)
     click.echo(f"entered into CT {ct.ctid}", err=True)
-    rc = ct.exec(["/bin/sh", "-l"], tty=True).returncode
+    rc = ct.enter(["/bin/sh", "-l"])
     click.echo(f"exited from CT {ct.ctid}", err=True)
     sys.exit(rc if rc >= 0 else 128 - rc)
 
