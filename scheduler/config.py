@@ -49,7 +49,7 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     "restore-test": (*_COMMON_KEYS, "vmid", "scratch-ctid"),
 }
 GLOBAL_KEYS = ("max-workers", "shutdown-timeout", "notify", "mailto", "mail-from",
-               "smtp-server", "webhook")
+               "smtp-server", "webhook", "metrics-listen")
 
 _HEADER = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*):\s*(\S*)\s*$")
 _OPTION = re.compile(r"^\s+([A-Za-z][A-Za-z0-9_-]*)(?:\s+(.*?))?\s*$")
@@ -91,7 +91,15 @@ class SchedulerOptions:
     mail_from: str | None = None
     smtp_server: str = "localhost:25"
     webhook: str | None = None
+    metrics_listen: str = C.METRICS_LISTEN  # host:port of /metrics and the report; "" = off
     source: str | None = None
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        if not self.metrics_listen:
+            return None
+        host, port = _split_hostport(self.metrics_listen, default_port=None)
+        return host, port
 
     @property
     def smtp_host(self) -> str:
@@ -141,14 +149,24 @@ def _abspath(text: str) -> Path:
     return Path(text)
 
 
-def _split_hostport(text: str) -> tuple[str, int]:
+def _split_hostport(text: str, default_port: str | None = "25") -> tuple[str, int]:
     host, sep, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
     if not sep:
-        host, port = text, "25"
+        if default_port is None:
+            raise ValueError(f"expected HOST:PORT, not {text!r}")
+        host, port = text, default_port
     host = host.strip("[]")
     if not host or not re.fullmatch(r"[A-Za-z0-9_.:-]+", host):
         raise ValueError(f"invalid host {host!r}")
-    return host, dump_defaults.int_range(1, 65535)(port)
+    low = 1 if default_port is not None else 0  # port 0: any free port (tests)
+    return host, dump_defaults.int_range(low, 65535)(port)
+
+
+def _listen(text: str) -> str:
+    if text == "off":
+        return ""
+    _split_hostport(text, default_port=None)
+    return text
 
 
 def _smtp(text: str) -> str:
@@ -201,6 +219,7 @@ _GLOBAL_PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "mail-from": ("mail_from", _address),
     "smtp-server": ("smtp_server", _smtp),
     "webhook": ("webhook", _url),
+    "metrics-listen": ("metrics_listen", _listen),
 }
 
 

@@ -67,6 +67,7 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1},
         )
         self.scheduler.add_listener(self._missed, EVENT_JOB_MISSED)
+        self.endpoint = None  # the HTTP endpoint (metrics, report) while serving
 
     # --- schedule -----------------------------------------------------------------------------
     def _sync(self, jobs: dict[str, JobDef]) -> None:
@@ -105,6 +106,8 @@ class Daemon:
             return False
         if options.max_workers != self.options.max_workers:
             log.warning("max-workers changes take effect at the next start")
+        if options.metrics_listen != self.options.metrics_listen:
+            log.warning("metrics-listen changes take effect at the next start")
         self.options.notify, self.options.mailto = options.notify, options.mailto
         self.options.webhook, self.options.smtp_server = options.webhook, options.smtp_server
         self.options.mail_from, self.options.shutdown_timeout = (options.mail_from,
@@ -137,6 +140,8 @@ class Daemon:
                 self.running.discard(job_id)
         run = self.history.finish(run_id, out.status, bytes_=out.bytes, snapshots=out.snapshots,
                                   error=out.error, details=out.details)
+        if self.endpoint is not None:
+            self.endpoint.cache.clear()  # the repository changed: list it again
         log.info("job %s: %s in %.1f s%s", job.id, out.status, time.monotonic() - t0,
                  f": {out.error}" if out.error else "")
         event = {**run.to_dict(), "host": socket.gethostname()}
@@ -182,6 +187,7 @@ class Daemon:
         self.scheduler.start(paused=True)
         self._sync(self.jobs)
         self.scheduler.resume()
+        self._serve_http()
         _sd_notify("READY=1")
         log.info("scheduler running: %d jobs from %s, %d worker(s), state in %s",
                  len(self.jobs), self.jobs_path, self.options.max_workers, self.history.url)
@@ -197,8 +203,25 @@ class Daemon:
             _DAEMON = None
         return 0
 
+    def _serve_http(self) -> None:
+        """Metrics and the report over HTTP; a busy address is logged, not fatal."""
+        address = self.options.metrics_address
+        if address is None:
+            return
+        from vzbackup.observe.server import Endpoint
+
+        try:
+            self.endpoint = Endpoint(self.node, *address, log=log.error)
+        except OSError as e:
+            log.error("metrics and report not served: %s:%d: %s", *address, e.strerror)
+            return
+        self.endpoint.start()
+        log.info("metrics on %smetrics, report on %s", self.endpoint.url, self.endpoint.url)
+
     def _shutdown(self) -> None:
         _sd_notify("STOPPING=1")
+        if self.endpoint is not None:
+            self.endpoint.close()
         self.scheduler.pause()
         deadline = time.monotonic() + self.options.shutdown_timeout
         while self.running and time.monotonic() < deadline:

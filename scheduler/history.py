@@ -108,6 +108,27 @@ class History:
         with self.engine.connect() as c:
             return [_run(r) for r in c.execute(q)]
 
+    def since(self, started_after: float) -> list[Run]:
+        """Finished and running runs started after *started_after*, oldest first."""
+        q = RUNS.select().where(RUNS.c.started >= started_after).order_by(RUNS.c.id)
+        with self.engine.connect() as c:
+            return [_run(r) for r in c.execute(q)]
+
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        """Number of runs by (job, kind, status), over the whole history."""
+        q = sa.select(RUNS.c.job, RUNS.c.kind, RUNS.c.status, sa.func.count()).group_by(
+            RUNS.c.job, RUNS.c.kind, RUNS.c.status)
+        with self.engine.connect() as c:
+            return {(r[0], r[1], r[2]): int(r[3]) for r in c.execute(q)}
+
+    def latest_per_job(self) -> list[Run]:
+        """The newest finished run of every job."""
+        newest = sa.select(sa.func.max(RUNS.c.id)).where(RUNS.c.ended.is_not(None)).group_by(
+            RUNS.c.job)
+        q = RUNS.select().where(RUNS.c.id.in_(newest)).order_by(RUNS.c.job)
+        with self.engine.connect() as c:
+            return [_run(r) for r in c.execute(q)]
+
     def request(self, job: str) -> int:
         with self.engine.begin() as c:
             res = c.execute(REQUESTS.insert().values(job=job, requested=time.time()))

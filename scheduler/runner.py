@@ -107,8 +107,10 @@ class Runner:
         out = Outcome()
         try:
             results = json.loads(stdout)["results"]
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             out.fail(_last_line(stderr) or f"vzbackup dump exited with {rc}")
+            # the whole dump failed: each CT named by the job did (metrics count per CT)
+            out.details += [f"CT {ctid}: FAILED: {out.error}" for ctid in job.ctids]
             return out
         for r in results:
             if r["ok"]:

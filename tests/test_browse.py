@@ -183,3 +183,33 @@ def test_bad_input_is_refused_before_mounting(node: NodeBed, browse, args, code,
     assert not mounted(mnt)
     res = node.vz("browse", str(node.prefix / "no-such-dir"), check=False)
     assert res.returncode == 2 and "not a directory" in res.stderr
+
+
+def test_byte_ranges_and_the_chunk_cache(node: NodeBed):
+    """What the mount reads: any byte range of big, small and sparse files equals the source,
+    and a second read of the same range fetches no chunk again."""
+    import random
+
+    from vzbackup.backup.session import open_repository
+    from vzbackup.config.node import Node
+    from vzbackup.observe.engine_view import FileMap, RepoView
+
+    ctid, private = rich_ct(node)
+    sid = dump(node, ctid)
+    view = RepoView(open_repository(Node.load(str(node.prefix)), None, None), 64 << 20)
+    try:
+        entries = {e.path: e for e in view.tree(sid)}
+        rng = random.Random(7)
+        for rel in ("rich/bin/big", "rich/sparse", "rich/etc/conf7", "rich/empty"):
+            data = (private / rel).read_bytes()
+            fmap = FileMap(entries[rel])
+            spans = [(0, len(data) + 10), (len(data), 5)] + [
+                (rng.randrange(len(data) or 1), rng.randrange(1, 3 << 20)) for _ in range(20)]
+            for off, size in spans:
+                assert view.read(fmap, off, size) == data[off: off + size], (rel, off, size)
+        fetched = view.chunks.fetched
+        fmap = FileMap(entries["rich/bin/big"])
+        assert view.read(fmap, 0, 4 << 20) == (private / "rich/bin/big").read_bytes()
+        assert view.chunks.fetched == fetched  # all from the cache
+    finally:
+        view.close()

@@ -47,6 +47,7 @@ STORAGE_CFG = "storage.cfg"  # in VZBACKUP_CONFDIR: named storages
 JOBS_CFG = "jobs.cfg"  # in VZBACKUP_CONFDIR: scheduled jobs
 SCHEDULER_DB = "scheduler.db"  # in STATEDIR
 SCHEDULER_PID = "vzbackup-scheduler.pid"  # in RUNDIR
+METRICS_LISTEN = "127.0.0.1:9737"  # the scheduler's /metrics and report (jobs.cfg metrics-listen)
 
 # OS templates built by 'vzbackup template build' (vzbackup/template/).
 DEBIAN_MIRROR = "http://deb.debian.org/debian"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from vzbackup.cli.common import require_root
+from vzbackup.cli.common import emit, json_option, node_of, require_root
 from vzbackup.cli.repo_common import open_repo, repo_options
 from vzbackup.errors import DependencyError, UsageError
 
@@ -71,4 +71,47 @@ def browse(ctx: click.Context, mountpoint: str, snapshot: str | None, storage: s
     sys.stdout.flush()
 
 
-COMMANDS = [browse]
+@click.command()
+@click.option("--textfile", "textfile_dir", type=click.Path(file_okay=False),
+              help="Write DIR/vzbackup.prom for node_exporter's textfile collector "
+                   "(atomically) instead of printing the metrics.")
+@click.pass_context
+def metrics(ctx: click.Context, textfile_dir: str | None) -> None:
+    """Prometheus metrics of this node's backups, jobs and migrations, without a daemon."""
+    require_root()
+    from vzbackup.observe import metrics as M
+
+    node = node_of(ctx)
+    if textfile_dir:
+        path = M.write_textfile(node, Path(textfile_dir))
+        click.echo(f"wrote {path}", err=True)
+        return
+    from prometheus_client import generate_latest
+
+    click.echo(generate_latest(M.registry(node)).decode(), nl=False)
+
+
+@click.command()
+@click.option("--html", "html_file", required=True, type=click.Path(dir_okay=False),
+              help="Where the page goes (one self-contained file).")
+@click.option("--storage", help="Only this storage (default: every storage the jobs use).")
+@click.option("--since", default="30d", show_default=True,
+              help="Period: 30d, 12h, 2w, or a date like 2026-11-01.")
+@json_option
+@click.pass_context
+def report(ctx: click.Context, html_file: str, storage: str | None, since: str,
+           as_json: bool) -> None:
+    """An HTML report with plots: snapshot history per CT, job durations and failures,
+    repository growth, migrations with their phase times."""
+    require_root()
+    from vzbackup.observe import facts as F
+    from vzbackup.observe import report as R
+
+    node = node_of(ctx)
+    start = F.parse_since(since)
+    out = R.write(node, storage, start, Path(html_file))
+    emit(as_json, out, f"wrote {html_file}: {out['snapshots']} snapshots, {out['runs']} job "
+                       f"runs, {out['migrations']} migrations")
+
+
+COMMANDS = [browse, metrics, report]
