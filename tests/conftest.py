@@ -96,6 +96,12 @@ def debian_node(template_cache: Path, debian_template_cache: Path) -> Iterator[N
     yield from _bed(template_cache, debian_template_cache)
 
 
+@pytest.fixture(scope="module")
+def debian_module_node(template_cache: Path, debian_template_cache: Path) -> Iterator[NodeBed]:
+    """``debian_node`` shared by one module's tests (they reuse one started Debian CT)."""
+    yield from _bed(template_cache, debian_template_cache)
+
+
 @pytest.fixture
 def criu_ready() -> None:
     from vzbackup.criu.check import criu_binary, pycriu_module

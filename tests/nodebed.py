@@ -7,14 +7,19 @@ on them live in conftest.py.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +139,57 @@ class NodeBed:
         for m in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True, check=False)
         shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+class PtyDriver:
+    """Runs the real CLI on a pty of its own, as a person at a terminal would."""
+
+    def __init__(self, bed: NodeBed, *args: str, rows: int = 30, cols: int = 100) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # pragma: no cover - the child execs
+            os.execve(sys.executable, [sys.executable, "-m", "vzbackup.cli", *args], bed.env())
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.out = b""
+
+    def expect(self, needle: bytes, timeout: float = 20.0) -> bytes:
+        """Read until *needle* appeared (everything read so far is kept in ``out``)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.out:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._read(left):
+                raise AssertionError(f"{needle!r} not seen; got {self.out[-2000:]!r}")
+        return self.out
+
+    def _read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return True
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:
+            return False
+        self.out += data
+        return bool(data)
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Exit code of the CLI (output keeps being collected meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            self._read(0.1)
+        raise AssertionError(f"the CLI did not exit; got {self.out[-2000:]!r}")
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            os.close(self.fd)
 
 
 def wait_for(pred, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):

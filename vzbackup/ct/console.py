@@ -209,8 +209,9 @@ def frame(kind: bytes, payload: bytes) -> bytes:
     return _FRAME.pack(kind, len(payload)) + payload
 
 
-def attach(sock_path: Path, stdin: int = 0, stdout: int = 1) -> None:
-    """Relay the terminal to a console until Esc . or the CT stops (its socket closes)."""
+def attach(sock_path: Path, banner: str = "", stdin: int = 0, stdout: int = 1) -> None:
+    """Relay the terminal to a console until Esc . or the CT stops (its socket closes);
+    *banner* is shown once connected and in raw mode (what is typed from then on counts)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(str(sock_path))
 
@@ -224,6 +225,7 @@ def attach(sock_path: Path, stdin: int = 0, stdout: int = 1) -> None:
     prev = b""  # the last byte typed, for an escape split across reads
     try:
         with _Terminal(stdin, resize):
+            os.write(2, banner.encode())
             while True:
                 for key, _ in sel.select():
                     if key.data == "ct":

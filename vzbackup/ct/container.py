@@ -206,19 +206,20 @@ class Container:
             slave = os.open(f"{pts}/{index}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
             os.fchown(slave, _host_id(st.init_pid, "uid", 0), _host_id(st.init_pid, "gid", 5))
 
-            def in_session() -> None:
-                os.setsid()
-                S.set_controlling_tty(0)
+            def in_ct_session() -> None:
                 cg.attach(os.getpid(), existing_only=True)
+                _join_namespaces(st.init_pid)
+                os.setsid()  # the session and its leader are inside the CT's pid namespace
+                S.set_controlling_tty(0)
 
             try:
                 proc = subprocess.Popen(
-                    [*self._nsenter_argv(st), "--", *argv],
+                    argv,
                     env=self._env(tty=True),
                     stdin=slave,
                     stdout=slave,
                     stderr=slave,
-                    preexec_fn=in_session,
+                    preexec_fn=in_ct_session,
                     close_fds=True,
                 )
             finally:
@@ -252,6 +253,41 @@ class Container:
             close_fds=True,
             **kwargs,
         )
+
+
+# Namespaces joined by enter, the user namespace first (it owns the others).
+ENTER_NAMESPACES = ("user", "cgroup", "ipc", "uts", "net", "pid", "mnt")
+
+
+def _join_namespaces(pid: int) -> None:
+    """Join the namespaces of *pid*, then fork: the child (in its pid namespace) returns,
+    this process waits for it and exits with its status (what nsenter does). Runs in a
+    preexec_fn: every other descriptor is closed so Popen sees the exec of the child."""
+    for ns in ENTER_NAMESPACES:
+        path = f"/proc/{pid}/ns/{ns}"
+        if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{ns}").st_ino:
+            continue
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            S.setns(fd)
+        finally:
+            os.close(fd)
+        if ns == "user":
+            os.setgid(0)
+            os.setuid(0)
+    os.chdir("/")
+    child = os.fork()
+    if child == 0:
+        return
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    for fd in (0, 1, 2):
+        os.close(fd)
+    _, status = os.waitpid(child, 0)
+    os._exit(
+        os.waitstatus_to_exitcode(status) & 0xFF
+        if os.WIFEXITED(status)
+        else 128 + os.WTERMSIG(status)
+    )
 
 
 def _host_id(pid: int, kind: str, ct_id: int) -> int:

@@ -31,8 +31,7 @@ def console(ctx: click.Context, ctid: str, show_log: bool) -> None:
     sock = ct_console.socket_path(rundir, ct.ctid)
     if not sock.exists():
         raise NotFoundError(f"CT {ct.ctid} has no console (it was restored without one)")
-    click.echo(f"Attached to CT {ct.ctid} (ESC . to detach)", err=True)
-    ct_console.attach(sock)
+    ct_console.attach(sock, banner=f"Attached to CT {ct.ctid} (ESC . to detach)\r\n")
     click.echo(f"\r\nDetached from CT {ct.ctid}", err=True)
 
 
