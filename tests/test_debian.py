@@ -44,6 +44,13 @@ def test_boots_to_running_with_console_run_cgroupns_and_journal(deb) -> None:
     assert bed.sh(ctid, "grep '^0::' /proc/1/cgroup").strip() == "0::/init.scope"
     assert bed.sh(ctid, "findmnt -rno FSTYPE | grep -cx cgroup", check=False).strip() == "0"
     assert journal_logs(bed, ctid, "boot-check")
+    # The checkpoint drop-in is in place: redis-server keeps its own mount namespace but
+    # shares the CT's UTS and user namespaces (what CRIU can dump).
+    shown = bed.sh(ctid, "systemctl show redis-server -p ProtectHostname -p PrivateUsers")
+    assert sorted(shown.split()) == ["PrivateUsers=no", "ProtectHostname=no"]
+    ns = bed.sh(ctid, "p=$(pidof redis-server); for n in uts user mnt; do "
+                      "[ $(readlink /proc/$p/ns/$n) = $(readlink /proc/1/ns/$n) ]; echo $?; done")
+    assert ns.split() == ["0", "0", "1"]
     # console-getty runs on the console pty; its output is kept in RUNDIR.
     assert bed.sh(ctid, "systemctl is-active console-getty").strip() == "active"
     assert "login:" in bed.vz("console", str(ctid), "--log").stdout
@@ -81,9 +88,16 @@ def test_enter_allocates_a_pty_inside_the_ct(deb) -> None:
 
 def test_stop_halts_systemd_cleanly_and_restart_boots_again(deb) -> None:
     bed, ctid = deb
+    # Switching the checkpoint drop-in off (per CT) takes effect at the next start.
+    conf = bed.prefix / f"etc/vz/conf/{ctid}.conf"
+    conf.write_text(conf.read_text() + 'SYSTEMD_CHECKPOINT="no"\n')
     res = bed.vz("restart", str(ctid), "--timeout", "60")
     assert "did not halt" not in res.stderr
     log = bed.vz("console", str(ctid), "--log").stdout
     assert "Reached target" in log and "System Halt" in log  # systemd ran its halt.target
     assert system_state(bed, ctid) == "running"
     assert journal_logs(bed, ctid, "after-restart")
+    dropin = bed.prefix / f"vz/private/{ctid}/etc/systemd/system/service.d"
+    assert not list(dropin.glob("*vzbackup*"))
+    shown = bed.sh(ctid, "systemctl show redis-server -p ProtectHostname")
+    assert shown.strip() == "ProtectHostname=yes"

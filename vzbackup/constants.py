@@ -63,3 +63,17 @@ TEMPLATE_DEFAULT_PACKAGES = (
 )  # fmt: skip
 TEMPLATE_INFO_SUFFIX = ".json"  # NAME.tar.zst.json beside a built template: recipe and inputs
 DEBIAN_TEMPLATE = "debian-12-x86_64"  # what setup.sh builds for the tests and the demo
+
+# systemd CTs: a drop-in for every service (in /etc/systemd/system of the CT), written at
+# start while the CT's SYSTEMD_CHECKPOINT is yes (the default). CRIU cannot dump a process in
+# a nested UTS or user namespace, which ProtectHostname= and PrivateUsers= of stock units
+# (redis-server, logind, ...) create; every other sandboxing option is kept.
+SYSTEMD_DROPIN = "service.d/50-vzbackup-checkpoint.conf"
+SYSTEMD_DROPIN_TEXT = """\
+# Written by vzbackup at CT start; set SYSTEMD_CHECKPOINT="no" in the CT's config to drop it.
+# CRIU (checkpoint, backup with state, live migration) cannot dump a service in a nested UTS
+# or user namespace: these two sandboxing options are off; all others stay as the units say.
+[Service]
+ProtectHostname=no
+PrivateUsers=no
+"""

@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from vzbackup import constants as C
 from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node, expand
@@ -155,6 +156,23 @@ class Container:
             lines = [f"search {' '.join(c.searchdomains)}"] if c.searchdomains else []
             lines += [f"nameserver {ns}" for ns in c.nameservers]
             _write_in_ct(etc / "resolv.conf", "\n".join(lines) + "\n")
+        self._write_systemd_dropin(etc, c)
+
+    def _write_systemd_dropin(self, etc: Path, c: CTConfig) -> None:
+        """The drop-in that keeps a systemd CT's services checkpointable (SYSTEMD_CHECKPOINT,
+        default yes); removed again when switched off. Nothing for a CT without systemd."""
+        units = etc / "systemd/system"
+        if any(p.is_symlink() for p in (etc / "systemd", units)) or not units.is_dir():
+            return
+        dropin = units / C.SYSTEMD_DROPIN
+        if c.get("SYSTEMD_CHECKPOINT", "yes").lower() in ("no", "off", "0"):
+            if not dropin.parent.is_symlink():
+                dropin.unlink(missing_ok=True)
+            return
+        if dropin.parent.is_symlink():
+            dropin.parent.unlink()
+        dropin.parent.mkdir(exist_ok=True)
+        _write_in_ct(dropin, C.SYSTEMD_DROPIN_TEXT)
 
     def remove_private(self) -> None:
         private = self.ve_private()
