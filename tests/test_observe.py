@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,6 +159,11 @@ def test_daemon_serves_metrics_and_the_report(node: NodeBed, daemon):
     for words in (f"CT {ctid} on local", "broken",
                   "DEST disk full", "<svg"):
         assert words in page
+    _, page = d.get("?since=1h&storage=local")  # the migrations were days ago
+    assert "No migrations in this period" in page and f"CT {ctid} on local" in page
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        d.get("?since=yesterday")
+    assert bad.value.code == 400
 
 
 def test_textfile_without_a_daemon_and_restore_test_result(node: NodeBed, tmp_path: Path):

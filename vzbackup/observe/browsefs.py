@@ -30,7 +30,6 @@ from vzbackup.observe.engine_view import Entry, FileMap, RepoView, Snapshot
 log = logging.getLogger("vzbackup.browse")
 LATEST = "latest"
 TREES_KEPT = 8  # snapshot trees kept loaded
-FUSE_THREADS = 8  # libfuse worker threads (requests served at once)
 REFRESH_SECONDS = 5.0  # how old the snapshot list may get before a listing reloads it
 SNAPSHOT_INO_SHIFT = 32  # inode = (snapshot number << 32) + entry number
 STOPPED_BY_SIGNAL = 8  # fuse_main's code when SIGINT/SIGTERM/SIGHUP ended the loop
@@ -317,8 +316,7 @@ def mount(view: RepoView, mountpoint: str, only: Snapshot | None = None, *,
     (libfuse then unmounts)."""
     options = {"foreground": True, "ro": True, "default_permissions": True, "use_ino": True,
                "fsname": f"vzbackup:{view.url}", "subtype": "vzbackup", "kernel_cache": True,
-               "attr_timeout": 60, "entry_timeout": 60, "max_threads": FUSE_THREADS,
-               "debug": debug}
+               "attr_timeout": 60, "entry_timeout": 60, "debug": debug}
     if allow_other:
         options["allow_other"] = True
     mfusepy.FUSE(BrowseFS(view, only, on_ready), mountpoint, **options)

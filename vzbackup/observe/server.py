@@ -1,4 +1,5 @@
-"""The scheduler daemon's HTTP endpoint: ``/metrics`` (Prometheus) and ``/`` (the report).
+"""The scheduler daemon's HTTP endpoint: ``/metrics`` (Prometheus) and ``/`` (the report;
+``?since=7d&storage=NAME`` as ``vzbackup report`` takes them).
 
 A threaded wsgiref server in a daemon thread; it binds to localhost unless jobs.cfg's
 ``metrics-listen`` says otherwise.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
 from vzbackup.config.node import Node
+from vzbackup.errors import UsageError
 from vzbackup.observe import facts as F
 from vzbackup.observe import metrics
 from vzbackup.observe import report as R
@@ -62,8 +65,14 @@ class Endpoint:
         if path.startswith("/metrics"):
             return self.metrics_app(environ, start_response)
         if path in ("/", "/report", "/report.html"):
+            query = parse_qs(environ.get("QUERY_STRING", ""))
             try:
-                data = R.gather(self.node, None, F.parse_since(REPORT_SINCE))
+                since = F.parse_since(query.get("since", [REPORT_SINCE])[0])
+            except UsageError as e:
+                start_response("400 Bad Request", [("Content-Type", "text/plain")])
+                return [f"{e}\n".encode()]
+            try:
+                data = R.gather(self.node, query.get("storage", [None])[0], since)
                 page = R.render(data).encode()
             except Exception as e:  # a broken page must not take the daemon down
                 self.log(f"report failed: {e}")
