@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,3 +214,29 @@ def test_byte_ranges_and_the_chunk_cache(node: NodeBed):
         assert view.chunks.fetched == fetched  # all from the cache
     finally:
         view.close()
+
+
+def test_a_prune_and_gc_under_the_mount_give_eio_not_a_dead_mount(node: NodeBed, browse):
+    ctid, private = rich_ct(node)
+    (private / "gone").write_bytes(os.urandom(16 << 20))  # only in the first snapshot
+    first = dump(node, ctid)
+    (private / "gone").unlink()
+    dump(node, ctid)
+    b = browse(node.prefix / "mnt")
+    old = b.mnt / first
+    with open(old / "gone", "rb", buffering=0) as held:
+        assert len(held.read(4096)) == 4096
+        node.vz("prune", str(ctid), "--keep-last", "1")
+        day_ago = time.time() - 86400  # past GC's grace period for fresh data
+        for f in (node.prefix / "vz/backup").rglob("*"):
+            os.utime(f, (day_ago, day_ago), follow_symlinks=False)
+        gc = json.loads(node.vz("gc", "--json").stdout)
+        assert gc["chunks_deleted"] > 0, gc
+        with pytest.raises(OSError) as err:
+            held.seek(15 << 20)  # beyond what was read ahead
+            held.read(1 << 20)
+        assert err.value.errno == 5  # EIO: the data is gone, the mount is not
+    assert (b.mnt / str(ctid) / "latest/rich/etc/passwd").read_text().startswith("root:")
+    assert b.proc.poll() is None
+    wait_for(lambda: first.split("/")[1] not in os.listdir(b.mnt / str(ctid)), timeout=30,
+             what="the pruned snapshot to leave the listing")

@@ -19,7 +19,6 @@ from vzbackup.config.node import Node
 from vzbackup.errors import UsageError
 from vzbackup.observe import facts as F
 from vzbackup.observe import metrics
-from vzbackup.observe import report as R
 
 REPORT_SINCE = "30d"
 
@@ -72,6 +71,8 @@ class Endpoint:
                 start_response("400 Bad Request", [("Content-Type", "text/plain")])
                 return [f"{e}\n".encode()]
             try:
+                from vzbackup.observe import report as R  # matplotlib: on first request only
+
                 data = R.gather(self.node, query.get("storage", [None])[0], since)
                 page = R.render(data).encode()
             except Exception as e:  # a broken page must not take the daemon down
