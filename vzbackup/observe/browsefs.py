@@ -151,12 +151,12 @@ class BrowseFS(mfusepy.Operations):
         if not stamps:
             raise mfusepy.FuseOSError(errno.ENOENT)
         if len(parts) == 1:
-            return "ct", ctid
+            return "ct", (ctid, stamps)
         if parts[1] == LATEST:
             if len(parts) > 2:  # the kernel follows the link itself; be lenient anyway
                 parts[1] = max(stamps)
             else:
-                return "latest", ctid
+                return "latest", (ctid, stamps)
         snap = stamps.get(parts[1])
         if snap is None:
             raise mfusepy.FuseOSError(errno.ENOENT)
@@ -183,12 +183,13 @@ class BrowseFS(mfusepy.Operations):
             return _attrs(stat.S_IFDIR | 0o755, 1, 2 + len(self.snaps), 0, 0, 0,
                           self.mounted_ns)
         if kind == "ct":
-            newest = max(s.time for s in self.snaps[what].values())  # type: ignore[index]
-            return _attrs(stat.S_IFDIR | 0o755, CT_INO + what, 2 + len(self.snaps[what]),
-                          0, 0, 0, int(newest.timestamp() * 1e9))
+            ctid, stamps = what  # type: ignore[misc]
+            newest = max(s.time for s in stamps.values())
+            return _attrs(stat.S_IFDIR | 0o755, CT_INO + ctid, 2 + len(stamps), 0, 0, 0,
+                          int(newest.timestamp() * 1e9))
         if kind == "latest":
-            target = max(self.snaps[what])  # type: ignore[index]
-            return _attrs(stat.S_IFLNK | 0o777, LATEST_INO + what, 1, 0, 0, len(target),
+            ctid, stamps = what  # type: ignore[misc]
+            return _attrs(stat.S_IFLNK | 0o777, LATEST_INO + ctid, 1, 0, 0, len(max(stamps)),
                           self.mounted_ns)
         t, rel = what  # type: ignore[misc]
         if rel not in t.entries:
@@ -204,10 +205,10 @@ class BrowseFS(mfusepy.Operations):
             return self._dirents(path, 1, names)
         if kind == "ct":
             self._refresh()
-            stamps = sorted(self.snaps.get(what, {}))  # type: ignore[arg-type]
-            names = [(s, stat.S_IFDIR, 0) for s in stamps]
-            return self._dirents(path, CT_INO + what, [  # type: ignore[operator]
-                *names, (LATEST, stat.S_IFLNK, LATEST_INO + what)])  # type: ignore[operator]
+            ctid = what[0]  # type: ignore[index]
+            names = [(s, stat.S_IFDIR, 0) for s in sorted(self.snaps.get(ctid, {}))]
+            return self._dirents(path, CT_INO + ctid, [
+                *names, (LATEST, stat.S_IFLNK, LATEST_INO + ctid)])
         if kind == "latest":
             raise mfusepy.FuseOSError(errno.ENOTDIR)
         t, rel = what  # type: ignore[misc]
@@ -241,7 +242,7 @@ class BrowseFS(mfusepy.Operations):
     def readlink(self, path: str) -> str:
         kind, what = self._guard(self._locate, path)
         if kind == "latest":
-            return max(self.snaps[what])  # type: ignore[index]
+            return max(what[1])  # type: ignore[index]
         if kind != "tree":
             raise mfusepy.FuseOSError(errno.EINVAL)
         t, rel = what  # type: ignore[misc]
