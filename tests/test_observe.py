@@ -156,8 +156,8 @@ def test_daemon_serves_metrics_and_the_report(node: NodeBed, daemon):
     # the same page as 'vzbackup report', served
     content_type, page = d.get("")
     assert content_type.startswith("text/html")
-    for words in (f"CT {ctid} on local", "broken",
-                  "DEST disk full", "<svg"):
+    for words in (f"CT {ctid} on local", "broken", "Latest backup per CT",
+                  "failed since", "DEST disk full", "<svg"):
         assert words in page
     _, page = d.get("?since=1h&storage=local")  # the migrations were days ago
     assert "No migrations in this period" in page and f"CT {ctid} on local" in page

@@ -81,6 +81,7 @@ def render(data: ReportData) -> str:
         f"<title>vzbackup report: {_e(data.node_name)}</title><style>{CSS}</style></head><body>",
         f"<h1>vzbackup report: {_e(data.node_name)}</h1>",
         f"<p class='muted'>From {_day(start)} to {_day(now)} (generated {_day(now)}).</p>",
+        _overview(data.repos, data.runs, now),
         _repositories(data.repos),
         _snapshot_history(data.repos),
         _jobs(data.runs),
@@ -91,6 +92,31 @@ def render(data: ReportData) -> str:
 
 
 # ---------------------------------------------------------------- sections
+
+
+def _overview(repos: list[F.RepoFacts], runs: list, now: datetime) -> str:
+    """One line per CT: its newest snapshot and whether its latest scheduled backup worked."""
+    attempts = F.ct_backup_results(runs)
+    rows = []
+    seen: set[int] = set()
+    for r in repos:
+        for ctid, s in sorted(r.latest_per_ct().items()):
+            seen.add(ctid)
+            ended, ok = attempts.get(ctid, (0.0, True))
+            failed = not ok and ended > s.time.timestamp()
+            age = (now - s.time).total_seconds() / 3600
+            rows.append([str(ctid), r.storage, s.id, f"{age:.1f} h", _size(s.size),
+                         _size(int(s.stats.get("stored_new", 0))),
+                         "<span class='bad'>failed since</span>" if failed else "ok"])
+    for ctid, (_, ok) in sorted(attempts.items()):
+        if ctid not in seen:
+            rows.append([str(ctid), "", "none", "", "", "",
+                         "ok" if ok else "<span class='bad'>failed since</span>"])
+    if not rows:
+        return ""
+    return "<h2 id='overview'>Latest backup per CT</h2>" + _table(
+        ["CT", "storage", "newest snapshot", "age", "logical", "new", "latest attempt"], rows,
+        raw_cols={6})
 
 
 def _repositories(repos: list[F.RepoFacts]) -> str:
