@@ -1,7 +1,7 @@
 """Scheduled jobs in Proxmox's jobs.cfg format (``PREFIX/etc/vzbackup/jobs.cfg``).
 
-Each section is a header ``KIND: ID`` at the start of a line followed by indented ``key value``
-lines; blank lines and lines starting with ``#`` are ignored. KIND is one of ``vzdump``
+The grammar is storage.cfg's (``vzbackup.config.sections``): a header ``KIND: ID`` followed by
+indented ``key value`` lines, booleans 1/0, yes/no, on/off or true/false. KIND is one of ``vzdump``
 (backup), ``prune``, ``verify`` and ``restore-test``; IDs are unique across kinds. One
 optional section ``scheduler: options`` holds the daemon's settings. See ``conf/jobs.cfg``.
 
@@ -28,6 +28,7 @@ from vzbackup.scheduler.calendar import ScheduleError, parse_schedule
 from vzbackup import constants as C
 from vzbackup.backup import defaults as dump_defaults
 from vzbackup.config.node import Node
+from vzbackup.config.sections import Section, parse_bool, parse_sections
 from vzbackup.engine.prune import KeepPolicy
 from vzbackup.errors import ConfigError, ExistsError, NotFoundError, UsageError
 
@@ -51,8 +52,6 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
 GLOBAL_KEYS = ("max-workers", "shutdown-timeout", "notify", "mailto", "mail-from",
                "smtp-server", "webhook", "metrics-listen")
 
-_HEADER = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*):\s*(\S*)\s*$")
-_OPTION = re.compile(r"^\s+([A-Za-z][A-Za-z0-9_-]*)(?:\s+(.*?))?\s*$")
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -115,12 +114,6 @@ def jobs_path(node: Node) -> Path:
 
 
 # ----------------------------------------------------------------------------- value parsers
-
-
-def _bool(text: str) -> bool:
-    if text in ("1", "0"):
-        return text == "1"
-    raise ValueError(f"expected 0 or 1, not {text!r}")
 
 
 def _ctid(text: str) -> int:
@@ -226,72 +219,37 @@ _GLOBAL_PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
 # ----------------------------------------------------------------------------- parsing
 
 
-@dataclass
-class _Section:
-    kind: str
-    id: str
-    line: int  # 1-based line of the header
-    end: int  # 1-based line of the last option line (== line if none)
-    options: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (value, line)
-
-
-def _sections(text: str, source: str) -> list[_Section]:
-    """The sections of a jobs file, syntax only."""
-    sections: list[_Section] = []
+def _sections(text: str, source: str) -> list[Section]:
+    """The sections of a jobs file: syntax, known kinds, valid and unique ids."""
+    sections = parse_sections(text, source, header="KIND: ID", label=_label)
     seen: dict[str, int] = {}
-    cur: _Section | None = None
-    for n, raw in enumerate(text.splitlines(), 1):
-        where = f"{source}:{n}"
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if not raw[0].isspace():
-            m = _HEADER.match(raw)
-            if not m or not m.group(2):
-                raise ConfigError(f"{where}: expected 'KIND: ID', got {stripped!r}")
-            kind, id_ = m.group(1), m.group(2)
-            if kind == GLOBAL_KIND:
-                if id_ != GLOBAL_ID:
-                    raise ConfigError(
-                        f"{where}: the global section is '{GLOBAL_KIND}: {GLOBAL_ID}', "
-                        f"not {stripped!r}"
-                    )
-            elif kind not in JOB_KINDS:
+    for section in sections:
+        where, kind, id_ = f"{source}:{section.line}", section.kind, section.id
+        if kind == GLOBAL_KIND:
+            if id_ != GLOBAL_ID:
                 raise ConfigError(
-                    f"{where}: job {id_}: unknown job type {kind!r}",
-                    hint=f"known: {', '.join(JOB_KINDS)}",
+                    f"{where}: the global section is '{GLOBAL_KIND}: {GLOBAL_ID}', "
+                    f"not '{kind}: {id_}'"
                 )
-            elif not _ID.match(id_):
-                raise ConfigError(
-                    f"{where}: job {id_}: invalid job id",
-                    hint="a letter, then letters, digits, '_', '.', '-' (at most 64)",
-                )
-            label = f"{kind}:{id_}" if kind == GLOBAL_KIND else id_
-            if label in seen:
-                what = "section" if kind == GLOBAL_KIND else f"job {id_}"
-                raise ConfigError(f"{where}: {what}: defined twice (first on line {seen[label]})")
-            seen[label] = n
-            cur = _Section(kind, id_, n, n)
-            sections.append(cur)
-            continue
-        if cur is None:
-            raise ConfigError(f"{where}: option {stripped!r} outside a section")
-        m = _OPTION.match(raw)
-        what = _label(cur)
-        if not m:
-            raise ConfigError(f"{where}: {what}: malformed line {stripped!r}",
-                              hint="expected an indented 'key value'")
-        key, value = m.group(1), m.group(2) or ""
-        if key in cur.options:
+        elif kind not in JOB_KINDS:
             raise ConfigError(
-                f"{where}: {what}: {key!r} given twice (first on line {cur.options[key][1]})"
+                f"{where}: job {id_}: unknown job type {kind!r}",
+                hint=f"known: {', '.join(JOB_KINDS)}",
             )
-        cur.options[key] = (value, n)
-        cur.end = n
+        elif not _ID.match(id_):
+            raise ConfigError(
+                f"{where}: job {id_}: invalid job id",
+                hint="a letter, then letters, digits, '_', '.', '-' (at most 64)",
+            )
+        label = f"{kind}:{id_}" if kind == GLOBAL_KIND else id_
+        if label in seen:
+            what = "section" if kind == GLOBAL_KIND else f"job {id_}"
+            raise ConfigError(f"{where}: {what}: defined twice (first on line {seen[label]})")
+        seen[label] = section.line
     return sections
 
 
-def _label(section: _Section) -> str:
+def _label(section: Section) -> str:
     return "scheduler options" if section.kind == GLOBAL_KIND else f"job {section.id}"
 
 
@@ -310,7 +268,7 @@ def parse_jobs(
         job = _job(section, source)
         if job.storage is not None and node is not None:
             if known_storages is None:
-                from vzbackup.backup.session import storages  # heavy import, needed here only
+                from vzbackup.config.storage import storages  # imports boto3-free backends
 
                 known_storages = storages(node)
             if job.storage not in known_storages:
@@ -323,7 +281,7 @@ def parse_jobs(
     return options, jobs
 
 
-def _global(section: _Section, source: str) -> SchedulerOptions:
+def _global(section: Section, source: str) -> SchedulerOptions:
     values: dict[str, Any] = {"source": f"{source}:{section.line}"}
     for key, (value, line) in section.options.items():
         where = f"{source}:{line}: scheduler options"
@@ -340,7 +298,7 @@ def _global(section: _Section, source: str) -> SchedulerOptions:
     return SchedulerOptions(**values)
 
 
-def _job(section: _Section, source: str) -> JobDef:
+def _job(section: Section, source: str) -> JobDef:
     kind, id_ = section.kind, section.id
     head = f"{source}:{section.line}: job {id_}"
     allowed = KIND_KEYS[kind]
@@ -419,7 +377,7 @@ def _parse_job_value(key: str, value: str) -> Any:
     if key == "schedule":
         return value, parse_schedule(value)
     if key in ("enabled", "repeat-missed", "all"):
-        return _bool(value)
+        return parse_bool(value)
     if key in ("vmid", "exclude"):
         return _ctids(value)
     if key == "scratch-ctid":
@@ -525,7 +483,7 @@ def set_enabled(path: Path, id: str, on: bool, node: Node | None = None) -> None
     _replace(path, new)
 
 
-def _find(text: str, path: Path, id: str) -> _Section:
+def _find(text: str, path: Path, id: str) -> Section:
     for section in _sections(text, str(path)):
         if section.kind != GLOBAL_KIND and section.id == id:
             return section

@@ -1,41 +1,60 @@
-"""Storage types by name: a backend registers itself, configs name the type."""
+"""Storage types by name: each registers its options dataclass and how to open one.
+
+Like restic's backend registry (``ParseConfig`` plus ``Open``): a config names the type,
+``vzbackup.config.storage`` fills the type's options from the section, ``open_backend``
+hands them to the backend.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from vzbackup.storage.backend import Backend
+from vzbackup.storage.options import DirOptions, S3Options
 
-_TYPES: dict[str, Callable[..., Backend]] = {}
+
+@dataclass(frozen=True)
+class StorageType:
+    kind: str
+    options: type  # a dataclass: the section's keys, validated in __post_init__
+    open: Callable[[str, Any], Backend]  # (storage name, options) -> backend
 
 
-def register(kind: str, factory: Callable[..., Backend]) -> None:
-    _TYPES[kind] = factory
+_TYPES: dict[str, StorageType] = {}
+
+
+def register(storage_type: StorageType) -> None:
+    _TYPES[storage_type.kind] = storage_type
 
 
 def kinds() -> list[str]:
     return sorted(_TYPES)
 
 
-def open_backend(kind: str, name: str = "", **options: Any) -> Backend:
-    """Instantiate the backend of type *kind* (storage *name*) with its config options."""
+def storage_type(kind: str) -> StorageType:
     if kind not in _TYPES:
         raise KeyError(f"unknown storage type {kind!r} (known: {', '.join(kinds())})")
-    return _TYPES[kind](name=name, **options)
+    return _TYPES[kind]
 
 
-def _register_builtin() -> None:
+def open_backend(kind: str, name: str, options: Any) -> Backend:
+    """The backend of type *kind* for storage *name*, from its options dataclass."""
+    return storage_type(kind).open(name, options)
+
+
+def _open_dir(_name: str, o: DirOptions) -> Backend:
     from vzbackup.storage.local import DirBackend
 
-    register("dir", lambda path, name="", **kw: DirBackend(path, **kw))
-    register("s3", _open_s3)
+    return DirBackend(o.path, fsync=o.fsync)
 
 
-def _open_s3(bucket: str, **options: Any) -> Backend:
+def _open_s3(name: str, o: S3Options) -> Backend:
     from vzbackup.storage.s3 import S3Backend  # boto3 takes a while to import: only when used
 
-    return S3Backend(bucket, **options)
+    return S3Backend(o, name=name)
 
 
-_register_builtin()
+register(StorageType("dir", DirOptions, _open_dir))
+register(StorageType("s3", S3Options, _open_s3))

@@ -42,6 +42,7 @@ import botocore.exceptions as bx
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from vzbackup.storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
+from vzbackup.storage.options import S3Options
 from vzbackup.storage.ratelimit import Limiter
 
 T = TypeVar("T")
@@ -66,74 +67,54 @@ class _Exists(BackendError):
     """A conditional write found the key already there (HTTP 412)."""
 
 
-def _flag(value: object) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "yes", "true")
-
-
 class S3Backend(Backend):
-    """put/get/list/delete on ``BUCKET/PREFIX/KEY``; options are storage.cfg's s3 keys."""
+    """put/get/list/delete on ``BUCKET/PREFIX/KEY``; *options* are storage.cfg's s3 keys."""
 
     cache_metadata = True
 
-    def __init__(self, bucket: str, *, name: str = "", endpoint: str | None = None,
-                 region: str = "us-east-1", prefix: str = "", path_style: bool = False,
-                 access_key: str | None = None, secret_key: str | None = None,
-                 session_token: str | None = None, profile: str | None = None,
-                 storage_class: str | None = None, sse: str | None = None,
-                 sse_kms_key_id: str | None = None, max_connections: int | str = 16,
-                 retries: int | str = 5, retry_mode: str = "standard",
-                 bwlimit: int | str | None = None,
-                 multipart_threshold: int | str = 64, multipart_chunksize: int | str = 16,
-                 object_lock_days: int | str | None = None, object_lock_mode: str = "GOVERNANCE",
-                 create_bucket: bool | str = False, conditional_writes: str = "auto",
-                 verify_tls: bool | str = True, connect_timeout: float | str = 10,
-                 read_timeout: float | str = 60) -> None:
-        if bool(access_key) != bool(secret_key):
-            raise BackendError(f"S3 storage {name!r}: set both access-key and secret-key, "
-                               "or neither (boto3's credential chain)")
-        if conditional_writes not in ("auto", "yes", "no"):
-            raise BackendError(f"S3 storage {name!r}: conditional-writes is auto, yes or no")
-        self.name = name or bucket
-        self.bucket = bucket
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.endpoint = endpoint
-        where = endpoint or f"AWS {region}"
+    def __init__(self, options: S3Options, *, name: str = "") -> None:
+        o = options
+        self.name = name or o.bucket
+        self.bucket = o.bucket
+        self.prefix = o.prefix.strip("/") + "/" if o.prefix.strip("/") else ""
+        self.endpoint = o.endpoint
+        where = o.endpoint or f"AWS {o.region}"
         self.url = f"s3:{self.bucket}/{self.prefix}".rstrip("/") + f" ({where})"
-        self.max_connections = int(max_connections)
-        self.attempts = int(retries) + 1
-        self.threshold = int(multipart_threshold) * MiB
-        self.part_size = int(multipart_chunksize) * MiB
-        self.limiter = Limiter(int(bwlimit) if bwlimit else None)
-        self.lock_days = int(object_lock_days) if object_lock_days else 0
-        self.lock_mode = object_lock_mode.upper()
-        self.conditional = {"auto": None, "yes": True, "no": False}[conditional_writes]
+        self.max_connections = o.max_connections
+        self.attempts = o.retries + 1
+        self.threshold = o.multipart_threshold * MiB
+        self.part_size = o.multipart_chunksize * MiB
+        self.limiter = Limiter(o.bwlimit or None)
+        self.lock_days = o.object_lock_days
+        self.lock_mode = o.object_lock_mode.upper()
+        self.conditional = {"auto": None, "yes": True, "no": False}[o.conditional_writes]
         self._probe_lock = threading.Lock()
         self.write_args: dict[str, str] = {}
-        if storage_class:
-            self.write_args["StorageClass"] = storage_class
-        if sse:
-            self.write_args["ServerSideEncryption"] = sse
-        if sse_kms_key_id:
-            self.write_args["SSEKMSKeyId"] = sse_kms_key_id
+        if o.storage_class:
+            self.write_args["StorageClass"] = o.storage_class
+        if o.sse:
+            self.write_args["ServerSideEncryption"] = o.sse
+        if o.sse_kms_key_id:
+            self.write_args["SSEKMSKeyId"] = o.sse_kms_key_id
         config = Config(
-            region_name=region,
+            region_name=o.region,
             max_pool_connections=self.max_connections,
-            retries={"mode": retry_mode, "max_attempts": self.attempts},
-            s3={"addressing_style": "path" if _flag(path_style) else "auto"},
-            connect_timeout=float(connect_timeout),
-            read_timeout=float(read_timeout),
+            retries={"mode": o.retry_mode, "max_attempts": self.attempts},
+            s3={"addressing_style": "path" if o.path_style else "auto"},
+            connect_timeout=o.connect_timeout,
+            read_timeout=o.read_timeout,
             # checksums only where the API demands them: S3-compatible servers vary
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
         try:
-            session = boto3.session.Session(profile_name=profile or None)
+            session = boto3.session.Session(profile_name=o.profile or None)
         except bx.ProfileNotFound:
-            raise BackendError(f"S3 storage {self.name!r}: no AWS profile {profile!r}") from None
+            raise BackendError(f"S3 storage {self.name!r}: no AWS profile {o.profile!r}") from None
         self.client = session.client(
-            "s3", endpoint_url=endpoint or None, aws_access_key_id=access_key or None,
-            aws_secret_access_key=secret_key or None, aws_session_token=session_token or None,
-            verify=_flag(verify_tls), config=config,
+            "s3", endpoint_url=o.endpoint or None, aws_access_key_id=o.access_key or None,
+            aws_secret_access_key=o.secret_key or None, aws_session_token=o.session_token or None,
+            verify=o.verify_tls, config=config,
         )
         self.transfer = TransferConfig(
             multipart_threshold=self.threshold, multipart_chunksize=self.part_size,
@@ -141,8 +122,8 @@ class S3Backend(Backend):
         )
         self._ranges = ThreadPoolExecutor(max_workers=min(8, self.max_connections),
                                           thread_name_prefix="s3-range")
-        if _flag(create_bucket):
-            self._ensure_bucket(region)
+        if o.create_bucket:
+            self._ensure_bucket(o.region)
 
     # --- plumbing ------------------------------------------------------------------------
     def _key(self, key: str) -> str:

@@ -10,15 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from s3fixture import ACCESS_KEY, ENDPOINT, SECRET_KEY, Bucket
-from vzbackup.storage import config as storage_config
 from vzbackup.storage.backend import BackendError, ObjectMissing
+from vzbackup.storage.options import S3Options
 from vzbackup.storage.s3 import CLAIM_PREFIX, S3Backend
+
+from vzbackup.config import storage as storage_config
+from vzbackup.errors import ConfigError
 
 
 def backend(bucket: Bucket, **kw: object) -> S3Backend:
     opts = {"endpoint": ENDPOINT, "path_style": True, "access_key": ACCESS_KEY,
-            "secret_key": SECRET_KEY, "name": "t", **kw}
-    return S3Backend(bucket.name, **opts)
+            "secret_key": SECRET_KEY, **kw}
+    return S3Backend(S3Options(bucket.name, **opts), name="t")  # type: ignore[arg-type]
 
 
 def test_contract_with_prefix(s3_bucket: Bucket):
@@ -129,8 +132,8 @@ def test_object_lock_on_manifests_only(s3_lock_bucket: Bucket):
 
 
 def test_missing_bucket_is_one_clear_error(s3_server: str):
-    be = S3Backend("vzt-no-such-bucket", name="offsite", endpoint=ENDPOINT, path_style=True,
-                   access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    be = S3Backend(S3Options("vzt-no-such-bucket", endpoint=ENDPOINT, path_style=True,
+                             access_key=ACCESS_KEY, secret_key=SECRET_KEY), name="offsite")
     with pytest.raises(BackendError) as e:
         be.get("config")
     assert str(e.value).startswith("S3 storage 'offsite': bucket vzt-no-such-bucket does not exist")
@@ -142,8 +145,8 @@ def test_create_bucket_option(s3_server: str):
 
     name = new_bucket_name()
     try:
-        be = S3Backend(name, endpoint=ENDPOINT, path_style=True, access_key=ACCESS_KEY,
-                       secret_key=SECRET_KEY, create_bucket=True)
+        be = S3Backend(S3Options(name, endpoint=ENDPOINT, path_style=True, access_key=ACCESS_KEY,
+                                 secret_key=SECRET_KEY, create_bucket=True))
         be.put("x", b"1")
         assert be.get("x") == b"1"
     finally:
@@ -172,11 +175,11 @@ def test_storage_cfg_s3_section(s3_bucket: Bucket, tmp_path):
     be = storages["offsite"].open()
     assert isinstance(be, S3Backend) and be.prefix == "pve1/"
     assert SECRET_KEY not in be.url
-    with pytest.raises(storage_config.StorageConfigError, match="needs a bucket"):
+    with pytest.raises(ConfigError, match="needs a bucket"):
         storage_config.parse("s3: x\n\tendpoint http://h\n")
     cfg.write_text("s3: x\n\tbucket b\n\tsecret-key only\n")
-    with pytest.raises(BackendError, match="both access-key and secret-key"):
-        storage_config.load(cfg, tmp_path)["x"].open()
+    with pytest.raises(ConfigError, match=f"^{cfg}:1: s3 storage 'x': set both access-key"):
+        storage_config.load(cfg, tmp_path)
 
 
 def test_example_storage_cfg_is_valid(tmp_path):

@@ -155,6 +155,15 @@ def test_example_file_is_all_comments_and_valid_when_uncommented(node: Node) -> 
     assert options.max_workers == 1
 
 
+@pytest.mark.parametrize(("word", "value"), [("1", True), ("yes", True), ("On", True),
+                                             ("true", True), ("0", False), ("no", False),
+                                             ("off", False), ("FALSE", False)])
+def test_booleans_follow_the_one_rule(cfg: Path, node: Node, word: str, value: bool) -> None:
+    text = f"vzdump: a\n\tschedule 02:00\n\tall 1\n\tenabled {word}\n\trepeat-missed {word}\n"
+    job = load_jobs(write(cfg, text), node)[1]["a"]
+    assert (job.enabled, job.repeat_missed) == (value, value)
+
+
 def test_storage_from_storage_cfg(cfg: Path, node: Node, tmp_path: Path) -> None:
     write(cfg.parent / "storage.cfg", f"dir: offsite\n\tpath {tmp_path / 'offsite'}\n")
     _, jobs = load_jobs(write(cfg, "verify: v\n\tschedule daily\n\tstorage offsite\n"), node)
@@ -196,8 +205,8 @@ def test_storage_from_storage_cfg(cfg: Path, node: Node, tmp_path: Path) -> None
         ("vzdump: a\n\tschedule 02:00\n\tall 1\n\texclude x\n", 4, "job a: exclude: invalid"),
         ("vzdump: a\n\tschedule 02:00\n\tvmid 101\n\texclude 102\n", 4,
          "job a: exclude needs 'all 1'"),
-        ("vzdump: a\n\tschedule 02:00\n\tall 1\n\tenabled yes\n", 4,
-         "job a: enabled: expected 0 or 1"),
+        ("vzdump: a\n\tschedule 02:00\n\tall 1\n\tenabled maybe\n", 4,
+         "job a: enabled: expected 0 or 1 (or yes/no, on/off, true/false), not 'maybe'"),
         ("vzdump: a\n\tschedule 02:00\n\tall 1\n\tmode fast\n", 4, "job a: mode: unknown mode"),
         ("vzdump: a\n\tschedule 02:00\n\tall 1\n\tzstd-level 30\n", 4,
          "job a: zstd-level: 30 is out of range"),

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vzbackup.config.sections import parse_bool
 from vzbackup.engine.prune import KeepPolicy
 from vzbackup.errors import ConfigError, UsageError, VzError
 
@@ -92,15 +93,6 @@ def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "yes", "on", "true"):
-        return True
-    if lowered in ("0", "no", "off", "false"):
-        return False
-    raise ValueError(f"expected 0 or 1, not {text!r}")
-
-
 def _mode(text: str) -> str:
     if text not in MODES:
         raise ValueError(f"unknown mode {text!r} (one of {', '.join(MODES)})")
@@ -160,13 +152,13 @@ _KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "stopwait": ("stopwait", int_range(0)),
     "bwlimit": ("bwlimit", int_range(0)),
     "exclude-path": ("exclude_path", _patterns),  # repeatable; values accumulate
-    "stdexcludes": ("stdexcludes", _bool),
+    "stdexcludes": ("stdexcludes", parse_bool),
     "script": ("script", _abspath),
     "notes-template": ("notes_template", _notes),
     "prune-backups": ("prune_backups", _prune),
     "encryption-key": ("encryption_key", _abspath),
     "ionice": ("ionice", int_range(0, 8)),
-    "remove": ("remove", _bool),
+    "remove": ("remove", parse_bool),
 }
 _LINE = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*)\s*:\s*(.*?)\s*$")
 

@@ -6,24 +6,17 @@ from pathlib import Path
 
 from vzbackup import constants as C
 from vzbackup.config.node import Node
+from vzbackup.config.storage import DEFAULT_STORAGE, storages
 from vzbackup.engine.crypto import KeyFile
 from vzbackup.engine.metacache import ManifestCache
 from vzbackup.engine.repo import Repository
-from vzbackup.errors import ConfigError, NotFoundError, StorageError
-from vzbackup.storage import config as storage_config
+from vzbackup.errors import NotFoundError, StorageError
 from vzbackup.storage.backend import Backend, BackendError
-
-
-def storages(node: Node) -> dict[str, storage_config.StorageDef]:
-    try:
-        return storage_config.load(node.vzbackup_confdir / C.STORAGE_CFG, node.backupdir)
-    except storage_config.StorageConfigError as e:
-        raise ConfigError(str(e)) from None
 
 
 def open_backend(node: Node, name: str | None) -> Backend:
     all_ = storages(node)
-    name = name or storage_config.DEFAULT_STORAGE
+    name = name or DEFAULT_STORAGE
     if name not in all_:
         raise NotFoundError(
             f"no storage named {name!r}",
@@ -31,8 +24,6 @@ def open_backend(node: Node, name: str | None) -> Backend:
         )
     try:
         return all_[name].open()
-    except storage_config.StorageConfigError as e:
-        raise ConfigError(str(e)) from None
     except BackendError as e:
         raise StorageError(str(e)) from None
 
