@@ -240,3 +240,22 @@ def test_a_prune_and_gc_under_the_mount_give_eio_not_a_dead_mount(node: NodeBed,
     assert b.proc.poll() is None
     wait_for(lambda: first.split("/")[1] not in os.listdir(b.mnt / str(ctid)), timeout=30,
              what="the pruned snapshot to leave the listing")
+
+
+def test_criu_images_of_a_checkpoint_snapshot(node: NodeBed, browse, criu_ready):
+    ctid, _ = node.create_running()
+    snap = dump(node, ctid, "--mode", "checkpoint")
+    listed = {e["path"].lstrip("/"): e for e in json.loads(
+        node.vz("ls", snap, "--state", "--json").stdout) if e["type"] == "file"}
+    assert any(p.endswith("inventory.img") for p in listed)
+    b = browse(node.prefix / "mnt")
+    stamp = snap.split("/")[1]
+    assert sorted(os.listdir(b.mnt / str(ctid))) == [stamp, stamp + ".criu", "latest"]
+    for root in (b.mnt / str(ctid) / (stamp + ".criu"),):
+        for rel, e in listed.items():
+            assert os.path.getsize(root / rel) == e["size"]
+            assert len((root / rel).read_bytes()) == e["size"]
+    one = browse(node.prefix / "mnt-state", snap, "--state")
+    assert sorted(os.listdir(one.mnt)) == sorted(os.listdir(b.mnt / str(ctid) / (stamp + ".criu")))
+    res = node.vz("browse", str(node.prefix / "mnt-state"), "--state", check=False)
+    assert res.returncode == 2 and "--state needs a SNAPSHOT" in res.stderr

@@ -1,8 +1,9 @@
 """A read-only FUSE file system over a repository (mfusepy, libfuse 3, threaded).
 
 Layout of a repository mount: ``/CTID/TIME/...`` is the private area of snapshot
-``CTID/TIME`` and ``/CTID/latest`` links to the newest one; a snapshot mount shows one
-snapshot's tree at its root. Trees load when first entered (the last few stay loaded) and
+``CTID/TIME``, ``/CTID/TIME.criu/`` its CRIU images when it was taken in checkpoint mode, and
+``/CTID/latest`` links to the newest one; a snapshot mount shows one snapshot's tree (or its
+CRIU images) at its root. Trees load when first entered (the last few stay loaded) and
 file contents come chunk by chunk through the view's cache. New snapshots (a backup running
 alongside) appear at the next listing; published snapshots never change, so what is open
 stays readable unless a prune and GC remove its chunks (then reads fail with EIO).
@@ -29,6 +30,7 @@ from vzbackup.observe.engine_view import Entry, FileMap, RepoView, Snapshot
 
 log = logging.getLogger("vzbackup.browse")
 LATEST = "latest"
+STATE_SUFFIX = ".criu"  # /CTID/TIME.criu: the CRIU images of a checkpoint-mode snapshot
 TREES_KEPT = 8  # snapshot trees kept loaded
 REFRESH_SECONDS = 5.0  # how old the snapshot list may get before a listing reloads it
 SNAPSHOT_INO_SHIFT = 32  # inode = (snapshot number << 32) + entry number
@@ -92,10 +94,11 @@ class BrowseFS(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, view: RepoView, only: Snapshot | None = None,
-                 on_ready=None) -> None:
+    def __init__(self, view: RepoView, only: Snapshot | None = None, *,
+                 state: bool = False, on_ready=None) -> None:
         self.view = view
         self.only = only
+        self.only_state = state
         self.on_ready = on_ready
         self._mutex = threading.RLock()
         self.snaps: dict[int, dict[str, Snapshot]] = {}
@@ -119,17 +122,18 @@ class BrowseFS(mfusepy.Operations):
             self.snaps = dict(snaps)
             self.loaded_at = time.monotonic()
 
-    def _tree(self, snap: Snapshot) -> TreeIndex:
+    def _tree(self, snap: Snapshot, state: bool = False) -> TreeIndex:
+        key = snap.id + STATE_SUFFIX if state else snap.id
         with self._mutex:
-            t = self.trees.get(snap.id)
+            t = self.trees.get(key)
             if t is not None:
-                self.trees.move_to_end(snap.id)
+                self.trees.move_to_end(key)
                 return t
-            number = self.numbers.setdefault(snap.id, len(self.numbers) + 1)
-        entries = self.view.tree(snap.id)  # outside the lock: may take a while
+            number = self.numbers.setdefault(key, len(self.numbers) + 1)
+        entries = self.view.tree(snap.id, state)  # outside the lock: may take a while
         t = TreeIndex.build(entries, number << SNAPSHOT_INO_SHIFT)
         with self._mutex:
-            self.trees[snap.id] = t
+            self.trees[key] = t
             while len(self.trees) > TREES_KEPT:
                 self.trees.popitem(last=False)
         return t
@@ -138,14 +142,15 @@ class BrowseFS(mfusepy.Operations):
         """What *path* is: ("root"|"ct"|"latest", ...) or ("tree", (TreeIndex, rel))."""
         parts = [p for p in path.split("/") if p]
         if self.only is not None:
-            return "tree", (self._tree(self.only), "/".join(parts) or ".")
+            return "tree", (self._tree(self.only, self.only_state), "/".join(parts) or ".")
         if not parts:
             return "root", None
         if not parts[0].isdigit():
             raise mfusepy.FuseOSError(errno.ENOENT)
         ctid = int(parts[0])
-        if ctid not in self.snaps or (len(parts) > 1 and parts[1] not in self.snaps[ctid]
-                                      and parts[1] != LATEST):
+        stamp = parts[1].removesuffix(STATE_SUFFIX) if len(parts) > 1 else ""
+        if ctid not in self.snaps or (stamp and stamp not in self.snaps[ctid]
+                                      and stamp != LATEST):
             self._refresh()
         stamps = self.snaps.get(ctid)
         if not stamps:
@@ -157,10 +162,11 @@ class BrowseFS(mfusepy.Operations):
                 parts[1] = max(stamps)
             else:
                 return "latest", (ctid, stamps)
-        snap = stamps.get(parts[1])
-        if snap is None:
+        state = parts[1].endswith(STATE_SUFFIX)
+        snap = stamps.get(parts[1].removesuffix(STATE_SUFFIX))
+        if snap is None or (state and not snap.has_state):
             raise mfusepy.FuseOSError(errno.ENOENT)
-        return "tree", (self._tree(snap), "/".join(parts[2:]) or ".")
+        return "tree", (self._tree(snap, state), "/".join(parts[2:]) or ".")
 
     def _tree_entry(self, path: str) -> tuple[TreeIndex, str, Entry]:
         kind, what = self._locate(path)
@@ -206,7 +212,11 @@ class BrowseFS(mfusepy.Operations):
         if kind == "ct":
             self._refresh()
             ctid = what[0]  # type: ignore[index]
-            names = [(s, stat.S_IFDIR, 0) for s in sorted(self.snaps.get(ctid, {}))]
+            names = []
+            for stamp, snap in sorted(self.snaps.get(ctid, {}).items()):
+                names.append((stamp, stat.S_IFDIR, 0))
+                if snap.has_state:
+                    names.append((stamp + STATE_SUFFIX, stat.S_IFDIR, 0))
             return self._dirents(path, CT_INO + ctid, [
                 *names, (LATEST, stat.S_IFLNK, LATEST_INO + ctid)])
         if kind == "latest":
@@ -312,7 +322,8 @@ class BrowseFS(mfusepy.Operations):
 
 
 def mount(view: RepoView, mountpoint: str, only: Snapshot | None = None, *,
-          allow_other: bool = False, debug: bool = False, on_ready=None) -> None:
+          state: bool = False, allow_other: bool = False, debug: bool = False,
+          on_ready=None) -> None:
     """Serve *view* on *mountpoint* until it is unmounted or the process gets SIGINT/SIGTERM
     (libfuse then unmounts)."""
     options = {"foreground": True, "ro": True, "default_permissions": True, "use_ino": True,
@@ -320,4 +331,4 @@ def mount(view: RepoView, mountpoint: str, only: Snapshot | None = None, *,
                "attr_timeout": 60, "entry_timeout": 60, "debug": debug}
     if allow_other:
         options["allow_other"] = True
-    mfusepy.FUSE(BrowseFS(view, only, on_ready), mountpoint, **options)
+    mfusepy.FUSE(BrowseFS(view, only, state=state, on_ready=on_ready), mountpoint, **options)

@@ -17,7 +17,7 @@ from datetime import datetime
 from vzbackup.engine import tree as T
 from vzbackup.engine.extract import load_tree
 from vzbackup.engine.repo import Manifest, Repository, snapshot_time
-from vzbackup.errors import DamagedError
+from vzbackup.errors import DamagedError, NotFoundError
 
 Entry = T.Entry
 CHUNK_CACHE_BYTES = 256 * 1024 * 1024  # plaintext chunks kept in memory
@@ -169,9 +169,12 @@ class RepoView:
         self._manifests[m.id] = m
         return _snapshot(m)
 
-    def tree(self, sid: str) -> list[Entry]:
+    def tree(self, sid: str, state: bool = False) -> list[Entry]:
+        """The snapshot's files, or with *state* its CRIU images (checkpoint mode)."""
         m = self._manifests.get(sid) or self.repo.load_manifest(sid)
-        return load_tree(self.repo, m.tree)
+        if state and not m.state_tree:
+            raise NotFoundError(f"snapshot {sid} has no running state")
+        return load_tree(self.repo, m.state_tree if state else m.tree)
 
     def read(self, fmap: FileMap, offset: int, size: int) -> bytes:
         """*size* bytes of the file from *offset* (fewer at its end)."""

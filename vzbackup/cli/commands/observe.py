@@ -14,7 +14,7 @@ import click
 
 from vzbackup.cli.common import emit, json_option, node_of, require_root
 from vzbackup.cli.repo_common import open_repo, repo_options
-from vzbackup.errors import DependencyError, UsageError
+from vzbackup.errors import DependencyError, NotFoundError, UsageError
 
 
 def _parse_size(text: str) -> int:
@@ -33,13 +33,17 @@ def _parse_size(text: str) -> int:
 @repo_options
 @click.option("--cache-size", default="256M", show_default=True,
               help="Memory for decoded chunks (the kernel page cache comes on top).")
+@click.option("--state", is_flag=True,
+              help="With SNAPSHOT: its CRIU images (checkpoint mode) instead of its files.")
 @click.option("--allow-other", is_flag=True, help="Let other users than root read the mount.")
 @click.option("--debug", is_flag=True, help="libfuse's request trace on stderr.")
 @click.pass_context
 def browse(ctx: click.Context, mountpoint: str, snapshot: str | None, storage: str | None,
-           keyfile: str | None, cache_size: str, allow_other: bool, debug: bool) -> None:
-    """Mount the repository read-only on MOUNTPOINT (/CTID/TIME/..., /CTID/latest), or only
-    SNAPSHOT (CTID/TIME, or CTID for its newest), until 'umount MOUNTPOINT' or Ctrl-C."""
+           keyfile: str | None, cache_size: str, state: bool, allow_other: bool,
+           debug: bool) -> None:
+    """Mount the repository read-only on MOUNTPOINT (/CTID/TIME/..., /CTID/TIME.criu/ for
+    CRIU images, /CTID/latest), or only SNAPSHOT (CTID/TIME, or CTID for its newest), until
+    'umount MOUNTPOINT' or Ctrl-C."""
     require_root()
     mnt = Path(mountpoint)
     if not mnt.is_dir():
@@ -50,6 +54,10 @@ def browse(ctx: click.Context, mountpoint: str, snapshot: str | None, storage: s
 
     view = RepoView(open_repo(ctx, storage, keyfile), _parse_size(cache_size))
     only = view.resolve(snapshot) if snapshot else None
+    if state and (only is None or not only.has_state):
+        raise (UsageError("--state needs a SNAPSHOT") if only is None else
+               NotFoundError(f"snapshot {only.id} has no running state",
+                             hint="only --mode checkpoint backups have one"))
     try:
         from vzbackup.observe import browsefs
     except (OSError, ImportError) as e:
@@ -62,8 +70,8 @@ def browse(ctx: click.Context, mountpoint: str, snapshot: str | None, storage: s
                    "unmounts", err=True)
 
     try:
-        browsefs.mount(view, str(mnt.resolve()), only, allow_other=allow_other, debug=debug,
-                       on_ready=ready)
+        browsefs.mount(view, str(mnt.resolve()), only, state=state, allow_other=allow_other,
+                       debug=debug, on_ready=ready)
     except RuntimeError as e:
         if e.args != (browsefs.STOPPED_BY_SIGNAL,):
             raise UsageError(f"could not mount on {mountpoint} (libfuse error {e})") from None
