@@ -238,6 +238,7 @@ def test_bind_mount_from_host(node: NodeBed, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "from-host").write_text("hello")
+    os.chown(shared, 100000, 100000)  # writable by the unprivileged CT's root (node id 100000)
     ctid, _ = node.new_ctid(), None
     node.vz("create", str(ctid))
     node.vz("set", str(ctid), "--bindmount", f"{shared}:/mnt/shared", "--save")

@@ -29,6 +29,9 @@ NODE_DEFAULTS: dict[str, str] = {
     "STOP_TIMEOUT": "30",
     "NEIGHBOUR_DEVS": "detect",  # where routed CT IPs get proxy ARP + announcements
     "CGROUP_PARENT": "",  # empty: "vzbackup" for prefix "/", else derived from the prefix
+    "UNPRIVILEGED": "yes",  # new CTs run with their ids mapped (ct/idmap.py)
+    "IDMAP_BASE": "100000",  # node id of an unprivileged CT's root
+    "IDMAP_SIZE": "65536",  # how many ids an unprivileged CT has
 }
 
 VZ_CONF = "etc/vz/vz.conf"  # relative to the prefix

@@ -17,6 +17,7 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWCGROUP = 0x02000000
 
 MS_RDONLY = 0x1
@@ -30,11 +31,19 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
 
 PR_SET_NAME = 15
+PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
 SYS_PIVOT_ROOT = 155  # x86_64
 SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), -1)
 TIOCGPTN = 0x80045430  # the termios module lacks the pty ioctls
 TIOCSPTLCK = 0x40045431
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
 
 def _check(ret: int, what: str) -> int:
@@ -50,6 +59,10 @@ def unshare(flags: int) -> None:
 
 def setns(fd: int, nstype: int = 0) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+def capbset_drop(cap: int) -> None:
+    prctl(PR_CAPBSET_DROP, cap)
 
 
 def mount(
@@ -80,6 +93,23 @@ def bpf(cmd: int, attr: bytearray) -> int:
     buf = (ctypes.c_char * len(attr)).from_buffer(attr)
     ret = _libc.syscall(ctypes.c_long(SYS_BPF), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
     return _check(ret, f"bpf({cmd})")
+
+
+def clone_tree_over(fd: int) -> int:
+    """Mount a recursive copy of the mount tree at directory *fd* over itself; returns an fd
+    of the copy's root. The copy's top is a mount of the caller's namespace, never locked."""
+    flags = OPEN_TREE_CLONE | AT_RECURSIVE | AT_EMPTY_PATH | os.O_CLOEXEC
+    tree = _check(
+        _libc.syscall(SYS_OPEN_TREE, ctypes.c_int(fd), b"", ctypes.c_uint(flags)), "open_tree"
+    )
+    move = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    _check(
+        _libc.syscall(
+            SYS_MOVE_MOUNT, ctypes.c_int(tree), b"", ctypes.c_int(fd), b"", ctypes.c_uint(move)
+        ),
+        "move_mount",
+    )
+    return tree
 
 
 def sethostname(name: str) -> None:

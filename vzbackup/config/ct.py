@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vzbackup.config.vzfile import VzFile
+from vzbackup.ct import idmap
+from vzbackup.ct.idmap import IdMap
 from vzbackup.errors import ConfigError, UsageError
 
 PAGE = 4096
@@ -72,6 +74,9 @@ VALIDATORS: dict[str, Callable[[str], None]] = {
     "NUMPROC": _pages,
     "DISKSPACE": _diskspace,
     "BINDMOUNT": _bindmounts,
+    "UNPRIVILEGED": _yes_no,
+    "IDMAP_BASE": _int_range(0, (1 << 32) - 2),
+    "IDMAP_SIZE": _int_range(1, (1 << 32) - 1),
 }
 
 
@@ -175,6 +180,25 @@ class CTConfig:
     @property
     def bindmounts(self) -> list[BindMount]:
         return parse_bindmounts(self.get("BINDMOUNT"))
+
+    @property
+    def idmap(self) -> IdMap:
+        """The CT's user-namespace id map; a CT without UNPRIVILEGED (made before user
+        namespaces) is privileged, so its files keep their ownership."""
+        return idmap.from_values(
+            self.get(idmap.KEY_UNPRIVILEGED, "no"),
+            self.get(idmap.KEY_BASE),
+            self.get(idmap.KEY_SIZE),
+        )
+
+    def set_idmap(self, m: IdMap) -> None:
+        """Record the mode and map (they travel with the config: backups, migration)."""
+        self.set(idmap.KEY_UNPRIVILEGED, "yes" if m.unprivileged else "no")
+        for key, value in ((idmap.KEY_BASE, m.base), (idmap.KEY_SIZE, m.size)):
+            if m.unprivileged:
+                self.set(key, str(value))
+            else:
+                self.file.delete(key)
 
     @property
     def numproc(self) -> int | None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from vzbackup import constants as C
 from vzbackup.config.vzfile import VzFile
+from vzbackup.ct import idmap
+from vzbackup.ct.idmap import IdMap
 from vzbackup.errors import ConfigError
 
 
@@ -114,6 +116,13 @@ class Node:
         if self.prefix == "/":
             return "vzbackup"
         return "vzbackup-" + hashlib.sha256(self.prefix.encode()).hexdigest()[:8]
+
+    def new_ct_idmap(self, privileged: bool | None = None) -> IdMap:
+        """The id map of a new CT: vz.conf's UNPRIVILEGED/IDMAP_* unless *privileged* says."""
+        unpriv = self.value(idmap.KEY_UNPRIVILEGED) if privileged is None else "no"
+        if privileged is False:
+            unpriv = "yes"
+        return idmap.from_values(unpriv, self.value(idmap.KEY_BASE), self.value(idmap.KEY_SIZE))
 
     def ct_conf_path(self, ctid: int) -> Path:
         return self.confdir / f"{ctid}.conf"

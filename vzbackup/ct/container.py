@@ -148,14 +148,15 @@ class Container:
         etc = self.ve_private(c) / "etc"
         if not etc.is_dir() or etc.is_symlink():
             return
+        owner = c.idmap.root
         if c.hostname:
-            _write_in_ct(etc / "hostname", c.hostname + "\n")
+            _write_in_ct(etc / "hostname", c.hostname + "\n", owner)
             ip = c.ips[0].split("/")[0] if c.ips else "127.0.0.1"
-            _write_in_ct(etc / "hosts", f"127.0.0.1 localhost\n{ip} {c.hostname}\n")
+            _write_in_ct(etc / "hosts", f"127.0.0.1 localhost\n{ip} {c.hostname}\n", owner)
         if c.nameservers or c.searchdomains:
             lines = [f"search {' '.join(c.searchdomains)}"] if c.searchdomains else []
             lines += [f"nameserver {ns}" for ns in c.nameservers]
-            _write_in_ct(etc / "resolv.conf", "\n".join(lines) + "\n")
+            _write_in_ct(etc / "resolv.conf", "\n".join(lines) + "\n", owner)
         self._write_systemd_dropin(etc, c)
 
     def _write_systemd_dropin(self, etc: Path, c: CTConfig) -> None:
@@ -171,8 +172,10 @@ class Container:
             return
         if dropin.parent.is_symlink():
             dropin.parent.unlink()
-        dropin.parent.mkdir(exist_ok=True)
-        _write_in_ct(dropin, C.SYSTEMD_DROPIN_TEXT)
+        if not dropin.parent.is_dir():
+            dropin.parent.mkdir()
+            os.chown(dropin.parent, c.idmap.root, c.idmap.root)
+        _write_in_ct(dropin, C.SYSTEMD_DROPIN_TEXT, c.idmap.root)
 
     def remove_private(self) -> None:
         private = self.ve_private()
@@ -193,6 +196,7 @@ class Container:
         return [
             "nsenter",
             f"--target={st.init_pid}",
+            "--user",
             "--mount",
             "--uts",
             "--ipc",
@@ -318,8 +322,9 @@ def _host_id(pid: int, kind: str, ct_id: int) -> int:
     return ct_id
 
 
-def _write_in_ct(path: Path, text: str) -> None:
-    """Write a file inside a CT's tree without following a symlink the CT may have planted."""
+def _write_in_ct(path: Path, text: str, owner: int) -> None:
+    """Write a file inside a CT's tree, owned by the CT's root (node id *owner*), without
+    following a symlink the CT may have planted."""
     if path.is_symlink():
         path.unlink()
     with contextlib.suppress(OSError):
@@ -328,5 +333,6 @@ def _write_in_ct(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.vzbackup")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as f:
+        os.fchown(f.fileno(), owner, owner)
         f.write(text)
     os.replace(tmp, path)

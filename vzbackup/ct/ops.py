@@ -25,7 +25,7 @@ from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu import driver
 from vzbackup.criu.check import criu_binary, pycriu_module
-from vzbackup.ct import fs, network, registry, rootfs
+from vzbackup.ct import fs, idmap, network, registry, rootfs
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import read_state
 from vzbackup.template import cache as template_cache
@@ -63,8 +63,12 @@ def create(
     ipadd: list[str] | None = None,
     hostname: str | None = None,
     name: str | None = None,
+    privileged: bool | None = None,
 ) -> Container:
-    """Create CT *ctid* from an OS template: private area, CTID.conf, name link."""
+    """Create CT *ctid* from an OS template: private area, CTID.conf, name link.
+
+    The CT is unprivileged unless *privileged* (or vz.conf's UNPRIVILEGED="no") says so; the
+    mode and id map are recorded in CTID.conf and the template's files shifted to the map."""
     ct = Container(node, ctid)
     ips = [network.validate_ip(ip) for ip in ipadd or []]
     if name:
@@ -93,6 +97,8 @@ def create(
         conf.set("VE_PRIVATE", node.value("VE_PRIVATE"))
         conf.set("OSTEMPLATE", ostemplate)
         conf.set("ORIGIN_SAMPLE", sample)
+        ids = node.new_ct_idmap(privileged)
+        conf.set_idmap(ids)
         if hostname:
             conf.set("HOSTNAME", hostname)
         if ips:
@@ -115,6 +121,7 @@ def create(
                 log.warning("%s: private area %s is a plain directory", e, private)
         try:
             extract_template(archive, private)
+            idmap.shift_tree(private, idmap.IDENTITY, ids)
             problem = rootfs.init_problem(private)
             if problem:
                 raise E.UsageError(

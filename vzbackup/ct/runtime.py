@@ -1,12 +1,28 @@
-"""Start a container init in fresh pid/mount/uts/ipc/net/cgroup namespaces, pivoted into VE_ROOT.
+"""Start a container init in a user namespace with its own pid/mount/uts/ipc/net/cgroup
+namespaces, pivoted into VE_ROOT.
 
-``spawn`` forks twice: the first child unshares the namespaces and forks the CT's PID 1,
-then exits, so PID 1 is re-parented to the calling supervisor (a subreaper). PID 1 becomes
-a session leader inside the CT (CRIU dumps no session led from outside), builds /proc,
-/sys (ro), /sys/fs/cgroup (the CT's own cgroup2 subtree, what systemd expects), /run and
-/run/lock (tmpfs), a minimal /dev with devpts and the console, waits for the supervisor's
-"go" (sent once the network is in place), pivots into the root and execs init with the
-console as its stdio and controlling tty.
+Every CT gets a user namespace: an unprivileged CT maps its ids onto the node's IDMAP_BASE..,
+a privileged one is identity-mapped (real root file ownership, capabilities relative to the
+CT's namespaces). The steps, each in the process that has the right to do it:
+
+1. an intermediate child (node root) joins the CT's cgroups and makes a mount namespace of
+   the node's user namespace, "M0", where it prepares the CT's tree: /dev (a tmpfs with the
+   node's device files bound in), BINDMOUNTs;
+2. a second child unshares the user namespace (the node writes its id maps), becomes its
+   root and creates the uts/ipc/net/pid/cgroup namespaces inside it, then forks PID 1;
+3. a helper in M0 that joined the CT's pid and net namespaces mounts /proc and /sys (ro)
+   for them and the fences of ``fencing`` (masked files and directories, read-only
+   /proc/sys except net);
+4. PID 1 becomes a session leader inside the CT (CRIU dumps no session led from outside)
+   and unshares its own mount namespace: a copy of M0 made from the CT's user namespace,
+   so the kernel locks every mount of step 1 and 3 (no umount, no remount rw, no fresh
+   proc/sysfs that would reveal what they hide). It mounts what the CT owns: devpts,
+   /dev/shm, /sys/fs/cgroup (the CT's own cgroup2 subtree, what systemd expects), /run and
+   /run/lock (tmpfs), and the console; waits for the supervisor's "go" (sent once the
+   network is in place), pivots into the root, drops ``fencing.CAPS_DROPPED`` from its
+   bounding set and execs init with the console as its stdio and controlling tty.
+
+PID 1 is re-parented to the calling supervisor (a subreaper).
 
 The console is pty 0 of the CT's own devpts instance, bound onto /dev/console (what
 systemd's console-getty and busybox's init use); its master goes to the supervisor over a
@@ -19,23 +35,18 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import stat
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vzbackup import syscalls as S
 from vzbackup.config.ct import BindMount
+from vzbackup.ct import fencing
+from vzbackup.ct.idmap import IDENTITY, IdMap
 from vzbackup.errors import RuntimeFailure
 
-NAMESPACES = (
-    S.CLONE_NEWNS
-    | S.CLONE_NEWUTS
-    | S.CLONE_NEWIPC
-    | S.CLONE_NEWNET
-    | S.CLONE_NEWPID
-    | S.CLONE_NEWCGROUP
-)
+# The user namespace comes first; these are created inside it, so the CT's root owns them.
+NAMESPACES = S.CLONE_NEWUTS | S.CLONE_NEWIPC | S.CLONE_NEWNET | S.CLONE_NEWPID | S.CLONE_NEWCGROUP
 CONSOLE_SIZE = (24, 80)  # rows, columns until someone attaches and resizes
 # (relative path, tmpfs options) mounted in this order
 RUN_TMPFS = (
@@ -48,15 +59,6 @@ INIT_ENV = {
     "HOME": "/root",
     "container": "vzbackup",
 }
-# (name, kind, major, minor, mode)
-DEVICES = [
-    ("null", stat.S_IFCHR, 1, 3, 0o666),
-    ("zero", stat.S_IFCHR, 1, 5, 0o666),
-    ("full", stat.S_IFCHR, 1, 7, 0o666),
-    ("random", stat.S_IFCHR, 1, 8, 0o666),
-    ("urandom", stat.S_IFCHR, 1, 9, 0o666),
-    ("tty", stat.S_IFCHR, 5, 0, 0o666),
-]
 DEV_LINKS = {
     "ptmx": "pts/ptmx",
     "fd": "/proc/self/fd",
@@ -64,6 +66,8 @@ DEV_LINKS = {
     "stdout": "/proc/self/fd/1",
     "stderr": "/proc/self/fd/2",
 }
+NOSUID = S.MS_NOSUID | S.MS_NODEV | S.MS_NOEXEC
+DEVPTS_OPTIONS = "newinstance,ptmxmode=0666,mode=0620,gid=5"
 
 
 @dataclass
@@ -73,6 +77,7 @@ class InitSpec:
     argv: list[str] = field(default_factory=lambda: ["/sbin/init"])
     attach: Callable[[int], None] | None = None  # puts a pid into the CT's cgroups
     binds: list[BindMount] = field(default_factory=list)
+    idmap: IdMap = IDENTITY
 
 
 class InitProcess:
@@ -114,33 +119,58 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+def _wait_byte(fd: int, what: str) -> None:
+    if os.read(fd, 1) != b"1":
+        raise RuntimeFailure(f"container setup: {what} did not happen")
+    os.close(fd)
+
+
+def _child(fn: Callable[[], None], err_w: int) -> int:
+    """Fork; the child runs *fn* and exits 0, or reports its error on *err_w* and exits 1."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        fn()
+        os._exit(0)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.write(err_w, traceback.format_exc().encode())
+        os._exit(1)
+
+
+def _check_exit(pid: int, what: str) -> None:
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise RuntimeFailure(f"container setup: {what} failed (status {status:#x})")
+
+
 def spawn(spec: InitSpec) -> InitProcess:
     """Create the namespaces and PID 1; returns once PID 1 waits for ``go``."""
     pid_r, pid_w = os.pipe()
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     con_parent, con_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    first = os.fork()
-    if first == 0:  # intermediate child
-        try:
-            os.close(pid_r)
-            os.close(go_w)
-            os.close(err_r)
-            con_parent.close()
-            os.setsid()
-            if spec.attach:
-                spec.attach(os.getpid())
-            S.unshare(NAMESPACES)
-            init = os.fork()
-            if init == 0:
-                os.close(pid_w)
-                _init_child(spec, go_r, err_w, con_child)  # never returns
-            os.write(pid_w, str(init).encode())
-            os._exit(0)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.write(err_w, traceback.format_exc().encode())
-            os._exit(1)
+
+    def intermediate() -> None:
+        os.close(pid_r)
+        os.close(go_w)
+        os.close(err_r)
+        con_parent.close()
+        os.setsid()
+        if spec.attach:
+            spec.attach(os.getpid())
+        S.unshare(S.CLONE_NEWNS)
+        S.mount("none", "/", None, S.MS_REC | S.MS_PRIVATE)
+        _prepare_node_side(spec)
+        root_fd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY)
+        init = _create_ct_namespaces(spec, _Fds(root_fd, go_r, err_w, con_child.fileno()))
+        os.close(go_r)
+        _mount_for_ct(spec.root, init, err_w)
+        os.write(pid_w, str(init.pid).encode())
+        os.write(init.mounted_w, b"1")
+
+    first = _child(intermediate, err_w)
     os.close(pid_w)
     os.close(go_r)
     os.close(err_w)
@@ -163,24 +193,156 @@ def spawn(spec: InitSpec) -> InitProcess:
     return proc
 
 
-def _init_child(spec: InitSpec, go_r: int, err_w: int, con: socket.socket) -> None:
+@dataclass
+class _Fds:
+    """What PID 1 inherits: VE_ROOT (O_PATH), "go", errors, the console socket."""
+
+    root: int
+    go: int
+    err: int
+    console: int
+
+
+@dataclass
+class _Init:
+    pid: int
+    mounted_w: int  # one byte: the node has mounted /proc, /sys and the fences
+
+
+def _create_ct_namespaces(spec: InitSpec, fds: _Fds) -> _Init:
+    """Fork the user namespace's creator, map its ids, and get the PID 1 it forks."""
+    mapped_r, mapped_w = os.pipe()
+    unshared_r, unshared_w = os.pipe()
+    mounted_r, mounted_w = os.pipe()
+    pid_r, pid_w = os.pipe()
+
+    def creator() -> None:
+        for fd in (mapped_w, unshared_r, mounted_w, pid_r):
+            os.close(fd)
+        S.unshare(S.CLONE_NEWUSER)
+        os.write(unshared_w, b"1")
+        _wait_byte(mapped_r, "the id mapping")
+        os.setgroups([])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        S.unshare(NAMESPACES)
+        init = os.fork()
+        if init == 0:
+            os.close(pid_w)
+            _init_child(spec, fds, mounted_r)  # never returns
+        os.write(pid_w, str(init).encode())
+
+    pid = _child(creator, fds.err)
+    for fd in (mapped_r, unshared_w, mounted_r, pid_w):
+        os.close(fd)
     try:
+        _wait_byte(unshared_r, "the user namespace")
+        for f in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{f}", "w") as fh:
+                fh.write(spec.idmap.proc_map())
+        os.write(mapped_w, b"1")
+        os.close(mapped_w)
+        raw = _read_all(pid_r)
+        _check_exit(pid, "creating the namespaces")
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        raise
+    return _Init(int(raw), mounted_w)
+
+
+def _prepare_node_side(spec: InitSpec) -> None:
+    """Step 1, in M0: /dev with the node's device files, and the BINDMOUNTs."""
+    root = spec.root
+    for d in ("proc", "sys", "dev", *(rel for rel, _ in RUN_TMPFS)):
+        _mkdir_in(root, d, spec.idmap.root)
+    dev = f"{root}/dev"
+    S.mount("tmpfs", dev, "tmpfs", S.MS_NOSUID | S.MS_NOEXEC, "mode=755,size=4m")
+    os.chown(dev, spec.idmap.root, spec.idmap.root)
+    for d in ("pts", "shm"):
+        os.mkdir(f"{dev}/{d}", 0o755)
+        os.chown(f"{dev}/{d}", spec.idmap.root, spec.idmap.root)
+    for name, target in DEV_LINKS.items():
+        os.symlink(target, f"{dev}/{name}")
+        os.chown(f"{dev}/{name}", spec.idmap.root, spec.idmap.root, follow_symlinks=False)
+    for ct_path, node_file in fencing.node_file_binds():
+        if ct_path.startswith("dev/"):
+            _bind_file(node_file, f"{root}/{ct_path}", readonly=False)
+    open(f"{dev}/console", "w").close()  # the mount point of the console pty
+    for b in spec.binds:
+        _bind(root, b)
+
+
+def _mount_for_ct(root: str, init: _Init, err_w: int) -> None:
+    """Step 3: a child in the CT's pid and net namespaces mounts /proc, /sys and the fences."""
+    for ns in ("pid", "net"):
+        fd = os.open(f"/proc/{init.pid}/ns/{ns}", os.O_RDONLY)
+        try:
+            S.setns(fd)
+        finally:
+            os.close(fd)
+    helper = _child(lambda: _mount_proc_sys(root), err_w)
+    _check_exit(helper, "mounting /proc and /sys")
+
+
+def _mount_proc_sys(root: str) -> None:
+    S.mount("proc", f"{root}/proc", "proc", NOSUID)
+    S.mount("sysfs", f"{root}/sys", "sysfs", NOSUID | S.MS_RDONLY)
+    for ct_path, node_file in fencing.node_file_binds():
+        if not ct_path.startswith("dev/") and os.path.exists(f"{root}/{ct_path}"):
+            _bind_file(node_file, f"{root}/{ct_path}", readonly=True)
+    for ct_path in fencing.MASKED_DIRS:
+        target = f"{root}/{ct_path}"
+        if os.path.isdir(target):
+            S.mount("tmpfs", target, "tmpfs", NOSUID | S.MS_RDONLY, "mode=555,size=0")
+    for ct_path in fencing.READONLY_PATHS:
+        _rebind(f"{root}/{ct_path}", readonly=True)
+    for ct_path in fencing.WRITABLE_PATHS:
+        _rebind(f"{root}/{ct_path}", readonly=False)
+
+
+def _rebind(path: str, *, readonly: bool) -> None:
+    if not os.path.isdir(path):
+        return
+    S.mount(path, path, None, S.MS_BIND | S.MS_REC)
+    S.mount(path, path, None, S.MS_BIND | S.MS_REMOUNT | NOSUID | (S.MS_RDONLY if readonly else 0))
+
+
+def _bind_file(source: str, target: str, *, readonly: bool) -> None:
+    if not os.path.exists(target):
+        open(target, "w").close()  # an empty mount point
+    S.mount(source, target, None, S.MS_BIND)
+    flags = S.MS_BIND | S.MS_REMOUNT | S.MS_NOSUID | S.MS_NOEXEC
+    S.mount(source, target, None, flags | (S.MS_RDONLY if readonly else 0))
+
+
+def _init_child(spec: InitSpec, fds: _Fds, mounted_r: int) -> None:
+    """Step 4: PID 1 of the CT.
+
+    It works from *fds.root*, opened by the node: the path to VE_ROOT may not be searchable
+    by the CT's root."""
+    try:
+        _close_except({fds.root, fds.go, fds.err, fds.console, mounted_r})
         S.set_process_name("vzinit")
         os.setsid()  # PID 1 leads its own session inside the CT, whatever init does
-        root = spec.root
-        S.mount("none", "/", None, S.MS_REC | S.MS_PRIVATE)
-        _prepare_fs(root)
-        for b in spec.binds:
-            _bind(root, b)
+        _wait_byte(mounted_r, "mounting /proc and /sys")
+        os.fchdir(fds.root)  # unshare moves the cwd to its copy in the new namespace
+        S.unshare(S.CLONE_NEWNS)  # a copy made from the CT's user namespace: mounts locked
+        os.close(fds.root)
+        root_fd = os.open(".", os.O_PATH | os.O_DIRECTORY)
         S.sethostname(spec.hostname or "localhost")
-        master = _make_console(root)
+        # pivot_root refuses a locked new root: a recursive copy of it mounted over it has an
+        # unlocked top, and its copies of the node's mounts stay locked.
+        os.fchdir(S.clone_tree_over(root_fd))
+        _mount_ct_owned()
+        master = _make_console()
+        con = socket.socket(fileno=fds.console)
         socket.send_fds(con, [b"c"], [master])
         os.close(master)
         con.close()
-        if os.read(go_r, 1) != b"g":
+        if os.read(fds.go, 1) != b"g":
             os._exit(1)
-        os.close(go_r)
-        os.chdir(root)
+        os.close(fds.go)
         S.pivot_root(".", ".")
         S.umount(".", S.MNT_DETACH)
         os.chdir("/")
@@ -188,13 +350,53 @@ def _init_child(spec: InitSpec, go_r: int, err_w: int, con: socket.socket) -> No
         S.set_controlling_tty(console)
         for fd in (0, 1, 2):
             os.dup2(console, fd)
-        os.closerange(3, err_w)
-        os.closerange(err_w + 1, 65536)
+        _close_except({fds.err})
+        for cap in fencing.CAPS_DROPPED.values():
+            S.capbset_drop(cap)
         os.execve(spec.argv[0], spec.argv, INIT_ENV)
     except BaseException as e:
         with contextlib.suppress(OSError):
-            os.write(err_w, f"{type(e).__name__}: {e}".encode())
+            os.write(fds.err, f"{type(e).__name__}: {e}".encode())
         os._exit(127)
+
+
+def _mount_ct_owned() -> None:
+    """Mounts of the CT's own (relative to the new root, the cwd): the CT may change them."""
+    S.mount("devpts", "dev/pts", "devpts", S.MS_NOSUID | S.MS_NOEXEC, DEVPTS_OPTIONS)
+    S.mount("shm", "dev/shm", "tmpfs", NOSUID, "mode=1777,size=65536k")
+    # The CT's cgroup namespace root, read-write: systemd runs in unified mode on v1-hybrid
+    # and v2 hosts alike (the node's v1 hierarchies stay out of the CT).
+    S.mount("cgroup2", "sys/fs/cgroup", "cgroup2", NOSUID)
+    for rel, opts in RUN_TMPFS:
+        S.mount("tmpfs", rel, "tmpfs", NOSUID, opts)
+
+
+def _make_console() -> int:
+    """Pty 0 of the CT's devpts bound onto /dev/console; returns its master."""
+    master, index = S.open_pty("dev/pts/ptmx")
+    S.set_winsize(master, *CONSOLE_SIZE)
+    S.mount(f"dev/pts/{index}", "dev/console", None, S.MS_BIND)
+    return master
+
+
+def _mkdir_in(root: str, rel: str, owner: int) -> None:
+    """Create directory *rel* under *root* for the CT's root (node id *owner*), refusing a
+    symlink the CT may have planted."""
+    path = os.path.join(root, rel)
+    if os.path.islink(path):
+        raise RuntimeFailure(f"/{rel} in the CT is a symlink; it must be a directory")
+    if not os.path.isdir(path):
+        os.makedirs(path, 0o755)
+        os.chown(path, owner, owner)
+
+
+def _close_except(keep: set[int]) -> None:
+    """Close every fd above 2 but those in *keep*."""
+    low = 3
+    for fd in [*sorted(keep), 65536]:
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
 
 
 def _bind(root: str, b: BindMount) -> None:
@@ -206,53 +408,3 @@ def _bind(root: str, b: BindMount) -> None:
     S.mount(b.host, target, None, S.MS_BIND)
     if b.readonly:
         S.mount(b.host, target, None, S.MS_BIND | S.MS_REMOUNT | S.MS_RDONLY)
-
-
-def _make_console(root: str) -> int:
-    """Pty 0 of the CT's devpts bound onto /dev/console; returns its master."""
-    master, index = S.open_pty(f"{root}/dev/pts/ptmx")
-    S.set_winsize(master, *CONSOLE_SIZE)
-    S.mount(f"{root}/dev/pts/{index}", f"{root}/dev/console", None, S.MS_BIND)
-    return master
-
-
-def _prepare_fs(root: str) -> None:
-    """Mount /proc, /sys (read-only) with the CT's cgroup2 subtree, /run, /run/lock, and a
-    tmpfs /dev with devpts and /dev/shm inside *root*."""
-    for d in ("proc", "sys", "dev", "run"):
-        _mkdir_in(root, d)
-    nosuid = S.MS_NOSUID | S.MS_NODEV | S.MS_NOEXEC
-    S.mount("proc", f"{root}/proc", "proc", nosuid)
-    S.mount("sysfs", f"{root}/sys", "sysfs", nosuid | S.MS_RDONLY)
-    # The CT's cgroup namespace root, read-write: systemd runs in unified mode on v1-hybrid
-    # and v2 hosts alike (the node's v1 hierarchies stay out of the CT).
-    S.mount("cgroup2", f"{root}/sys/fs/cgroup", "cgroup2", nosuid)
-    for rel, opts in RUN_TMPFS:
-        _mkdir_in(root, rel)
-        S.mount("tmpfs", f"{root}/{rel}", "tmpfs", nosuid, opts)
-    dev = f"{root}/dev"
-    S.mount("tmpfs", dev, "tmpfs", S.MS_NOSUID | S.MS_NOEXEC, "mode=755,size=4m")
-    for name, kind, major, minor, mode in DEVICES:
-        os.mknod(f"{dev}/{name}", kind | mode, os.makedev(major, minor))
-        os.chmod(f"{dev}/{name}", mode)
-    os.mkdir(f"{dev}/pts", 0o755)
-    S.mount(
-        "devpts",
-        f"{dev}/pts",
-        "devpts",
-        S.MS_NOSUID | S.MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=0620,gid=5",
-    )
-    for name, target in DEV_LINKS.items():
-        os.symlink(target, f"{dev}/{name}")
-    os.mkdir(f"{dev}/shm", 0o1777)
-    S.mount("shm", f"{dev}/shm", "tmpfs", nosuid, "mode=1777,size=65536k")
-    open(f"{dev}/console", "w").close()  # the mount point of the console pty
-
-
-def _mkdir_in(root: str, rel: str) -> None:
-    """Create directory *rel* under *root*, refusing a symlink the CT may have planted."""
-    path = os.path.join(root, rel)
-    if os.path.islink(path):
-        raise RuntimeFailure(f"/{rel} in the CT is a symlink; it must be a directory")
-    os.makedirs(path, exist_ok=True)

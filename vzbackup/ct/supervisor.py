@@ -64,6 +64,7 @@ class Supervisor:
                 hostname=conf.hostname or f"ct{self.ct.ctid}",
                 attach=cg.attach,
                 binds=conf.bindmounts,
+                idmap=conf.idmap,
             )
         )
         self.init_pid = proc.pid

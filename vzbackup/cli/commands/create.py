@@ -15,6 +15,11 @@ from vzbackup.ct import ops, registry
 @click.option("--ipadd", multiple=True, help="IP address (repeatable).")
 @click.option("--hostname")
 @click.option("--name", help="A name that can be used instead of the CTID.")
+@click.option(
+    "--privileged/--unprivileged",
+    default=None,
+    help="Run with the node's ids (default: vz.conf UNPRIVILEGED, normally unprivileged).",
+)
 @json_option
 @click.pass_context
 def create(
@@ -25,6 +30,7 @@ def create(
     ipadd: tuple[str, ...],
     hostname: str | None,
     name: str | None,
+    privileged: bool | None,
     as_json: bool,
 ) -> None:
     """Create container CTID."""
@@ -38,11 +44,19 @@ def create(
         ipadd=list(ipadd),
         hostname=hostname,
         name=name,
+        privileged=privileged,
     )
+    ids = ct.conf.idmap
     emit(
         as_json,
-        {"ctid": ct.ctid, "private": str(ct.ve_private()), "config": str(ct.conf_path)},
-        f"CT {ct.ctid} created: private area {ct.ve_private()}",
+        {
+            "ctid": ct.ctid,
+            "private": str(ct.ve_private()),
+            "config": str(ct.conf_path),
+            "unprivileged": ids.unprivileged,
+            "idmap": {"base": ids.base, "size": ids.size},
+        },
+        f"CT {ct.ctid} created ({ids.describe()}): private area {ct.ve_private()}",
     )
 
 
