@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,7 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
 def test_checkpoint_with_bind_mount_and_custom_dumpfile(node: NodeBed, tmp_path: Path) -> None:
     shared = tmp_path / "vol"
     shared.mkdir()
+    os.chown(shared, 100000, 100000)  # the unprivileged CT's root writes there
     ctid = node.new_ctid()
     node.vz("create", str(ctid), "--ipadd", node.new_ip())
     node.vz("set", str(ctid), "--bindmount", f"{shared}:/srv/vol", "--save")

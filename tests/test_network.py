@@ -317,35 +317,6 @@ def test_parse_netif_errors(value: str, named: str) -> None:
     assert named in str(exc.value)
 
 
-def test_criu_veth_pairs() -> None:
-    cfg = NetConfig(
-        101,
-        ips=("10.199.0.5", "10.199.0.6/24"),
-        netifs=(
-            Netif("eth1", bridge="vzbr0"),
-            Netif("eth2", bridge="vzbr1", host_ifname="myveth"),
-            Netif("eth3"),
-        ),
-    )
-    assert net.criu_veth_pairs(cfg) == [
-        ("eth0", "veth101.0"),
-        ("eth1", "veth101.1@vzbr0"),
-        ("eth2", "myveth@vzbr1"),
-        ("eth3", "veth101.3"),
-    ]
-    # without routed IPs a NETIF eth0 gets index 0; routed + NETIF eth0 clash inside the CT
-    assert net.criu_veth_pairs(NetConfig(7, netifs=(Netif("eth0", bridge="b"),))) == [
-        ("eth0", "veth7.0@b")
-    ]
-    with pytest.raises(ConfigError):
-        net.criu_veth_pairs(NetConfig(7, ips=("10.199.0.5",), netifs=(Netif("eth0"),)))
-    # index collision with the routed veth falls back to the first free index
-    pairs = net.criu_veth_pairs(NetConfig(7, ips=("10.199.0.5",), netifs=(Netif("lan0"),)))
-    assert pairs == [("eth0", "veth7.0"), ("lan0", "veth7.1")]
-    with pytest.raises(ConfigError):
-        net.criu_veth_pairs(NetConfig(7, ips=("2001:db8::1",)))
-
-
 # --------------------------------------------------------------------------- routed mode
 
 
@@ -462,37 +433,6 @@ def test_teardown_after_ct_died(make_ct, torn) -> None:
     for cfg, ip in ((a, f"{R}51"), (b, f"{R}52")):
         assert not link_exists(net.host_veth_name(cfg.ctid, 0))
         assert host_route(ip) == ""
-
-
-@NEEDS_ROOT
-def test_configure_host_side_after_restore(make_ct, torn, bridge) -> None:
-    """Simulate CRIU: pairs exist with the CT side configured, host side bare."""
-    pid = make_ct()
-    cfg = torn(
-        NetConfig(94710, ips=(f"{R}61",), netifs=(Netif("eth1", bridge=bridge, ip=(f"{B}61/24",)),))
-    )
-    (_, routed_host), (_, bridged_out) = net.criu_veth_pairs(cfg)
-    bridged_host = bridged_out.split("@")[0]
-    ip_run("link", "set", "dev", "lo", "up", pid=pid)
-    for ct_if, host_if in (("eth0", routed_host), ("eth1", bridged_host)):
-        ip_run(
-            "link", "add", "name", host_if, "type", "veth", "peer", "name", ct_if, "netns", str(pid)
-        )
-        ip_run("link", "set", "dev", ct_if, "up", pid=pid)
-    ip_run("addr", "add", f"{R}61/32", "dev", "eth0", pid=pid)
-    ip_run("route", "add", GATEWAY, "dev", "eth0", "scope", "link", pid=pid)
-    ip_run("route", "add", "default", "via", GATEWAY, "dev", "eth0", pid=pid)
-    ip_run("addr", "add", f"{B}61/24", "dev", "eth1", pid=pid)
-
-    net.configure_host_side(cfg)
-    net.configure_host_side(cfg)  # idempotent
-    assert ping(f"{R}61") and ping(GATEWAY, pid=pid)
-    assert ping(f"{B}61") and ping(f"{B}1", pid=pid)
-    info = json.loads(subprocess.check_output(["ip", "-j", "link", "show", "dev", bridged_host]))
-    assert info[0]["master"] == bridge
-
-    with pytest.raises(RuntimeFailure, match=r"veth94711\.0"):
-        net.configure_host_side(NetConfig(94711, ips=(f"{R}62",)))
 
 
 # --------------------------------------------------------------------------- bridged mode

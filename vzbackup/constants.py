@@ -43,6 +43,8 @@ SUPERVISOR_LOG = "{ctid}.log"  # in RUNDIR
 CONSOLE_LOG = "{ctid}.console.log"  # in RUNDIR: what the CT wrote to its console
 CONSOLE_LOG_MAX = 1 << 20  # bytes; the log is rotated once (.1), so at most twice this
 CONSOLE_SOCK = "{ctid}.console.sock"  # in RUNDIR: 'vzbackup console' attaches here
+# BINDMOUNT sources are bound here while CRIU restores a CT (see ct/supervisor.py)
+BIND_STAGE_DIR = "/run/vzbackup-binds"
 CRIU_IMAGE_SUBDIR = "Dump.{ctid}"  # OpenVZ's dump file name, a directory of CRIU images here
 
 VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults

@@ -18,6 +18,7 @@ from pathlib import Path
 from vzbackup.criu.check import criu_binary, pycriu_module
 from vzbackup.errors import CheckpointError
 
+CLONE_NEWNET = 0x40000000
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 
@@ -37,7 +38,11 @@ class RestoreOptions:
     root: str = ""
     tcp_established: bool = True  # tcp_close instead for a restore from a backup
     file_locks: bool = True
-    veths: list[tuple[str, str]] = field(default_factory=list)  # (if_in, if_out[@bridge])
+    # The CT's network namespace is restored empty and *setup_net* (called with the restored
+    # init's host pid at CRIU's "setup-namespaces", before sockets come back) configures it:
+    # CRIU can't create veths for a CT in a user namespace on this kernel (usernsd's
+    # RTM_NEWLINK: EOPNOTSUPP; moving a node veth in fails too).
+    setup_net: Callable[[int], None] | None = None
     external: list[str] = field(default_factory=list)
     lazy_pages: bool = False  # missing pages come from a "criu lazy-pages" daemon (images dir)
     cgroup_root: str = ""  # restore the CT's cgroups here, whatever the dump node called them
@@ -218,18 +223,22 @@ def restore(images_dir: Path, opts: RestoreOptions) -> RestoreResult:
         c.opts.manage_cgroups = True
         c.opts.orphan_pts_master = opts.orphan_pts_master
         c.opts.notify_scripts = True
-        c.opts.external.extend(f"veth[{if_in}]:{if_out}" for if_in, if_out in opts.veths)
+        if opts.setup_net:
+            c.opts.empty_ns = CLONE_NEWNET
         c.opts.external.extend(opts.external)
         c.opts.lazy_pages = opts.lazy_pages
         if opts.cgroup_root:
             c.opts.cg_root.add(path=opts.cgroup_root)
-        return _restore_with_notify(c, images_dir)
+        return _restore_with_notify(c, images_dir, opts.setup_net)
     finally:
         os.close(fd)
 
 
-def _restore_with_notify(c, images_dir: Path) -> RestoreResult:
-    """criu.restore() answering CRIU's notifications and keeping the console master it sends."""
+def _restore_with_notify(
+    c, images_dir: Path, setup_net: Callable[[int], None] | None
+) -> RestoreResult:
+    """criu.restore() answering CRIU's notifications and keeping the console master it sends;
+    *setup_net* runs at "setup-namespaces" (a failure there aborts the restore)."""
     pycriu = pycriu_module()
     rpc = pycriu.rpc
     req = rpc.criu_req(type=rpc.RESTORE)
@@ -237,6 +246,7 @@ def _restore_with_notify(c, images_dir: Path) -> RestoreResult:
     log = images_dir / RESTORE_LOG
     hint = f"the images are kept; full log: {log}"
     console: list[int] = []
+    failed: BaseException | None = None
     try:
         sk = c._comm.connect(False)
     except Exception as e:
@@ -253,7 +263,13 @@ def _restore_with_notify(c, images_dir: Path) -> RestoreResult:
             else:
                 for extra in got:
                     os.close(extra)
-            sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=True).SerializeToString())
+            ok = True
+            if resp.notify.script == "setup-namespaces" and setup_net and failed is None:
+                try:
+                    setup_net(resp.notify.pid)
+                except BaseException as e:  # CRIU must hear about any failure
+                    failed, ok = e, False
+            sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
     except (OSError, EOFError, ValueError) as e:
         for extra in console:
             os.close(extra)
@@ -264,6 +280,15 @@ def _restore_with_notify(c, images_dir: Path) -> RestoreResult:
         ) from None
     finally:
         c._comm.disconnect()
+    if failed is not None:
+        for extra in console:
+            os.close(extra)
+        if not isinstance(failed, Exception):
+            raise failed
+        raise CheckpointError(
+            f"CRIU restore from {images_dir} aborted: the network setup failed: {failed}",
+            hint=hint,
+        ) from failed
     if resp.type != rpc.RESTORE or not resp.success:
         for extra in console:
             os.close(extra)

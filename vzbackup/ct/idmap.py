@@ -165,10 +165,17 @@ class ShiftStats:
     fcaps: int = 0
 
 
-def _shift_one(path: str, st: os.stat_result, src: IdMap, dst: IdMap, stats: ShiftStats) -> None:
+def _shift_one(
+    path: str, st: os.stat_result, src: IdMap, dst: IdMap, stats: ShiftStats, dry_run: bool
+) -> None:
     is_link = stat.S_ISLNK(st.st_mode)
     fcaps = None if is_link else _xattr(path, CAP_XATTR)
     uid, gid = translate(st.st_uid, src, dst), translate(st.st_gid, src, dst)
+    if dry_run:
+        acls = 0 if is_link else sum(bool(_xattr(path, n)) for n in ACL_XATTRS)
+        stats.acls += acls
+        stats.fcaps += bool(fcaps)
+        return
     if (uid, gid) != (st.st_uid, st.st_gid):
         os.chown(path, uid, gid, follow_symlinks=False)
         if not is_link and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
@@ -185,8 +192,9 @@ def _shift_one(path: str, st: os.stat_result, src: IdMap, dst: IdMap, stats: Shi
         stats.fcaps += 1
 
 
-def shift_tree(top: str | Path, src: IdMap, dst: IdMap) -> ShiftStats:
-    """Rewrite the ownership of everything under *top* (on one filesystem) from *src* to *dst*."""
+def shift_tree(top: str | Path, src: IdMap, dst: IdMap, *, dry_run: bool = False) -> ShiftStats:
+    """Rewrite the ownership of everything under *top* (on one filesystem) from *src* to *dst*
+    (*dry_run*: only count what would change)."""
     stats = ShiftStats()
     if src == dst:
         return stats
@@ -201,12 +209,13 @@ def shift_tree(top: str | Path, src: IdMap, dst: IdMap) -> ShiftStats:
             if st.st_ino in seen:
                 continue
             seen.add(st.st_ino)
-        _shift_one(path, st, src, dst, stats)
+        _shift_one(path, st, src, dst, stats, dry_run)
         stats.entries += 1
         if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
             with os.scandir(path) as it:
                 stack.extend(e.path for e in it)
-    log.info("shifted %d entries of %s: %s -> %s", stats.entries, top, src, dst)
+    if not dry_run:
+        log.info("shifted %d entries of %s: %s -> %s", stats.entries, top, src, dst)
     return stats
 
 

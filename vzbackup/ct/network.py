@@ -654,37 +654,6 @@ def teardown(cfg: NetConfig) -> None:
         raise RuntimeFailure(f"CT {cfg.ctid}: network teardown incomplete: " + "; ".join(errors))
 
 
-def criu_veth_pairs(cfg: NetConfig) -> list[tuple[str, str]]:
-    """``(if_in, if_out)`` pairs for CRIU ``--veth-pair``; bridged ones as ``host@bridge``."""
-    plan = _plan(cfg)
-    pairs: list[tuple[str, str]] = []
-    if plan.routed_host:
-        pairs.append((ROUTED_IFNAME, plan.routed_host))
-    for nif, host in plan.bridged:
-        pairs.append((nif.ifname, f"{host}@{nif.bridge}" if nif.bridge else host))
-    return pairs
-
-
-def configure_host_side(cfg: NetConfig) -> None:
-    """Configure the host ends after CRIU recreated the veth pairs (idempotent)."""
-    plan = _plan(cfg)
-    for host in ([plan.routed_host] if plan.routed_host else []) + [h for _, h in plan.bridged]:
-        info = _link(host)
-        if info is None:
-            raise RuntimeFailure(f"CT {cfg.ctid}: host interface {host!r} does not exist")
-        if _kind(info) != "veth":
-            raise RuntimeFailure(f"CT {cfg.ctid}: host interface {host!r} is not a veth")
-    if plan.routed_host:
-        _routed_host_side(plan.routed_host, plan.routed_ips, replace=True)
-    for nif, host in plan.bridged:
-        if nif.bridge:
-            _require_bridge(nif.bridge)
-        if nif.host_mac:
-            _ip(["link", "set", "dev", host, "address", nif.host_mac])
-        _bridged_host_side(nif, host)
-    announce(cfg)
-
-
 def add_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
     """Add routed IPs to a running CT: addresses inside plus host routes.
 

@@ -25,7 +25,7 @@ from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu import driver
 from vzbackup.criu.check import criu_binary, pycriu_module
-from vzbackup.ct import fs, idmap, network, registry, rootfs
+from vzbackup.ct import fencing, fs, idmap, network, registry, rootfs
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import read_state
 from vzbackup.template import cache as template_cache
@@ -141,6 +141,38 @@ def create(
             ct.conf_path.unlink(missing_ok=True)
             raise
     return ct
+
+
+def convert(ct: Container, target: idmap.IdMap, *, dry_run: bool = False) -> dict:
+    """Switch a stopped CT between privileged and unprivileged: shift its private area's
+    ownership (ACLs, file capabilities) to *target* and record the new map in CTID.conf.
+
+    Refuses while CRIU images of the CT exist (they hold the old ids). *dry_run* only counts
+    what would change. Returns a report (from, to, entries, acls, fcaps)."""
+    with ct.lock():
+        conf = ct.conf
+        ct.require_stopped("converting it")
+        current = conf.idmap
+        images = dump_dir(ct, None)
+        if (images / "inventory.img").exists():
+            raise E.StateError(
+                f"CT {ct.ctid} has a checkpoint in {images} made with its current ids",
+                hint="restore it and stop the CT, or remove the checkpoint first",
+            )
+        report = {"ctid": ct.ctid, "from": current.describe(), "to": target.describe()}
+        if current == target:
+            return {**report, "entries": 0, "acls": 0, "fcaps": 0, "changed": False}
+        stats = idmap.shift_tree(ct.ve_private(conf), current, target, dry_run=dry_run)
+        if not dry_run:
+            conf.set_idmap(target)
+            conf.save()
+        return {
+            **report,
+            "entries": stats.entries,
+            "acls": stats.acls,
+            "fcaps": stats.fcaps,
+            "changed": not dry_run,
+        }
 
 
 def destroy(ct: Container) -> None:
@@ -294,8 +326,9 @@ def dump_dir(ct: Container, dumpfile: str | None) -> Path:
 
 
 def dump_external(conf: CTConfig) -> list[str]:
-    """CRIU ``external`` entries for a dump of the CT: its bind mounts, by key."""
-    return [f"mnt[{b.ct}]:{b.key}" for b in conf.bindmounts]
+    """CRIU ``external`` entries for a dump of the CT: its bind mounts, by key, and the
+    node's files bound in by the runtime (devices, masks)."""
+    return [f"mnt[{b.ct}]:{b.key}" for b in conf.bindmounts] + fencing.criu_dump_externals()
 
 
 def chkpnt(ct: Container, dumpfile: str | None = None) -> tuple[Path, float]:

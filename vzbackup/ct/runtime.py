@@ -187,8 +187,11 @@ def spawn(spec: InitSpec) -> InitProcess:
     with con_parent:
         _, fds, _, _ = socket.recv_fds(con_parent, 1, 1)
     if not fds:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, 9)
+        msg = _read_all(err_r).strip()
         proc.abort()
-        raise RuntimeFailure(f"container init failed: {_read_all(err_r).strip()}")
+        raise RuntimeFailure(f"container init failed: {msg}")
     proc.console = fds[0]
     return proc
 
@@ -252,25 +255,35 @@ def _create_ct_namespaces(spec: InitSpec, fds: _Fds) -> _Init:
 
 
 def _prepare_node_side(spec: InitSpec) -> None:
-    """Step 1, in M0: /dev with the node's device files, and the BINDMOUNTs."""
-    root = spec.root
-    for d in ("proc", "sys", "dev", *(rel for rel, _ in RUN_TMPFS)):
-        _mkdir_in(root, d, spec.idmap.root)
+    """Step 1, in M0: the node's device files bound over files of the CT's /dev, and the
+    BINDMOUNTs. /dev is the private area's own directory, not a tmpfs: CRIU restores a
+    tmpfs's content with tar inside the CT's user namespace, where mknod is refused."""
+    root, owner = spec.root, spec.idmap.root
+    for d in ("proc", "sys", "dev", "run", "dev/pts", "dev/shm"):
+        _mkdir_in(root, d, owner)
     dev = f"{root}/dev"
-    S.mount("tmpfs", dev, "tmpfs", S.MS_NOSUID | S.MS_NOEXEC, "mode=755,size=4m")
-    os.chown(dev, spec.idmap.root, spec.idmap.root)
-    for d in ("pts", "shm"):
-        os.mkdir(f"{dev}/{d}", 0o755)
-        os.chown(f"{dev}/{d}", spec.idmap.root, spec.idmap.root)
     for name, target in DEV_LINKS.items():
-        os.symlink(target, f"{dev}/{name}")
-        os.chown(f"{dev}/{name}", spec.idmap.root, spec.idmap.root, follow_symlinks=False)
+        if not os.path.lexists(f"{dev}/{name}"):
+            os.symlink(target, f"{dev}/{name}")
+            os.chown(f"{dev}/{name}", owner, owner, follow_symlinks=False)
     for ct_path, node_file in fencing.node_file_binds():
         if ct_path.startswith("dev/"):
+            _mount_point_file(f"{root}/{ct_path}", owner)
             _bind_file(node_file, f"{root}/{ct_path}", readonly=False)
-    open(f"{dev}/console", "w").close()  # the mount point of the console pty
+    _mount_point_file(f"{dev}/console", owner)  # for the console pty
     for b in spec.binds:
         _bind(root, b)
+
+
+def _mount_point_file(path: str, owner: int) -> None:
+    """Make *path* a file to bind over (a device node from a template is fine), replacing a
+    symlink the CT may have planted."""
+    if os.path.islink(path):
+        os.unlink(path)
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        os.fchown(fd, owner, owner)
+        os.close(fd)
 
 
 def _mount_for_ct(root: str, init: _Init, err_w: int) -> None:
@@ -309,8 +322,6 @@ def _rebind(path: str, *, readonly: bool) -> None:
 
 
 def _bind_file(source: str, target: str, *, readonly: bool) -> None:
-    if not os.path.exists(target):
-        open(target, "w").close()  # an empty mount point
     S.mount(source, target, None, S.MS_BIND)
     flags = S.MS_BIND | S.MS_REMOUNT | S.MS_NOSUID | S.MS_NOEXEC
     S.mount(source, target, None, flags | (S.MS_RDONLY if readonly else 0))
@@ -368,6 +379,7 @@ def _mount_ct_owned() -> None:
     # and v2 hosts alike (the node's v1 hierarchies stay out of the CT).
     S.mount("cgroup2", "sys/fs/cgroup", "cgroup2", NOSUID)
     for rel, opts in RUN_TMPFS:
+        os.makedirs(rel, exist_ok=True)  # run/lock: inside the fresh run tmpfs
         S.mount("tmpfs", rel, "tmpfs", NOSUID, opts)
 
 

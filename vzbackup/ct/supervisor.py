@@ -19,13 +19,15 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from vzbackup import constants as C
 from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.criu import driver
-from vzbackup.ct import console, network, runtime
+from vzbackup.ct import console, fencing, network, runtime
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import CTState, clear_state, write_state
 from vzbackup.errors import VzError
@@ -83,20 +85,21 @@ class Supervisor:
         os.chdir("/")
         net = self.ct.net_config(conf)
         t0 = time.monotonic()
-        restored = driver.restore(
-            images,
-            driver.RestoreOptions(
-                root=str(self.ct.ve_root(conf)),
-                veths=network.criu_veth_pairs(net),
-                external=[f"mnt[{b.key}]:{b.host}" for b in conf.bindmounts],
-                tcp_established=not tcp_close,
-                lazy_pages=lazy,
-                cgroup_root="/" + self.ct.cgroup().name,
-            ),
-        )
+        with _staged_binds(self.ct.ctid, conf) as sources:
+            restored = driver.restore(
+                images,
+                driver.RestoreOptions(
+                    root=str(self.ct.ve_root(conf)),
+                    setup_net=lambda pid: network.setup(net, pid),
+                    external=[f"mnt[{key}]:{src}" for key, src in sources.items()]
+                    + fencing.criu_restore_externals(),
+                    tcp_established=not tcp_close,
+                    lazy_pages=lazy,
+                    cgroup_root="/" + self.ct.cgroup().name,
+                ),
+            )
         self.init_pid = restored.pid
         self._serve_console(restored.console)
-        network.configure_host_side(net)
         log.info(
             "CT %s restored from %s in %.3fs, init pid %s",
             self.ct.ctid,
@@ -134,6 +137,34 @@ class Supervisor:
             except Exception as e:
                 log.warning("cleanup of %s failed: %s", what, e)
         clear_state(ct.node, ct.ctid)
+
+
+@contextlib.contextmanager
+def _staged_binds(ctid: int, conf: CTConfig) -> Iterator[dict[str, str]]:
+    """BINDMOUNT sources, by CRIU key, bound under BIND_STAGE_DIR while CRIU restores: CRIU
+    opens them from inside the CT's user namespace, whose root may not be allowed to search
+    the path to a source (e.g. below a 0700 directory); the stage is searchable by anyone."""
+    if not conf.bindmounts:
+        yield {}
+        return
+    stage = Path(C.BIND_STAGE_DIR, f"{ctid}-{os.getpid()}")
+    stage.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chmod(stage.parent, 0o711)
+    sources: dict[str, str] = {}
+    try:
+        for b in conf.bindmounts:
+            target = stage / b.key
+            target.mkdir(mode=0o700, exist_ok=True)
+            sources[b.key] = str(target)
+            S.mount(b.host, str(target), None, S.MS_BIND)
+        yield sources
+    finally:
+        for target in sources.values():
+            with contextlib.suppress(OSError):
+                S.umount(target, S.MNT_DETACH)
+        for target in [*sources.values(), str(stage)]:  # rmdir: never a source's files
+            with contextlib.suppress(OSError):
+                os.rmdir(target)
 
 
 def _retry(fn, attempts: int = 20) -> None:
