@@ -213,6 +213,21 @@ def http_get(ip: str, port: int = 80, path: str = "/", timeout: float = 3.0) -> 
     return b"".join(chunks).decode(errors="replace")
 
 
+# A task as 'nobody' in its own session inside the CT: CRIU must read its rlimits, which root
+# here (no CAP_SYS_RESOURCE) can only do inside the CT's user namespace.
+NOBODY_TASK = "setsid su nobody -s /bin/sh -c 'exec sleep 1000' </dev/null >/dev/null 2>&1 &"
+
+
+def nobody_pids(bed, ctid: int) -> list[str]:
+    """PIDs (inside the CT) of the NOBODY_TASK processes."""
+    out = bed.sh(ctid, "ps -o pid,user,args")
+    return [
+        r[0]
+        for r in (ln.split() for ln in out.splitlines())
+        if r[1:] == ["nobody", "sleep", "1000"]
+    ]
+
+
 COUNTER = (  # an in-memory counter in a CT: a cold start would begin again at 1
     # (written to a new file and renamed, so a reader never sees it empty)
     "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; "

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from nodebed import COUNTER, EchoPeer, NodeBed, http_get, wait_for
+from nodebed import COUNTER, NOBODY_TASK, EchoPeer, NodeBed, http_get, nobody_pids, wait_for
 from treecmp import tree_manifest as full_manifest
 
 from vzbackup.backup.modes import MODES, Source, consistent_source, is_btrfs_subvolume
@@ -246,6 +246,8 @@ def test_checkpoint_backup_restores_with_state(
     try:
         bed.sh(ctid, COUNTER)
         bed.sh(ctid, APPENDER)
+        bed.sh(ctid, NOBODY_TASK)
+        nobody = wait_for(lambda: nobody_pids(bed, ctid), what="the nobody task")
         peer.connect_from(bed, ctid)
         assert peer.roundtrip(b"before\n") == b"before\n"
         wait_for(lambda: counter(priv) > 5, what="counter")
@@ -280,6 +282,7 @@ def test_checkpoint_backup_restores_with_state(
         appended = [int(x) for x in (priv / "var/log/appender").read_text().split()]
         assert appended == list(range(1, len(appended) + 1))  # no gap, no repeat
         assert "vzbackup" in wait_for(lambda: http_get(ip), what="httpd after the restore")
+        assert nobody_pids(bed, ctid) == nobody  # the unprivileged CT's non-root task too
         assert not images.exists()  # consumed by the restore
         assert leftovers(work, bed) == []
     finally:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from nodebed import COUNTER, next_ctid, wait_for
+from nodebed import COUNTER, NOBODY_TASK, next_ctid, nobody_pids, wait_for
 from treecmp import diff, tree_manifest
 from twonode_fixture import twonode
 
@@ -57,6 +57,7 @@ def _make_ct(node: Node, *, start: bool = True) -> tuple[int, str]:
     if start:
         node.vz("start", str(ctid))
         node.sh(ctid, COUNTER)
+        node.sh(ctid, NOBODY_TASK)
         node.sh(ctid, f"setsid nc -ll -p {ECHO_PORT} -e /bin/cat </dev/null >/dev/null 2>&1 &")
         node.sh(ctid, "mkdir -p /data && echo payload > /data/f && ln /data/f /data/hard")
     return ctid, ip
@@ -139,6 +140,7 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
         assert "deleted" in _status(bed.a, ctid)
         assert not diff(_files(_private(bed.a, ctid)), _files(_private(bed.b, ctid)))
         assert bed.b.sh(ctid, "cat /data/hard") == "payload\n"
+        assert len(nobody_pids(bed.b, ctid)) == 1  # a non-root task of the unprivileged CT
     finally:
         client.close()
     # and back: B -> A, lazy by default

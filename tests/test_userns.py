@@ -10,15 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from nodebed import NodeBed, wait_for
+from nodebed import NOBODY_TASK, NodeBed, nobody_pids, wait_for
 
 from vzbackup.ct import fencing
 
 BASE = 100000  # vz.conf's default IDMAP_BASE
 NOBODY = 65534
 MODES = {"unprivileged": (), "privileged": ("--privileged",)}
-# A task as 'nobody' in its own session inside the CT (CRIU dumps no session led from outside).
-START_NOBODY = "setsid su nobody -s /bin/sh -c 'exec sleep 1000' </dev/null >/dev/null 2>&1 &"
 
 
 def _conf(node: NodeBed, ctid: int) -> str:
@@ -27,12 +25,6 @@ def _conf(node: NodeBed, ctid: int) -> str:
 
 def _private(node: NodeBed, ctid: int) -> Path:
     return node.prefix / f"vz/private/{ctid}"
-
-
-def _nobody_pid(node: NodeBed, ctid: int) -> str:
-    out = node.sh(ctid, "ps -o pid,user,args | grep 'sleep 1000' | grep -v grep || true")
-    rows = [ln.split() for ln in out.splitlines() if ln.split()[1:2] == ["nobody"]]
-    return rows[0][0] if rows else ""
 
 
 def test_unprivileged_by_default_privileged_on_request(node: NodeBed) -> None:
@@ -122,12 +114,12 @@ def test_checkpoint_restore_keeps_a_nonroot_task(node: NodeBed, criu_ready, mode
     """CRIU must read the rlimits of a non-root task: root here lacks CAP_SYS_RESOURCE, the
     CT's user namespace gives it back (a CT without one failed with 'Can't get rlimit')."""
     ctid, _ = node.create_running(*MODES[mode])
-    node.sh(ctid, START_NOBODY)
-    pid = wait_for(lambda: _nobody_pid(node, ctid), what="the nobody task")
+    node.sh(ctid, NOBODY_TASK)
+    pids = wait_for(lambda: nobody_pids(node, ctid), what="the nobody task")
     node.vz("chkpnt", str(ctid))
     assert "stopped" in node.vz("status", str(ctid)).stdout
     node.vz("restore", str(ctid))
-    assert _nobody_pid(node, ctid) == pid
+    assert nobody_pids(node, ctid) == pids
     host_uid = NOBODY + (BASE if mode == "unprivileged" else 0)
     owners = subprocess.check_output(["ps", "-o", "uid=", "-C", "sleep"], text=True).split()
     assert str(host_uid) in owners

@@ -13,7 +13,7 @@ from vzbackup import constants as C
 from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node, expand
-from vzbackup.ct import fs, network
+from vzbackup.ct import fencing, fs, network
 from vzbackup.ct.cgroups import CgroupSet, Limits, open_cgroups
 from vzbackup.ct.console import relay_pty
 from vzbackup.ct.state import CTState, read_state
@@ -231,6 +231,8 @@ class Container:
             def in_ct_session() -> None:
                 cg.attach(os.getpid(), existing_only=True)
                 _join_namespaces(st.init_pid)
+                for cap in fencing.CAPS_DROPPED.values():  # as for the CT's init
+                    S.capbset_drop(cap)
                 os.setsid()  # the session and its leader are inside the CT's pid namespace
                 S.set_controlling_tty(0)
 
@@ -295,6 +297,7 @@ def _join_namespaces(pid: int) -> None:
         finally:
             os.close(fd)
         if ns == "user":
+            os.setgroups([])
             os.setgid(0)
             os.setuid(0)
     os.chdir("/")
