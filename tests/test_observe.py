@@ -191,8 +191,11 @@ def test_bad_report_and_metrics_input(node: NodeBed, tmp_path: Path):
     assert res.returncode == 2 and "--since" in res.stderr
     res = node.vz("report", "--html", str(tmp_path / "r.html"), "--storage", "nope",
                   check=False)
-    assert res.returncode == 0  # an unreadable storage is shown in the page, not fatal
-    assert "no storage named" in (tmp_path / "r.html").read_text()
+    assert res.returncode == 4 and "no storage named 'nope'" in res.stderr
+    assert not (tmp_path / "r.html").exists()
+    # a storage that can't be read is shown in the page, not fatal
+    res = node.vz("report", "--html", str(tmp_path / "r.html"))
+    assert "no backup repository" in (tmp_path / "r.html").read_text()
     jobs_cfg(node, "scheduler: options\n    metrics-listen 127.0.0.1\n")
     res = node.vz("jobs", "list", check=False)
     assert res.returncode == 3 and "metrics-listen" in res.stderr

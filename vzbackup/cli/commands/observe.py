@@ -117,6 +117,10 @@ def report(ctx: click.Context, html_file: str, storage: str | None, since: str,
 
     node = node_of(ctx)
     start = F.parse_since(since)
+    if storage:
+        from vzbackup.backup.session import open_backend
+
+        open_backend(node, storage)  # an unknown name is an error here, not a page
     out = R.write(node, storage, start, Path(html_file))
     emit(as_json, out, f"wrote {html_file}: {out['snapshots']} snapshots, {out['runs']} job "
                        f"runs, {out['migrations']} migrations")
