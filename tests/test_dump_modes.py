@@ -307,7 +307,7 @@ def test_failing_post_dump_callback_aborts_dump_ct_keeps_running(
         return lambda: seen.append(name)
 
     pid = ct.state().init_pid
-    opts = driver.DumpOptions(leave_running=True)
+    opts = driver.DumpOptions(leave_running=True, external=ops.dump_external(ct.conf))
     with pytest.raises(CheckpointError, match="post-dump step failed: disk on fire") as ei:
         driver.dump(
             pid, tmp_path / "img", opts, notify={"pre-dump": note("pre-dump"), "post-dump": boom}

@@ -226,3 +226,21 @@ def owner_map(top: str | Path, candidates: list[IdMap]) -> IdMap | None:
         if m.to_ct(uid) == 0:
             return m
     return None
+
+
+def give_images(images: str | Path, m: IdMap) -> None:
+    """Hand CRIU images to the CT's root: CRIU's restored tasks open some of them (tty-info,
+    ...) after taking the CT's credentials, and the node's root-only 0600 files (in a 0700
+    directory) are out of reach of an unmapped id. The images are the CT's own memory; their
+    directory stays the node's, searchable but not listable by others."""
+    if m.identity:
+        return
+    mode = stat.S_IMODE(os.stat(images).st_mode)
+    if not mode & stat.S_IXOTH:
+        os.chmod(images, mode | stat.S_IXOTH)
+    for entry in os.scandir(images):
+        if (
+            entry.is_file(follow_symlinks=False)
+            and entry.stat(follow_symlinks=False).st_uid != m.root
+        ):
+            os.chown(entry.path, m.root, m.root, follow_symlinks=False)

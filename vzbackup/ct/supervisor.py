@@ -27,7 +27,7 @@ from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.criu import driver
-from vzbackup.ct import console, fencing, network, runtime
+from vzbackup.ct import console, fencing, idmap, network, runtime
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import CTState, clear_state, write_state
 from vzbackup.errors import VzError
@@ -82,6 +82,7 @@ class Supervisor:
     def restore(self, images: Path, *, tcp_close: bool = False, lazy: bool = False) -> None:
         conf = self.ct.conf
         self._prepare(conf)
+        idmap.give_images(images, conf.idmap)
         os.chdir("/")
         net = self.ct.net_config(conf)
         t0 = time.monotonic()
