@@ -77,13 +77,17 @@ def test_set_refuses_quotes_and_bad_keys() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("ONBOOT", "maybe"), ("CPUUNITS", "3"), ("PHYSPAGES", "lots"), ("CPUS", "-1")],
+    [("ONBOOT", "maybe"), ("CPUUNITS", "3"), ("PHYSPAGES", "lots"), ("CPUS", "-1"),
+     ("IP_ADDRESS", "10.199.0.5 not-an-ip"), ("IP_ADDRESS", "127.0.0.1"),
+     ("NETIF", "ifname=eth1,colour=blue"), ("NETIF", "bridge=vzbr0")],
 )
 def test_invalid_known_values_are_rejected(tmp_path: Path, key: str, value: str) -> None:
     p = tmp_path / "103.conf"
     p.write_text(f'{key}="{value}"\n')
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(ConfigError, match=f"^{p}: {key}="):
         CTConfig.load(103, p)
+    with pytest.raises(UsageError, match=key):
+        CTConfig(103, VzFile(p, "")).set(key, value)
 
 
 def test_typed_views(tmp_path: Path) -> None:
@@ -98,6 +102,7 @@ def test_typed_views(tmp_path: Path) -> None:
     assert c.numproc == 200
     assert c.cpus == 2
     assert c.ips == ["10.1.1.1", "10.1.1.2"]
+    assert c.netifs == []
 
 
 def test_parse_size() -> None:

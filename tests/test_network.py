@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from nodebed import skip_outside_ci
 
+from vzbackup.config.net import Netif, format_netif, parse_netif, validate_ip
 from vzbackup.ct import network as net
-from vzbackup.ct.network import GATEWAY, NetConfig, Netif
+from vzbackup.ct.network import GATEWAY, NetConfig
 from vzbackup.errors import ConfigError, ExistsError, RuntimeFailure, UsageError
 
 NEEDS_ROOT = skip_outside_ci(
@@ -230,9 +231,9 @@ def bridge() -> Iterator[str]:
 
 
 def test_validate_ip() -> None:
-    assert net.validate_ip(" 10.199.0.5 ") == "10.199.0.5"
-    assert net.validate_ip("10.199.0.5/24") == "10.199.0.5/24"
-    assert net.validate_ip("2001:DB8:0::1/64") == "2001:db8::1/64"
+    assert validate_ip(" 10.199.0.5 ") == "10.199.0.5"
+    assert validate_ip("10.199.0.5/24") == "10.199.0.5/24"
+    assert validate_ip("2001:DB8:0::1/64") == "2001:db8::1/64"
     for bad in (
         "",
         "garbage",
@@ -251,7 +252,7 @@ def test_validate_ip() -> None:
         "fe80::1%eth0",
     ):
         with pytest.raises(UsageError):
-            net.validate_ip(bad)
+            validate_ip(bad)
 
 
 def test_host_veth_name() -> None:
@@ -270,7 +271,7 @@ def test_parse_format_netif_round_trip() -> None:
         "ifname=eth1,mac=00:18:51:AA:BB:CC,host_ifname=veth101.1,host_mac=00:18:51:AA:BB:CD,"
         "bridge=vzbr0,ip=10.199.1.5/24,ip=10.199.1.6/24,gw=10.199.1.1;ifname=eth2"
     )
-    nifs = net.parse_netif(value)
+    nifs = parse_netif(value)
     assert nifs == [
         Netif(
             "eth1",
@@ -283,11 +284,11 @@ def test_parse_format_netif_round_trip() -> None:
         ),
         Netif("eth2"),
     ]
-    assert net.format_netif(nifs) == value
-    assert net.parse_netif(net.format_netif(nifs)) == nifs
-    assert net.parse_netif("") == [] and net.format_netif([]) == ""
+    assert format_netif(nifs) == value
+    assert parse_netif(format_netif(nifs)) == nifs
+    assert parse_netif("") == [] and format_netif([]) == ""
     # lenient input: spaces, trailing ';', lower-case / dashed MAC, OpenVZ mac_filter
-    loose = net.parse_netif(" ifname=eth0 , mac=00-18-51-aa-bb-cc , mac_filter=on ; ")
+    loose = parse_netif(" ifname=eth0 , mac=00-18-51-aa-bb-cc , mac_filter=on ; ")
     assert loose == [Netif("eth0", mac="00:18:51:AA:BB:CC")]
     assert Netif("eth0", ip=["10.199.1.5/24"]).ip == ("10.199.1.5/24",)  # list coerced
 
@@ -313,7 +314,7 @@ def test_parse_format_netif_round_trip() -> None:
 )
 def test_parse_netif_errors(value: str, named: str) -> None:
     with pytest.raises(ConfigError) as exc:
-        net.parse_netif(value)
+        parse_netif(value)
     assert named in str(exc.value)
 
 
@@ -441,7 +442,7 @@ def test_teardown_after_ct_died(make_ct, torn) -> None:
 @NEEDS_ROOT
 def test_bridged_setup_ping_tcp(make_ct, torn, bridge) -> None:
     pid = make_ct()
-    (nif,) = net.parse_netif(
+    (nif,) = parse_netif(
         f"ifname=eth1,bridge={bridge},mac=00:18:51:AA:BB:01,host_mac=00:18:51:AA:BB:02,"
         f"ip={B}5/24,gw={B}1"
     )

@@ -16,9 +16,10 @@ from pathlib import Path
 from vzbackup import errors as E
 from vzbackup.backup import vzdump_archive
 from vzbackup.config.ct import CTConfig
+from vzbackup.config.net import validate_ip
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
-from vzbackup.ct import fs, network, ops, registry
+from vzbackup.ct import fs, ops, registry
 from vzbackup.ct.container import Container
 from vzbackup.engine.extract import load_tree, restore_tree
 from vzbackup.engine.repo import Manifest, Repository
@@ -47,7 +48,7 @@ def _config(node: Node, ctid: int, conf_text: str, ipadd: list[str] | None,
     for key in PATH_KEYS:  # this node's layout, not the source node's
         conf.set(key, node.value(key))
     if ipadd is not None:
-        ips = [network.validate_ip(ip) for ip in ipadd]
+        ips = [validate_ip(ip) for ip in ipadd]
         if ips:
             conf.set("IP_ADDRESS", " ".join(ips))
         else:

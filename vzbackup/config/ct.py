@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vzbackup.config.net import Netif, parse_ip_address, parse_netif
 from vzbackup.config.vzfile import VzFile
 from vzbackup.ct import idmap
 from vzbackup.ct.idmap import IdMap
@@ -64,7 +65,7 @@ def _diskspace(v: str) -> None:
 
 
 # Known keys and their validators; unknown keys are kept untouched.
-VALIDATORS: dict[str, Callable[[str], None]] = {
+VALIDATORS: dict[str, Callable[[str], object]] = {
     "ONBOOT": _yes_no,
     "CPUUNITS": _int_range(8, 500000),
     "CPULIMIT": _int_range(0, 100 * 4096),
@@ -77,6 +78,8 @@ VALIDATORS: dict[str, Callable[[str], None]] = {
     "UNPRIVILEGED": _yes_no,
     "IDMAP_BASE": _int_range(0, (1 << 32) - 2),
     "IDMAP_SIZE": _int_range(1, (1 << 32) - 1),
+    "IP_ADDRESS": parse_ip_address,
+    "NETIF": parse_netif,
 }
 
 
@@ -100,7 +103,7 @@ class CTConfig:
                 continue
             try:
                 check(value)
-            except (ValueError, UsageError) as e:
+            except (ValueError, UsageError, ConfigError) as e:
                 raise ConfigError(f"{self.file.path}: {key}={value!r} is invalid: {e}") from None
 
     def get(self, key: str, default: str = "") -> str:
@@ -112,7 +115,7 @@ class CTConfig:
         if check is not None:
             try:
                 check(value)
-            except ValueError as e:
+            except (ValueError, UsageError, ConfigError) as e:
                 raise UsageError(f"{key}={value!r} is invalid: {e}") from None
         self.file.set(key, value)
 
@@ -135,6 +138,10 @@ class CTConfig:
     @property
     def ips(self) -> list[str]:
         return self.get("IP_ADDRESS").split()
+
+    @property
+    def netifs(self) -> list[Netif]:
+        return parse_netif(self.get("NETIF"))
 
     @property
     def nameservers(self) -> list[str]:

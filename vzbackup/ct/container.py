@@ -105,11 +105,10 @@ class Container:
 
     def net_config(self, conf: CTConfig | None = None) -> network.NetConfig:
         c = conf or self.conf
-        netif = c.get("NETIF")
         return network.NetConfig(
             ctid=self.ctid,
             ips=tuple(c.ips),
-            netifs=tuple(network.parse_netif(netif)) if netif else (),
+            netifs=tuple(c.netifs),
             neighbour_devs=self.node.value("NEIGHBOUR_DEVS"),
         )
 

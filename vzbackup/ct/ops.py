@@ -21,6 +21,7 @@ from pathlib import Path
 from vzbackup import constants as C
 from vzbackup import errors as E
 from vzbackup.config.ct import CTConfig, parse_size, validate_name
+from vzbackup.config.net import validate_ip
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu import driver
@@ -70,7 +71,7 @@ def create(
     The CT is unprivileged unless *privileged* (or vz.conf's UNPRIVILEGED="no") says so; the
     mode and id map are recorded in CTID.conf and the template's files shifted to the map."""
     ct = Container(node, ctid)
-    ips = [network.validate_ip(ip) for ip in ipadd or []]
+    ips = [validate_ip(ip) for ip in ipadd or []]
     if name:
         validate_name(name)
     node.ensure_dirs()
@@ -426,7 +427,7 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
         if not running and not save:
             raise E.UsageError(f"CT {ct.ctid} is not running: use --save to store the settings")
         changed: list[str] = []
-        ipadd = [network.validate_ip(i) for i in params.pop("ipadd", None) or []]
+        ipadd = [validate_ip(i) for i in params.pop("ipadd", None) or []]
         ipdel = list(params.pop("ipdel", None) or [])
         if ipadd or ipdel:
             _check_ips_free(ct.node, ct.ctid, ipadd)
@@ -434,7 +435,7 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
             if "all" in ipdel:
                 ipdel = list(current)
             else:
-                ipdel = [network.validate_ip(i) for i in ipdel]
+                ipdel = [validate_ip(i) for i in ipdel]
                 missing = [i for i in ipdel if i not in current]
                 if missing:
                     raise E.UsageError(f"CT {ct.ctid} has no IP {', '.join(missing)}")

@@ -1,0 +1,196 @@
+"""The network part of a CT config: IP_ADDRESS and NETIF (OpenVZ's grammar plus ``ip``/``gw``).
+
+Only what the text may say: ``vzbackup.ct.network`` wires what it describes. An address
+must be usable by a container (not loopback, multicast, link-local, reserved, nor a
+network's or broadcast address); NETIF entries are ``key=value,...`` separated by ``;``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vzbackup.errors import ConfigError, UsageError
+
+IFNAMSIZ = 15  # longest interface name the kernel takes
+
+_NETIF_KEYS = ("ifname", "mac", "host_ifname", "host_mac", "bridge", "ip", "gw")
+_NETIF_IGNORED = ("mac_filter",)  # OpenVZ keys we accept but do not model
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
+_BAD_IFNAME = re.compile(r"[\s/:,;=@%]")
+
+
+@dataclass(frozen=True)
+class Netif:
+    """One bridged veth interface (an OpenVZ NETIF entry plus ``ip``/``gw`` extensions)."""
+
+    ifname: str
+    bridge: str | None = None
+    mac: str | None = None
+    host_ifname: str | None = None
+    host_mac: str | None = None
+    ip: tuple[str, ...] = ()
+    gw: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ip, tuple):
+            object.__setattr__(self, "ip", tuple(self.ip))
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def validate_ip(s: str) -> str:
+    """Normalise ``addr`` or ``addr/prefix`` (IPv4 or IPv6); raise UsageError for garbage."""
+    if not isinstance(s, str):
+        raise UsageError(f"invalid IP address {s!r}")
+    text = s.strip()
+    if not text or "%" in text:
+        raise UsageError(f"invalid IP address {s!r}")
+    try:
+        if "/" in text:
+            iface = ipaddress.ip_interface(text)
+            addr, prefix = iface.ip, iface.network.prefixlen
+        else:
+            addr, prefix = ipaddress.ip_address(text), None
+    except ValueError as e:
+        raise UsageError(f"invalid IP address {s!r}: {e}") from None
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr.is_link_local:
+        raise UsageError(
+            f"IP address {s!r} is not usable for a container",
+            hint="unspecified, multicast, loopback and link-local addresses are reserved",
+        )
+    if addr.version == 4 and (addr.is_reserved or str(addr) == "255.255.255.255"):
+        raise UsageError(f"IP address {s!r} is reserved")
+    if prefix is None:
+        return str(addr)
+    if prefix == 0:
+        raise UsageError(f"invalid prefix length in {s!r}")
+    net = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+    if addr.version == 4 and prefix <= 30 and addr in (net.network_address, net.broadcast_address):
+        raise UsageError(f"{s!r} is the network or broadcast address of {net}")
+    return f"{addr}/{prefix}"
+
+
+def routed_addr(ip: str) -> str:
+    """The bare IPv4 address of a routed-mode IP (any prefix is ignored; /32 is used)."""
+    addr = ipaddress.ip_interface(validate_ip(ip)).ip
+    if addr.version != 4:
+        raise ConfigError(f"routed IP {ip!r}: IPv6 is not supported in routed mode")
+    return str(addr)
+
+
+def _check_ifname(name: str, what: str) -> str:
+    if not name or len(name) > IFNAMSIZ or name in (".", "..") or _BAD_IFNAME.search(name):
+        raise ConfigError(
+            f"invalid {what} {name!r}",
+            hint=f"1-{IFNAMSIZ} characters, no whitespace or any of / : , ; = @ %",
+        )
+    return name
+
+
+def _check_mac(mac: str, what: str) -> str:
+    if not _MAC.match(mac):
+        raise ConfigError(f"invalid {what} {mac!r}", hint="use six hex octets: 00:18:51:AA:BB:CC")
+    norm = mac.replace("-", ":").upper()
+    if int(norm[:2], 16) & 1:
+        raise ConfigError(f"invalid {what} {mac!r}: multicast MAC address")
+    if norm == "00:00:00:00:00:00":
+        raise ConfigError(f"invalid {what} {mac!r}: all-zero MAC address")
+    return norm
+
+
+# --------------------------------------------------------------------------- NETIF
+
+
+def parse_netif(value: str) -> list[Netif]:
+    """Parse an OpenVZ NETIF value: ``key=val,...`` entries separated by ``;``.
+
+    Keys: ifname (required), mac, host_ifname, host_mac, bridge, ip (repeatable), gw.
+    """
+    result: list[Netif] = []
+    for n, raw in enumerate(value.split(";"), 1):
+        entry = raw.strip()
+        if not entry:
+            continue
+        where = f"NETIF entry {n} ({entry!r})"
+        fields: dict[str, str] = {}
+        ips: list[str] = []
+        for part in entry.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, val = part.partition("=")
+            key, val = key.strip(), val.strip()
+            if not sep or not key:
+                raise ConfigError(f"{where}: {part!r} is not key=value")
+            if key in _NETIF_IGNORED:
+                continue
+            if key not in _NETIF_KEYS:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}", hint=f"known keys: {', '.join(_NETIF_KEYS)}"
+                )
+            if not val:
+                raise ConfigError(f"{where}: empty value for {key!r}")
+            if key == "ip":
+                try:
+                    norm = validate_ip(val)
+                except UsageError as e:
+                    raise ConfigError(f"{where}: bad ip {val!r}: {e}") from None
+                if norm not in ips:
+                    ips.append(norm)
+                continue
+            if key in fields:
+                raise ConfigError(f"{where}: duplicate key {key!r}")
+            fields[key] = val
+        if "ifname" not in fields:
+            raise ConfigError(f"{where}: missing ifname=")
+        try:
+            ifname = _check_ifname(fields["ifname"], "ifname")
+            host_ifname = fields.get("host_ifname")
+            if host_ifname is not None:
+                _check_ifname(host_ifname, "host_ifname")
+            bridge = fields.get("bridge")
+            if bridge is not None:
+                _check_ifname(bridge, "bridge")
+            mac = _check_mac(fields["mac"], "mac") if "mac" in fields else None
+            host_mac = _check_mac(fields["host_mac"], "host_mac") if "host_mac" in fields else None
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        gw = fields.get("gw")
+        if gw is not None:
+            try:
+                gw = validate_ip(gw)
+            except UsageError as e:
+                raise ConfigError(f"{where}: bad gw {gw!r}: {e}") from None
+            if "/" in gw:
+                raise ConfigError(f"{where}: gw {gw!r} must be a plain address")
+        if any(x.ifname == ifname for x in result):
+            raise ConfigError(f"{where}: ifname {ifname!r} used twice")
+        if host_ifname and any(x.host_ifname == host_ifname for x in result):
+            raise ConfigError(f"{where}: host_ifname {host_ifname!r} used twice")
+        result.append(Netif(ifname, bridge, mac, host_ifname, host_mac, tuple(ips), gw))
+    return result
+
+
+def format_netif(netifs: Iterable[Netif]) -> str:
+    """Inverse of :func:`parse_netif`."""
+    entries = []
+    for nif in netifs:
+        parts = [f"ifname={nif.ifname}"]
+        for key in ("mac", "host_ifname", "host_mac", "bridge"):
+            val = getattr(nif, key)
+            if val is not None:
+                parts.append(f"{key}={val}")
+        parts.extend(f"ip={ip}" for ip in nif.ip)
+        if nif.gw is not None:
+            parts.append(f"gw={nif.gw}")
+        entries.append(",".join(parts))
+    return ";".join(entries)
+
+
+def parse_ip_address(value: str) -> list[str]:
+    """IP_ADDRESS: whitespace-separated addresses, each as :func:`validate_ip` accepts."""
+    return [validate_ip(ip) for ip in value.split()]
