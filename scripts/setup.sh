@@ -12,6 +12,7 @@ PYTHON=${PYTHON:-python3}
 CRIU_MIN=4.2
 CRIU_PREFIX=/usr/local
 PYCRIU_DIR=/usr/local/lib/vzbackup/pycriu      # holds the pycriu package
+SECCOMP_DIR=/usr/local/lib/vzbackup/seccomp    # holds a link to Debian's libseccomp binding
 BUILD_DIR=/var/cache/vzbackup/criu-build
 PIPE_MAX=4194304
 STAMP_DIR=/var/lib/vzbackup-setup
@@ -27,6 +28,8 @@ DEB_PKGS=(busybox-static rsync openssh-server iproute2 iptables btrfs-progs zstd
   libprotobuf-c-dev python3-protobuf libcap-dev libnl-3-dev libnet1-dev libaio-dev
   libgnutls28-dev libbsd-dev libdrm-dev uuid-dev libnftables-dev
   util-linux procps psmisc acl attr restic mmdebstrap
+  nftables  # per-CT bridge tables: bridged CTs send only from their addresses
+  python3-seccomp  # libseccomp's own Python binding: the CTs' syscall filter
   ceph-mon ceph-osd radosgw curl  # the S3 server of the tests (scripts/s3-server.sh)
   fuse3                           # vzbackup browse (libfuse 3 + fusermount3)
   chromium fonts-dejavu-core)     # the report's rendering test (headless screenshot)
@@ -121,13 +124,24 @@ raise_pipe_max() {
   log "sysctl: fs.pipe-max-size = $(sysctl -n fs.pipe-max-size)"
 }
 
+link_seccomp() {  # Debian builds the binding for its CPython 3.11, the venv's X.Y too
+  local so
+  so=$(ls /usr/lib/python3/dist-packages/seccomp.cpython-*.so 2>/dev/null | head -1)
+  [ -n "$so" ] || die "python3-seccomp installed no seccomp module"
+  mkdir -p "$SECCOMP_DIR"
+  ln -sfn "$so" "$SECCOMP_DIR/$(basename "$so")"
+}
+
 make_venv() {
   local hash
   [ -x "$VENV/bin/python" ] || { log "venv: creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-  # pycriu lives outside the venv; a .pth makes it importable.
+  # pycriu and the seccomp binding live outside the venv; .pth files make them importable
+  # (pointing at their own folders, not at all of Debian's dist-packages).
   local site
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "$PYCRIU_DIR" > "$site/vzbackup-pycriu.pth"
+  link_seccomp
+  echo "$SECCOMP_DIR" > "$site/vzbackup-seccomp.pth"
   hash=$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)
   if [ "$(cat "$VENV/.vzbackup-installed" 2>/dev/null)" != "$hash" ]; then
     log "venv: installing vzbackup[test] (editable)"
@@ -137,7 +151,8 @@ make_venv() {
   else
     log "venv: up to date"
   fi
-  "$VENV/bin/python" -c 'import pycriu, vzbackup' || die "pycriu or vzbackup not importable in $VENV"
+  "$VENV/bin/python" -c 'import pycriu, seccomp, vzbackup' \
+    || die "pycriu, seccomp (python3-seccomp is built for Debian's python3 X.Y) or vzbackup not importable in $VENV"
 }
 
 install_debs

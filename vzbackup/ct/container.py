@@ -13,7 +13,7 @@ from vzbackup import constants as C
 from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node, expand
-from vzbackup.ct import fencing, fs, network
+from vzbackup.ct import fencing, fs, network, syscall_filter
 from vzbackup.ct.cgroups import CgroupSet, Limits, open_cgroups
 from vzbackup.ct.console import relay_pty
 from vzbackup.ct.state import CTState, read_state
@@ -221,6 +221,7 @@ class Container:
         the CT neither needs nor dumps it (a chkpnt ends it, a leave-running dump doesn't)."""
         st = self.require_running()
         cg = self.cgroup()
+        confine = syscall_filter.build()
         pts = f"/proc/{st.init_pid}/root/dev/pts"
         master, index = S.open_pty(f"{pts}/ptmx")
         try:
@@ -234,6 +235,7 @@ class Container:
                     S.capbset_drop(cap)
                 os.setsid()  # the session and its leader are inside the CT's pid namespace
                 S.set_controlling_tty(0)
+                confine.load()
 
             try:
                 proc = subprocess.Popen(
@@ -263,6 +265,12 @@ class Container:
         """Run *argv* inside the running CT (its namespaces, root and cgroups)."""
         st = self.require_running()
         cg = self.cgroup()
+        confine = syscall_filter.build()
+
+        def enter_ct() -> None:
+            cg.attach(os.getpid(), existing_only=True)
+            confine.load()
+
         env = self._env(tty)
         kwargs: dict = {}
         if capture:
@@ -272,7 +280,7 @@ class Container:
             env=env,
             input=input_,
             check=False,
-            preexec_fn=lambda: cg.attach(os.getpid(), existing_only=True),
+            preexec_fn=enter_ct,
             close_fds=True,
             **kwargs,
         )

@@ -38,6 +38,7 @@ import socket
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from vzbackup import syscalls as S
 from vzbackup.config.ct import BindMount
@@ -78,6 +79,7 @@ class InitSpec:
     attach: Callable[[int], None] | None = None  # puts a pid into the CT's cgroups
     binds: list[BindMount] = field(default_factory=list)
     idmap: IdMap = IDENTITY
+    syscall_filter: Any = None  # a seccomp.SyscallFilter loaded just before exec
 
 
 class InitProcess:
@@ -364,6 +366,8 @@ def _init_child(spec: InitSpec, fds: _Fds, mounted_r: int) -> None:
         _close_except({fds.err})
         for cap in fencing.CAPS_DROPPED.values():
             S.capbset_drop(cap)
+        if spec.syscall_filter is not None:
+            spec.syscall_filter.load()
         os.execve(spec.argv[0], spec.argv, INIT_ENV)
     except BaseException as e:
         with contextlib.suppress(OSError):

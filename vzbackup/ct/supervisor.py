@@ -27,7 +27,7 @@ from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.criu import driver
-from vzbackup.ct import console, fencing, idmap, network, runtime
+from vzbackup.ct import console, fencing, idmap, network, runtime, syscall_filter
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import CTState, clear_state, write_state
 from vzbackup.errors import VzError
@@ -67,6 +67,7 @@ class Supervisor:
                 attach=cg.attach,
                 binds=conf.bindmounts,
                 idmap=conf.idmap,
+                syscall_filter=syscall_filter.build(),
             )
         )
         self.init_pid = proc.pid
