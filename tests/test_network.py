@@ -524,3 +524,138 @@ def test_ips_in_use_on_host() -> None:
     assert net.ips_in_use_on_host(["127.0.0.1", f"{R}254"]) == ["127.0.0.1"]
     with pytest.raises(UsageError):
         net.ips_in_use_on_host(["not-an-ip"])
+
+
+# --------------------------------------------------------------------------- anti-spoofing
+
+# Sends UDP datagrams from a given source address (the CT's root added it to its interface).
+_UDP_FROM = r"""
+import socket, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((src, 0))
+for _ in range(3):
+    s.sendto(src.encode(), (dst, port))
+"""
+
+# Sends an ARP reply "IP is-at <this interface's MAC>" to the broadcast address.
+_ARP_CLAIM = r"""
+import socket, sys
+dev, ip, target = sys.argv[1], sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((dev, 0))
+mac = s.getsockname()[4]
+arp = (b"\x00\x01\x08\x00\x06\x04\x00\x02" + mac + socket.inet_aton(ip)
+       + b"\xff" * 6 + socket.inet_aton(target))
+for _ in range(3):
+    s.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
+"""
+
+
+NODE_CONFS = ("all", "default")
+
+
+def _udp_sources(host_ip: str, send: Callable[[int], None]) -> set[str]:
+    """Sources of the datagrams that reach a host socket on host_ip while *send* runs."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host_ip, 0))
+    sock.settimeout(0.5)
+    try:
+        send(sock.getsockname()[1])
+        got: set[str] = set()
+        with_data = True
+        while with_data:
+            try:
+                got.add(sock.recvfrom(100)[1][0])
+            except TimeoutError:
+                with_data = False
+        return got
+    finally:
+        sock.close()
+
+
+def _send_udp(pid: int, dev: str, src: str, dst: str, port: int) -> None:
+    subprocess.run(_in_ns(pid, ["ip", "addr", "replace", f"{src}/32", "dev", dev]), check=True)
+    subprocess.run(_in_ns(pid, [sys.executable, "-c", _UDP_FROM, src, dst, str(port)]), check=True)
+
+
+@NEEDS_ROOT
+def test_routed_ct_sends_only_from_its_addresses(make_ct, torn) -> None:
+    """Strict rp_filter on our own host veth; the node's all/default values stay as they were."""
+    node_rp = [
+        Path(f"/proc/sys/net/ipv4/conf/{d}/rp_filter").read_text() for d in ("all", "default")
+    ]
+    a, b = make_ct(), make_ct()
+    cfg_a = torn(NetConfig(94721, ips=(f"{R}121",)))
+    cfg_b = torn(NetConfig(94722, ips=(f"{R}122",)))
+    net.setup(cfg_a, a)
+    net.setup(cfg_b, b)
+
+    def send_all(port: int) -> None:
+        for src in (f"{R}121", f"{R}122", f"{R}250", "192.0.2.7"):
+            _send_udp(a, "eth0", src, GATEWAY, port)
+
+    assert _udp_sources(GATEWAY, send_all) == {f"{R}121"}  # B's, unused and foreign dropped
+    veth_a = net.host_veth_name(94721, 0)
+    assert Path(f"/proc/sys/net/ipv4/conf/{veth_a}/rp_filter").read_text().strip() == "1"
+    after = [Path(f"/proc/sys/net/ipv4/conf/{d}/rp_filter").read_text() for d in NODE_CONFS]
+    assert after == node_rp
+
+
+def _neigh_mac(dev: str, addr: str) -> str | None:
+    out = subprocess.run(
+        ["ip", "-j", "neigh", "show", "dev", dev, addr], capture_output=True, text=True, check=True
+    ).stdout
+    entries = json.loads(out or "[]")
+    return entries[0].get("lladdr") if entries else None
+
+
+def _nft_tables() -> str:
+    return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+
+
+@NEEDS_ROOT
+def test_bridged_ct_sends_and_claims_only_its_addresses(make_ct, torn, bridge) -> None:
+    """With ip= keys the node owns the addresses: ARP claims and IP sources are fenced."""
+    if not shutil.which("nft"):
+        pytest.fail("nft (nftables) missing: scripts/setup.sh installs it")
+    a, b = make_ct(), make_ct()
+    mac_a, mac_b = "00:18:51:aa:cc:01", "00:18:51:aa:cc:02"
+    cfg_a = torn(
+        NetConfig(94723, netifs=(Netif("eth1", bridge=bridge, mac=mac_a, ip=(f"{B}21/24",)),))
+    )
+    cfg_b = torn(
+        NetConfig(94724, netifs=(Netif("eth1", bridge=bridge, mac=mac_b, ip=(f"{B}22/24",)),))
+    )
+    net.setup(cfg_a, a)
+    net.setup(cfg_b, b)
+    assert "vzbackup_ct94723" in _nft_tables()
+
+    def claim_b() -> None:  # A announces that B's address is at A's MAC
+        subprocess.run(
+            _in_ns(a, [sys.executable, "-c", _ARP_CLAIM, "eth1", f"{B}22", f"{B}1"]), check=True
+        )
+        time.sleep(0.3)
+
+    assert ping(f"{B}22")
+    assert _neigh_mac(bridge, f"{B}22") == mac_b
+    time.sleep(1.2)  # past the neighbour entry's locktime, so a claim would override it
+    claim_b()
+    assert _neigh_mac(bridge, f"{B}22") == mac_b
+
+    def send_all(port: int) -> None:
+        for src in (f"{B}21", f"{B}22", f"{B}99"):
+            _send_udp(a, "eth1", src, f"{B}1", port)
+
+    assert _udp_sources(f"{B}1", send_all) == {f"{B}21"}
+
+    # Control, so this test can fail: without A's table the same claim and sends get through.
+    from vzbackup.ct import antispoof
+
+    antispoof.unfence_bridged(94723)
+    claim_b()
+    assert _neigh_mac(bridge, f"{B}22") == mac_a
+    assert _udp_sources(f"{B}1", send_all) == {f"{B}21", f"{B}22", f"{B}99"}
+
+    net.teardown(cfg_a)
+    assert "vzbackup_ct94723" not in _nft_tables()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from vzbackup.config.net import IFNAMSIZ, Netif, routed_addr
 from vzbackup.constants import HOST_GATEWAY
+from vzbackup.ct import antispoof
 from vzbackup.errors import (
     ConfigError,
     DependencyError,
@@ -297,6 +298,7 @@ def _routed_host_side(host: str, ips: Iterable[str], *, replace: bool) -> None:
     _ip(["addr", "replace", f"{GATEWAY}/32", "dev", host])
     _ip(["link", "set", "dev", host, "up"])
     _set_proxy_arp(host)
+    antispoof.strict_source(host)
     verb = "replace" if replace else "add"
     for addr in ips:
         _ip(["route", verb, f"{addr}/32", "dev", host, "src", GATEWAY])
@@ -451,6 +453,8 @@ def setup(cfg: NetConfig, pid: int) -> None:
             _setup_routed(cfg.ctid, plan.routed_host, plan.routed_ips, pid, undo)
         for nif, host in plan.bridged:
             _setup_bridged(nif, host, pid, undo)
+        _fence_bridged(cfg.ctid, plan)
+        undo.push(lambda: antispoof.unfence_bridged(cfg.ctid))
         undo.push(lambda: withdraw(cfg))
         announce(cfg)
     except BaseException:
@@ -469,6 +473,11 @@ def teardown(cfg: NetConfig) -> None:
         withdraw(cfg)
     except VzError as e:
         errors.append(str(e))
+    if plan.bridged:
+        try:
+            antispoof.unfence_bridged(cfg.ctid)
+        except VzError as e:
+            errors.append(str(e))
     hosts = [plan.routed_host] if plan.routed_host else []
     hosts += [host for _, host in plan.bridged]
     for host in hosts:
@@ -484,6 +493,11 @@ def teardown(cfg: NetConfig) -> None:
             errors.append(str(e))
     if errors:
         raise RuntimeFailure(f"CT {cfg.ctid}: network teardown incomplete: " + "; ".join(errors))
+
+
+def _fence_bridged(ctid: int, plan: _Plan) -> None:
+    if plan.bridged:
+        antispoof.fence_bridged(ctid, [(host, nif.ip) for nif, host in plan.bridged])
 
 
 def add_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
