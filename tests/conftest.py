@@ -90,6 +90,12 @@ def node(template_cache: Path) -> Iterator[NodeBed]:
     yield from _bed(template_cache)
 
 
+@pytest.fixture(scope="module")
+def module_node(template_cache: Path) -> Iterator[NodeBed]:
+    """``node`` shared by one module's tests."""
+    yield from _bed(template_cache)
+
+
 @pytest.fixture
 def debian_node(template_cache: Path, debian_template_cache: Path) -> Iterator[NodeBed]:
     """Like ``node``, with the Debian 12 template in the cache too (create --ostemplate it)."""

@@ -1,0 +1,378 @@
+"""A hostile CT: its root tries to reach the node; every attempt fails and the node is unchanged.
+
+Runs for both modes, the unprivileged default and ``--privileged``, each against one CT per
+module (restarted where an attempt ends it). Every attempt is one test id
+(``test_attempt[unprivileged-set-clock]``). What busybox can't do (kexec, module loading,
+open_by_handle_at, ptrace, clock calls) a small static helper does, compiled here from
+tests/probes/vzprobe.c with ``gcc -static`` and copied into the CT.
+
+The node is only read, never changed: clock attempts write back the current value, sysctl
+attempts the current value, module attempts name a module that doesn't exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from nodebed import ROOT, NodeBed, need, wait_for
+
+from vzbackup.config.node import Node
+from vzbackup.constants import HOST_GATEWAY
+from vzbackup.ct import syscall_filter
+from vzbackup.ct.cgroups import open_cgroups
+
+pytestmark = pytest.mark.slow
+
+PROBE_SRC = ROOT / "tests/probes/vzprobe.c"
+NUMPROC = 64
+RAM = "96M"
+MODES = ("unprivileged", "privileged")
+
+
+@dataclass
+class Hostile:
+    bed: NodeBed
+    ctid: int
+    ip: str
+    mode: str
+
+    def run(self, script: str) -> subprocess.CompletedProcess[str]:
+        return self.bed.vz("exec", str(self.ctid), script, check=False)
+
+    def probe(self, *args: str) -> str:
+        """Output of the helper: "ok", "errno N NAME" or "empty" (read found no data)."""
+        res = self.run(f"/bin/vzprobe {' '.join(args)}")
+        assert res.returncode in (0, 1), res
+        return res.stdout.strip()
+
+    def init_pid(self) -> int:
+        return json.loads((self.bed.prefix / f"vz/run/{self.ctid}.state").read_text())["init_pid"]
+
+    def restart(self) -> None:
+        self.bed.vz("stop", "--fast", str(self.ctid), check=False)
+        self.bed.vz("start", str(self.ctid))
+
+    def cgroup_file(self, controller: str, name: str) -> Path:
+        cg = open_cgroups(f"{Node.load(str(self.bed.prefix)).cgroup_parent}/{self.ctid}")
+        return Path(cg.controller_paths()[controller], name)
+
+
+@pytest.fixture(scope="module")
+def probe_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need(shutil.which("gcc") is not None, "gcc (build-essential) builds the probe helper")
+    out = tmp_path_factory.mktemp("probe") / "vzprobe"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(PROBE_SRC)], check=True)
+    return out
+
+
+@pytest.fixture(scope="module", params=MODES)
+def hostile(
+    request: pytest.FixtureRequest, module_node: NodeBed, probe_binary: Path
+) -> Iterator[Hostile]:
+    mode = request.param
+    bed = module_node
+    ctid, ip = bed.new_ctid(), bed.new_ip()
+    extra = ["--privileged"] if mode == "privileged" else []
+    bed.vz("create", str(ctid), "--ipadd", ip, "--hostname", f"ct{ctid}", *extra)
+    try:
+        bed.vz("set", str(ctid), "--numproc", str(NUMPROC), "--ram", RAM, "--swap", "0", "--save")
+        target = bed.prefix / f"vz/private/{ctid}/bin/vzprobe"
+        shutil.copy(probe_binary, target)
+        owner = target.parent.stat()
+        os.chown(target, owner.st_uid, owner.st_gid)  # the CT's (mapped) root
+        bed.vz("start", str(ctid))
+        yield Hostile(bed, ctid, ip, mode)
+    finally:
+        bed.vz("stop", "--fast", str(ctid), check=False)
+        bed.vz("destroy", str(ctid), check=False)
+
+
+# ------------------------------------------------------------------------- node views
+class _Timex(ctypes.Structure):
+    _fields_ = [  # struct timex up to tick (x86_64 layout)
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("constant", ctypes.c_long),
+        ("precision", ctypes.c_long),
+        ("tolerance", ctypes.c_long),
+        ("time_sec", ctypes.c_long),
+        ("time_usec", ctypes.c_long),
+        ("tick", ctypes.c_long),
+        ("pad", ctypes.c_byte * 200),
+    ]
+
+
+def _node_clock() -> tuple[float, tuple[int, ...]]:
+    """Wall clock minus monotonic clock (jumps when someone sets the time), adjtimex state."""
+    tx = _Timex()
+    ctypes.CDLL(None, use_errno=True).adjtimex(ctypes.byref(tx))
+    offset = time.clock_gettime(time.CLOCK_REALTIME) - time.clock_gettime(time.CLOCK_MONOTONIC)
+    return offset, (tx.freq, tx.status, tx.constant, tx.tick)
+
+
+def _read(path: str) -> str | None:
+    with contextlib.suppress(OSError):
+        return Path(path).read_text()
+    return None
+
+
+def _node_disk() -> tuple[str, int, int]:
+    """Name, major and minor of the block device holding the CTs' files."""
+    dev = os.stat("/var/tmp").st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    name = Path(f"/sys/dev/block/{major}:{minor}").resolve().name
+    return name, major, minor
+
+
+def _failed(res: subprocess.CompletedProcess[str]) -> bool:
+    return res.returncode != 0
+
+
+# ------------------------------------------------------------------------- the attempts
+def set_clock(ct: Hostile) -> None:
+    before = _node_clock()
+    for op in ("clock_settime", "settimeofday", "adjtimex"):
+        assert ct.probe(op) != "ok", op
+    busybox_date = ct.run("date -s '2001-02-03 04:05:06'")  # exits 0 even when refused
+    assert "can't set date" in busybox_date.stderr
+    assert _failed(ct.run("hwclock --hctosys"))
+    after = _node_clock()
+    assert abs(after[0] - before[0]) < 0.5  # no step of the node's clock
+    assert after[1] == before[1]  # frequency, status, time constant, tick
+
+
+def write_node_sysctl(ct: Hostile) -> None:
+    for key in ("vm/swappiness", "kernel/panic", "vm/drop_caches"):
+        node_value = _read(f"/proc/sys/{key}")
+        value = (node_value or "1").strip()  # drop_caches reads as nothing: write 1 (harmless)
+        assert _failed(ct.run(f"echo {value} > /proc/sys/{key}")), key
+        assert _read(f"/proc/sys/{key}") == node_value, key
+
+
+def mount_cgroupfs(ct: Hostile) -> None:
+    node_agents = {p: p.read_text() for p in Path("/sys/fs/cgroup").glob("*/release_agent")}
+    res = ct.run(
+        "mkdir -p /tmp/cg && mount -t cgroup -o memory cgroup /tmp/cg && "
+        "{ ls /tmp/cg/release_agent; echo /tmp/evil > /tmp/cg/release_agent; "
+        "ls /tmp/cg | grep -c vzbackup; }"
+    )
+    # Either no mount at all, or the CT's own subtree: no release_agent, no node cgroups.
+    assert _failed(res), res.stdout
+    ct.run("umount /tmp/cg")
+    assert _failed(ct.run("echo /tmp/evil > /sys/fs/cgroup/memory/release_agent"))
+    assert {p: p.read_text() for p in node_agents} == node_agents
+
+
+def remount_sys_rw(ct: Hostile) -> None:
+    helper = _read("/sys/kernel/uevent_helper")
+    assert _failed(ct.run("mount -o remount,rw /sys"))
+    assert _failed(ct.run("echo /tmp/evil > /sys/kernel/uevent_helper"))
+    assert " ro," in ct.run("grep ' /sys ' /proc/mounts").stdout.replace(" ro ", " ro,")
+    assert _read("/sys/kernel/uevent_helper") == helper
+
+
+def mount_devtmpfs_open_disk(ct: Hostile) -> None:
+    disk, _, _ = _node_disk()
+    ct.run("mkdir -p /tmp/devtmpfs")
+    mounted = not _failed(ct.run("mount -t devtmpfs none /tmp/devtmpfs"))
+    try:
+        assert ct.probe("read", f"/tmp/devtmpfs/{disk}") != "ok"
+    finally:
+        if mounted:
+            ct.run("umount /tmp/devtmpfs")
+    assert not mounted, "devtmpfs mounted (the disk still did not open)"
+
+
+def mknod_disk(ct: Hostile) -> None:
+    _, major, minor = _node_disk()
+    res = ct.run(f"mknod /tmp/disk b {major} {minor}")
+    opened = ct.probe("read", "/tmp/disk")
+    ct.run("rm -f /tmp/disk")
+    assert opened != "ok"
+    assert _failed(res), "mknod of the node's disk worked (opening it did not)"
+
+
+def load_module(ct: Hostile) -> None:
+    modules = _read("/proc/modules")
+    for op in ("finit_module", "delete_module"):
+        assert ct.probe(op) != "ok", op
+    assert _failed(ct.run("modprobe -q dummy"))
+    assert _read("/proc/modules") == modules
+
+
+def kexec(ct: Hostile) -> None:
+    loaded = _read("/sys/kernel/kexec_loaded")
+    assert ct.probe("kexec") != "ok"
+    assert _read("/sys/kernel/kexec_loaded") == loaded
+
+
+def open_by_handle(ct: Hostile) -> None:
+    assert ct.probe("open_by_handle") != "ok"
+
+
+def ptrace_or_signal_node_process(ct: Hostile) -> None:
+    victim = subprocess.Popen(["sleep", "300"])
+    try:
+        assert ct.probe("ptrace", str(victim.pid)) != "ok"
+        assert ct.probe("kill", str(victim.pid)) != "ok"
+        assert _failed(ct.run(f"kill -9 {victim.pid}"))
+        assert victim.poll() is None
+        status = Path(f"/proc/{victim.pid}/status").read_text()
+        assert "TracerPid:\t0\n" in status
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def change_node_hostname(ct: Hostile) -> None:
+    before = socket.gethostname()
+    ct.run("hostname evil-node; echo evil-node > /proc/sys/kernel/hostname")
+    assert socket.gethostname() == before
+
+
+def read_kcore(ct: Hostile) -> None:
+    for path in ("/proc/kcore", "/proc/kmsg"):
+        assert ct.probe("read", path) != "ok", path
+    assert ct.probe("write", "/proc/sysrq-trigger", "h") != "ok"
+
+
+def fork_bomb(ct: Hostile) -> None:
+    events = ct.cgroup_file("pids", "pids.events")
+    ct.run("timeout -s KILL 5 sh -c 'b() { b | b & }; b' >/dev/null 2>&1")
+    try:
+        assert int(events.read_text().split()[1]) > 0  # the CT hit NUMPROC
+        assert len(open_cgroups_pids(ct)) <= NUMPROC
+        assert subprocess.run(["true"], check=False).returncode == 0  # the node forks
+    finally:
+        ct.restart()
+    assert ct.run("true").returncode == 0
+
+
+def open_cgroups_pids(ct: Hostile) -> list[int]:
+    return open_cgroups(f"{Node.load(str(ct.bed.prefix)).cgroup_parent}/{ct.ctid}").pids()
+
+
+def spoof_address(ct: Hostile) -> None:
+    """The CT's root adds foreign addresses and sends from them; only its own gets out."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST_GATEWAY, 0))
+    sock.settimeout(0.5)
+    port = str(sock.getsockname()[1])
+    foreign = ("192.0.2.7", "10.199.250.250")
+    try:
+        for src in foreign:
+            ct.run(f"ip addr add {src}/32 dev eth0")
+        for src in (ct.ip, *foreign):
+            for _ in range(3):
+                ct.probe("udp", src, HOST_GATEWAY, port)
+        got = set()
+        with contextlib.suppress(TimeoutError):
+            while True:
+                got.add(sock.recvfrom(100)[1][0])
+    finally:
+        sock.close()
+        for src in foreign:
+            ct.run(f"ip addr del {src}/32 dev eth0")
+    assert got == {ct.ip}
+
+
+def exceed_physpages(ct: Hostile) -> None:
+    init = ct.init_pid()
+    res = ct.run("dd if=/dev/zero of=/dev/null bs=400M count=1")
+    assert _failed(res)  # killed by the CT's OOM killer, or its malloc failed
+    assert Path(f"/proc/{init}").exists()  # the CT itself lives on
+    assert ct.run("true").returncode == 0
+
+
+ATTEMPTS: list[Callable[[Hostile], None]] = [
+    set_clock,
+    write_node_sysctl,
+    mount_cgroupfs,
+    remount_sys_rw,
+    mount_devtmpfs_open_disk,
+    mknod_disk,
+    load_module,
+    kexec,
+    open_by_handle,
+    ptrace_or_signal_node_process,
+    change_node_hostname,
+    read_kcore,
+    fork_bomb,
+    exceed_physpages,
+    spoof_address,
+]
+
+
+@pytest.mark.parametrize("attempt", ATTEMPTS, ids=lambda f: f.__name__.replace("_", "-"))
+def test_attempt(hostile: Hostile, attempt: Callable[[Hostile], None]) -> None:
+    attempt(hostile)
+
+
+@pytest.mark.parametrize("how", ["reboot -f", "poweroff -f", "halt -f"])
+def test_reboot_or_power_off_ends_only_the_ct(hostile: Hostile, how: str) -> None:
+    """In a pid namespace reboot(2) ends the CT's init (seccomp leaves it alone on purpose)."""
+    boot_id = _read("/proc/sys/kernel/random/boot_id")
+    init = hostile.init_pid()
+    hostile.run(how)
+    wait_for(lambda: not Path(f"/proc/{init}").exists(), what="the CT's init to end")
+    assert _read("/proc/sys/kernel/random/boot_id") == boot_id
+    wait_for(
+        lambda: "running" not in hostile.bed.vz("status", str(hostile.ctid)).stdout,
+        what="the supervisor to record the stop",
+    )
+    hostile.bed.vz("start", str(hostile.ctid))
+
+
+# ------------------------------------------------------------------------- seccomp
+def _seccomp_status(pid: int | str) -> tuple[str, int]:
+    fields = dict(
+        line.split(":\t", 1)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":\t" in line
+    )
+    return fields["Seccomp"], int(fields["Seccomp_filters"])
+
+
+def _assert_filtered(ct: Hostile) -> None:
+    assert _seccomp_status(ct.init_pid()) == ("2", 1)  # init: filter mode, our one filter
+    assert ct.run("grep -E '^Seccomp(_filters)?:' /proc/self/status").stdout.split() == [
+        "Seccomp:",
+        "2",
+        "Seccomp_filters:",
+        "1",  # exec loads its own before nsenter joins the CT
+    ]
+    # keyctl answers ENOSYS from the filter; without it the call succeeds.
+    assert ct.probe("keyctl") == "errno 38 ENOSYS"
+    for name in ("kexec", "finit_module", "delete_module", "swapon", "bpf"):
+        assert ct.probe(name) == "errno 1 EPERM", name
+
+
+@pytest.mark.usefixtures("criu_ready")
+def test_seccomp_filter_kept_across_checkpoint(hostile: Hostile) -> None:
+    _assert_filtered(hostile)
+    hostile.bed.vz("chkpnt", str(hostile.ctid))
+    hostile.bed.vz("restore", str(hostile.ctid))
+    _assert_filtered(hostile)
+
+
+def test_seccomp_table_is_complete() -> None:
+    denied = syscall_filter.denied()
+    for name in ("kexec_load", "kexec_file_load", "init_module", "finit_module"):
+        assert name in denied
+    assert "reboot" not in denied and "mount" not in denied  # see the module docstring
+    assert syscall_filter.build() is not None
