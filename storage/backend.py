@@ -1,14 +1,34 @@
 """The backend interface every repository storage implements (duplicity style: tiny).
 
-Keys are relative posix paths ("chunks/ab/ab12...", "snapshots/101/..."). Every write is
-atomic: a reader sees the whole object or none of it.
+Keys are relative posix paths ("data/ab/ab12...", "snapshots/101/..."). Every write is
+atomic: a reader sees the whole object or none of it. A writer tells the backend what
+*kind* of object it stores (:class:`Kind`); backends decide durability and retention by
+kind, never by matching key names.
 """
 
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+
+class Kind(enum.StrEnum):
+    """What an object is, as far as a backend needs to know."""
+
+    CONFIG = "config"
+    PACK = "pack"  # bulk data (a pack file, or a v1 chunk): durable only once flush() returns
+    INDEX = "index"
+    SNAPSHOT = "snapshot"  # a snapshot manifest: immutable, gets Object Lock retention
+    LOG = "log"
+    MARKER = "marker"  # e.g. "protected"
+    LOCK = "lock"
+    OTHER = "other"
+
+
+BULK_KINDS = frozenset({Kind.PACK})  # synced by flush(), not object by object
+RETAINED_KINDS = frozenset({Kind.SNAPSHOT})  # written under an immutability lock if set
 
 
 @dataclass(frozen=True)
@@ -35,16 +55,20 @@ class Backend(abc.ABC):
     cache_metadata: bool = False
 
     @abc.abstractmethod
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
         """Store *data* under *key*, replacing it atomically."""
 
     @abc.abstractmethod
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_absent(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> bool:
         """Store *data* only if *key* does not exist yet; False if it already existed."""
 
     @abc.abstractmethod
     def get(self, key: str) -> bytes:
         """The object's bytes; ObjectMissing if there is none."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """*length* bytes of the object from *offset* (one ranged read); ObjectMissing."""
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -72,6 +96,11 @@ class Backend(abc.ABC):
     def retained_until(self, key: str) -> float | None:
         """When an immutability lock on *key* ends (epoch seconds); None if it has none."""
         return None
+
+    def remove_incomplete(self, older_than: float) -> list[str]:
+        """Remove what killed writers left (temp files, unfinished multipart uploads) that
+        was started before *older_than* (storage time); returns what was removed."""
+        return []
 
     def flush(self) -> None:  # noqa: B027 - a no-op where every write is durable
         """Make every object written so far durable (called before a snapshot is published)."""

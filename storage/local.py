@@ -1,10 +1,10 @@
 """A repository in a local directory (or any mounted filesystem: NFS, CIFS, a USB disk).
 
 Writes go to a temporary file in the same directory and are renamed over the key, so a
-crash leaves either the old object or the new one. Bulk objects (chunks) are not synced one
-by one: ``flush()`` syncs the whole filesystem once (syncfs) before a snapshot is published;
-everything else is fsync'ed with its directory as it is written. ``put_if_absent`` uses
-link(2), which fails if the name exists, so two writers never both win.
+crash leaves either the old object or the new one. Bulk objects (packs, see ``Kind``) are
+not synced one by one: ``flush()`` syncs the whole filesystem once (syncfs) before a
+snapshot is published; everything else is fsync'ed with its directory as it is written.
+``put_if_absent`` uses link(2), which fails if the name exists, so two writers never both win.
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from vzbackup.storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
+from vzbackup.storage.backend import (
+    BULK_KINDS,
+    Backend,
+    BackendError,
+    Kind,
+    ObjectInfo,
+    ObjectMissing,
+)
 
 TMP_MARK = ".tmp-"
-BULK_PREFIX = "chunks/"  # synced by flush(), not per object
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -70,9 +76,9 @@ class DirBackend(Backend):
         finally:
             os.close(fd)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
         target = self._path(key)
-        bulk = key.startswith(BULK_PREFIX)
+        bulk = kind in BULK_KINDS
         try:
             tmp = self._write_tmp(target, data, sync=not bulk)
             os.replace(tmp, target)
@@ -81,7 +87,7 @@ class DirBackend(Backend):
         except OSError as e:
             raise BackendError(f"{self.url}: cannot write {key}: {e.strerror}") from e
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_absent(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> bool:
         target = self._path(key)
         try:
             tmp = self._write_tmp(target, data)
@@ -117,6 +123,36 @@ class DirBackend(Backend):
             raise ObjectMissing(f"{self.url}: no object {key}") from None
         except OSError as e:
             raise BackendError(f"{self.url}: cannot read {key}: {e.strerror}") from e
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectMissing(f"{self.url}: no object {key}") from None
+        except OSError as e:
+            raise BackendError(f"{self.url}: cannot read {key}: {e.strerror}") from e
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError as e:
+            raise BackendError(f"{self.url}: cannot read {key}: {e.strerror}") from e
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise BackendError(f"{self.url}: {key} is shorter than expected (truncated?)")
+        return data
+
+    def remove_incomplete(self, older_than: float) -> list[str]:
+        removed = []
+        for dirpath, _dirs, filenames in os.walk(self.root):
+            for name in filenames:
+                if not name.startswith(TMP_MARK):
+                    continue
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_mtime < older_than:
+                        os.unlink(path)
+                        removed.append(os.path.relpath(path, self.root))
+        return removed
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # walk only the directory that can hold the prefix

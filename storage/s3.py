@@ -15,9 +15,12 @@
   A 412 after a retried request may be our own first attempt: the object's content decides.
 - ``touch`` copies the object onto itself (MetadataDirective REPLACE), which sets its
   LastModified to the server's now. ``flush`` does nothing: a completed PUT is durable.
-- Object Lock: with ``object-lock-days N`` every snapshot manifest is written with a
-  retention of N days (mode ``object-lock-mode``, GOVERNANCE by default); ``retained_until``
-  tells prune to keep it. The bucket must have been created with Object Lock enabled.
+- ``remove_incomplete`` aborts multipart uploads a killed writer left behind (they hold
+  storage, invisible to listings, until aborted).
+- Object Lock: with ``object-lock-days N`` every snapshot manifest (``Kind.SNAPSHOT``) is
+  written with a retention of N days (mode ``object-lock-mode``, GOVERNANCE by default);
+  ``retained_until`` tells prune to keep it. The bucket must have been created with
+  Object Lock enabled.
 
 S3 as used here is strongly consistent (read-after-write and list-after-write), as AWS S3
 and Ceph RGW are.
@@ -41,15 +44,20 @@ import boto3
 import botocore.exceptions as bx
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from vzbackup.storage.backend import Backend, BackendError, ObjectInfo, ObjectMissing
+from vzbackup.storage.backend import (
+    RETAINED_KINDS,
+    Backend,
+    BackendError,
+    Kind,
+    ObjectInfo,
+    ObjectMissing,
+)
 from vzbackup.storage.options import S3Options
 from vzbackup.storage.ratelimit import Limiter
 
 T = TypeVar("T")
 
 MiB = 1024 * 1024
-LOCKED_PREFIX = "snapshots/"  # manifests get Object Lock retention ...
-UNLOCKED_SUFFIXES = (".log", ".protected")  # ... but not their logs and markers
 CLAIM_PREFIX = "claims/"  # fallback create-if-absent (servers without If-None-Match)
 CLAIM_LEASE = 120.0  # seconds after which a claim is stale
 PROBE_PREFIX = "claims/probe-"
@@ -192,18 +200,17 @@ class S3Backend(Backend):
             args["ObjectLockEnabledForBucket"] = True
         self._call(f"creating bucket {self.bucket}", lambda: self.client.create_bucket(**args))
 
-    def _put_args(self, key: str, data: bytes) -> dict[str, Any]:
+    def _put_args(self, key: str, data: bytes, kind: Kind) -> dict[str, Any]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), **self.write_args}
-        if self.lock_days and key.startswith(LOCKED_PREFIX) and not key.endswith(
-                UNLOCKED_SUFFIXES):
+        if self.lock_days and kind in RETAINED_KINDS:
             args["ObjectLockMode"] = self.lock_mode
             args["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=self.lock_days)
             args["ContentMD5"] = base64.b64encode(hashlib.md5(data).digest()).decode()
         return args
 
     # --- the interface ---------------------------------------------------------------------
-    def put(self, key: str, data: bytes) -> None:
-        args = self._put_args(key, data)
+    def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
+        args = self._put_args(key, data, kind)
         self.limiter.take(len(data))
         if len(data) < self.threshold:
             self._call(f"writing {key}", lambda: self.client.put_object(Body=data, **args))
@@ -212,11 +219,11 @@ class S3Backend(Backend):
         self._call(f"writing {key}", lambda: self.client.upload_fileobj(
             io.BytesIO(data), bucket, name, ExtraArgs=args, Config=self.transfer))
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_absent(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> bool:
         # always one PutObject, whatever the size: Ceph ignores If-None-Match on multipart
         if not self._conditional_writes():
-            return self._claim_and_put(key, data)
-        args = self._put_args(key, data)
+            return self._claim_and_put(key, data, kind)
+        args = self._put_args(key, data, kind)
         self.limiter.take(len(data))
         try:
             self._call(f"writing {key}",
@@ -249,7 +256,7 @@ class S3Backend(Backend):
                         self.delete(probe)
             return self.conditional
 
-    def _claim_and_put(self, key: str, data: bytes) -> bool:
+    def _claim_and_put(self, key: str, data: bytes, kind: Kind) -> bool:
         """Create-if-absent without server support: the oldest live claim on *key* writes it.
 
         Each writer puts ``claims/KEY/UUID``, then lists the claims: claims older than
@@ -274,7 +281,7 @@ class S3Backend(Backend):
             if winner.key == mine:
                 if self.exists(key):
                     return False
-                self.put(key, data)
+                self.put(key, data, kind)
                 return True
         finally:
             self.delete(mine)
@@ -317,6 +324,40 @@ class S3Backend(Backend):
             return data
 
         return b"".join(self._ranges.map(part, range(start, total, self.part_size)))
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        name = self._key(key)
+        if length <= 0:
+            return b""
+
+        def read() -> bytes:
+            r = self.client.get_object(Bucket=self.bucket, Key=name,
+                                       Range=f"bytes={offset}-{offset + length - 1}")
+            return r["Body"].read()
+
+        data = self._call(f"reading {key}", read)
+        if len(data) != length:
+            raise BackendError(f"S3 storage {self.name!r}: {key} is shorter than expected")
+        self.limiter.take(len(data))
+        return data
+
+    def remove_incomplete(self, older_than: float) -> list[str]:
+        removed = []
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self.prefix)
+        try:
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    if up["Initiated"].timestamp() >= older_than:
+                        continue
+                    key, upload_id = up["Key"], up["UploadId"]
+                    self._call(f"aborting the upload of {key}", lambda k=key, u=upload_id:
+                               self.client.abort_multipart_upload(
+                                   Bucket=self.bucket, Key=k, UploadId=u))
+                    removed.append(key[len(self.prefix):])
+        except (bx.ClientError, bx.BotoCoreError) as e:
+            raise self._error(e, "listing multipart uploads") from None
+        return removed
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         pages = self.client.get_paginator("list_objects_v2").paginate(

@@ -25,10 +25,10 @@ from vzbackup.engine import gc, maintenance
 from vzbackup.engine import locks as L
 from vzbackup.engine import tree as T
 from vzbackup.engine.archiver import ChunkStore, FilesCache, Stats, TreeWriter
-from vzbackup.engine.crypto import KeyFile
+from vzbackup.engine.crypto import Codec, KeyFile
 from vzbackup.engine.extract import load_tree, restore_tree
 from vzbackup.engine.prune import KeepPolicy
-from vzbackup.engine.repo import TIME_FMT, Manifest, Repository, chunk_key
+from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.engine.verify import verify
 from vzbackup.errors import ConfigError, DamagedError, LockedError, StorageError
 
@@ -41,6 +41,7 @@ def backup(repo: Repository, src: Path, ctid: int = 101, *, cache: FilesCache | 
     store = ChunkStore(repo, known_chunks(repo), threads=2, stats=stats)
     try:
         tree = TreeWriter(repo, store, cache=cache).write(src)
+        store.finish()
     finally:
         store.close()
     m = Manifest(id="", ctid=ctid, time=when or time.strftime(TIME_FMT, time.gmtime()),
@@ -158,9 +159,10 @@ def test_encrypted_repository(tmp_path: Path):
     assert (out / "payroll").read_bytes() == secret
     # a tampered chunk fails authentication
     cid = next(c for c in m.refs if c not in m.tree)
-    p = tmp_path / "repo" / chunk_key(cid)
+    key, loc = repo2.locate(cid)
+    p = tmp_path / "repo" / key
     blob = bytearray(p.read_bytes())
-    blob[40] ^= 1
+    blob[loc.offset + 40] ^= 1
     p.write_bytes(bytes(blob))
     with pytest.raises(DamagedError, match="authentication failed"):
         repo2.get_chunk(cid)
@@ -174,8 +176,12 @@ def test_corrupt_chunk_is_reported_with_file_path(repo: Repository, tmp_path: Pa
     m, _ = backup(repo, src)
     entries = {e.path: e for e in load_tree(repo, m.tree)}
     cid = entries["a"].chunks[0][0]
-    p = Path(repo.backend.root) / chunk_key(cid)
-    p.write_bytes(p.read_bytes()[:-10] + b"0123456789")
+    key, loc = repo.locate(cid)
+    p = Path(repo.backend.root) / key
+    data = bytearray(p.read_bytes())
+    end = loc.offset + loc.length
+    data[end - 10 : end] = b"0123456789"
+    p.write_bytes(bytes(data))
     rep = verify(repo, [m])
     assert not rep.ok
     assert any(f"{m.id}:/a" in w for d in rep.damaged for w in d.where)
@@ -185,7 +191,7 @@ def test_corrupt_chunk_is_reported_with_file_path(repo: Repository, tmp_path: Pa
     # a missing chunk as well
     p.unlink()
     rep = verify(repo, [m])
-    assert "missing" in rep.damaged[0].error
+    assert rep.damaged and all("missing" in d.error for d in rep.damaged)
 
 
 def _hostile_snapshot(repo: Repository, entries: list[dict]) -> Manifest:
@@ -193,7 +199,7 @@ def _hostile_snapshot(repo: Repository, entries: list[dict]) -> Manifest:
     store = ChunkStore(repo, set(), threads=1, stats=stats)
     data = b"".join(T.encode_lines(entries))
     tree = [store.submit(data).result()]
-    store.close()
+    store.finish()
     m = Manifest(id="", ctid=666, time=time.strftime(TIME_FMT, time.gmtime()), tree=tree,
                  refs=tree)
     return repo.publish(m, "")
@@ -240,11 +246,11 @@ def test_prune_keeps_the_right_set_and_gc_frees_space(repo: Repository, tmp_path
     assert repo.snapshot_ids() == ids  # dry run changed nothing
     maintenance.prune(repo, KeepPolicy(last=2))
     assert repo.snapshot_ids() == [ids[0], ids[3], ids[4]]
-    before = len(list(repo.list_chunks()))
+    before = len(repo.reload_index())
     rep = maintenance.collect_garbage(repo, grace=0)
     # day2's and day3's files are in later snapshots too: nothing unreferenced but the
     # pruned snapshots' file lists
-    assert rep.chunks_deleted == before - len(list(repo.list_chunks()))
+    assert rep.chunks_deleted == before - len(repo.reload_index()) > 0
     assert verify(repo, repo.manifests()).ok
     # now drop everything but the newest and collect: day1 data goes
     repo.set_protected(ids[0], False)
@@ -274,7 +280,7 @@ def test_gc_spares_what_a_running_backup_wrote_or_reuses(repo: Repository, tmp_p
         store = ChunkStore(repo, known, threads=2, stats=stats)
         (src / "new").write_bytes(os.urandom(1 << 20))
         tree = TreeWriter(repo, store).write(src)
-        store.close()
+        store.finish()
         m_new = repo.publish(Manifest(id="", ctid=101, time=time.strftime(TIME_FMT, time.gmtime()),
                                       tree=tree, refs=sorted(store.refs)), "")
         assert stats.bytes_new < (1 << 20) + 100_000  # 'old' was not stored again
@@ -333,7 +339,7 @@ KILLED_BACKUP = textwrap.dedent("""
     from vzbackup.engine.repo import Repository
     repo = Repository.open(DirBackend(sys.argv[1]))
     L.RepoLock(repo, L.BACKUP, what="doomed").acquire()
-    store = ChunkStore(repo, set(), threads=2, stats=Stats(), bwlimit_kbps=2048)
+    store = ChunkStore(repo, set(), threads=2, stats=Stats(), bwlimit_kbps=8192)
     print("started", flush=True)
     TreeWriter(repo, store).write(Path(sys.argv[2]))
 """)
@@ -344,24 +350,24 @@ def test_kill_9_mid_backup_leaves_a_valid_repository(repo: Repository, tmp_path:
     src.mkdir()
     (src / "keep").write_bytes(os.urandom(1 << 20))
     good, _ = backup(repo, src)
-    for i in range(8):
+    for i in range(10):  # 20 MiB: one full pack gets written, the rest is cut short
         (src / f"big{i}").write_bytes(os.urandom(2 << 20))
     p = subprocess.Popen([sys.executable, "-c", KILLED_BACKUP, str(repo.backend.root), str(src)],
                          stdout=subprocess.PIPE, cwd=ROOT)
     assert p.stdout.readline().strip() == b"started"
-    chunks_before = len(list(repo.list_chunks()))
-    deadline = time.monotonic() + 30
-    while len(list(repo.list_chunks())) < chunks_before + 2 and time.monotonic() < deadline:
+    index_before = len(repo.index_files())
+    deadline = time.monotonic() + 60
+    while len(repo.index_files()) <= index_before and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    assert len(list(repo.list_chunks())) >= chunks_before + 2, "the backup never got going"
+    assert len(repo.index_files()) > index_before, "the backup never wrote a pack"
     assert repo.snapshot_ids() == [good.id]  # the killed one never appeared
     assert verify(repo, repo.manifests()).ok
     assert L.list_locks(repo), "its lock is left behind ..."
     # ... stale, so GC and the next backup proceed; the next backup reuses stored chunks
     m, s = backup(repo, src)
-    assert s.bytes_new < 16 << 20
+    assert s.bytes_new < 8 << 20  # the written pack's chunks are reused
     assert verify(repo, [m]).ok
     rep = maintenance.collect_garbage(repo, grace=0)
     assert rep.running_backups == 0
@@ -370,3 +376,157 @@ def test_kill_9_mid_backup_leaves_a_valid_repository(repo: Repository, tmp_path:
     restore_tree(repo, load_tree(repo, m.tree), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
     assert gc.DEFAULT_GRACE > 0
+
+
+def write_v1_repository(root: Path, src: Path, ctid: int = 101) -> str:
+    """A repository exactly as format version 1 wrote it (FORMAT.md): one object per
+    chunk under chunks/; big files cut as today, small ones in one chunk each. Returns
+    the snapshot id."""
+    import hashlib
+    import uuid
+
+    import pyfastcdc
+
+    cdc = pyfastcdc.FastCDC(avg_size=524288, min_size=131072, max_size=2097152)
+
+    be = DirBackend(root)
+    codec = Codec(None)
+    config = {"format": "vzbackup-repo", "version": 1, "id": uuid.uuid4().hex,
+              "chunker": {"min": 131072, "avg": 524288, "max": 2097152},
+              "encryption": "none", "key_fingerprint": ""}
+    be.put("config", json.dumps(config).encode())
+    refs: list[str] = []
+
+    def store(data: bytes) -> str:
+        cid = hashlib.sha256(data).hexdigest()
+        be.put(f"chunks/{cid[:2]}/{cid}", codec.seal(cid, data))
+        refs.append(cid)
+        return cid
+
+    entries = []
+    for path in [src, *sorted(src.rglob("*"))]:
+        st = os.lstat(path)
+        rel = "." if path == src else str(path.relative_to(src))
+        d = {"p": rel, "m": st.st_mode & 0o7777, "u": st.st_uid, "g": st.st_gid,
+             "mt": st.st_mtime_ns}
+        if path.is_symlink():
+            d.update(t="l", l=os.readlink(path))
+        elif path.is_dir():
+            d["t"] = "d"
+        else:
+            data = path.read_bytes()
+            cuts = [(c.offset, c.length) for c in cdc.cut_buf(data)] if len(data) > 524288 \
+                else [(0, len(data))] if data else []
+            d.update(t="f", s=len(data), c=[[store(data[o : o + n]), 0, n] for o, n in cuts])
+        entries.append(d)
+    tree = store(b"".join(T.encode_lines(entries)))
+    sid = f"{ctid}/2026-01-01T00:00:00Z"
+    manifest = {"id": sid, "ctid": ctid, "time": sid.split("/")[1], "tree": [tree],
+                "refs": sorted(set(refs)), "version": 1, "stats": {}}
+    be.put(f"snapshots/{sid}", codec.seal(f"snapshots/{sid}", json.dumps(manifest).encode()))
+    return sid
+
+
+def test_version_1_repository_restores_and_upgrades_on_the_next_backup(tmp_path: Path):
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    (src / "empty").write_bytes(b"")
+    os.symlink("etc/hosts", src / "link")
+    old_sid = write_v1_repository(tmp_path / "repo", src)
+    repo = Repository.open(DirBackend(tmp_path / "repo"))
+    assert repo.version == 1
+    restore_tree(repo, load_tree(repo, repo.resolve(old_sid).tree), tmp_path / "v1")
+    assert diff(tree_manifest(src), tree_manifest(tmp_path / "v1")) == []
+    # the next backup upgrades it: packs from now on, the old chunks stay readable
+    (src / "new").write_bytes(os.urandom(1 << 20))
+    m, s = backup(repo, src)
+    assert Repository.open(DirBackend(tmp_path / "repo")).version == 2
+    assert s.bytes_new < (2 << 20), "the v1 chunks were deduplicated against"
+    assert verify(repo, repo.manifests()).ok
+    restore_tree(repo, load_tree(repo, m.tree), tmp_path / "v2")
+    assert diff(tree_manifest(src), tree_manifest(tmp_path / "v2")) == []
+    # gc keeps the v1 chunks the new snapshot needs and drops the rest with the old one
+    repo.trash(old_sid)
+    v1_before = len(repo.list_chunks())
+    rep = maintenance.collect_garbage(repo, grace=0)
+    assert 0 < len(repo.list_chunks()) < v1_before and rep.chunks_deleted > 0
+    assert verify(repo, repo.manifests()).ok
+
+
+def test_gc_repacks_partly_used_packs_and_drops_unused_ones(repo: Repository, tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "stays").write_bytes(os.urandom(1 << 20))
+    (src / "goes").write_bytes(os.urandom(3 << 20))
+    (src / "dir").mkdir()
+    (src / "dir/gone").write_bytes(os.urandom(1000))
+    m0, _ = backup(repo, src)  # one pack: 1 MiB stays, 3 MiB goes, a file list
+    (src / "goes").unlink()
+    m1, _ = backup(repo, src)  # one pack: a new file list
+    (src / "dir/gone").unlink()
+    m2, _ = backup(repo, src)  # and another
+    repo.trash(m0.id)
+    repo.trash(m1.id)
+    packs_before = {i.key for i in repo.list_packs()}
+    rep = maintenance.collect_garbage(repo, grace=0)
+    # m0's pack is mostly garbage: repacked; m1's holds nothing m2 needs: deleted
+    assert rep.packs_repacked == 1 and rep.packs_written == 1 and rep.packs_deleted == 1
+    assert rep.bytes_deleted > 3 << 20
+    packs_after = {i.key for i in repo.list_packs()}
+    assert len(packs_after) == 2 and len(packs_after - packs_before) == 1
+    assert len(repo.index_files()) == 1  # consolidated
+    assert sum(i.size for i in repo.list_packs()) < 1.2 * (1 << 20)
+    assert verify(repo, [m2]).ok
+    out = tmp_path / "out"
+    restore_tree(repo, load_tree(repo, m2.tree), out)
+    assert diff(tree_manifest(src), tree_manifest(out)) == []
+    # nothing more to do
+    rep = maintenance.collect_garbage(repo, grace=0)
+    assert rep.packs_deleted == rep.packs_repacked == rep.chunks_deleted == 0
+
+
+def test_gc_removes_old_temp_files_but_not_a_running_backups(repo: Repository, tmp_path: Path):
+    root = Path(repo.backend.root)
+    stale = root / "data/ab/.tmp-abc.123.456"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    with L.RepoLock(repo, L.BACKUP, what="running"):
+        live = root / "data/cd/.tmp-def.789.1"
+        live.parent.mkdir(parents=True)
+        live.write_bytes(b"y")
+        rep = maintenance.collect_garbage(repo, grace=600)
+        assert rep.incomplete_removed == ["data/ab/.tmp-abc.123.456"]
+        assert live.exists() and not stale.exists()
+        rep = maintenance.collect_garbage(repo, grace=0)
+        assert live.exists(), "written after the running backup started"
+    rep = maintenance.collect_garbage(repo, grace=0)
+    assert rep.incomplete_removed == ["data/cd/.tmp-def.789.1"] and not live.exists()
+
+
+def test_read_range_reads_any_byte_range_of_a_file(repo: Repository, tmp_path: Path):
+    import random
+
+    from vzbackup.engine.extract import read_range
+
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(3 << 20)
+    (src / "big").write_bytes(big)
+    with open(src / "sparse", "wb") as f:  # data, a hole, data
+        f.write(b"a" * 70000)
+        f.seek(5 << 20)
+        f.write(b"z" * 1000)
+    sparse = (src / "sparse").read_bytes()
+    (src / "small").write_bytes(b"tiny file\n")
+    m, _ = backup(repo, src)
+    entries = {e.path: e for e in load_tree(repo, m.tree)}
+    assert entries["sparse"].extents is not None
+    rng = random.Random(5)
+    for name, data in (("big", big), ("sparse", sparse), ("small", b"tiny file\n")):
+        for _ in range(20):
+            off = rng.randrange(len(data) + 10)
+            n = rng.randrange(1, 1 << 20)
+            assert read_range(repo, entries[name], off, n) == data[off : off + n], (name, off)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,8 +44,8 @@ def private(node: NodeBed, ctid: int) -> Path:
     return node.prefix / "vz/private" / str(ctid)
 
 
-def chunk_keys(bucket: Bucket) -> set[str]:
-    return set(bucket.object_keys("chunks/"))
+def pack_keys(bucket: Bucket) -> set[str]:
+    return set(bucket.object_keys("data/"))
 
 
 @contextlib.contextmanager
@@ -77,7 +78,7 @@ def test_disaster_restore_from_the_bucket_alone(s3_node: NodeBed, s3_bucket: Buc
     node.vz("stop", str(ctid))  # a start rewrites files: back up what stays on disk
     latest = dump(node, str(ctid), "--keyfile", str(key))["results"][0]
     assert latest["ok"], latest
-    assert "config" in s3_bucket.object_keys() and chunk_keys(s3_bucket)
+    assert "config" in s3_bucket.object_keys() and pack_keys(s3_bucket)
     with empty_node() as fresh:
         configure(fresh, s3_bucket.storage_cfg())
         saved_key = fresh.prefix / "root/repo.key"
@@ -118,13 +119,18 @@ def test_incremental_uploads_only_new_chunks_and_caches_manifests(s3_node: NodeB
     node = s3_node
     ctid = stopped_ct(node)
     full = dump(node, str(ctid))["results"][0]
-    before = chunk_keys(s3_bucket)
-    assert full["stats"]["chunks_new"] == len(before)
+    before = pack_keys(s3_bucket)
+    assert full["stats"]["chunks_new"] > len(before) == 1  # a small CT: one pack
     (private(node, ctid) / "srv/new").write_bytes(os.urandom(3 << 20))
     inc = dump(node, str(ctid))["results"][0]
-    added = chunk_keys(s3_bucket) - before
-    assert added and inc["stats"]["chunks_new"] == len(added)
+    added = pack_keys(s3_bucket) - before
+    assert len(added) == 1 and inc["stats"]["chunks_new"] > 3  # 3 MiB in 512 KiB chunks
+    assert (3 << 20) < inc["stats"]["stored_new"] < (3 << 20) + 100_000
     assert inc["stats"]["bytes_read"] < (3 << 20) + 4096  # only the new file was read
+    # one index file per pack, cached locally like the manifests
+    index_cache = next((node.prefix / "var/cache/vzbackup").glob("*/index"))
+    assert sorted(p.name for p in index_cache.iterdir()) == sorted(
+        k.split("/")[1] for k in s3_bucket.object_keys("index/"))
     # the manifests are cached locally; a lost cache is rebuilt from the bucket
     listed = sorted(s["id"].split("/")[1] for s in snapshots(node))
     cache = next((node.prefix / "var/cache/vzbackup").glob("*/manifests"))
@@ -138,16 +144,26 @@ def test_prune_and_gc_on_s3(s3_node: NodeBed, s3_bucket: Bucket):
     node = s3_node
     ctid = stopped_ct(node)
     ids = []
-    for i in range(3):
+    for i in range(3):  # each snapshot has a file of its own
         (private(node, ctid) / f"srv/file{i}").write_bytes(os.urandom(600_000))
+        if i:
+            (private(node, ctid) / f"srv/file{i - 1}").unlink()
         ids.append(dump(node, str(ctid))["results"][0]["snapshot"])
     node.vz("protect", "--storage", "s3", ids[0])
-    with_all = chunk_keys(s3_bucket)
+    with_all = pack_keys(s3_bucket)
     node.vz("prune", "--storage", "s3", "--keep-last", "1")
     assert [s["id"] for s in snapshots(node)] == [ids[0], ids[2]]
+    # a writer killed in the middle of a multipart upload left it behind
+    s3_bucket.client.create_multipart_upload(Bucket=s3_bucket.name, Key="data/ee/killed")
+    time.sleep(1.1)  # storage times have a one-second resolution
     gc = json.loads(node.vz("gc", "--storage", "s3", "--grace", "0", "--json").stdout)
     assert gc["trash_deleted"] == [ids[1]] and gc["chunks_deleted"] > 0
-    assert len(chunk_keys(s3_bucket)) == len(with_all) - gc["chunks_deleted"]
+    assert gc["incomplete_removed"] == ["data/ee/killed"]
+    assert not s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads")
+    gone = gc["packs_deleted"] + gc["packs_repacked"]
+    assert gc["packs_deleted"] == 1  # the pruned snapshot's own pack
+    assert len(pack_keys(s3_bucket)) == len(with_all) - gone + gc["packs_written"]
+    assert len(s3_bucket.object_keys("index/")) == 1  # consolidated
     assert not s3_bucket.object_keys("locks/")
     verify(node)
 
@@ -217,18 +233,19 @@ def test_network_dies_mid_backup_then_resume_uploads_only_the_rest(proxy_node,
                                                                    s3_bucket: Bucket):
     node, proxies = proxy_node
     ctid = stopped_ct(node)
-    (private(node, ctid) / "srv/blob").write_bytes(os.urandom(12 << 20))
-    flaky(node, s3_bucket, proxies, cut_after=5 << 20)
+    (private(node, ctid) / "srv/blob").write_bytes(os.urandom(40 << 20))
+    # packs are written two at a time: after 36 MiB the first two are surely complete,
+    # with their index files, and the last one is cut short
+    flaky(node, s3_bucket, proxies, cut_after=36 << 20)
     res = node.vz("dump", "--storage", "flaky", str(ctid), "--json", check=False, timeout=300)
     assert res.returncode == 13, res.stderr
     out = json.loads(res.stdout)["results"][0]
     assert not out["ok"] and "cannot reach endpoint" in out["error"]
     assert snapshots(node) == []
-    stored = chunk_keys(s3_bucket)
-    assert stored  # part of it got through
+    assert pack_keys(s3_bucket) and s3_bucket.object_keys("index/")  # a pack got through
     resumed = dump(node, str(ctid))["results"][0]
     assert resumed["ok"]
-    assert resumed["stats"]["chunks_new"] == len(chunk_keys(s3_bucket) - stored)
+    assert resumed["stats"]["bytes_new"] < 16 << 20  # the stored packs are reused
     verify(node)
 
 
@@ -260,8 +277,8 @@ def test_bad_setups_give_one_clear_error_each(s3_node: NodeBed, s3_bucket: Bucke
     res = node.vz("list", "--storage", "s3", "--keyfile", str(other), check=False)
     assert res.returncode == 3 and "does not belong" in res.stderr
 
-    # a corrupt chunk and a truncated manifest: named, exit 12, nothing deleted
-    chunk = max(s3_bucket.object_keys("chunks/"), key=lambda k: s3_bucket.client.head_object(
+    # a corrupt pack and a truncated manifest: named, exit 12, nothing deleted
+    chunk = max(s3_bucket.object_keys("data/"), key=lambda k: s3_bucket.client.head_object(
         Bucket=s3_bucket.name, Key=k)["ContentLength"])
     body = bytearray(s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=chunk)["Body"].read())
     body[len(body) // 2] ^= 0xFF

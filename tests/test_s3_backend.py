@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from s3fixture import ACCESS_KEY, ENDPOINT, SECRET_KEY, Bucket
-from vzbackup.storage.backend import BackendError, ObjectMissing
+from vzbackup.storage.backend import BackendError, Kind, ObjectMissing
 from vzbackup.storage.options import S3Options
 from vzbackup.storage.s3 import CLAIM_PREFIX, S3Backend
 
@@ -29,6 +29,7 @@ def test_contract_with_prefix(s3_bucket: Bucket):
     be.put("chunks/ab/abc", b"data")
     be.put("snapshots/101/x", b"manifest")
     assert be.get("chunks/ab/abc") == b"data"
+    assert be.get_range("chunks/ab/abc", 1, 2) == b"at"
     assert s3_bucket.object_keys() == ["repo/one/chunks/ab/abc", "repo/one/snapshots/101/x"]
     assert sorted(i.key for i in be.list()) == ["chunks/ab/abc", "snapshots/101/x"]
     assert [(i.key, i.size) for i in be.list("chunks/")] == [("chunks/ab/abc", 4)]
@@ -122,9 +123,9 @@ def test_touch_moves_mtime_and_keeps_content(s3_bucket: Bucket):
 
 def test_object_lock_on_manifests_only(s3_lock_bucket: Bucket):
     be = backend(s3_lock_bucket, object_lock_days=1)
-    be.put("snapshots/101/2026-01-01T00:00:00Z", b"m")
-    be.put("snapshots/101/2026-01-01T00:00:00Z.log", b"log")
-    be.put("chunks/aa/aa", b"c")
+    be.put("snapshots/101/2026-01-01T00:00:00Z", b"m", Kind.SNAPSHOT)
+    be.put("snapshots/101/2026-01-01T00:00:00Z.log", b"log", Kind.LOG)
+    be.put("chunks/aa/aa", b"c", Kind.PACK)
     until = be.retained_until("snapshots/101/2026-01-01T00:00:00Z")
     assert until and until > time.time() + 3600
     assert be.retained_until("snapshots/101/2026-01-01T00:00:00Z.log") is None
@@ -191,3 +192,25 @@ def test_example_storage_cfg_is_valid(tmp_path):
     be = offsite.open()  # every documented key is an accepted option (no request is made)
     assert isinstance(be, S3Backend) and be.prefix == "node-pve1/" and be.lock_days == 30
     assert "example-secret" not in be.url
+
+
+def test_remove_incomplete_aborts_old_multipart_uploads_only(s3_bucket: Bucket):
+    be = backend(s3_bucket, prefix="repo")
+
+    def start_upload(key: str) -> str:
+        up = be.client.create_multipart_upload(Bucket=s3_bucket.name, Key=f"repo/{key}")
+        be.client.upload_part(Bucket=s3_bucket.name, Key=f"repo/{key}", PartNumber=1,
+                              UploadId=up["UploadId"], Body=os.urandom(5 << 20))
+        return up["UploadId"]
+
+    start_upload("data/aa/killed")
+    time.sleep(1.1)  # storage times have a one-second resolution
+    be.put("clock", b"")
+    between = be.stat("clock").mtime
+    time.sleep(1.1)
+    start_upload("data/bb/running")
+    assert be.remove_incomplete(between) == ["data/aa/killed"]
+    left = be.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", [])
+    assert [u["Key"] for u in left] == ["repo/data/bb/running"]
+    assert be.remove_incomplete(time.time() + 3600) == ["data/bb/running"]
+    assert not be.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads")

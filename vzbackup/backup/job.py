@@ -108,12 +108,13 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
                     log(f"INFO: backing up CRIU images from {src.state_dir}")
                     state_tree = TreeWriter(repo, store, log=log).write(src.state_dir)
                 read_s = time.monotonic() - t1
+            store.finish()
         finally:
             store.close()
-        gone = [c for c in store.reused_orphans if not repo.has_chunk(c)]
+        gone = store.vanished()
         if gone:
             raise StorageError(
-                f"{len(gone)} chunks vanished while the backup ran (a concurrent gc?)",
+                f"{len(gone)} reused chunks vanished while the backup ran (a concurrent gc?)",
                 hint="run the backup again; it will store them anew",
             )
         for s in stats.skipped[:20]:

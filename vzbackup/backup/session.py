@@ -8,7 +8,7 @@ from vzbackup import constants as C
 from vzbackup.config.node import Node
 from vzbackup.config.storage import DEFAULT_STORAGE, storages
 from vzbackup.engine.crypto import KeyFile
-from vzbackup.engine.metacache import ManifestCache
+from vzbackup.engine.metacache import ObjectCache
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import NotFoundError, StorageError
 from vzbackup.storage.backend import Backend, BackendError
@@ -35,7 +35,8 @@ def open_repository(node: Node, storage: str | None, keyfile: str | Path | None,
     backend = open_backend(node, storage)
     repo = Repository.open(backend, key, level, create=create)
     if backend.cache_metadata:
-        repo.manifest_cache = ManifestCache(node.cachedir / repo.id / "manifests")
+        repo.manifest_cache = ObjectCache(node.cachedir / repo.id / "manifests")
+        repo.index_cache = ObjectCache(node.cachedir / repo.id / "index")
     return repo
 
 

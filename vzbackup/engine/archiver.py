@@ -7,9 +7,9 @@ one stream that is chunked the same way: a root filesystem's many small files co
 together (as in a tar) and still deduplicate, because content-defined cuts resynchronise.
 An entry's content is a list of ``[chunk, offset, length]`` slices.
 
-Hashing, compression, encryption and uploads run in a bounded thread pool; the walk reads
-ahead while the pool works. A files cache (inode, size, mtime, ctime) lets an unchanged
-file reuse its slices without being read.
+Hashing, compression and encryption run in a bounded thread pool that fills pack files
+(pack.py), written as they fill; the walk reads ahead while the pool works. A files cache
+(inode, size, mtime, ctime) lets an unchanged file reuse its slices without being read.
 """
 
 from __future__ import annotations
@@ -60,7 +60,13 @@ class Stats:
 
 
 class ChunkStore:
-    """Dedups and uploads chunks in a thread pool; ``submit`` returns a future chunk id."""
+    """Dedups chunks and packs new ones, in a thread pool; ``submit`` returns a future id.
+
+    A chunk referenced by a published snapshot (*known*) is reused as is. One that is only
+    in the index (left by an interrupted backup, or by a pruned snapshot) is reused after
+    touching its pack, so a concurrent gc spares it; the job checks those packs still exist
+    before it publishes. Anything else is sealed and added to a pack.
+    """
 
     def __init__(self, repo: Repository, known: set[str], *, threads: int, stats: Stats,
                  bwlimit_kbps: int | None = None) -> None:
@@ -69,7 +75,11 @@ class ChunkStore:
         self.stats = stats
         self.refs: set[str] = set()
         self.reused_orphans: list[str] = []
+        self.touched: dict[str, bool] = {}  # object key -> still there when touched
         self.lock = threading.Lock()
+        repo.upgrade()
+        self.index = repo.reload_index()  # what other writers stored since
+        self.packer = repo.packer()
         # twice the CPU threads: a worker blocked on storage I/O leaves its CPU to another
         workers = max(1, threads) * 2
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk")
@@ -93,15 +103,11 @@ class ChunkStore:
                 if cid in self.known:
                     return cid
                 self.known.add(cid)
-            # left by an interrupted backup or a pruned snapshot: reuse it, and touch it so
-            # a concurrent GC spares it (checked again before the snapshot is published)
-            if self.repo.has_chunk(cid) and self.repo.touch_chunk(cid):
-                with self.lock:
-                    self.reused_orphans.append(cid)
+            if cid in self.index and self._reuse(cid):
                 return cid
-            blob = self.repo.seal_chunk(cid, data)
+            blob = self.repo.codec.seal(cid, data)
             self.limiter.take(len(blob))
-            self.repo.put_chunk_blob(cid, blob)
+            self.packer.add(cid, blob)
             with self.lock:
                 self.stats.bytes_new += len(data)
                 self.stats.stored_new += len(blob)
@@ -110,6 +116,35 @@ class ChunkStore:
         except BaseException as e:
             self.error = self.error or e
             raise
+
+    def _reuse(self, cid: str) -> bool:
+        key, _ = self.repo.locate(cid)
+        with self.lock:
+            ok = self.touched.get(key)
+        if ok is None:
+            ok = self.repo.touch_pack(cid)
+            with self.lock:
+                self.touched[key] = ok
+        if ok:
+            with self.lock:
+                self.reused_orphans.append(cid)
+        return ok
+
+    def finish(self) -> None:
+        """Wait for every chunk, then write the last pack (and its index)."""
+        self.pool.shutdown(wait=True)
+        if self.error:
+            raise self.error
+        self.packer.flush()
+
+    def vanished(self) -> list[str]:
+        """Reused chunks a concurrent gc removed (or left unindexed) meanwhile."""
+        if not self.reused_orphans:
+            return []
+        index = self.repo.reload_index()
+        gone = [c for c in self.reused_orphans if c not in index]
+        return gone + [k for k, ok in self.touched.items()
+                       if ok and not self.repo.backend.exists(k)]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

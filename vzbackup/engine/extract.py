@@ -3,7 +3,11 @@
 Restoring never writes outside the target: every path is validated, parents are opened
 component by component with O_NOFOLLOW relative to the target's directory fd, and entries
 are created with the ``*at`` calls, so a symlink in the snapshot can't redirect a later
-entry. Chunks are fetched and decrypted ahead of the writer by a small thread pool.
+entry. Chunks are fetched (ranged reads of their packs) and decrypted ahead of the writer
+by a small thread pool.
+
+The read API other components build on (a FUSE mount, ``ls``, ``cat``):
+``Repository.open`` -> ``Repository.manifests()`` -> :func:`load_tree` -> :func:`read_range`.
 """
 
 from __future__ import annotations
@@ -13,14 +17,18 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from vzbackup.ct import fs
 from vzbackup.engine import tree as T
 from vzbackup.engine.repo import Repository
-from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure
+from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure, StorageError
+from vzbackup.storage.backend import BackendError, ObjectMissing
 
-PREFETCH = 24
+PREFETCH_BYTES = 64 * 1024 * 1024  # packed bytes read ahead of the writer
+READ_GAP = 256 * 1024  # read over unneeded blobs up to this size rather than split a read
+READ_MAX = 16 * 1024 * 1024  # bytes per ranged read at most
 
 
 def load_tree(repo: Repository, tree_chunks: list[str]) -> list[T.Entry]:
@@ -31,43 +39,93 @@ def load_tree(repo: Repository, tree_chunks: list[str]) -> list[T.Entry]:
         raise DamagedError(f"the snapshot's file list is unreadable ({e})") from None
 
 
+@dataclass
+class Read:
+    """One ranged read: consecutive blobs of one object."""
+
+    key: str
+    start: int
+    end: int
+    chunks: list[tuple[str, int, int]]  # (chunk id, offset, length) inside the object
+    packed: bool = True
+
+
+def plan_reads(repo: Repository, order: Iterable[str]) -> list[Read]:
+    """Group chunks, in the order they are needed, into ranged reads of their packs:
+    neighbours in a pack become one request (gaps up to READ_GAP are read and skipped)."""
+    reads: list[Read] = []
+    cur: Read | None = None
+    for cid in order:
+        key, loc = repo.locate(cid)
+        if loc is None:  # a version 1 chunk object
+            reads.append(Read(key, 0, 0, [(cid, 0, 0)], packed=False))
+            cur = None
+            continue
+        end = loc.offset + loc.length
+        if (cur is not None and cur.key == key and cur.end <= loc.offset <= cur.end + READ_GAP
+                and end - cur.start <= READ_MAX):
+            cur.chunks.append((cid, loc.offset, loc.length))
+            cur.end = end
+            continue
+        cur = Read(key, loc.offset, end, [(cid, loc.offset, loc.length)])
+        reads.append(cur)
+    return reads
+
+
+def fetch(repo: Repository, r: Read) -> dict[str, bytes]:
+    """The plaintext of every chunk of a read (decrypted and verified)."""
+    if not r.packed:
+        cid = r.chunks[0][0]
+        return {cid: repo.get_chunk(cid)}
+    try:
+        data = repo.backend.get_range(r.key, r.start, r.end - r.start)
+    except ObjectMissing:  # repacked by a gc since the index was loaded
+        return {cid: repo.get_chunk(cid) for cid, _, _ in r.chunks}
+    except BackendError as e:
+        raise StorageError(str(e)) from None
+    view = memoryview(data)
+    return {cid: repo.open_chunk(cid, view[off - r.start : off - r.start + ln])
+            for cid, off, ln in r.chunks}
+
+
 class ChunkReader:
-    """Fetches the chunks a sequence of entries needs, in order, *PREFETCH* ahead."""
+    """Fetches the chunks a sequence of entries needs, in order, by ranged reads of their
+    packs, up to PREFETCH_BYTES ahead in a thread pool (decryption runs there too)."""
 
     def __init__(self, repo: Repository, entries: Iterable[T.Entry], threads: int = 4) -> None:
         self.repo = repo
-        order: list[str] = []
-        seen_last = None
+        order: dict[str, None] = {}
         for e in entries:
             for cid, _, _ in e.chunks:
-                if cid != seen_last:
-                    order.append(cid)
-                    seen_last = cid
-        self.order = order
-        self.pos = 0
+                order.setdefault(cid, None)
+        self.reads = collections.deque(plan_reads(repo, order))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
-        self.ahead: collections.deque[tuple[str, Future]] = collections.deque()
-        self.current: tuple[str, bytes] | None = None
+        self.ahead: collections.deque[tuple[Read, Future]] = collections.deque()
+        self.ahead_bytes = 0
+        self.current: dict[str, bytes] = {}
 
     def _fill(self) -> None:
-        while len(self.ahead) < PREFETCH and self.pos < len(self.order):
-            cid = self.order[self.pos]
-            self.pos += 1
-            self.ahead.append((cid, self.pool.submit(self.repo.get_chunk, cid)))
+        while self.reads and (not self.ahead or self.ahead_bytes < PREFETCH_BYTES):
+            r = self.reads.popleft()
+            self.ahead.append((r, self.pool.submit(fetch, self.repo, r)))
+            self.ahead_bytes += r.end - r.start
 
     def get(self, cid: str) -> bytes:
-        if self.current and self.current[0] == cid:
-            return self.current[1]
+        data = self.current.get(cid)
+        if data is not None:
+            return data
         self._fill()
         while self.ahead:
-            want, fut = self.ahead.popleft()
+            r, fut = self.ahead.popleft()
+            self.ahead_bytes -= r.end - r.start
             self._fill()
-            if want == cid:
-                self.current = (cid, fut.result())
-                return self.current[1]
+            if any(c == cid for c, _, _ in r.chunks):
+                self.current = fut.result()
+                return self.current[cid]
+            fut.cancel()
         # not in the planned order (e.g. a partial extract): fetch directly
-        self.current = (cid, self.repo.get_chunk(cid))
-        return self.current[1]
+        self.current = {cid: self.repo.get_chunk(cid)}
+        return self.current[cid]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -82,6 +140,37 @@ def file_pieces(reader: ChunkReader, e: T.Entry) -> Iterator[memoryview]:
         if off + ln > len(data):
             raise DamagedError(f"{e.path}: chunk {cid[:16]} is shorter than the file needs")
         yield memoryview(data)[off : off + ln]
+
+
+def read_range(repo: Repository, e: T.Entry, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of the file *e* (holes read as zeros), fetching only
+    the chunks that hold them: the random-access read a FUSE mount needs."""
+    end = min(e.size, offset + length)
+    if offset >= end:
+        return b""
+    out = bytearray(end - offset)
+    regions = e.extents if e.extents is not None else [[0, e.size]]
+    dpos = 0  # where the region starts in the file's data (its extents back to back)
+    for roff, rlen in regions:
+        lo, hi = max(offset, roff), min(end, roff + rlen)
+        if lo < hi:
+            data = _data_range(repo, e.chunks, dpos + lo - roff, dpos + hi - roff)
+            out[lo - offset : lo - offset + len(data)] = data
+        dpos += rlen
+    return bytes(out)
+
+
+def _data_range(repo: Repository, chunks: list[list], lo: int, hi: int) -> bytes:
+    parts = []
+    pos = 0
+    for cid, coff, clen in chunks:
+        if pos >= hi:
+            break
+        if pos + clen > lo:
+            data = repo.get_chunk(cid)
+            parts.append(data[coff + max(lo, pos) - pos : coff + min(hi, pos + clen) - pos])
+        pos += clen
+    return b"".join(parts)
 
 
 class _Dirs:

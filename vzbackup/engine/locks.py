@@ -26,7 +26,7 @@ from types import TracebackType
 
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import LockedError, StorageError
-from vzbackup.storage.backend import BackendError, ObjectMissing
+from vzbackup.storage.backend import BackendError, Kind, ObjectMissing
 
 LOCK_PREFIX = "locks/"
 LEASE = 900.0  # seconds without refresh after which another host's lock is stale
@@ -99,7 +99,7 @@ def storage_now(repo: Repository) -> float:
     """The storage's clock (mtime of a fresh object), so hosts with skewed clocks agree."""
     key = f"{LOCK_PREFIX}clock-{uuid.uuid4().hex}"
     try:
-        repo.backend.put(key, b"")
+        repo.backend.put(key, b"", Kind.LOCK)
         return repo.backend.stat(key).mtime
     finally:
         with contextlib.suppress(BackendError):
@@ -148,9 +148,9 @@ class RepoLock:
         be = self.repo.backend
         while True:
             try:
-                be.put(self.key, self._body())
+                be.put(self.key, self._body(), Kind.LOCK)
                 self.started = be.stat(self.key).mtime
-                be.put(self.key, self._body())
+                be.put(self.key, self._body(), Kind.LOCK)
             except BackendError as e:
                 raise StorageError(f"cannot write a lock to {be.url}: {e}") from None
             blocker = self._blocker() if self.kind == MAINTENANCE else None

@@ -1,41 +1,38 @@
-"""The backup repository on a storage backend: config, chunks, snapshot manifests.
+"""The backup repository on a storage backend: config, packs, index, snapshot manifests.
 
-Layout (keys on the backend):
-
-- ``config``                       repository id, format version, chunker, encryption
-- ``chunks/ID[:2]/ID``             one blob per chunk (see crypto.py)
-- ``snapshots/CTID/TIME``          a snapshot manifest; written last, with create-if-absent
-- ``snapshots/CTID/TIME.log``      the backup's log
-- ``snapshots/CTID/TIME.protected`` marker: prune never removes it
-- ``trash/CTID/TIME``              a pruned manifest, kept until GC knows no backup needs it
-- ``locks/NAME``                   repository locks (locks.py)
-
-A snapshot id is ``CTID/TIME`` with TIME as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC).
+The layout and every encoding are specified in FORMAT.md next to this file (format
+version 2; version 1 repositories are read, and upgraded by their first new backup).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from vzbackup.engine.crypto import ENCRYPTION, Codec, KeyFile
-from vzbackup.engine.metacache import ManifestCache
+from vzbackup.engine.metacache import ObjectCache
+from vzbackup.engine.pack import Entries, Index, Location, Packer, decode_index, encode_index
 from vzbackup.errors import ConfigError, DamagedError, NotFoundError, StorageError, UsageError
-from vzbackup.storage.backend import Backend, BackendError, ObjectMissing
+from vzbackup.storage.backend import Backend, BackendError, Kind, ObjectInfo, ObjectMissing
+
+T = TypeVar("T")
 
 FORMAT = "vzbackup-repo"
-VERSION = 1
+VERSION = 2  # FORMAT.md; 1 = one object per chunk (chunks/), still read
 CONFIG_KEY = "config"
 SNAP_PREFIX = "snapshots/"
 TRASH_PREFIX = "trash/"
-CHUNK_PREFIX = "chunks/"
+DATA_PREFIX = "data/"
+INDEX_PREFIX = "index/"
+CHUNK_PREFIX = "chunks/"  # version 1: one object per chunk
 LOG_SUFFIX = ".log"
 PROTECTED_SUFFIX = ".protected"
 TIME_FMT = "%Y-%m-%dT%H:%M:%SZ"
@@ -49,7 +46,12 @@ CHUNK_MAX = 2 * 1024 * 1024
 
 
 def chunk_key(cid: str) -> str:
+    """Where a version 1 repository keeps a chunk."""
     return f"{CHUNK_PREFIX}{cid[:2]}/{cid}"
+
+
+def pack_key(pack: str) -> str:
+    return f"{DATA_PREFIX}{pack[:2]}/{pack}"
 
 
 def snapshot_time(sid: str) -> datetime:
@@ -113,7 +115,10 @@ class Repository:
         self.config = config
         self.key = key
         self.codec = Codec(key, level)
-        self.manifest_cache: ManifestCache | None = None  # set for remote storage
+        self.manifest_cache: ObjectCache | None = None  # set for remote storage
+        self.index_cache: ObjectCache | None = None
+        self._index: Index | None = None
+        self._index_lock = threading.Lock()
 
     # --- life cycle --------------------------------------------------------------------
     @property
@@ -136,7 +141,8 @@ class Repository:
             "key_fingerprint": key.fingerprint if key else "",
         }
         try:
-            created = backend.put_if_absent(CONFIG_KEY, json.dumps(config, indent=1).encode())
+            created = backend.put_if_absent(CONFIG_KEY, json.dumps(config, indent=1).encode(),
+                                            Kind.CONFIG)
         except BackendError as e:
             raise StorageError(str(e)) from None
         if not created:
@@ -162,7 +168,7 @@ class Repository:
             config = json.loads(raw)
             if config.get("format") != FORMAT:
                 raise ValueError("not a vzbackup repository")
-            if int(config.get("version", 0)) > VERSION:
+            if int(config.get("version", 0)) not in (1, VERSION):
                 raise ValueError(f"format version {config['version']} is newer than this vzbackup")
         except (ValueError, TypeError) as e:
             raise DamagedError(f"{backend.url}/{CONFIG_KEY}: {e}") from None
@@ -193,27 +199,139 @@ class Repository:
             int(c.get("max", CHUNK_MAX)),
         )
 
-    # --- chunks ---------------------------------------------------------------------------
-    def seal_chunk(self, cid: str, data: bytes | memoryview) -> bytes:
-        return self.codec.seal(cid, data)
+    @property
+    def version(self) -> int:
+        return int(self.config.get("version", 1))
 
-    def put_chunk_blob(self, cid: str, blob: bytes) -> None:
+    def upgrade(self) -> bool:
+        """Make a version 1 repository version 2 (its chunks stay readable where they are);
+        False if it already was. Older vzbackup refuse the upgraded repository."""
+        if self.version >= VERSION:
+            return False
+        self.config["version"] = VERSION
+        self.config["upgraded"] = time.strftime(TIME_FMT, time.gmtime())
+        self._call(lambda: self.backend.put(CONFIG_KEY, json.dumps(self.config, indent=1)
+                                            .encode(), Kind.CONFIG))
+        return True
+
+    def _call(self, fn: Callable[[], T]) -> T:
         try:
-            self.backend.put(chunk_key(cid), blob)
+            return fn()
         except BackendError as e:
             raise StorageError(str(e)) from None
+
+    # --- the index ---------------------------------------------------------------------
+    @property
+    def index(self) -> Index:
+        with self._index_lock:
+            if self._index is None:
+                self._index = self._load_index()
+            return self._index
+
+    def reload_index(self) -> Index:
+        with self._index_lock:
+            self._index = self._load_index()
+            return self._index
+
+    def index_files(self) -> list[ObjectInfo]:
+        return self._call(lambda: list(self.backend.list(INDEX_PREFIX)))
+
+    def _load_index(self) -> Index:
+        infos = self.index_files()
+        cache = self.index_cache
+        names = {i.key[len(INDEX_PREFIX):]: i.size for i in infos}
+        blobs = {n: cache.get(n, size) for n, size in names.items()} if cache else {}
+        missing = [n for n in names if blobs.get(n) is None]
+
+        def fetch(name: str) -> bytes | None:
+            try:
+                return self.backend.get(INDEX_PREFIX + name)
+            except ObjectMissing:
+                return None  # replaced by a gc meanwhile: the new one is listed too
+            except BackendError as e:
+                raise StorageError(str(e)) from None
+
+        with ThreadPoolExecutor(MANIFEST_FETCHERS) as pool:
+            for name, blob in zip(missing, pool.map(fetch, missing), strict=True):
+                blobs[name] = blob
+                if cache and blob is not None:
+                    cache.put(name, blob)
+        if cache:
+            cache.retain(set(names))
+        index = Index()
+        for name in sorted(names):
+            blob = blobs.get(name)
+            if blob is None:
+                continue
+            key = INDEX_PREFIX + name
+            try:
+                index.add_file(key, list(decode_index(self.codec.open(key, blob))))
+            except (ValueError, TypeError) as e:
+                raise DamagedError(f"index file {name[:16]}: unreadable ({e})") from None
+        return index
+
+    def write_index(self, packs: list[tuple[str, Entries]]) -> str:
+        """Write an index file listing *packs*; returns its key (also added in memory)."""
+        name = uuid.uuid4().hex
+        key = INDEX_PREFIX + name
+        blob = self.codec.seal(key, encode_index(packs))
+        self._call(lambda: self.backend.put(key, blob, Kind.INDEX))
+        if self.index_cache:
+            self.index_cache.put(name, blob)
+        with self._index_lock:
+            if self._index is not None:
+                self._index.add_file(key, packs)
+        return key
+
+    def delete_index(self, key: str) -> None:
+        self.delete_object(key)
+
+    # --- chunks ---------------------------------------------------------------------------
+    def packer(self) -> Packer:
+        """A packer whose packs are written with an index file each (resumable)."""
+        return Packer(self.codec.seal, self._store_pack)
+
+    def _store_pack(self, pack: str, data: bytes, entries: Entries) -> None:
+        self.put_pack(pack, data)
+        self.write_index([(pack, entries)])
+
+    def put_pack(self, pack: str, data: bytes) -> None:
+        self._call(lambda: self.backend.put(pack_key(pack), data, Kind.PACK))
+
+    def get_object_raw(self, key: str) -> bytes:
+        """An object's stored bytes (a pack, say), unopened."""
+        try:
+            return self.backend.get(key)
+        except ObjectMissing:
+            raise DamagedError(f"{key} is missing from the repository") from None
+        except BackendError as e:
+            raise StorageError(str(e)) from None
+
+    def delete_object(self, key: str) -> None:
+        self._call(lambda: self.backend.delete(key))
+
+    def flush(self) -> None:
+        """Make everything written so far durable."""
+        self._call(self.backend.flush)
+
+    def locate(self, cid: str) -> tuple[str, Location | None]:
+        """(object key, where in it) of a chunk: a pack and a Location, or a version 1
+        chunk object and None."""
+        loc = self.index.lookup(cid)
+        return (pack_key(loc.pack), loc) if loc else (chunk_key(cid), None)
 
     def has_chunk(self, cid: str) -> bool:
-        try:
-            return self.backend.exists(chunk_key(cid))
-        except BackendError as e:
-            raise StorageError(str(e)) from None
+        """Whether the chunk's object exists on the storage (not only in the index)."""
+        key, _ = self.locate(cid)
+        return self._call(lambda: self.backend.exists(key))
 
-    def touch_chunk(self, cid: str) -> bool:
-        """Mark a chunk as just used; False if it is gone."""
+    def touch_pack(self, cid: str) -> bool:
+        """Mark the object holding a chunk as just used (gc spares it); False if gone."""
+        key, loc = self.locate(cid)
         try:
-            self.backend.touch(chunk_key(cid))
-            return True
+            self.backend.touch(key)
+            # False if truncated by a crash before its writer synced it
+            return loc is None or self.backend.stat(key).size >= loc.offset + loc.length
         except ObjectMissing:
             return False
         except BackendError as e:
@@ -221,38 +339,46 @@ class Repository:
 
     def get_chunk(self, cid: str, verify: bool = True) -> bytes:
         """The chunk's plaintext; DamagedError if missing, corrupt or not matching its id."""
-        try:
-            blob = self.backend.get(chunk_key(cid))
-        except ObjectMissing:
-            raise DamagedError(f"chunk {cid[:16]} is missing from the repository") from None
-        except BackendError as e:
-            raise StorageError(str(e)) from None
+        for attempt in (0, 1):
+            key, loc = self.locate(cid)
+            try:
+                if loc is None:
+                    blob = self.backend.get(key)
+                else:
+                    blob = self.backend.get_range(key, loc.offset, loc.length)
+                break
+            except ObjectMissing:
+                if attempt == 0 and self.version >= VERSION:
+                    self.reload_index()  # a gc repacked it meanwhile
+                    continue
+                raise DamagedError(f"chunk {cid[:16]} is missing from the repository") from None
+            except BackendError as e:
+                raise StorageError(str(e)) from None
+        return self.open_chunk(cid, blob, verify)
+
+    def open_chunk(self, cid: str, blob: bytes, verify: bool = True) -> bytes:
         data = self.codec.open(cid, blob, f"chunk {cid[:16]}")
         if verify and self.codec.chunk_id(data) != cid:
             raise DamagedError(f"chunk {cid[:16]} does not match its hash (corrupt)")
         return data
 
-    def list_chunks(self) -> Iterator[tuple[str, float, int]]:
-        """(id, mtime, stored size) of every chunk object."""
-        try:
-            for info in self.backend.list(CHUNK_PREFIX):
-                yield info.key.rsplit("/", 1)[-1], info.mtime, info.size
-        except BackendError as e:
-            raise StorageError(str(e)) from None
+    def list_packs(self) -> list[ObjectInfo]:
+        return self._call(lambda: list(self.backend.list(DATA_PREFIX)))
 
-    def delete_chunk(self, cid: str) -> None:
-        try:
-            self.backend.delete(chunk_key(cid))
-        except BackendError as e:
-            raise StorageError(str(e)) from None
+    def list_chunks(self) -> list[ObjectInfo]:
+        """Version 1 chunk objects (a repository upgraded to version 2 may still have them)."""
+        return self._call(lambda: list(self.backend.list(CHUNK_PREFIX)))
+
+    def stored_bytes(self) -> int:
+        return sum(i.size for i in self.list_packs()) + sum(i.size for i in self.list_chunks())
 
     # --- small encrypted objects ----------------------------------------------------------
-    def put_object(self, key: str, data: bytes, *, exclusive: bool = False) -> bool:
+    def put_object(self, key: str, data: bytes, kind: Kind, *, exclusive: bool = False) -> bool:
         blob = self.codec.seal(key, data)
         try:
             if exclusive:
-                return self.backend.put_if_absent(key, blob)
-            self.backend.put(key, blob)
+                return self.backend.put_if_absent(key, blob, kind)
+            self.backend.put(key, blob, kind)
             return True
         except BackendError as e:
             raise StorageError(str(e)) from None
@@ -270,10 +396,7 @@ class Repository:
     def publish(self, manifest: Manifest, log_text: str) -> Manifest:
         """Write the log, then the manifest (create-if-absent, a clash moves the time on)."""
         stamp = datetime.strptime(manifest.time, TIME_FMT).replace(tzinfo=UTC)
-        try:
-            self.backend.flush()  # the chunks are durable before anything refers to them
-        except BackendError as e:
-            raise StorageError(str(e)) from None
+        self.flush()  # the packs are durable before anything refers to them
         for _ in range(60):
             manifest.time = stamp.strftime(TIME_FMT)
             manifest.id = f"{manifest.ctid}/{manifest.time}"
@@ -281,8 +404,8 @@ class Repository:
             if self.backend.exists(key) or self.backend.exists(TRASH_PREFIX + manifest.id):
                 stamp = stamp.fromtimestamp(stamp.timestamp() + 1, UTC)
                 continue
-            self.put_object(key + LOG_SUFFIX, log_text.encode())
-            if self.put_object(key, manifest.to_json(), exclusive=True):
+            self.put_object(key + LOG_SUFFIX, log_text.encode(), Kind.LOG)
+            if self.put_object(key, manifest.to_json(), Kind.SNAPSHOT, exclusive=True):
                 return manifest
         raise StorageError(f"could not find a free snapshot name for CT {manifest.ctid}")
 
@@ -384,7 +507,7 @@ class Repository:
         key = SNAP_PREFIX + sid + PROTECTED_SUFFIX
         try:
             if on:
-                self.backend.put(key, b"1")
+                self.backend.put(key, b"1", Kind.MARKER)
             else:
                 self.backend.delete(key)
         except BackendError as e:
@@ -409,7 +532,7 @@ class Repository:
             blob = self.backend.get(key)
             # the blob is bound to its key: re-seal under the trash key
             data = self.codec.open(key, blob)
-            self.put_object(TRASH_PREFIX + sid, data)
+            self.put_object(TRASH_PREFIX + sid, data, Kind.OTHER)
             self.backend.delete(key)
             with contextlib.suppress(BackendError):
                 self.backend.delete(key + LOG_SUFFIX)

@@ -1,4 +1,5 @@
-"""Verify snapshots: re-read, decrypt and re-hash every chunk they reference.
+"""Verify snapshots: re-read, decrypt and re-hash every chunk they reference (ranged
+reads of their packs, neighbours together).
 
 Damaged or missing chunks are reported with the snapshots and file paths that need them.
 """
@@ -10,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vzbackup.engine import tree as T
-from vzbackup.engine.extract import load_tree
+from vzbackup.engine.extract import Read, fetch, load_tree, plan_reads
 from vzbackup.engine.repo import Manifest, Repository
 from vzbackup.errors import DamagedError, StorageError
 
@@ -52,20 +53,29 @@ def verify(repo: Repository, manifests: list[Manifest], *, threads: int = 4,
         for cid in m.refs:
             needed.setdefault(cid, None)
 
-    def check(cid: str) -> tuple[str, int, str | None]:
+    def check(r: Read) -> list[tuple[str, int, str | None]]:
         try:
-            return cid, len(repo.get_chunk(cid)), None
-        except (DamagedError, StorageError) as e:
-            return cid, 0, str(e)
+            data = fetch(repo, r)
+            return [(cid, len(data[cid]), None) for cid, _, _ in r.chunks]
+        except (DamagedError, StorageError):
+            pass
+        out: list[tuple[str, int, str | None]] = []
+        for cid, _, _ in r.chunks:  # find which of them
+            try:
+                out.append((cid, len(repo.get_chunk(cid)), None))
+            except (DamagedError, StorageError) as e:
+                out.append((cid, 0, str(e)))
+        return out
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for cid, size, err in pool.map(check, needed):
-            report.chunks += 1
-            report.bytes += size
-            if err:
-                bad[cid] = Damage(cid, err)
-            if progress:
-                progress(1)
+        for results in pool.map(check, plan_reads(repo, needed)):
+            for cid, size, err in results:
+                report.chunks += 1
+                report.bytes += size
+                if err:
+                    bad[cid] = Damage(cid, err)
+                if progress:
+                    progress(1)
     # name the files that need each damaged chunk
     for m in manifests:
         for label, chunks in (("file list", m.tree), ("state file list", m.state_tree or [])):

@@ -115,7 +115,7 @@ def _list_snapshots(ctx: click.Context, storage: str | None, keyfile: str | None
     repo = open_repo(ctx, storage, keyfile)
     wanted = {registry.parse_ctid(c) for c in ctids}
     ms = [m for m in repo.manifests() if not wanted or m.ctid in wanted]
-    stored = sum(size for _, _, size in repo.list_chunks())
+    stored = repo.stored_bytes()
     logical = sum(m.size for m in ms)
     if as_json:
         emit(True, {

@@ -69,22 +69,25 @@ def prune(ctx: click.Context, ctids: tuple[str, ...], prune_backups: str | None,
 @click.command()
 @click.option("--dry-run", is_flag=True)
 @click.option("--grace", type=click.FloatRange(0), default=G.DEFAULT_GRACE, show_default=True,
-              help="Seconds: unreferenced chunks younger than this stay.")
+              help="Seconds: packs and uploads younger than this stay.")
 @click.option("--lockwait", type=click.FloatRange(0), default=1.0, help="Minutes to wait.")
 @repo_options
 @json_option
 @click.pass_context
 def gc(ctx: click.Context, dry_run: bool, grace: float, lockwait: float, storage: str | None,
        keyfile: str | None, as_json: bool) -> None:
-    """Delete chunks no snapshot references (safe while backups run)."""
+    """Drop or repack packs by how much of them snapshots still reference, and remove
+    what killed backups left behind (safe while backups run)."""
     repo = open_repo(ctx, storage, keyfile)
     rep = maintenance.collect_garbage(repo, grace=grace, dry_run=dry_run, lockwait=lockwait * 60)
     emit(
         as_json,
         rep.to_dict(),
-        f"{'would delete' if dry_run else 'deleted'} {rep.chunks_deleted} of {rep.chunks_total} "
-        f"chunks ({human(rep.bytes_deleted)}); {rep.chunks_kept_young} recent ones kept; "
-        f"{len(rep.trash_deleted)} pruned snapshots dropped",
+        f"{'would free' if dry_run else 'freed'} {human(rep.bytes_deleted)} "
+        f"({rep.chunks_deleted} unreferenced chunks): {rep.packs_deleted} of "
+        f"{rep.packs_total} packs deleted, {rep.packs_repacked} repacked, "
+        f"{rep.packs_kept_young} recent ones kept; {len(rep.incomplete_removed)} incomplete "
+        f"uploads and {len(rep.trash_deleted)} pruned snapshots dropped",
     )
 
 

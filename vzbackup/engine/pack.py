@@ -1,0 +1,180 @@
+"""Pack files and the index that locates chunks in them (repository format v2).
+
+A pack holds many sealed chunk blobs back to back, then a sealed header listing them, then
+the header's length (4 bytes, little endian)::
+
+    blob_1 ... blob_n  sealed(header)  u32le(len(sealed(header)))
+    header = n x (chunk id: 32 bytes, offset: u32le, length: u32le)
+
+The pack's name is the SHA-256 of its bytes. An index file lists, per pack, the same
+entries; every chunk of a published snapshot is in some index file. In memory the index is
+one dict from the 32-byte chunk id to one int (pack number, offset, length), about 150
+bytes per chunk whatever the entry count per pack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+PACK_TARGET = 16 * 1024 * 1024  # a pack is written once it holds this much
+PACK_UPLOADS = 4  # packs being written at once (bounds memory: ~PACK_TARGET each)
+HEADER_AAD = "pack-header"
+INDEX_MAGIC = b"VZIX\x01"
+ENTRY = struct.Struct("<32sII")  # chunk id, offset, length
+PACK_HEAD = struct.Struct("<32sI")  # pack id, entry count
+TRAILER = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Location:
+    pack: str  # hex pack id
+    offset: int
+    length: int
+
+
+Entries = list[tuple[bytes, int, int]]  # (raw chunk id, offset, length)
+
+
+def encode_header(entries: Entries) -> bytes:
+    return b"".join(ENTRY.pack(c, o, n) for c, o, n in entries)
+
+
+def decode_entries(data: bytes | memoryview) -> Entries:
+    if len(data) % ENTRY.size:
+        raise ValueError("truncated pack header")
+    return list(ENTRY.iter_unpack(data))
+
+
+def encode_index(packs: Iterable[tuple[str, Entries]]) -> bytes:
+    out = [INDEX_MAGIC]
+    for pack, entries in packs:
+        out.append(PACK_HEAD.pack(bytes.fromhex(pack), len(entries)))
+        out.append(encode_header(entries))
+    return b"".join(out)
+
+
+def decode_index(data: bytes) -> Iterator[tuple[str, Entries]]:
+    if not data.startswith(INDEX_MAGIC):
+        raise ValueError("not a vzbackup index")
+    view = memoryview(data)
+    pos = len(INDEX_MAGIC)
+    while pos < len(view):
+        pack, count = PACK_HEAD.unpack_from(view, pos)
+        pos += PACK_HEAD.size
+        end = pos + count * ENTRY.size
+        if end > len(view):
+            raise ValueError("truncated index")
+        yield pack.hex(), decode_entries(view[pos:end])
+        pos = end
+
+
+class Index:
+    """chunk id -> Location, compact; which packs and index files it was built from."""
+
+    def __init__(self) -> None:
+        self.packs: list[str] = []
+        self._pack_no: dict[str, int] = {}
+        self._pos: dict[bytes, int] = {}
+        self.files: dict[str, list[str]] = {}  # index file key -> the packs it lists
+
+    def add(self, pack: str, entries: Entries) -> None:
+        no = self._pack_no.get(pack)
+        if no is None:
+            no = self._pack_no[pack] = len(self.packs)
+            self.packs.append(pack)
+        base = no << 64
+        pos = self._pos
+        for cid, off, ln in entries:
+            pos[cid] = base | off << 32 | ln
+
+    def add_file(self, key: str, packs: Iterable[tuple[str, Entries]]) -> None:
+        names = []
+        for pack, entries in packs:
+            self.add(pack, entries)
+            names.append(pack)
+        self.files[key] = names
+
+    def lookup(self, cid: str) -> Location | None:
+        v = self._pos.get(bytes.fromhex(cid))
+        if v is None:
+            return None
+        return Location(self.packs[v >> 64], (v >> 32) & 0xFFFFFFFF, v & 0xFFFFFFFF)
+
+    def __contains__(self, cid: str) -> bool:
+        return bytes.fromhex(cid) in self._pos
+
+    def __len__(self) -> int:
+        return len(self._pos)
+
+    def by_pack(self) -> dict[str, Entries]:
+        """Every pack with the entries the index points into it."""
+        out: dict[str, Entries] = {p: [] for p in self.packs}
+        for cid, v in self._pos.items():
+            out[self.packs[v >> 64]].append((cid, (v >> 32) & 0xFFFFFFFF, v & 0xFFFFFFFF))
+        return out
+
+
+Seal = Callable[[str, bytes], bytes]
+Store = Callable[[str, bytes, Entries], None]  # (pack id, pack bytes, entries)
+
+
+class Packer:
+    """Collects sealed blobs into packs; thread-safe. A full pack is handed to *store* by
+    the thread that filled it (at most PACK_UPLOADS at once), so writing runs in parallel
+    with sealing and memory stays bounded."""
+
+    def __init__(self, seal: Seal, store: Store, target: int = PACK_TARGET) -> None:
+        self.seal = seal
+        self.store = store
+        self.target = target
+        self.lock = threading.Lock()
+        self.uploads = threading.BoundedSemaphore(PACK_UPLOADS)
+        self._buf: list[bytes] = []
+        self._entries: Entries = []
+        self._size = 0
+
+    def add(self, cid: str, blob: bytes) -> None:
+        with self.lock:
+            self._entries.append((bytes.fromhex(cid), self._size, len(blob)))
+            self._buf.append(blob)
+            self._size += len(blob)
+            full = self._take() if self._size >= self.target else None
+        if full:
+            self._write(*full)
+
+    def flush(self) -> None:
+        """Write the pack being filled, however small."""
+        with self.lock:
+            full = self._take() if self._entries else None
+        if full:
+            self._write(*full)
+
+    def _take(self) -> tuple[list[bytes], Entries]:
+        taken = self._buf, self._entries
+        self._buf, self._entries, self._size = [], [], 0
+        return taken
+
+    def _write(self, blobs: list[bytes], entries: Entries) -> None:
+        header = self.seal(HEADER_AAD, encode_header(entries))
+        blobs.append(header)
+        blobs.append(TRAILER.pack(len(header)))
+        data = b"".join(blobs)
+        blobs.clear()
+        pack = hashlib.sha256(data).hexdigest()
+        with self.uploads:
+            self.store(pack, data, entries)
+
+
+def read_header(data: bytes, open_header: Callable[[bytes], bytes]) -> Entries:
+    """The entries of a whole pack's bytes (used to check or rebuild the index)."""
+    if len(data) < TRAILER.size:
+        raise ValueError("pack too short")
+    (hlen,) = TRAILER.unpack_from(data, len(data) - TRAILER.size)
+    start = len(data) - TRAILER.size - hlen
+    if start < 0:
+        raise ValueError("bad pack trailer")
+    return decode_entries(open_header(data[start : len(data) - TRAILER.size]))
