@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 from nodebed import COUNTER, NodeBed, http_get, wait_for
 from treecmp import diff, tree_manifest
+from vzbackup.storage.local import DirBackend
+
+from vzbackup.engine.extract import load_tree
+from vzbackup.engine.repo import Repository
 
 
 def dump(node: NodeBed, *args: str, check: bool = True) -> dict:
@@ -200,11 +204,12 @@ def test_corrupt_chunk_verify_names_the_file_and_restore_fails_clean(node: NodeB
     (private(node, ctid) / "srv/data/big").write_bytes(os.urandom(3 << 20))
     snap = dump(node, str(ctid))["results"][0]["snapshot"]
     assert node.vz("verify").returncode == 0
-    chunks = sorted((node.prefix / "vz/backup/chunks").rglob("*"), key=lambda p: -p.stat().st_size
-                    if p.is_file() else 0)
-    victim = chunks[0]
+    repo = Repository.open(DirBackend(node.prefix / "vz/backup"))
+    big = next(e for e in load_tree(repo, repo.resolve(snap).tree) if e.path == "srv/data/big")
+    key, loc = repo.locate(big.chunks[1][0])  # flip a byte in the middle of one of its chunks
+    victim = node.prefix / "vz/backup" / key
     data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[loc.offset + loc.length // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     res = node.vz("verify", check=False)
     assert res.returncode == 12

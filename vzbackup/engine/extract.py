@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from vzbackup.storage.backend import BackendError, ObjectMissing
 PREFETCH_BYTES = 64 * 1024 * 1024  # packed bytes read ahead of the writer
 READ_GAP = 256 * 1024  # read over unneeded blobs up to this size rather than split a read
 READ_MAX = 16 * 1024 * 1024  # bytes per ranged read at most
+PARALLEL_FILE_MAX = 1024 * 1024  # files up to this size are written by the writer pool
 
 
 def load_tree(repo: Repository, tree_chunks: list[str]) -> list[T.Entry]:
@@ -94,10 +96,13 @@ class ChunkReader:
 
     def __init__(self, repo: Repository, entries: Iterable[T.Entry], threads: int = 4) -> None:
         self.repo = repo
-        order: dict[str, None] = {}
+        # the order get() will be called in: a chunk shared by small files comes again
+        # after a big file's chunks (it is read again then, as one more ranged read)
+        order: list[str] = []
         for e in entries:
             for cid, _, _ in e.chunks:
-                order.setdefault(cid, None)
+                if not order or order[-1] != cid:
+                    order.append(cid)
         self.reads = collections.deque(plan_reads(repo, order))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
         self.ahead: collections.deque[tuple[Read, Future]] = collections.deque()
@@ -115,17 +120,14 @@ class ChunkReader:
         if data is not None:
             return data
         self._fill()
-        while self.ahead:
+        if self.ahead and any(c == cid for c, _, _ in self.ahead[0][0].chunks):
             r, fut = self.ahead.popleft()
             self.ahead_bytes -= r.end - r.start
             self._fill()
-            if any(c == cid for c, _, _ in r.chunks):
-                self.current = fut.result()
-                return self.current[cid]
-            fut.cancel()
-        # not in the planned order (e.g. a partial extract): fetch directly
-        self.current = {cid: self.repo.get_chunk(cid)}
-        return self.current[cid]
+            self.current = fut.result()
+            return self.current[cid]
+        # not in the planned order (e.g. a partial extract): fetch it alone
+        return self.repo.get_chunk(cid)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -176,10 +178,12 @@ def _data_range(repo: Repository, chunks: list[list], lo: int, hi: int) -> bytes
 class _Dirs:
     """Directory fds below the target, opened without following symlinks."""
 
-    def __init__(self, root_fd: int, strip_acls: bool = False) -> None:
+    def __init__(self, root_fd: int, strip_acls: bool = False,
+                 before_close: Callable[[], None] = lambda: None) -> None:
         self.root_fd = root_fd
         self.cache: dict[str, int] = {}
         self.strip_acls = strip_acls  # a default ACL in the tree: drop what entries inherit
+        self.before_close = before_close  # writers still using the fds finish first
 
     def parent(self, rel: str) -> tuple[int, str]:
         head, _, name = rel.rpartition("/")
@@ -201,6 +205,7 @@ class _Dirs:
                 f"{rel}: not a directory in the restored tree ({e.strerror})"
             ) from None
         if len(self.cache) > 256:
+            self.before_close()
             self.close()
         self.cache[rel] = fd
         return fd
@@ -234,6 +239,51 @@ def _set_meta(e: T.Entry, pfd: int, name: str, fd: int | None, strip_acls: bool 
                 os.setxattr(f"/proc/self/fd/{pfd}/{name}", k, v, follow_symlinks=False)
 
 
+class _Writers:
+    """Creates and writes small files in a thread pool: a root filesystem's restore is
+    mostly file creation, which blocks in the kernel without holding the GIL."""
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="write")
+        self.slots = threading.BoundedSemaphore(threads * 8)  # bounds the data held
+        self.pending: list[Future] = []
+        self.written = 0
+
+    def submit(self, fn: Callable[..., int], *args: object) -> None:
+        self.slots.acquire()
+        try:
+            fut = self.pool.submit(fn, *args)
+        except BaseException:
+            self.slots.release()
+            raise
+        fut.add_done_callback(lambda f: self.slots.release())
+        self.pending.append(fut)
+        if len(self.pending) >= 1024:
+            self._reap(wait=False)
+
+    def _reap(self, wait: bool) -> None:
+        left = []
+        for fut in self.pending:
+            if wait or fut.done():
+                self.written += fut.result()  # raises what the writer raised
+            else:
+                left.append(fut)
+        self.pending = left
+
+    def drain(self) -> None:
+        """Wait for every file submitted so far; raise the first failure."""
+        try:
+            self._reap(wait=True)
+        finally:
+            self.pending = [f for f in self.pending if not f.done()]
+
+    def close(self) -> None:
+        for fut in self.pending:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+        self.pending = []
+
+
 def restore_tree(
     repo: Repository,
     entries: list[T.Entry],
@@ -255,9 +305,10 @@ def restore_tree(
     fs.remove_tree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     (make_root or Path.mkdir)(partial)
-    written = 0
     root_fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    dirs = _Dirs(root_fd, any(INHERITED_ACLS[1] in e.xattrs for e in entries if e.kind == T.DIR))
+    writers = _Writers(threads)
+    dirs = _Dirs(root_fd, any(INHERITED_ACLS[1] in e.xattrs for e in entries if e.kind == T.DIR),
+                 before_close=writers.drain)
     reader = ChunkReader(repo, entries, threads)
     dir_times: list[tuple[str, int]] = []
     try:
@@ -272,28 +323,37 @@ def restore_tree(
                 dir_times.append((".", e.mtime_ns))
                 continue
             pfd, name = dirs.parent(e.path)
-            written += _create(e, pfd, name, reader, dirs, allow_devices)
+            if e.kind == T.FILE and e.size <= PARALLEL_FILE_MAX:
+                pieces = list(file_pieces(reader, e))
+                writers.submit(_write_file, e, pfd, name, iter(pieces), dirs.strip_acls)
+            else:
+                if e.kind == T.HARDLINK:
+                    writers.drain()  # its target may still be being written
+                writers.written += _create(e, pfd, name, reader, dirs, allow_devices)
             if e.kind == T.DIR:
                 dir_times.append((e.path, e.mtime_ns))
             if progress and e.kind == T.FILE:
                 progress(e.size)
+        writers.drain()
         dirs.close()
         for rel, mt in reversed(dir_times):
             fd = root_fd if rel == "." else dirs.open_dir(rel)
             os.utime(fd, ns=(mt, mt))
         dirs.close()
-    except OSError as err:
-        raise RuntimeFailure(f"restore into {target} failed: {err}") from None
-    except BaseException:
+    except BaseException as err:
+        writers.close()
         dirs.close()
         os.close(root_fd)
         reader.close()
         fs.remove_tree(partial, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise RuntimeFailure(f"restore into {target} failed: {err}") from None
         raise
+    writers.close()
     os.close(root_fd)
     reader.close()
     os.rename(partial, target)
-    return written
+    return writers.written
 
 
 def _create(e: T.Entry, pfd: int, name: str, reader: ChunkReader, dirs: _Dirs,
@@ -329,15 +389,21 @@ def _create(e: T.Entry, pfd: int, name: str, reader: ChunkReader, dirs: _Dirs,
         return 0
     if e.kind != T.FILE:
         raise DamagedError(f"{e.path}: unknown entry type {e.kind!r}")
+    return _write_file(e, pfd, name, file_pieces(reader, e), dirs.strip_acls)
+
+
+def _write_file(e: T.Entry, pfd: int, name: str, pieces: Iterator[memoryview],
+                strip_acls: bool) -> int:
+    """Create the regular file *name* in *pfd* with the content *pieces*; bytes written."""
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=pfd)
     written = 0
     try:
         regions = e.extents if e.extents is not None else [[0, e.size]]
-        pieces = file_pieces(reader, e)
-        buf = b""
+        buf: memoryview | bytes = b""
         for off, ln in regions:
-            os.lseek(fd, off, os.SEEK_SET)
+            if off:
+                os.lseek(fd, off, os.SEEK_SET)
             left = ln
             while left > 0:
                 if not buf:
@@ -351,8 +417,8 @@ def _create(e: T.Entry, pfd: int, name: str, reader: ChunkReader, dirs: _Dirs,
                 written += n
         if e.extents is not None or written != e.size:
             os.ftruncate(fd, e.size)
-        _set_meta(e, pfd, name, fd, dirs.strip_acls)
-        os.utime(fd, ns=ns)
+        _set_meta(e, pfd, name, fd, strip_acls)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
     finally:
         os.close(fd)
     return written
