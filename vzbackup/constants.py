@@ -69,16 +69,38 @@ TEMPLATE_DEFAULT_PACKAGES = (
 TEMPLATE_INFO_SUFFIX = ".json"  # NAME.tar.zst.json beside a built template: recipe and inputs
 DEBIAN_TEMPLATE = "debian-12-x86_64"  # what setup.sh builds for the tests and the demo
 
-# systemd CTs: a drop-in for every service (in /etc/systemd/system of the CT), written at
-# start while the CT's SYSTEMD_CHECKPOINT is yes (the default). CRIU cannot dump a process in
-# a nested UTS or user namespace, which ProtectHostname= and PrivateUsers= of stock units
-# (redis-server, logind, ...) create; every other sandboxing option is kept.
-SYSTEMD_DROPIN = "service.d/50-vzbackup-checkpoint.conf"
-SYSTEMD_DROPIN_TEXT = """\
+# systemd CTs: drop-ins (in /etc/systemd/system of the CT) written at start while the CT's
+# SYSTEMD_CHECKPOINT is yes (the default), removed when it is no. They turn off what CRIU 4.2
+# can't dump (measured on Debian 12 / systemd 252, see README "Checkpointable systemd CTs"):
+# nested UTS/IPC/user namespaces, BPF programs PID 1 holds for IP filtering, hugetlbfs.
+# Every other sandboxing option is kept.
+_DROPIN_HEAD = """\
 # Written by vzbackup at CT start; set SYSTEMD_CHECKPOINT="no" in the CT's config to drop it.
-# CRIU (checkpoint, backup with state, live migration) cannot dump a service in a nested UTS
-# or user namespace: these two sandboxing options are off; all others stay as the units say.
+"""
+SYSTEMD_DROPINS = {
+    "service.d/50-vzbackup-checkpoint.conf": _DROPIN_HEAD + """\
+# CRIU (checkpoint, backup with state, live migration) cannot dump what these sandboxing
+# options create: nested UTS, IPC and user namespaces (ProtectHostname=, PrivateIPC=,
+# PrivateUsers=) and the cgroup BPF programs systemd holds for IP filtering (IPAddressDeny=,
+# IPAddressAllow=, IP*FilterPath=, SocketBind*=, RestrictNetworkInterfaces=). They are off for
+# every service; all other sandboxing options (PrivateTmp=, PrivateDevices=, ProtectSystem=,
+# SystemCallFilter=, NoNewPrivileges=, ...) stay as the units say. A unit's own later drop-in
+# (e.g. redis-server.service.d/60-local.conf) can turn one back on, at the price of checkpoints.
 [Service]
 ProtectHostname=no
+PrivateIPC=no
 PrivateUsers=no
-"""
+IPAddressDeny=
+IPAddressAllow=
+IPIngressFilterPath=
+IPEgressFilterPath=
+SocketBindAllow=
+SocketBindDeny=
+RestrictNetworkInterfaces=
+""",
+    "dev-hugepages.mount.d/50-vzbackup-checkpoint.conf": _DROPIN_HEAD + """\
+# CRIU cannot dump a hugetlbfs mount: systemd leaves /dev/hugepages unmounted in this CT.
+[Unit]
+ConditionVirtualization=!container
+""",
+}

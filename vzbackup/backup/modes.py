@@ -42,6 +42,7 @@ from pathlib import Path
 
 from vzbackup import errors as E
 from vzbackup.criu import driver
+from vzbackup.criu.blockers import require_checkpointable
 from vzbackup.criu.check import criu_binary, pycriu_module
 from vzbackup.ct import fs, ops
 from vzbackup.ct.container import Container
@@ -468,6 +469,7 @@ def consistent_source(
             else:
                 if not st.init_pid:
                     raise E.StateError(f"CT {ct.ctid} is {st.status}: no init to checkpoint")
+                require_checkpointable(ct, "backup mode checkpoint")  # before anything is copied
                 src = _checkpoint_mode(run, undo, st.init_pid)
             run.log(f"{src.mode} mode source ready in {time.monotonic() - t0:.2f}s: {src.root}")
             yield src

@@ -159,22 +159,26 @@ class Container:
         self._write_systemd_dropin(etc, c)
 
     def _write_systemd_dropin(self, etc: Path, c: CTConfig) -> None:
-        """The drop-in that keeps a systemd CT's services checkpointable (SYSTEMD_CHECKPOINT,
-        default yes); removed again when switched off. Nothing for a CT without systemd."""
+        """The drop-ins that keep a systemd CT checkpointable (SYSTEMD_CHECKPOINT, default
+        yes); removed again when switched off. Nothing for a CT without systemd."""
         units = etc / "systemd/system"
         if any(p.is_symlink() for p in (etc / "systemd", units)) or not units.is_dir():
             return
-        dropin = units / C.SYSTEMD_DROPIN
-        if c.get("SYSTEMD_CHECKPOINT", "yes").lower() in ("no", "off", "0"):
-            if not dropin.parent.is_symlink():
-                dropin.unlink(missing_ok=True)
-            return
-        if dropin.parent.is_symlink():
-            dropin.parent.unlink()
-        if not dropin.parent.is_dir():
-            dropin.parent.mkdir()
-            os.chown(dropin.parent, c.idmap.root, c.idmap.root)
-        _write_in_ct(dropin, C.SYSTEMD_DROPIN_TEXT, c.idmap.root)
+        wanted = c.get("SYSTEMD_CHECKPOINT", "yes").lower() not in ("no", "off", "0")
+        for rel, text in C.SYSTEMD_DROPINS.items():
+            dropin = units / rel
+            if not wanted:
+                if dropin.parent.is_dir() and not dropin.parent.is_symlink():
+                    dropin.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # ours alone: leave no empty .d
+                        dropin.parent.rmdir()
+                continue
+            if dropin.parent.is_symlink():
+                dropin.parent.unlink()
+            if not dropin.parent.is_dir():
+                dropin.parent.mkdir()
+                os.chown(dropin.parent, c.idmap.root, c.idmap.root)
+            _write_in_ct(dropin, text, c.idmap.root)
 
     def remove_private(self) -> None:
         private = self.ve_private()

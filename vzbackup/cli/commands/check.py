@@ -1,4 +1,4 @@
-"""vzbackup check: is this node able to run and checkpoint containers?"""
+"""vzbackup check [CTID]: can this node checkpoint containers, and can it checkpoint this CT?"""
 
 from __future__ import annotations
 
@@ -6,17 +6,24 @@ from pathlib import Path
 
 import click
 
-from vzbackup.cli.common import emit, json_option, require_root
+from vzbackup.cli.common import container, emit, json_option, require_root
+from vzbackup.criu.blockers import blockers
 from vzbackup.criu.check import criu_binary, criu_check, criu_version, pycriu_module
 from vzbackup.ct.cgroups import detect_version
-from vzbackup.errors import DependencyError
+from vzbackup.errors import CheckpointError, DependencyError
 
 
 @click.command()
+@click.argument("ctid", required=False)
 @json_option
-def check(as_json: bool) -> None:
-    """Check CRIU (>= 4.2, 'criu check'), pycriu and the cgroup layout."""
+@click.pass_context
+def check(ctx: click.Context, ctid: str | None, as_json: bool) -> None:
+    """Check CRIU (>= 4.2, 'criu check'), pycriu and the cgroup layout; with CTID, list per
+    process what in that running CT would make a CRIU dump fail (exit 11 if anything)."""
     require_root()
+    if ctid is not None:
+        _check_ct(ctx, ctid, as_json)
+        return
     binary = criu_binary()
     pycriu_module()
     failed = criu_check()
@@ -31,6 +38,17 @@ def check(as_json: bool) -> None:
         "pipe_max_size": pipe_max,
     }
     emit(as_json, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+def _check_ct(ctx: click.Context, ident: str, as_json: bool) -> None:
+    ct = container(ctx, ident)
+    found = blockers(ct)
+    verdict = "checkpointable" if not found else f"{len(found)} blocker(s) for a CRIU dump"
+    text = "\n".join([f"CT {ct.ctid}: {verdict}", *(f"  {b}" for b in found)])
+    emit(as_json, {"ctid": ct.ctid, "checkpointable": not found,
+                   "blockers": [b.as_dict() for b in found]}, text)  # fmt: skip
+    if found:
+        raise click.exceptions.Exit(CheckpointError.exit_code)
 
 
 COMMANDS = [check]

@@ -1,0 +1,116 @@
+"""Checkpointability preflight ('vzbackup check CTID', vzbackup.criu.blockers) on real CTs.
+
+Each blocker the preflight reports is also what real CRIU fails on (chkpnt is tried), and
+'dump --mode checkpoint' refuses before copying anything. The Debian CT shows which stock
+systemd sandboxing CRIU can't dump and what SYSTEMD_CHECKPOINT=yes takes away.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from nodebed import DEBIAN_TEMPLATE_NAME, NodeBed, wait_for
+
+from vzbackup.criu.blockers import _lacks_sys_resource
+
+CRIU_FAILED = 11
+BOOT_TIMEOUT = 90
+
+
+def _check(bed: NodeBed, ctid: int) -> tuple[int, list[dict]]:
+    res = bed.vz("check", str(ctid), "--json", check=False)
+    return res.returncode, json.loads(res.stdout)["blockers"]
+
+
+def _bg(bed: NodeBed, ctid: int, cmd: str, setsid: str = "setsid ") -> int:
+    """Start *cmd* in the background inside the CT (in a session of its own); its CT pid."""
+    return int(bed.sh(ctid, f"{setsid}{cmd} </dev/null >/dev/null 2>&1 & echo $!; sleep 0.3"))
+
+
+@pytest.mark.usefixtures("criu_ready")
+def test_nested_uts_namespace_is_reported_and_refused_before_copying(node: NodeBed) -> None:
+    ctid, _ip = node.create_running()
+    assert _check(node, ctid) == (0, [])
+    assert "checkpointable" in node.vz("check", str(ctid)).stdout
+
+    pid = _bg(node, ctid, "unshare -u sleep 1000")
+    rc, found = _check(node, ctid)
+    assert rc == CRIU_FAILED
+    assert [(b["comm"], b["kind"], b["what"]) for b in found] == [
+        ("sleep", "namespace", "nested uts namespace")
+    ]
+    text = node.vz("check", str(ctid), check=False).stdout
+    assert f"pid {found[0]['ct_pid']} (sleep): nested uts namespace" in text
+
+    # The checkpoint-mode backup refuses with that message and leaves nothing behind.
+    res = node.vz("dump", str(ctid), "--mode", "checkpoint", check=False, timeout=300)
+    assert res.returncode == CRIU_FAILED, res.stderr
+    assert "can't be checkpointed" in res.stderr and "nested uts namespace" in res.stderr
+    assert json.loads(node.vz("list", "-b", "--json").stdout)["snapshots"] == []
+    # ... and CRIU itself agrees: the dump fails on the same thing, the CT keeps running.
+    res = node.vz("chkpnt", str(ctid), check=False, timeout=300)
+    assert res.returncode == CRIU_FAILED and "nested uts namespace" in res.stderr
+    assert node.sh(ctid, "echo alive").strip() == "alive"
+
+    node.sh(ctid, f"kill {pid}")
+    wait_for(lambda: _check(node, ctid) == (0, []), what="the nested namespace gone")
+
+
+@pytest.mark.usefixtures("criu_ready")
+def test_session_from_outside_and_other_uid(node: NodeBed) -> None:
+    ctid, _ip = node.create_running()
+    pid = _bg(node, ctid, "sleep 1000", setsid="")  # stays in the session of the exec
+    rc, found = _check(node, ctid)
+    assert rc == CRIU_FAILED and [b["kind"] for b in found] == ["session"]
+    assert "outside the CT" in found[0]["what"]
+    res = node.vz("chkpnt", str(ctid), check=False, timeout=300)
+    assert res.returncode == CRIU_FAILED and "session leader" in res.stderr
+    node.sh(ctid, f"kill {pid}")
+    wait_for(lambda: _check(node, ctid) == (0, []), what="the outside session gone")
+    _bg(node, ctid, "su -s /bin/sh nobody -c 'sleep 1000'")
+    rc, found = _check(node, ctid)
+    if not _lacks_sys_resource():
+        assert (rc, found) == (0, [])
+        return
+    assert rc == CRIU_FAILED
+    assert [(b["kind"], b["what"]) for b in found] == [
+        ("rlimit", "runs as uid 65534 in a privileged CT")
+    ]
+
+
+def _debian_blockers(bed: NodeBed, ctid: int) -> set[tuple[str, str]]:
+    bed.sh(ctid, f"timeout {BOOT_TIMEOUT} systemctl is-system-running --wait", check=False)
+    wait_for(lambda: bed.sh(ctid, "systemctl is-active redis-server", check=False).strip()
+             == "active", timeout=BOOT_TIMEOUT, what="redis-server")  # fmt: skip
+    _rc, found = _check(bed, ctid)
+    return {(b["comm"], b["why"].split(":")[0] if b["kind"] == "file" else b["what"])
+            for b in found if b["kind"] != "rlimit"}  # fmt: skip
+
+
+def test_debian_stock_units_with_and_without_the_checkpoint_dropins(debian_node: NodeBed) -> None:
+    """Measures what SYSTEMD_CHECKPOINT=yes removes from the stock Debian 12 units."""
+    bed = debian_node
+    ctid, _ip = bed.create_running("--ostemplate", DEBIAN_TEMPLATE_NAME)
+    with_dropins = _debian_blockers(bed, ctid)
+    # Nothing of what the drop-ins turn off is left: no nested UTS/IPC/user namespace, no
+    # hugetlbfs, no IP-filter BPF program. (A privileged CT keeps systemd's device BPF
+    # programs on cgroup v2: cgroup_device, reported but not dropped.)
+    assert not {w for _c, w in with_dropins if w.startswith("nested ")}, with_dropins
+    assert not {w for _c, w in with_dropins if "hugetlbfs" in w or w == "cgroup_skb"}
+    assert {w for _c, w in with_dropins} <= {"cgroup_device"}
+    # Redis keeps the sandboxing CRIU can dump: its own mount namespace, seccomp, no new privs.
+    kept = bed.sh(ctid, "p=$(pidof redis-server); [ $(readlink /proc/$p/ns/mnt) != "
+                        "$(readlink /proc/1/ns/mnt) ] && echo mnt; grep -E "
+                        "'^(Seccomp|NoNewPrivs):' /proc/$p/status | tr -d '\\t'")  # fmt: skip
+    assert kept.split() == ["mnt", "NoNewPrivs:1", "Seccomp:2"]
+
+    conf = bed.prefix / f"etc/vz/conf/{ctid}.conf"
+    conf.write_text(conf.read_text() + 'SYSTEMD_CHECKPOINT="no"\n')
+    bed.vz("restart", str(ctid), timeout=180)
+    stock = _debian_blockers(bed, ctid)
+    assert ("redis-server", "nested uts namespace") in stock
+    assert ("redis-server", "nested user namespace") in stock
+    assert ("systemd-logind", "nested uts namespace") in stock
+    assert ("systemd", "hugetlbfs mounted on /dev/hugepages") in stock
+    assert ("systemd", "cgroup_skb") in stock  # IPAddressDeny= of journald and logind
