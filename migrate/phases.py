@@ -33,6 +33,7 @@ from vzbackup.migrate.sync import remote_has_rsync
 
 from vzbackup import __version__
 from vzbackup import errors as E
+from vzbackup.criu.blockers import blockers
 from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
 from vzbackup.ct import network, ops, registry
 from vzbackup.ct.container import Container
@@ -261,6 +262,8 @@ class Migration:
                 pycriu_module()
             except E.DependencyError as e:
                 problems.append(str(e))
+            if ct.running:  # what CRIU would fail on, before the first byte is copied
+                problems += [f"CRIU can't dump {b}" for b in blockers(ct)]
         return problems
 
     def restart(self) -> None:
