@@ -8,6 +8,7 @@ systemd sandboxing CRIU can't dump and what SYSTEMD_CHECKPOINT=yes takes away.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from nodebed import DEBIAN_TEMPLATE_NAME, NodeBed, wait_for
@@ -68,15 +69,31 @@ def test_session_from_outside_and_other_uid(node: NodeBed) -> None:
     assert res.returncode == CRIU_FAILED and "session leader" in res.stderr
     node.sh(ctid, f"kill {pid}")
     wait_for(lambda: _check(node, ctid) == (0, []), what="the outside session gone")
-    _bg(node, ctid, "su -s /bin/sh nobody -c 'sleep 1000'")
+
+
+@pytest.mark.usefixtures("criu_ready")
+@pytest.mark.parametrize("mode", ["unprivileged", "privileged"])
+def test_other_uid_task_agrees_with_criu(node: NodeBed, mode: str) -> None:
+    """A 'nobody' task: a blocker only in a CT sharing the node's user namespace while root
+    lacks CAP_SYS_RESOURCE; whatever check says, a real chkpnt agrees."""
+    extra = ("--privileged",) if mode == "privileged" else ()
+    ctid, _ip = node.create_running(*extra)
+    _bg(node, ctid, "su -s /bin/sh nobody -c 'exec sleep 1000'")
     rc, found = _check(node, ctid)
-    if not _lacks_sys_resource():
-        assert (rc, found) == (0, [])
+    init = json.loads((node.prefix / f"vz/run/{ctid}.state").read_text())["init_pid"]
+    shares_userns = os.readlink(f"/proc/{init}/ns/user") == os.readlink("/proc/self/ns/user")
+    if shares_userns and _lacks_sys_resource():
+        assert rc == CRIU_FAILED
+        assert [(b["kind"], b["what"]) for b in found] == [
+            ("rlimit", "runs as uid 65534 in a privileged CT")
+        ]
+        res = node.vz("chkpnt", str(ctid), check=False, timeout=300)
+        assert res.returncode == CRIU_FAILED and "rlimit" in res.stderr
         return
-    assert rc == CRIU_FAILED
-    assert [(b["kind"], b["what"]) for b in found] == [
-        ("rlimit", "runs as uid 65534 in a privileged CT")
-    ]
+    assert (rc, found) == (0, [])
+    node.vz("chkpnt", str(ctid), timeout=300)
+    node.vz("restore", str(ctid), timeout=300)
+    assert node.sh(ctid, "ps -o user,args | grep -c '^nobody.*sleep 1000'").strip() == "1"
 
 
 def _debian_blockers(bed: NodeBed, ctid: int) -> set[tuple[str, str]]:
@@ -88,29 +105,43 @@ def _debian_blockers(bed: NodeBed, ctid: int) -> set[tuple[str, str]]:
             for b in found if b["kind"] != "rlimit"}  # fmt: skip
 
 
-def test_debian_stock_units_with_and_without_the_checkpoint_dropins(debian_node: NodeBed) -> None:
-    """Measures what SYSTEMD_CHECKPOINT=yes removes from the stock Debian 12 units."""
+def _no_dropins(bed: NodeBed, ctid: int) -> set[tuple[str, str]]:
+    conf = bed.prefix / f"etc/vz/conf/{ctid}.conf"
+    conf.write_text(conf.read_text() + 'SYSTEMD_CHECKPOINT="no"\n')
+    bed.vz("restart", str(ctid), timeout=180)
+    return _debian_blockers(bed, ctid)
+
+
+@pytest.mark.xfail(
+    reason="unprivileged Debian CTs don't boot yet on main: systemd can't create "
+    "/init.scope (cgroup delegation to the CT's root, in progress)",
+    strict=False,
+)
+def test_debian_unprivileged_ct_is_checkpointable_with_the_dropins(debian_node: NodeBed) -> None:
+    """The stock Debian 12 units in an unprivileged CT: nothing blocks with the drop-ins."""
     bed = debian_node
     ctid, _ip = bed.create_running("--ostemplate", DEBIAN_TEMPLATE_NAME)
-    with_dropins = _debian_blockers(bed, ctid)
-    # Nothing of what the drop-ins turn off is left: no nested UTS/IPC/user namespace, no
-    # hugetlbfs, no IP-filter BPF program. (A privileged CT keeps systemd's device BPF
-    # programs on cgroup v2: cgroup_device, reported but not dropped.)
-    assert not {w for _c, w in with_dropins if w.startswith("nested ")}, with_dropins
-    assert not {w for _c, w in with_dropins if "hugetlbfs" in w or w == "cgroup_skb"}
-    assert {w for _c, w in with_dropins} <= {"cgroup_device"}
+    assert _debian_blockers(bed, ctid) == set()
+    assert _check(bed, ctid) == (0, [])
     # Redis keeps the sandboxing CRIU can dump: its own mount namespace, seccomp, no new privs.
     kept = bed.sh(ctid, "p=$(pidof redis-server); [ $(readlink /proc/$p/ns/mnt) != "
                         "$(readlink /proc/1/ns/mnt) ] && echo mnt; grep -E "
                         "'^(Seccomp|NoNewPrivs):' /proc/$p/status | tr -d '\\t'")  # fmt: skip
     assert kept.split() == ["mnt", "NoNewPrivs:1", "Seccomp:2"]
+    # Without them, ProtectHostname= and PrivateUsers= of the stock units block CRIU.
+    stock = _no_dropins(bed, ctid)
+    assert {("redis-server", "nested uts namespace"), ("redis-server", "nested user namespace"),
+            ("systemd-logind", "nested uts namespace")} <= stock  # fmt: skip
 
-    conf = bed.prefix / f"etc/vz/conf/{ctid}.conf"
-    conf.write_text(conf.read_text() + 'SYSTEMD_CHECKPOINT="no"\n')
-    bed.vz("restart", str(ctid), timeout=180)
-    stock = _debian_blockers(bed, ctid)
-    assert ("redis-server", "nested uts namespace") in stock
-    assert ("redis-server", "nested user namespace") in stock
-    assert ("systemd-logind", "nested uts namespace") in stock
-    assert ("systemd", "hugetlbfs mounted on /dev/hugepages") in stock
-    assert ("systemd", "cgroup_skb") in stock  # IPAddressDeny= of journald and logind
+
+def test_debian_privileged_ct_dropins_measured(debian_node: NodeBed) -> None:
+    """A privileged CT (identity-mapped user namespace): the drop-ins leave nothing for CRIU to
+    fail on; without them the stock units' nested UTS/user namespaces block it. systemd can't
+    load BPF programs or mount hugetlbfs in any user namespace, so neither shows up here."""
+    bed = debian_node
+    ctid, _ip = bed.create_running("--ostemplate", DEBIAN_TEMPLATE_NAME, "--privileged")
+    assert _debian_blockers(bed, ctid) == set()
+    stock = _no_dropins(bed, ctid)
+    assert {("redis-server", "nested uts namespace"), ("redis-server", "nested user namespace"),
+            ("systemd-logind", "nested uts namespace")} <= stock  # fmt: skip
+    assert not {w for _c, w in stock if "hugetlbfs" in w or w.startswith("cgroup_")}, stock
