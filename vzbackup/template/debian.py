@@ -181,8 +181,11 @@ def build(
                 f"template {out} exists (built from other inputs or elsewhere)",
                 hint="pass --force to rebuild it, or remove it with 'vzbackup template remove'",
             )
+        progress = progress or (lambda _line: None)
+        progress(f"building {recipe.name}: Debian {recipe.release} ({recipe.suite}) from "
+                 f"{recipe.mirror} with {', '.join(recipe.packages)}")  # fmt: skip
         start = time.monotonic()
-        _run_mmdebstrap(builder, recipe, out, progress or (lambda _line: None))
+        _run_mmdebstrap(builder, recipe, out, progress)
         return BuildResult(out, recipe, up_to_date=False, seconds=time.monotonic() - start)
 
 

@@ -36,9 +36,6 @@ def build(
     node = node_of(ctx)
     recipe = debian.recipe_for(name, debian.split_packages(packages) if packages else None, mirror)
     progress = (lambda line: click.echo(f"  {line}", err=True)) if not as_json else None
-    if not as_json:
-        click.echo(f"building {name}: Debian {recipe.release} ({recipe.suite}) from {recipe.mirror}"
-                   f" with {', '.join(recipe.packages)}", err=True)  # fmt: skip
     result = debian.build(node.template_cache, recipe, force=force, progress=progress)
     size = result.path.stat().st_size
     verdict = "up to date" if result.up_to_date else f"built in {result.seconds:.0f} s"
