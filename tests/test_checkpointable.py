@@ -11,7 +11,7 @@ import json
 import os
 
 import pytest
-from nodebed import DEBIAN_TEMPLATE_NAME, NodeBed, wait_for
+from nodebed import DEBIAN_TEMPLATE_NAME, NodeBed, next_ctid, wait_for
 
 from vzbackup.criu.blockers import _lacks_sys_resource
 
@@ -145,3 +145,23 @@ def test_debian_privileged_ct_dropins_measured(debian_node: NodeBed) -> None:
     assert {("redis-server", "nested uts namespace"), ("redis-server", "nested user namespace"),
             ("systemd-logind", "nested uts namespace")} <= stock  # fmt: skip
     assert not {w for _c, w in stock if "hugetlbfs" in w or w.startswith("cgroup_")}, stock
+
+
+@pytest.mark.usefixtures("criu_ready")
+def test_online_migration_refused_before_anything_is_copied(shared_two_nodes) -> None:
+    bed = shared_two_nodes
+    ctid, ip = next_ctid(), bed.a.new_ip()
+    bed.a.vz("create", str(ctid), "--ipadd", ip)
+    bed.a.vz("start", str(ctid))
+    try:
+        _bg(bed.a, ctid, "unshare -u sleep 1000")
+        res = bed.a.vz("migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "--online",
+                       check=False, timeout=240)  # fmt: skip
+        assert res.returncode == 15, res.stderr
+        assert "nothing was changed" in res.stderr
+        assert "CRIU can't dump pid" in res.stderr and "nested uts namespace" in res.stderr
+        assert "running" in bed.a.vz("status", str(ctid)).stdout
+        assert not (bed.b.prefix / f"vz/private/{ctid}").exists()
+    finally:
+        bed.a.vz("stop", "--fast", str(ctid), check=False)
+        bed.a.vz("destroy", str(ctid), check=False)
