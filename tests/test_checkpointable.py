@@ -13,6 +13,7 @@ import os
 import pytest
 from nodebed import DEBIAN_TEMPLATE_NAME, NodeBed, next_ctid, wait_for
 
+from vzbackup.constants import SYSTEMD_DROPINS
 from vzbackup.criu.blockers import _lacks_sys_resource
 
 CRIU_FAILED = 11
@@ -165,3 +166,36 @@ def test_online_migration_refused_before_anything_is_copied(shared_two_nodes) ->
     finally:
         bed.a.vz("stop", "--fast", str(ctid), check=False)
         bed.a.vz("destroy", str(ctid), check=False)
+
+
+def test_dropins_follow_the_ct_key_then_vz_conf(node: NodeBed) -> None:
+    """Written at start into a CT that has /etc/systemd/system, owned by the CT's root;
+    SYSTEMD_CHECKPOINT of CTID.conf wins over vz.conf's; "no" removes them (and their dirs)."""
+    ctid = node.new_ctid()
+    node.vz("create", str(ctid))
+    units = node.prefix / f"vz/private/{ctid}/etc/systemd/system"
+    units.mkdir(parents=True)
+    os.chown(units, *_owner(node, ctid))
+    dropins = [units / rel for rel in SYSTEMD_DROPINS]
+
+    def cycle() -> list[bool]:
+        node.vz("start", str(ctid))
+        node.vz("stop", "--fast", str(ctid))
+        return [p.is_file() for p in dropins]
+
+    assert cycle() == [True, True]
+    assert {p.stat().st_uid for p in dropins} == {_owner(node, ctid)[0]}
+    assert "PrivateUsers=no" in dropins[0].read_text()
+    vz_conf = node.prefix / "etc/vz/vz.conf"
+    vz_conf.parent.mkdir(parents=True, exist_ok=True)
+    vz_conf.write_text('SYSTEMD_CHECKPOINT="no"\n')
+    assert cycle() == [False, False]
+    assert not (units / "service.d").exists()
+    conf = node.prefix / f"etc/vz/conf/{ctid}.conf"
+    conf.write_text(conf.read_text() + 'SYSTEMD_CHECKPOINT="yes"\n')
+    assert cycle() == [True, True]
+
+
+def _owner(node: NodeBed, ctid: int) -> tuple[int, int]:
+    st = (node.prefix / f"vz/private/{ctid}").stat()
+    return st.st_uid, st.st_gid

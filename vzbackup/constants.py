@@ -27,6 +27,7 @@ NODE_DEFAULTS: dict[str, str] = {
     "CONFIGFILE": "basic",
     "DEF_OSTEMPLATE": "busybox-1.0-x86_64",
     "STOP_TIMEOUT": "30",
+    "SYSTEMD_CHECKPOINT": "yes",  # default of the CT key: checkpoint drop-ins for systemd CTs
     "NEIGHBOUR_DEVS": "detect",  # where routed CT IPs get proxy ARP + announcements
     "CGROUP_PARENT": "",  # empty: "vzbackup" for prefix "/", else derived from the prefix
     "UNPRIVILEGED": "yes",  # new CTs run with their ids mapped (ct/idmap.py)

@@ -159,12 +159,14 @@ class Container:
         self._write_systemd_dropin(etc, c)
 
     def _write_systemd_dropin(self, etc: Path, c: CTConfig) -> None:
-        """The drop-ins that keep a systemd CT checkpointable (SYSTEMD_CHECKPOINT, default
-        yes); removed again when switched off. Nothing for a CT without systemd."""
+        """The drop-ins that keep a systemd CT checkpointable (SYSTEMD_CHECKPOINT of CTID.conf,
+        else vz.conf's, default yes); removed again when switched off. Nothing for a CT
+        without systemd."""
         units = etc / "systemd/system"
         if any(p.is_symlink() for p in (etc / "systemd", units)) or not units.is_dir():
             return
-        wanted = c.get("SYSTEMD_CHECKPOINT", "yes").lower() not in ("no", "off", "0")
+        setting = c.get("SYSTEMD_CHECKPOINT") or self.node.value("SYSTEMD_CHECKPOINT")
+        wanted = setting.lower() not in ("no", "off", "0")
         for rel, text in C.SYSTEMD_DROPINS.items():
             dropin = units / rel
             if not wanted:
