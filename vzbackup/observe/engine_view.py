@@ -49,10 +49,7 @@ def _snapshot(m: Manifest) -> Snapshot:
 
 def stored_bytes(repo: Repository) -> int:
     """What the repository takes on its storage (chunk data, after dedup and compression)."""
-    total = getattr(repo, "stored_bytes", None)  # the pack-file engine (format 2) counts it
-    if total is not None:
-        return int(total())
-    return sum(size for _, _, size in repo.list_chunks())
+    return repo.stored_bytes()
 
 
 class FileMap:
