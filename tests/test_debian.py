@@ -22,6 +22,8 @@ def deb(debian_module_node: NodeBed) -> tuple[NodeBed, int]:
 def system_state(bed: NodeBed, ctid: int) -> str:
     """``systemctl is-system-running`` once booting is over, with the failed units if any."""
     script = (
+        f"t={BOOT_TIMEOUT * 10}; "  # PID 1's bus socket appears a moment after the start
+        "while [ ! -S /run/systemd/private ] && [ $t -gt 0 ]; do sleep 0.1; t=$((t-1)); done; "
         f"s=$(timeout {BOOT_TIMEOUT} systemctl is-system-running --wait); echo $s; "
         '[ "$s" = running ] || systemctl --failed --no-legend --no-pager'
     )

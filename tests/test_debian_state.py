@@ -1,0 +1,198 @@
+"""Acceptance: a Debian 12 CT from the built template, with systemd and the stock units
+(redis-server, postgresql, ssh, cron), keeps its state through chkpnt + restore (a client's
+TCP connection from the node stays open), a checkpoint backup restored from S3 onto an empty
+node, and live migration (lazy and not) while a client writes through one connection: every
+acknowledged write is at DEST, the freeze is reported, and after each step systemd is
+``running`` and journald logs.
+
+Redis is the witness: the client INCRements one key through one TCP connection; the value
+the CT returns after each step proves its memory and the connection moved with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import socket
+import threading
+
+import pytest
+from nodebed import DEBIAN_TEMPLATE_NAME, NodeBed, link_or_copy, next_ctid, wait_for
+from s3fixture import Bucket
+from test_debian import journal_logs, system_state
+from test_s3 import configure
+from twonode_fixture import twonode
+
+# Known gap, kept executable: the Debian CT is privileged today, and CRIU can't dump it
+# (systemd's hugetlbfs mount and BPF programs, and prlimit() of its non-root services fails
+# without CAP_SYS_RESOURCE). Unprivileged CTs (issue 12) remove those; see
+# notes/systemd-in-ct.md for what they still need. strict: a pass fails the run, so the
+# mark is removed as soon as the gap is closed.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xfail(strict=True, reason="Debian systemd CTs don't checkpoint yet (privileged)"),
+]
+_beds = itertools.count()
+REDIS_PORT = 6379
+# Redis listens on the CT's address for the client on the node (stock: localhost only).
+REDIS_ON_LAN = (
+    "sed -i 's/^bind .*/bind 0.0.0.0/; s/^protected-mode yes/protected-mode no/' "
+    "/etc/redis/redis.conf && systemctl restart redis-server"
+)
+
+
+class Redis:
+    """One TCP connection to the CT's redis-server, speaking its inline protocol."""
+
+    def __init__(self, ip: str) -> None:
+        self.sock = wait_for(
+            lambda: socket.create_connection((ip, REDIS_PORT), timeout=3), what=f"redis on {ip}"
+        )
+        self.sock.settimeout(60)
+        self.buf = b""
+
+    def call(self, command: str) -> bytes:
+        self.sock.sendall(command.encode() + b"\r\n")
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def incr(self) -> int:
+        return int(self.call("INCR hits").lstrip(b":"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def serve_redis(run_sh, ctid: int) -> None:
+    run_sh(ctid, REDIS_ON_LAN)
+
+
+def assert_machine_ok(bed, ctid: int, tag: str) -> None:
+    assert system_state(bed, ctid) == "running"
+    assert journal_logs(bed, ctid, tag)
+
+
+@pytest.fixture(scope="module")
+def deb(debian_module_node: NodeBed) -> tuple[NodeBed, int, str]:
+    bed = debian_module_node
+    ctid, ip = bed.create_running("--ostemplate", DEBIAN_TEMPLATE_NAME)
+    assert system_state(bed, ctid) == "running"
+    serve_redis(bed.sh, ctid)
+    return bed, ctid, ip
+
+
+def test_chkpnt_and_restore_keep_a_client_connection(deb, criu_ready) -> None:
+    bed, ctid, ip = deb
+    client = Redis(ip)
+    try:
+        before = client.incr()
+        bed.vz("chkpnt", str(ctid))
+        bed.vz("restore", str(ctid))
+        assert client.incr() == before + 1  # same connection, same memory
+    finally:
+        client.close()
+    assert_machine_ok(bed, ctid, "after-restore")
+    assert bed.sh(ctid, "systemctl is-active console-getty").strip() == "active"
+
+
+def test_checkpoint_backup_restores_with_state_from_s3_onto_an_empty_node(
+    deb, s3_bucket: Bucket, criu_ready
+) -> None:
+    bed, ctid, ip = deb
+    client = Redis(ip)
+    try:
+        saved = client.incr()
+    finally:
+        client.close()
+    configure(bed, s3_bucket.storage_cfg())
+    res = bed.vz("dump", str(ctid), "--storage", "s3", "--mode", "checkpoint", "--json",
+                 timeout=600)  # fmt: skip
+    assert json.loads(res.stdout)["results"][0]["ok"]
+    assert_machine_ok(bed, ctid, "after-checkpoint-backup")  # leave-running: still up
+    # The node is lost and reinstalled, empty, at the same prefix (CRIU images name paths).
+    bed.vz("stop", str(ctid), "--fast")
+    lost = bed.prefix.with_name(bed.prefix.name + ".lost")
+    bed.prefix.rename(lost)
+    try:
+        bed.prefix.mkdir()
+        configure(bed, s3_bucket.storage_cfg())
+        bed.vz("restore", "--storage", "s3", str(ctid), "--with-state", timeout=600)
+        client = Redis(ip)
+        try:
+            assert client.incr() == saved + 1  # the memory of the checkpoint
+        finally:
+            client.close()
+        assert_machine_ok(bed, ctid, "after-s3-restore")
+    finally:
+        bed.cleanup()
+        shutil.rmtree(bed.prefix, ignore_errors=True)
+        lost.rename(bed.prefix)
+
+
+@pytest.fixture(scope="module")
+def debian_two_nodes(template_cache, debian_template_cache):
+    bed = twonode.up(f"deb{os.getpid()}-{next(_beds)}", template_cache)
+    try:
+        for node in (bed.a, bed.b):
+            for f in debian_template_cache.iterdir():
+                link_or_copy(f, node.prefix / "vz/template/cache")
+        yield bed
+    finally:
+        bed.cleanup()
+
+
+class Writer(threading.Thread):
+    """INCRs through one connection until stopped; keeps the last acknowledged value."""
+
+    def __init__(self, client: Redis) -> None:
+        super().__init__(daemon=True)
+        self.client = client
+        self.acked = 0
+        self.error: BaseException | None = None
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                self.acked = self.client.incr()
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+
+@pytest.mark.parametrize("lazy", ["--lazy", "--no-lazy"])
+def test_live_migration_keeps_every_acknowledged_write(debian_two_nodes, lazy: str) -> None:
+    bed = debian_two_nodes
+    a, b = bed.a, bed.b
+    ctid, ip = next_ctid(), a.new_ip()
+    a.vz("create", str(ctid), "--ostemplate", DEBIAN_TEMPLATE_NAME, "--ipadd", ip)
+    a.vz("start", str(ctid))
+    assert system_state(a, ctid) == "running"
+    serve_redis(a.sh, ctid)
+    client = Redis(ip)
+    writer = Writer(client)
+    writer.start()
+    try:
+        wait_for(lambda: writer.acked > 10, what="writes before the move")
+        res = a.vz("migrate", str(ctid), bed.dest(b), *bed.ssh_args(), "--online", lazy,
+                   "--json", timeout=300)  # fmt: skip
+        report = json.loads(res.stdout)
+        assert report["ok"] and report["runs_on"] == "dest"
+        assert 0 < report["frozen"] < report["total"]
+        moved_at = writer.acked
+        wait_for(lambda: writer.acked > moved_at + 10, what="writes after the move")
+    finally:
+        writer.halt.set()
+        writer.join(30)
+        client.close()
+    assert writer.error is None, writer.error
+    assert "running" in b.vz("status", str(ctid)).stdout
+    # Every acknowledged write is at DEST (the counter never went back).
+    assert int(b.sh(ctid, "redis-cli GET hits").strip()) >= writer.acked
+    assert_machine_ok(b, ctid, "after-migration")
