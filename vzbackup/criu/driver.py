@@ -8,6 +8,7 @@ still frozen): pycriu's ``criu.dump()`` can't answer them, so that request loop 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import time
@@ -20,6 +21,7 @@ from vzbackup.errors import CheckpointError
 
 CLONE_NEWNET = 0x40000000
 DUMP_LOG = "dump.log"
+CGROUP_TREE = "vzbackup-cgroups.json"  # the CT's own cgroup2 tree, as the CT sees it
 RESTORE_LOG = "restore.log"
 
 
@@ -95,6 +97,7 @@ def dump(
     pages were taken (then kills the tasks) or the transfer failed (then resumes them).
     """
     images_dir.mkdir(parents=True, exist_ok=True)
+    save_cgroup_tree(pid, images_dir)
     c, fd = _new(images_dir, DUMP_LOG)
     try:
         c.opts.pid = pid
@@ -122,6 +125,31 @@ def dump(
         return time.monotonic() - t0
     finally:
         os.close(fd)
+
+
+def save_cgroup_tree(pid: int, images_dir: Path) -> None:
+    """Record every directory of the cgroup2 tree *pid* sees on /sys/fs/cgroup.
+
+    CRIU dumps only the cgroups that hold tasks (and creates only those on restore), but
+    systemd watches the cgroup.events of empty slices too (system-getty.slice, ...): their
+    fsnotify marks can't be restored unless the directories exist. restore() makes them."""
+    top = Path(f"/proc/{pid}/root/sys/fs/cgroup")
+    dirs = []
+    with contextlib.suppress(OSError):
+        for here, subdirs, _ in os.walk(top):
+            dirs += [str(Path(here, d).relative_to(top)) for d in subdirs]
+    (images_dir / CGROUP_TREE).write_text(json.dumps(sorted(dirs)))
+
+
+def make_cgroup_tree(images_dir: Path, cgroup_dir: str) -> None:
+    """Create the recorded cgroup2 tree below *cgroup_dir* (the CT's cgroup on this node)."""
+    try:
+        dirs = json.loads((images_dir / CGROUP_TREE).read_text())
+    except (OSError, ValueError):
+        return
+    for rel in dirs:
+        if ".." not in Path(rel).parts:
+            os.makedirs(os.path.join(cgroup_dir, rel), exist_ok=True)
 
 
 def own_cgroup_controllers(pid: int) -> list[str]:

@@ -147,7 +147,12 @@ class ConsoleServer(threading.Thread):
         conn.close()
 
     def close(self) -> None:
-        """Remove the socket (the thread dies with the supervisor)."""
+        """Keep what the CT wrote last (its halt messages), remove the socket; the thread
+        dies with the supervisor."""
+        os.set_blocking(self.master, False)
+        with contextlib.suppress(OSError):
+            while data := os.read(self.master, 65536):
+                self.log.write(data)
         self.sock_path.unlink(missing_ok=True)
 
 

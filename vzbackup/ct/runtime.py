@@ -258,12 +258,14 @@ def _create_ct_namespaces(spec: InitSpec, fds: _Fds) -> _Init:
 
 def _prepare_node_side(spec: InitSpec) -> None:
     """Step 1, in M0: the node's device files bound over files of the CT's /dev, and the
-    BINDMOUNTs. /dev is the private area's own directory, not a tmpfs: CRIU restores a
-    tmpfs's content with tar inside the CT's user namespace, where mknod is refused."""
+    BINDMOUNTs. /dev is the private area's own directory, not a tmpfs (CRIU restores a
+    tmpfs's content with tar inside the CT's user namespace, where mknod is refused), bound
+    onto itself: systemd mounts devtmpfs on a /dev that isn't a mount point (refused)."""
     root, owner = spec.root, spec.idmap.root
     for d in ("proc", "sys", "dev", "run", "dev/pts", "dev/shm"):
         _mkdir_in(root, d, owner)
     dev = f"{root}/dev"
+    S.mount(dev, dev, None, S.MS_BIND)
     for name, target in DEV_LINKS.items():
         if not os.path.lexists(f"{dev}/{name}"):
             os.symlink(target, f"{dev}/{name}")

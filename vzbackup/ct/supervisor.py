@@ -55,6 +55,7 @@ class Supervisor:
         cg = self.ct.cgroup()
         cg.create()
         cg.apply(self.ct.limits(conf))
+        cg.delegate(conf.idmap.root, conf.idmap.root)
 
     def start(self) -> None:
         conf = self.ct.conf
@@ -87,6 +88,9 @@ class Supervisor:
         os.chdir("/")
         net = self.ct.net_config(conf)
         t0 = time.monotonic()
+        unified = self.ct.cgroup().controller_paths().get("unified")
+        if unified:
+            driver.make_cgroup_tree(images, unified)
         with _staged_binds(self.ct.ctid, conf) as sources:
             restored = driver.restore(
                 images,
@@ -101,6 +105,7 @@ class Supervisor:
                 ),
             )
         self.init_pid = restored.pid
+        self.ct.cgroup().delegate(conf.idmap.root, conf.idmap.root)  # CRIU made them as root
         self._serve_console(restored.console)
         log.info(
             "CT %s restored from %s in %.3fs, init pid %s",

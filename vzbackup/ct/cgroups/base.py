@@ -224,6 +224,20 @@ class CgroupSet(ABC):
         """Controller -> absolute directory of this set (v2: ``{"unified": path}``)."""
         return {ctl: os.path.join(mnt, self.name) for ctl, mnt in sorted(self._mounts.items())}
 
+    DELEGATED_FILES = ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control")
+
+    def delegate(self, uid: int, gid: int) -> None:
+        """Hand the set's cgroup2 subtree (what the CT sees on /sys/fs/cgroup) to the CT's
+        root, so systemd inside can manage it: directories and the files of delegation."""
+        top = self.controller_paths().get("unified")
+        if not top or not os.path.isdir(top):
+            return
+        for d in _walk_dirs(top):
+            os.chown(d, uid, gid)
+            for f in self.DELEGATED_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(os.path.join(d, f), uid, gid)
+
     def _dirs(self) -> list[str]:
         """Distinct leaf directories (v1 co-mounted controllers share one)."""
         return sorted(set(self.controller_paths().values()))
