@@ -15,6 +15,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from typing import Any
 from vzbackup.migrate.cpuinfo import cpuinfo_check
 from vzbackup.migrate.journal import Journal
 from vzbackup.migrate.protocol import PROTOCOL_VERSION, Link, error_reply
+from vzbackup.migrate.timer import Timer
+from vzbackup.migrate.tls import Identity
 
 from vzbackup import __version__
 from vzbackup import errors as E
@@ -37,7 +40,8 @@ from vzbackup.ct.container import Container
 log = logging.getLogger("vzbackup.migrate.agent")
 
 LAZY_LOG = "lazy-pages.log"
-LAZY_READY_TIMEOUT = 30.0
+PAGE_SERVER_LOG = "page-server.log"
+DAEMON_READY_TIMEOUT = 30.0
 COMMIT_LEASE = 20.0  # a restored, uncommitted CT is removed if the source stays silent this
 # long; shorter than the source's dead-peer timeout, after which the source resumes its copy
 
@@ -73,6 +77,10 @@ class Agent:
         self.journal = Journal(ctid, "dest", peer=source)
         self.conf_text = ""
         self.lazy_proc: subprocess.Popen[bytes] | None = None
+        self.page_server: subprocess.Popen[bytes] | None = None
+        self.standby: ops.StandbyRestore | None = None
+        self.tls: Identity | None = None
+        self.lazy_args: list[str] = []
         self.lock = None
 
     # ------------------------------------------------------------------ paths
@@ -183,60 +191,98 @@ class Agent:
             self.journal.name = conf.name
             self.journal.save(self.node)
 
-    def _start_lazy_daemon(self, address: str, port: int) -> None:
+    def _start_criu_daemon(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        """Start a CRIU helper (lazy-pages, page-server) and wait until it is ready."""
         r, w = os.pipe()
-        argv = [
-            criu_binary(), "lazy-pages", "--page-server", "--address", address,
-            "--port", str(port), "-D", str(self.images_dir), "-W", str(self.images_dir),
-            "-o", LAZY_LOG, "-v4", "--status-fd", str(w),
-        ]  # fmt: skip
+        argv = [criu_binary(), *argv, "-D", str(self.images_dir), "-W", str(self.images_dir),
+                "-o", log_name, "-v4", "--status-fd", str(w)]
+        if self.tls is not None:
+            argv += self.tls.criu_args()
         try:
-            self.lazy_proc = subprocess.Popen(
-                argv,
-                pass_fds=(w,),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            proc = subprocess.Popen(
+                argv, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
         finally:
             os.close(w)
         try:
-            ready, _, _ = select.select([r], [], [], LAZY_READY_TIMEOUT)
+            ready, _, _ = select.select([r], [], [], DAEMON_READY_TIMEOUT)
             ok = bool(ready) and os.read(r, 1) == b"\0"
         finally:
             os.close(r)
         if not ok:
-            self._stop_lazy_daemon()
-            raise E.CheckpointError(
-                "criu lazy-pages did not become ready",
-                hint=f"log: {self.images_dir / LAZY_LOG}",
-            )
+            _kill(proc)
+            raise E.CheckpointError(f"criu {argv[1]} did not become ready",
+                                    hint=f"log: {self.images_dir / log_name}")
+        return proc
 
-    def _stop_lazy_daemon(self) -> None:
-        if self.lazy_proc and self.lazy_proc.poll() is None:
-            self.lazy_proc.kill()
-            self.lazy_proc.wait()
+    def op_stage(
+        self, lazy: bool = False, page_address: str = "", page_port: int = 0,
+        tls_cert: str | None = None,
+    ) -> dict[str, Any]:
+        """Before the source freezes: everything a restore needs but the images.
 
-    def op_stage_lazy(self, lazy_address: str, lazy_port: int) -> dict[str, Any]:
-        """Everything a post-copy restore needs before the source's page server starts:
-        whatever fails here still lets the source resume cleanly."""
+        Registers the CT, makes this side's one-time TLS identity (trusting the source's
+        certificate), starts CRIU's ``page-server`` that the source's dump fills (with lazy
+        pages: notes where ``lazy-pages`` will fetch from, *page_address*:*page_port*) and a
+        restore supervisor waiting for the word. Whatever fails here still lets the source
+        carry on untouched.
+        """
+        timer = Timer()
         self._place_conf()
         pycriu_module()
-        ops.check_start_inputs(self.ct.conf)
-        self._start_lazy_daemon(lazy_address, lazy_port)
-        return {}
+        if tls_cert is not None:
+            self.tls = Identity.create("dest")
+            self.tls.trust(tls_cert)
+        timer.lap("conf")
+        reply: dict[str, Any] = {"tls_cert": self.tls.cert_pem if self.tls else None}
+        if lazy:  # criu lazy-pages reads the process tree at start: it waits for the images
+            self.lazy_args = ["lazy-pages", "--page-server", "--address", page_address,
+                              "--port", str(page_port)]
+        else:
+            reply["page_port"] = page_port or _free_port()
+            self.page_server = self._start_criu_daemon(
+                ["page-server", "--port", str(reply["page_port"])], PAGE_SERVER_LOG)
+        timer.lap("page_daemon")
+        self.standby = ops.standby_restore(self.ct, str(self.images_dir), keep_dump=True,
+                                           lazy=lazy)
+        timer.lap("supervisor")
+        return {**reply, "steps": timer.laps}
 
-    def op_restore(self, lazy_address: str = "", lazy_port: int = 0) -> dict[str, Any]:
-        """Restore the CT from the pushed images; with a page server address, post-copy."""
+    def op_put_images(self, names: list[list], blob: bytes = b"") -> dict[str, Any]:
+        """The source's small images, in one payload: ``names`` is ``[[name, size], ...]``;
+        then, with lazy pages, the ``lazy-pages`` daemon starts on them."""
+        timer = Timer()
+        if self.page_server is not None:  # the dump has ended: so has its page stream
+            rc = self.page_server.wait(DAEMON_READY_TIMEOUT)
+            self.page_server = None
+            if rc != 0:
+                raise E.CheckpointError(f"criu page-server failed (exit {rc})",
+                                        hint=f"log: {self.images_dir / PAGE_SERVER_LOG}")
+        offset = 0
+        for name, size in names:
+            if "/" in name or name.startswith("."):
+                raise E.UsageError(f"bad image name {name!r}")
+            (self.images_dir / name).write_bytes(blob[offset:offset + size])
+            offset += size
+        timer.lap("write")
+        if self.lazy_args:
+            self.lazy_proc = self._start_criu_daemon(self.lazy_args, LAZY_LOG)
+            timer.lap("lazy_daemon")
+        return {"steps": timer.laps}
+
+    def op_restore(self) -> dict[str, Any]:
+        """Restore the CT from the images (with a lazy-pages daemon: post-copy)."""
         t0 = time.monotonic()
         self._place_conf()
-        lazy = bool(lazy_port)
-        if lazy and self.lazy_proc is None:
-            self._start_lazy_daemon(lazy_address, lazy_port)
         self.journal.state = "restored"
         self.journal.save(self.node)
-        pid = ops.restore(self.ct, str(self.images_dir), keep_dump=True, lazy=lazy)
+        if self.standby is not None:
+            standby, self.standby = self.standby, None
+            pid = standby.go()
+        else:
+            pid = ops.restore(self.ct, str(self.images_dir), keep_dump=True,
+                                     lazy=self.lazy_proc is not None)
         return {"pid": pid, "seconds": time.monotonic() - t0}
 
     def op_start(self) -> dict[str, Any]:
@@ -289,8 +335,20 @@ class Agent:
 
     # ------------------------------------------------------------------ outcomes
     def _finish(self) -> None:
+        self._drop_helpers()
         shutil.rmtree(self.images_dir, ignore_errors=True)
         self.journal.remove(self.node)
+
+    def _drop_helpers(self) -> None:
+        """Stop what was staged for a restore that won't come; forget the TLS identity."""
+        if self.standby is not None:
+            self.standby.cancel()
+            self.standby = None
+        _kill(self.page_server)
+        self.page_server = None
+        if self.tls is not None:
+            self.tls.remove()
+            self.tls = None
 
     def _pages_pending(self) -> bool:
         return self.lazy_proc is not None and self.lazy_proc.poll() != 0
@@ -305,7 +363,8 @@ class Agent:
             return
         self.journal.state = "preparing"
         log.warning("rolling back the migration of CT %s on this node", self.ct.ctid)
-        self._stop_lazy_daemon()
+        _kill(self.lazy_proc)
+        self._drop_helpers()
         undo_created(self.node, self.journal, keep_private=keep_private)
 
     def serve(self, link: Link) -> int:
@@ -313,7 +372,8 @@ class Agent:
         ops_table = {
             "hello": self.op_hello,
             "prepare": self.op_prepare,
-            "stage_lazy": self.op_stage_lazy,
+            "stage": self.op_stage,
+            "put_images": self.op_put_images,
             "restore": self.op_restore,
             "start": self.op_start,
             "register": self.op_register,
@@ -357,6 +417,18 @@ class Agent:
                 else:
                     self.rollback()
         return 0 if self.journal.state == "committed" else 1
+
+
+def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def undo_created(node: Node, journal: Journal, *, keep_private: bool = False) -> None:

@@ -111,3 +111,7 @@ class DestAgent:
     def my_address(self) -> str:
         """This node's address as DEST sees it."""
         return self.session.transport.sock.getsockname()[0]
+
+    def peer_address(self) -> str:
+        """DEST's address (numeric) on the SSH connection."""
+        return self.session.transport.sock.getpeername()[0]

@@ -16,6 +16,7 @@ that CRIU resumes the tasks here instead of killing them.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -23,8 +24,12 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from vzbackup.migrate.timer import Timer
+from vzbackup.migrate.tls import Identity
+
 from vzbackup import errors as E
 from vzbackup.criu import driver
+from vzbackup.criu.check import pycriu_module
 from vzbackup.ct import ops
 
 if TYPE_CHECKING:
@@ -43,14 +48,34 @@ class OnlineDump:
         self.pid = ct.require_running().init_pid
         self.images = ct.node.dumpdir / f"Dump.{ct.ctid}.migrate-out"
         self.port = (mig.opts.lazy_port or _free_port()) if lazy else 0
+        self.tls = None if mig.opts.plain_pages else Identity.create("source")
+        self.page_server: tuple[str, int] | None = None  # DEST's, without lazy pages
         self.clock: dict[str, float] = {}  # freeze, staged, restored: monotonic seconds
+        self.frozen = Timer()  # the sub-steps of the freeze, for -t
         self.errors: list[BaseException] = []  # from the sync and restore threads
         self.syncer: threading.Thread | None = None
         self.restorer: threading.Thread | None = None
 
+    # ------------------------------------------------------------ before the freeze
+    def stage(self) -> None:
+        """DEST gets ready while the CT still runs: CT registered, CRIU's page receiver and
+        a restore supervisor started, one-time TLS certificates swapped over SSH."""
+        mig = self.mig
+        with mig.phase("stage"):
+            reply = mig.dest.call(
+                "stage", lazy=self.lazy, page_address=mig.dest.my_address(),
+                page_port=self.port, tls_cert=self.tls.cert_pem if self.tls else None,
+            )  # fmt: skip
+        if self.tls is not None:
+            self.tls.trust(reply["tls_cert"])
+        if not self.lazy:
+            self.page_server = (mig.dest.peer_address(), int(reply["page_port"]))
+        mig.report.dest_steps.update({f"stage.{k}": v for k, v in reply.get("steps", {}).items()})
+
     # ------------------------------------------------------------ CRIU's notify steps
     def pre_dump(self) -> None:
         self.clock["freeze"] = time.monotonic()
+        self.frozen = Timer()
 
     def network_lock(self) -> None:
         self.syncer = self._thread(self.final_sync)
@@ -76,26 +101,47 @@ class OnlineDump:
 
     def _hand_over(self) -> None:
         mig = self.mig
-        now = time.monotonic()
+        now = self.frozen.lap("dump")
         mig.report.times["dump"] = now - self.clock.get("freeze", now)
         if self.syncer is None:
             self.final_sync()
         else:
             self.syncer.join()
+        self.frozen.lap("final_sync_wait")
         self._raise_first()
         with mig.phase("image_transfer"):
-            mig.push("images", self.images, mig.hello["images"], method="stream")
+            self.send_images()
+        self.frozen.lap("images")
         if not self.lazy:
-            with mig.phase("restore"):
-                mig.dest.call("restore")
-            with mig.phase("commit"):
-                mig.commit()
-            self.clock["restored"] = time.monotonic()
+            self.restore()
             return
-        with mig.phase("restore"):  # everything DEST can do before the pages flow
-            mig.dest.call("stage_lazy", lazy_address=mig.dest.my_address(), lazy_port=self.port)
         self.clock["staged"] = time.monotonic()
         self.restorer = self._thread(self.restore_lazy)
+
+    def send_images(self) -> None:
+        """CRIU's images (pages aside) in one payload over the open agent channel."""
+        names, blobs = [], []
+        for f in sorted(self.images.iterdir()):
+            if f.is_file() and not f.name.endswith(".log"):
+                data = f.read_bytes()
+                names.append([f.name, len(data)])
+                blobs.append(data)
+        blob = b"".join(blobs)
+        reply = self.mig.dest.call("put_images", data=blob, names=names)
+        self.mig.count("images", len(blob))
+        steps = reply.get("steps", {})
+        self.mig.report.dest_steps.update({f"images.{k}": v for k, v in steps.items()})
+
+    def restore(self) -> None:
+        mig = self.mig
+        with mig.phase("restore"):
+            reply = mig.dest.call("restore")
+        mig.report.dest_steps["restore"] = float(reply.get("seconds", 0.0))
+        self.frozen.lap("restore")
+        self.clock["restored"] = time.monotonic()
+        with mig.phase("commit"):
+            mig.commit()
+        self.frozen.lap("commit")
 
     def restore_lazy(self) -> None:
         """Beside CRIU's page server: restore at DEST once the server listens, commit."""
@@ -106,12 +152,8 @@ class OnlineDump:
                 if time.monotonic() > deadline:
                     raise E.CheckpointError("CRIU's page server did not start listening")
                 time.sleep(0.002)
-            with mig.phase("restore"):
-                mig.dest.call("restore", lazy_address=mig.dest.my_address(),
-                              lazy_port=self.port)
-            self.clock["restored"] = time.monotonic()
-            with mig.phase("commit"):
-                mig.commit()
+            self.frozen.lap("page_server_start")
+            self.restore()
         except BaseException:
             mig.dest.abort(keep_private=mig.opts.keep_dst)
             _poke(self.port)  # the page server gets a torn request: CRIU resumes the tasks
@@ -119,13 +161,17 @@ class OnlineDump:
 
     # ------------------------------------------------------------ the dump itself
     def run(self) -> None:
-        """Dump, move, restore; on failure the CT keeps running here."""
+        """Stage, dump, move, restore; on failure the CT keeps running here."""
         mig = self.mig
         shutil.rmtree(self.images, ignore_errors=True)
         try:
+            self.stage()
             driver.dump(
                 self.pid, self.images,
-                driver.DumpOptions(external=ops.dump_external(mig.ct.conf), lazy_port=self.port),
+                driver.DumpOptions(
+                    external=ops.dump_external(mig.ct.conf), lazy_port=self.port,
+                    page_server=self.page_server,
+                    tls=self.tls.files() if self.tls else None),
                 notify=self.steps(),
             )  # fmt: skip
             t_served = time.monotonic()
@@ -134,14 +180,28 @@ class OnlineDump:
             if self.lazy:
                 mig.report.times["lazy_pages"] = t_served - self.clock.get("restored", t_served)
                 mig.dest.call("lazy_wait")
+            self._count_pages()
         except BaseException as e:
             self._join()
             self._fail(e)
         finally:
             if "restored" in self.clock:
                 mig.report.frozen = self.clock["restored"] - self.clock["freeze"]
+                mig.report.frozen_steps = dict(self.frozen.laps)
+            if self.tls is not None:
+                self.tls.remove()
             if not mig.committed:
                 shutil.rmtree(self.images, ignore_errors=True)
+
+    def _count_pages(self) -> None:
+        """Bytes CRIU moved itself (page server or lazy pages), from its dump statistics."""
+        with contextlib.suppress(Exception):
+            with open(self.images / "stats-dump.img", "rb") as f:
+                st = pycriu_module().images.load(f)
+            entry = st["entries"][0]["dump"]
+            pages = entry.get("pages_lazy", 0) if self.lazy else (
+                entry.get("pages_written", 0) + entry.get("shpages_written", 0))
+            self.mig.count("pages", int(pages) * os.sysconf("SC_PAGE_SIZE"))
 
     def _fail(self, e: BaseException) -> None:
         mig = self.mig

@@ -62,6 +62,7 @@ class MigrateOptions:
     dry_run: bool = False
     sync_method: str = "auto"  # rsync | stream | auto
     lazy_port: int = 0  # 0: any free port
+    plain_pages: bool = False  # memory pages over plain TCP (trusted links only)
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Report:
     frozen: float = 0.0
     total: float = 0.0
     bytes_sent: dict[str, int] = field(default_factory=dict)  # tree, images, pages
+    frozen_steps: dict[str, float] = field(default_factory=dict)  # sub-steps of the freeze
+    dest_steps: dict[str, float] = field(default_factory=dict)  # as DEST timed them
     preflight: dict[str, Any] = field(default_factory=dict)
     runs_on: str = "source"
     error: str = ""
@@ -91,6 +94,8 @@ class Report:
             "runs_on": self.runs_on,
             "times": {k: round(v, 4) for k, v in self.times.items()},
             "frozen": round(self.frozen, 4),
+            "frozen_steps": {k: round(v, 4) for k, v in self.frozen_steps.items()},
+            "dest_steps": {k: round(v, 4) for k, v in self.dest_steps.items()},
             "total": round(self.total, 4),
             "bytes_sent": self.bytes_sent,
             "preflight": self.preflight,

@@ -1,8 +1,10 @@
 """The control protocol between a migration's source and its DEST agent: JSON lines.
 
 One request per line (``{"op": NAME, ...}``), one reply per request (``{"ok": true, ...}`` or
-``{"ok": false, "error": MESSAGE, "kind": VzError subclass name}``). The streams are whatever
-the transport gives: a paramiko exec channel's stdin/stdout, or a local pipe pair.
+``{"ok": false, "error": MESSAGE, "kind": VzError subclass name}``). A message with
+``"blob": N`` is followed by N raw bytes (CRIU's small images cross the open channel this way,
+with no second connection or process). The streams are whatever the transport gives: a
+paramiko exec channel's stdin/stdout, or a local pipe pair.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import IO, Any
 
 from vzbackup import errors as E
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+BLOB = "blob"  # key of the byte count of a raw payload after the JSON line
 
 
 class RemoteError(E.RemoteNodeError):
@@ -46,9 +49,14 @@ class Link:
         self.rfile = rfile
         self.wfile = wfile
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: dict[str, Any], data: bytes | None = None) -> None:
+        """Send *msg*, then *data* raw (its length goes in the message)."""
+        if data is not None:
+            msg = {**msg, BLOB: len(data)}
         try:
             self.wfile.write(json.dumps(msg).encode() + b"\n")
+            if data:
+                self.wfile.write(data)
             self.wfile.flush()
         except (OSError, EOFError, ValueError) as e:
             raise LinkLost(f"control connection lost while sending: {e}") from None
@@ -76,11 +84,23 @@ class Link:
             raise LinkLost(f"garbled message on the control connection: {line[:200]!r}") from None
         if not isinstance(msg, dict):
             raise LinkLost(f"unexpected message on the control connection: {line[:200]!r}")
+        if BLOB in msg:
+            msg[BLOB] = self._read_exact(int(msg[BLOB]))
         return msg
 
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send a request and return its (ok) reply; raises the agent's error otherwise."""
-        self.send({"op": op, **args})
+    def _read_exact(self, n: int) -> bytes:
+        try:
+            data = self.rfile.read(n)
+        except (OSError, EOFError, ValueError) as e:
+            raise LinkLost(f"control connection lost while receiving: {e}") from None
+        if len(data) != n:
+            raise LinkLost(f"control connection ended inside a {n}-byte payload")
+        return data
+
+    def call(self, op: str, data: bytes | None = None, **args: Any) -> dict[str, Any]:
+        """Send a request (with raw *data*) and return its (ok) reply; raises the agent's
+        error otherwise."""
+        self.send({"op": op, **args}, data)
         reply = self.recv()
         if reply is None:
             raise LinkLost(f"DEST agent went away during {op!r}")

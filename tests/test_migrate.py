@@ -381,14 +381,19 @@ def test_locks_refuse_second_migration_and_cleanup_command(two_nodes: Bed) -> No
 def test_source_killed_while_frozen_resumes_ct_and_dest_rolls_back(two_nodes: Bed) -> None:
     bed = two_nodes
     ctid, ip = _make_ct(bed.a)
-    # 40 MB of shared memory: part of the images, slow to send under --bwlimit
+    # 40 MB of shared memory: pages that DEST's page server takes while the CT is frozen
     bed.a.sh(ctid, "dd if=/dev/urandom of=/dev/shm/blob bs=1M count=40 2>/dev/null")
+    # DEST's restore takes its time: the source is killed while its CT is frozen
+    slow = bed.dir / "slowcriu"
+    slow.write_text("#!/bin/sh\n[ \"$1\" = swrk ] && sleep 8\nexec /usr/local/sbin/criu \"$@\"\n")
+    slow.chmod(0o755)
+    _set_remote_env(bed, bed.b, "VZBACKUP_CRIU", str(slow))
     client = Client(ip)
     try:
         before = _counter(bed.a, ctid)
-        mig = _spawn_migrate(bed, ctid, "--online", "--no-lazy", "--bwlimit", "2000")
+        mig = _spawn_migrate(bed, ctid, "--online", "--no-lazy")
         log = bed.a.prefix / f"vz/dump/Dump.{ctid}.migrate-out/dump.log"
-        # CRIU reached post-dump: the CT is frozen here and its images are on their way
+        # CRIU reached post-dump: the CT is frozen here and DEST is restoring it
         wait_for(lambda: "post-dump" in log.read_text(), timeout=120, interval=0.02,
                  what="post-dump")
         time.sleep(1)

@@ -33,6 +33,18 @@ class DumpOptions:
     external: list[str] = field(default_factory=list)  # e.g. "mnt[/mnt/vol]:vol"
     orphan_pts_master: bool = True  # the console's master is held outside (the supervisor)
     lazy_port: int = 0  # post-copy: keep anonymous memory and serve it on this TCP port
+    page_server: tuple[str, int] | None = None  # send memory pages to this CRIU page-server
+    tls: TLSFiles | None = None  # encrypt and authenticate the page traffic (both ends)
+
+
+@dataclass
+class TLSFiles:
+    """PEM files for CRIU's TLS: our certificate and key, and the CA we trust in the peer."""
+
+    cert: str
+    key: str
+    cacert: str
+    verify_name: bool = False  # off for pinned one-time certificates
 
 
 @dataclass
@@ -111,6 +123,13 @@ def dump(
         if opts.lazy_port:
             c.opts.lazy_pages = True
             c.opts.ps.port = opts.lazy_port
+        elif opts.page_server:
+            c.opts.ps.address, c.opts.ps.port = opts.page_server
+        if opts.tls:
+            c.opts.tls = True
+            c.opts.tls_cert, c.opts.tls_key = opts.tls.cert, opts.tls.key
+            c.opts.tls_cacert = opts.tls.cacert
+            c.opts.tls_no_cn_verify = not opts.tls.verify_name
         t0 = time.monotonic()
         if notify:
             _dump_with_notify(c, pid, images_dir, notify)

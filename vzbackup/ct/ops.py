@@ -189,38 +189,43 @@ def destroy(ct: Container) -> None:
 
 def _spawn_supervisor(ct: Container, mode: str, extra: list[str]) -> int:
     """Start the detached supervisor and wait for its verdict; returns the init pid."""
+    return _await_verdict(ct, mode, _launch_supervisor(ct, mode, extra))
+
+
+def _launch_supervisor(ct: Container, mode: str, extra: list[str],
+                       pass_fds: tuple[int, ...] = ()) -> int:
+    """Start the detached supervisor; returns the read end of its verdict pipe."""
     ct.node.rundir.mkdir(parents=True, exist_ok=True)
     logf = open(ct.node.rundir / C.SUPERVISOR_LOG.format(ctid=ct.ctid), "ab")  # noqa: SIM115
     r, w = os.pipe()
     try:
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vzbackup.ct.supervisor",
-                mode,
-                str(ct.ctid),
-                "--prefix",
-                ct.node.prefix,
-                "--ready-fd",
-                str(w),
-                *extra,
-            ],
+            [sys.executable, "-m", "vzbackup.ct.supervisor", mode, str(ct.ctid),
+             "--prefix", ct.node.prefix, "--ready-fd", str(w), *extra],
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=logf,
-            pass_fds=(w,),
+            pass_fds=(w, *pass_fds),
             start_new_session=True,
             close_fds=True,
             cwd="/",
-        )
+        )  # fmt: skip
+    except BaseException:
+        os.close(r)
+        raise
     finally:
         os.close(w)
         logf.close()
+    return r
+
+
+def _await_verdict(ct: Container, mode: str, r: int) -> int:
     chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
+    try:
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
     try:
         verdict = json.loads(b"".join(chunks) or b"{}")
     except ValueError:
@@ -230,6 +235,57 @@ def _spawn_supervisor(ct: Container, mode: str, extra: list[str]) -> int:
         cls = getattr(E, verdict.get("kind", ""), E.RuntimeFailure)
         raise cls(f"CT {ct.ctid}: {mode} failed: {err}")
     return int(verdict["pid"])
+
+
+class StandbyRestore:
+    """A restore supervisor started ahead of time (its Python and CRIU bindings loaded),
+    waiting on a pipe: :meth:`go` restores, :meth:`cancel` (or our death) makes it exit."""
+
+    def __init__(self, ct: Container, images: Path, extra: list[str]) -> None:
+        self.ct = ct
+        self.images = images
+        go_r, self._go = os.pipe()
+        try:
+            self._verdict = _launch_supervisor(
+                ct, "restore", [*extra, "--go-fd", str(go_r)], pass_fds=(go_r,))
+        except BaseException:
+            os.close(self._go)
+            raise
+        finally:
+            os.close(go_r)
+
+    def go(self) -> int:
+        """Restore now (the images must be complete); returns the restored init's pid."""
+        if not (self.images / "inventory.img").exists():
+            self.cancel()
+            raise E.NotFoundError(f"no CRIU images in {self.images}")
+        if self.ct.running:
+            self.cancel()
+            raise E.StateError(f"CT {self.ct.ctid} is running: nothing to restore into")
+        os.write(self._go, b"g")
+        os.close(self._go)
+        self._go = -1
+        return _await_verdict(self.ct, "restore", self._verdict)
+
+    def cancel(self) -> None:
+        if self._go >= 0:
+            os.close(self._go)  # EOF on the go pipe: the supervisor exits untouched
+            os.close(self._verdict)
+            self._go = -1
+
+
+def standby_restore(ct: Container, dumpfile: str, *, keep_dump: bool = False,
+                    lazy: bool = False) -> StandbyRestore:
+    """Start a restore supervisor for *ct* that waits for StandbyRestore.go(). The caller
+    holds ``ct.lock()``."""
+    _require_lock(ct)
+    criu_binary()
+    pycriu_module()
+    check_start_inputs(ct.conf)
+    extra = ["--dumpdir", dumpfile] + (["--keep-dump"] if keep_dump else [])
+    if lazy:
+        extra.append("--lazy-pages")
+    return StandbyRestore(ct, Path(dumpfile), extra)
 
 
 def check_start_inputs(conf: CTConfig) -> None:

@@ -27,6 +27,7 @@ from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.criu import driver
+from vzbackup.criu.check import pycriu_module
 from vzbackup.ct import console, fencing, idmap, network, runtime, syscall_filter
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import CTState, clear_state, write_state
@@ -190,6 +191,16 @@ def _report(fd: int, payload: dict) -> None:
         os.close(fd)
 
 
+def _standby(go_fd: int) -> bool:
+    """Started ahead of a migration's restore: load CRIU's bindings, then wait for the word
+    (a byte on *go_fd*; EOF means the restore was called off)."""
+    with contextlib.suppress(VzError):
+        pycriu_module()
+    go = os.read(go_fd, 1)
+    os.close(go_fd)
+    return go == b"g"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vzbackup-supervisor")
     ap.add_argument("mode", choices=["start", "restore"])
@@ -204,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--lazy-pages", action="store_true", help="memory comes from a criu lazy-pages daemon"
     )
+    ap.add_argument(
+        "--go-fd", type=int, help="wait for a byte on this fd before acting (EOF: exit)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -214,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     S.set_child_subreaper()
     S.set_process_name(f"vzsup-{args.ctid}")
+    if args.go_fd is not None and not _standby(args.go_fd):
+        return 0
     ct = Container(Node.load(args.prefix), args.ctid)
     sup = Supervisor(ct)
     write_state(ct.node, ct.ctid, CTState("starting", os.getpid(), started=time.time()))

@@ -15,9 +15,11 @@ from vzbackup.ct import registry
 from vzbackup.ct.container import Container
 
 PHASE_ORDER = (
-    "preflight", "first_sync", "stop", "dump", "final_sync", "image_transfer", "restore",
-    "start", "commit", "lazy_pages", "cleanup",
+    "preflight", "first_sync", "stage", "stop", "dump", "final_sync", "image_transfer",
+    "restore", "start", "commit", "lazy_pages", "cleanup",
 )  # fmt: skip
+PLAIN_WARNING = ("WARNING: --plain-tcp: the CT's memory crosses the network unencrypted and "
+                 "unauthenticated; use it only on a trusted, private link")
 
 
 def _yes_no(_ctx: click.Context, _p: click.Parameter, value: str) -> bool:
@@ -33,6 +35,10 @@ def _print_times(report: dict) -> None:
     if report["mode"] not in ("stopped", "dry-run"):
         label = "downtime" if report["mode"] == "restart" else "frozen"
         click.echo(f"  {label:<15} {report['frozen']:8.3f} s")
+        for name, secs in report.get("frozen_steps", {}).items():
+            click.echo(f"    {name:<17} {secs:8.3f} s")
+        for name, secs in report.get("dest_steps", {}).items():
+            click.echo(f"    DEST {name:<12} {secs:8.3f} s")
     click.echo(f"  {'total':<15} {report['total']:8.3f} s")
 
 
@@ -82,6 +88,9 @@ def migrate_group() -> None:
 @click.option("--bwlimit", type=click.IntRange(min=1), help="Private-area bandwidth, KB/s.")
 @click.option("--sync", "sync_method", type=click.Choice(["auto", "rsync", "stream"]),
               default="auto", show_default=True, help="Private-area transfer.")
+@click.option("--plain-tcp", is_flag=True,
+              help="Send memory pages over plain TCP, unencrypted (trusted links only; "
+                   "default: CRIU's TLS with one-time certificates).")
 @click.option("--ssh-port", type=int, default=22, show_default=True)
 @click.option("--ssh-key", help="Private key file for SSH.")
 @click.option("--ssh-opt", multiple=True, metavar="KEY=VALUE",
@@ -95,7 +104,8 @@ def migrate_group() -> None:
 @click.pass_context
 def migrate(ctx: click.Context, ctid: str, dest: str, online: bool, lazy: bool | None,
             keep_dst: bool, remove_area: bool, new_id: int | None, bwlimit: int | None,
-            sync_method: str, ssh_port: int, ssh_key: str | None, ssh_opt: tuple[str, ...],
+            sync_method: str, plain_tcp: bool, ssh_port: int, ssh_key: str | None,
+            ssh_opt: tuple[str, ...],
             accept_new_hostkey: bool, dry_run: bool, show_times: bool, as_json: bool) -> None:
     """Move CTID to the node DEST ([user@]host) over SSH.
 
@@ -122,8 +132,10 @@ def migrate(ctx: click.Context, ctid: str, dest: str, online: bool, lazy: bool |
         target.accept_new = True
     opts = MigrateOptions(
         online=online, lazy=lazy, keep_dst=keep_dst, remove_area=remove_area, new_id=new_id,
-        bwlimit_kbps=bwlimit, dry_run=dry_run, sync_method=sync_method,
+        bwlimit_kbps=bwlimit, dry_run=dry_run, sync_method=sync_method, plain_pages=plain_tcp,
     )  # fmt: skip
+    if plain_tcp and online:
+        click.echo(PLAIN_WARNING, err=True)
     with Session(target) as session:
         session.connect()
         mig = Migration(ct, session, opts, push_tree=push_tree)
