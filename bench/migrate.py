@@ -11,10 +11,16 @@ freeze as the process saw it), each method moves the CT from node A to node B:
                 private area over OpenSSH, vzbackup restore (criu restore) on B
 
 and reports the frozen time (vzbackup's own measure; the process-seen gap where it exists),
-the total time, and the ratios against restart migration and the baseline. Targets (issue 4):
-lazy frozen <= 0.3 s and flat in memory size; lazy total <= 1.2x restart.
+the total time, the frozen sub-steps, and the ratios against restart migration and the
+baseline, then PASS/FAIL for each target of issue 13 measured in this run:
 
-    .venv/bin/python bench/migrate.py [--sizes 100,500,1000] [--rounds 1]
+  online+lazy frozen <= 0.3 s (every size)
+  online+lazy total <= 1.2x restart total (largest size, >= 1000 MiB)
+  online (no lazy) frozen <= 2.5 s (largest size, >= 1000 MiB)
+
+The machine is shared by other work: numbers are noisy; compare within one run.
+
+    .venv/bin/python bench/migrate.py [--sizes 100,1000] [--rounds 1]
 
 Results go to bench/results/migrate-TIMESTAMP.json.
 """
@@ -37,7 +43,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import twonode  # noqa: E402
 
 METHODS = ("online+lazy", "online", "restart", "criu+rsync")
-CTID_BASE = 8800
+CTID_BASE = int(os.environ.get("VZBACKUP_TEST_CTID_BASE", "8800"))
 
 
 def build_memhog(out: Path) -> Path:
@@ -125,7 +131,7 @@ def one(bed: twonode.TwoNodes, method: str, mib: int, ctid: int, memhog: Path) -
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="100,500,1000", help="MiB of touched memory, comma list")
+    ap.add_argument("--sizes", default="100,1000", help="MiB of touched memory, comma list")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
@@ -147,7 +153,10 @@ def main() -> int:
                     print(f"{mib:>5} MiB {method:<12} frozen {rep['frozen']:7.3f} s"
                           f"  seen {gap if gap is None else round(gap, 3)!s:>6}"
                           f"  total {rep['total']:7.2f} s  "
-                          + " ".join(f"{k}={v:.2f}" for k, v in rep.get("times", {}).items()),
+                          + " ".join(f"{k}={v:.2f}" for k, v in rep.get("times", {}).items())
+                          + ("  frozen: " + " ".join(
+                              f"{k}={v:.3f}" for k, v in rep.get("frozen_steps", {}).items())
+                             if rep.get("frozen_steps") else ""),
                           flush=True)
     finally:
         bed.cleanup()
@@ -165,12 +174,23 @@ def main() -> int:
     print("\nratios")
     for mib in sizes:
         lz_f, lz_t = med(mib, "online+lazy", "frozen"), med(mib, "online+lazy", "total")
-        print(f"{mib:>5} MiB  lazy frozen {lz_f:.3f}s (target <= 0.3: "
-              f"{'PASS' if lz_f <= 0.3 else 'FAIL'})"
-              f"  lazy total / restart total {lz_t / med(mib, 'restart', 'total'):.2f}x "
-              f"(target <= 1.2)"
+        print(f"{mib:>5} MiB  lazy total / restart total "
+              f"{lz_t / med(mib, 'restart', 'total'):.2f}x"
               f"  baseline frozen / lazy frozen {med(mib, 'criu+rsync', 'frozen') / lz_f:.1f}x"
               f"  online(no lazy) frozen / lazy frozen {med(mib, 'online', 'frozen') / lz_f:.1f}x")
+    print("\ntargets (issue 13; noisy shared machine)")
+    big = max(sizes)
+    checks = [(f"online+lazy frozen at {mib} MiB", med(mib, "online+lazy", "frozen"), 0.3, "s")
+              for mib in sizes]
+    if big >= 1000:
+        checks += [
+            (f"online+lazy total / restart total at {big} MiB",
+             med(big, "online+lazy", "total") / med(big, "restart", "total"), 1.2, "x"),
+            (f"online frozen at {big} MiB", med(big, "online", "frozen"), 2.5, "s"),
+        ]
+    for label, value, limit, unit in checks:
+        verdict = "n/a" if value != value else ("PASS" if value <= limit else "FAIL")
+        print(f"  {label:<44} {value:7.3f}{unit} (<= {limit}{unit}): {verdict}")
     out = ROOT / "bench/results" / f"migrate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"sizes": sizes, "results": results}, indent=2))

@@ -1,10 +1,14 @@
-"""Private-area transfer to the destination over the migration's own SSH session.
+"""Private-area transfer to the destination.
 
-rsync (vzmigrate semantics ``-aHAXS --numeric-ids --delete``) runs locally with its remote
-shell replaced by :mod:`vzbackup.migrate.rsh_bridge`, which hands rsync's remote-shell stream
-to a new exec channel of the already verified paramiko transport: no second SSH connection. Without
-rsync at either end, a tar stream compressed with zstd goes to the hidden DEST command
-``vzbackup migrate-recv-tree``, which extracts into ``DST.partial`` and swaps it in atomically.
+rsync (vzmigrate semantics ``-aHAXS --numeric-ids --delete``) runs over the OpenSSH client
+when there is one: bulk data then never passes through Python. Its host key check uses the
+same known_hosts files the paramiko session was verified against, and one master connection
+(ControlMaster) serves every push of a migration, so the final sync pays no handshake.
+Without an OpenSSH client, rsync's remote shell is :mod:`vzbackup.migrate.rsh_bridge`, which
+hands rsync's stream to a new exec channel of the already verified paramiko transport
+(compressed, since every byte crosses Python). Without rsync at either end, a tar stream
+compressed with zstd goes to the hidden DEST command ``vzbackup migrate-recv-tree``, which
+extracts into ``DST.partial`` and swaps it in atomically.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ from vzbackup.errors import DependencyError, RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
 
-# vzmigrate's -aHAX --numeric-ids, plus sparse files, nanosecond mtime comparison (a file
-# rewritten within the second of the first pass is still caught) and compression (negotiated:
-# zstd with rsync >= 3.2; holes of sparse files cross the wire as zeros otherwise)
-RSYNC_OPTS = ["-aHAXS", "--numeric-ids", "--modify-window=-1", "-z", "--stats"]
+# vzmigrate's -aHAX --numeric-ids, plus sparse files and nanosecond mtime comparison (a file
+# rewritten within the second of the first pass is still caught)
+RSYNC_OPTS = ["-aHAXS", "--numeric-ids", "--modify-window=-1", "--stats"]
+# through the Python relay: compression (negotiated: zstd with rsync >= 3.2) pays; over
+# OpenSSH on a fast link it costs more CPU than it saves (measured by bench/sync.py)
+RSYNC_RELAY_OPTS = ["-z"]
 RSYNC_VANISHED = 24  # files vanished while reading a live tree: the next pass catches up
 TAR_CREATE = ["tar", "-c", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner",
               "--sparse"]
@@ -84,12 +90,14 @@ def push_tree(
     delete: bool = True,
     progress: Progress | None = None,
     remote_rsync: str = "rsync",
+    via: str = "auto",
 ) -> SyncStats:
     """Make remote directory *dst* a copy of local directory *src* (contents, not the dir).
 
     *method* "auto" uses rsync when both ends have it, else the tar+zstd stream. *delete*
     removes files at *dst* that *src* lacks. *bwlimit_kbps* caps the rate in KiB/s.
-    *progress* gets the running total of bytes sent.
+    *progress* gets the running total of bytes sent. rsync runs *via* "openssh" (the
+    client, default when installed) or "session" (the paramiko session, through the bridge).
     """
     if method not in ("auto", "rsync", "stream"):
         raise UsageError(f"unknown transfer method {method!r}", hint="auto, rsync or stream")
@@ -106,8 +114,12 @@ def push_tree(
             log.info("rsync missing on one end: streaming tar+zstd")
     start = time.monotonic()
     if method == "rsync":
-        sent, files = _push_rsync(session, src, dst, bwlimit_kbps, delete, progress,
-                                  remote_rsync)
+        ssh = session.openssh_command() if via != "session" else None
+        if ssh is None and via == "openssh":
+            raise DependencyError("the OpenSSH client (ssh) is missing",
+                                  hint="install openssh-client")
+        push = _push_rsync_openssh if ssh is not None else _push_rsync
+        sent, files = push(session, src, dst, bwlimit_kbps, delete, progress, remote_rsync)
     else:
         sent, files = _push_stream(session, src, dst, bwlimit_kbps, delete, progress), None
     return SyncStats(method, sent, time.monotonic() - start, files)
@@ -191,6 +203,46 @@ class _Relay:
             chan.shutdown_write()
 
 
+def _rsync_argv(session: Session, src: Path, dst: str, rsh: str, bwlimit: int | None,
+                delete: bool, rsync_path: str) -> list[str]:
+    argv = ["rsync", *RSYNC_OPTS, "--rsh", rsh, "--rsync-path", rsync_path]
+    argv += ["--delete"] if delete else []
+    argv += [f"--bwlimit={bwlimit}"] if bwlimit else []
+    target = session.target
+    return [*argv, f"{src}/", f"{target.user}@{target.host}:{shlex.quote(dst.rstrip('/'))}/"]
+
+
+def _rsync_failed(session: Session, dst: str, rc: int, local: str, remote: str,
+                  remote_status: int | None) -> RuntimeFailure:
+    lines = local.strip().splitlines()
+    tail = "\n".join(lines + [ln for ln in remote.strip().splitlines() if ln not in lines])
+    return RuntimeFailure(f"rsync to {session.target.host}:{dst} failed (rsync exit {rc}, "
+                          f"remote {remote_status}): {tail[-2000:]}")
+
+
+def _rsync_counts(stdout: str) -> tuple[int | None, int | None]:
+    """(bytes sent, regular files transferred) from rsync's --stats."""
+    found = [re.search(rf"{label}: ([\d,]+)", stdout)
+             for label in ("Total bytes sent", "Number of regular files transferred")]
+    return tuple(int(m.group(1).replace(",", "")) if m else None for m in found)  # type: ignore[return-value]
+
+
+def _push_rsync_openssh(
+    session: Session, src: Path, dst: str, bwlimit: int | None, delete: bool,
+    progress: Progress | None, remote_rsync: str,
+) -> tuple[int, int | None]:
+    rsh = shlex.join(session.openssh_command() or [])
+    mkdir = f"mkdir -p {shlex.quote(os.path.dirname(dst.rstrip('/')) or '/')}"
+    argv = _rsync_argv(session, src, dst, rsh, bwlimit, delete, f"{mkdir} && {remote_rsync}")
+    res = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if res.returncode not in (0, RSYNC_VANISHED):
+        raise _rsync_failed(session, dst, res.returncode, res.stderr, "", None)
+    sent, files = _rsync_counts(res.stdout)
+    if progress:
+        progress(sent or 0)
+    return sent or 0, files
+
+
 def _push_rsync(
     session: Session, src: Path, dst: str, bwlimit: int | None, delete: bool,
     progress: Progress | None, remote_rsync: str,
@@ -198,24 +250,16 @@ def _push_rsync(
     session.run(["mkdir", "-p", os.path.dirname(dst.rstrip("/")) or "/"])
     relay = _Relay(session, remote_rsync + " ", progress)
     bridge = f"{sys.executable} -m {rsh_bridge.__name__} {relay.path}"
-    argv = ["rsync", *RSYNC_OPTS, "--rsh", bridge, "--rsync-path", remote_rsync]
-    argv += ["--delete"] if delete else []
-    argv += [f"--bwlimit={bwlimit}"] if bwlimit else []
-    target = session.target
-    argv += [f"{src}/", f"{target.user}@{target.host}:{shlex.quote(dst.rstrip('/'))}/"]
+    argv = _rsync_argv(session, src, dst, bridge, bwlimit, delete, remote_rsync)
+    argv[1:1] = RSYNC_RELAY_OPTS
     try:
         res = subprocess.run(argv, capture_output=True, text=True, check=False)
     finally:
         relay.close()
-    if res.returncode not in (0, RSYNC_VANISHED):
-        local = res.stderr.strip().splitlines()  # the bridge forwarded what it could
-        remote = relay.remote_err.decode(errors="replace").strip().splitlines()
-        tail = "\n".join(local + [ln for ln in remote if ln not in local])[-2000:]
-        raise RuntimeFailure(
-            f"rsync to {target.host}:{dst} failed (rsync exit {res.returncode}, remote "
-            f"{relay.remote_status}): {tail}")
-    found = re.search(r"Number of regular files transferred: ([\d,]+)", res.stdout)
-    return relay.sent, int(found.group(1).replace(",", "")) if found else None
+    if res.returncode not in (0, RSYNC_VANISHED):  # the bridge forwarded what it could
+        raise _rsync_failed(session, dst, res.returncode, res.stderr,
+                            relay.remote_err.decode(errors="replace"), relay.remote_status)
+    return relay.sent, _rsync_counts(res.stdout)[1]
 
 
 # --------------------------------------------------------------------------- stream

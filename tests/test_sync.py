@@ -70,7 +70,9 @@ def test_push_then_incremental(
     seen: list[int] = []
     logins = accepted_logins(shared_two_nodes)
     first = sync.push_tree(session, src, str(dst), method=method, progress=seen.append)
-    assert accepted_logins(shared_two_nodes) == logins  # over the session: no new login
+    # the stream uses the session; rsync the OpenSSH client, once logged in for both pushes
+    new_logins = 1 if method == "rsync" else 0
+    assert accepted_logins(shared_two_nodes) == logins + new_logins
     assert first.method == method
     assert same(src, dst) == []
     assert seen and seen == sorted(seen) and seen[-1] == first.bytes_sent
@@ -84,6 +86,7 @@ def test_push_then_incremental(
     (src / "new").write_bytes(os.urandom(1000))
     os.setxattr(src / "etc/conf9", "user.added", b"x")
     second = sync.push_tree(session, src, str(dst), method=method)
+    assert accepted_logins(shared_two_nodes) == logins + new_logins  # the master was reused
     assert same(src, dst) == []
     assert not (dst / "etc/conf8").exists() and not (dst / "home/user").exists()
     assert not Path(f"{dst}.partial").exists()
@@ -161,6 +164,33 @@ def test_stream_bwlimit_paces_sending(
     stats = sync.push_tree(session, src, str(work / "dst"), method="stream", bwlimit_kbps=512)
     assert sum(slept) == pytest.approx(stats.bytes_sent / (512 * 1024))
     assert same(src, work / "dst") == []
+
+
+def test_rsync_over_the_session_without_openssh(rich: Path, session: Session, work: Path,
+                                                shared_two_nodes: twonode.TwoNodes) -> None:
+    logins = accepted_logins(shared_two_nodes)
+    stats = sync.push_tree(session, rich, str(work / "dst"), method="rsync", via="session")
+    assert accepted_logins(shared_two_nodes) == logins  # over the session: no new login
+    assert stats.bytes_sent > 0 and same(rich, work / "dst") == []
+
+
+def test_openssh_checks_the_same_host_key(shared_two_nodes: twonode.TwoNodes, work: Path,
+                                          tmp_path: Path) -> None:
+    """The OpenSSH client refuses a host whose key is not in the session's known_hosts."""
+    src = work / "src"
+    src.mkdir()
+    (src / "f").write_text("x\n")
+    with Session(ssh_target(shared_two_nodes)) as s:
+        argv = s.openssh_command()
+        assert argv is not None
+        stranger = tmp_path / "known_hosts"
+        stranger.write_text(f"{shared_two_nodes.b.lan_ip} ssh-ed25519 "
+                            "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")
+        s.target.known_hosts = str(stranger)
+        s._close_openssh()  # a fresh master for the changed target
+        with pytest.raises(RuntimeFailure, match="rsync"):
+            sync.push_tree(s, src, str(work / "dst"), method="rsync", via="openssh")
+    assert not (work / "dst").exists()
 
 
 def test_relay_runs_only_the_remote_rsync(session: Session) -> None:
