@@ -43,6 +43,10 @@ from vzbackup.lock import Lock
 log = logging.getLogger("vzbackup.migrate")
 
 SOURCE_STOP_TIMEOUT = 60.0  # for the source's supervisor to notice its CT is gone
+# CRIU 4.2 asks userfaultfd for fork events, which the kernel grants only with CAP_SYS_PTRACE
+# in the initial user namespace: the restored tasks of an unprivileged CT don't have it
+UNPRIVILEGED_LAZY = ("lazy pages are impossible for an unprivileged CT (CRIU's userfaultfd "
+                     "needs CAP_SYS_PTRACE in the initial user namespace); use --no-lazy")
 
 
 class MigrationError(E.VzError):
@@ -187,7 +191,7 @@ class Migration:
                 self.report.mode = "restart"
                 self.restart()
             else:
-                lazy = self.opts.lazy is not False and bool(self.hello.get("lazy_ok"))
+                lazy = self._lazy_possible()
                 self.report.mode = "online+lazy" if lazy else "online"
                 OnlineDump(self, lazy=lazy).run()
             if not self.committed:
@@ -225,13 +229,15 @@ class Migration:
             problems += [f"DEST: {p}" for p in self.hello.get("problems", [])]
             if o.online and o.lazy is True and not self.hello.get("lazy_ok"):
                 problems.append("DEST: lazy pages (userfaultfd) unavailable; use --no-lazy")
+            if o.online and o.lazy is True and self.ct.conf.idmap.unprivileged:
+                problems.append(UNPRIVILEGED_LAZY)
             self.report.preflight = {
                 "source_version": __version__,
                 "dest_version": self.hello.get("version"),
                 "source_criu": criu_version() if o.online and not problems else None,
                 "dest_criu": self.hello.get("criu"),
                 "dest_free_bytes": self.hello.get("free_bytes"),
-                "lazy": bool(o.online and o.lazy is not False and self.hello.get("lazy_ok")),
+                "lazy": bool(o.online and self._lazy_possible()),
                 "precopy": False,  # no memory tracking (soft-dirty) on this kernel: post-copy only
                 "problems": problems,
             }
@@ -247,6 +253,11 @@ class Migration:
                 o.sync_method = "rsync" if rsync_here and remote_has_rsync(self.session) \
                     else "stream"
             self.report.preflight["sync"] = o.sync_method
+
+    def _lazy_possible(self) -> bool:
+        """Lazy pages unless refused, unsupported at DEST, or the CT is unprivileged."""
+        return (self.opts.lazy is not False and bool(self.hello.get("lazy_ok"))
+                and not self.ct.conf.idmap.unprivileged)
 
     def _preflight_local(self) -> list[str]:
         ct, o = self.ct, self.opts
