@@ -54,7 +54,7 @@ def build_memhog(out: Path) -> Path:
 
 def make_ct(node: twonode.BedNode, ctid: int, mib: int, memhog: Path) -> str:
     ip = node.new_ip()
-    node.vz("create", str(ctid), "--ipadd", ip)
+    node.vz("create", str(ctid), "--ipadd", ip, "--privileged")  # lazy pages need it
     node.vz("set", str(ctid), "--ram", f"{mib + 512}M", "--save")  # room for the memory
     shutil.copy(memhog, node.prefix / f"vz/private/{ctid}/bin/memhog")
     node.vz("start", str(ctid))
