@@ -435,6 +435,10 @@ def undo_created(node: Node, journal: Journal, *, keep_private: bool = False) ->
     """Undo what a DEST journal records: stop the CT, remove config, name, private area."""
     ct = Container(node, journal.ctid)
     if journal.conf and ct.running:
+        # network first: the restored copy must not close the CT's connections (FIN/RST to
+        # its peers) that the source's copy, resumed, still holds
+        with contextlib.suppress(E.VzError):
+            network.teardown(ct.net_config())
         with contextlib.suppress(E.VzError):
             ops.stop(ct, fast=True)
     if journal.name:

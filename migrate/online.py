@@ -30,7 +30,7 @@ from vzbackup.migrate.tls import Identity
 from vzbackup import errors as E
 from vzbackup.criu import driver
 from vzbackup.criu.check import pycriu_module
-from vzbackup.ct import ops
+from vzbackup.ct import network, ops
 
 if TYPE_CHECKING:
     from vzbackup.migrate.phases import Migration
@@ -211,6 +211,8 @@ class OnlineDump:
             # Pages stopped flowing after DEST took over: CRIU resumed the tasks here (they
             # hold the only complete memory) and DEST drops its copy on its own.
             mig.uncommit()
+        with contextlib.suppress(E.VzError, OSError):  # DEST may have announced the IPs
+            network.announce(mig.ct.net_config())
         cause = self.errors[0] if self.errors else e
         raise mig.failed(
             f"online migration failed: {cause}; CT {mig.ct.ctid} keeps running here",

@@ -385,7 +385,9 @@ def test_locks_refuse_second_migration_and_cleanup_command(two_nodes: Bed) -> No
     _assert_moved(bed.a, bed.b, ctid, running=False)
 
 
-def test_source_killed_while_frozen_resumes_ct_and_dest_rolls_back(two_nodes: Bed) -> None:
+@pytest.mark.parametrize("holds", ["page-server", "swrk"])
+def test_source_killed_while_frozen_resumes_ct_and_dest_rolls_back(two_nodes: Bed,
+                                                                   holds: str) -> None:
     bed = two_nodes
     ctid, ip = _make_ct(bed.a)
     # 40 MB of shared memory: pages that DEST's page server takes while the CT is frozen
@@ -393,8 +395,12 @@ def test_source_killed_while_frozen_resumes_ct_and_dest_rolls_back(two_nodes: Be
     # DEST's page-server lingers after the pages arrived: the source, frozen until DEST has
     # them all, is killed meanwhile (before anything is restored at DEST)
     slow = bed.dir / "slowcriu"
-    slow.write_text("#!/bin/sh\n[ \"$1\" = page-server ] || exec /usr/local/sbin/criu \"$@\"\n"
-                    "/usr/local/sbin/criu \"$@\"; rc=$?; sleep 8; exit $rc\n")
+    # (page-server), or DEST's restore starts late (swrk): restored there after the source
+    # died, the copy is rolled back without closing the connections the source's copy holds
+    slow.write_text(f"#!/bin/sh\n[ \"$1\" = {holds} ] || exec /usr/local/sbin/criu \"$@\"\n"
+                    + ("/usr/local/sbin/criu \"$@\"; rc=$?; sleep 8; exit $rc\n"
+                       if holds == "page-server"
+                       else "sleep 8; exec /usr/local/sbin/criu \"$@\"\n"))
     slow.chmod(0o755)
     _set_remote_env(bed, bed.b, "VZBACKUP_CRIU", str(slow))
     client = Client(ip)
