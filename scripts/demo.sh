@@ -92,12 +92,13 @@ DEB_IP=${VZBED_CLIENT_IP%.*}.101
 "${A[@]}" create 202 --ostemplate debian-12-x86_64 --ipadd "$DEB_IP" --hostname debian >/dev/null
 "${A[@]}" start 202
 WAIT_RUNNING='t=300; while [ ! -S /run/systemd/private ] && [ $t -gt 0 ]; do sleep 0.1; t=$((t-1)); done; timeout 90 systemctl is-system-running --wait'
-echo "node A: systemd is $("${A[@]}" exec 202 "$WAIT_RUNNING"); redis-server started $("${A[@]}" exec 202 'ps -o lstart= -C redis-server')"
+UPTIME="redis-cli info server | sed -n 's/^uptime_in_seconds:\([0-9]*\).*/\1/p'"
+echo "node A: systemd is $("${A[@]}" exec 202 "$WAIT_RUNNING"); redis-server up $("${A[@]}" exec 202 "$UPTIME") s"
 "${A[@]}" exec 202 'redis-cli set greeting "hello from node A" >/dev/null'
 # --plain-tcp: the bed's link is local; CRIU's TLS page transfer fails for this CT today
 "${A[@]}" migrate 202 "root@$VZBED_B_IP" --online --plain-tcp -t --ssh-key "$VZBED_SSH_KEY" \
   --ssh-opt "UserKnownHostsFile=$VZBED_KNOWN_HOSTS"
-echo "node B: systemd is $("${B[@]}" exec 202 'systemctl is-system-running'); redis-server started $("${B[@]}" exec 202 'ps -o lstart= -C redis-server') (same process)"
+echo "node B: systemd is $("${B[@]}" exec 202 'systemctl is-system-running'); redis-server up $("${B[@]}" exec 202 "$UPTIME") s (the same process, never restarted)"
 echo "node B: redis still holds: $("${B[@]}" exec 202 'redis-cli get greeting')"
 
 step "done: CTs $CTID and $COPY run under prefix $VZBACKUP_PREFIX"
