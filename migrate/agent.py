@@ -44,6 +44,18 @@ PAGE_SERVER_LOG = "page-server.log"
 DAEMON_READY_TIMEOUT = 30.0
 COMMIT_LEASE = 20.0  # a restored, uncommitted CT is removed if the source stays silent this
 # long; shorter than the source's dead-peer timeout, after which the source resumes its copy
+UNPRIV_UFFD_SYSCTL = "vm.unprivileged_userfaultfd"
+
+
+def _userns_uffd_ok() -> bool:
+    """Whether CRIU may open a userfaultfd inside a restored CT: every CT runs in a user
+    namespace, whose root lacks the node's CAP_SYS_PTRACE, so lazy pages need the sysctl."""
+    path = "/proc/sys/" + UNPRIV_UFFD_SYSCTL.replace(".", "/")
+    try:
+        with open(path) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return True  # kernels without the knob let anyone create one
 
 
 def _free_bytes(path: Path) -> int:
@@ -141,6 +153,10 @@ class Agent:
                     if bad:
                         problems.append(bad)
         lazy_ok = online and lazy and not any("uffd" in p for p in problems)
+        lazy_why = "" if lazy_ok or not (online and lazy) else "userfaultfd unavailable"
+        if lazy_ok and not _userns_uffd_ok():
+            lazy_ok = False
+            lazy_why = f"CTs in a user namespace need {UNPRIV_UFFD_SYSCTL}=1 (scripts/setup.sh)"
         try:
             cv = criu_version()
         except E.DependencyError:
@@ -150,6 +166,7 @@ class Agent:
             "criu": cv,
             "problems": problems,
             "lazy_ok": lazy_ok,
+            "lazy_why": lazy_why,
             "free_bytes": free,
             "private": str(private),
             "images": str(self.images_dir),

@@ -119,9 +119,14 @@ raise_pipe_max() {
   local cur
   cur=$(sysctl -n fs.pipe-max-size)
   if [ "$cur" -lt "$PIPE_MAX" ]; then sysctl -qw fs.pipe-max-size="$PIPE_MAX"; fi
+  # Lazy (post-copy) migration of CTs in a user namespace: CRIU opens the userfaultfd inside
+  # the restored CT, whose root has no CAP_SYS_PTRACE of the node (README "Live migration").
+  sysctl -qw vm.unprivileged_userfaultfd=1
   mkdir -p /etc/sysctl.d
-  echo "fs.pipe-max-size = $PIPE_MAX" > /etc/sysctl.d/60-vzbackup.conf
-  log "sysctl: fs.pipe-max-size = $(sysctl -n fs.pipe-max-size)"
+  printf 'fs.pipe-max-size = %s\nvm.unprivileged_userfaultfd = 1\n' "$PIPE_MAX" \
+    > /etc/sysctl.d/60-vzbackup.conf
+  log "sysctl: fs.pipe-max-size = $(sysctl -n fs.pipe-max-size)," \
+    "vm.unprivileged_userfaultfd = $(sysctl -n vm.unprivileged_userfaultfd)"
 }
 
 link_seccomp() {  # Debian builds the binding for its CPython 3.11, the venv's X.Y too
