@@ -34,7 +34,7 @@ from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu.check import criu_binary, criu_check, criu_version, pycriu_module
-from vzbackup.ct import fs, network, ops, registry
+from vzbackup.ct import admission, fs, network, ops, registry
 from vzbackup.ct.container import Container
 
 log = logging.getLogger("vzbackup.migrate.agent")
@@ -124,21 +124,12 @@ class Agent:
             conf_obj.validate()
         except E.VzError as e:
             problems.append(f"the CT config is not valid here: {e}")
-        if self.ct.exists:
-            problems.append(f"CT {ctid} already exists on this node ({self.ct.conf_path})")
         private = self.ct.ve_private(conf_obj)
         prior = Journal.load(self.node, ctid)
         reusable = prior is not None and prior.state == "kept" and prior.private == str(private)
-        if private.exists() and not reusable and any(private.iterdir()):
-            problems.append(f"private area {private} already exists on this node")
-        if conf_obj.name and registry.name_owner(self.node, conf_obj.name) not in (None, ctid):
-            problems.append(f"name {conf_obj.name!r} is used by another CT on this node")
-        ips = list(conf_obj.ips)
-        used = network.ips_in_use_on_host(ips)
-        others = ops._others_ips(self.node, ctid)
-        used += [ip.split("/")[0] for ip in ips if ip.split("/")[0] in others]
-        if used:
-            problems.append(f"IP address(es) {', '.join(sorted(set(used)))} already in use here")
+        problems += [f"{c.message} on this node" for c in admission.clashes(
+            self.node, ctid, name=conf_obj.name, ips=conf_obj.ips, host=True,
+            private=None if reusable else private, empty_private_ok=True)]
         free = _free_bytes(private.parent)
         if need_bytes and free < need_bytes * 1.1:
             problems.append(

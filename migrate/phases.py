@@ -38,7 +38,6 @@ from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
 from vzbackup.ct import network, ops, registry
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import read_state
-from vzbackup.lock import Lock
 
 log = logging.getLogger("vzbackup.migrate")
 
@@ -156,8 +155,7 @@ class Migration:
         """Run the whole migration; the report says where the CT runs afterwards."""
         ct = self.ct
         try:
-            backup_lock = Lock(ct.node.lockdir / f"{ct.ctid}.backup.lock", what=f"CT {ct.ctid}")
-            with backup_lock, ct.lock():
+            with ct.backup_lock(), ct.lock():
                 self.preflight()
                 if self.opts.dry_run:
                     self.report.mode = "dry-run"

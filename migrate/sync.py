@@ -14,7 +14,6 @@ atomically.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -36,18 +35,19 @@ import paramiko
 import zstandard
 from vzbackup.migrate import rsh_bridge
 from vzbackup.migrate.ssh import Session
+from vzbackup.storage.ratelimit import Limiter
 
+from vzbackup import constants as C
+from vzbackup import syscalls as S
 from vzbackup.errors import DependencyError, RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
 
-# vzmigrate's -aHAX --numeric-ids, plus sparse files, nanosecond mtime comparison (a file
-# rewritten within the second of the first pass is still caught) and compression
-# (negotiated: zstd with rsync >= 3.2). Compression pays even over OpenSSH on the bed's veth
-# link: holes of sparse files cross the wire as zeros otherwise, and every byte saved is a
-# byte not encrypted (bench/sync.py: 356 MB sent instead of 52 MB for the 100 MB tree).
-RSYNC_OPTS = ["-aHAXS", "--numeric-ids", "--modify-window=-1", "-z", "--stats"]
-RSYNC_VANISHED = 24  # files vanished while reading a live tree: the next pass catches up
+# the private area's rsync options (constants.RSYNC_OPTS), plus compression (negotiated:
+# zstd with rsync >= 3.2). Compression pays even over OpenSSH on the bed's veth link: holes
+# of sparse files cross the wire as zeros otherwise, and every byte saved is a byte not
+# encrypted (bench/sync.py: 356 MB sent instead of 52 MB for the 100 MB tree).
+RSYNC_OPTS = [*C.RSYNC_OPTS, "-z", "--stats"]
 TAR_CREATE = ["tar", "-c", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner",
               "--sparse"]
 TAR_EXTRACT = ["tar", "-x", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner",
@@ -57,8 +57,6 @@ ZSTD_LEVEL = 3
 CHUNK = 1 << 20
 RELAY_DRAIN = 30  # seconds a finished rsync's remote side gets to report its status
 RECV_COMMAND = "migrate-recv-tree"
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 Progress = Callable[[int], None]
 
@@ -235,7 +233,7 @@ def _push_rsync_openssh(
     mkdir = f"mkdir -p {shlex.quote(os.path.dirname(dst.rstrip('/')) or '/')}"
     argv = _rsync_argv(session, src, dst, rsh, bwlimit, delete, f"{mkdir} && {remote_rsync}")
     res = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if res.returncode not in (0, RSYNC_VANISHED):
+    if res.returncode not in (0, C.RSYNC_VANISHED):
         raise _rsync_failed(session, dst, res.returncode, res.stderr, "", None)
     sent, files = _rsync_counts(res.stdout)
     if progress:
@@ -255,29 +253,13 @@ def _push_rsync(
         res = subprocess.run(argv, capture_output=True, text=True, check=False)
     finally:
         relay.close()
-    if res.returncode not in (0, RSYNC_VANISHED):  # the bridge forwarded what it could
+    if res.returncode not in (0, C.RSYNC_VANISHED):  # the bridge forwarded what it could
         raise _rsync_failed(session, dst, res.returncode, res.stderr,
                             relay.remote_err.decode(errors="replace"), relay.remote_status)
     return relay.sent, _rsync_counts(res.stdout)[1]
 
 
 # --------------------------------------------------------------------------- stream
-
-
-class _Throttle:
-    """Sleeps so that bytes counted stay under *kbps* KiB/s on average."""
-
-    def __init__(self, kbps: int | None) -> None:
-        self.rate = kbps * 1024 if kbps else None
-        self.start = time.monotonic()
-        self.total = 0
-
-    def account(self, n: int) -> None:
-        self.total += n
-        if self.rate:
-            ahead = self.total / self.rate - (time.monotonic() - self.start)
-            if ahead > 0:
-                time.sleep(ahead)
 
 
 def _push_stream(
@@ -298,7 +280,7 @@ def _push_stream(
 
     reader = threading.Thread(target=collect, daemon=True)
     reader.start()
-    throttle = _Throttle(bwlimit)
+    throttle = Limiter(bwlimit)
     with tempfile.TemporaryFile() as tar_err:
         tar = subprocess.Popen([*TAR_CREATE, "-C", str(src), "."], stdout=subprocess.PIPE,
                                stderr=tar_err)
@@ -330,23 +312,14 @@ def _push_stream(
     return throttle.total
 
 
-def _send(chan: paramiko.Channel, data: bytes, throttle: _Throttle,
+def _send(chan: paramiko.Channel, data: bytes, throttle: Limiter,
           progress: Progress | None) -> None:
     if not data:
         return
     chan.sendall(data)
-    throttle.account(len(data))
+    throttle.take(len(data))
     if progress:
         progress(throttle.total)
-
-
-def _exchange(a: Path, b: Path) -> None:
-    """Atomically swap two directory entries (renameat2 RENAME_EXCHANGE)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
-                      _RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(b))
 
 
 def receive_tree(stream: BinaryIO, dst: Path, *, delete: bool = True) -> None:
@@ -394,7 +367,7 @@ def receive_tree(stream: BinaryIO, dst: Path, *, delete: bool = True) -> None:
             raise RuntimeFailure(f"receiving {dst} failed: "
                                  + (msg[-2000:] if rc else "the stream was cut short"))
         if dst.exists():
-            _exchange(partial, dst)
+            S.rename_exchange(partial, dst)
             shutil.rmtree(partial)
         else:
             partial.rename(dst)

@@ -34,6 +34,7 @@ from vzbackup.scheduler.runner import Outcome, Runner
 from vzbackup import constants as C
 from vzbackup.config.node import Node
 from vzbackup.errors import ConfigError
+from vzbackup.syscalls import pid_alive
 
 log = logging.getLogger("vzbackup.scheduler")
 POLL = 0.5  # seconds between looks for run-now requests
@@ -248,10 +249,9 @@ def daemon_pid(node: Node) -> int | None:
     """PID of a running scheduler of this node, or None."""
     try:
         pid = int((node.rundir / C.SCHEDULER_PID).read_text())
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    return pid if pid_alive(pid) else None
 
 
 def next_run(value: float | None) -> str:

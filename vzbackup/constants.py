@@ -49,6 +49,11 @@ BIND_STAGE_DIR = "/run/vzbackup-binds"
 CRIU_IMAGE_SUBDIR = "Dump.{ctid}"  # OpenVZ's dump file name, a directory of CRIU images here
 
 VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults
+# rsync copying a private area: vzmigrate's -aHAX --numeric-ids, sparse files, and mtimes
+# compared to the nanosecond (--modify-window=-1; rsync's whole seconds make a second pass
+# skip a file rewritten with the same size within the second of the first pass)
+RSYNC_OPTS = ("-aHAX", "--numeric-ids", "--sparse", "--modify-window=-1")
+RSYNC_VANISHED = 24  # exit code: files vanished while a live tree was read (the next pass copes)
 STORAGE_CFG = "storage.cfg"  # in VZBACKUP_CONFDIR: named storages
 JOBS_CFG = "jobs.cfg"  # in VZBACKUP_CONFDIR: scheduled jobs
 SCHEDULER_DB = "scheduler.db"  # in STATEDIR

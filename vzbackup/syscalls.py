@@ -33,8 +33,17 @@ MNT_DETACH = 0x2
 PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
-SYS_PIVOT_ROOT = 155  # x86_64
-SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), -1)
+# syscall numbers differ per architecture (-1: unknown here, the call fails with ENOSYS);
+# open_tree and move_mount came after the tables were unified: the same everywhere
+_ARCH = platform.machine()
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(_ARCH, -1)
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(_ARCH, -1)
+SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}.get(_ARCH, -1)
+IOPRIO_WHO_PROCESS = 1
+IOPRIO_CLASS_BE, IOPRIO_CLASS_IDLE = 2, 3
+_IOPRIO_CLASS_SHIFT = 13
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 TIOCGPTN = 0x80045430  # the termios module lacks the pty ioctls
 TIOCSPTLCK = 0x40045431
 SYS_OPEN_TREE = 428
@@ -163,3 +172,29 @@ def is_mountpoint(path: str) -> bool:
             if mnt == real:
                 return True
     return False
+
+
+def ioprio_set(ioclass: int, level: int = 0) -> bool:
+    """Set this process's I/O scheduling class and level (threads started later inherit
+    it); False if the kernel refused."""
+    prio = (ioclass << _IOPRIO_CLASS_SHIFT) | level
+    return _libc.syscall(SYS_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, prio) == 0
+
+
+def rename_exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
+    """Swap two directory entries atomically (renameat2 with RENAME_EXCHANGE)."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                       _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process *pid* exists and is not a zombie (in this pid namespace)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -8,7 +8,6 @@ only that CT (backup-abort hook), leaves no snapshot, and the repository stays v
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vzbackup import syscalls as S
 from vzbackup.backup import modes, session
 from vzbackup.backup.defaults import DumpDefaults, ExcludeMatcher
 from vzbackup.backup.hooks import HookScript
@@ -26,7 +26,6 @@ from vzbackup.engine import maintenance
 from vzbackup.engine.archiver import ChunkStore, FilesCache, Stats, TreeWriter
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.errors import StorageError, VzError
-from vzbackup.lock import Lock
 
 
 class BackupLog:
@@ -83,8 +82,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
     matcher = ExcludeMatcher(opts.exclude_path) if mode == "checkpoint" else opts.matcher()
     exclude = matcher.excluded if matcher else None
     stats = Stats()
-    with Lock(ct.node.lockdir / f"{ct.ctid}.backup.lock", wait=opts.lockwait * 60,
-              what=f"backup of CT {ct.ctid}"), \
+    with ct.backup_lock(wait=opts.lockwait * 60), \
             L.RepoLock(repo, L.BACKUP, what=f"CT {ct.ctid} on {socket.gethostname()}",
                        wait=opts.lockwait * 60):
         known = known_chunks(repo)
@@ -205,15 +203,12 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
     return results
 
 
-SYS_IOPRIO_SET = 251  # x86_64
-IOPRIO_WHO_PROCESS, IOPRIO_CLASS_BE, IOPRIO_CLASS_IDLE = 1, 2, 3
-
-
 def set_io_priority(level: int) -> None:
     """vzdump's ionice: best-effort class at *level* (0-7), 8 = idle; threads inherit it."""
-    prio = (IOPRIO_CLASS_IDLE << 13) if level >= 8 else (IOPRIO_CLASS_BE << 13) | level
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall(SYS_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, prio)  # best effort, like vzdump
+    if level >= 8:  # best effort, like vzdump
+        S.ioprio_set(S.IOPRIO_CLASS_IDLE)
+    else:
+        S.ioprio_set(S.IOPRIO_CLASS_BE, level)
 
 
 def worker_threads(zstd: int) -> int:

@@ -40,6 +40,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from vzbackup import constants as C
 from vzbackup import errors as E
 from vzbackup.criu import driver
 from vzbackup.criu.blockers import require_checkpointable
@@ -47,10 +48,10 @@ from vzbackup.criu.check import criu_binary, pycriu_module
 from vzbackup.ct import fs, ops
 from vzbackup.ct.container import Container
 from vzbackup.ct.fs import is_btrfs_subvolume
+from vzbackup.syscalls import pid_alive
 
 __all__ = [
     "MODES",
-    "RSYNC_OPTS",
     "RestartError",
     "Source",
     "Terminated",
@@ -59,10 +60,6 @@ __all__ = [
 ]
 
 MODES = ("stop", "suspend", "snapshot", "checkpoint")
-# --modify-window=-1: compare mtimes to the nanosecond. rsync's default (whole seconds) makes
-# the second pass skip a file rewritten with the same size within the second of the first pass.
-RSYNC_OPTS = ("-aHAX", "--numeric-ids", "--sparse", "--delete", "--modify-window=-1")
-RSYNC_VANISHED = 24  # "some files vanished before they could be transferred": fine while running
 
 
 @dataclass
@@ -179,7 +176,7 @@ class _Run:
 
     def rsync(self, dest: Path, *, first: bool) -> None:
         """Mirror the private area into *dest*."""
-        argv = ["rsync", *RSYNC_OPTS]
+        argv = ["rsync", *C.RSYNC_OPTS, "--delete"]
         if self.bwlimit_kbps:
             argv.append(f"--bwlimit={int(self.bwlimit_kbps)}")
         argv += [f"{self.private}/", f"{dest}/"]
@@ -188,7 +185,7 @@ class _Run:
             res = subprocess.run(argv, capture_output=True, text=True, check=False)
         except FileNotFoundError:
             raise E.DependencyError("rsync is missing", hint="apt-get install rsync") from None
-        ok = res.returncode == 0 or (first and res.returncode == RSYNC_VANISHED)
+        ok = res.returncode == 0 or (first and res.returncode == C.RSYNC_VANISHED)
         if not ok:
             err = (res.stderr or res.stdout).strip().splitlines()[-3:]
             raise E.RuntimeFailure(
@@ -397,17 +394,9 @@ def _checkpoint_mode(run: _Run, undo: ExitStack, init_pid: int) -> Source:
                     cg.freeze()
                     run.log("frozen again (it was suspended)")
                 run.phase("post-restart")
-    if not ct.running or not _alive(init_pid):
+    if not ct.running or not pid_alive(init_pid):
         raise E.CheckpointError(f"CT {ct.ctid} is no longer running after the CRIU dump")
     return Source(root, state_dir, True, "checkpoint", btrfs, frozen)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _keep_failed_log(run: _Run, state_dir: Path, err: E.CheckpointError) -> E.CheckpointError:

@@ -19,7 +19,7 @@ from vzbackup.config.ct import CTConfig
 from vzbackup.config.net import validate_ip
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
-from vzbackup.ct import fs, ops, registry
+from vzbackup.ct import admission, fs, ops, registry
 from vzbackup.ct.container import Container
 from vzbackup.engine.extract import load_tree, restore_tree
 from vzbackup.engine.repo import Manifest, Repository
@@ -55,19 +55,13 @@ def _config(node: Node, ctid: int, conf_text: str, ipadd: list[str] | None,
             conf.file.delete("IP_ADDRESS")
     if hostname:
         conf.set("HOSTNAME", hostname)
-    used = ops._others_ips(node, ctid)
-    clash = [ip for ip in conf.ips if ip.split("/")[0] in used]
-    if clash:
-        raise E.ExistsError(
-            f"IP {clash[0]} of the backup is used by CT {used[clash[0].split('/')[0]]}",
-            hint="pass --ipadd NEW_IP (repeatable) or --ipadd none",
-        )
-    name = conf.get("NAME")
-    if name:
-        owner = registry.name_owner(node, name)
-        if owner is not None and owner != ctid:
-            log(f"WARN: name {name!r} belongs to CT {owner}; the restored CT has no name")
+    for clash in admission.clashes(node, ctid, new=False, name=conf.name, ips=conf.ips):
+        if clash.what == "name":  # the CT lands, nameless
+            log(f"WARN: {clash.message}; the restored CT has no name")
             conf.file.delete("NAME")
+        else:
+            raise E.ExistsError(f"{clash.message} (the backup's address)",
+                                hint="pass --ipadd NEW_IP (repeatable) or --ipadd none")
     conf.validate()
     return conf
 

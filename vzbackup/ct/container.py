@@ -56,6 +56,11 @@ class Container:
     def lock(self, wait: float = CT_LOCK_WAIT) -> Lock:
         return Lock(self.node.lockdir / f"{self.ctid}.lck", wait=wait, what=f"CT {self.ctid}")
 
+    def backup_lock(self, wait: float = 0.0) -> Lock:
+        """One backup (or migration) of the CT at a time; held beside :meth:`lock`."""
+        return Lock(self.node.lockdir / f"{self.ctid}.backup.lock", wait=wait,
+                    what=f"backup of CT {self.ctid}")
+
     # --- runtime views -------------------------------------------------------------
     def state(self) -> CTState | None:
         return read_state(self.node, self.ctid)

@@ -26,7 +26,7 @@ from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu import driver
 from vzbackup.criu.check import criu_binary, pycriu_module
-from vzbackup.ct import fencing, fs, idmap, network, registry, rootfs
+from vzbackup.ct import admission, fencing, fs, idmap, network, registry, rootfs
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import read_state
 from vzbackup.template import cache as template_cache
@@ -35,24 +35,6 @@ from vzbackup.template.extract import extract_template
 START_TIMEOUT = 60.0
 
 log = logging.getLogger(__name__)
-
-
-def _others_ips(node: Node, ctid: int) -> dict[str, int]:
-    used: dict[str, int] = {}
-    for other in registry.list_ctids(node):
-        if other == ctid:
-            continue
-        with contextlib.suppress(E.VzError):
-            for ip in Container(node, other).conf.ips:
-                used[ip.split("/")[0]] = other
-    return used
-
-
-def _check_ips_free(node: Node, ctid: int, ips: list[str]) -> None:
-    used = _others_ips(node, ctid)
-    for ip in ips:
-        if ip.split("/")[0] in used:
-            raise E.ExistsError(f"IP {ip} is already used by CT {used[ip.split('/')[0]]}")
 
 
 def create(
@@ -76,13 +58,8 @@ def create(
         validate_name(name)
     node.ensure_dirs()
     with ct.lock():
-        if ct.exists:
-            raise E.ExistsError(f"CT {ctid} already exists ({ct.conf_path})")
-        if name and registry.name_owner(node, name) is not None:
-            raise E.ExistsError(
-                f"name {name!r} is already used by CT {registry.resolve(node, name)}"
-            )
-        _check_ips_free(node, ctid, ips)
+        for clash in admission.clashes(node, ctid, name=name or "", ips=ips):
+            raise clash.error()
         ostemplate = ostemplate or node.value("DEF_OSTEMPLATE")
         archive = template_cache.find_template(node.template_cache, ostemplate)
         sample = sample or node.value("CONFIGFILE")
@@ -107,11 +84,8 @@ def create(
         if name:
             conf.set("NAME", name)
         private = ct.ve_private(conf)
-        if private.exists():
-            raise E.ExistsError(
-                f"private area {private} already exists",
-                hint="remove it, or destroy the CT that owns it",
-            )
+        for clash in admission.clashes(node, ctid, new=False, private=private):
+            raise clash.error()
         private.parent.mkdir(parents=True, exist_ok=True)
         subvolume = fs.fs_type(private.parent) == "btrfs"
         if subvolume:  # lets backups take instant snapshots (mode snapshot / checkpoint)
@@ -486,7 +460,8 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
         ipadd = [validate_ip(i) for i in params.pop("ipadd", None) or []]
         ipdel = list(params.pop("ipdel", None) or [])
         if ipadd or ipdel:
-            _check_ips_free(ct.node, ct.ctid, ipadd)
+            for clash in admission.clashes(ct.node, ct.ctid, new=False, ips=ipadd):
+                raise clash.error()
             current = conf.ips
             if "all" in ipdel:
                 ipdel = list(current)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vzbackup import constants as C
 from vzbackup.config.node import Node
+from vzbackup.syscalls import pid_alive
 
 
 @dataclass
@@ -38,16 +39,6 @@ def clear_state(node: Node, ctid: int) -> None:
     state_path(node, ctid).unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def read_state(node: Node, ctid: int) -> CTState | None:
     """The recorded state if its supervisor is still alive; a stale file is removed."""
     path = state_path(node, ctid)
@@ -55,7 +46,7 @@ def read_state(node: Node, ctid: int) -> CTState | None:
         st = CTState(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    if not _alive(st.supervisor_pid):
+    if not pid_alive(st.supervisor_pid):
         path.unlink(missing_ok=True)
         return None
     return st

@@ -27,6 +27,7 @@ from types import TracebackType
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import LockedError, StorageError
 from vzbackup.storage.backend import BackendError, Kind, ObjectMissing
+from vzbackup.syscalls import pid_alive
 
 LOCK_PREFIX = "locks/"
 LEASE = 900.0  # seconds without refresh after which another host's lock is stale
@@ -42,16 +43,6 @@ def _boot_id() -> str:
         return ""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class LockInfo:
     key: str
@@ -65,7 +56,7 @@ class LockInfo:
 
     def stale(self, now: float, lease: float = LEASE) -> bool:
         if self.host == socket.gethostname() and self.boot == _boot_id():
-            return not _pid_alive(self.pid)
+            return not pid_alive(self.pid)
         return now - self.mtime > lease
 
     def describe(self) -> str:

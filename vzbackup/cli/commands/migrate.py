@@ -13,6 +13,7 @@ from vzbackup import errors as E
 from vzbackup.cli.common import container, emit, json_option, node_of, require_root
 from vzbackup.ct import registry
 from vzbackup.ct.container import Container
+from vzbackup.syscalls import pid_alive
 
 PHASE_ORDER = (
     "preflight", "first_sync", "stage", "stop", "dump", "final_sync", "image_transfer",
@@ -181,7 +182,6 @@ def migrate_cleanup(ctx: click.Context, ctid: str, as_json: bool) -> None:
     On DEST an uncommitted copy is removed; on the source of a committed migration the
     source copy is retired (as after a successful migration).
     """
-    from vzbackup.ct.state import _alive
     from vzbackup.migrate.agent import undo_created
     from vzbackup.migrate.journal import Journal
     from vzbackup.migrate.phases import finish_source
@@ -191,7 +191,7 @@ def migrate_cleanup(ctx: click.Context, ctid: str, as_json: bool) -> None:
     if journal is None:
         emit(as_json, {"ctid": ct.ctid, "action": "none"}, f"CT {ct.ctid}: no migration journal")
         return
-    if journal.pid and _alive(journal.pid):
+    if journal.pid and pid_alive(journal.pid):
         raise E.LockedError(f"CT {ct.ctid}: migration process {journal.pid} is still running")
     with ct.lock():
         if journal.role == "dest":
