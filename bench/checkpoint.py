@@ -170,7 +170,7 @@ def debian_case(prefix: Path) -> dict:
     env = {**os.environ, "VZBACKUP_PREFIX": str(prefix)}
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "vzbackup.cli", "chkpnt", ct], env=env,
-                         capture_output=True, text=True, check=False)  # fmt: skip
+                         capture_output=True, text=True, check=False)
     if res.returncode:
         errors = [
             ln for ln in res.stderr.splitlines() if "Error (" in ln and "RLIMIT_NOFILE" not in ln
@@ -239,7 +239,7 @@ def main() -> None:
                     print(f"plain criu round failed: {str(e)[-600:]}", file=sys.stderr)
                     d = r = float("nan")
                     subprocess.run(["umount", "-l", str(prefix / f"vz/root/{CTID}")],
-                                   capture_output=True)  # fmt: skip
+                                   capture_output=True)
                 plain_d.append(d)
                 plain_r.append(r)
                 vz(prefix, "start", str(CTID))  # fresh start; shm content is re-created

@@ -1,1 +1,2 @@
-"""Live migration of containers between nodes (vzmigrate equivalent); see issue 4."""
+"""Live migration of containers between nodes (vzmigrate equivalent): the SSH link, the
+private area's sync, the SOURCE side's phases and the DEST agent (README "Live migration")."""

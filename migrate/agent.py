@@ -210,7 +210,7 @@ class Agent:
             proc = subprocess.Popen(
                 argv, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
+            )
         finally:
             os.close(w)
         try:

@@ -26,7 +26,7 @@ def cpuinfo_check(b64: str) -> str | None:
         res = subprocess.run(
             [criu_binary(), "cpuinfo", "check", "-D", d, "-o", "check.log"],
             capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        )
         if res.returncode == 0:
             return None
         logf = Path(d, "check.log")

@@ -66,7 +66,7 @@ class DestAgent:
         argv = [
             *self.session.target.remote_vzbackup, "migrate-agent", str(self.dest_ctid),
             "--source", socket.gethostname(),
-        ]  # fmt: skip
+        ]
         self.chan = self.session.open_exec(argv)
         self.link = Link(self.chan.makefile("rb"), self.chan.makefile_stdin("wb"))
         threading.Thread(target=self._relay_stderr, daemon=True).start()

@@ -65,7 +65,7 @@ class OnlineDump:
             reply = mig.dest.call(
                 "stage", lazy=self.lazy, page_address=mig.dest.my_address(),
                 page_port=self.port, tls_cert=self.tls.cert_pem if self.tls else None,
-            )  # fmt: skip
+            )
         if self.tls is not None:
             self.tls.trust(reply["tls_cert"])
         if not self.lazy:
@@ -173,7 +173,7 @@ class OnlineDump:
                     page_server=self.page_server,
                     tls=self.tls.files() if self.tls else None),
                 notify=self.steps(),
-            )  # fmt: skip
+            )
             t_served = time.monotonic()
             self._join()
             self._raise_first()

@@ -111,7 +111,7 @@ class Report:
             ctid=self.ctid, new_ctid=self.dest_ctid, mode=self.mode, dest=self.dest,
             ok=self.ok, error=self.error, bytes_sent=self.bytes_sent, phases=self.times,
             frozen=self.frozen, total=self.total,
-        )  # fmt: skip
+        )
 
 
 def _tree_bytes(root: Path) -> int:
@@ -348,7 +348,7 @@ class Migration:
         stats = self.push_tree(
             self.session, src, dst, method=method or self.opts.sync_method,
             bwlimit_kbps=self.opts.bwlimit_kbps,
-        )  # fmt: skip
+        )
         self.count(what, int(getattr(stats, "bytes_sent", 0) or 0))
 
     def push_private(self) -> None:

@@ -313,7 +313,7 @@ class Session:
                 "-o", f"ConnectTimeout={int(self.timeout)}",
                 "-o", f"ServerAliveInterval={t.options.get('ServerAliveInterval', KEEPALIVE)}",
                 "-o", "ControlMaster=auto", "-o", f"ControlPersist={OPENSSH_PERSIST}",
-                "-o", f"ControlPath={self._control_dir}/cm"]  # fmt: skip
+                "-o", f"ControlPath={self._control_dir}/cm"]
         if t.key_filename:
             argv += ["-i", os.path.expanduser(t.key_filename), "-o", "IdentitiesOnly=yes"]
         return argv

@@ -58,10 +58,10 @@ class Identity:
                 key_encipherment=False, data_encipherment=False, key_agreement=True,
                 crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
             .sign(key, hashes.SHA256())
-        )  # fmt: skip
+        )
         (d / KEY).write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))  # fmt: skip
+            serialization.NoEncryption()))
         (d / CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(d)
 

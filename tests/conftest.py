@@ -61,7 +61,7 @@ def debian_template_cache() -> Iterator[Path]:
             [sys.executable, "-m", "vzbackup.cli", "--prefix", str(DEMO_PREFIX),
              "template", "build", DEBIAN_TEMPLATE_NAME],
             check=True, capture_output=True, timeout=DEBIAN_TEMPLATE_BUILD_TIMEOUT,
-        )  # fmt: skip
+        )
     held = Path(tempfile.mkdtemp(prefix="vzt-debian-template-", dir="/var/tmp"))
     try:  # our own links: a concurrent 'template remove' in the demo prefix can't pull it away
         for f in cache.glob(f"{DEBIAN_TEMPLATE_NAME}.tar.zst*"):

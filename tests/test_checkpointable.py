@@ -100,10 +100,10 @@ def test_other_uid_task_agrees_with_criu(node: NodeBed, mode: str) -> None:
 def _debian_blockers(bed: NodeBed, ctid: int) -> set[tuple[str, str]]:
     bed.sh(ctid, f"timeout {BOOT_TIMEOUT} systemctl is-system-running --wait", check=False)
     wait_for(lambda: bed.sh(ctid, "systemctl is-active redis-server", check=False).strip()
-             == "active", timeout=BOOT_TIMEOUT, what="redis-server")  # fmt: skip
+             == "active", timeout=BOOT_TIMEOUT, what="redis-server")
     _rc, found = _check(bed, ctid)
     return {(b["comm"], b["why"].split(":")[0] if b["kind"] == "file" else b["what"])
-            for b in found if b["kind"] != "rlimit"}  # fmt: skip
+            for b in found if b["kind"] != "rlimit"}
 
 
 def _no_dropins(bed: NodeBed, ctid: int) -> set[tuple[str, str]]:
@@ -123,12 +123,12 @@ def test_debian_unprivileged_ct_is_checkpointable_with_the_dropins(debian_node: 
     # Redis keeps the sandboxing CRIU can dump: its own mount namespace, seccomp, no new privs.
     kept = bed.sh(ctid, "p=$(pidof redis-server); [ $(readlink /proc/$p/ns/mnt) != "
                         "$(readlink /proc/1/ns/mnt) ] && echo mnt; grep -E "
-                        "'^(Seccomp|NoNewPrivs):' /proc/$p/status | tr -d '\\t'")  # fmt: skip
+                        "'^(Seccomp|NoNewPrivs):' /proc/$p/status | tr -d '\\t'")
     assert kept.split() == ["mnt", "NoNewPrivs:1", "Seccomp:2"]
     # Without them, ProtectHostname= and PrivateUsers= of the stock units block CRIU.
     stock = _no_dropins(bed, ctid)
     assert {("redis-server", "nested uts namespace"), ("redis-server", "nested user namespace"),
-            ("systemd-logind", "nested uts namespace")} <= stock  # fmt: skip
+            ("systemd-logind", "nested uts namespace")} <= stock
 
 
 def test_debian_privileged_ct_dropins_measured(debian_node: NodeBed) -> None:
@@ -141,7 +141,7 @@ def test_debian_privileged_ct_dropins_measured(debian_node: NodeBed) -> None:
     wait_for(lambda: _check(bed, ctid) == (0, []), timeout=30, what="no blockers")
     stock = _no_dropins(bed, ctid)
     assert {("redis-server", "nested uts namespace"), ("redis-server", "nested user namespace"),
-            ("systemd-logind", "nested uts namespace")} <= stock  # fmt: skip
+            ("systemd-logind", "nested uts namespace")} <= stock
     assert not {w for _c, w in stock if "hugetlbfs" in w or w.startswith("cgroup_")}, stock
 
 
@@ -154,7 +154,7 @@ def test_online_migration_refused_before_anything_is_copied(shared_two_nodes) ->
     try:
         _bg(bed.a, ctid, "unshare -u sleep 1000")
         res = bed.a.vz("migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "--online",
-                       check=False, timeout=240)  # fmt: skip
+                       check=False, timeout=240)
         assert res.returncode == 15, res.stderr
         assert "nothing was changed" in res.stderr
         assert "CRIU can't dump pid" in res.stderr and "nested uts namespace" in res.stderr

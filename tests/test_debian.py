@@ -39,7 +39,7 @@ def test_boots_to_running_with_console_run_cgroupns_and_journal(deb) -> None:
     bed, ctid = deb
     assert system_state(bed, ctid) == "running"
     fstypes = bed.sh(ctid, "for m in /run /run/lock /sys/fs/cgroup /dev/console; do "
-                           "findmnt -no FSTYPE $m; done").split()  # fmt: skip
+                           "findmnt -no FSTYPE $m; done").split()
     assert fstypes == ["tmpfs", "tmpfs", "cgroup2", "devpts"]
     # The CT sees its own cgroup subtree as the root; systemd put itself in init.scope, and
     # none of the node's v1 hierarchies is mounted inside.

@@ -107,7 +107,7 @@ def test_checkpoint_backup_restores_with_state_from_s3_onto_an_empty_node(
         client.close()
     configure(bed, s3_bucket.storage_cfg())
     res = bed.vz("dump", str(ctid), "--storage", "s3", "--mode", "checkpoint", "--json",
-                 timeout=600)  # fmt: skip
+                 timeout=600)
     assert json.loads(res.stdout)["results"][0]["ok"]
     assert_machine_ok(bed, ctid, "after-checkpoint-backup")  # leave-running: still up
     # The node is lost and reinstalled, empty, at the same prefix (CRIU images name paths).
@@ -181,7 +181,7 @@ def test_live_migration_keeps_every_acknowledged_write(debian_two_nodes, lazy: s
         # --plain-tcp: CRIU's TLS page transfer of this CT's memory fails ("tls: Failed
         # receiving data: Decryption has failed") - the migration's own bug, tested elsewhere.
         res = a.vz("migrate", str(ctid), bed.dest(b), *bed.ssh_args(), "--online", lazy,
-                   "--plain-tcp", "--json", timeout=300)  # fmt: skip
+                   "--plain-tcp", "--json", timeout=300)
         report = json.loads(res.stdout)
         assert report["ok"] and report["runs_on"] == "dest"
         assert 0 < report["frozen"] < report["total"]

@@ -100,12 +100,12 @@ def test_sample_documents_every_key_with_its_default(tmp_path: Path) -> None:
         "storage", "mode", "zstd-level", "zstd", "tmpdir", "lockwait", "stopwait", "bwlimit",
         "exclude-path", "stdexcludes", "script", "notes-template", "prune-backups",
         "encryption-key", "ionice", "remove",
-    ]  # fmt: skip
+    ]
     uncommented = conf(tmp_path, "\n".join(f"{k}: {v}" for k, v in settings) + "\n")
     d = load_defaults(uncommented)  # every example value parses
     defaults = DumpDefaults()
     for key in ("mode", "zstd_level", "zstd", "lockwait", "stopwait", "bwlimit", "ionice",
-                "stdexcludes", "remove", "prune_backups"):  # fmt: skip
+                "stdexcludes", "remove", "prune_backups"):
         assert getattr(d, key) == getattr(defaults, key), key
 
 
@@ -245,7 +245,7 @@ def test_standard_excludes(path: str, is_dir: bool, excluded: bool) -> None:
 
 def test_pattern_semantics() -> None:
     m = ExcludeMatcher(["*.swp", "cache/", "/srv/data/**/old", "log/*.gz", "core.[0-9]*",
-                        "/home/a b", "file[!x]", "lit\\*eral"])  # fmt: skip
+                        "/home/a b", "file[!x]", "lit\\*eral"])
     cases = {
         ("a.swp", False): True,  # unanchored: at any depth
         ("home/u/.a.swp", False): True,

@@ -141,7 +141,7 @@ def test_keep_daily_skips_days_without_backups() -> None:
 def test_keep_weekly_uses_iso_weeks_across_new_year() -> None:
     # 2020-12-31 (Thu) and 2021-01-03 (Sun) are in ISO week 2020-W53; 2021-01-04 is 2021-W01.
     items = [at("2020-12-31 10:00"), at("2021-01-03 10:00"), at("2021-01-04 10:00"),
-             at("2020-12-27 10:00")]  # fmt: skip
+             at("2020-12-27 10:00")]
     assert verdicts(run(items, "keep-weekly=2")) == {
         "2021-01-04 10:00": "keep-weekly 2021-W01",
         "2021-01-03 10:00": "keep-weekly 2020-W53",
@@ -152,7 +152,7 @@ def test_keep_weekly_uses_iso_weeks_across_new_year() -> None:
 
 def test_keep_monthly_and_yearly() -> None:
     days = ("2024-12-31 23", "2025-01-15 00", "2025-01-31 00", "2025-02-01 00", "2025-03-10 00",
-            "2023-06-01 00")  # fmt: skip
+            "2023-06-01 00")
     items = [at(f"{d}:00") for d in days]
     assert kept(run(items, "keep-monthly=3")) == [
         "2025-03-10 00:00",
@@ -186,7 +186,7 @@ def test_period_kept_by_earlier_rule_is_covered_but_not_counted() -> None:
 
 def test_skipped_backups_of_covered_periods_stay_undecided_until_the_end() -> None:
     items = [at("2026-01-02 12:30"), at("2026-01-02 12:10"), at("2026-01-02 11:00"),
-             at("2026-01-01 23:00"), at("2026-01-01 22:00")]  # fmt: skip
+             at("2026-01-01 23:00"), at("2026-01-01 22:00")]
     assert verdicts(run(items, "keep-last=1,keep-hourly=1,keep-daily=1")) == {
         "2026-01-02 12:30": "keep-last 1",
         "2026-01-02 12:10": "removed",  # hour 12 and day 2 were covered by 12:30
@@ -232,7 +232,7 @@ def test_daily_weekly_monthly_schedule() -> None:
 
 def test_protected_is_kept_and_does_not_count() -> None:
     items = [at("2026-01-05 00:00", protected=True), at("2026-01-04 00:00"),
-             at("2026-01-03 00:00"), at("2026-01-02 00:00")]  # fmt: skip
+             at("2026-01-03 00:00"), at("2026-01-02 00:00")]
     assert verdicts(run(items, "keep-last=2")) == {
         "2026-01-05 00:00": "protected",
         "2026-01-04 00:00": "keep-last 1",
@@ -243,7 +243,7 @@ def test_protected_is_kept_and_does_not_count() -> None:
 
 def test_protected_does_not_cover_its_period() -> None:
     items = [at("2026-01-05 18:00", protected=True), at("2026-01-05 06:00"),
-             at("2026-01-04 06:00"), at("2026-01-01 06:00", protected=True)]  # fmt: skip
+             at("2026-01-04 06:00"), at("2026-01-01 06:00", protected=True)]
     assert verdicts(run(items, "keep-daily=1")) == {
         "2026-01-05 18:00": "protected",
         "2026-01-05 06:00": "keep-daily 2026-01-05",

@@ -39,7 +39,7 @@ class OffsetShift:
 
 
 def _member(name: str, kind: bytes, mode: int, uid: int = 0, gid: int = 0, data: bytes = b"",
-            link: str = "") -> tuple[tarfile.TarInfo, bytes]:  # fmt: skip
+            link: str = "") -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.uid, info.gid, info.size = kind, mode, uid, gid, len(data)
     info.linkname, info.mtime = link, 1700000000
@@ -64,17 +64,17 @@ def test_template_extraction_shifts_owners_and_keeps_special_modes(tmp_path: Pat
         _member("./srv/g", tarfile.LNKTYPE, 0o644, uid=1000, gid=100, link="./srv/f"),
         _member("./big", tarfile.REGTYPE, 0o600, uid=70000, gid=70000, data=b"y"),
         _member("./l", tarfile.SYMTYPE, 0o777, uid=5, gid=5, link="sbin/init"),
-    ])  # fmt: skip
+    ])
     dest = tmp_path / "ct"
     extract_template(tar, dest, shift=OffsetShift())
     owners = {p: (os.lstat(dest / p).st_uid, os.lstat(dest / p).st_gid)
-              for p in (".", "sbin/init", "tmp", "srv", "srv/f", "srv/g", "big", "l")}  # fmt: skip
+              for p in (".", "sbin/init", "tmp", "srv", "srv/f", "srv/g", "big", "l")}
     assert owners == {
         ".": (BASE, BASE), "sbin/init": (BASE, BASE), "tmp": (BASE, BASE),
         "srv": (BASE + 33, BASE + 33), "srv/f": (BASE + 1000, BASE + 100),
         "srv/g": (BASE + 1000, BASE + 100), "big": (BASE + 65534, BASE + 65534),
         "l": (BASE + 5, BASE + 5),
-    }  # fmt: skip
+    }
     assert stat.S_IMODE(os.stat(dest / "sbin/init").st_mode) == 0o4755  # chown didn't eat it
     assert stat.S_IMODE(os.stat(dest / "tmp").st_mode) == 0o1777
     assert stat.S_IMODE(os.stat(dest / "srv").st_mode) == 0o2775

@@ -455,10 +455,10 @@ def test_rootfs_runs_in_chroot(built: dict[str, object], tmp_path: Path) -> None
     res = subprocess.run(
         ["chroot", str(rootfs), "/bin/sh", "-c", "echo ok; ls /www"],
         capture_output=True, text=True, timeout=10, check=True,
-    )  # fmt: skip
+    )
     assert res.stdout.split() == ["ok", "cgi-bin", "index.html"]
     for script in ("/etc/init.d/rcS", "/etc/init.d/rcK", "/usr/local/bin/heartbeat",
-                   "/www/cgi-bin/status", "/etc/profile"):  # fmt: skip
+                   "/www/cgi-bin/status", "/etc/profile"):
         subprocess.run(["chroot", str(rootfs), "/bin/sh", "-n", script], check=True, timeout=10)
 
     port = _free_port()

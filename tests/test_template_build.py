@@ -32,7 +32,7 @@ def _cache(node: NodeBed) -> Path:
 def _hidden(node: NodeBed) -> list[str]:
     """What a build may leave in the cache besides templates: only its lock file."""
     return sorted(p.name for p in _cache(node).iterdir() if not p.name.endswith(".lock")
-                  and p.name.startswith("."))  # fmt: skip
+                  and p.name.startswith("."))
 
 
 # ------------------------------------------------------------------------------------ recipes
@@ -42,14 +42,14 @@ def _hidden(node: NodeBed) -> list[str]:
     ("name", "suite"),
     [("debian-12-x86_64", "bookworm"), ("debian-13-x86_64", "trixie"),
      ("debian-12-x86_64-web", "bookworm")],
-)  # fmt: skip
+)
 def test_recipe_from_openvz_style_name(name: str, suite: str) -> None:
     r = debian.recipe_for(name, None, None)
     assert (r.suite, r.arch, r.mirror) == (suite, "amd64", "http://deb.debian.org/debian")
     assert list(r.packages) == [*TEMPLATE_BASE_PACKAGES, *TEMPLATE_DEFAULT_PACKAGES]
     assert debian.recipe_for(name, ["redis-server"], None).packages == (
         *TEMPLATE_BASE_PACKAGES, "redis-server",
-    )  # fmt: skip
+    )
     assert r.inputs() != debian.recipe_for(name, [], None).inputs()
 
 
@@ -66,7 +66,7 @@ def test_recipe_from_openvz_style_name(name: str, suite: str) -> None:
     ],
 )
 def test_recipe_bad_input(name: str, packages: list[str] | None, mirror: str | None,
-                          says: str) -> None:  # fmt: skip
+                          says: str) -> None:
     with pytest.raises(UsageError, match=says):
         debian.recipe_for(name, debian.split_packages(packages or []) if packages else None, mirror)
 
@@ -100,7 +100,7 @@ def test_build_same_recipe_is_instant_other_recipe_refused(debian_node: NodeBed)
     assert json.loads(res.stdout)["up_to_date"] is True
     before = (_cache(debian_node) / f"{DEBIAN_TEMPLATE_NAME}.tar.zst").stat().st_mtime_ns
     res = debian_node.vz("template", "build", DEBIAN_TEMPLATE_NAME, "--packages", "cron",
-                         check=False)  # fmt: skip
+                         check=False)
     assert res.returncode == EXISTS and "--force" in res.stderr
     res = debian_node.vz("template", "build", TEMPLATE_NAME, check=False)
     assert res.returncode == USAGE and "don't know how to build" in res.stderr
@@ -111,7 +111,7 @@ def test_failed_build_leaves_nothing(node: NodeBed) -> None:
     need(shutil.which("mmdebstrap") is not None, "mmdebstrap not installed (scripts/setup.sh)")
     before = sorted(p.name for p in _cache(node).iterdir())
     res = node.vz("template", "build", "debian-12-x86_64", "--mirror", DEAD_MIRROR,
-                  "--packages", "", check=False, timeout=600)  # fmt: skip
+                  "--packages", "", check=False, timeout=600)
     assert res.returncode == RUNTIME, res.stderr
     assert "mmdebstrap failed to build debian-12-x86_64 from " + DEAD_MIRROR in res.stderr
     assert "127.0.0.1" in res.stderr.split("last lines:")[1]  # apt's own words on the mirror
@@ -125,12 +125,12 @@ def test_failed_build_leaves_nothing(node: NodeBed) -> None:
 def test_debian_ct_boots_systemd_and_stock_services(debian_node: NodeBed) -> None:
     ctid, _ip = debian_node.create_running("--ostemplate", DEBIAN_TEMPLATE_NAME)  # unprivileged
     wait_for(lambda: debian_node.sh(ctid, "redis-cli ping", check=False).strip() == "PONG",
-             timeout=60, what="redis-server in the Debian CT")  # fmt: skip
+             timeout=60, what="redis-server in the Debian CT")
     state = debian_node.sh(ctid, "systemctl is-system-running --wait", check=False).strip()
     assert state in ("running", "degraded"), state
     for unit in ("redis-server", "postgresql@15-main", "ssh", "cron", "systemd-journald"):
         wait_for(lambda u=unit: debian_node.sh(ctid, f"systemctl is-active {u}", check=False)
-                 .strip() == "active", timeout=60, what=unit)  # fmt: skip
+                 .strip() == "active", timeout=60, what=unit)
     # Per-CT identity: own SSH host keys and machine-id, hostname from the config.
     keys = debian_node.sh(ctid, "ls /etc/ssh/ssh_host_ed25519_key && cat /etc/machine-id")
     assert len(keys.split()[1]) == 32
@@ -162,7 +162,7 @@ def test_template_that_is_not_a_root_filesystem(node: NodeBed) -> None:
     _tarball(_cache(node) / "noexec.tar.gz", {"./sbin/init": b"data"})
     ctid = node.new_ctid()
     for name, says in (("photos", "/sbin/init is missing"),
-                       ("noexec", "/sbin/init is not an executable file")):  # fmt: skip
+                       ("noexec", "/sbin/init is not an executable file")):
         res = node.vz("create", str(ctid), "--ostemplate", name, check=False)
         assert res.returncode == USAGE, res.stderr
         assert f"OS template {name!r} is not a root filesystem: {says}" in res.stderr

@@ -339,7 +339,7 @@ def test_entries_from_dir_excludes_and_stays_on_one_filesystem(tmp_path: Path) -
     finally:
         subprocess.run(["umount", str(src / "mnt/other")], check=True)
     assert paths == [".", "keep", "keep/x", "mnt", "mnt/other", "tmp", "var", "var/run",
-                     "var/run/utmp"]  # fmt: skip
+                     "var/run/utmp"]
     assert "mnt/other/hidden" in everything and "tmp/sub/b" in everything
 
 

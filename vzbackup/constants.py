@@ -71,7 +71,7 @@ TEMPLATE_BASE_PACKAGES = ("systemd-sysv", "iproute2")  # always installed: init 
 TEMPLATE_DEFAULT_PACKAGES = (
     "dbus", "redis-server", "openssh-server", "cron", "postgresql",
     "procps", "netcat-openbsd", "python3-minimal",
-)  # fmt: skip
+)
 TEMPLATE_INFO_SUFFIX = ".json"  # NAME.tar.zst.json beside a built template: recipe and inputs
 DEBIAN_TEMPLATE = "debian-12-x86_64"  # what setup.sh builds for the tests and the demo
 

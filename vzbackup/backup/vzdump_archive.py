@@ -493,7 +493,7 @@ def _read_file(path: str) -> Iterator[bytes]:
 _ACL_VERSION = 2
 _ACL_UNDEFINED_ID = 0xFFFFFFFF
 _ACL_TAGS = {0x01: ("user", False), 0x02: ("user", True), 0x04: ("group", False),
-             0x08: ("group", True), 0x10: ("mask", False), 0x20: ("other", False)}  # fmt: skip
+             0x08: ("group", True), 0x10: ("mask", False), 0x20: ("other", False)}
 _ACL_CODES = {(name, named): code for code, (name, named) in _ACL_TAGS.items()}
 _ACL_SHORT = {"u": "user", "g": "group", "m": "mask", "o": "other"}
 
@@ -603,7 +603,7 @@ class _Extraction:
             extract(
                 stream, self.root, shift=self.shift, allow_devices=self.allow_devices,
                 select=self._select, finish=self._finish,
-            )  # fmt: skip
+            )
 
     def _select(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> bool:
         """vps.conf is read, never written into the tree; vzdump's own directory stays out."""

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from vzbackup.errors import ConfigError, UsageError
 
 IFNAMSIZ = 15  # longest interface name the kernel takes
 
-_NETIF_KEYS = ("ifname", "mac", "host_ifname", "host_mac", "bridge", "ip", "gw")
 _NETIF_IGNORED = ("mac_filter",)  # OpenVZ keys we accept but do not model
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
 _BAD_IFNAME = re.compile(r"[\s/:,;=@%]")
@@ -105,6 +104,33 @@ def _check_mac(mac: str, what: str) -> str:
 # --------------------------------------------------------------------------- NETIF
 
 
+def _netif_ip(text: str, key: str) -> str:
+    try:
+        return validate_ip(text)
+    except UsageError as e:
+        raise ConfigError(f"bad {key} {text!r}: {e}") from None
+
+
+def _netif_gw(text: str, key: str) -> str:
+    gw = _netif_ip(text, key)
+    if "/" in gw:
+        raise ConfigError(f"{key} {text!r} must be a plain address")
+    return gw
+
+
+# NETIF key -> check(value, key) returning the value to keep; "ip" may repeat
+_NETIF_CHECKS: dict[str, Callable[[str, str], str]] = {
+    "ifname": _check_ifname,
+    "mac": _check_mac,
+    "host_ifname": _check_ifname,
+    "host_mac": _check_mac,
+    "bridge": _check_ifname,
+    "ip": _netif_ip,
+    "gw": _netif_gw,
+}
+_NETIF_KEYS = tuple(_NETIF_CHECKS)
+
+
 def parse_netif(value: str) -> list[Netif]:
     """Parse an OpenVZ NETIF value: ``key=val,...`` entries separated by ``;``.
 
@@ -115,64 +141,47 @@ def parse_netif(value: str) -> list[Netif]:
         entry = raw.strip()
         if not entry:
             continue
-        where = f"NETIF entry {n} ({entry!r})"
-        fields: dict[str, str] = {}
-        ips: list[str] = []
-        for part in entry.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            key, sep, val = part.partition("=")
-            key, val = key.strip(), val.strip()
-            if not sep or not key:
-                raise ConfigError(f"{where}: {part!r} is not key=value")
-            if key in _NETIF_IGNORED:
-                continue
-            if key not in _NETIF_KEYS:
-                raise ConfigError(
-                    f"{where}: unknown key {key!r}", hint=f"known keys: {', '.join(_NETIF_KEYS)}"
-                )
-            if not val:
-                raise ConfigError(f"{where}: empty value for {key!r}")
-            if key == "ip":
-                try:
-                    norm = validate_ip(val)
-                except UsageError as e:
-                    raise ConfigError(f"{where}: bad ip {val!r}: {e}") from None
-                if norm not in ips:
-                    ips.append(norm)
-                continue
-            if key in fields:
-                raise ConfigError(f"{where}: duplicate key {key!r}")
-            fields[key] = val
-        if "ifname" not in fields:
-            raise ConfigError(f"{where}: missing ifname=")
         try:
-            ifname = _check_ifname(fields["ifname"], "ifname")
-            host_ifname = fields.get("host_ifname")
-            if host_ifname is not None:
-                _check_ifname(host_ifname, "host_ifname")
-            bridge = fields.get("bridge")
-            if bridge is not None:
-                _check_ifname(bridge, "bridge")
-            mac = _check_mac(fields["mac"], "mac") if "mac" in fields else None
-            host_mac = _check_mac(fields["host_mac"], "host_mac") if "host_mac" in fields else None
+            nif = _netif(entry)
+            if any(x.ifname == nif.ifname for x in result):
+                raise ConfigError(f"ifname {nif.ifname!r} used twice")
+            if nif.host_ifname and any(x.host_ifname == nif.host_ifname for x in result):
+                raise ConfigError(f"host_ifname {nif.host_ifname!r} used twice")
         except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-        gw = fields.get("gw")
-        if gw is not None:
-            try:
-                gw = validate_ip(gw)
-            except UsageError as e:
-                raise ConfigError(f"{where}: bad gw {gw!r}: {e}") from None
-            if "/" in gw:
-                raise ConfigError(f"{where}: gw {gw!r} must be a plain address")
-        if any(x.ifname == ifname for x in result):
-            raise ConfigError(f"{where}: ifname {ifname!r} used twice")
-        if host_ifname and any(x.host_ifname == host_ifname for x in result):
-            raise ConfigError(f"{where}: host_ifname {host_ifname!r} used twice")
-        result.append(Netif(ifname, bridge, mac, host_ifname, host_mac, tuple(ips), gw))
+            raise ConfigError(f"NETIF entry {n} ({entry!r}): {e.args[0]}", hint=e.hint) from None
+        result.append(nif)
     return result
+
+
+def _netif(entry: str) -> Netif:
+    fields: dict[str, str] = {}
+    ips: list[str] = []
+    for key, text in _netif_pairs(entry):
+        value = _NETIF_CHECKS[key](text, key)
+        if key == "ip":
+            if value not in ips:
+                ips.append(value)
+        elif key in fields:
+            raise ConfigError(f"duplicate key {key!r}")
+        else:
+            fields[key] = value
+    if "ifname" not in fields:
+        raise ConfigError("missing ifname=")
+    return Netif(ip=tuple(ips), **fields)
+
+
+def _netif_pairs(entry: str) -> Iterator[tuple[str, str]]:
+    for part in filter(None, (p.strip() for p in entry.split(","))):
+        key, sep, text = (x.strip() for x in part.partition("="))
+        if not sep or not key:
+            raise ConfigError(f"{part!r} is not key=value")
+        if key in _NETIF_IGNORED:
+            continue
+        if key not in _NETIF_CHECKS:
+            raise ConfigError(f"unknown key {key!r}", hint=f"known keys: {', '.join(_NETIF_KEYS)}")
+        if not text:
+            raise ConfigError(f"empty value for {key!r}")
+        yield key, text
 
 
 def format_netif(netifs: Iterable[Netif]) -> str:

@@ -155,7 +155,7 @@ def _files(task: _Task) -> Iterator[Blocker]:
         why = ANON_FILES[name]
         if name == "bpf-prog":
             info = dict(ln.split(":", 1) for ln in _read(f"/proc/{task.pid}/fdinfo/{fd}")
-                        .splitlines() if ":" in ln)  # fmt: skip
+                        .splitlines() if ":" in ln)
             ptype = int(info.get("prog_type", "-1").strip() or -1)
             why = BPF_PROG_TYPES.get(ptype, f"BPF program type {ptype}")
         yield task.blocker("file", f"fd {fd} is {target}", why)
@@ -181,13 +181,13 @@ def _session(task: _Task, pids: set[int]) -> Iterator[Blocker]:
                 "session", f"its {what} leader (node pid {leader}) is outside the CT",
                 "started from outside without setsid (e.g. a background job of 'vzbackup exec'); "
                 "run it under setsid or as a service of the CT",
-            )  # fmt: skip
+            )
             return  # one is enough: CRIU reports the session
 
 
 def _lacks_sys_resource() -> bool:
     caps = next((ln.split()[1] for ln in _read("/proc/self/status").splitlines()
-                 if ln.startswith("CapEff:")), "0")  # fmt: skip
+                 if ln.startswith("CapEff:")), "0")
     return not int(caps, 16) & (1 << CAP_SYS_RESOURCE)
 
 
@@ -197,7 +197,7 @@ def _rlimits(task: _Task) -> Iterator[Blocker]:
             "rlimit", f"runs as uid {max(task.uids)} in a privileged CT",
             "root on this node lacks CAP_SYS_RESOURCE, so CRIU can't read the rlimits of another "
             "uid's task; run the CT unprivileged (user namespace)",
-        )  # fmt: skip
+        )
 
 
 def blockers(ct: Container) -> list[Blocker]:

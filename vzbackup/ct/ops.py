@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vzbackup import constants as C
@@ -183,7 +184,7 @@ def _launch_supervisor(ct: Container, mode: str, extra: list[str],
             start_new_session=True,
             close_fds=True,
             cwd="/",
-        )  # fmt: skip
+        )
     except BaseException:
         os.close(r)
         raise
@@ -449,6 +450,33 @@ def resume(ct: Container) -> None:
         ct.cgroup().thaw()
 
 
+def _pages(size: object) -> str:
+    return f"0:{parse_size(str(size)) // 4096}"
+
+
+def _words(values: object) -> str:
+    return " ".join(values)  # type: ignore[call-overload]
+
+
+# vzctl set option -> (CTID.conf key, how its value is written)
+_SETTINGS: dict[str, tuple[str, Callable[[object], str]]] = {
+    "hostname": ("HOSTNAME", str),
+    "onboot": ("ONBOOT", str),
+    "cpus": ("CPUS", str),
+    "cpulimit": ("CPULIMIT", str),
+    "cpuunits": ("CPUUNITS", str),
+    "diskspace": ("DISKSPACE", str),
+    "numproc": ("NUMPROC", str),
+    "nameserver": ("NAMESERVER", _words),
+    "searchdomain": ("SEARCHDOMAIN", _words),
+    "bindmount": ("BINDMOUNT", _words),
+    "ram": ("PHYSPAGES", _pages),
+    "swap": ("SWAPPAGES", _pages),
+}
+_CGROUP_KEYS = {"PHYSPAGES", "SWAPPAGES", "CPUS", "CPULIMIT", "CPUUNITS", "NUMPROC"}
+_DIST_KEYS = {"HOSTNAME", "NAMESERVER", "SEARCHDOMAIN"}
+
+
 def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[str]:
     """vzctl set: apply to the running CT and/or save to CTID.conf; returns what changed."""
     with ct.lock():
@@ -460,74 +488,62 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
         ipadd = [validate_ip(i) for i in params.pop("ipadd", None) or []]
         ipdel = list(params.pop("ipdel", None) or [])
         if ipadd or ipdel:
-            for clash in admission.clashes(ct.node, ct.ctid, new=False, ips=ipadd):
-                raise clash.error()
-            current = conf.ips
-            if "all" in ipdel:
-                ipdel = list(current)
-            else:
-                ipdel = [validate_ip(i) for i in ipdel]
-                missing = [i for i in ipdel if i not in current]
-                if missing:
-                    raise E.UsageError(f"CT {ct.ctid} has no IP {', '.join(missing)}")
-            new_ips = [i for i in current if i not in ipdel] + [
-                i for i in ipadd if i not in current
-            ]
-            if running:
-                st = ct.require_running()
-                net = ct.net_config(conf)
-                if ipdel:
-                    network.del_ips(net, st.init_pid, ipdel)
-                if ipadd:
-                    network.add_ips(net, st.init_pid, [i for i in ipadd if i not in current])
-            conf.set("IP_ADDRESS", " ".join(new_ips))
+            _set_ips(ct, conf, ipadd, ipdel, running=running)
             changed.append("IP_ADDRESS")
         name = params.pop("name", None)
         if name is not None:
-            validate_name(str(name))
-            registry.set_name(ct.node, ct.ctid, str(name))
-            if conf.name and conf.name != name:
-                registry.remove_name(ct.node, conf.name)
-            conf.set("NAME", str(name))
+            _set_name(ct, conf, validate_name(str(name)))
             changed.append("NAME")
-        simple = {
-            "hostname": "HOSTNAME",
-            "onboot": "ONBOOT",
-            "cpus": "CPUS",
-            "cpulimit": "CPULIMIT",
-            "cpuunits": "CPUUNITS",
-            "diskspace": "DISKSPACE",
-            "numproc": "NUMPROC",
-        }
-        for opt, key in simple.items():
-            v = params.pop(opt, None)
-            if v is not None:
-                conf.set(key, str(v))
-                changed.append(key)
-        for opt, key in (
-            ("nameserver", "NAMESERVER"),
-            ("searchdomain", "SEARCHDOMAIN"),
-            ("bindmount", "BINDMOUNT"),
-        ):
-            v = params.pop(opt, None)
-            if v:
-                conf.set(key, " ".join(v))  # type: ignore[arg-type]
-                changed.append(key)
-        for opt, key in (("ram", "PHYSPAGES"), ("swap", "SWAPPAGES")):
-            v = params.pop(opt, None)
-            if v is not None:
-                pages = parse_size(str(v)) // 4096
-                conf.set(key, f"0:{pages}")
-                changed.append(key)
+        for opt, (key, text) in _SETTINGS.items():
+            value = params.pop(opt, None)
+            if value is None or (isinstance(value, list | tuple) and not value):
+                continue
+            conf.set(key, text(value))
+            changed.append(key)
         if params:
             raise E.UsageError(f"unknown setting(s): {', '.join(params)}")
         if running:
-            if {"PHYSPAGES", "SWAPPAGES", "CPUS", "CPULIMIT", "CPUUNITS", "NUMPROC"} & set(changed):
-                ct.cgroup().apply(ct.limits(conf))
-            if {"HOSTNAME", "NAMESERVER", "SEARCHDOMAIN"} & set(changed):
-                ct.write_dist_files(conf)
-            if "HOSTNAME" in changed:
-                ct.exec(["hostname", conf.hostname], capture=True)
+            _apply_running(ct, conf, set(changed))
         if save:
             conf.save()
         return changed
+
+
+def _set_ips(ct: Container, conf: CTConfig, ipadd: list[str], ipdel: list[str], *,
+             running: bool) -> None:
+    for clash in admission.clashes(ct.node, ct.ctid, new=False, ips=ipadd):
+        raise clash.error()
+    current = conf.ips
+    if "all" in ipdel:
+        ipdel = list(current)
+    else:
+        ipdel = [validate_ip(i) for i in ipdel]
+        missing = [i for i in ipdel if i not in current]
+        if missing:
+            raise E.UsageError(f"CT {ct.ctid} has no IP {', '.join(missing)}")
+    added = [i for i in ipadd if i not in current]
+    if running:
+        st = ct.require_running()
+        net = ct.net_config(conf)
+        if ipdel:
+            network.del_ips(net, st.init_pid, ipdel)
+        if added:
+            network.add_ips(net, st.init_pid, added)
+    conf.set("IP_ADDRESS", " ".join([i for i in current if i not in ipdel] + added))
+
+
+def _set_name(ct: Container, conf: CTConfig, name: str) -> None:
+    registry.set_name(ct.node, ct.ctid, name)
+    if conf.name and conf.name != name:
+        registry.remove_name(ct.node, conf.name)
+    conf.set("NAME", name)
+
+
+def _apply_running(ct: Container, conf: CTConfig, changed: set[str]) -> None:
+    """Apply changed settings to the running CT: cgroup limits, files inside, hostname."""
+    if _CGROUP_KEYS & changed:
+        ct.cgroup().apply(ct.limits(conf))
+    if _DIST_KEYS & changed:
+        ct.write_dist_files(conf)
+    if "HOSTNAME" in changed:
+        ct.exec(["hostname", conf.hostname], capture=True)

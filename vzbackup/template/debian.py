@@ -183,7 +183,7 @@ def build(
             )
         progress = progress or (lambda _line: None)
         progress(f"building {recipe.name}: Debian {recipe.release} ({recipe.suite}) from "
-                 f"{recipe.mirror} with {', '.join(recipe.packages)}")  # fmt: skip
+                 f"{recipe.mirror} with {', '.join(recipe.packages)}")
         start = time.monotonic()
         _run_mmdebstrap(builder, recipe, out, progress)
         return BuildResult(out, recipe, up_to_date=False, seconds=time.monotonic() - start)
@@ -217,7 +217,7 @@ def _run_mmdebstrap(
             with subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=env, text=True, errors="replace",
-            ) as proc:  # fmt: skip
+            ) as proc:
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     tail.append(line.rstrip())
@@ -231,7 +231,7 @@ def _run_mmdebstrap(
             recipe_text = json.dumps(
                 {**recipe.as_dict(), "builder": _version(builder), "built": time.time()},
                 indent=2, sort_keys=True,
-            )  # fmt: skip
+            )
             # Publish: drop the old recipe first, so a crash in between means a rebuild.
             info.unlink(missing_ok=True)
             os.rename(partial, out)

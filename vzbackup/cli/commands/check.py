@@ -46,7 +46,7 @@ def _check_ct(ctx: click.Context, ident: str, as_json: bool) -> None:
     verdict = "checkpointable" if not found else f"{len(found)} blocker(s) for a CRIU dump"
     text = "\n".join([f"CT {ct.ctid}: {verdict}", *(f"  {b}" for b in found)])
     emit(as_json, {"ctid": ct.ctid, "checkpointable": not found,
-                   "blockers": [b.as_dict() for b in found]}, text)  # fmt: skip
+                   "blockers": [b.as_dict() for b in found]}, text)
     if found:
         raise click.exceptions.Exit(CheckpointError.exit_code)
 

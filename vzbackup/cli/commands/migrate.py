@@ -18,7 +18,7 @@ from vzbackup.syscalls import pid_alive
 PHASE_ORDER = (
     "preflight", "first_sync", "stage", "stop", "dump", "final_sync", "image_transfer",
     "restore", "start", "commit", "lazy_pages", "cleanup",
-)  # fmt: skip
+)
 PLAIN_WARNING = ("WARNING: --plain-tcp: the CT's memory crosses the network unencrypted and "
                  "unauthenticated; use it only on a trusted, private link")
 
@@ -134,7 +134,7 @@ def migrate(ctx: click.Context, ctid: str, dest: str, online: bool, lazy: bool |
     opts = MigrateOptions(
         online=online, lazy=lazy, keep_dst=keep_dst, remove_area=remove_area, new_id=new_id,
         bwlimit_kbps=bwlimit, dry_run=dry_run, sync_method=sync_method, plain_pages=plain_tcp,
-    )  # fmt: skip
+    )
     if plain_tcp and online:
         click.echo(PLAIN_WARNING, err=True)
     with Session(target) as session:

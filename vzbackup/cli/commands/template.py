@@ -30,7 +30,7 @@ def template() -> None:
 def build(
     ctx: click.Context, name: str, packages: tuple[str, ...], mirror: str | None, force: bool,
     as_json: bool,
-) -> None:  # fmt: skip
+) -> None:
     """Build OS template NAME (debian-12-x86_64, debian-13-x86_64[-FLAVOUR]) with mmdebstrap."""
     require_root()
     node = node_of(ctx)
@@ -44,7 +44,7 @@ def build(
         {**recipe.as_dict(), "path": str(result.path), "size": size,
          "up_to_date": result.up_to_date, "seconds": round(result.seconds, 1)},
         f"{result.path}: {verdict} ({size / 1e6:.0f} MB)",
-    )  # fmt: skip
+    )
 
 
 @template.command(name="list")
@@ -57,7 +57,7 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     for t in infos:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.mtime))
         recipe = (f"debian {t.recipe.get('suite')}, {len(t.recipe.get('packages', []))} packages"
-                  if t.recipe else "-")  # fmt: skip
+                  if t.recipe else "-")
         lines.append(f"{t.name:32} {t.size / 1e6:7.0f}M  {when}  {recipe}")
     emit(as_json, [t.as_dict() for t in infos], "\n".join(lines))
 
@@ -71,7 +71,7 @@ def remove(ctx: click.Context, name: str, as_json: bool) -> None:
     require_root()
     removed = cache.remove_template(node_of(ctx).template_cache, name)
     emit(as_json, {"name": name, "removed": [str(p) for p in removed]},
-         f"removed {', '.join(p.name for p in removed)}")  # fmt: skip
+         f"removed {', '.join(p.name for p in removed)}")
 
 
 COMMANDS = [template]
