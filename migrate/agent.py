@@ -240,7 +240,7 @@ class Agent:
         self._place_conf()
         pycriu_module()
         if tls_cert is not None:
-            self.tls = Identity.create("dest")
+            self.tls = Identity.create("dest", self.node.rundir)
             self.tls.trust(tls_cert)
         timer.lap("conf")
         reply: dict[str, Any] = {"tls_cert": self.tls.cert_pem if self.tls else None}

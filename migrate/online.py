@@ -48,7 +48,7 @@ class OnlineDump:
         self.pid = ct.require_running().init_pid
         self.images = ct.node.dumpdir / f"Dump.{ct.ctid}.migrate-out"
         self.port = (mig.opts.lazy_port or _free_port()) if lazy else 0
-        self.tls = None if mig.opts.plain_pages else Identity.create("source")
+        self.tls = None if mig.opts.plain_pages else Identity.create("source", ct.node.rundir)
         self.page_server: tuple[str, int] | None = None  # DEST's, without lazy pages
         self.clock: dict[str, float] = {}  # freeze, staged, restored: monotonic seconds
         self.frozen = Timer()  # the sub-steps of the freeze, for -t

@@ -41,8 +41,12 @@ class Identity:
     dir: Path
 
     @classmethod
-    def create(cls, role: str) -> Identity:
-        d = Path(tempfile.mkdtemp(prefix=f"vzb-tls-{role}-"))  # 0700
+    def create(cls, role: str, under: Path | None = None) -> Identity:
+        """A new identity in a private directory below *under* (the node's run dir, so a
+        killed migration's leftovers go with the node's runtime state)."""
+        if under is not None:
+            under.mkdir(parents=True, exist_ok=True)
+        d = Path(tempfile.mkdtemp(prefix=f"vzb-tls-{role}-", dir=under))  # 0700
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"vzbackup-migrate-{role}")])
         now = datetime.datetime.now(datetime.UTC)
