@@ -166,7 +166,7 @@ class _Terminal:
 
     def __enter__(self) -> _Terminal:
         if self.saved is not None:
-            tty.setraw(self.fd)
+            tty.setraw(self.fd, termios.TCSADRAIN)  # keep what was typed ahead
             self.on_resize()
             signal.signal(signal.SIGWINCH, lambda *_: self.on_resize())
         return self
