@@ -94,8 +94,6 @@ def test_chkpnt_and_restore_keep_a_client_connection(deb, criu_ready) -> None:
     assert bed.sh(ctid, "systemctl is-active console-getty").strip() == "active"
 
 
-@pytest.mark.xfail(strict=True, reason="restore --with-state of an unprivileged CT: CRIU "
-                   "can't open its tty-info.img (Permission denied); images need the CT's ids")
 def test_checkpoint_backup_restores_with_state_from_s3_onto_an_empty_node(
     deb, s3_bucket: Bucket, criu_ready
 ) -> None:
