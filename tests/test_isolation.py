@@ -168,6 +168,7 @@ def mount_cgroupfs(ct: Hostile) -> None:
     """No mount, or one of the CT's own subtree (cgroup namespace): no release_agent there,
     none of the node's cgroups; the node's release_agent files stay as they were."""
     node_agents = {p: p.read_text() for p in Path("/sys/fs/cgroup").glob("*/release_agent")}
+    assert not any("evil" in v for v in node_agents.values()), node_agents  # an earlier run's
     mounted = not _failed(ct.run("mkdir -p /tmp/cg && mount -t cgroup -o memory cgroup /tmp/cg"))
     try:
         if mounted:
