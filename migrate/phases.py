@@ -42,10 +42,6 @@ from vzbackup.ct.state import read_state
 log = logging.getLogger("vzbackup.migrate")
 
 SOURCE_STOP_TIMEOUT = 60.0  # for the source's supervisor to notice its CT is gone
-# CRIU 4.2 asks userfaultfd for fork events, which the kernel grants only with CAP_SYS_PTRACE
-# in the initial user namespace: the restored tasks of an unprivileged CT don't have it
-UNPRIVILEGED_LAZY = ("lazy pages are impossible for an unprivileged CT (CRIU's userfaultfd "
-                     "needs CAP_SYS_PTRACE in the initial user namespace); use --no-lazy")
 
 
 class MigrationError(E.VzError):
@@ -227,8 +223,6 @@ class Migration:
             problems += [f"DEST: {p}" for p in self.hello.get("problems", [])]
             if o.online and o.lazy is True and not self.hello.get("lazy_ok"):
                 problems.append("DEST: lazy pages (userfaultfd) unavailable; use --no-lazy")
-            if o.online and o.lazy is True and self.ct.conf.idmap.unprivileged:
-                problems.append(UNPRIVILEGED_LAZY)
             self.report.preflight = {
                 "source_version": __version__,
                 "dest_version": self.hello.get("version"),
@@ -253,9 +247,9 @@ class Migration:
             self.report.preflight["sync"] = o.sync_method
 
     def _lazy_possible(self) -> bool:
-        """Lazy pages unless refused, unsupported at DEST, or the CT is unprivileged."""
+        """Lazy pages unless refused or unsupported at DEST (its agent says why)."""
         return (self.opts.lazy is not False and bool(self.hello.get("lazy_ok"))
-                and not self.ct.conf.idmap.unprivileged)
+)
 
     def _preflight_local(self) -> list[str]:
         ct, o = self.ct, self.opts
