@@ -158,11 +158,7 @@ class Writer(threading.Thread):
             self.error = e
 
 
-LAZY_GAP = pytest.mark.xfail(strict=True, reason="lazy restore of an unprivileged CT: "
-                             "userfaultfd() is refused in its user namespace")
-
-
-@pytest.mark.parametrize("lazy", [pytest.param("--lazy", marks=LAZY_GAP), "--no-lazy"])
+@pytest.mark.parametrize("lazy", ["--lazy", "--no-lazy"])
 def test_live_migration_keeps_every_acknowledged_write(debian_two_nodes, lazy: str) -> None:
     bed = debian_two_nodes
     a, b = bed.a, bed.b
