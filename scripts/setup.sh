@@ -160,9 +160,28 @@ make_venv() {
     || die "pycriu, seccomp (python3-seccomp is built for Debian's python3 X.Y) or vzbackup not importable in $VENV"
 }
 
+# Traffic of tests and the demo never leaves the machine: an address in their CTs' ranges
+# (10.199/16 for CTs, 10.200-239 for two-node beds and their CTs) goes where the main table's
+# specific routes say (a running CT's /32, a bed's /24) and is otherwise unreachable, instead
+# of leaving by the default route. Policy rules, so no route of the main table changes.
+LOCAL_RANGES=(10.199.0.0/16 10.200.0.0/13 10.208.0.0/12 10.224.0.0/12)
+RULE_PREF=31900
+fence_local_ranges() {
+  local net pref=$RULE_PREF
+  for net in "${LOCAL_RANGES[@]}"; do
+    while ip rule del pref "$pref" 2>/dev/null; do :; done
+    while ip rule del pref "$((pref + 1))" 2>/dev/null; do :; done
+    ip rule add pref "$pref" to "$net" lookup main suppress_prefixlength 0
+    ip rule add pref "$((pref + 1))" to "$net" unreachable
+    pref=$((pref + 2))
+  done
+  log "routes: ${LOCAL_RANGES[*]} unreachable unless a CT or test bed claims the address"
+}
+
 install_debs
 install_criu
 raise_pipe_max
+fence_local_ranges
 make_venv
 "$ROOT/scripts/build-template.sh"
 # The Debian template: a no-op when the cached one has the same recipe (NAME.tar.zst.json).

@@ -659,3 +659,11 @@ def test_bridged_ct_sends_and_claims_only_its_addresses(make_ct, torn, bridge) -
 
     net.teardown(cfg_a)
     assert "vzbackup_ct94723" not in _nft_tables()
+
+
+@pytest.mark.parametrize("addr", ["10.199.254.254", "10.200.0.254", "10.215.7.1", "10.239.255.254"])
+def test_test_and_demo_ranges_never_leave_the_machine(addr: str) -> None:
+    """setup.sh makes every range tests, beds and the demo give CTs unreachable, so an address
+    no running CT or bed claims is refused here instead of going out by the default route."""
+    route = subprocess.run(["ip", "route", "get", addr], capture_output=True, text=True)
+    assert route.returncode != 0 and "unreachable" in route.stderr.lower(), route
