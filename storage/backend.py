@@ -53,6 +53,8 @@ class Backend(abc.ABC):
     url: str = ""
     #: whether the repository should keep a local copy of its metadata (remote storage)
     cache_metadata: bool = False
+    #: requests sent to the storage so far (object storage counts them; 0 elsewhere)
+    requests: int = 0
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:

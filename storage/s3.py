@@ -124,6 +124,8 @@ class S3Backend(Backend):
             aws_secret_access_key=o.secret_key or None, aws_session_token=o.session_token or None,
             verify=o.verify_tls, config=config,
         )
+        self.requests = 0  # HTTP requests sent, retries included (reported per backup)
+        self.client.meta.events.register("before-send.s3", self._count_request)
         self.transfer = TransferConfig(
             multipart_threshold=self.threshold, multipart_chunksize=self.part_size,
             max_concurrency=min(8, self.max_connections), use_threads=True,
@@ -134,6 +136,9 @@ class S3Backend(Backend):
             self._ensure_bucket(o.region)
 
     # --- plumbing ------------------------------------------------------------------------
+    def _count_request(self, **_kw: object) -> None:
+        self.requests += 1  # a lost update under threads only makes the report approximate
+
     def _key(self, key: str) -> str:
         if not key or key.startswith("/") or ".." in key.split("/"):
             raise BackendError(f"invalid object key {key!r}")

@@ -82,6 +82,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
     matcher = ExcludeMatcher(opts.exclude_path) if mode == "checkpoint" else opts.matcher()
     exclude = matcher.excluded if matcher else None
     stats = Stats()
+    requests_before = repo.backend.requests
     with ct.backup_lock(wait=opts.lockwait * 60), \
             L.RepoLock(repo, L.BACKUP, what=f"CT {ct.ctid} on {socket.gethostname()}",
                        wait=opts.lockwait * 60):
@@ -126,6 +127,8 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             read_seconds=round(read_s, 3),
             frozen_seconds=round(src.frozen_seconds, 3),  # final only after the with block
             was_running=src.was_running,
+            # object storage requests so far; publishing adds about four more
+            storage_requests=repo.backend.requests - requests_before,
             dedup_ratio=(
                 round(stats.bytes_total / stats.stored_new, 2) if stats.stored_new else None
             ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import pkgutil
 import sys
@@ -14,7 +15,35 @@ from vzbackup.cli import commands as _commands
 from vzbackup.cli.common import run_guarded
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Imports a command's module only when it runs: ``vzbackup dump`` loads neither the
+    migration's SSH stack nor the report's, so a quick command starts quickly. A command
+    is looked for in ``commands/NAME.py`` first, then in every module (``--help``)."""
+
+    def _discover(self) -> None:
+        for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
+            self._load(info.name)
+
+    def _load(self, module_name: str) -> None:
+        module = importlib.import_module(f"{_commands.__name__}.{module_name}")
+        for cmd in getattr(module, "COMMANDS", ()):
+            if cmd.name not in self.commands:
+                self.add_command(cmd)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name.isidentifier() and \
+                importlib.util.find_spec(f"{_commands.__name__}.{cmd_name}") is not None:
+            self._load(cmd_name)
+        if cmd_name not in self.commands:
+            self._discover()
+        return self.commands.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._discover()
+        return sorted(self.commands)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vzbackup")
 @click.option(
     "--prefix",
@@ -33,16 +62,6 @@ def cli(ctx: click.Context, prefix: str, verbose: int) -> None:
         stream=sys.stderr,
     )
     ctx.obj = {"prefix": prefix}
-
-
-def _discover() -> None:
-    for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{_commands.__name__}.{info.name}")
-        for cmd in getattr(module, "COMMANDS", ()):
-            cli.add_command(cmd)
-
-
-_discover()
 
 
 def main() -> None:
