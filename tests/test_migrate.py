@@ -77,8 +77,7 @@ def _private(node: Node, ctid: int) -> Path:
 
 def _files(root: Path) -> dict[str, tuple]:
     """The tree minus what a running CT changes by itself (counter, heartbeat log)."""
-    return {k: v for k, v in tree_manifest(root).items()
-            if not k.startswith(("tmp/", "var/log/", "var/run/"))}
+    return tree_manifest(root, skip=("tmp", "var/log", "var/run"))
 
 
 def _migrate(bed: Bed, src: Node, dst: Node, ctid: int, *extra: str, check: bool = True):

@@ -8,15 +8,19 @@ import stat
 from pathlib import Path
 
 
-def tree_manifest(root: Path, *, mtimes: bool = True, xattrs: bool = True) -> dict[str, tuple]:
+def tree_manifest(root: Path, *, mtimes: bool = True, xattrs: bool = True,
+                  skip: tuple[str, ...] = ()) -> dict[str, tuple]:
     """By relative path: type, permission bits, uid, gid, then size + sha256 + allocated-less
     flag (regular files), target (symlinks) or rdev (devices), hardlink group, xattrs and
-    mtime (not for directories: their times differ between copies)."""
+    mtime (not for directories: their times differ between copies). Directories named in
+    *skip* (relative paths) are not entered: a running CT changes them under the walk."""
     root = Path(root)
     out: dict[str, tuple] = {}
     inodes: dict[tuple[int, int], str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        dirnames[:] = sorted(d for d in dirnames
+                             if (d if rel_dir == "." else f"{rel_dir}/{d}") not in skip)
         for name in sorted([*dirnames, *filenames]):
             p = Path(dirpath, name)
             rel = p.relative_to(root).as_posix()
