@@ -95,8 +95,8 @@ WAIT_RUNNING='t=300; while [ ! -S /run/systemd/private ] && [ $t -gt 0 ]; do sle
 UPTIME="redis-cli info server | sed -n 's/^uptime_in_seconds:\([0-9]*\).*/\1/p'"
 echo "node A: systemd is $("${A[@]}" exec 202 "$WAIT_RUNNING"); redis-server up $("${A[@]}" exec 202 "$UPTIME") s"
 "${A[@]}" exec 202 'redis-cli set greeting "hello from node A" >/dev/null'
-# --plain-tcp: the bed's link is local; CRIU's TLS page transfer fails for this CT today
-"${A[@]}" migrate 202 "root@$VZBED_B_IP" --online --plain-tcp -t --ssh-key "$VZBED_SSH_KEY" \
+# online with lazy pages (post-copy), memory over CRIU's TLS
+"${A[@]}" migrate 202 "root@$VZBED_B_IP" --online --lazy -t --ssh-key "$VZBED_SSH_KEY" \
   --ssh-opt "UserKnownHostsFile=$VZBED_KNOWN_HOSTS"
 echo "node B: systemd is $("${B[@]}" exec 202 'systemctl is-system-running'); redis-server up $("${B[@]}" exec 202 "$UPTIME") s (the same process, never restarted)"
 echo "node B: redis still holds: $("${B[@]}" exec 202 'redis-cli get greeting')"
