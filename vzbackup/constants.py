@@ -53,6 +53,7 @@ VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults
 # compared to the nanosecond (--modify-window=-1; rsync's whole seconds make a second pass
 # skip a file rewritten with the same size within the second of the first pass)
 RSYNC_OPTS = ("-aHAX", "--numeric-ids", "--sparse", "--modify-window=-1")
+MIGRATE_DISK_MARGIN = 1.1  # a DEST needs this many times a private area's size free
 RSYNC_VANISHED = 24  # exit code: files vanished while a live tree was read (the next pass copes)
 STORAGE_CFG = "storage.cfg"  # in VZBACKUP_CONFDIR: named storages
 JOBS_CFG = "jobs.cfg"  # in VZBACKUP_CONFDIR: scheduled jobs
