@@ -7,7 +7,6 @@ import json
 import pytest
 from nodebed import COUNTER, next_ctid, wait_for
 from twonode_fixture import twonode
-
 from vzbackup.migrate.drain import Capacity, Need, place
 
 Bed = twonode.TwoNodes
