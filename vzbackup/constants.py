@@ -27,6 +27,7 @@ NODE_DEFAULTS: dict[str, str] = {
     "CONFIGFILE": "basic",
     "DEF_OSTEMPLATE": "busybox-1.0-x86_64",
     "STOP_TIMEOUT": "30",
+    "VE_STOP_MODE": "stop",  # at node shutdown: stop, or suspend (checkpoint; restored at boot)
     "SYSTEMD_CHECKPOINT": "yes",  # default of the CT key: checkpoint drop-ins for systemd CTs
     "NEIGHBOUR_DEVS": "detect",  # where routed CT IPs get proxy ARP + announcements
     "CGROUP_PARENT": "",  # empty: "vzbackup" for prefix "/", else derived from the prefix
@@ -53,6 +54,7 @@ VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults
 # compared to the nanosecond (--modify-window=-1; rsync's whole seconds make a second pass
 # skip a file rewritten with the same size within the second of the first pass)
 RSYNC_OPTS = ("-aHAX", "--numeric-ids", "--sparse", "--modify-window=-1")
+BOOT_PARALLEL_PER_CPU = 4  # boot/shutdown: CTs of one BOOTORDER at once, per CPU (vzctl's)
 MIGRATE_DISK_MARGIN = 1.1  # a DEST needs this many times a private area's size free
 RSYNC_VANISHED = 24  # exit code: files vanished while a live tree was read (the next pass copes)
 STORAGE_CFG = "storage.cfg"  # in VZBACKUP_CONFDIR: named storages

@@ -55,6 +55,11 @@ def _yes_no(v: str) -> None:
         raise ValueError("expected yes or no")
 
 
+def _stop_mode(v: str) -> None:
+    if v not in ("stop", "suspend"):
+        raise ValueError("expected stop or suspend")
+
+
 def _pages(v: str) -> None:
     _barrier_limit(v)
 
@@ -67,6 +72,8 @@ def _diskspace(v: str) -> None:
 # Known keys and their validators; unknown keys are kept untouched.
 VALIDATORS: dict[str, Callable[[str], object]] = {
     "ONBOOT": _yes_no,
+    "BOOTORDER": _int_range(0, 2**31 - 1),
+    "VE_STOP_MODE": _stop_mode,
     "CPUUNITS": _int_range(8, 500000),
     "CPULIMIT": _int_range(0, 100 * 4096),
     "CPUS": _int_range(0, 4096),

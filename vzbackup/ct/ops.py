@@ -462,6 +462,8 @@ def _words(values: object) -> str:
 _SETTINGS: dict[str, tuple[str, Callable[[object], str]]] = {
     "hostname": ("HOSTNAME", str),
     "onboot": ("ONBOOT", str),
+    "bootorder": ("BOOTORDER", str),
+    "stop_mode": ("VE_STOP_MODE", str),
     "cpus": ("CPUS", str),
     "cpulimit": ("CPULIMIT", str),
     "cpuunits": ("CPUUNITS", str),

@@ -18,6 +18,9 @@ from vzbackup.ct import ops
 @click.option("--nameserver", multiple=True)
 @click.option("--searchdomain", multiple=True)
 @click.option("--onboot", type=click.Choice(["yes", "no"]))
+@click.option("--bootorder", type=click.IntRange(0), help="Higher boots first (vzbackup boot).")
+@click.option("--stop-mode", type=click.Choice(["stop", "suspend"]),
+              help="At node shutdown: stop, or checkpoint for boot to restore (VE_STOP_MODE).")
 @click.option("--cpus", type=click.IntRange(0))
 @click.option("--cpulimit", type=click.IntRange(0), help="Percent, 100 = one CPU.")
 @click.option("--cpuunits", type=click.IntRange(8, 500000))
