@@ -49,6 +49,8 @@ CONSOLE_SOCK = "{ctid}.console.sock"  # in RUNDIR: 'vzbackup console' attaches h
 BIND_STAGE_DIR = "/run/vzbackup-binds"
 CRIU_IMAGE_SUBDIR = "Dump.{ctid}"  # OpenVZ's dump file name, a directory of CRIU images here
 
+CLONE_MAC_OUI = "00:18:51"  # MACs of a clone's bridged interfaces: vzctl's OUI
+
 VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults
 # rsync copying a private area: vzmigrate's -aHAX --numeric-ids, sparse files, and mtimes
 # compared to the nanosecond (--modify-window=-1; rsync's whole seconds make a second pass

@@ -8,7 +8,7 @@ again, temporary copies and snapshots are removed.
 
 - ``stop``: stop the CT, yield its private area, start it again.
 - ``suspend``: rsync the private area while the CT runs, freeze it, rsync again, thaw; yield
-  the copy.
+  the copy (made in *copy_into* when given: the caller keeps it, e.g. ``clone``).
 - ``snapshot``: private area must be a btrfs subvolume; freeze, take a read-only snapshot, thaw;
   yield the snapshot.
 - ``checkpoint``: CRIU dump with ``leave_running``; the files are copied (rsync) or snapshotted
@@ -153,8 +153,10 @@ class _Run:
         phase: Callable[[str], None],
         log: Callable[[str], None],
         bwlimit_kbps: int | None,
+        copy_into: Path | None = None,
     ) -> None:
         self.ct = ct
+        self.copy_into = copy_into
         self.private = private
         self.tmpdir = tmpdir
         self.guard = guard
@@ -320,8 +322,10 @@ def _stop_mode(run: _Run, undo: ExitStack, stopwait: int | None) -> Source:
 
 
 def _suspend_mode(run: _Run, undo: ExitStack) -> Source:
-    copy = run.mkdtemp("copy")
-    undo.callback(run.remove, copy, "copy")
+    copy = run.copy_into
+    if copy is None:
+        copy = run.mkdtemp("copy")
+        undo.callback(run.remove, copy, "copy")
     run.rsync(copy, first=True)
     times: list[float] = []
     with _frozen(run, times):
@@ -423,13 +427,15 @@ def consistent_source(
     phase: Callable[[str], None] = lambda p: None,
     log: Callable[[str], None] = lambda m: None,
     bwlimit_kbps: int | None = None,
+    copy_into: Path | None = None,
 ) -> Iterator[Source]:
     """Yield a consistent view of CT *ct*'s files taken with backup mode *mode*.
 
     *tmpdir* holds the temporary copy (suspend, checkpoint without btrfs) and the CRIU images;
     *stopwait*: seconds a clean halt may take in stop mode (default: the node's STOP_TIMEOUT);
     *phase*: called with "pre-stop", "pre-restart", "post-restart" (hook points); *log*: one
-    line per step with timings; *bwlimit_kbps*: rsync's --bwlimit (KiB/s) for the copies.
+    line per step with timings; *bwlimit_kbps*: rsync's --bwlimit (KiB/s) for the copies;
+    *copy_into*: an empty directory that suspend mode copies into and leaves to the caller.
     """
     if mode not in MODES:
         raise E.UsageError(f"unknown backup mode {mode!r}: use one of {', '.join(MODES)}")
@@ -439,7 +445,7 @@ def consistent_source(
     if tmpdir.resolve().is_relative_to(private.resolve()):
         raise E.UsageError(f"the temporary directory {tmpdir} is inside the private area")
     with _SignalGuard() as guard, ct.lock():
-        run = _Run(ct, private, tmpdir, guard, phase, log, bwlimit_kbps)
+        run = _Run(ct, private, tmpdir, guard, phase, log, bwlimit_kbps, copy_into)
         if not private.is_dir():
             raise E.NotFoundError(f"CT {ct.ctid}: private area {private} is missing")
         undo = ExitStack()

@@ -66,15 +66,22 @@ def _config(node: Node, ctid: int, conf_text: str, ipadd: list[str] | None,
     return conf
 
 
-def _install(ct: Container, conf: CTConfig, build: Callable[[Path], None]) -> None:
-    """Build the private area with *build*, then swap it (and the config) in."""
+def install(ct: Container, conf: CTConfig, build: Callable[[Path], None],
+            what: str = "restore") -> None:
+    """Build the private area with *build* under a hidden name next to it, then swap it (and
+    the config, the name link) in; whatever fails, nothing half-made is left."""
     private = ct.ve_private(conf)
     private.parent.mkdir(parents=True, exist_ok=True)
-    fresh = private.with_name(f".{private.name}.restore-{os.getpid()}")
-    build(fresh)
-    old = private.with_name(f".{private.name}.old-{os.getpid()}")
+    fresh = private.with_name(f".{private.name}.{what}-{os.getpid()}")
     try:
-        if ct.exists:
+        build(fresh)
+    except BaseException:
+        fs.remove_tree(fresh, ignore_errors=True)
+        raise
+    old = private.with_name(f".{private.name}.old-{os.getpid()}")
+    replacing, placed = ct.exists, False
+    try:
+        if replacing:
             if ct.mounted:
                 ct.umount()
             prev = ct.ve_private()
@@ -83,11 +90,16 @@ def _install(ct: Container, conf: CTConfig, build: Callable[[Path], None]) -> No
         if private.exists():
             raise E.ExistsError(f"private area {private} already exists")
         os.rename(fresh, private)
+        placed = True
         conf.save()
         name = conf.get("NAME")
         if name:
             registry.set_name(ct.node, ct.ctid, name)
     except BaseException:
+        if placed:
+            fs.remove_tree(private, ignore_errors=True)
+            if not replacing:
+                ct.conf_path.unlink(missing_ok=True)
         if old.exists() and not private.exists():
             os.rename(old, private)
         fs.remove_tree(fresh, ignore_errors=True)
@@ -136,7 +148,7 @@ def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
                 images.rmdir()
             restore_tree(repo, load_tree(repo, m.state_tree or []), images, threads=threads)
         try:
-            _install(ct, conf, build)
+            install(ct, conf, build)
         except BaseException:
             if images:
                 shutil.rmtree(images, ignore_errors=True)
@@ -166,7 +178,7 @@ def restore_archive(node: Node, archive: Path, ctid: int, *, force: bool = False
         try:
             conf_text = vzdump_archive.import_tar(archive, scratch)
             conf = _config(node, ctid, conf_text, ipadd, hostname, log)
-            _install(ct, conf, lambda dest: os.rename(scratch, dest))
+            install(ct, conf, lambda dest: os.rename(scratch, dest))
         finally:
             fs.remove_tree(scratch, ignore_errors=True)
         log(f"INFO: restored {archive.name} as CT {ctid}")
