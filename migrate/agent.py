@@ -34,7 +34,7 @@ from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu.check import criu_binary, criu_check, criu_version, pycriu_module
-from vzbackup.ct import admission, fs, network, ops, registry
+from vzbackup.ct import admission, fs, network, ops, quota, registry
 from vzbackup.ct.container import Container
 
 log = logging.getLogger("vzbackup.migrate.agent")
@@ -177,6 +177,7 @@ class Agent:
                     private.mkdir()
             else:
                 private.mkdir()
+            quota.prepare(private, self.ct.ctid)  # rsync's files join the CT's project
         self.journal.private = str(private)
         shutil.rmtree(self.images_dir, ignore_errors=True)
         self.images_dir.mkdir(parents=True)

@@ -28,6 +28,7 @@ DEB_PKGS=(busybox-static rsync openssh-server iproute2 iptables btrfs-progs zstd
   libprotobuf-c-dev python3-protobuf libcap-dev libnl-3-dev libnet1-dev libaio-dev
   libgnutls28-dev libbsd-dev libdrm-dev uuid-dev libnftables-dev
   util-linux procps psmisc acl attr restic borgbackup mmdebstrap
+  e2fsprogs xfsprogs  # the disk quota tests: loop-mounted ext4 and xfs with project quotas
   nftables  # per-CT bridge tables: bridged CTs send only from their addresses
   python3-seccomp  # libseccomp's own Python binding: the CTs' syscall filter
   ceph-mon ceph-osd radosgw curl  # the S3 server of the tests (scripts/s3-server.sh)

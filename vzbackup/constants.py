@@ -34,6 +34,7 @@ NODE_DEFAULTS: dict[str, str] = {
     "UNPRIVILEGED": "yes",  # new CTs run with their ids mapped (ct/idmap.py)
     "IDMAP_BASE": "100000",  # node id of an unprivileged CT's root
     "IDMAP_SIZE": "65536",  # how many ids an unprivileged CT has
+    "DISK_QUOTA": "yes",  # enforce DISKSPACE/DISKINODES (vzctl's key; per CT too), ct/quota.py
 }
 
 VZ_CONF = "etc/vz/vz.conf"  # relative to the prefix

@@ -53,6 +53,18 @@ AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
+SYS_QUOTACTL_FD = 443  # Linux >= 5.14, same number everywhere
+PRJQUOTA = 2
+Q_GETQUOTA, Q_SETQUOTA = 0x800007, 0x800008
+Q_XGETQSTATV = (ord("X") << 8) + 8
+QIF_BLIMITS, QIF_ILIMITS = 1, 4
+FS_QUOTA_PDQ_ACCT, FS_QUOTA_PDQ_ENFD = 0x10, 0x20  # project quota accounted / enforced
+_IF_DQBLK = struct.Struct("<8QI4x")  # struct if_dqblk
+_FS_QUOTA_STATV_SIZE = 160
+# struct fsxattr and its ioctls (FS_IOC_FSGETXATTR / FS_IOC_FSSETXATTR)
+_FSXATTR = struct.Struct("<5I8s")
+FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR = 0x801C581F, 0x401C5820
+FS_XFLAG_PROJINHERIT = 0x200
 
 
 def _check(ret: int, what: str) -> int:
@@ -198,3 +210,57 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def syncfs(fd: int) -> None:
+    """Commit the filesystem holding *fd* (btrfs updates qgroup counters at commit)."""
+    _check(_libc.syncfs(ctypes.c_int(fd)), "syncfs")
+
+
+def _quotactl(fd: int, cmd: int, qtype: int, qid: int, buf: ctypes.Array | None) -> None:
+    ret = _libc.syscall(SYS_QUOTACTL_FD, ctypes.c_uint(fd), ctypes.c_uint((cmd << 8) | qtype),
+                        ctypes.c_uint(qid), buf)
+    _check(ret, "quotactl_fd")
+
+
+def project_quota_flags(fd: int) -> int:
+    """FS_QUOTA_* state flags of the filesystem holding *fd* (Q_XGETQSTATV); OSError
+    (ENOSYS, ENOTSUP...) when it has no quota support."""
+    buf = ctypes.create_string_buffer(_FS_QUOTA_STATV_SIZE)
+    buf[0] = 1  # FS_QSTATV_VERSION1
+    _quotactl(fd, Q_XGETQSTATV, PRJQUOTA, 0, buf)
+    return struct.unpack_from("<H", buf.raw, 2)[0]
+
+
+def get_project_quota(fd: int, projid: int) -> tuple[int, int, int, int, int, int]:
+    """(block hard, block soft in KiB, bytes used, inode hard, inode soft, inodes used)."""
+    buf = ctypes.create_string_buffer(_IF_DQBLK.size)
+    _quotactl(fd, Q_GETQUOTA, PRJQUOTA, projid, buf)
+    return _IF_DQBLK.unpack(buf.raw)[:6]  # type: ignore[return-value]
+
+
+def set_project_quota(fd: int, projid: int, *, space_soft: int, space_hard: int,
+                      inodes_soft: int, inodes_hard: int) -> None:
+    """Set project *projid*'s limits (KiB and inodes, 0 = none) on *fd*'s filesystem."""
+    raw = _IF_DQBLK.pack(space_hard, space_soft, 0, inodes_hard, inodes_soft, 0, 0, 0,
+                         QIF_BLIMITS | QIF_ILIMITS)
+    _quotactl(fd, Q_SETQUOTA, PRJQUOTA, projid, ctypes.create_string_buffer(raw, len(raw)))
+
+
+def get_project(fd: int) -> tuple[int, int]:
+    """(project id, xflags) of the inode *fd* refers to."""
+    raw = fcntl.ioctl(fd, FS_IOC_FSGETXATTR, bytes(_FSXATTR.size))
+    xflags, _, _, projid, _, _ = _FSXATTR.unpack(raw)
+    return projid, xflags
+
+
+def set_project(fd: int, projid: int, *, inherit: bool) -> None:
+    """Give the inode *fd* refers to project *projid* (and, for a directory, the flag that
+    makes what is created in it inherit the id); the other attributes are kept."""
+    raw = bytearray(_FSXATTR.size)
+    fcntl.ioctl(fd, FS_IOC_FSGETXATTR, raw)
+    xflags, extsize, _, _, cowext, pad = _FSXATTR.unpack(raw)
+    if inherit:
+        xflags |= FS_XFLAG_PROJINHERIT
+    # nextents is output only (ext4 refuses it set)
+    fcntl.ioctl(fd, FS_IOC_FSSETXATTR, _FSXATTR.pack(xflags, extsize, 0, projid, cowext, pad))

@@ -8,6 +8,7 @@ from the backup, with this node's paths, and optionally new IPs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from vzbackup.engine.extract import load_tree, restore_tree
 from vzbackup.engine.repo import Manifest, Repository
 
 PATH_KEYS = ("VE_ROOT", "VE_PRIVATE")
+
+logger = logging.getLogger(__name__)
 
 
 def _target(node: Node, ctid: int, force: bool) -> Container:
@@ -105,6 +108,10 @@ def install(ct: Container, conf: CTConfig, build: Callable[[Path], None],
         fs.remove_tree(fresh, ignore_errors=True)
         raise
     fs.remove_tree(old, ignore_errors=True)
+    try:  # the backup's DISKSPACE/DISKINODES hold at once (start applies them again)
+        ct.apply_quota(conf)
+    except (E.VzError, OSError) as e:
+        logger.warning("CT %s: disk quota not set up: %s", ct.ctid, e)
 
 
 def _make_root(parent: Path) -> Callable[[Path], None]:

@@ -64,9 +64,33 @@ def _pages(v: str) -> None:
     _barrier_limit(v)
 
 
-def _diskspace(v: str) -> None:
-    for part in v.split(":"):
-        parse_size(part, default_unit="K")
+def _pair(value: str, parse: Callable[[str], int]) -> tuple[int, int]:
+    """soft[:hard] (one value: both), each parsed by *parse* or "unlimited" (0)."""
+    parts = value.split(":")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError("expected soft[:hard]")
+    soft, hard = (0 if p == "unlimited" else parse(p) for p in parts)
+    if soft and hard and soft > hard:
+        raise ValueError("the soft limit (barrier) is above the hard one (limit)")
+    return soft, hard
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a number")
+    return int(text)
+
+
+def diskspace_kib(value: str) -> tuple[int, int]:
+    """DISKSPACE soft[:hard] in KiB (bare numbers are KiB, as vzctl; K/M/G/T suffixes)."""
+    return _pair(value, lambda p: parse_size(p, default_unit="K") // 1024)
+
+
+def diskinodes(value: str) -> tuple[int, int]:
+    """DISKINODES soft[:hard], inode counts."""
+    return _pair(value, _count)
 
 
 # Known keys and their validators; unknown keys are kept untouched.
@@ -80,7 +104,9 @@ VALIDATORS: dict[str, Callable[[str], object]] = {
     "PHYSPAGES": _pages,
     "SWAPPAGES": _pages,
     "NUMPROC": _pages,
-    "DISKSPACE": _diskspace,
+    "DISKSPACE": diskspace_kib,
+    "DISKINODES": diskinodes,
+    "DISK_QUOTA": _yes_no,
     "BINDMOUNT": _bindmounts,
     "UNPRIVILEGED": _yes_no,
     "IDMAP_BASE": _int_range(0, (1 << 32) - 2),
@@ -213,6 +239,18 @@ class CTConfig:
                 self.set(key, str(value))
             else:
                 self.file.delete(key)
+
+    @property
+    def diskspace(self) -> tuple[int, int]:
+        """DISKSPACE (soft, hard) in KiB; 0 = none."""
+        v = self.get("DISKSPACE")
+        return diskspace_kib(v) if v else (0, 0)
+
+    @property
+    def diskinodes(self) -> tuple[int, int]:
+        """DISKINODES (soft, hard); 0 = none."""
+        v = self.get("DISKINODES")
+        return diskinodes(v) if v else (0, 0)
 
     @property
     def numproc(self) -> int | None:

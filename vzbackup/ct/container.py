@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from vzbackup import constants as C
 from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node, expand
-from vzbackup.ct import fencing, fs, network, syscall_filter
+from vzbackup.ct import fencing, fs, network, quota, syscall_filter
 from vzbackup.ct.cgroups import CgroupSet, Limits, open_cgroups
 from vzbackup.ct.console import relay_pty
 from vzbackup.ct.state import CTState, read_state
@@ -21,6 +22,8 @@ from vzbackup.errors import NotFoundError, RuntimeFailure, StateError
 from vzbackup.lock import Lock
 
 CT_LOCK_WAIT = 30.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,6 +111,29 @@ class Container:
             pids_max=c.numproc,
         )
 
+    def quota_limits(self, conf: CTConfig | None = None) -> quota.Limits:
+        """DISKSPACE and DISKINODES, or none when DISK_QUOTA (CT's, else vz.conf's) is no."""
+        c = conf or self.conf
+        if (c.get("DISK_QUOTA") or self.node.value("DISK_QUOTA")) == "no":
+            return quota.Limits()
+        return quota.Limits(*c.diskspace, *c.diskinodes)
+
+    def apply_quota(self, conf: CTConfig | None = None) -> list[str]:
+        """Put the CT's disk limits on its private area; logs and returns what stays
+        unenforced (and why)."""
+        c = conf or self.conf
+        limits = self.quota_limits(c)
+        problems = quota.apply(self.ve_private(c), self.ctid, limits).unenforced(limits)
+        for problem in problems:
+            log.warning("CT %s: %s", self.ctid, problem)
+        return problems
+
+    def quota_problems(self, conf: CTConfig | None = None) -> list[str]:
+        """What of the CT's disk limits its private area's filesystem leaves unenforced."""
+        c = conf or self.conf
+        limits = self.quota_limits(c)
+        return quota.detect(self.ve_private(c)).unenforced(limits) if limits else []
+
     def net_config(self, conf: CTConfig | None = None) -> network.NetConfig:
         c = conf or self.conf
         return network.NetConfig(
@@ -194,10 +220,11 @@ class Container:
         if fs.fs_type(private.parent) == "btrfs":
             for snap in fs.leftover_snapshots(private, self.ctid):
                 fs.delete_subvolume(snap)
-        if fs.is_btrfs_subvolume(private) and not fs.is_mount_point(private):
-            fs.delete_subvolume(private)
-        elif private.exists():
-            shutil.rmtree(private)
+        with quota.removal(private, self.ctid):
+            if fs.is_btrfs_subvolume(private) and not fs.is_mount_point(private):
+                fs.delete_subvolume(private)
+            elif private.exists():
+                shutil.rmtree(private)
         with contextlib.suppress(OSError):
             self.ve_root().rmdir()
 

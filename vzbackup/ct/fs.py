@@ -7,6 +7,7 @@ take an instant read-only snapshot of it (``.vzbackup-snap-CTID-PID`` next to it
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -19,6 +20,10 @@ from vzbackup.errors import DependencyError, RuntimeFailure
 MOUNTINFO = "/proc/self/mountinfo"
 BTRFS_SUBVOL_INO = 256  # the root directory of every btrfs subvolume has this inode number
 SNAPSHOT_PREFIX = ".vzbackup-snap-"
+BTRFS_SYSFS = Path("/sys/fs/btrfs")
+# btrfs ioctls: INO_LOOKUP (args 4096 bytes) answers the subvolume id of an fd, FS_INFO
+# (1024 bytes) the filesystem's uuid at offset 16
+_BTRFS_IOC_INO_LOOKUP, _BTRFS_IOC_FS_INFO = 0xD0009412, 0x8400941F
 
 
 def _unescape(field: str) -> str:
@@ -76,6 +81,50 @@ def _btrfs(*args: str) -> None:
 
 def create_subvolume(path: str | Path) -> None:
     _btrfs("subvolume", "create", str(path))
+
+
+def subvolume_id(path: str | Path) -> int:
+    """The id of the btrfs subvolume holding *path*."""
+    args = bytearray(4096)
+    args[8:16] = BTRFS_SUBVOL_INO.to_bytes(8, "little")  # objectid: the subvolume's root dir
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, _BTRFS_IOC_INO_LOOKUP, args)
+    finally:
+        os.close(fd)
+    return int.from_bytes(args[:8], "little")
+
+
+def qgroups_dir(path: str | Path) -> Path | None:
+    """sysfs directory of the qgroups of the btrfs holding *path*; None when quotas are off."""
+    args = bytearray(1024)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, _BTRFS_IOC_FS_INFO, args)
+    finally:
+        os.close(fd)
+    uuid = bytes(args[16:32]).hex()
+    qgroups = BTRFS_SYSFS / "-".join((uuid[:8], uuid[8:12], uuid[12:16], uuid[16:20],
+                                      uuid[20:])) / "qgroups"
+    return qgroups if qgroups.is_dir() else None
+
+
+def set_qgroup_limit(subvolume: str | Path, limit_bytes: int) -> None:
+    """Referenced-size limit of *subvolume*'s own qgroup (0: none)."""
+    _btrfs("qgroup", "limit", str(limit_bytes) if limit_bytes else "none", str(subvolume))
+
+
+def destroy_qgroup(parent: str | Path, subvol_id: int) -> None:
+    """Drop the qgroup of deleted subvolume *subvol_id* once the cleaner has removed the
+    subvolume (kernels >= 6.7 drop it themselves; then there is nothing left to do). A
+    commit first wakes the cleaner, which would otherwise wait up to 30 s."""
+    _btrfs("filesystem", "sync", str(parent))
+    _btrfs("subvolume", "sync", str(parent), str(subvol_id))
+    try:
+        _btrfs("qgroup", "destroy", f"0/{subvol_id}", str(parent))
+    except RuntimeFailure as e:
+        if "No such file" not in str(e):  # already gone
+            raise
 
 
 def snapshot(source: str | Path, dest: str | Path, *, readonly: bool = True) -> None:

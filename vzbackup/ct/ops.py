@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vzbackup import constants as C
 from vzbackup import errors as E
-from vzbackup.config.ct import CTConfig, parse_size, validate_name
+from vzbackup.config.ct import CTConfig, diskinodes, diskspace_kib, parse_size, validate_name
 from vzbackup.config.net import validate_ip
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
@@ -112,6 +112,7 @@ def create(
             if name:
                 registry.set_name(node, ctid, name)
             ct.write_dist_files(conf)
+            ct.apply_quota(conf)
         except BaseException:
             fs.remove_tree(private, ignore_errors=True)
             ct.conf_path.unlink(missing_ok=True)
@@ -240,7 +241,14 @@ class StandbyRestore:
         os.write(self._go, b"g")
         os.close(self._go)
         self._go = -1
-        return _await_verdict(self.ct, "restore", self._verdict)
+        pid = _await_verdict(self.ct, "restore", self._verdict)
+        # after the restore, not before: a migration's final sync (rsync's temporary copies
+        # of changed files) must not hit the limits, and the frozen window stays as it was
+        try:
+            self.ct.apply_quota()
+        except (E.VzError, OSError) as e:
+            log.warning("CT %s runs without its disk quota: %s", self.ct.ctid, e)
+        return pid
 
     def cancel(self) -> None:
         if self._go >= 0:
@@ -291,6 +299,7 @@ def start(ct: Container) -> int:
             f"CT {ct.ctid} cannot start: {problem} in {ct.ve_private(conf)}",
             hint="restore the CT's files, or recreate it from a root filesystem template",
         )
+    ct.apply_quota(conf)
     return _spawn_supervisor(ct, "start", [])
 
 
@@ -416,6 +425,7 @@ def restore(
     if not (images / "inventory.img").exists():
         raise E.NotFoundError(f"no CRIU images in {images}")
     check_start_inputs(conf)
+    ct.apply_quota(conf)
     extra = ["--dumpdir", str(images)] + (["--keep-dump"] if keep_dump else [])
     if tcp_close:
         extra.append("--tcp-close")
@@ -454,6 +464,14 @@ def _pages(size: object) -> str:
     return f"0:{parse_size(str(size)) // 4096}"
 
 
+def _kib_pair(value: object) -> str:
+    return "{}:{}".format(*diskspace_kib(str(value)))
+
+
+def _count_pair(value: object) -> str:
+    return "{}:{}".format(*diskinodes(str(value)))
+
+
 def _words(values: object) -> str:
     return " ".join(values)  # type: ignore[call-overload]
 
@@ -467,7 +485,9 @@ _SETTINGS: dict[str, tuple[str, Callable[[object], str]]] = {
     "cpus": ("CPUS", str),
     "cpulimit": ("CPULIMIT", str),
     "cpuunits": ("CPUUNITS", str),
-    "diskspace": ("DISKSPACE", str),
+    "diskspace": ("DISKSPACE", _kib_pair),
+    "diskinodes": ("DISKINODES", _count_pair),
+    "diskquota": ("DISK_QUOTA", str),
     "numproc": ("NUMPROC", str),
     "nameserver": ("NAMESERVER", _words),
     "searchdomain": ("SEARCHDOMAIN", _words),
@@ -477,6 +497,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[object], str]]] = {
 }
 _CGROUP_KEYS = {"PHYSPAGES", "SWAPPAGES", "CPUS", "CPULIMIT", "CPUUNITS", "NUMPROC"}
 _DIST_KEYS = {"HOSTNAME", "NAMESERVER", "SEARCHDOMAIN"}
+_QUOTA_KEYS = {"DISKSPACE", "DISKINODES", "DISK_QUOTA"}
 
 
 def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[str]:
@@ -506,6 +527,8 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
             raise E.UsageError(f"unknown setting(s): {', '.join(params)}")
         if running:
             _apply_running(ct, conf, set(changed))
+        if _QUOTA_KEYS & set(changed):  # on the files, so a stopped CT's too
+            ct.apply_quota(conf)
         if save:
             conf.save()
         return changed

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
-from vzbackup.cli.common import container, emit, json_option, require_root
+from vzbackup.cli.common import container, emit, json_option, node_of, require_root
+from vzbackup.config.node import Node
 from vzbackup.criu.blockers import blockers
 from vzbackup.criu.check import criu_binary, criu_check, criu_version, pycriu_module
+from vzbackup.ct import quota, registry
 from vzbackup.ct.cgroups import detect_version
-from vzbackup.errors import CheckpointError, DependencyError
+from vzbackup.ct.container import Container
+from vzbackup.errors import CheckpointError, DependencyError, VzError
 
 
 @click.command()
@@ -30,14 +34,28 @@ def check(ctx: click.Context, ctid: str | None, as_json: bool) -> None:
     if failed is not None:
         raise DependencyError(f"'{binary} check' failed:\n{failed}")
     pipe_max = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    node = node_of(ctx)
     data = {
         "criu": binary,
         "criu_version": criu_version(),
         "criu_check": "ok",
         "cgroup_version": detect_version(),
         "pipe_max_size": pipe_max,
+        "disk_quota": quota.detect(node.path("VE_PRIVATE", 0), new=True).describe(),
     }
-    emit(as_json, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    warnings = _quota_warnings(node)
+    text = "\n".join([*(f"{k}: {v}" for k, v in data.items()),
+                      *(f"WARNING: {w}" for w in warnings)])
+    emit(as_json, {**data, "disk_quota_warnings": warnings}, text)
+
+
+def _quota_warnings(node: Node) -> list[str]:
+    """Per CT with disk limits: what its private area's filesystem leaves unenforced."""
+    out = []
+    for ctid in registry.list_ctids(node):
+        with contextlib.suppress(VzError, OSError):
+            out += [f"CT {ctid}: {p}" for p in Container(node, ctid).quota_problems()]
+    return out
 
 
 def _check_ct(ctx: click.Context, ident: str, as_json: bool) -> None:

@@ -8,8 +8,9 @@ from functools import cached_property
 import click
 
 from vzbackup.cli.common import emit, json_option, node_of, require_root
-from vzbackup.ct import registry
+from vzbackup.ct import quota, registry
 from vzbackup.ct.container import Container
+from vzbackup.errors import VzError
 
 
 class _Row:
@@ -28,6 +29,44 @@ class _Row:
     def key(self, key: str) -> str:
         return self.conf.get(key, "-")
 
+    @cached_property
+    def quota(self) -> quota.Usage | None:
+        try:
+            return quota.usage(self.ct.ve_private(self.conf), self.ct.ctid)
+        except (OSError, VzError):
+            return None
+
+    @cached_property
+    def disk_limits(self) -> quota.Limits:
+        return self.ct.quota_limits(self.conf)
+
+    def disk(self, what: str) -> dict[str, int | None]:
+        """vzlist's usage/softlimit/hardlimit of diskspace (KiB) or diskinodes."""
+        used = self.quota and (self.quota.space_kib if what == "space" else self.quota.inodes)
+        return {"usage": used,
+                "softlimit": getattr(self.disk_limits, f"{what}_soft"),
+                "hardlimit": getattr(self.disk_limits, f"{what}_hard")}
+
+
+class _Cell:
+    """A column whose JSON value (an object) differs from its table text (one number)."""
+
+    def __init__(self, text: object, data: object) -> None:
+        self.text, self.data = text, data
+
+    def __str__(self) -> str:
+        return "-" if self.text is None else str(self.text)
+
+
+def _disk(what: str, part: str = "") -> Callable[[_Row], object]:
+    def get(r: _Row) -> object:
+        d = r.disk(what)
+        if part:
+            return d[part]
+        return _Cell(d["usage"], d)
+
+    return get
+
 
 # field -> (header, getter)
 FIELDS: dict[str, tuple[str, Callable[[_Row], object]]] = {
@@ -44,7 +83,13 @@ FIELDS: dict[str, tuple[str, Callable[[_Row], object]]] = {
     "cpuunits": ("CPUUNI", lambda r: r.key("CPUUNITS")),
     "physpages": ("PHYSPAGES", lambda r: r.key("PHYSPAGES")),
     "swappages": ("SWAPPAGES", lambda r: r.key("SWAPPAGES")),
-    "diskspace": ("DISKSPACE", lambda r: r.key("DISKSPACE")),
+    "diskspace": ("DQBLOCKS", _disk("space")),
+    "diskspace.s": ("DQBLOCKS.S", _disk("space", "softlimit")),
+    "diskspace.h": ("DQBLOCKS.H", _disk("space", "hardlimit")),
+    "diskinodes": ("DQINODES", _disk("inodes")),
+    "diskinodes.s": ("DQINODES.S", _disk("inodes", "softlimit")),
+    "diskinodes.h": ("DQINODES.H", _disk("inodes", "hardlimit")),
+    "quota": ("QUOTA", lambda r: quota.detect(r.ct.ve_private(r.conf)).backend),
     "private": ("PRIVATE", lambda r: str(r.ct.ve_private(r.conf))),
     "root": ("ROOT", lambda r: str(r.ct.ve_root(r.conf))),
     "pid": ("PID", lambda r: r.state.init_pid if r.state else "-"),
@@ -93,7 +138,8 @@ def list_(
             continue
         rows.append({f: FIELDS[f][1](row) for f in fields})
     if as_json:
-        emit(True, rows)
+        emit(True, [{f: v.data if isinstance(v, _Cell) else v for f, v in r.items()}
+                    for r in rows])
         return
     table = [[str(r[f]) for f in fields] for r in rows]
     if not no_header:

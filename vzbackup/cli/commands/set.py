@@ -32,7 +32,10 @@ from vzbackup.ct import ops
     help="/host/dir:/ct/dir[:ro] (repeatable; takes effect at the next start).",
 )
 @click.option("--numproc", type=click.IntRange(1))
-@click.option("--diskspace", help="soft[:hard] in KiB or with K/M/G (recorded).")
+@click.option("--diskspace", help="Disk space soft[:hard], KiB or with K/M/G/T (DISKSPACE).")
+@click.option("--diskinodes", help="Inodes soft[:hard] (DISKINODES).")
+@click.option("--diskquota", type=click.Choice(["yes", "no"]),
+              help="Enforce the disk limits (DISK_QUOTA; vz.conf's by default).")
 @click.pass_context
 def set_(ctx: click.Context, ctid: str, save: bool, **params: object) -> None:
     """Set parameters of CTID."""

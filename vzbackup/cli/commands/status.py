@@ -26,6 +26,7 @@ def status(ctx: click.Context, ctid: str, as_json: bool) -> None:
         "mounted": exists and ct.mounted,
         "status": ct.status() if exists else "deleted",
         "init_pid": st.init_pid if st else None,
+        "disk_quota_unenforced": ct.quota_problems() if exists else [],
     }
     words = [
         "exist" if exists else "deleted",
@@ -33,6 +34,9 @@ def status(ctx: click.Context, ctid: str, as_json: bool) -> None:
         data["status"] if exists else "down",
     ]
     emit(as_json, data, f"CTID {ct.ctid} {' '.join(words)}")
+    if not as_json:  # stdout stays vzctl's one line
+        for problem in data["disk_quota_unenforced"]:
+            click.echo(f"WARNING: CT {ct.ctid}: {problem}", err=True)
 
 
 COMMANDS = [status]
