@@ -108,7 +108,7 @@ def install(ct: Container, conf: CTConfig, build: Callable[[Path], None],
         fs.remove_tree(fresh, ignore_errors=True)
         raise
     fs.remove_tree(old, ignore_errors=True)
-    try:  # the backup's DISKSPACE/DISKINODES hold at once (start applies them again)
+    try:  # the config's DISKSPACE/DISKINODES hold at once (start applies them again)
         ct.apply_quota(conf)
     except (E.VzError, OSError) as e:
         logger.warning("CT %s: disk quota not set up: %s", ct.ctid, e)
