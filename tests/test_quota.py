@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodebed import NodeBed, need
+from nodebed import NodeBed, need, next_ctid
+from twonode_fixture import twonode
 
 from vzbackup import syscalls as S
 from vzbackup.config.ct import diskinodes, diskspace_kib
@@ -171,6 +172,32 @@ def test_destroy_removes_the_qgroup_and_restore_carries_the_limit(
 
     bed.vz("destroy", str(ctid))
     assert not qgroup.exists()
+
+
+@pytest.mark.slow
+def test_online_migration_carries_the_limit_to_dest(two_nodes: twonode.TwoNodes) -> None:
+    """A CT with DISKSPACE moves online from A (no quotas) to B (btrfs with quotas): B's
+    qgroup holds the limit once the CT runs there, and the CT's writes past it fail at B."""
+    bed = two_nodes
+    ctid = next_ctid()
+    bed.a.vz("create", str(ctid), "--hostname", f"q{ctid}")
+    bed.a.vz("set", str(ctid), "--save", "--diskspace", "24M")
+    bed.a.vz("start", str(ctid))
+    mnt = bed.b.prefix / "vz/private"
+    with loop_fs("btrfs", mnt) as loop:
+        assert loop
+        subprocess.run(["btrfs", "quota", "enable", str(mnt)], check=True)
+        try:
+            bed.a.vz("migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "--online",
+                     timeout=240)
+            assert "running" in bed.b.vz("status", str(ctid)).stdout
+            usage = quota.usage(mnt / str(ctid), ctid)
+            assert usage is not None and usage.limits.space_hard == 24 * 1024
+            full = bed.b.vz("exec", str(ctid), "dd if=/dev/zero of=/big bs=1M count=40",
+                            check=False)
+            assert full.returncode != 0 and "Disk quota exceeded" in full.stderr
+        finally:
+            bed.b.vz("stop", "--fast", str(ctid), check=False, timeout=90)
 
 
 def test_unenforced_quota_is_reported(node: NodeBed) -> None:
