@@ -79,10 +79,9 @@ def _umount_below(mnt: Path) -> None:
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
-@pytest.fixture(params=["btrfs", "ext4", "xfs"])
-def quota_node(request: pytest.FixtureRequest, node: NodeBed) -> Iterator[tuple[NodeBed, str]]:
-    """The bed with vz/private on a loop-mounted filesystem whose quotas are on."""
-    fstype = request.param
+@contextlib.contextmanager
+def _quota_bed(node: NodeBed, fstype: str) -> Iterator[tuple[NodeBed, str]]:
+    """The bed with vz/private on a loop-mounted *fstype* whose quotas are on."""
     mnt = node.prefix / "vz/private"
     try:
         with loop_fs(fstype, mnt) as loop:
@@ -94,6 +93,18 @@ def quota_node(request: pytest.FixtureRequest, node: NodeBed) -> Iterator[tuple[
             yield node, fstype
     finally:
         _stop_all(node)
+
+
+@pytest.fixture(params=["btrfs", "ext4", "xfs"])
+def quota_node(request: pytest.FixtureRequest, node: NodeBed) -> Iterator[tuple[NodeBed, str]]:
+    with _quota_bed(node, request.param) as bed:
+        yield bed
+
+
+@pytest.fixture
+def btrfs_quota_node(node: NodeBed) -> Iterator[NodeBed]:
+    with _quota_bed(node, "btrfs") as (bed, _):
+        yield bed
 
 
 def _stop_all(bed: NodeBed) -> None:
@@ -153,11 +164,9 @@ def test_ct_gets_quota_errors_node_keeps_room_and_set_raises_live(
 
 
 def test_destroy_removes_the_qgroup_and_restore_carries_the_limit(
-    quota_node: tuple[NodeBed, str],
+    btrfs_quota_node: NodeBed,
 ) -> None:
-    bed, fstype = quota_node
-    if fstype != "btrfs":
-        pytest.skip("qgroups are btrfs's")
+    bed = btrfs_quota_node
     ctid, copy = bed.new_ctid(), bed.new_ctid()
     bed.vz("create", str(ctid))
     bed.vz("set", str(ctid), "--save", "--diskspace", "30M")
