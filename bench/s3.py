@@ -1,26 +1,30 @@
 """Benchmark: vzbackup backup to / restore from S3 (the local Ceph RGW) vs raw boto3, in one run.
 
-The CT and its private area are bench/backup.py's data set (same generator, same seed).
-Per round, with empty buckets and an empty local cache:
+The CT and its private area are bench/backup.py's: a generated set (same generator, same
+seed) or, with ``--dataset debian``, the Debian 12 template's root filesystem. Per round,
+with empty buckets and an empty local cache:
 
-  upload    vzbackup dump --storage s3 (chunk, compress, dedup, upload) vs every file of the
-            private area uploaded by boto3's ``upload_file`` with its defaults, files in
-            parallel (a pool of as many threads as boto3's default connection pool: 10);
-            and, as the ceiling for big sequential transfers, one uncompressed tar of the
-            tree (made beforehand, not timed) by ``upload_file`` (parallel multipart)
-  download  vzbackup restore --storage s3 SNAPSHOT NEWCTID vs every object of the raw upload
-            downloaded by ``download_file`` with its defaults, in the same kind of pool;
-            and the tar by ``download_file`` (parallel ranged GETs), not unpacked
+  upload    vzbackup dump --storage s3 (walk, chunk, compress, dedup, upload) vs one
+            uncompressed tar of the tree (made beforehand, not timed) uploaded by boto3's
+            ``upload_file`` with its defaults (parallel multipart)
+  download  vzbackup restore --storage s3 SNAPSHOT NEWCTID (a new CT, written to disk) vs
+            the tar downloaded by ``download_file`` (parallel ranged GETs), not unpacked
+  local     the same restore from a dir storage (a backup made beforehand, not timed): the
+            part of the S3 restore that is not S3 (decompression, writing files)
+  per file  with --per-file, also every file uploaded by ``upload_file`` and downloaded by
+            ``download_file``, files in parallel (a pool of as many threads as boto3's
+            default connection pool: 10); slow, what a naive sync script would do
 
 Ratios are raw seconds / vzbackup seconds (>= 1: vzbackup is faster). Issue 14's target,
 printed as PASS/FAIL: vzbackup >= 0.8x one raw boto3 transfer of one object holding the same
-bytes (the tar), both ways; the S3 requests of each backup are reported (vzbackup counts
-them: ``storage_requests`` in the dump's stats, publishing adds about four).
-Throughput is the logical size of the private area per second for both. The RGW is started
-with scripts/s3-server.sh unless it already answers (and stopped again only then). Results
-go to bench/results/s3-TIMESTAMP.json. Run as root after scripts/setup.sh:
+bytes (the tar), both ways. The S3 requests of each backup and restore are reported
+(``storage_requests`` in the JSON of dump and restore). Throughput is the logical size of
+the private area per second. The load average is printed with the results: on a shared
+machine they are noisy. The RGW is started with scripts/s3-server.sh unless it already
+answers (and stopped again only then). Results go to bench/results/s3-TIMESTAMP.json.
+Run as root after scripts/setup.sh:
 
-    .venv/bin/python bench/s3.py [--size-mb 300] [--rounds 3]
+    .venv/bin/python bench/s3.py [--size-mb 300] [--rounds 3] [--dataset debian] [--per-file]
 """
 
 from __future__ import annotations
@@ -42,7 +46,16 @@ import boto3
 from botocore.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backup import MARKER, MB, TEMPLATE, DataSet, log, measure, tree_size
+from backup import (
+    DEBIAN_TEMPLATE,
+    MARKER,
+    MB,
+    TEMPLATE,
+    DataSet,
+    log,
+    measure,
+    tree_size,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench/results"
@@ -76,6 +89,7 @@ class S3Bench:
         self.work = self.prefix / "bench"
         exe = Path(sys.executable).parent / "vzbackup"
         self.vz_cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "vzbackup.cli"]
+        self.template = DEBIAN_TEMPLATE if args.dataset == "debian" else TEMPLATE
         self.s3 = client()
         self.buckets: list[str] = []
         self.started_server = False
@@ -95,16 +109,25 @@ class S3Bench:
         cache = self.prefix / "vz/template/cache"
         cache.mkdir(parents=True)
         (self.prefix / MARKER).touch()
-        if not TEMPLATE.exists():
-            raise SystemExit(f"{TEMPLATE} is missing: run scripts/setup.sh first")
-        shutil.copy(TEMPLATE, cache / TEMPLATE.name)
+        if not self.template.exists():
+            raise SystemExit(f"{self.template} is missing: run scripts/setup.sh first")
+        shutil.copy(self.template, cache / self.template.name)
         self.work.mkdir()
-        self.vz("create", str(self.args.ctid))
-        log(f"generating {self.args.size_mb} MB into {self.private}")
-        DataSet(self.private, self.args.size_mb, self.args.seed).generate()
+        self.vz("create", str(self.args.ctid), "--ostemplate",
+                self.template.name.removesuffix(".tar.zst"))
+        if self.args.dataset == "generated":
+            log(f"generating {self.args.size_mb} MB into {self.private}")
+            DataSet(self.private, self.args.size_mb, self.args.seed).generate()
         info = tree_size(self.private)
         info["files"] = sum(len(f) for _, _, f in os.walk(self.private))
+        info["dataset"] = self.args.dataset
         log(f"data set: {info}")
+        tar = self.work / "tree.tar"
+        measure(["tar", "-C", str(self.private), "-cf", str(tar), "."])
+        info["tar_bytes"] = tar.stat().st_size
+        log("backing up to the dir storage once (for the local restore reference)")
+        r = self.vz("dump", str(self.args.ctid), "--json")
+        self.local_snapshot = json.loads(r.out)["results"][0]["snapshot"]
         return info
 
     def new_bucket(self) -> str:
@@ -119,68 +142,78 @@ class S3Bench:
         cfg.write_text(f"s3: s3\n\tbucket {bucket}\n\tendpoint {ENDPOINT}\n\tpath-style 1\n"
                        f"\taccess-key {ACCESS_KEY}\n\tsecret-key {SECRET_KEY}\n")
 
+    def drop_cache(self) -> None:
+        shutil.rmtree(self.prefix / "var/cache/vzbackup", ignore_errors=True)
+        os.sync()
+
+    def restore(self, *args: str) -> tuple[float, int]:
+        """Seconds and S3 requests of a restore into a new CT (destroyed afterwards)."""
+        rctid = str(self.args.restore_ctid)
+        r = self.vz("restore", *args, rctid, "--ipadd", "none", "--json")
+        self.vz("destroy", rctid)
+        return r.seconds, json.loads(r.out).get("storage_requests", 0)
+
+    def timed(self, fn: object) -> float:
+        os.sync()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
     def round(self, n: int) -> dict:
         vz_bucket, raw_bucket = self.new_bucket(), self.new_bucket()
         self.configure(vz_bucket)
-        shutil.rmtree(self.prefix / "var/cache/vzbackup", ignore_errors=True)
-        files = [p for p in self.private.rglob("*") if p.is_file() and not p.is_symlink()]
-        os.sync()
+        self.drop_cache()
         r = self.vz("dump", "--storage", "s3", str(self.args.ctid), "--json")
         res = json.loads(r.out)["results"][0]
         if not res["ok"]:
             raise RuntimeError(f"vzbackup dump failed: {res}")
-        vz_up = r.seconds
-        log(f"round {n}: vzbackup dump {vz_up:.2f} s")
+        out = {"vz_upload_s": r.seconds, "stored_new": res["stats"].get("stored_new"),
+               "requests": res["stats"].get("storage_requests"),
+               "chunks_new": res["stats"].get("chunks_new")}
+        log(f"round {n}: vzbackup dump {r.seconds:.2f} s")
 
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(RAW_THREADS) as pool:
-            list(pool.map(lambda p: self.s3.upload_file(
-                str(p), raw_bucket, p.relative_to(self.private).as_posix()), files))
-        raw_up = time.perf_counter() - t0
-        log(f"round {n}: raw upload_file {raw_up:.2f} s ({len(files)} files)")
-
-        shutil.rmtree(self.prefix / "var/cache/vzbackup", ignore_errors=True)
+        self.drop_cache()  # a disaster restore: nothing but the bucket
+        out["vz_download_s"], out["restore_requests"] = self.restore(
+            "--storage", "s3", res["snapshot"])
+        log(f"round {n}: vzbackup restore {out['vz_download_s']:.2f} s "
+            f"({out['restore_requests']} requests)")
         os.sync()
-        rctid = str(self.args.restore_ctid)
-        r = self.vz("restore", "--storage", "s3", res["snapshot"], rctid, "--ipadd", "none")
-        vz_down = r.seconds
-        self.vz("destroy", rctid)
-        log(f"round {n}: vzbackup restore {vz_down:.2f} s")
-
-        dest = self.work / "raw-download"
-        keys = [o["Key"] for page in self.s3.get_paginator("list_objects_v2").paginate(
-            Bucket=raw_bucket) for o in page.get("Contents", [])]
-        for k in keys:
-            (dest / k).parent.mkdir(parents=True, exist_ok=True)
-        os.sync()
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(RAW_THREADS) as pool:
-            list(pool.map(lambda k: self.s3.download_file(raw_bucket, k, str(dest / k)), keys))
-        raw_down = time.perf_counter() - t0
-        shutil.rmtree(dest)
-        log(f"round {n}: raw download_file {raw_down:.2f} s")
+        out["local_download_s"], _ = self.restore(self.local_snapshot)
+        log(f"round {n}: vzbackup restore from the dir storage {out['local_download_s']:.2f} s")
 
         tar = self.work / "tree.tar"
-        measure(["tar", "-C", str(self.private), "-cf", str(tar), "."])
-        os.sync()
-        t0 = time.perf_counter()
-        self.s3.upload_file(str(tar), raw_bucket, "tree.tar")
-        tar_up = time.perf_counter() - t0
-        tar.unlink()
-        os.sync()
-        t0 = time.perf_counter()
-        self.s3.download_file(raw_bucket, "tree.tar", str(tar))
-        tar_down = time.perf_counter() - t0
-        tar.unlink()
-        log(f"round {n}: one tar: upload_file {tar_up:.2f} s, download_file {tar_down:.2f} s")
+        back = self.work / "tree.tar.back"
+        out["tar_upload_s"] = self.timed(lambda: self.s3.upload_file(str(tar), raw_bucket,
+                                                                     "tree.tar"))
+        out["tar_download_s"] = self.timed(lambda: self.s3.download_file(raw_bucket, "tree.tar",
+                                                                         str(back)))
+        back.unlink()
+        log(f"round {n}: one tar: upload_file {out['tar_upload_s']:.2f} s, "
+            f"download_file {out['tar_download_s']:.2f} s")
+        if self.args.per_file:
+            out.update(self.per_file(n, raw_bucket))
         for b in (vz_bucket, raw_bucket):
             empty_bucket(self.s3, b)
             self.buckets.remove(b)
-        return {"vz_upload_s": vz_up, "raw_upload_s": raw_up, "vz_download_s": vz_down,
-                "raw_download_s": raw_down, "tar_upload_s": tar_up, "tar_download_s": tar_down,
-                "stored_new": res["stats"].get("stored_new"),
-                "requests": res["stats"].get("storage_requests"),
-                "chunks_new": res["stats"].get("chunks_new")}
+        return out
+
+    def per_file(self, n: int, bucket: str) -> dict:
+        files = [p for p in self.private.rglob("*") if p.is_file() and not p.is_symlink()]
+        with ThreadPoolExecutor(RAW_THREADS) as pool:
+            up = self.timed(lambda: list(pool.map(lambda p: self.s3.upload_file(
+                str(p), bucket, "files/" + p.relative_to(self.private).as_posix()), files)))
+        dest = self.work / "raw-download"
+        keys = [o["Key"] for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="files/") for o in page.get("Contents", [])]
+        for k in keys:
+            (dest / k).parent.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(RAW_THREADS) as pool:
+            down = self.timed(lambda: list(pool.map(
+                lambda k: self.s3.download_file(bucket, k, str(dest / k)), keys)))
+        shutil.rmtree(dest)
+        log(f"round {n}: per file ({len(files)}): upload_file {up:.2f} s, "
+            f"download_file {down:.2f} s")
+        return {"raw_upload_s": up, "raw_download_s": down}
 
     def cleanup_prefix(self) -> None:
         for ctid in (self.args.restore_ctid, self.args.ctid):
@@ -199,13 +232,13 @@ class S3Bench:
 def summarise(rounds: list[dict], logical: int) -> dict:
     med = {k: statistics.median(r[k] or 0 for r in rounds) for k in rounds[0]}
     mb = logical / MB
+    ratio = {k[: -len("_s")]: round(med[k.replace("vz_", "tar_")] / med[k], 2)
+             for k in ("vz_upload_s", "vz_download_s")}
     return {
         "median": med,
-        "upload_ratio": round(med["raw_upload_s"] / med["vz_upload_s"], 2),
-        "download_ratio": round(med["raw_download_s"] / med["vz_download_s"], 2),
-        "tar_upload_ratio": round(med["tar_upload_s"] / med["vz_upload_s"], 2),
-        "tar_download_ratio": round(med["tar_download_s"] / med["vz_download_s"], 2),
-        "mb_per_s": {k: round(mb / v, 1) for k, v in med.items() if k.endswith("_s")},
+        "tar_ratio": {way.removeprefix("vz_"): r for way, r in ratio.items()},
+        "mb_per_s": {k: round(mb / v, 1) for k, v in med.items() if k.endswith("_s") and v},
+        "s3_vs_local_restore": round(med["local_download_s"] / med["vz_download_s"], 2),
         "targets": {way: med[f"tar_{way}_s"] / med[f"vz_{way}_s"] >= 0.8
                     for way in ("upload", "download")},
     }
@@ -213,9 +246,13 @@ def summarise(rounds: list[dict], logical: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", choices=("generated", "debian"), default="generated",
+                    help="bench/backup.py's generated tree, or the Debian 12 template's rootfs")
     ap.add_argument("--size-mb", type=int, default=300, help="size of the generated data")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--per-file", action="store_true",
+                    help="also upload and download every file with boto3 (slow)")
     ap.add_argument("--prefix", default="/var/tmp/vzbench-s3", help="private node prefix")
     ap.add_argument("--ctid", type=int, default=9201)
     ap.add_argument("--restore-ctid", type=int, default=9202)
@@ -226,29 +263,37 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = RESULTS / f"s3-{stamp}.json"
     bench = S3Bench(args)
-    doc: dict = {"benchmark": "s3", "time": stamp, "args": vars(args), "rounds": []}
+    doc: dict = {"benchmark": "s3", "time": stamp, "args": vars(args), "rounds": [],
+                 "load_before": os.getloadavg()}
     try:
         doc["data"] = bench.setup()
         for n in range(args.rounds):
             doc["rounds"].append(bench.round(n))
         doc["summary"] = summarise(doc["rounds"], doc["data"]["bytes"])
     finally:
+        doc["load_after"] = os.getloadavg()
         bench.cleanup()
         out_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         log(f"results: {out_path}")
-    s, mbs = doc["summary"], doc["summary"]["mb_per_s"]
-    print(f"data: {doc['data']['bytes'] / MB:.0f} MB in {doc['data']['files']} files, "
-          f"{args.rounds} rounds (medians)")
-    print(f"{'':10} {'vzbackup':>12} {'raw files':>12} {'ratio':>7} {'one tar':>12} {'ratio':>7}"
-          "  target  result")
+    s, mbs, med = doc["summary"], doc["summary"]["mb_per_s"], doc["summary"]["median"]
+    load = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(doc["load_before"], doc["load_after"],
+                                                         strict=True))
+    print(f"data: {args.dataset}, {doc['data']['bytes'] / MB:.0f} MB in {doc['data']['files']} "
+          f"files, {args.rounds} rounds (medians); load average before/after (1, 5, 15 min): "
+          f"{load} on {os.cpu_count()} CPUs")
+    print(f"{'':10} {'vzbackup':>10} {'one tar':>12} {'ratio':>7}  target  result"
+          + (f" {'per file':>12}" if args.per_file else ""))
     for way in ("upload", "download"):
         res = "PASS" if s["targets"][way] else "FAIL"
-        print(f"{way:10} {mbs[f'vz_{way}_s']:>7} MB/s {mbs[f'raw_{way}_s']:>7} MB/s "
-              f"{s[f'{way}_ratio']:>6}x {mbs[f'tar_{way}_s']:>7} MB/s {s[f'tar_{way}_ratio']:>6}x"
-              f"  >=0.8x  {res}")
-    med = s["median"]
-    print(f"S3 requests per backup: {med['requests']:.0f} for {med['chunks_new']:.0f} new chunks "
-          f"({med['stored_new'] / MB:.0f} MB stored)")
+        line = (f"{way:10} {med[f'vz_{way}_s']:>8.2f} s {mbs[f'tar_{way}_s']:>7} MB/s "
+                f"{s['tar_ratio'][way]:>6}x  >=0.8x  {res}")
+        if args.per_file:
+            line += f" {mbs[f'raw_{way}_s']:>7} MB/s"
+        print(line)
+    print(f"restore from a dir storage: {med['local_download_s']:.2f} s "
+          f"(S3 restore at {s['s3_vs_local_restore']}x of it)")
+    print(f"S3 requests: {med['requests']:.0f} per backup ({med['chunks_new']:.0f} new chunks, "
+          f"{med['stored_new'] / MB:.0f} MB stored), {med['restore_requests']:.0f} per restore")
     print(f"\nJSON: {out_path}")
 
 

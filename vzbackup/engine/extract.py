@@ -12,7 +12,6 @@ The read API other components build on (a FUSE mount, ``ls``, ``cat``):
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import threading
@@ -27,9 +26,10 @@ from vzbackup.engine.repo import Repository
 from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure, StorageError
 from vzbackup.storage.backend import BackendError, ObjectMissing
 
-PREFETCH_BYTES = 64 * 1024 * 1024  # packed bytes read ahead of the writer
-READ_GAP = 256 * 1024  # read over unneeded blobs up to this size rather than split a read
-READ_MAX = 16 * 1024 * 1024  # bytes per ranged read at most
+PREFETCH_BYTES = 64 * 1024 * 1024  # packed bytes fetched ahead of the writer, or held for it
+READ_GAP = 1024 * 1024  # read over unneeded blobs up to this size rather than split a read
+READ_MAX = 4 * 1024 * 1024  # bytes per ranged read at most: a pack is read in a few parallel
+# GETs (one per chunk costs an object store a round trip and a seek each: 4x slower on RGW)
 PARALLEL_FILE_MAX = 1024 * 1024  # files up to this size are written by the writer pool
 
 
@@ -43,34 +43,46 @@ def load_tree(repo: Repository, tree_chunks: list[str]) -> list[T.Entry]:
 
 @dataclass
 class Read:
-    """One ranged read: consecutive blobs of one object."""
+    """One ranged read: blobs of one object, needed from position *first* to *last* of
+    the order they are used in."""
 
     key: str
     start: int
     end: int
     chunks: list[tuple[str, int, int]]  # (chunk id, offset, length) inside the object
     packed: bool = True
+    first: int = 0
+    last: int = 0
 
 
 def plan_reads(repo: Repository, order: Iterable[str]) -> list[Read]:
-    """Group chunks, in the order they are needed, into ranged reads of their packs:
-    neighbours in a pack become one request (gaps up to READ_GAP are read and skipped)."""
+    """Group the chunks of *order* (the order they are used in) into ranged reads, sorted
+    by first use: per pack, chunks by offset, neighbours together (gaps up to READ_GAP
+    are read and skipped) up to READ_MAX bytes. Each chunk is in exactly one read."""
     reads: list[Read] = []
-    cur: Read | None = None
-    for cid in order:
+    by_pack: dict[str, list[tuple[int, int, str, int]]] = {}
+    for pos, cid in enumerate(order):
         key, loc = repo.locate(cid)
         if loc is None:  # a version 1 chunk object
-            reads.append(Read(key, 0, 0, [(cid, 0, 0)], packed=False))
-            cur = None
-            continue
-        end = loc.offset + loc.length
-        if (cur is not None and cur.key == key and cur.end <= loc.offset <= cur.end + READ_GAP
-                and end - cur.start <= READ_MAX):
-            cur.chunks.append((cid, loc.offset, loc.length))
-            cur.end = end
-            continue
-        cur = Read(key, loc.offset, end, [(cid, loc.offset, loc.length)])
-        reads.append(cur)
+            reads.append(Read(key, 0, 0, [(cid, 0, 0)], packed=False, first=pos, last=pos))
+        else:
+            by_pack.setdefault(key, []).append((loc.offset, loc.length, cid, pos))
+    for key, blobs in by_pack.items():
+        blobs.sort()
+        cur: Read | None = None
+        for off, ln, cid, pos in blobs:
+            if cur is not None and cur.chunks[-1][0] == cid:  # used again later
+                cur.first, cur.last = min(cur.first, pos), max(cur.last, pos)
+                continue
+            end = off + ln
+            if cur is not None and off <= cur.end + READ_GAP and end - cur.start <= READ_MAX:
+                cur.chunks.append((cid, off, ln))
+                cur.end = max(cur.end, end)
+                cur.first, cur.last = min(cur.first, pos), max(cur.last, pos)
+                continue
+            cur = Read(key, off, end, [(cid, off, ln)], first=pos, last=pos)
+            reads.append(cur)
+    reads.sort(key=lambda r: r.first)
     return reads
 
 
@@ -91,43 +103,65 @@ def fetch(repo: Repository, r: Read) -> dict[str, bytes]:
 
 
 class ChunkReader:
-    """Fetches the chunks a sequence of entries needs, in order, by ranged reads of their
-    packs, up to PREFETCH_BYTES ahead in a thread pool (decryption runs there too)."""
+    """Serves the chunks a sequence of entries needs, in that order: their packs are read
+    in few large ranged reads (plan_reads), in a thread pool that also decrypts, ahead of
+    the writer. A read stays in memory until the last chunk it holds was served; when more
+    than PREFETCH_BYTES are held, the one needed last is dropped (and its chunks fetched
+    one by one if they are needed again)."""
 
     def __init__(self, repo: Repository, entries: Iterable[T.Entry], threads: int = 4) -> None:
         self.repo = repo
-        # the order get() will be called in: a chunk shared by small files comes again
-        # after a big file's chunks (it is read again then, as one more ranged read)
+        # the order get() will be called in (a chunk shared by consecutive files once)
         order: list[str] = []
         for e in entries:
             for cid, _, _ in e.chunks:
                 if not order or order[-1] != cid:
                     order.append(cid)
-        self.reads = collections.deque(plan_reads(repo, order))
+        self.order = order
+        self.reads = plan_reads(repo, order)
+        self.read_of = {cid: n for n, r in enumerate(self.reads) for cid, _, _ in r.chunks}
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
-        self.ahead: collections.deque[tuple[Read, Future]] = collections.deque()
-        self.ahead_bytes = 0
-        self.current: dict[str, bytes] = {}
+        self.held: dict[int, Future] = {}  # read number -> its chunks (submitted, not done)
+        self.held_bytes = 0
+        self.submitted = 0  # reads submitted so far (in first-use order)
+        self.pos = -1  # position in order of the chunk served last
+        self.data = b""  # and its plaintext
 
-    def _fill(self) -> None:
-        while self.reads and (not self.ahead or self.ahead_bytes < PREFETCH_BYTES):
-            r = self.reads.popleft()
-            self.ahead.append((r, self.pool.submit(fetch, self.repo, r)))
-            self.ahead_bytes += r.end - r.start
+    def _size(self, n: int) -> int:
+        r = self.reads[n]
+        return r.end - r.start
+
+    def _drop(self, n: int) -> None:
+        self.held.pop(n).cancel()
+        self.held_bytes -= self._size(n)
+
+    def _fill(self, now: int) -> None:
+        """Submit the reads the current position needs, then more up to PREFETCH_BYTES;
+        over budget, drop what is needed last (not read *now*, which serves this chunk)."""
+        while self.submitted < len(self.reads):
+            n = self.submitted
+            if (self.reads[n].first > self.pos
+                    and self.held_bytes + self._size(n) > PREFETCH_BYTES):
+                break
+            self.held[n] = self.pool.submit(fetch, self.repo, self.reads[n])
+            self.held_bytes += self._size(n)
+            self.submitted += 1
+        while self.held_bytes > PREFETCH_BYTES and len(self.held) > 1:
+            self._drop(max((k for k in self.held if k != now), key=lambda k: self.reads[k].last))
 
     def get(self, cid: str) -> bytes:
-        data = self.current.get(cid)
-        if data is not None:
-            return data
-        self._fill()
-        if self.ahead and any(c == cid for c, _, _ in self.ahead[0][0].chunks):
-            r, fut = self.ahead.popleft()
-            self.ahead_bytes -= r.end - r.start
-            self._fill()
-            self.current = fut.result()
-            return self.current[cid]
-        # not in the planned order (e.g. a partial extract): fetch it alone
-        return self.repo.get_chunk(cid)
+        if self.pos >= 0 and self.order[self.pos] == cid:
+            return self.data
+        if self.pos + 1 >= len(self.order) or self.order[self.pos + 1] != cid:
+            return self.repo.get_chunk(cid)  # not in the planned order (a partial extract)
+        self.pos += 1
+        for n in [n for n in self.held if self.reads[n].last < self.pos]:
+            self._drop(n)  # every chunk it holds was served
+        now = self.read_of[cid]
+        self._fill(now)
+        fut = self.held.get(now)  # None: dropped to stay within budget
+        self.data = fut.result()[cid] if fut is not None else self.repo.get_chunk(cid)
+        return self.data
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -58,6 +58,7 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
         ct = R.restore_archive(node, Path(source), target, force=force, start=start, ipadd=ips,
                                hostname=hostname, log=log)
         what = Path(source).name
+        requests = 0
     else:
         repo = open_repo(ctx, storage, keyfile)
         m = repo.resolve(source)
@@ -73,12 +74,14 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
         if tty:
             click.echo("", err=True)
         what = m.id
+        requests = repo.backend.requests
     for line in lines:
         if line.startswith("WARN"):
             click.echo(line, err=True)
     emit(
         as_json,
-        {"ctid": ct.ctid, "source": what, "status": ct.status(), "log": lines},
+        {"ctid": ct.ctid, "source": what, "status": ct.status(), "log": lines,
+         "storage_requests": requests},
         f"CT {ct.ctid} restored from {what} ({ct.status()})",
     )
 
