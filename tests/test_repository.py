@@ -572,3 +572,37 @@ def test_restore_reads_packs_in_few_large_reads_whatever_the_order(tmp_path: Pat
     restore_tree(repo, entries, tmp_path / "tight")
     assert diff(tree_manifest(second), tree_manifest(tmp_path / "tight")) == []
 
+
+def test_rebuild_index_from_the_pack_headers(tmp_path: Path, monkeypatch):
+    from vzbackup.engine import rebuild
+
+    key = KeyFile.create(tmp_path / "key")
+    backend = DirBackend(tmp_path / "repo")
+    repo = Repository.init(backend, key)
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    for i in range(20):
+        (src / f"blob{i}").write_bytes(os.urandom(1 << 20))
+    m, _ = backup(repo, src)
+    where = {c: repo.locate(c) for c in m.refs}
+    packs = repo.list_packs()
+    assert len(packs) >= 2
+    for info in repo.index_files():
+        repo.delete_index(info.key)
+    repo = Repository.open(backend, key)
+    assert len(verify(repo, [m]).damaged) == len(m.refs)  # nothing locates a chunk any more
+    rep = maintenance.rebuild_index(repo)
+    assert (rep.packs, rep.index_files_written, rep.unreadable) == (len(packs), 1, {})
+    assert {c: repo.locate(c) for c in m.refs} == where
+    restore_tree(repo, load_tree(repo, m.tree), tmp_path / "out")
+    assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
+    # headers longer than the tail read first take a second read; the old index is replaced
+    monkeypatch.setattr(rebuild, "HEADER_TAIL", 64)
+    rep = maintenance.rebuild_index(Repository.open(backend, key))
+    assert rep.index_files_replaced == 1 and len(repo.index_files()) == 1
+    assert {c: Repository.open(backend, key).locate(c) for c in m.refs} == where
+    # a pack cut short (its writer crashed before syncing it) is reported, the rest indexed
+    victim = tmp_path / "repo" / packs[0].key
+    victim.write_bytes(victim.read_bytes()[:1000])
+    rep = maintenance.rebuild_index(Repository.open(backend, key))
+    assert list(rep.unreadable) == [packs[0].key] and rep.packs == len(packs) - 1

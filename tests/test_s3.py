@@ -327,3 +327,26 @@ def test_disaster_restore_with_running_state(s3_node: NodeBed, s3_bucket: Bucket
     value = int(node.sh(ctid, "cat /tmp/counter").strip())
     assert value > 5, "the counter restarted: the state was not restored"
     assert http_get(ip)
+
+
+def test_rebuild_index_after_the_index_was_deleted(s3_node: NodeBed, s3_bucket: Bucket,
+                                                   tmp_path: Path):
+    node = s3_node
+    key = tmp_path / "repo.key"
+    node.vz("key", "create", str(key))
+    ctid = node.new_ctid()
+    node.vz("create", str(ctid))  # never started: its template's files are enough
+    snap = dump(node, str(ctid), "--keyfile", str(key))["results"][0]["snapshot"]
+    for k in s3_bucket.object_keys("index/"):
+        s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key=k)
+    other = node.new_ctid()
+    restore = ("restore", "--storage", "s3", "--keyfile", str(key), snap, str(other),
+               "--ipadd", "none")
+    res = node.vz(*restore, check=False)
+    assert res.returncode == 12 and "missing" in res.stderr, res.stderr
+    out = json.loads(node.vz("rebuild-index", "--storage", "s3", "--keyfile", str(key),
+                             "--json").stdout)
+    assert out["packs"] == len(pack_keys(s3_bucket)) > 0 and not out["unreadable"]
+    assert len(s3_bucket.object_keys("index/")) == out["index_files_written"] == 1
+    node.vz(*restore)
+    assert diff(tree_manifest(private(node, ctid)), tree_manifest(private(node, other))) == []

@@ -18,7 +18,8 @@ from vzbackup.cli.common import run_guarded
 class LazyGroup(click.Group):
     """Imports a command's module only when it runs: ``vzbackup dump`` loads neither the
     migration's SSH stack nor the report's, so a quick command starts quickly. A command
-    is looked for in ``commands/NAME.py`` first, then in every module (``--help``)."""
+    is looked for in ``commands/NAME.py`` first (``-`` read as ``_``), then in every module
+    (``--help``)."""
 
     def _discover(self) -> None:
         for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
@@ -31,9 +32,10 @@ class LazyGroup(click.Group):
                 self.add_command(cmd)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands and cmd_name.isidentifier() and \
-                importlib.util.find_spec(f"{_commands.__name__}.{cmd_name}") is not None:
-            self._load(cmd_name)
+        module = cmd_name.replace("-", "_")  # rebuild-index: commands/rebuild_index.py
+        if cmd_name not in self.commands and module.isidentifier() and \
+                importlib.util.find_spec(f"{_commands.__name__}.{module}") is not None:
+            self._load(module)
         if cmd_name not in self.commands:
             self._discover()
         return self.commands.get(cmd_name)

@@ -1,10 +1,11 @@
-"""Prune (retention) and garbage collection of a repository, under its maintenance lock."""
+"""Prune (retention), garbage collection and index rebuilds of a repository, under its
+maintenance lock."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from vzbackup.engine import gc
+from vzbackup.engine import gc, rebuild
 from vzbackup.engine import locks as L
 from vzbackup.engine.prune import Decision, Item, KeepPolicy, plan
 from vzbackup.engine.repo import Repository, snapshot_time
@@ -41,3 +42,9 @@ def collect_garbage(repo: Repository, *, grace: float = gc.DEFAULT_GRACE, dry_ru
                     ) -> gc.GcReport:
     with L.RepoLock(repo, L.MAINTENANCE, what="gc", wait=lockwait):
         return gc.collect(repo, grace=grace, dry_run=dry_run, log=log)
+
+
+def rebuild_index(repo: Repository, *, dry_run: bool = False, lockwait: float = 0.0,
+                  log: Callable[[str], None] = lambda m: None) -> rebuild.RebuildReport:
+    with L.RepoLock(repo, L.MAINTENANCE, what="rebuild-index", wait=lockwait):
+        return rebuild.rebuild_index(repo, dry_run=dry_run, log=log)

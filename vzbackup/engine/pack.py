@@ -178,3 +178,15 @@ def read_header(data: bytes, open_header: Callable[[bytes], bytes]) -> Entries:
     if start < 0:
         raise ValueError("bad pack trailer")
     return decode_entries(open_header(data[start : len(data) - TRAILER.size]))
+
+
+def header_span(tail: bytes, size: int) -> tuple[int, int]:
+    """(offset, length) of the sealed header in a pack of *size* bytes, from the pack's
+    last bytes *tail* (at least its trailer)."""
+    if size < TRAILER.size or len(tail) < TRAILER.size:
+        raise ValueError("pack too short")
+    (hlen,) = TRAILER.unpack_from(tail, len(tail) - TRAILER.size)
+    start = size - TRAILER.size - hlen
+    if start < 0:
+        raise ValueError("bad pack trailer")
+    return start, hlen
