@@ -27,6 +27,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "scheduler": {"backup", "engine", "config"},
     "observe": {"engine", "backup", "config", "scheduler", "migrate"},
     "cli": set(FOLDERS),
+    "classic": {"cli", "config", "ct"},
 }
 # what the README lists as still to remove: (folder, module it imports)
 EXCEPTIONS = {("config", "vzbackup.ct.idmap"), ("engine", "vzbackup.ct.fs"),

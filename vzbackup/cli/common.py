@@ -46,18 +46,20 @@ def emit(as_json: bool, data: Any, text: str | None = None) -> None:
         click.echo(text)
 
 
-def run_guarded(cli: click.Group) -> None:
-    """Run the CLI; a VzError becomes 'vzbackup: error: ...' and its exit code."""
+def run_guarded(cli: click.Group, args: list[str] | None = None,
+                prog: str = "vzbackup") -> None:
+    """Run the CLI (on *args*, default sys.argv); a VzError becomes '*prog*: error: ...' and
+    its exit code."""
     try:
-        rc = cli.main(standalone_mode=False)  # returns the code of a click Exit
+        rc = cli.main(args=args, prog_name=prog, standalone_mode=False)  # a click Exit's code
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except VzError as e:
-        click.echo(f"vzbackup: error: {e}", err=True)
+        click.echo(f"{prog}: error: {e}", err=True)
         sys.exit(e.exit_code)
     except OSError as e:  # e.g. a full disk or a vanished path: one line, no traceback
         where = f" ({e.filename})" if e.filename else ""
-        click.echo(f"vzbackup: error: {e.strerror or e}{where}", err=True)
+        click.echo(f"{prog}: error: {e.strerror or e}{where}", err=True)
         sys.exit(RuntimeFailure.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
