@@ -11,6 +11,8 @@ import pytest
 from nodebed import DEBIAN_TEMPLATE_NAME, NodeBed, PtyDriver
 
 BOOT_TIMEOUT = 90  # seconds systemd may take to finish booting
+# The template's stock service units issue 17 checkpoints (Debian 12: PostgreSQL 15).
+STOCK_UNITS = ("redis-server", "postgresql@15-main", "ssh", "cron")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,12 @@ def system_state(bed: NodeBed, ctid: int) -> str:
     return bed.sh(ctid, script, check=False).strip()
 
 
+def stock_units(bed: NodeBed, ctid: int) -> dict[str, str]:
+    """``systemctl is-active`` of each of STOCK_UNITS."""
+    out = bed.sh(ctid, f"systemctl is-active {' '.join(STOCK_UNITS)}", check=False).split()
+    return dict(zip(STOCK_UNITS, out, strict=False))
+
+
 def journal_logs(bed: NodeBed, ctid: int, tag: str) -> bool:
     script = f"logger -t vzt {tag}; sleep 0.5; journalctl -t vzt --no-pager -q | grep -c {tag}"
     return bed.sh(ctid, script, check=False).strip() == "1"
@@ -46,6 +54,7 @@ def test_boots_to_running_with_console_run_cgroupns_and_journal(deb) -> None:
     assert bed.sh(ctid, "grep '^0::' /proc/1/cgroup").strip() == "0::/init.scope"
     assert bed.sh(ctid, "findmnt -rno FSTYPE | grep -cx cgroup", check=False).strip() == "0"
     assert journal_logs(bed, ctid, "boot-check")
+    assert stock_units(bed, ctid) == dict.fromkeys(STOCK_UNITS, "active")
     # The checkpoint drop-in is in place: redis-server keeps its own mount namespace but
     # shares the CT's UTS and user namespaces (what CRIU can dump).
     shown = bed.sh(ctid, "systemctl show redis-server -p ProtectHostname -p PrivateUsers")
@@ -99,6 +108,7 @@ def test_stop_halts_systemd_cleanly_and_restart_boots_again(deb) -> None:
     assert "Reached target" in log and "System Halt" in log  # systemd ran its halt.target
     assert system_state(bed, ctid) == "running"
     assert journal_logs(bed, ctid, "after-restart")
+    assert stock_units(bed, ctid) == dict.fromkeys(STOCK_UNITS, "active")
     dropin = bed.prefix / f"vz/private/{ctid}/etc/systemd/system/service.d"
     assert not list(dropin.glob("*vzbackup*"))
     shown = bed.sh(ctid, "systemctl show redis-server -p ProtectHostname")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -180,6 +181,11 @@ def test_ct_whose_init_is_missing_refuses_to_start(node: NodeBed) -> None:
     assert res.returncode == NOTFOUND, res.stderr
     assert f"CT {ctid} cannot start: /sbin/init is missing" in res.stderr
     assert node.vz("status", str(ctid)).stdout.count("running") == 0
+    # Nothing half-made: no mount, no supervisor state, no cgroup, the private area intact.
+    assert not os.path.ismount(node.prefix / f"vz/root/{ctid}")
+    assert not list((node.prefix / "vz/run").glob(f"{ctid}.*"))
+    assert str(node.prefix) not in Path("/proc/self/mountinfo").read_text()
+    assert (private / "bin/busybox").is_file()
     (private / "sbin/init").symlink_to("/sbin/init")  # a loop, chroot-style
     res = node.vz("start", str(ctid), check=False)
     assert res.returncode == NOTFOUND and "symlink loop" in res.stderr
