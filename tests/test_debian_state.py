@@ -2,8 +2,9 @@
 (redis-server, postgresql, ssh, cron), keeps its state through chkpnt + restore (a client's
 TCP connection from the node stays open), a checkpoint backup restored from S3 onto another,
 empty node prefix, and live migration (lazy and not) while a client writes through one
-connection: every acknowledged write is at DEST, the freeze is reported, and after each step
-systemd is ``running``, the stock services are active and journald logs.
+connection: every acknowledged write is at DEST, the freeze is reported, and a node shutdown
+(VE_STOP_MODE=suspend) and boot; after each step systemd is ``running``, the stock services
+are active and journald logs.
 
 Redis is the witness: the client INCRements one key through one TCP connection; the value
 the CT returns after each step proves its memory and the connection moved with it.
@@ -96,6 +97,25 @@ def test_chkpnt_and_restore_keep_a_client_connection(deb, criu_ready) -> None:
         client.close()
     assert_machine_ok(bed, ctid, "after-restore")
     assert bed.sh(ctid, "systemctl is-active console-getty").strip() == "active"
+
+
+def test_node_shutdown_suspends_and_boot_restores(deb, criu_ready) -> None:
+    """VE_STOP_MODE=suspend: the node's shutdown checkpoints the CT, its boot restores it
+    (the same redis process and client connection), and systemd is running again."""
+    bed, ctid, ip = deb
+    bed.vz("set", str(ctid), "--onboot", "yes", "--stop-mode", "suspend", "--save")
+    client = Redis(ip)
+    try:
+        before = client.incr()
+        down = json.loads(bed.vz("shutdown", "--json", timeout=300).stdout)
+        assert [(s["ctid"], s["action"]) for s in down["cts"]] == [(ctid, "checkpointed")], down
+        assert "stopped" in bed.vz("status", str(ctid)).stdout
+        up = json.loads(bed.vz("boot", "--json", timeout=300).stdout)
+        assert [(s["ctid"], s["action"]) for s in up["cts"]] == [(ctid, "restored")], up
+        assert client.incr() == before + 1  # same connection, same memory
+    finally:
+        client.close()
+    assert_machine_ok(bed, ctid, "after-node-boot")
 
 
 def test_checkpoint_backup_restores_with_state_from_s3_onto_another_empty_node(
