@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING
 from vzbackup.migrate.timer import Timer
 from vzbackup.migrate.tls import Identity
 
+from vzbackup import constants as C
 from vzbackup import errors as E
 from vzbackup.criu import driver
-from vzbackup.criu.check import pycriu_module
+from vzbackup.criu.check import criu_fixes, pycriu_module
 from vzbackup.ct import network, ops
 
 if TYPE_CHECKING:
@@ -239,6 +240,26 @@ class OnlineDump:
     def _raise_first(self) -> None:
         if self.errors:
             raise self.errors[0]
+
+
+def tls_page_server_problem(pid: int) -> str | None:
+    """Why this CRIU can't send the CT's memory to a page server over TLS, or None.
+
+    CRIU dumps the IPC namespace in a forked child that sends the SysV shared memory pages
+    with a copy of the parent's TLS session, which breaks the stream (scripts/criu-patches/
+    tlsns.patch fixes it; setup.sh's build carries it). Lazy pages and plain TCP are fine."""
+    if C.CRIU_FIX_TLS_NSDUMP in criu_fixes() or not _sysv_shm_segments(pid):
+        return None
+    return ("this CRIU sends SysV shared memory (held in the CT, e.g. by PostgreSQL) to the "
+            f"page server over TLS wrongly (it lacks our '{C.CRIU_FIX_TLS_NSDUMP}' fix): use "
+            "lazy pages, --plain-tcp on a trusted link, or the CRIU scripts/setup.sh builds")
+
+
+def _sysv_shm_segments(pid: int) -> int:
+    """SysV shared memory segments in the IPC namespace of *pid*."""
+    res = subprocess.run(["nsenter", f"--ipc=/proc/{pid}/ns/ipc", "cat", "/proc/sysvipc/shm"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    return max(0, len(res.stdout.splitlines()) - 1)
 
 
 def _free_port() -> int:

@@ -27,7 +27,7 @@ from vzbackup.migrate import history
 from vzbackup.migrate.cpuinfo import cpuinfo_dump
 from vzbackup.migrate.dest import DestAgent, RemoteSession, TreePusher
 from vzbackup.migrate.journal import Journal
-from vzbackup.migrate.online import OnlineDump
+from vzbackup.migrate.online import OnlineDump, tls_page_server_problem
 from vzbackup.migrate.protocol import PROTOCOL_VERSION
 from vzbackup.migrate.sync import remote_has_rsync
 
@@ -223,6 +223,9 @@ class Migration:
             problems += [f"DEST: {p}" for p in self.hello.get("problems", [])]
             if o.online and o.lazy is True and not self.hello.get("lazy_ok"):
                 problems.append("DEST: lazy pages (userfaultfd) unavailable; use --no-lazy")
+            if o.online and not problems and not self._lazy_possible() and not o.plain_pages:
+                why = tls_page_server_problem(self.ct.require_running().init_pid)
+                problems += [why] if why else []
             self.report.preflight = {
                 "source_version": __version__,
                 "dest_version": self.hello.get("version"),

@@ -14,6 +14,10 @@ CRIU_PREFIX=/usr/local
 PYCRIU_DIR=/usr/local/lib/vzbackup/pycriu      # holds the pycriu package
 SECCOMP_DIR=/usr/local/lib/vzbackup/seccomp    # holds a link to Debian's libseccomp binding
 BUILD_DIR=/var/cache/vzbackup/criu-build
+CRIU_PATCH_DIR=$ROOT/scripts/criu-patches   # our fixes to CRIU, applied when it is built here
+# The build's GitID names the patches it carries ("vzbackup+tlsns"): vzbackup reads it
+# (criu --version) and a build without them is rebuilt.
+CRIU_GITID=vzbackup$(for p in "$CRIU_PATCH_DIR"/*.patch; do [ -e "$p" ] && printf "+%s" "$(basename "$p" .patch)"; done; true)
 PIPE_MAX=4194304
 STAMP_DIR=/var/lib/vzbackup-setup
 
@@ -63,6 +67,10 @@ criu_ok() {  # $1 = criu binary
   "$bin" check >/dev/null 2>&1
 }
 
+criu_patched() {  # $1 = criu binary: carries every patch of $CRIU_PATCH_DIR
+  "$1" --version 2>/dev/null | grep -qx "GitID: $CRIU_GITID"
+}
+
 build_criu() {  # $1 = "full" (criu + pycriu) or "lib" (pycriu only, distro criu is used)
   local mode=$1 srcdir apt_dir tarball targets="criu lib"
   apt_dir=$BUILD_DIR/apt
@@ -81,15 +89,31 @@ build_criu() {  # $1 = "full" (criu + pycriu) or "lib" (pycriu only, distro criu
   srcdir=$BUILD_DIR/src
   rm -rf "$srcdir"; mkdir -p "$srcdir"
   tar -xJf "$tarball" -C "$srcdir" --strip-components=1
+  local p
+  for p in "$CRIU_PATCH_DIR"/*.patch; do
+    [ -e "$p" ] || continue
+    patch -d "$srcdir" -p1 -s <"$p" || die "CRIU patch $(basename "$p") does not apply"
+  done
   [ "$mode" = lib ] && targets=lib
-  log "CRIU: building $(basename "$tarball") (make -j$(nproc) $targets)"
+  log "CRIU: building $(basename "$tarball") + $CRIU_GITID (make -j$(nproc) $targets)"
   # shellcheck disable=SC2086
-  make -C "$srcdir" -j"$(nproc)" $targets >"$BUILD_DIR/build.log" 2>&1 \
+  make -C "$srcdir" -j"$(nproc)" GITID="$CRIU_GITID" $targets >"$BUILD_DIR/build.log" 2>&1 \
     || { tail -30 "$BUILD_DIR/build.log" >&2; die "CRIU build failed (log: $BUILD_DIR/build.log)"; }
-  [ "$mode" = lib ] || install -m 0755 "$srcdir/criu/criu" "$CRIU_PREFIX/sbin/criu"
-  rm -rf "$PYCRIU_DIR"; mkdir -p "$PYCRIU_DIR"
-  cp -r "$srcdir/lib/pycriu" "$PYCRIU_DIR/pycriu"
-  find "$PYCRIU_DIR" -name '__pycache__' -prune -exec rm -rf {} +
+  # Replaced by rename: CRIU runs and pycriu imports of other processes never see a gap.
+  if [ "$mode" != lib ]; then
+    install -m 0755 "$srcdir/criu/criu" "$CRIU_PREFIX/sbin/criu.new"
+    mv -f "$CRIU_PREFIX/sbin/criu.new" "$CRIU_PREFIX/sbin/criu"
+  fi
+  local new="$PYCRIU_DIR.new"
+  rm -rf "$new"; mkdir -p "$new"
+  cp -r "$srcdir/lib/pycriu" "$new/pycriu"
+  find "$new" -name '__pycache__' -prune -exec rm -rf {} +
+  if diff -qr "$new/pycriu" "$PYCRIU_DIR/pycriu" -x __pycache__ >/dev/null 2>&1; then
+    rm -rf "$new"
+  else
+    rm -rf "$PYCRIU_DIR.old"; [ -d "$PYCRIU_DIR" ] && mv "$PYCRIU_DIR" "$PYCRIU_DIR.old"
+    mv "$new" "$PYCRIU_DIR"; rm -rf "$PYCRIU_DIR.old"
+  fi
 }
 
 install_criu() {
@@ -103,14 +127,18 @@ install_criu() {
       >/dev/null 2>&1 || true
   fi
   if criu_ok "$dist"; then
-    log "CRIU: distro $("$dist" --version | head -1) passes 'criu check'"
+    log "CRIU: distro $("$dist" --version | head -1) passes 'criu check'" \
+      "(without $CRIU_GITID: vzbackup refuses what needs those fixes, README)"
     [ -f "$PYCRIU_DIR/pycriu/rpc_pb2.py" ] || build_criu lib
     return
   fi
-  if criu_ok "$CRIU_PREFIX/sbin/criu" && [ -f "$PYCRIU_DIR/pycriu/rpc_pb2.py" ]; then
-    log "CRIU: $("$CRIU_PREFIX/sbin/criu" --version | head -1) (built from source) OK"; return
+  if criu_ok "$CRIU_PREFIX/sbin/criu" && criu_patched "$CRIU_PREFIX/sbin/criu" \
+     && [ -f "$PYCRIU_DIR/pycriu/rpc_pb2.py" ]; then
+    log "CRIU: $("$CRIU_PREFIX/sbin/criu" --version | head -1) + $CRIU_GITID (built from source) OK"
+    return
   fi
-  log "CRIU: distro criu missing, older than $CRIU_MIN or failing 'criu check': building"
+  log "CRIU: distro criu missing, older than $CRIU_MIN or failing 'criu check'," \
+    "or our build lacks $CRIU_GITID: building"
   build_criu full
   criu_ok "$CRIU_PREFIX/sbin/criu" || { "$CRIU_PREFIX/sbin/criu" check || true; die "built CRIU fails 'criu check'"; }
   log "CRIU: installed $("$CRIU_PREFIX/sbin/criu" --version | head -1)"

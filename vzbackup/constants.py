@@ -8,6 +8,10 @@ DEFAULT_PREFIX = "/"
 PREFIX_ENV = "VZBACKUP_PREFIX"
 CRIU_ENV = "VZBACKUP_CRIU"  # explicit path of the criu binary
 CRIU_MIN_VERSION = (4, 2)
+# Our fixes to CRIU (scripts/criu-patches/NAME.patch), named in the GitID of a CRIU that
+# scripts/setup.sh built ("GitID: vzbackup+tlsns"): without "tlsns" the page server over TLS
+# fails on SysV shared memory (migrate/online.py checks before anything moves).
+CRIU_FIX_TLS_NSDUMP = "tlsns"
 CRIU_SEARCH = ("/usr/local/sbin/criu", "/usr/sbin/criu", "/usr/local/bin/criu", "/usr/bin/criu")
 
 # Node defaults (vz.conf); "${PREFIX}" is the node prefix, "$VEID" the CTID.

@@ -52,6 +52,19 @@ def pycriu_module():  # -> module
     return pycriu
 
 
+@cache
+def criu_fixes() -> frozenset[str]:
+    """Our CRIU patches this binary carries: its GitID is ``vzbackup+NAME+...`` when
+    scripts/setup.sh built it (constants.CRIU_FIX_*)."""
+    try:
+        out = subprocess.run([criu_binary(), "--version"], capture_output=True, text=True,
+                             timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    m = re.search(r"^GitID:\s*vzbackup((?:\+[\w-]+)*)\s*$", out, re.M)
+    return frozenset(m.group(1).split("+")[1:]) if m else frozenset()
+
+
 def criu_version() -> str:
     ver = _version(criu_binary())
     return ".".join(map(str, ver)) if ver else "?"
