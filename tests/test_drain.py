@@ -52,8 +52,8 @@ def _status(node: Node, ctid: int) -> str:
     return node.vz("status", str(ctid), check=False).stdout
 
 
-def _drain(bed: Bed, *extra: str) -> tuple[int, dict]:
-    res = bed.a.vz("drain", bed.dest(bed.b), *bed.ssh_args(), "--json", *extra,
+def _drain(bed: Bed, *extra: str, dests: str = "") -> tuple[int, dict]:
+    res = bed.a.vz("drain", dests or bed.dest(bed.b), *bed.ssh_args(), "--json", *extra,
                    check=False, timeout=400)
     assert res.stdout.strip(), res.stderr
     return res.returncode, json.loads(res.stdout)
@@ -69,10 +69,12 @@ def test_drain_moves_all_but_the_failing_ct(two_nodes: Bed) -> None:
     bed.b.vz("create", str(clash))  # DEST already has a CT with that CTID
     before = {c: _counter(bed.a, c) for c in (live, clash)}
 
-    rc, dry = _drain(bed, "--online", "--dry-run")
+    # a second DEST without sshd (refused on node A's loopback) takes nothing
+    rc, dry = _drain(bed, "--online", "--dry-run", dests=f"{bed.dest(bed.b)},root@127.0.0.1")
     assert rc == 15 and dry["dry_run"] and dry["failed"] == 1
-    (dest,) = dry["dests"]
+    dest, nowhere = dry["dests"]
     assert dest["mem_available"] > 0 and dest["disk_free"] > 0 and not dest["error"]
+    assert nowhere["error"] and {r["dest"] for r in dry["results"]} == {bed.dest(bed.b)}
     assert all("running" in _status(bed.a, c) for c in (live, clash))
     assert "deleted" in _status(bed.b, live)
 

@@ -4,8 +4,13 @@ CT's processes across the "reboot", and the fallback to a fresh start when a res
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-from nodebed import NodeBed, wait_for
+import pytest
+from nodebed import ROOT, NodeBed, need, wait_for
 
 # a counter that records its own PID: restored, the same process counts on
 PID_COUNTER = (
@@ -101,3 +106,16 @@ def test_shutdown_suspends_and_boot_restores_in_bootorder(node: NodeBed, criu_re
     # a second boot finds nothing to do
     data, _ = _run(bed, "boot")
     assert data == {"cts": [], "failed": 0}
+
+
+@pytest.mark.parametrize("unit", sorted(p.name for p in (ROOT / "conf").glob("*.service")))
+def test_systemd_unit_verifies(unit: str, tmp_path: Path) -> None:
+    """systemd itself reads the unit without a complaint (the vzbackup path pointed at ours)."""
+    need(shutil.which("systemd-analyze") is not None, "systemd-analyze not installed")
+    text = (ROOT / "conf" / unit).read_text()
+    assert "/usr/local/bin/vzbackup " in text
+    vzbackup = Path(sys.executable).with_name("vzbackup")
+    (tmp_path / unit).write_text(text.replace("/usr/local/bin/vzbackup", str(vzbackup)))
+    res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and not res.stderr.strip(), res.stderr
