@@ -24,9 +24,10 @@ from vzbackup.backup.job import known_chunks
 from vzbackup.engine import gc, maintenance
 from vzbackup.engine import locks as L
 from vzbackup.engine import tree as T
-from vzbackup.engine.archiver import ChunkStore, FilesCache, Stats, TreeWriter
+from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
 from vzbackup.engine.crypto import Codec, KeyFile
 from vzbackup.engine.extract import load_tree, restore_tree
+from vzbackup.engine.filescache import RACY_NS, FilesCache
 from vzbackup.engine.prune import KeepPolicy
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.engine.verify import verify
@@ -83,25 +84,68 @@ def test_small_files_share_chunks_and_compress_together(repo: Repository, tmp_pa
     assert stats.stored_new * 5 < stats.bytes_total
 
 
+def settle() -> None:
+    """Let the files cache trust what was just written (it re-reads entries changed less
+    than RACY_NS before a backup: a second change in the same clock tick is invisible)."""
+    time.sleep(2 * RACY_NS / 1e9)
+
+
 def test_second_backup_dedups_and_files_cache_skips_reading(repo: Repository, tmp_path: Path):
     src = tmp_path / "src"
     make_rich_tree(src)
     cache_path = tmp_path / "cache" / "101.zst"
-    _, s1 = backup(repo, src, cache=FilesCache(cache_path))
-    _, s2 = backup(repo, src, cache=FilesCache(cache_path))
+    settle()
+    m1, s1 = backup(repo, src, cache=FilesCache(cache_path))
+    m2, s2 = backup(repo, src, cache=FilesCache(cache_path))
     assert s2.bytes_read == 0, "unchanged files must not be read again"
     assert s2.cache_hits == s1.files
-    assert s2.chunks_new <= 1  # at most the file list differs (none of the data)
-    # change 1 small file and append to the big one: only those are read
+    assert (s2.files, s2.dirs, s2.other, s2.bytes_total) == \
+        (s1.files, s1.dirs, s1.other, s1.bytes_total)
+    assert s2.chunks_new == 0 and m2.tree == m1.tree  # the same file list, byte for byte
+    # change 1 small file, append to the big one, and metadata only elsewhere:
+    # only the two changed files are read, every change is in the snapshot
     (src / "etc/conf7").write_text("changed\n")
     with open(src / "bin/big", "ab") as f:
         f.write(os.urandom(1000))
+    os.chmod(src / "etc/conf8", 0o600)
+    os.setxattr(src / "etc/conf9", "user.new", b"x")
+    os.chown(src / "home/user/file", 4321, 5678)
+    (src / "bin/sh").rename(src / "bin/zsh")  # the hardlink pair's first name changes
+    os.mkdir(src / "newdir")
+    (src / "newdir/f").write_text("new\n")
     m3, s3 = backup(repo, src, cache=FilesCache(cache_path))
     assert 0 < s3.bytes_read < (5 << 20)
     assert s3.bytes_new < s3.bytes_read  # the big file's unchanged chunks dedup
     out = tmp_path / "out"
     restore_tree(repo, load_tree(repo, m3.tree), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
+
+
+def test_files_cache_rereads_what_changed_just_before_a_backup(repo: Repository, tmp_path: Path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d/old").write_bytes(os.urandom(3000))
+    settle()
+    (src / "d/new").write_bytes(os.urandom(5000))
+    cache_path = tmp_path / "c.zst"
+    backup(repo, src, cache=FilesCache(cache_path))  # within RACY_NS of the change
+    settle()
+    _, s = backup(repo, src, cache=FilesCache(cache_path))
+    assert s.bytes_read == 5000  # "new" might have changed again within its clock tick
+    _, s = backup(repo, src, cache=FilesCache(cache_path))
+    assert s.bytes_read == 0
+
+
+def test_files_cache_is_dropped_when_the_exclusions_change(repo: Repository, tmp_path: Path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d/a").write_text("a\n")
+    (src / "d/b").write_text("b\n")
+    settle()
+    cache_path = tmp_path / "c.zst"
+    backup(repo, src, cache=FilesCache(cache_path, key="/d/b"))
+    m, _ = backup(repo, src, cache=FilesCache(cache_path, key=""))
+    assert [e.path for e in load_tree(repo, m.tree)] == [".", "d", "d/a", "d/b"]
 
 
 def test_identical_trees_of_two_cts_dedup(repo: Repository, tmp_path: Path):
@@ -117,6 +161,7 @@ def test_stale_files_cache_entry_is_not_trusted(repo: Repository, tmp_path: Path
     src.mkdir()
     (src / "f").write_bytes(os.urandom(5000))
     cache_path = tmp_path / "c.zst"
+    settle()
     backup(repo, src, cache=FilesCache(cache_path))
     # same size and mtime, different content and ctime: the inode/ctime check catches it
     st = os.stat(src / "f")

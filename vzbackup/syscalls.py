@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import platform
 import struct
 import termios
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the process's own symbols include libc (find_library("c") would run ldconfig: ~10 ms)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000

@@ -23,7 +23,8 @@ from vzbackup.backup.hooks import HookScript
 from vzbackup.ct.container import Container
 from vzbackup.engine import locks as L
 from vzbackup.engine import maintenance
-from vzbackup.engine.archiver import ChunkStore, FilesCache, Stats, TreeWriter
+from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
+from vzbackup.engine.filescache import FilesCache
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.errors import StorageError, VzError
 
@@ -97,7 +98,8 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
                 bwlimit_kbps=opts.bwlimit or None,
             ) as src:
                 cache = FilesCache(session.files_cache_path(ct.node, repo, ct.ctid),
-                                   use_inode=src.same_inodes)
+                                   use_inode=src.same_inodes,
+                                   key="\n".join(matcher.patterns) if matcher else "")
                 log(f"INFO: backing up {src.root}")
                 t1 = time.monotonic()
                 tree = TreeWriter(repo, store, cache=cache, exclude=exclude, progress=progress,

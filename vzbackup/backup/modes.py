@@ -42,10 +42,7 @@ from pathlib import Path
 
 from vzbackup import constants as C
 from vzbackup import errors as E
-from vzbackup.criu import driver
-from vzbackup.criu.blockers import require_checkpointable
-from vzbackup.criu.check import criu_binary, pycriu_module
-from vzbackup.ct import fs, ops
+from vzbackup.ct import fs
 from vzbackup.ct.container import Container
 from vzbackup.ct.fs import is_btrfs_subvolume
 from vzbackup.syscalls import pid_alive
@@ -289,7 +286,13 @@ def _frozen(run: _Run, src_times: list[float]) -> Iterator[None]:
 # --- the modes -----------------------------------------------------------------------------
 
 
+# CRIU and the CT runtime are imported by the modes that use them: backing up a stopped CT
+# (the common case, and the whole of an unchanged one) doesn't load them
+
+
 def _stop_mode(run: _Run, undo: ExitStack, stopwait: int | None) -> Source:
+    from vzbackup.ct import ops
+
     src = Source(run.private, None, True, "stop", True, 0.0)
     t0 = time.monotonic()
 
@@ -345,6 +348,10 @@ def _snapshot_mode(run: _Run, undo: ExitStack) -> Source:
 
 
 def _checkpoint_mode(run: _Run, undo: ExitStack, init_pid: int) -> Source:
+    from vzbackup.criu import driver
+    from vzbackup.criu.check import criu_binary, pycriu_module
+    from vzbackup.ct import ops
+
     criu_binary()
     pycriu_module()
     ct = run.ct
@@ -405,6 +412,8 @@ def _checkpoint_mode(run: _Run, undo: ExitStack, init_pid: int) -> Source:
 
 def _keep_failed_log(run: _Run, state_dir: Path, err: E.CheckpointError) -> E.CheckpointError:
     """Copy CRIU's log out of the images directory (removed on exit); the error names it."""
+    from vzbackup.criu import driver
+
     kept = run.tmpdir / f"vzbackup-dump-{run.ct.ctid}.failed.log"
     try:
         shutil.copy(state_dir / driver.DUMP_LOG, kept)
@@ -464,6 +473,8 @@ def consistent_source(
             else:
                 if not st.init_pid:
                     raise E.StateError(f"CT {ct.ctid} is {st.status}: no init to checkpoint")
+                from vzbackup.criu.blockers import require_checkpointable
+
                 require_checkpointable(ct, "backup mode checkpoint")  # before anything is copied
                 src = _checkpoint_mode(run, undo, st.init_pid)
             run.log(f"{src.mode} mode source ready in {time.monotonic() - t0:.2f}s: {src.root}")

@@ -8,8 +8,9 @@ together (as in a tar) and still deduplicate, because content-defined cuts resyn
 An entry's content is a list of ``[chunk, offset, length]`` slices.
 
 Hashing, compression and encryption run in a bounded thread pool that fills pack files
-(pack.py), written as they fill; the walk reads ahead while the pool works. A files cache
-(inode, size, mtime, ctime) lets an unchanged file reuse its slices without being read.
+(pack.py), written as they fill; the walk reads ahead while the pool works. The files
+cache (filescache.py) lets an unchanged directory reuse its file list lines, and an
+unchanged file its slices, without being read or encoded again.
 """
 
 from __future__ import annotations
@@ -20,21 +21,21 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfastcdc
-import zstandard
 
 from vzbackup.engine import tree as T
+from vzbackup.engine.filescache import RACY_NS, DirRecord, FilesCache, Sig
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import RuntimeFailure
 from vzbackup.storage.ratelimit import Limiter
 
 READ_BLOCK = 8 * 1024 * 1024
-CACHE_VERSION = 1
 
 
 @dataclass
@@ -214,48 +215,6 @@ class Stream:
             self.chunks.popleft()
 
 
-class FilesCache:
-    """path -> (inode, size, mtime_ns, ctime_ns, slices, extents), per repository and CT."""
-
-    def __init__(self, path: Path | None, *, use_inode: bool = True) -> None:
-        self.path = path
-        self.use_inode = use_inode
-        self.old: dict[str, list] = {}
-        self.new: dict[str, list] = {}
-        if path and path.exists():
-            try:
-                d = json.loads(zstandard.ZstdDecompressor().decompress(path.read_bytes()))
-                if d.get("v") == CACHE_VERSION:
-                    self.old = d["files"]
-            except (OSError, ValueError, zstandard.ZstdError):
-                self.old = {}  # only an optimisation: start over
-
-    def lookup(self, rel: str, st: os.stat_result, known: set[str]) -> list | None:
-        hit = self.old.get(rel)
-        if not hit:
-            return None
-        ino, size, mtime, ctime, chunks, _extents = hit
-        if size != st.st_size or mtime != st.st_mtime_ns:
-            return None
-        if self.use_inode and (ino != st.st_ino or ctime != st.st_ctime_ns):
-            return None
-        if any(c[0] not in known for c in chunks):
-            return None
-        return hit
-
-    def record(self, rel: str, st: os.stat_result, chunks: list, extents: list | None) -> None:
-        self.new[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, chunks, extents]
-
-    def save(self) -> None:
-        if not self.path:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        data = json.dumps({"v": CACHE_VERSION, "files": self.new}, separators=(",", ":"))
-        tmp.write_bytes(zstandard.ZstdCompressor(level=1).compress(data.encode()))
-        os.replace(tmp, self.path)
-
-
 def data_extents(fd: int, size: int) -> list[list[int]]:
     """[offset, length] of the data regions of a sparse file (SEEK_DATA/SEEK_HOLE)."""
     out: list[list[int]] = []
@@ -276,16 +235,52 @@ Progress = Callable[[int, int], None]  # (files done, bytes done)
 
 
 class _Pending:
-    __slots__ = ("entry", "ranges", "stream")
+    """One line of the file list, written once the chunks it names are known."""
 
-    def __init__(self, entry: T.Entry, stream: Stream | None, ranges: list | None) -> None:
+    __slots__ = ("entry", "ranges", "raw", "slot", "stream")
+
+    def __init__(self, entry: T.Entry | None, stream: Stream | None = None,
+                 ranges: list | None = None, slot: tuple[_DirBuild, int] | None = None,
+                 raw: bytes | None = None) -> None:
         self.entry = entry
         self.stream = stream
-        self.ranges = ranges  # (start, end) on stream, or already-resolved slices
+        self.ranges = ranges  # (start, end) on stream, or resolved (future, offset, length)
+        self.slot = slot  # where the line goes in the files cache
+        self.raw = raw  # lines reused from the files cache, written as they are
+
+
+class _DirBuild:
+    """A directory's files cache record while its lines are being written."""
+
+    __slots__ = ("chunks", "counts", "lines", "links", "names", "rel", "sigs", "skipped",
+                 "subdirs")
+
+    def __init__(self, rel: str, names: list[str]) -> None:
+        n = len(names)
+        self.rel = rel
+        self.names = names
+        self.sigs: list[Sig | None] = [None] * n
+        self.lines: list[bytes] = [b""] * n
+        self.chunks: list[tuple[str, ...]] = [()] * n
+        self.subdirs: list[int] = []
+        self.links: list[tuple[int, int, int, str]] = []
+        self.counts = (0, 0, 0, 0)
+        self.skipped: list[str] = []
+
+    def record(self) -> DirRecord:
+        return DirRecord(tuple(self.names), tuple(self.sigs), tuple(self.lines),
+                         tuple(self.chunks), tuple(self.subdirs), tuple(self.links),
+                         self.counts, tuple(self.skipped),
+                         tuple(set().union(*self.chunks)))
 
 
 class TreeWriter:
-    """Walks a directory and writes its entries and contents into the repository."""
+    """Walks a directory and writes its entries and contents into the repository.
+
+    The walk goes directory by directory; a directory's entries are written together (in
+    name order), then its subdirectories in turn. With a files cache, a directory whose
+    entries all kept their signatures has its lines copied from the cache (filescache.py).
+    """
 
     def __init__(self, repo: Repository, store: ChunkStore, *, cache: FilesCache | None = None,
                  exclude: Excluder | None = None, progress: Progress | None = None,
@@ -304,11 +299,20 @@ class TreeWriter:
         self.meta = Stream(self.cdc, store, flush_at=4 * mx)
         self.queue: collections.deque[_Pending] = collections.deque()
         self.hardlinks: dict[tuple[int, int], str] = {}
+        self.builds: list[_DirBuild] = []
+        self.racy_ns = 0  # entries changed after this are not trusted by the next backup
+        self.root_dev = 0
 
     # --- output in walk order ----------------------------------------------------------------
     def _emit(self, p: _Pending) -> None:
         self.queue.append(p)
         self._drain(force=False)
+
+    def _write_lines(self, raw: bytes) -> None:
+        if self.queue:
+            self.queue.append(_Pending(None, raw=raw))
+        else:
+            self.meta.write(raw)
 
     def _drain(self, force: bool) -> None:
         while self.queue:
@@ -325,13 +329,18 @@ class TreeWriter:
             if not force and p.ranges and not all(f.done() for f, _, _ in p.ranges):
                 break  # keep reading while the workers finish; never wait here
             self.queue.popleft()
+            if p.raw is not None:
+                self.meta.write(p.raw)
+                continue
             e = p.entry
-            if e.kind == T.FILE:
-                e.chunks = [[fut.result(), off, ln] for fut, off, ln in p.ranges or []]
-                if self.cache is not None and p.ranges is not None:
-                    self.cache.record(e.path, self._stat_of.pop(e.path), e.chunks, e.extents)
+            if p.ranges is not None:
+                e.chunks = [[fut.result(), off, ln] for fut, off, ln in p.ranges]
             line = json.dumps(e.to_dict(), separators=(",", ":")).encode() + b"\n"
             self.meta.write(line)
+            if p.slot is not None:
+                build, i = p.slot
+                build.lines[i] = line
+                build.chunks[i] = tuple(dict.fromkeys(c[0] for c in e.chunks))
         first = next((p.ranges[0][0] for p in self.queue if p.stream is self.small and p.ranges),
                      self.small.cut)
         self.small.forget_before(first)
@@ -348,41 +357,162 @@ class TreeWriter:
                 gc.enable()
 
     def _write(self, root: Path) -> list[str]:
-        self._stat_of: dict[str, os.stat_result] = {}
+        self.racy_ns = time.time_ns() - RACY_NS
         self.meta.write(json.dumps(T.HEADER).encode() + b"\n")
         root_st = os.lstat(root)
         if not stat.S_ISDIR(root_st.st_mode):
             raise RuntimeFailure(f"{root} is not a directory")
+        self.root_dev = root_st.st_dev
         self._add(str(root), ".", root_st)
         stack = [(str(root), "")]
         while stack:
             abs_dir, rel_dir = stack.pop()
-            try:
-                with os.scandir(abs_dir) as it:
-                    names = sorted(d.name for d in it)
-            except OSError as e:
-                raise RuntimeFailure(f"cannot read directory {abs_dir}: {e.strerror}") from None
-            subdirs = []
-            for name in names:
-                abs_p = os.path.join(abs_dir, name)
-                rel = f"{rel_dir}/{name}" if rel_dir else name
-                try:
-                    st = os.lstat(abs_p)
-                except FileNotFoundError:
-                    continue
-                is_dir = stat.S_ISDIR(st.st_mode)
-                if self.exclude and self.exclude("/" + rel, is_dir):
-                    continue
-                self._add(abs_p, rel, st)
-                if is_dir and st.st_dev == root_st.st_dev:
-                    subdirs.append((abs_p, rel))
-            stack.extend(reversed(subdirs))
+            stack.extend(reversed(self._dir(abs_dir, rel_dir)))
         self.small.finish()
         self._drain(force=True)
         self.meta.finish()
+        if self.cache is not None:
+            for b in self.builds:
+                self.cache.put(b.rel, b.record())
         return [fut.result() for _, _, fut in self.meta.chunks]
 
-    def _add(self, abs_p: str, rel: str, st: os.stat_result) -> None:
+    def _dir(self, abs_dir: str, rel_dir: str) -> list[tuple[str, str]]:
+        """Write the entries of one directory; returns the subdirectories to walk."""
+        names, sts = list_dir(abs_dir)
+        old = self.cache.get(rel_dir) if self.cache is not None else None
+        if old is not None and self.cache.use_inode and self._reuse_dir(old, rel_dir, names, sts):
+            subdirs: Iterable[int] = old.subdirs
+        else:
+            subdirs = self._entries(abs_dir, rel_dir, names, sts, old)
+        base = abs_dir.rstrip("/") + "/"
+        prefix = rel_dir + "/" if rel_dir else ""
+        return [(base + names[i], prefix + names[i]) for i in subdirs]
+
+    def _reuse_dir(self, old: DirRecord, rel_dir: str, names: list[str],
+                   sts: list[os.stat_result | None]) -> bool:
+        """Copy a directory's lines from the files cache if none of its entries changed."""
+        if old.names != tuple(names) or None in sts:
+            return False
+        sigs = tuple([(s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in sts])
+        if sigs != old.sigs or not self.store.known.issuperset(old.all_chunks):
+            return False
+        if any(sts[i].st_dev != self.root_dev for i in old.subdirs):
+            return False  # a mount point appeared
+        if old.links and not self._claim_links(old.links, names, rel_dir):
+            return False
+        self.store.refs.update(old.all_chunks)
+        files, dirs, other, nbytes = old.counts
+        st = self.stats
+        st.files += files
+        st.cache_hits += files
+        st.dirs += dirs
+        st.other += other
+        st.bytes_total += nbytes
+        st.skipped.extend(old.skipped)
+        self._write_lines(b"".join(old.lines))
+        self.cache.put(rel_dir, old)
+        self._progress(nbytes)
+        return True
+
+    def _claim_links(self, links: tuple[tuple[int, int, int, str], ...], names: list[str],
+                     rel_dir: str) -> bool:
+        """Register the cached hardlinked files if the walk so far left them as they were
+        (the first name of an inode stored its content, the others point to it)."""
+        prefix = rel_dir + "/" if rel_dir else ""
+        added = []
+        for i, dev, ino, target in links:
+            have = self.hardlinks.get((dev, ino), "")
+            if have != target:
+                for k in added:
+                    del self.hardlinks[k]
+                return False
+            if not target:
+                added.append((dev, ino))
+                self.hardlinks[(dev, ino)] = prefix + names[i]
+        return True
+
+    def _entries(self, abs_dir: str, rel_dir: str, names: list[str],
+                 sts: list[os.stat_result | None], old: DirRecord | None) -> list[int]:
+        """Write a directory's entries one by one (reusing unchanged ones' cached lines)."""
+        base = abs_dir.rstrip("/") + "/"
+        prefix = rel_dir + "/" if rel_dir else ""
+        build = None
+        if self.cache is not None:
+            build = _DirBuild(rel_dir, names)
+            self.builds.append(build)
+        old_at = {n: j for j, n in enumerate(old.names)} if old is not None else {}
+        st0 = self.stats
+        before = (st0.files, st0.dirs, st0.other, st0.bytes_total, len(st0.skipped))
+        subdirs = []
+        for i, (name, st) in enumerate(zip(names, sts, strict=True)):
+            if st is None:
+                continue  # vanished since it was listed
+            rel = prefix + name
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if build is not None and st.st_ctime_ns < self.racy_ns:
+                build.sigs[i] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if self.exclude and self.exclude("/" + rel, is_dir):
+                continue
+            j = old_at.get(name)
+            slot = (build, i) if build is not None else None
+            if j is None or not self._reuse_line(old, j, st, build, i):
+                content = self._old_content(old, j, st) if j is not None else None
+                self._add(base + name, rel, st, slot, content)
+            if is_dir and st.st_dev == self.root_dev:
+                subdirs.append(i)
+        if build is not None:
+            build.subdirs = subdirs
+            build.counts = (st0.files - before[0], st0.dirs - before[1], st0.other - before[2],
+                            st0.bytes_total - before[3])
+            build.skipped = st0.skipped[before[4]:]
+        return subdirs
+
+    def _reuse_line(self, old: DirRecord, j: int, st: os.stat_result,
+                    build: _DirBuild | None, i: int) -> bool:
+        """Copy one unchanged entry's line from the files cache."""
+        sig = old.sigs[j]
+        if (not self.cache.use_inode or sig is None or not old.lines[j]
+                or sig != (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)):
+            return False
+        mode = st.st_mode
+        if stat.S_ISREG(mode) and st.st_nlink > 1:
+            return False  # which name is the hardlink target depends on the walk: redo it
+        chunks = old.chunks[j]
+        if not self.store.known.issuperset(chunks):
+            return False
+        self.store.refs.update(chunks)
+        s = self.stats
+        if stat.S_ISREG(mode):
+            s.files += 1
+            s.cache_hits += 1
+            s.bytes_total += st.st_size
+        elif stat.S_ISDIR(mode):
+            s.dirs += 1
+        else:
+            s.other += 1
+        if build is not None:
+            build.lines[i] = old.lines[j]
+            build.chunks[i] = chunks
+        self._write_lines(old.lines[j])
+        return True
+
+    def _old_content(self, old: DirRecord, j: int, st: os.stat_result) -> list | None:
+        """The cached chunk slices and extents of a file whose content is unchanged."""
+        sig, line = old.sigs[j], old.lines[j]
+        if sig is None or not line or not stat.S_ISREG(st.st_mode):
+            return None
+        ino, size, mtime, ctime = sig
+        if size != st.st_size or mtime != st.st_mtime_ns:
+            return None
+        if self.cache.use_inode and (ino != st.st_ino or ctime != st.st_ctime_ns):
+            return None
+        if not self.store.known.issuperset(old.chunks[j]):
+            return None
+        d = json.loads(line)
+        return [d["c"], d.get("e")] if d.get("t") == T.FILE else None
+
+    def _add(self, abs_p: str, rel: str, st: os.stat_result,
+             slot: tuple[_DirBuild, int] | None = None, content: list | None = None) -> None:
         mode = st.st_mode
         e = T.Entry(rel, "", stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_mtime_ns)
         if stat.S_ISDIR(mode):
@@ -413,31 +543,26 @@ class TreeWriter:
         else:
             self.stats.skipped.append(rel)
             return
+        if slot is not None and st.st_nlink > 1 and stat.S_ISREG(mode):
+            target = e.link if e.kind == T.HARDLINK else ""
+            slot[0].links.append((slot[1], st.st_dev, st.st_ino, target))
         e.xattrs = T.read_xattrs(abs_p)
         if e.kind != T.FILE:
-            self._emit(_Pending(e, None, None))
+            self._emit(_Pending(e, slot=slot))
             return
-        self._add_file(abs_p, e, st)
+        self._add_file(abs_p, e, st, slot, content)
 
-    def _add_file(self, abs_p: str, e: T.Entry, st: os.stat_result) -> None:
+    def _add_file(self, abs_p: str, e: T.Entry, st: os.stat_result,
+                  slot: tuple[_DirBuild, int] | None, content: list | None) -> None:
         self.stats.files += 1
         self.stats.bytes_total += st.st_size
-        if self.cache is not None:
-            self._stat_of[e.path] = st
-            hit = self.cache.lookup(e.path, st, self.store.known)
-            if hit:
-                e.size, e.extents = st.st_size, hit[5]
-                self.stats.cache_hits += 1
-                for c in hit[4]:
-                    self.store.refs.add(c[0])
-                slices = []
-                for cid, off, ln in hit[4]:
-                    f: Future = Future()
-                    f.set_result(cid)
-                    slices.append((f, off, ln))
-                self._emit(_Pending(e, None, slices))
-                self._progress(st.st_size)
-                return
+        if content is not None:
+            e.size, e.chunks, e.extents = st.st_size, content[0], content[1]
+            self.stats.cache_hits += 1
+            self.store.refs.update(c[0] for c in e.chunks)
+            self._emit(_Pending(e, slot=slot))
+            self._progress(st.st_size)
+            return
         try:
             fd = os.open(abs_p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
         except PermissionError:
@@ -476,8 +601,33 @@ class TreeWriter:
             os.close(fd)
         if stream is not self.small:
             stream.finish()
-        self._emit(_Pending(e, stream, [(start, end)] if end > start else []))
+        self._emit(_Pending(e, stream, [(start, end)] if end > start else [], slot))
 
     def _progress(self, nbytes: int) -> None:
         if self.progress:
             self.progress(self.stats.files, nbytes)
+
+
+def list_dir(path: str) -> tuple[list[str], list[os.stat_result | None]]:
+    """A directory's names, sorted, and their lstat (None: vanished meanwhile)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise RuntimeFailure(f"cannot read directory {path}: {e.strerror}") from None
+    try:
+        names = sorted(os.listdir(fd))
+        try:
+            sts: list[os.stat_result | None] = [
+                os.stat(n, dir_fd=fd, follow_symlinks=False) for n in names]
+        except FileNotFoundError:
+            sts = [_lstat_at(n, fd) for n in names]
+    finally:
+        os.close(fd)
+    return names, sts
+
+
+def _lstat_at(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vzbackup.errors import ConfigError, DamagedError
 
@@ -95,7 +93,11 @@ class Codec:
     def __init__(self, key: KeyFile | None, level: int = 3) -> None:
         self.key = key
         self.level = level
-        self._aead = AESGCM(key.enc_key) if key else None
+        self._aead = None
+        if key:  # imported when needed: most commands on a plain repository never do
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._aead = AESGCM(key.enc_key)
         self._local = threading.local()
 
     @property
@@ -127,6 +129,16 @@ class Codec:
         nonce = os.urandom(12)
         return bytes((AESGCM_V1,)) + nonce + self._aead.encrypt(nonce, frame, name.encode())
 
+    def _decrypt(self, blob: bytes, aad: bytes, name: str) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            return self._aead.decrypt(blob[1:13], blob[13:], aad)
+        except InvalidTag:
+            raise DamagedError(
+                f"{name}: authentication failed (corrupt, or a different key)"
+            ) from None
+
     def open(self, name: str, blob: bytes, label: str | None = None) -> bytes:
         """Inverse of seal; DamagedError if the blob is corrupt or was made with another key.
 
@@ -144,13 +156,9 @@ class Codec:
             elif kind == AESGCM_V1:
                 if self._aead is None:
                     raise DamagedError(f"{name}: encrypted object, but no key was given")
-                frame = self._aead.decrypt(blob[1:13], blob[13:], aad)
+                frame = self._decrypt(blob, aad, name)
             else:
                 raise DamagedError(f"{name}: unknown object format {kind}")
             return self._dctx().decompress(frame)
-        except InvalidTag:
-            raise DamagedError(
-                f"{name}: authentication failed (corrupt, or a different key)"
-            ) from None
         except zstandard.ZstdError as e:
             raise DamagedError(f"{name}: corrupt compressed data ({e})") from None

@@ -1,0 +1,103 @@
+"""The files cache: what the last backup of a CT wrote for each directory, so the next one
+reuses it without reading files or encoding their metadata again (like Proxmox's metadata
+change detection and borg's files cache).
+
+Per directory (its path relative to the backup root) a ``DirRecord`` keeps, for every name
+in it, a signature (inode, size, mtime, ctime) and the entry's line of the snapshot's file
+list, with the chunks that line references. When every entry of a directory still has its
+signature, the directory's lines go into the new file list as they are: one comparison per
+directory, no ``listxattr``, no JSON. Otherwise each entry whose signature matches keeps its
+line, and a file whose content signature matches keeps its chunks (no read).
+
+ctime covers everything else an entry carries (mode, owner, xattrs, ACLs, content): any
+change sets it to the current time. An entry changed less than ``RACY_NS`` before the backup
+started is not trusted next time, since a second change within the same clock tick would
+leave its signature unchanged.
+
+The file is ``MAGIC`` + zstd(marshal((key, {dir path: record tuple}))): local, written by
+this host's vzbackup only, and rebuilt from scratch whenever it is unreadable, from another
+Python version, or was made with other exclusions (*key*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import marshal
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import zstandard
+
+MAGIC = b"vzbackup-files-cache\x02"
+RACY_NS = 100_000_000  # coarse kernel clocks tick every few ms; keep a wide margin
+
+Sig = tuple[int, int, int, int]  # inode, size, mtime ns, ctime ns
+
+
+def signature(st: os.stat_result) -> Sig:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class DirRecord(NamedTuple):
+    names: tuple[str, ...]  # every name in the directory, sorted
+    sigs: tuple[Sig | None, ...]  # None: don't trust the entry next time (racy, vanished)
+    lines: tuple[bytes, ...]  # the entry's file list line; b"" if not in the file list
+    chunks: tuple[tuple[str, ...], ...]  # the chunk ids each line references
+    subdirs: tuple[int, ...]  # indexes of the entries walked into
+    links: tuple[tuple[int, int, int, str], ...]  # files with nlink > 1: (index, dev, inode,
+    #                                               hardlink target, "" for the first name)
+    counts: tuple[int, int, int, int]  # files, dirs, other entries, bytes of files
+    skipped: tuple[str, ...]  # paths left out (sockets, unknown types)
+    all_chunks: tuple[str, ...]  # the union of chunks
+
+
+class FilesCache:
+    """Directory records of the last backup (*old*) and of this one (*new*)."""
+
+    def __init__(self, path: Path | None, *, use_inode: bool = True, key: str = "") -> None:
+        self.path = path
+        self.use_inode = use_inode  # False: the source is a fresh copy (inodes, ctimes change)
+        self.key = key
+        self.old: dict[str, DirRecord] = {}
+        self.new: dict[str, DirRecord] = {}
+        if path is not None:
+            self.old = self._load(path)
+
+    def _load(self, path: Path) -> dict[str, DirRecord]:
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return {}
+        if not raw.startswith(MAGIC):
+            return {}
+        try:
+            key, dirs = marshal.loads(zstandard.ZstdDecompressor().decompress(raw[len(MAGIC):]))
+            if key != self.key:
+                return {}
+            return {d: DirRecord._make(rec) for d, rec in dirs.items()}
+        except (ValueError, EOFError, TypeError, zstandard.ZstdError):
+            return {}  # only an optimisation: start over
+
+    def get(self, rel_dir: str) -> DirRecord | None:
+        return self.old.get(rel_dir)
+
+    def put(self, rel_dir: str, rec: DirRecord) -> None:
+        self.new[rel_dir] = rec
+
+    def save(self) -> None:
+        """Write the new records (unless they are exactly the old ones)."""
+        if not self.path:
+            return
+        if self.new.keys() == self.old.keys() and all(
+                self.new[d] is self.old[d] for d in self.new):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = marshal.dumps((self.key, {d: tuple(r) for d, r in self.new.items()}))
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        try:
+            tmp.write_bytes(MAGIC + zstandard.ZstdCompressor(level=1).compress(data))
+            os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
