@@ -145,12 +145,15 @@ def test_classic_command_lines_on_a_node(node: NodeBed, bindir: Path) -> None:
     (archive,) = (node.prefix / "vz/dump").glob(f"vzdump-openvz-{ctid}-*.tar.zst")
     assert str(archive) in res
     ok(classic(bindir, env, "vzctl", "stop", c))
+    assert ok(classic(bindir, env, "vzlist", "-H", "-o", "veid,status", c)).split() == [
+        c, "stopped"]  # a CTID named: that CT, stopped or not
     ok(classic(bindir, env, "vzctl", "destroy", c))
     ok(classic(bindir, env, "vzrestore", str(archive), str(new)))
     ok(classic(bindir, env, "vzctl", "start", str(new)))
     assert ok(classic(bindir, env, "vzctl", "exec", str(new), "cat /root/m")) == "classic\n"
     res = classic(bindir, env, "vzctl", "frobnicate", c)
     assert res.returncode == 2 and res.stderr.startswith("vzctl: error: unknown command")
+    assert "exec2" in ok(classic(bindir, env, "vzctl", "--help"))
 
 
 def test_vzmigrate_online_on_the_two_node_bed(two_nodes: twonode.TwoNodes, bindir: Path,

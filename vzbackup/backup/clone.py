@@ -49,7 +49,7 @@ PATH_KEYS = ("VE_ROOT", "VE_PRIVATE")  # the clone's own paths: the node's defau
 DROPPED_KEYS = ("NAME", "IP_ADDRESS")  # the source's; --name/--ipadd give the clone its own
 SSH_KEYS_UNIT = "etc/systemd/system/vzbackup-ssh-hostkeys.service"  # template's first-boot unit
 FICLONE = 0x40049409  # ioctl: share a whole file's extents (linux/fs.h)
-PROGRESS_EVERY = 0.5  # seconds between progress reports
+PROGRESS_EVERY = 1.0  # seconds between progress reports (each walks the trees)
 
 
 @dataclasses.dataclass
@@ -169,23 +169,34 @@ def copy_tree(src: Path, dest: Path) -> str:
     return method
 
 
+def tree_bytes(top: Path) -> int:
+    """Bytes allocated under *top* (a tree that may change meanwhile; vanished entries count 0)."""
+    total, stack = 0, [str(top)]
+    while stack:
+        with contextlib.suppress(OSError), os.scandir(stack.pop()) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    else:
+                        total += e.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
 @contextlib.contextmanager
-def _bytes_written(where: Path, progress: Callable[[int], None] | None) -> Iterator[None]:
-    """Report how much the filesystem holding *where* grew, every PROGRESS_EVERY seconds."""
+def _copy_progress(src: Path, dest: Path,
+                   progress: Callable[[int, int], None] | None) -> Iterator[None]:
+    """Call *progress(copied, total)* every PROGRESS_EVERY seconds while the block copies the
+    tree *src* to *dest* (a thread walks both: only for a terminal to watch)."""
     if progress is None:
         yield
         return
-
-    def used() -> int:
-        st = os.statvfs(where)
-        return (st.f_blocks - st.f_bfree) * st.f_frsize
-
-    start, done = used(), threading.Event()
+    done = threading.Event()
 
     def watch() -> None:
+        total = tree_bytes(src)
         while not done.wait(PROGRESS_EVERY):
-            with contextlib.suppress(OSError):
-                progress(max(0, used() - start))
+            progress(min(tree_bytes(dest), total), total)
 
     t = threading.Thread(target=watch, name="clone-progress", daemon=True)
     t.start()
@@ -251,7 +262,7 @@ def _discard(ct: Container, conf: CTConfig) -> None:
 
 def clone(node: Node, src: Container, newid: int, *, name: str | None = None,
           hostname: str | None = None, ipadd: list[str] | None = None, start: bool = False,
-          progress: Callable[[int], None] | None = None,
+          progress: Callable[[int, int], None] | None = None,
           log: Callable[[str], None] = lambda m: None) -> CloneResult:
     """Clone CT *src* as the new, stopped CT *newid* (started with *start*)."""
     t0 = time.monotonic()
@@ -273,7 +284,7 @@ def clone(node: Node, src: Container, newid: int, *, name: str | None = None,
         def build(dest: Path) -> None:
             if mode == "suspend":
                 _make_root(dest)
-            with _bytes_written(dest.parent, progress), modes.consistent_source(
+            with _copy_progress(src.ve_private(), dest, progress), modes.consistent_source(
                     src, mode, tmpdir=dest.parent, log=log,
                     copy_into=dest if mode == "suspend" else None) as source:
                 held["mode"], held["frozen"] = source.mode, source.frozen_seconds

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from vzbackup.classic.syntax import translate
+from vzbackup.classic.syntax import PROGRAMS, translate, usage
 from vzbackup.cli import cli
 from vzbackup.cli.common import run_guarded
 from vzbackup.config.node import Node
@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     first vzbackup command that fails (vzbackup's codes, see README), else 0."""
     argv = sys.argv[1:] if argv is None else argv
     prog, args = (argv[0], argv[1:]) if argv else ("vzctl", [])
+    if args in (["--help"], ["-h"]) and prog in PROGRAMS:
+        click.echo(usage(prog))
+        sys.exit(0)
     try:
         node = Node.load()  # VZBACKUP_PREFIX or /
         steps, notes = translate(prog, args, node)

@@ -268,14 +268,14 @@ def _pairs(options: Tokens, names: tuple[str, ...]) -> Tokens:
 def _vzrestore(argv: Tokens, node: Node) -> tuple[list[Tokens], list[str]]:
     p = parse("vzrestore", argv, VZRESTORE)
     if len(p.words) != 2:
-        raise UsageError("usage: vzrestore ARCHIVE CTID [--force]")
+        raise UsageError(f"usage: {USAGE['vzrestore']}")
     return [[*p.front, "restore", *p.words, *p.options]], p.notes
 
 
 def _vzmigrate(argv: Tokens, node: Node) -> tuple[list[Tokens], list[str]]:
     p = parse("vzmigrate", argv, VZMIGRATE)
     if len(p.words) != 2:
-        raise UsageError("usage: vzmigrate [--online] [OPTIONS] HOST CTID")
+        raise UsageError(f"usage: {USAGE['vzmigrate']}")
     host, ctid = p.words
     return [[*p.front, "migrate", ctid, host, *p.options]], p.notes
 
@@ -287,6 +287,20 @@ PROGRAMS: dict[str, Callable[[Tokens, Node], tuple[list[Tokens], list[str]]]] = 
     "vzrestore": _vzrestore,
     "vzmigrate": _vzmigrate,
 }
+
+
+USAGE = {
+    "vzctl": f"vzctl [--verbose] {{{'|'.join(VZCTL)}}} CTID [options]",
+    "vzlist": "vzlist [-a|-S] [-H] [-o FIELD,...] [-1] [-n] [-j] [CTID...]",
+    "vzdump": "vzdump [--suspend|--stop|--snapshot] [--dumpdir DIR] [--maxfiles N] CTID...|--all",
+    "vzrestore": "vzrestore ARCHIVE CTID [--force]",
+    "vzmigrate": "vzmigrate [--online] [-r yes|no] [--keep-dst] [-t] [--ssh=OPTS] HOST CTID",
+}
+
+
+def usage(prog: str) -> str:
+    return (f"usage: {USAGE[prog]}\n(vzbackup's classic syntax: each command line runs "
+            f"vzbackup verbs; see 'vzbackup --help' and the README)")
 
 
 def translate(prog: str, argv: Tokens, node: Node) -> tuple[list[Tokens], list[str]]:

@@ -36,9 +36,9 @@ def clone(ctx: click.Context, ctid: str, newid: str, name: str | None, hostname:
         if tty:
             click.echo(f"\r\033[K  {line}", err=True)
 
-    def progress(nbytes: int) -> None:
-        click.echo(f"\r\033[K  cloning CT {src.ctid} -> {target}: {human(nbytes)} written",
-                   nl=False, err=True)
+    def progress(copied: int, total: int) -> None:
+        click.echo(f"\r\033[K  cloning CT {src.ctid} -> {target}: {human(copied)} of "
+                   f"{human(total)}", nl=False, err=True)
 
     try:
         res = K.clone(node_of(ctx), src, target, name=name, hostname=hostname,

@@ -10,7 +10,7 @@ import click
 from vzbackup.cli.common import emit, json_option, node_of, require_root
 from vzbackup.ct import quota, registry
 from vzbackup.ct.container import Container
-from vzbackup.errors import VzError
+from vzbackup.errors import NotFoundError, VzError
 
 
 class _Row:
@@ -119,22 +119,26 @@ def list_(
     backups: bool, storage: str | None, keyfile: str | None, ctids: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """List containers (running ones unless -a), or backup snapshots with -b/--storage."""
+    """List containers (running ones unless -a; CTIDs: those), or backup snapshots with
+    -b/--storage."""
     require_root()
     if backups or storage or keyfile:
         _list_snapshots(ctx, storage, keyfile, ctids, no_header, as_json)
         return
-    if ctids:
-        raise click.UsageError("CTIDs only go with -b/--storage (listing snapshots)")
     fields = [f.strip() for f in output.split(",") if f.strip()]
     unknown = [f for f in fields if f not in FIELDS]
     if unknown:
         raise click.BadParameter(f"unknown field(s) {', '.join(unknown)}", param_hint="-o")
     node = node_of(ctx)
+    chosen = [registry.resolve(node, c) for c in ctids]  # vzlist CTID: that CT, in any state
+    missing = [c for c in chosen if not Container(node, c).exists]
+    if missing:
+        raise NotFoundError(f"CT(s) {', '.join(map(str, missing))} not found")
     rows = []
-    for ctid in registry.list_ctids(node):
+    for ctid in chosen or registry.list_ctids(node):
         row = _Row(Container(node, ctid))
-        if (stopped and row.running) or (not show_all and not stopped and not row.running):
+        if not chosen and ((stopped and row.running) or
+                           (not show_all and not stopped and not row.running)):
             continue
         rows.append({f: FIELDS[f][1](row) for f in fields})
     if as_json:
