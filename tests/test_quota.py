@@ -213,7 +213,14 @@ def test_unenforced_quota_is_reported(node: NodeBed) -> None:
     """Project quotas off (the bed's filesystem as it is): start, status and check warn."""
     ctid = node.new_ctid()
     node.vz("create", str(ctid))
+    conf = node.prefix / f"etc/vz/conf/{ctid}.conf"
+    before = conf.read_text()
+    for bad in (["--diskspace", "2G:1G"], ["--diskinodes", "1K"], ["--diskspace", "1:2:3"]):
+        res = node.vz("set", str(ctid), "--save", *bad, check=False)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert conf.read_text() == before
     node.vz("set", str(ctid), "--save", "--diskspace", "1G:2G")
+    assert 'DISKSPACE="1048576:2097152"' in conf.read_text()
     private = node.prefix / f"vz/private/{ctid}"
     if quota.detect(private).backend != quota.NONE:
         pytest.skip(f"{private} has quotas: nothing to warn about")

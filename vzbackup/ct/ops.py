@@ -464,12 +464,15 @@ def _pages(size: object) -> str:
     return f"0:{parse_size(str(size)) // 4096}"
 
 
-def _kib_pair(value: object) -> str:
-    return "{}:{}".format(*diskspace_kib(str(value)))
+def _limit_pair(parse: Callable[[str], tuple[int, int]], what: str) -> Callable[[object], str]:
+    """soft[:hard] given to set, written as vzctl does: both numbers."""
+    def text(value: object) -> str:
+        try:
+            return "{}:{}".format(*parse(str(value)))
+        except ValueError as e:
+            raise E.UsageError(f"--{what} {value}: {e}", hint="SOFT[:HARD]") from None
 
-
-def _count_pair(value: object) -> str:
-    return "{}:{}".format(*diskinodes(str(value)))
+    return text
 
 
 def _words(values: object) -> str:
@@ -485,8 +488,8 @@ _SETTINGS: dict[str, tuple[str, Callable[[object], str]]] = {
     "cpus": ("CPUS", str),
     "cpulimit": ("CPULIMIT", str),
     "cpuunits": ("CPUUNITS", str),
-    "diskspace": ("DISKSPACE", _kib_pair),
-    "diskinodes": ("DISKINODES", _count_pair),
+    "diskspace": ("DISKSPACE", _limit_pair(diskspace_kib, "diskspace")),
+    "diskinodes": ("DISKINODES", _limit_pair(diskinodes, "diskinodes")),
     "diskquota": ("DISK_QUOTA", str),
     "numproc": ("NUMPROC", str),
     "nameserver": ("NAMESERVER", _words),
