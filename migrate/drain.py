@@ -189,13 +189,19 @@ class Drain:
         if all(c.error for c in caps):
             raise E.RemoteNodeError("no DEST could report its capacity:\n  "
                                     + "\n  ".join(f"{c.dest}: {c.error}" for c in caps))
-        cts = [Container(self.node, i) for i in registry.list_ctids(self.node)
-               if i not in self.exclude]
-        plan = place([need_of(ct) for ct in cts], caps)
-        order = {ctid: i for i, ctid in enumerate(plan)}  # placement order: largest first
-        todo = sorted(cts, key=lambda ct: order[ct.ctid])
+        needs: list[Need] = []
+        for ctid in registry.list_ctids(self.node):
+            if ctid in self.exclude:
+                continue
+            try:
+                needs.append(need_of(Container(self.node, ctid)))
+            except (E.VzError, OSError) as e:  # e.g. a config that can't be read: not moved
+                report.results.append(CTResult(ctid, None, error=str(e)))
+                self.say(f"CT {ctid}: not moved: {e}")
+        plan = place(needs, caps)  # in placement order: largest first
         with ThreadPoolExecutor(self.parallel, thread_name_prefix="drain") as pool:
-            report.results = list(pool.map(lambda ct: self._move(ct, plan[ct.ctid]), todo))
+            report.results += pool.map(
+                lambda ctid: self._move(Container(self.node, ctid), plan[ctid]), plan)
         report.seconds = time.monotonic() - t0
         return report
 
@@ -219,8 +225,10 @@ class Drain:
             with self.connect(dest) as session:
                 mig = Migration(ct, session, opts, push_tree=self.push_tree)
                 mig.run()
-        except E.VzError as e:
-            res.error = str(e)
+        except Exception as e:  # one CT's failure, whatever it is, never stops the drain
+            if not isinstance(e, E.VzError):
+                log.exception("CT %s: migration to %s failed", ct.ctid, dest)
+            res.error = str(e) or type(e).__name__
         finally:
             res.seconds = time.monotonic() - t
         if mig is not None:

@@ -78,10 +78,14 @@ def test_drain_moves_all_but_the_failing_ct(two_nodes: Bed) -> None:
     assert all("running" in _status(bed.a, c) for c in (live, clash))
     assert "deleted" in _status(bed.b, live)
 
+    broken = next_ctid()  # a config that can't be read: reported, the others go on
+    (bed.a.prefix / f"etc/vz/conf/{broken}.conf").write_text('ONBOOT="perhaps"\n')
     rc, rep = _drain(bed, "--online", "--parallel", "2")
     assert rc == 15, rep
     by_ct = {r["ctid"]: r for r in rep["results"]}
-    assert set(by_ct) == {live, stopped, clash} and (rep["moved"], rep["failed"]) == (2, 1)
+    assert set(by_ct) == {live, stopped, clash, broken}
+    assert (rep["moved"], rep["failed"]) == (2, 2)
+    assert "ONBOOT" in by_ct[broken]["error"] and by_ct[broken]["dest"] is None
     assert by_ct[live]["ok"] and by_ct[live]["mode"].startswith("online")
     assert by_ct[live]["runs_on"] == "dest" and by_ct[live]["times"]["dump"] > 0
     assert by_ct[stopped]["ok"] and by_ct[stopped]["mode"] == "stopped"
@@ -95,6 +99,7 @@ def test_drain_moves_all_but_the_failing_ct(two_nodes: Bed) -> None:
     wait_for(lambda: _counter(bed.a, clash) > before[clash], what="counter runs on at A")
     assert "stopped" in _status(bed.b, clash)
     # the terminal summary of a second drain: only the failing CT is left
+    (bed.a.prefix / f"etc/vz/conf/{broken}.conf").unlink()
     res = bed.a.vz("drain", bed.dest(bed.b), *bed.ssh_args(), check=False, timeout=200)
     assert res.returncode == 15
     assert "0 moved, 1 failed" in res.stdout and "FAILED" in res.stdout

@@ -103,9 +103,15 @@ def test_shutdown_suspends_and_boot_restores_in_bootorder(node: NodeBed, criu_re
     for ctid in (broken, plain, stuck):
         assert "running" in _status(bed, ctid) and not _counter_alive(bed, ctid)
     assert "stopped" in _status(bed, manual)
-    # a second boot finds nothing to do
+    # a second boot finds nothing to do; a CT whose config can't be read is reported
     data, _ = _run(bed, "boot")
     assert data == {"cts": [], "failed": 0}
+    bad = bed.new_ctid()
+    (bed.prefix / f"etc/vz/conf/{bad}.conf").write_text('ONBOOT="yes"\nBOOTORDER="first"\n')
+    data, _ = _run(bed, "boot", rc=10)
+    (step,) = data["cts"]
+    assert (step["ctid"], step["action"], step["ok"]) == (bad, "failed", False)
+    assert "BOOTORDER" in step["error"]
 
 
 @pytest.mark.parametrize("unit", sorted(p.name for p in (ROOT / "conf").glob("*.service")))

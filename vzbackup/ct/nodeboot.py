@@ -96,12 +96,21 @@ class NodeRun:
         self.say = say
         self.t0 = time.monotonic()
 
-    def _cts(self) -> list[Container]:
-        return [Container(self.node, i) for i in registry.list_ctids(self.node)]
-
-    def _run(self, cts: list[Container], *, boot: bool,
+    def _run(self, pick: Callable[[Container], bool], *, boot: bool,
              one: Callable[[Container, Step], None]) -> list[Step]:
+        """Run *one* for every CT *pick* chooses, wave by wave; a CT whose config can't be
+        read is reported and the others go on."""
         steps: list[Step] = []
+        cts = []
+        for ctid in registry.list_ctids(self.node):
+            ct = Container(self.node, ctid)
+            try:
+                if pick(ct):
+                    bootorder(ct)  # read now: the waves are sorted by it
+                    cts.append(ct)
+            except (E.VzError, ValueError) as e:
+                steps.append(Step(ctid, None, "failed", ok=False, error=str(e)))
+                log.error("CT %s: %s", ctid, e)
         with ThreadPoolExecutor(self.parallel, thread_name_prefix="nodeboot") as pool:
             for wave in waves(cts, boot=boot):
                 steps += pool.map(lambda ct: self._step(ct, one), wave)
@@ -112,9 +121,9 @@ class NodeRun:
         try:
             step.bootorder = bootorder(ct)
             one(ct, step)
-        except (E.VzError, OSError) as e:
-            step.ok, step.action, step.error = False, "failed", str(e)
-            log.error("CT %s: %s", ct.ctid, e)
+        except Exception as e:  # one CT's failure, whatever it is, never stops the others
+            step.ok, step.action, step.error = False, "failed", str(e) or type(e).__name__
+            log.error("CT %s: %s", ct.ctid, step.error, exc_info=not isinstance(e, E.VzError))
         step.seconds = time.monotonic() - self.t0 - step.at
         self.say(f"CT {ct.ctid}: {step.action}" + (f" ({step.fallback})" if step.fallback else "")
                  + (f": {step.error}" if step.error else ""))
@@ -123,8 +132,8 @@ class NodeRun:
     # ------------------------------------------------------------------ boot
     def boot(self) -> list[Step]:
         """Start or restore every ONBOOT CT that isn't running."""
-        cts = [ct for ct in self._cts() if onboot(ct) and not ct.running]
-        return self._run(cts, boot=True, one=self._bring_up)
+        return self._run(lambda ct: onboot(ct) and not ct.running, boot=True,
+                         one=self._bring_up)
 
     def _bring_up(self, ct: Container, step: Step) -> None:
         with ct.lock():
@@ -147,8 +156,7 @@ class NodeRun:
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> list[Step]:
         """Checkpoint (VE_STOP_MODE=suspend, ONBOOT CTs) or stop every running CT."""
-        cts = [ct for ct in self._cts() if ct.running]
-        return self._run(cts, boot=False, one=self._bring_down)
+        return self._run(lambda ct: ct.running, boot=False, one=self._bring_down)
 
     def _bring_down(self, ct: Container, step: Step) -> None:
         if stop_mode(ct) == "suspend" and onboot(ct):
