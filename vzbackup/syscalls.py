@@ -65,6 +65,11 @@ _FS_QUOTA_STATV_SIZE = 160
 _FSXATTR = struct.Struct("<5I8s")
 FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR = 0x801C581F, 0x401C5820
 FS_XFLAG_PROJINHERIT = 0x200
+# file_getattr/file_setattr (Linux >= 6.17): the same attributes on any inode by name, symlinks
+# and device nodes too; struct file_attr (version 0)
+SYS_FILE_GETATTR, SYS_FILE_SETATTR = 468, 469
+_FILE_ATTR = struct.Struct("<QIIII")
+AT_SYMLINK_NOFOLLOW = 0x100
 
 
 def _check(ret: int, what: str) -> int:
@@ -264,3 +269,27 @@ def set_project(fd: int, projid: int, *, inherit: bool) -> None:
         xflags |= FS_XFLAG_PROJINHERIT
     # nextents is output only (ext4 refuses it set)
     fcntl.ioctl(fd, FS_IOC_FSSETXATTR, _FSXATTR.pack(xflags, extsize, 0, projid, cowext, pad))
+
+
+def _file_attr(call: int, dirfd: int, name: str, buf: ctypes.Array) -> None:
+    ret = _libc.syscall(call, ctypes.c_int(dirfd), os.fsencode(name), buf,
+                        ctypes.c_size_t(_FILE_ATTR.size), ctypes.c_uint(AT_SYMLINK_NOFOLLOW))
+    _check(ret, "file_getattr" if call == SYS_FILE_GETATTR else "file_setattr")
+
+
+def get_project_at(dirfd: int, name: str) -> int:
+    """Project id of *name* in directory *dirfd*, not following a symlink (file_getattr)."""
+    buf = ctypes.create_string_buffer(_FILE_ATTR.size)
+    _file_attr(SYS_FILE_GETATTR, dirfd, name, buf)
+    return _FILE_ATTR.unpack(buf.raw)[3]
+
+
+def set_project_at(dirfd: int, name: str, projid: int) -> None:
+    """Give *name* in directory *dirfd* (a symlink, device node, fifo... itself) project
+    *projid* (file_setattr); OSError ENOSYS before Linux 6.17, EOPNOTSUPP where the
+    filesystem can't."""
+    buf = ctypes.create_string_buffer(_FILE_ATTR.size)
+    _file_attr(SYS_FILE_GETATTR, dirfd, name, buf)
+    xflags, extsize, _, _, cowext = _FILE_ATTR.unpack(buf.raw)
+    new = _FILE_ATTR.pack(xflags, extsize, 0, projid, cowext)
+    _file_attr(SYS_FILE_SETATTR, dirfd, name, ctypes.create_string_buffer(new, len(new)))

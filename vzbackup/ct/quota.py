@@ -205,45 +205,70 @@ def removal(private: Path, ctid: int) -> Iterator[None]:
 
 
 def mark_tree(root: Path, projid: int) -> int:
-    """Give every directory and regular file under *root* (one filesystem) project *projid*,
-    directories with the inherit flag; returns how many changed. *root* goes last, so a tree
-    whose root has the project is complete and is not walked again. Symlinks and device
-    nodes keep their project (they can't be opened to set it); new ones inherit it."""
+    """Give every inode under *root* (one filesystem) project *projid*, directories with the
+    inherit flag; returns how many changed. *root* goes last, so a tree whose root has the
+    project is complete and is not walked again. Directory fds pin the walk: a running CT
+    swapping a directory for a symlink can't send it outside. Symlinks, device nodes and
+    fifos need file_setattr (Linux >= 6.17); before, they keep their project (those the CT
+    creates inherit the CT's)."""
     with _opened(root) as fd:
         have, xflags = S.get_project(fd)
     if have == projid and xflags & S.FS_XFLAG_PROJINHERIT:
         return 0
     dev = root.lstat().st_dev
     changed, failed = 0, []
-    for dirpath, _dirs, files in os.walk(root, topdown=False):
-        for path in [os.path.join(dirpath, f) for f in files] + [dirpath]:
+    for dirpath, dirs, files, dirfd in os.fwalk(root, topdown=False):
+        for name in files + dirs:  # dirs: symlinks to directories are listed there
             try:
-                changed += _mark(path, projid, dev)
+                changed += _mark_entry(dirfd, name, projid, dev)
             except OSError as e:
-                failed.append(f"{path}: {e.strerror}")
+                failed.append(f"{dirpath}/{name}: {e.strerror}")
+        try:
+            changed += _mark_fd(dirfd, projid, dev)
+        except OSError as e:
+            failed.append(f"{dirpath}: {e.strerror}")
     if failed:
         log.warning("project %s not set on %d entries of %s (first: %s)", projid,
                     len(failed), root, failed[0])
     return changed
 
 
-def _mark(path: str, projid: int, dev: int) -> int:
-    try:
-        fd = os.open(path, _OPEN_FLAGS | os.O_NOATIME)
-    except OSError:  # a symlink (ELOOP), socket, or a file the walk raced with
+# file_setattr can't: the kernel is older than 6.17, or the filesystem has no attributes there
+_BY_NAME_UNSUPPORTED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY)
+
+
+def _mark_entry(dirfd: int, name: str, projid: int, dev: int) -> int:
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if st.st_dev != dev or stat.S_ISDIR(st.st_mode):  # a directory: by its own walk step
         return 0
-    try:
-        st = os.fstat(fd)
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if st.st_dev != dev or not (is_dir or stat.S_ISREG(st.st_mode)):
-            return 0
-        have, xflags = S.get_project(fd)
-        if have == projid and (xflags & S.FS_XFLAG_PROJINHERIT or not is_dir):
-            return 0
-        S.set_project(fd, projid, inherit=is_dir)
+    if not stat.S_ISREG(st.st_mode):  # symlinks, device nodes, fifos, sockets: by name
+        try:
+            if S.get_project_at(dirfd, name) == projid:
+                return 0
+            S.set_project_at(dirfd, name, projid)
+        except OSError as e:
+            if e.errno in _BY_NAME_UNSUPPORTED:
+                return 0
+            raise
         return 1
+    fd = os.open(name, _OPEN_FLAGS | os.O_NOATIME, dir_fd=dirfd)
+    try:
+        return _mark_fd(fd, projid, dev)
     finally:
         os.close(fd)
+
+
+def _mark_fd(fd: int, projid: int, dev: int) -> int:
+    """Mark the directory or regular file *fd* (checked again: the walk may have raced)."""
+    st = os.fstat(fd)
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if st.st_dev != dev or not (is_dir or stat.S_ISREG(st.st_mode)):
+        return 0
+    have, xflags = S.get_project(fd)
+    if have == projid and (xflags & S.FS_XFLAG_PROJINHERIT or not is_dir):
+        return 0
+    S.set_project(fd, projid, inherit=is_dir)
+    return 1
 
 
 def _qgroup_dir(private: Path) -> Path:
