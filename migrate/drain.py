@@ -209,8 +209,8 @@ class Drain:
         try:
             with self.connect(dest) as session:
                 return remote_capacity(dest, session)
-        except E.VzError as e:
-            return Capacity(dest, error=str(e))
+        except Exception as e:  # unreachable, refused, bad host key...: this DEST takes nothing
+            return Capacity(dest, error=str(e) or type(e).__name__)
 
     def _move(self, ct: Container, dest: str | None) -> CTResult:
         res = CTResult(ct.ctid, dest)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 from vzbackup import constants as C
@@ -73,7 +74,7 @@ def waves(cts: list[Container], *, boot: bool) -> list[list[Container]]:
     return [list(g) for _, g in groupby(ordered, key=_order_key)]
 
 
-def _images(ct: Container):
+def _images(ct: Container) -> Path:
     return ct.node.dumpdir / C.CRIU_IMAGE_SUBDIR.format(ctid=ct.ctid)
 
 
