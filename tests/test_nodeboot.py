@@ -67,6 +67,12 @@ def test_shutdown_suspends_and_boot_restores_in_bootorder(node: NodeBed, criu_re
     for ctid, order in ((first, 20), (broken, 20), (plain, 10), (stuck, 10)):
         bed.vz("set", str(ctid), "--onboot", "yes", "--bootorder", str(order), "--save")
     bed.vz("set", str(plain), "--stop-mode", "stop", "--save")
+    listed = json.loads(bed.vz("list", "-a", "-o", "ctid,onboot,bootorder,stopmode",
+                               "--json").stdout)
+    assert {r["ctid"]: (r["onboot"], r["bootorder"], r["stopmode"]) for r in listed} == {
+        first: ("yes", "20", "suspend"), broken: ("yes", "20", "suspend"),
+        plain: ("yes", "10", "stop"), stuck: ("yes", "10", "suspend"),
+        manual: ("no", "-", "suspend")}
     for ctid in (first, broken, plain):
         bed.sh(ctid, PID_COUNTER)
     before = _counter(bed, first)

@@ -77,6 +77,9 @@ FIELDS: dict[str, tuple[str, Callable[[_Row], object]]] = {
     "hostname": ("HOSTNAME", lambda r: r.conf.hostname or "-"),
     "name": ("NAME", lambda r: r.conf.name or "-"),
     "onboot": ("ONBOOT", lambda r: r.conf.get("ONBOOT", "no")),
+    "bootorder": ("BOOTORDER", lambda r: r.key("BOOTORDER")),
+    "stopmode": ("STOPMODE", lambda r: r.conf.get("VE_STOP_MODE")
+                 or r.ct.node.value("VE_STOP_MODE")),
     "ostemplate": ("OSTEMPLATE", lambda r: r.conf.ostemplate or "-"),
     "cpus": ("CPUS", lambda r: r.key("CPUS")),
     "cpulimit": ("CPULIM", lambda r: r.key("CPULIMIT")),
