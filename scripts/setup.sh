@@ -195,6 +195,9 @@ make_venv() {
 # of leaving by the default route. Policy rules, so no route of the main table changes.
 LOCAL_RANGES=(10.199.0.0/16 10.200.0.0/13 10.208.0.0/12 10.224.0.0/12)
 RULE_PREF=31900
+# The IPv6 twin: a ULA /32 for CTs' IPv6 addresses in tests (fd00::/64 may be the machine's).
+LOCAL_RANGES6=(fd99:199::/32)
+RULE_PREF6=31910
 fence_local_ranges() {
   local net pref=$RULE_PREF
   for net in "${LOCAL_RANGES[@]}"; do
@@ -204,7 +207,15 @@ fence_local_ranges() {
     ip rule add pref "$((pref + 1))" to "$net" unreachable
     pref=$((pref + 2))
   done
-  log "routes: ${LOCAL_RANGES[*]} unreachable unless a CT or test bed claims the address"
+  pref=$RULE_PREF6
+  for net in "${LOCAL_RANGES6[@]}"; do
+    while ip -6 rule del pref "$pref" 2>/dev/null; do :; done
+    while ip -6 rule del pref "$((pref + 1))" 2>/dev/null; do :; done
+    ip -6 rule add pref "$pref" to "$net" lookup main suppress_prefixlength 0
+    ip -6 rule add pref "$((pref + 1))" to "$net" unreachable
+    pref=$((pref + 2))
+  done
+  log "routes: ${LOCAL_RANGES[*]} ${LOCAL_RANGES6[*]} unreachable unless a CT or test bed claims the address"
 }
 
 install_debs
