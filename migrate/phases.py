@@ -33,7 +33,7 @@ from vzbackup.migrate.sync import remote_has_rsync
 
 from vzbackup import __version__
 from vzbackup import errors as E
-from vzbackup.criu.blockers import blockers
+from vzbackup.criu.blockers import blockers, reopen_detached
 from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
 from vzbackup.ct import network, ops, registry
 from vzbackup.ct.container import Container
@@ -274,6 +274,8 @@ class Migration:
             except E.DependencyError as e:
                 problems.append(str(e))
             if ct.running:  # what CRIU would fail on, before the first byte is copied
+                if not o.dry_run:
+                    reopen_detached(ct, ct.require_running().init_pid)
                 problems += [f"CRIU can't dump {b}" for b in blockers(ct)]
         return problems
 

@@ -1,10 +1,13 @@
 """A hostile CT: its root tries to reach the node; every attempt fails and the node is unchanged.
 
 Runs for both modes, the unprivileged default and ``--privileged``, each against one CT per
-module (restarted where an attempt ends it). Every attempt is one test id
-(``test_attempt[unprivileged-set-clock]``). What busybox can't do (kexec, module loading,
-open_by_handle_at, ptrace, clock calls) a small static helper does, compiled here from
-tests/probes/vzprobe.c with ``gcc -static`` and copied into the CT.
+module (restarted where an attempt ends it), and against a privileged CT that CRIU brought
+back: "restored" (chkpnt + restore on the node) and "migrated" (an online migration with lazy
+pages to a second node): CRIU recreates every mount, and the fences must be locked again
+(``vzbackup.ct.refence``). Every attempt is one test id (``test_attempt[restored-set-clock]``).
+What busybox can't do (kexec, module loading, open_by_handle_at, ptrace, clock calls) a small
+static helper does, compiled here from tests/probes/vzprobe.c with ``gcc -static`` and copied
+into the CT.
 
 The node is only read, never changed: clock attempts write back the current value, sysctl
 attempts the current value, module attempts name a module that doesn't exist.
@@ -19,14 +22,18 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from nodebed import ROOT, NodeBed, need, wait_for
+from nodebed import ROOT, need, next_ctid, wait_for
 
+from vzbackup import syscalls as S
 from vzbackup.config.node import Node
 from vzbackup.constants import HOST_GATEWAY
 from vzbackup.ct import syscall_filter
@@ -38,14 +45,19 @@ PROBE_SRC = ROOT / "tests/probes/vzprobe.c"
 NUMPROC = 64
 RAM = "96M"
 MODES = ("unprivileged", "privileged")
+# How a privileged CT came back through CRIU: the suite runs against these too.
+REVIVED = ("restored", "migrated")
+RO_BIND = "/mnt/node-ro"  # a read-only BINDMOUNT of a node directory in every hostile CT
 
 
 @dataclass
 class Hostile:
-    bed: NodeBed
+    bed: Any  # NodeBed, or the twonode bed's node B (vz, prefix)
     ctid: int
     ip: str
     mode: str
+    ro_source: Path  # the node directory bound read-only at RO_BIND
+    netns: str | None = None  # the node's network namespace (None: the root one)
 
     def run(self, script: str) -> subprocess.CompletedProcess[str]:
         return self.bed.vz("exec", str(self.ctid), script, check=False)
@@ -67,6 +79,25 @@ class Hostile:
         cg = open_cgroups(f"{Node.load(str(self.bed.prefix)).cgroup_parent}/{self.ctid}")
         return Path(cg.controller_paths()[controller], name)
 
+    def node_socket(self) -> socket.socket:
+        """A UDP socket of the node's network namespace (where the CT's gateway is)."""
+        if self.netns is None:
+            return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        made: list[socket.socket] = []
+
+        def in_netns() -> None:  # setns moves only this thread; the socket keeps the netns
+            fd = os.open(f"/run/netns/{self.netns}", os.O_RDONLY)
+            try:
+                S.setns(fd, S.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            made.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+
+        t = threading.Thread(target=in_netns)
+        t.start()
+        t.join()
+        return made[0]
+
 
 @pytest.fixture(scope="module")
 def probe_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -76,26 +107,47 @@ def probe_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module")
 def hostile(
-    request: pytest.FixtureRequest, module_node: NodeBed, probe_binary: Path
+    request: pytest.FixtureRequest,
+    probe_binary: Path,
 ) -> Iterator[Hostile]:
-    mode = request.param
-    bed = module_node
-    ctid, ip = bed.new_ctid(), bed.new_ip()
-    extra = ["--privileged"] if mode == "privileged" else []
-    bed.vz("create", str(ctid), "--ipadd", ip, "--hostname", f"ct{ctid}", *extra)
+    """One CT per variant (``indirect`` parameter): a mode, or a way back through CRIU."""
+    variant = request.param
+    mode = variant if variant in MODES else "privileged"
+    migrated = variant == "migrated"
+    if migrated:
+        two = request.getfixturevalue("shared_two_nodes")
+        bed, ctid, ip = two.a, next_ctid(), two.a.new_ip()
+    else:
+        bed = request.getfixturevalue("module_node")
+        ctid, ip = bed.new_ctid(), bed.new_ip()
+    ro_source = Path(tempfile.mkdtemp(prefix=f"vzt-ro-{variant}-", dir="/var/tmp"))
+    ro_source.chmod(0o755)  # readable by an unmapped CT root too
+    (ro_source / "f").write_text("node\n")
+    bed.vz("create", str(ctid), "--ipadd", ip, "--hostname", f"ct{ctid}", f"--{mode}")
     try:
-        bed.vz("set", str(ctid), "--numproc", str(NUMPROC), "--ram", RAM, "--swap", "0", "--save")
+        bed.vz("set", str(ctid), "--numproc", str(NUMPROC), "--ram", RAM, "--swap", "0",
+               "--bindmount", f"{ro_source}:{RO_BIND}:ro", "--save")
         target = bed.prefix / f"vz/private/{ctid}/bin/vzprobe"
         shutil.copy(probe_binary, target)
         owner = target.parent.stat()
         os.chown(target, owner.st_uid, owner.st_gid)  # the CT's (mapped) root
         bed.vz("start", str(ctid))
-        yield Hostile(bed, ctid, ip, mode)
+        if variant == "restored":
+            bed.vz("chkpnt", str(ctid))
+            bed.vz("restore", str(ctid))
+        if migrated:
+            bed.vz("migrate", str(ctid), two.dest(two.b), *two.ssh_args(), "--online",
+                   timeout=240)
+            bed = two.b
+        st = bed.vz("status", str(ctid)).stdout
+        assert "running" in st, st
+        yield Hostile(bed, ctid, ip, mode, ro_source, two.b.netns if migrated else None)
     finally:
         bed.vz("stop", "--fast", str(ctid), check=False)
         bed.vz("destroy", str(ctid), check=False)
+        shutil.rmtree(ro_source, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------- node views
@@ -249,6 +301,43 @@ def change_node_hostname(ct: Hostile) -> None:
     assert socket.gethostname() == before
 
 
+def unmount_masks(ct: Hostile) -> None:
+    """The node's mounts are locked: no umount of a mask or a read-only path."""
+    for path in ("/proc/kmsg", "/proc/sys/net", "/proc/sys", "/proc/acpi", "/sys/firmware"):
+        assert _failed(ct.run(f"umount {path}")), path
+    assert ct.probe("read", "/proc/kmsg") == "empty"  # still the node's /dev/null
+    assert ct.run("ls /sys/firmware").stdout == ""
+
+
+def remount_proc_sys_rw(ct: Hostile) -> None:
+    node_value = _read("/proc/sys/vm/swappiness")
+    for how in ("remount,rw", "remount,bind,rw"):
+        assert _failed(ct.run(f"mount -o {how} /proc/sys")), how
+    assert " ro," in ct.run("grep ' /proc/sys ' /proc/mounts").stdout
+    assert _failed(ct.run(f"echo {node_value.strip()} > /proc/sys/vm/swappiness"))
+    assert _read("/proc/sys/vm/swappiness") == node_value
+
+
+def mount_fresh_proc_or_sysfs(ct: Hostile) -> None:
+    """A new procfs or sysfs would show what the masks hide: refused while they are locked,
+    also after detaching the whole /proc or /sys (tried in a mount namespace of its own, so
+    the CT keeps its /proc: the detach works on a restored CT, hiding the masks with it)."""
+    ct.run("mkdir -p /tmp/fresh")
+    for fs, where in (("proc", "/proc"), ("sysfs", "/sys")):
+        for prep in ("", f"umount -l {where};"):
+            try_it = f"unshare -m sh -c '{prep} mount -t {fs} {fs} /tmp/fresh'"
+            assert _failed(ct.run(try_it)), try_it
+
+
+def remount_readonly_bindmount(ct: Hostile) -> None:
+    before = sorted(p.name for p in ct.ro_source.iterdir())
+    for how in ("remount,rw", "remount,bind,rw"):
+        assert _failed(ct.run(f"mount -o {how} {RO_BIND}")), how
+    assert _failed(ct.run(f"echo evil > {RO_BIND}/evil"))
+    assert ct.run(f"cat {RO_BIND}/f").stdout == "node\n"
+    assert sorted(p.name for p in ct.ro_source.iterdir()) == before
+
+
 def read_kcore(ct: Hostile) -> None:
     for path in ("/proc/kcore", "/proc/kmsg"):
         assert ct.probe("read", path) != "ok", path
@@ -273,7 +362,7 @@ def open_cgroups_pids(ct: Hostile) -> list[int]:
 
 def spoof_address(ct: Hostile) -> None:
     """The CT's root adds foreign addresses and sends from them; only its own gets out."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = ct.node_socket()
     sock.bind((HOST_GATEWAY, 0))
     sock.settimeout(0.5)
     port = str(sock.getsockname()[1])
@@ -315,31 +404,47 @@ ATTEMPTS: list[Callable[[Hostile], None]] = [
     open_by_handle,
     ptrace_or_signal_node_process,
     change_node_hostname,
+    unmount_masks,
+    remount_proc_sys_rw,
+    mount_fresh_proc_or_sysfs,
+    remount_readonly_bindmount,
     read_kcore,
-    fork_bomb,
     exceed_physpages,
     spoof_address,
+    fork_bomb,  # last: the CT is restarted afterwards (a restored CT is then a fresh one)
 ]
 
 
 @pytest.mark.parametrize("attempt", ATTEMPTS, ids=lambda f: f.__name__.replace("_", "-"))
+@pytest.mark.parametrize("hostile", MODES + REVIVED, indirect=True, scope="module")
 def test_attempt(hostile: Hostile, attempt: Callable[[Hostile], None]) -> None:
     attempt(hostile)
 
 
-@pytest.mark.parametrize("how", ["reboot -f", "poweroff -f", "halt -f"])
+@pytest.mark.parametrize("how", ["poweroff -f", "halt -f", "reboot -f"])
+@pytest.mark.parametrize("hostile", MODES, indirect=True, scope="module")
 def test_reboot_or_power_off_ends_only_the_ct(hostile: Hostile, how: str) -> None:
-    """In a pid namespace reboot(2) ends the CT's init (seccomp leaves it alone on purpose)."""
+    """In a pid namespace reboot(2) ends the CT's init (seccomp leaves it alone on purpose):
+    a reboot starts the CT again (as vzctl does), halt and power off stop it; the node keeps
+    running either way (same boot id, same clock)."""
     boot_id = _read("/proc/sys/kernel/random/boot_id")
+    clock = _node_clock()
     init = hostile.init_pid()
     hostile.run(how)
     wait_for(lambda: not Path(f"/proc/{init}").exists(), what="the CT's init to end")
+    if how.startswith("reboot"):
+        wait_for(lambda: hostile.init_pid() != init, what="the CT to start again")
+        wait_for(lambda: hostile.run("true").returncode == 0, what="the rebooted CT to answer")
+        assert "running" in hostile.bed.vz("status", str(hostile.ctid)).stdout
+        assert hostile.run("cat /proc/1/comm").stdout == "init\n"  # busybox init, booted anew
+    else:
+        wait_for(
+            lambda: "running" not in hostile.bed.vz("status", str(hostile.ctid)).stdout,
+            what="the supervisor to record the stop",
+        )
+        hostile.bed.vz("start", str(hostile.ctid))
     assert _read("/proc/sys/kernel/random/boot_id") == boot_id
-    wait_for(
-        lambda: "running" not in hostile.bed.vz("status", str(hostile.ctid)).stdout,
-        what="the supervisor to record the stop",
-    )
-    hostile.bed.vz("start", str(hostile.ctid))
+    assert abs(_node_clock()[0] - clock[0]) < 0.5
 
 
 # ------------------------------------------------------------------------- seccomp
@@ -367,6 +472,7 @@ def _assert_filtered(ct: Hostile) -> None:
 
 
 @pytest.mark.usefixtures("criu_ready")
+@pytest.mark.parametrize("hostile", MODES, indirect=True, scope="module")
 def test_seccomp_filter_kept_across_checkpoint(hostile: Hostile) -> None:
     _assert_filtered(hostile)
     hostile.bed.vz("chkpnt", str(hostile.ctid))

@@ -52,6 +52,8 @@ CONSOLE_LOG_MAX = 1 << 20  # bytes; the log is rotated once (.1), so at most twi
 CONSOLE_SOCK = "{ctid}.console.sock"  # in RUNDIR: 'vzbackup console' attaches here
 # BINDMOUNT sources are bound here while CRIU restores a CT (see ct/supervisor.py)
 BIND_STAGE_DIR = "/run/vzbackup-binds"
+# A restored CT's fences are rebuilt on a tmpfs below this (in a throwaway mount namespace)
+FENCE_STAGE_DIR = "/run/vzbackup-fence"
 CRIU_IMAGE_SUBDIR = "Dump.{ctid}"  # OpenVZ's dump file name, a directory of CRIU images here
 
 CLONE_MAC_OUI = "00:18:51"  # MACs of a clone's bridged interfaces: vzctl's OUI

@@ -70,6 +70,8 @@ FS_XFLAG_PROJINHERIT = 0x200
 SYS_FILE_GETATTR, SYS_FILE_SETATTR = 468, 469
 _FILE_ATTR = struct.Struct("<QIIII")
 AT_SYMLINK_NOFOLLOW = 0x100
+SYS_MOUNT_SETATTR = 442
+MS_SHARED = 1 << 20
 
 
 def _check(ret: int, what: str) -> int:
@@ -136,6 +138,41 @@ def clone_tree_over(fd: int) -> int:
         "move_mount",
     )
     return tree
+
+
+def open_tree(path: str, flags: int = 0) -> int:
+    """An fd on the mount at *path* (with OPEN_TREE_CLONE: a detached copy of it, a peer of
+    a shared original; AT_RECURSIVE: with its submounts)."""
+    flags |= os.O_CLOEXEC
+    return _check(
+        _libc.syscall(SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), path.encode(), ctypes.c_uint(flags)),
+        f"open_tree {path}",
+    )
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach (or move) the mount tree held by *fd* at *target*."""
+    _check(
+        _libc.syscall(
+            SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(_AT_FDCWD), target.encode(),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        ),
+        f"move_mount to {target}",
+    )
+
+
+def make_private(fd: int) -> None:
+    """Make the mount held by *fd* and its submounts private (mount_setattr)."""
+    attr = struct.pack("QQQQ", 0, 0, MS_PRIVATE, 0)  # attr_set, attr_clr, propagation, userns_fd
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    flags = AT_EMPTY_PATH | AT_RECURSIVE
+    _check(
+        _libc.syscall(
+            SYS_MOUNT_SETATTR, ctypes.c_int(fd), b"", ctypes.c_uint(flags), buf,
+            ctypes.c_size_t(len(attr)),
+        ),
+        "mount_setattr",
+    )
 
 
 def sethostname(name: str) -> None:

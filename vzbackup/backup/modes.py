@@ -473,8 +473,9 @@ def consistent_source(
             else:
                 if not st.init_pid:
                     raise E.StateError(f"CT {ct.ctid} is {st.status}: no init to checkpoint")
-                from vzbackup.criu.blockers import require_checkpointable
+                from vzbackup.criu.blockers import reopen_detached, require_checkpointable
 
+                reopen_detached(ct, st.init_pid)
                 require_checkpointable(ct, "backup mode checkpoint")  # before anything is copied
                 src = _checkpoint_mode(run, undo, st.init_pid)
             run.log(f"{src.mode} mode source ready in {time.monotonic() - t0:.2f}s: {src.root}")

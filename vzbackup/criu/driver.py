@@ -57,6 +57,9 @@ class RestoreOptions:
     # CRIU can't create veths for a CT in a user namespace on this kernel (usernsd's
     # RTM_NEWLINK: EOPNOTSUPP; moving a node veth in fails too).
     setup_net: Callable[[int], None] | None = None
+    # Called with the restored init's host pid at CRIU's "post-restore": everything is
+    # restored, no task runs yet; a failure aborts the restore (CRIU kills the tasks).
+    post_restore: Callable[[int], None] | None = None
     external: list[str] = field(default_factory=list)
     lazy_pages: bool = False  # missing pages come from a "criu lazy-pages" daemon (images dir)
     cgroup_root: str = ""  # restore the CT's cgroups here, whatever the dump node called them
@@ -276,16 +279,18 @@ def restore(images_dir: Path, opts: RestoreOptions) -> RestoreResult:
         c.opts.lazy_pages = opts.lazy_pages
         if opts.cgroup_root:
             c.opts.cg_root.add(path=opts.cgroup_root)
-        return _restore_with_notify(c, images_dir, opts.setup_net)
+        hooks = {"setup-namespaces": opts.setup_net, "post-restore": opts.post_restore}
+        return _restore_with_notify(c, images_dir, {k: v for k, v in hooks.items() if v})
     finally:
         os.close(fd)
 
 
 def _restore_with_notify(
-    c, images_dir: Path, setup_net: Callable[[int], None] | None
+    c, images_dir: Path, hooks: dict[str, Callable[[int], None]]
 ) -> RestoreResult:
     """criu.restore() answering CRIU's notifications and keeping the console master it sends;
-    *setup_net* runs at "setup-namespaces" (a failure there aborts the restore)."""
+    *hooks* maps a notification to a callback taking the restored init's host pid (CRIU sends
+    it with "setup-namespaces"); a failing callback aborts the restore."""
     pycriu = pycriu_module()
     rpc = pycriu.rpc
     req = rpc.criu_req(type=rpc.RESTORE)
@@ -294,6 +299,8 @@ def _restore_with_notify(
     hint = f"the images are kept; full log: {log}"
     console: list[int] = []
     failed: BaseException | None = None
+    failed_step = ""
+    init_pid = 0
     try:
         sk = c._comm.connect(False)
     except Exception as e:
@@ -311,11 +318,13 @@ def _restore_with_notify(
                 for extra in got:
                     os.close(extra)
             ok = True
-            if resp.notify.script == "setup-namespaces" and setup_net and failed is None:
+            step = resp.notify.script
+            init_pid = resp.notify.pid or init_pid
+            if step in hooks and failed is None:
                 try:
-                    setup_net(resp.notify.pid)
+                    hooks[step](init_pid)
                 except BaseException as e:  # CRIU must hear about any failure
-                    failed, ok = e, False
+                    failed, failed_step, ok = e, step, False
             sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
     except (OSError, EOFError, ValueError) as e:
         for extra in console:
@@ -333,7 +342,7 @@ def _restore_with_notify(
         if not isinstance(failed, Exception):
             raise failed
         raise CheckpointError(
-            f"CRIU restore from {images_dir} aborted: the network setup failed: {failed}",
+            f"CRIU restore from {images_dir} aborted: the {failed_step} step failed: {failed}",
             hint=hint,
         ) from failed
     if resp.type != rpc.RESTORE or not resp.success:

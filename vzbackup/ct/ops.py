@@ -25,7 +25,7 @@ from vzbackup.config.ct import CTConfig, diskinodes, diskspace_kib, parse_size, 
 from vzbackup.config.net import validate_ip
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
-from vzbackup.criu import driver
+from vzbackup.criu import blockers, driver
 from vzbackup.criu.check import criu_binary, pycriu_module
 from vzbackup.ct import admission, fencing, fs, idmap, network, registry, rootfs
 from vzbackup.ct.container import Container
@@ -388,6 +388,7 @@ def chkpnt(ct: Container, dumpfile: str | None = None) -> tuple[Path, float]:
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
+            blockers.reopen_detached(ct, st.init_pid)
             ext = dump_external(ct.conf)
             took = driver.dump(st.init_pid, partial, driver.DumpOptions(external=ext))
         except E.CheckpointError:

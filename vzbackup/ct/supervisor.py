@@ -5,7 +5,8 @@ Started detached by ``vzbackup start``/``restore`` as
 (restore: ``--dumpdir D [--keep-dump] [--tcp-close] [--lazy-pages]``).
 It reports success or the error on the ready fd, serves the CT's console (console.py), then
 waits for init to exit and tears the CT's runtime down (network, cgroups, root mount, state
-file, console socket).
+file, console socket). An init that ended by reboot(2) (SIGHUP, see ``_rebooted``) is started
+again, as vzctl does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.criu import driver
 from vzbackup.criu.check import pycriu_module
-from vzbackup.ct import console, fencing, idmap, network, runtime, syscall_filter
+from vzbackup.ct import console, fencing, idmap, network, refence, runtime, syscall_filter
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import CTState, clear_state, write_state
 from vzbackup.errors import VzError
@@ -92,12 +93,14 @@ class Supervisor:
         unified = self.ct.cgroup().controller_paths().get("unified")
         if unified:
             driver.make_cgroup_tree(images, unified)
+        root = str(self.ct.ve_root(conf))
         with _staged_binds(self.ct.ctid, conf) as sources:
             restored = driver.restore(
                 images,
                 driver.RestoreOptions(
-                    root=str(self.ct.ve_root(conf)),
+                    root=root,
                     setup_net=lambda pid: network.setup(net, pid),
+                    post_restore=lambda pid: refence.relock(pid, conf.bindmounts),
                     external=[f"mnt[{key}]:{src}" for key, src in sources.items()]
                     + fencing.criu_restore_externals(),
                     tcp_established=not tcp_close,
@@ -239,33 +242,57 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sup.restore(Path(args.dumpdir), tcp_close=args.tcp_close, lazy=args.lazy_pages)
     except BaseException as e:
-        log.error("%s failed: %s", args.mode, e)
-        if sup.init_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(sup.init_pid, signal.SIGKILL)
-            sup.wait()
-        sup.cleanup()
+        _failed(sup, args.mode, e)
         kind = type(e).__name__ if isinstance(e, VzError) else "RuntimeFailure"
         _report(args.ready_fd, {"ok": False, "error": str(e), "kind": kind})
         return 1
-    write_state(
-        ct.node,
-        ct.ctid,
-        CTState(
-            "running",
-            os.getpid(),
-            sup.init_pid,
-            started=time.time(),
-            restored=args.mode == "restore",
-        ),
-    )
+    _running(sup, restored=args.mode == "restore")
     if args.mode == "restore" and not args.keep_dump:
         shutil.rmtree(args.dumpdir, ignore_errors=True)
     _report(args.ready_fd, {"ok": True, "pid": sup.init_pid})
-    status = sup.wait()
-    log.info("CT %s init exited (status %#x)", ct.ctid, status)
-    sup.cleanup()
+    while _rebooted(_serve(sup)):
+        log.info("CT %s rebooted itself: starting it again", ct.ctid)
+        sup = Supervisor(Container(Node.load(args.prefix), args.ctid))  # the config as it is now
+        write_state(ct.node, ct.ctid, CTState("starting", os.getpid(), started=time.time()))
+        try:
+            sup.start()
+        except BaseException as e:
+            _failed(sup, "restart after reboot", e)
+            return 1
+        _running(sup, restored=False)
     return 0
+
+
+def _serve(sup: Supervisor) -> int:
+    """Wait for the CT's init to exit, tear the CT down; the init's wait status."""
+    status = sup.wait()
+    log.info("CT %s init exited (status %#x)", sup.ct.ctid, status)
+    sup.cleanup()
+    return status
+
+
+def _rebooted(status: int) -> bool:
+    """reboot(2) in a pid namespace ends its init with SIGHUP (restart) or SIGINT (halt,
+    power off): like vzctl, a CT's reboot restarts the CT, the node is untouched."""
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGHUP
+
+
+def _running(sup: Supervisor, *, restored: bool) -> None:
+    ct = sup.ct
+    write_state(
+        ct.node,
+        ct.ctid,
+        CTState("running", os.getpid(), sup.init_pid, started=time.time(), restored=restored),
+    )
+
+
+def _failed(sup: Supervisor, what: str, e: BaseException) -> None:
+    log.error("%s failed: %s", what, e)
+    if sup.init_pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sup.init_pid, signal.SIGKILL)
+        sup.wait()
+    sup.cleanup()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Not here, on purpose:
 
 - ``reboot``: inside a pid namespace the kernel turns reboot(2) into the end of the CT's init
   (SIGHUP for restart, SIGINT for halt and power off, EINVAL for kexec and the rest); it can't
-  touch the node, and it is how ``reboot`` inside a CT works.
+  touch the node, and it is how ``reboot`` inside a CT works (the supervisor starts a CT
+  whose init ended by SIGHUP again).
 - ``mount``: the file system type is a string in the caller's memory, which seccomp can't read,
   so devtmpfs, cgroupfs or proc mounts can't be told apart here. The user namespace (no
   devtmpfs, no new cgroup v1 hierarchies, no release_agent outside the initial cgroup

@@ -1,0 +1,319 @@
+"""Lock the fences of a restored CT again, before its tasks resume.
+
+At start the node mounts /proc, /sys, their masks and the BINDMOUNTs in a mount namespace of
+its own user namespace and the CT's PID 1 copies it from inside the CT's user namespace: the
+kernel locks every mount of the copy (see ``runtime``). CRIU can't do that: it clones the
+restored init with CLONE_NEWUSER|CLONE_NEWNS together, so the CT's mount namespace belongs to
+the CT's user namespace from birth, and then creates every mount fresh from inside it
+(criu/mount-v2.c, ``prepare_mnt_ns_v2``). Nothing is locked: the CT's root could unmount a
+mask, remount /proc/sys or a read-only BINDMOUNT read-write, or mount a fresh procfs.
+
+The kernel locks mounts in one more case: a tree that *propagates* from a mount namespace of
+the node's user namespace into one of another user namespace gets every mount but its top
+locked, with the top's flags (read-only, nosuid...) locked too (``attach_recursive_mnt``). So
+at CRIU's "post-restore" step (tasks restored, not yet running) a throwaway child of the
+supervisor:
+
+1. makes its own mount namespace M0 (the node's user namespace) and builds there, on a
+   staging tmpfs, what ``runtime`` builds at start: /proc and /sys with the masks (mounted
+   from the CT's pid and net namespaces) and the BINDMOUNTs;
+2. per tree, mounts a shared "carrier" tmpfs in M0 and takes a detached clone of it (a peer);
+3. enters the CT's mount namespace, clones what the CT mounted below those trees (its
+   cgroup2 on /sys/fs/cgroup, ...), detaches CRIU's unlocked trees and attaches the carrier
+   clones in their place;
+4. back in M0, bind-mounts each staged tree onto its carrier: it propagates into the CT's
+   carrier, locked;
+5. in the CT's namespace again, cuts the propagation (private) and puts back what the CT
+   had mounted below.
+
+This runs for every mount namespace of the CT: the one of its init and the nested ones
+(systemd's service sandboxes, PrivateTmp=...), which CRIU recreates the same way. Of what the
+CT mounted inside the node's trees, procfs and sysfs mounts are not put back (a bind of the
+old procfs could be remounted read-write): in a service's namespace systemd's own read-only
+binds of /proc and /sys paths give way to the CT's fences, which cover the same paths.
+
+The top of each rebuilt tree is not locked (the kernel locks a propagated tree below its
+top), but its flags are: the CT's root can detach a whole /proc, /sys or BINDMOUNT (hiding it,
+masks included; a fresh procfs or sysfs stays refused, none is left fully visible), never a
+mask or a read-only flag.
+
+Any failure aborts the restore (CRIU kills the restored tasks): a CT never runs unfenced.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from vzbackup import constants as C
+from vzbackup import syscalls as S
+from vzbackup.config.ct import BindMount
+from vzbackup.ct import fencing, runtime
+from vzbackup.errors import RuntimeFailure
+
+TREES = ("/proc", "/sys")  # the node's mount trees below the CT's root, with BINDMOUNTs
+CARRIER = "vzfence"  # the source name of carrier tmpfs mounts
+CARRIER_OPTIONS = "mode=755,size=4k"
+MAX_STACKED = 16  # mounts stacked on one tree root that a restore may have left
+NOT_CARRIED = ("proc", "sysfs")  # file systems the node's trees show; see the docstring
+
+
+@dataclass(frozen=True)
+class Mount:
+    id: int
+    parent: int
+    path: str
+    fstype: str
+    source: str = ""
+
+    def holds(self, other: Mount) -> bool:
+        """Whether *other* sits on this mount as part of the node's tree: at another path,
+        or at the same path on a carrier."""
+        return other.path != self.path or self.source == CARRIER
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        f = line.split()
+        path = f[4].encode().decode("unicode_escape")  # \040 for a space, ...
+        sep = f.index("-")
+        mounts.append(Mount(int(f[0]), int(f[1]), path, f[sep + 1], f[sep + 2]))
+    return mounts
+
+
+def fence_paths(binds: Iterable[BindMount]) -> set[str]:
+    """Mount points of the node's mounts in a CT (runtime's steps 1 and 3, /dev aside: its
+    device files are the node's, fenced by the device cgroup, not by the mounts)."""
+    rel = [
+        *TREES,
+        *fencing.MASKED_FILES,
+        *fencing.MASKED_DIRS,
+        *fencing.READONLY_PATHS,
+        *fencing.WRITABLE_PATHS,
+    ]
+    return {"/" + p.strip("/") for p in rel} | {bind_target(b) for b in binds}
+
+
+def bind_target(b: BindMount) -> str:
+    return "/" + b.ct.strip("/")
+
+
+@dataclass
+class Plan:
+    """What relocking does in one mount namespace of the CT (paths inside the CT)."""
+
+    trees: list[str]  # roots of the node's trees: rebuilt
+    carried: list[str]  # the CT's mounts inside them, parents first: put back on the new ones
+    strays: list[str]  # procfs and sysfs mounts elsewhere: detached
+
+
+def classify(mounts: list[Mount], fences: set[str]) -> Plan:
+    """Plan the relock from a mount table of the CT. A mount at a fence path is the node's if
+    it sits on the root or holds on a node mount; anything else inside a node tree is the
+    CT's, carried over unless it is a procfs or sysfs (one stacked on a fence path too). A
+    procfs or sysfs elsewhere (the CT's bind of its /proc, /sys) goes: CRIU made it unlocked,
+    and a read-write remount would reach the node's sysctls."""
+    root_ids = {m.id for m in mounts if m.path == "/"}
+    if not root_ids:
+        raise RuntimeFailure("the restored CT has no root mount")
+    children: dict[int, list[Mount]] = {}
+    for m in mounts:
+        if m.path != "/":
+            children.setdefault(m.parent, []).append(m)
+    plan = Plan([], [], [])
+    node: set[int] = set()
+    # (mount, the mount it sits on, whether that one is inside a node tree)
+    pending = [(c, None, False) for r in root_ids for c in children.get(r, [])]
+    while pending:
+        m, parent, in_tree = pending.pop(0)
+        on_node = parent is None or (parent.id in node and parent.holds(m))
+        if m.path in fences and on_node:
+            node.add(m.id)
+            if parent is None and m.path not in plan.trees:
+                plan.trees.append(m.path)
+            in_tree = True
+        elif in_tree and m.fstype not in NOT_CARRIED:
+            if m.path not in plan.carried:  # the topmost of a stack: open_tree finds it
+                plan.carried.append(m.path)
+        elif not in_tree and m.fstype in NOT_CARRIED:
+            plan.strays.append(m.path)
+            continue  # detached with everything on it
+        pending += [(c, m, in_tree) for c in children.get(m.id, [])]
+    return plan
+
+
+def mount_namespaces(init_pid: int) -> list[int]:
+    """One host pid per mount namespace of the CT whose init is *init_pid*, init first."""
+    pidns = os.readlink(f"/proc/{init_pid}/ns/pid")
+    seen = {os.readlink(f"/proc/{init_pid}/ns/mnt"): init_pid}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry.name}/ns/pid") == pidns:
+                seen.setdefault(os.readlink(f"/proc/{entry.name}/ns/mnt"), int(entry.name))
+        except OSError:
+            continue  # gone, or a kernel thread
+    return list(seen.values())
+
+
+def relock(init_pid: int, binds: list[BindMount]) -> None:
+    """Rebuild the node's mounts of the restored CT whose init is host pid *init_pid* so the
+    kernel locks them, in each of its mount namespaces (see the module docstring); raises
+    RuntimeFailure on failure."""
+    for pid in mount_namespaces(init_pid):
+        _relock_namespace(pid, binds)
+
+
+def _relock_namespace(init_pid: int, binds: list[BindMount]) -> None:
+    with open(f"/proc/{init_pid}/mountinfo") as f:
+        plan = classify(parse_mountinfo(f.read()), fence_paths(binds))
+    os.makedirs(C.FENCE_STAGE_DIR, mode=0o700, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f"{init_pid}-", dir=C.FENCE_STAGE_DIR)
+    err_r, err_w = os.pipe()
+    try:
+        pid = runtime._child(lambda: _relock(stage, plan, init_pid, binds, err_w), err_w)
+        os.close(err_w)
+        err_w = -1
+        _, status = os.waitpid(pid, 0)
+        msg = runtime._read_all(err_r)
+        err_r = -1
+        if status != 0:
+            raise RuntimeFailure(f"locking the restored CT's mounts failed: {msg.strip()}")
+    finally:
+        for fd in (err_r, err_w):
+            if fd >= 0:
+                os.close(fd)
+        os.rmdir(stage)
+
+
+def _relock(stage: str, plan: Plan, init_pid: int, binds: list[BindMount], err_w: int) -> None:
+    """The throwaway child: steps 1-5 of the module docstring."""
+    trees = plan.trees
+    ct_ns = os.open(f"/proc/{init_pid}/ns/mnt", os.O_RDONLY)
+    S.unshare(S.CLONE_NEWNS)
+    S.mount("none", "/", None, S.MS_REC | S.MS_PRIVATE)
+    node_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+    S.mount("vzstage", stage, "tmpfs", runtime.NOSUID, "mode=700")
+    staged = _stage_trees(stage, trees, init_pid, binds, err_w)
+    carriers = {}
+    for i, tree in enumerate(trees):
+        carrier = f"{stage}/carrier{i}"
+        os.mkdir(carrier)
+        S.mount(CARRIER, carrier, "tmpfs", runtime.NOSUID | S.MS_RDONLY, CARRIER_OPTIONS)
+        S.mount("none", carrier, None, S.MS_SHARED)
+        carriers[tree] = (carrier, S.open_tree(carrier, S.OPEN_TREE_CLONE))
+    S.setns(ct_ns, S.CLONE_NEWNS)
+    kept = [(path, S.open_tree(path, S.OPEN_TREE_CLONE)) for path in plan.carried]
+    for path in plan.strays:
+        _detach_all(path)
+    for tree in trees:
+        _detach_all(tree)
+        S.move_mount(carriers[tree][1], tree)
+    S.setns(node_ns, S.CLONE_NEWNS)
+    for tree in trees:
+        S.mount(staged[tree], carriers[tree][0], None, S.MS_BIND | S.MS_REC)
+    S.setns(ct_ns, S.CLONE_NEWNS)
+    for _, fd in carriers.values():
+        S.make_private(fd)
+    for path, fd in kept:
+        S.move_mount(fd, path)
+
+
+def _stage_trees(
+    stage: str, trees: list[str], init_pid: int, binds: list[BindMount], err_w: int
+) -> dict[str, str]:
+    """Build the node's trees under *stage* as ``runtime`` does at start; tree -> staged path."""
+    root = f"{stage}/root"
+    for d in ("", "/proc", "/sys"):
+        os.mkdir(root + d)
+    pid = runtime._child(lambda: runtime._mount_for_ct(root, runtime._Init(init_pid, -1), err_w),
+                         err_w)
+    runtime._check_exit(pid, "mounting /proc and /sys for the restored CT")
+    staged = {t: root + t for t in TREES}
+    for i, b in enumerate(binds):
+        if bind_target(b) in trees:
+            target = f"{stage}/bind{i}"
+            os.mkdir(target)
+            S.mount(b.host, target, None, S.MS_BIND)
+            if b.readonly:
+                S.mount(b.host, target, None, S.MS_BIND | S.MS_REMOUNT | S.MS_RDONLY)
+            staged[bind_target(b)] = target
+    missing = [t for t in trees if t not in staged]
+    if missing:
+        raise RuntimeFailure(f"no node mount known for {', '.join(missing)}")
+    return staged
+
+
+def _detach_all(path: str) -> None:
+    """Detach every mount stacked on *path* (umount answers EINVAL once none is left)."""
+    for _ in range(MAX_STACKED):
+        try:
+            S.umount(path, S.MNT_DETACH)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return
+            raise
+    raise RuntimeFailure(f"{path}: more than {MAX_STACKED} mounts stacked")
+
+
+# Files a restored CT's tasks keep open on the mounts a relock detached (CRIU can't dump an
+# open file whose mount left the namespace): who usually holds them and what reopens them.
+REOPEN = {
+    "systemd": ["systemctl", "daemon-reexec"],  # PID 1's /proc/self/mountinfo monitor
+    "systemd-journal": ["systemctl", "restart", "systemd-journald"],  # kernel/hostname watch
+}
+NOT_ON_A_MOUNT = ("/memfd:", "/SYSV", "/dev/zero (deleted)")  # internal mounts, dumped as such
+
+
+@dataclass(frozen=True)
+class DetachedFile:
+    pid: int  # on the node
+    comm: str
+    fd: int
+    path: str
+
+
+def detached_files(pids: Iterable[int]) -> list[DetachedFile]:
+    """Open files of *pids* (a CT's tasks) on mounts none of their namespaces holds."""
+    pids = list(pids)
+    mounted: set[int] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                mounted |= {m.id for m in parse_mountinfo(f.read())}
+        except OSError:
+            continue
+    found = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                path = os.readlink(f"/proc/{pid}/fd/{fd}")
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    info = dict(ln.split(":", 1) for ln in f.read().splitlines() if ":" in ln)
+            except OSError:
+                continue
+            mnt = int(info.get("mnt_id", "-1"))
+            if path.startswith("/") and not path.startswith(NOT_ON_A_MOUNT) and mnt not in mounted:
+                found.append(DetachedFile(pid, comm, int(fd), path))
+    return found
+
+
+def reopen(exec_in_ct: Callable[[list[str]], object], pids: Iterable[int]) -> None:
+    """Have the services that usually hold files on detached mounts reopen them (before a
+    dump); *exec_in_ct* runs a command in the CT. Other holders stay: the checkpointability
+    preflight names them."""
+    held = {d.comm for d in detached_files(pids)}
+    for comm, argv in REOPEN.items():
+        if comm in held:
+            exec_in_ct(argv)
