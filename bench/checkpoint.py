@@ -185,17 +185,18 @@ def systemd_state(pid: int) -> str:
     return res.stdout.strip() or res.stderr.strip()[-80:]
 
 
-def debian_case(prefix: Path, criu: str, work: Path, rounds: int) -> dict:
+def debian_case(prefix: Path, criu: str, work: Path, rounds: int, template: str) -> dict:
     """A Debian 12 CT with systemd and the stock units: boot to running, then per round
     vzbackup chkpnt + restore and plain criu dump + restore of the same CT, and systemd's
     state after each restore. A failed vzbackup chkpnt is reported (FAIL) with CRIU's reason."""
-    row: dict = {"case": "debian-12 systemd"}
-    tarball = DEMO_CACHE / f"{DEBIAN_TEMPLATE}.tar.zst"
+    row: dict = {"case": f"{template} systemd"}
+    tarball = DEMO_CACHE / f"{template}.tar.zst"
     if not tarball.exists():
-        return {**row, "error": f"no {tarball} (scripts/setup.sh)"}
+        return {**row, "error": f"no {tarball}: scripts/setup.sh, or vzbackup --prefix "
+                                f"{DEMO_CACHE.parents[2]} template build {template}"}
     os.link(tarball, prefix / "vz/template/cache" / tarball.name)
     ct = str(DEBIAN_CTID)
-    vz(prefix, "create", ct, "--ipadd", DEBIAN_IP, "--ostemplate", DEBIAN_TEMPLATE)
+    vz(prefix, "create", ct, "--ipadd", DEBIAN_IP, "--ostemplate", template)
     row["boot_s"] = timed(lambda: (vz(prefix, "start", ct), vz(prefix, "exec", ct, WAIT_RUNNING)))
     ours_d, ours_r, plain_d, plain_r = [], [], [], []
     for i in range(rounds):
@@ -282,7 +283,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--debian", action=argparse.BooleanOptionalAction, default=True,
-                    help="also a Debian 12 CT with systemd (the cached template)")
+                    help="also a Debian CT with systemd (the cached template)")
+    ap.add_argument("--debian-template", default=DEBIAN_TEMPLATE,
+                    help="e.g. debian-13-x86_64 (built into the demo prefix's cache first)")
     args = ap.parse_args()
     from vzbackup.criu.check import criu_binary
 
@@ -301,7 +304,7 @@ def main() -> None:
         for size in [int(s) for s in args.sizes.split(",") if s]:
             results.append(busybox_size(prefix, criu, work, size, args.rounds))
         if args.debian:
-            debian = debian_case(prefix, criu, work, args.rounds)
+            debian = debian_case(prefix, criu, work, args.rounds, args.debian_template)
     finally:
         for ctid in (CTID, DEBIAN_CTID):
             _stop(prefix, ctid)
@@ -312,7 +315,8 @@ def main() -> None:
     print(f"{'case':>12} {'vzb dump':>9} {'vzb rst':>8} {'criu dump':>10} {'criu rst':>9} "
           f"{'ratio':>6}   (seconds, median of {args.rounds}; ratio = vzbackup/plain criu)")
     rows = [(f"busybox {r['size_mb']}MB", r) for r in results]
-    rows += [("debian-12", debian)] if debian and "vzbackup_dump_s" in debian else []
+    if debian and "vzbackup_dump_s" in debian:
+        rows.append((debian["case"].split("-x86")[0], debian))
     for name, r in rows:
         plain = (f"{r['criu_dump_s']:>10.3f} {r['criu_restore_s']:>9.3f} "
                  f"{r['ratio_total']:>6.2f}" if "ratio_total" in r else
@@ -347,7 +351,7 @@ def _verdicts(results: list[dict], debian: dict | None) -> list[str]:
                    f"+{OVERHEAD_TARGET_S} s)")
     if debian and "state_after" in debian:
         ok = debian["state_after"] == "running"
-        out.append(f"{'PASS' if ok else 'FAIL'} debian-12: systemd after vzbackup restore: "
+        out.append(f"{'PASS' if ok else 'FAIL'} {debian['case']}: after vzbackup restore: "
                    f"{debian['state_after']} (target running)")
     return out
 

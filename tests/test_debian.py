@@ -38,6 +38,12 @@ def stock_units(bed: NodeBed, ctid: int) -> dict[str, str]:
     return dict(zip(STOCK_UNITS, out, strict=False))
 
 
+def pid1_watches_no_memory_pressure(bed: NodeBed, ctid: int) -> bool:
+    """PID 1's environment has what SYSTEMD_CHECKPOINT adds (CRIU can't restore PSI fds)."""
+    env = bed.sh(ctid, "tr '\\0' '\\n' </proc/1/environ").split()
+    return "MEMORY_PRESSURE_WATCH=/dev/null" in env
+
+
 def journal_logs(bed: NodeBed, ctid: int, tag: str) -> bool:
     script = f"logger -t vzt {tag}; sleep 0.5; journalctl -t vzt --no-pager -q | grep -c {tag}"
     return bed.sh(ctid, script, check=False).strip() == "1"
@@ -59,6 +65,7 @@ def test_boots_to_running_with_console_run_cgroupns_and_journal(deb) -> None:
     # shares the CT's UTS and user namespaces (what CRIU can dump).
     shown = bed.sh(ctid, "systemctl show redis-server -p ProtectHostname -p PrivateUsers")
     assert sorted(shown.split()) == ["PrivateUsers=no", "ProtectHostname=no"]
+    assert pid1_watches_no_memory_pressure(bed, ctid)
     ns = bed.sh(ctid, "p=$(pidof redis-server); for n in uts user mnt; do "
                       "[ $(readlink /proc/$p/ns/$n) = $(readlink /proc/1/ns/$n) ]; echo $?; done")
     assert ns.split() == ["0", "0", "1"]
@@ -109,7 +116,9 @@ def test_stop_halts_systemd_cleanly_and_restart_boots_again(deb) -> None:
     assert system_state(bed, ctid) == "running"
     assert journal_logs(bed, ctid, "after-restart")
     assert stock_units(bed, ctid) == dict.fromkeys(STOCK_UNITS, "active")
-    dropin = bed.prefix / f"vz/private/{ctid}/etc/systemd/system/service.d"
-    assert not list(dropin.glob("*vzbackup*"))
+    etc = bed.prefix / f"vz/private/{ctid}/etc/systemd"
+    assert not list(etc.glob("system/service.d/*vzbackup*"))
+    assert not list(etc.glob("system.conf.d/*vzbackup*"))
     shown = bed.sh(ctid, "systemctl show redis-server -p ProtectHostname")
     assert shown.strip() == "ProtectHostname=yes"
+    assert not pid1_watches_no_memory_pressure(bed, ctid)

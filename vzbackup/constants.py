@@ -87,16 +87,17 @@ TEMPLATE_DEFAULT_PACKAGES = (
 TEMPLATE_INFO_SUFFIX = ".json"  # NAME.tar.zst.json beside a built template: recipe and inputs
 DEBIAN_TEMPLATE = "debian-12-x86_64"  # what setup.sh builds for the tests and the demo
 
-# systemd CTs: drop-ins (in /etc/systemd/system of the CT) written at start while the CT's
+# systemd CTs: drop-ins (paths below the CT's /etc/systemd) written at start while the CT's
 # SYSTEMD_CHECKPOINT is yes (the default), removed when it is no. They turn off what CRIU 4.2
-# can't dump (measured on Debian 12 / systemd 252, see README "Checkpointable systemd CTs"):
-# nested UTS/IPC/user namespaces, BPF programs PID 1 holds for IP filtering, hugetlbfs.
+# can't dump or restore (measured on Debian 12 / systemd 252 and Debian 13 / systemd 257, see
+# README "Checkpointable systemd CTs"): nested UTS/IPC/user namespaces, BPF programs PID 1
+# holds for IP filtering, hugetlbfs, and PSI triggers on cgroup memory.pressure files.
 # Every other sandboxing option is kept.
 _DROPIN_HEAD = """\
 # Written by vzbackup at CT start; set SYSTEMD_CHECKPOINT="no" in the CT's config to drop it.
 """
 SYSTEMD_DROPINS = {
-    "service.d/50-vzbackup-checkpoint.conf": _DROPIN_HEAD + """\
+    "system/service.d/50-vzbackup-checkpoint.conf": _DROPIN_HEAD + """\
 # CRIU (checkpoint, backup with state, live migration) cannot dump what these sandboxing
 # options create: nested UTS, IPC and user namespaces (ProtectHostname=, PrivateIPC=,
 # PrivateUsers=) and the cgroup BPF programs systemd holds for IP filtering (IPAddressDeny=,
@@ -116,9 +117,20 @@ SocketBindAllow=
 SocketBindDeny=
 RestrictNetworkInterfaces=
 """,
-    "dev-hugepages.mount.d/50-vzbackup-checkpoint.conf": _DROPIN_HEAD + """\
+    "system/dev-hugepages.mount.d/50-vzbackup-checkpoint.conf": _DROPIN_HEAD + """\
 # CRIU cannot dump a hugetlbfs mount: systemd leaves /dev/hugepages unmounted in this CT.
 [Unit]
 ConditionVirtualization=!container
 """,
+    "system.conf.d/50-vzbackup-checkpoint.conf": _DROPIN_HEAD + """\
+# systemd >= 254 hands each service its cgroup's memory.pressure file to watch (bound into
+# services with ProtectControlGroups=): CRIU can't restore that bind mount, nor reopen the
+# file as the CT's root before vzbackup delegates the restored cgroups, nor re-arm a PSI
+# trigger. Off for every unit; PID 1 itself gets MEMORY_PRESSURE_WATCH=/dev/null in its
+# environment for the same reason. (systemd 252 doesn't know the key and says so once.)
+[Manager]
+DefaultMemoryPressureWatch=off
+""",
 }
+# What PID 1 of a CT with the drop-ins gets in its environment besides runtime.INIT_ENV.
+SYSTEMD_CHECKPOINT_ENV = {"MEMORY_PRESSURE_WATCH": "/dev/null"}

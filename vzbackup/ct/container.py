@@ -189,6 +189,12 @@ class Container:
             _write_in_ct(etc / "resolv.conf", "\n".join(lines) + "\n", owner)
         self._write_systemd_dropin(etc, c)
 
+    def systemd_checkpoint(self, conf: CTConfig | None = None) -> bool:
+        """SYSTEMD_CHECKPOINT of CTID.conf, else vz.conf's, default yes."""
+        c = conf or self.conf
+        setting = c.get("SYSTEMD_CHECKPOINT") or self.node.value("SYSTEMD_CHECKPOINT")
+        return setting.lower() not in ("no", "off", "0")
+
     def _write_systemd_dropin(self, etc: Path, c: CTConfig) -> None:
         """The drop-ins that keep a systemd CT checkpointable (SYSTEMD_CHECKPOINT of CTID.conf,
         else vz.conf's, default yes); removed again when switched off. Nothing for a CT
@@ -196,10 +202,9 @@ class Container:
         units = etc / "systemd/system"
         if any(p.is_symlink() for p in (etc / "systemd", units)) or not units.is_dir():
             return
-        setting = c.get("SYSTEMD_CHECKPOINT") or self.node.value("SYSTEMD_CHECKPOINT")
-        wanted = setting.lower() not in ("no", "off", "0")
+        wanted = self.systemd_checkpoint(c)
         for rel, text in C.SYSTEMD_DROPINS.items():
-            dropin = units / rel
+            dropin = etc / "systemd" / rel
             if not wanted:
                 if dropin.parent.is_dir() and not dropin.parent.is_symlink():
                     dropin.unlink(missing_ok=True)

@@ -80,6 +80,7 @@ class InitSpec:
     binds: list[BindMount] = field(default_factory=list)
     idmap: IdMap = IDENTITY
     syscall_filter: Any = None  # a seccomp.SyscallFilter loaded just before exec
+    env: dict[str, str] = field(default_factory=dict)  # added to INIT_ENV
 
 
 class InitProcess:
@@ -370,7 +371,7 @@ def _init_child(spec: InitSpec, fds: _Fds, mounted_r: int) -> None:
             S.capbset_drop(cap)
         if spec.syscall_filter is not None:
             spec.syscall_filter.load()
-        os.execve(spec.argv[0], spec.argv, INIT_ENV)
+        os.execve(spec.argv[0], spec.argv, {**INIT_ENV, **spec.env})
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.write(fds.err, f"{type(e).__name__}: {e}".encode())

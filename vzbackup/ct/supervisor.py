@@ -71,6 +71,7 @@ class Supervisor:
                 binds=conf.bindmounts,
                 idmap=conf.idmap,
                 syscall_filter=syscall_filter.build(),
+                env=C.SYSTEMD_CHECKPOINT_ENV if self.ct.systemd_checkpoint(conf) else {},
             )
         )
         self.init_pid = proc.pid
