@@ -86,20 +86,29 @@ def plan_reads(repo: Repository, order: Iterable[str]) -> list[Read]:
     return reads
 
 
-def fetch(repo: Repository, r: Read) -> dict[str, bytes]:
-    """The plaintext of every chunk of a read (decrypted and verified)."""
+def fetch(repo: Repository, r: Read) -> dict[str, bytes | DamagedError]:
+    """The plaintext of every chunk of a read (decrypted and verified), or its damage."""
     if not r.packed:
         cid = r.chunks[0][0]
-        return {cid: repo.get_chunk(cid)}
+        return {cid: _damage_kept(repo.get_chunk, cid)}
     try:
         data = repo.backend.get_range(r.key, r.start, r.end - r.start)
     except ObjectMissing:  # repacked by a gc since the index was loaded
-        return {cid: repo.get_chunk(cid) for cid, _, _ in r.chunks}
+        return {cid: _damage_kept(repo.get_chunk, cid) for cid, _, _ in r.chunks}
     except BackendError as e:
         raise StorageError(str(e)) from None
     view = memoryview(data)
-    return {cid: repo.open_chunk(cid, view[off - r.start : off - r.start + ln])
+    return {cid: _damage_kept(repo.open_chunk, cid, view[off - r.start : off - r.start + ln])
             for cid, off, ln in r.chunks}
+
+
+def _damage_kept(read: Callable[..., bytes], cid: str, *args: object) -> bytes | DamagedError:
+    """A chunk's plaintext, or its damage kept for the file that needs it (one bad chunk in
+    a read must be reported against its own file, not the first one served from the read)."""
+    try:
+        return read(cid, *args)
+    except DamagedError as e:
+        return e
 
 
 class ChunkReader:
@@ -160,7 +169,10 @@ class ChunkReader:
         now = self.read_of[cid]
         self._fill(now)
         fut = self.held.get(now)  # None: dropped to stay within budget
-        self.data = fut.result()[cid] if fut is not None else self.repo.get_chunk(cid)
+        data = fut.result()[cid] if fut is not None else self.repo.get_chunk(cid)
+        if isinstance(data, DamagedError):
+            raise data
+        self.data = data
         return self.data
 
     def close(self) -> None:

@@ -56,16 +56,10 @@ def verify(repo: Repository, manifests: list[Manifest], *, threads: int = 4,
     def check(r: Read) -> list[tuple[str, int, str | None]]:
         try:
             data = fetch(repo, r)
-            return [(cid, len(data[cid]), None) for cid, _, _ in r.chunks]
-        except (DamagedError, StorageError):
-            pass
-        out: list[tuple[str, int, str | None]] = []
-        for cid, _, _ in r.chunks:  # find which of them
-            try:
-                out.append((cid, len(repo.get_chunk(cid)), None))
-            except (DamagedError, StorageError) as e:
-                out.append((cid, 0, str(e)))
-        return out
+        except StorageError as e:
+            return [(cid, 0, str(e)) for cid, _, _ in r.chunks]
+        return [(cid, 0, str(d)) if isinstance(d := data[cid], DamagedError)
+                else (cid, len(d), None) for cid, _, _ in r.chunks]
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for results in pool.map(check, plan_reads(repo, needed)):
