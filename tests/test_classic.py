@@ -169,3 +169,15 @@ def test_vzmigrate_online_on_the_two_node_bed(two_nodes: twonode.TwoNodes, bindi
     assert "running" in bed.b.vz("status", str(ctid)).stdout
     assert bed.b.sh(ctid, "cat /root/m; hostname").split() == ["moved", "mover"]
     assert "deleted" in bed.a.vz("status", str(ctid), check=False).stdout
+
+
+def test_vzdump_all_exports_every_ct_but_the_excluded(tmp_path: Path) -> None:
+    node = Node.load(str(tmp_path))
+    node.confdir.mkdir(parents=True)
+    for ctid in (101, 102, 103):
+        (node.confdir / f"{ctid}.conf").write_text("")
+    steps, notes = syntax.translate("vzdump", ["--all", "--exclude", "102", "--compress",
+                                               "--dumpdir", "/d"], node)
+    assert steps == [["dump", "--all", "--exclude", "102"],
+                     ["export", "101", "--dumpdir", "/d"], ["export", "103", "--dumpdir", "/d"]]
+    assert notes == ["vzdump: --compress ignored: chunks are always zstd-compressed"]
