@@ -79,10 +79,10 @@ class Hostile:
         cg = open_cgroups(f"{Node.load(str(self.bed.prefix)).cgroup_parent}/{self.ctid}")
         return Path(cg.controller_paths()[controller], name)
 
-    def node_socket(self) -> socket.socket:
+    def node_socket(self, family: int = socket.AF_INET) -> socket.socket:
         """A UDP socket of the node's network namespace (where the CT's gateway is)."""
         if self.netns is None:
-            return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            return socket.socket(family, socket.SOCK_DGRAM)
         made: list[socket.socket] = []
 
         def in_netns() -> None:  # setns moves only this thread; the socket keeps the netns
@@ -91,7 +91,7 @@ class Hostile:
                 S.setns(fd, S.CLONE_NEWNET)
             finally:
                 os.close(fd)
-            made.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            made.append(socket.socket(family, socket.SOCK_DGRAM))
 
         t = threading.Thread(target=in_netns)
         t.start()
@@ -138,8 +138,9 @@ def hostile(
             bed.vz("chkpnt", str(ctid))
             bed.vz("restore", str(ctid))
         if migrated:
-            bed.vz("migrate", str(ctid), two.dest(two.b), *two.ssh_args(), "--online",
-                   timeout=240)
+            res = bed.vz("migrate", str(ctid), two.dest(two.b), *two.ssh_args(), "--online",
+                         "--json", timeout=240)
+            assert json.loads(res.stdout)["mode"] == "online+lazy", res.stdout
             bed = two.b
         st = bed.vz("status", str(ctid)).stdout
         assert "running" in st, st
@@ -384,6 +385,26 @@ def spoof_address(ct: Hostile) -> None:
     assert got == {ct.ip}
 
 
+def spoof_ipv6_address(ct: Hostile) -> None:
+    """A routed CT has no IPv6: whatever address its root takes, the node hears nothing."""
+    sock = ct.node_socket(socket.AF_INET6)
+    sock.bind(("::", 0))
+    sock.settimeout(0.5)
+    port = str(sock.getsockname()[1])
+    foreign = "fd99:199:ff::7"  # setup.sh's unreachable test range
+    try:
+        ct.run("echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad")  # usable at once
+        ct.run(f"ip -6 addr add {foreign}/64 dev eth0")
+        for _ in range(3):
+            ct.probe("udp", foreign, "ff02::1%eth0", port)
+        with contextlib.suppress(TimeoutError):
+            got = sock.recvfrom(100)[1][0]
+            pytest.fail(f"the node received IPv6 from the CT (source {got})")
+    finally:
+        sock.close()
+        ct.run(f"ip -6 addr del {foreign}/64 dev eth0")
+
+
 def exceed_physpages(ct: Hostile) -> None:
     init = ct.init_pid()
     res = ct.run("dd if=/dev/zero of=/dev/null bs=400M count=1")
@@ -411,6 +432,7 @@ ATTEMPTS: list[Callable[[Hostile], None]] = [
     read_kcore,
     exceed_physpages,
     spoof_address,
+    spoof_ipv6_address,
     fork_bomb,  # last: the CT is restarted afterwards (a restored CT is then a fresh one)
 ]
 

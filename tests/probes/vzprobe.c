@@ -8,6 +8,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <net/if.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +91,19 @@ int main(int argc, char **argv) {
         int fd = open(argv[2], O_WRONLY);
         if (fd < 0) return report(-1);
         return report(write(fd, argv[3], strlen(argv[3])));
+    }
+    if (!strcmp(op, "udp") && argc > 4 && strchr(argv[3], ':')) {  /* IPv6: DST[%DEV] */
+        struct sockaddr_in6 src = {.sin6_family = AF_INET6}, dst = {.sin6_family = AF_INET6};
+        char host[64];
+        int s = socket(AF_INET6, SOCK_DGRAM, 0);
+        snprintf(host, sizeof host, "%s", argv[3]);
+        char *dev = strchr(host, '%');
+        if (dev) { *dev++ = 0; dst.sin6_scope_id = if_nametoindex(dev); }
+        inet_pton(AF_INET6, argv[2], &src.sin6_addr);
+        inet_pton(AF_INET6, host, &dst.sin6_addr);
+        dst.sin6_port = htons(atoi(argv[4]));
+        if (bind(s, (struct sockaddr *)&src, sizeof src) < 0) return report(-1);
+        return report(sendto(s, argv[2], strlen(argv[2]), 0, (struct sockaddr *)&dst, sizeof dst));
     }
     if (!strcmp(op, "udp") && argc > 4) {  /* one datagram from SRC to DST:PORT */
         struct sockaddr_in src = {.sin_family = AF_INET}, dst = {.sin_family = AF_INET};
