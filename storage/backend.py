@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -55,6 +55,8 @@ class Backend(abc.ABC):
     cache_metadata: bool = False
     #: requests sent to the storage so far (object storage counts them; 0 elsewhere)
     requests: int = 0
+    #: how many reads a caller may keep in flight at once (an object store's connections)
+    parallel_reads: int = 8
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
@@ -79,6 +81,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove *key*; a missing key is not an error."""
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove every key of *keys* (object stores: in few requests); missing ones too."""
+        for key in keys:
+            self.delete(key)
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:

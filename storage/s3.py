@@ -35,7 +35,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -62,6 +62,7 @@ CLAIM_PREFIX = "claims/"  # fallback create-if-absent (servers without If-None-M
 CLAIM_LEASE = 120.0  # seconds after which a claim is stale
 PROBE_PREFIX = "claims/probe-"
 OUTER_ATTEMPTS = 3  # whole-operation retries on top of botocore's own
+DELETE_BATCH = 1000  # keys per DeleteObjects request (the API's limit)
 
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
@@ -88,7 +89,7 @@ class S3Backend(Backend):
         self.endpoint = o.endpoint
         where = o.endpoint or f"AWS {o.region}"
         self.url = f"s3:{self.bucket}/{self.prefix}".rstrip("/") + f" ({where})"
-        self.max_connections = o.max_connections
+        self.max_connections = self.parallel_reads = o.max_connections
         self.attempts = o.retries + 1
         self.threshold = o.multipart_threshold * MiB
         self.part_size = o.multipart_chunksize * MiB
@@ -380,6 +381,19 @@ class S3Backend(Backend):
         name = self._key(key)
         self._call(f"deleting {key}",
                    lambda: self.client.delete_object(Bucket=self.bucket, Key=name))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        names = [self._key(k) for k in keys]
+        for n in range(0, len(names), DELETE_BATCH):
+            batch = {"Objects": [{"Key": k} for k in names[n : n + DELETE_BATCH]], "Quiet": True}
+            r = self._call(f"deleting {len(batch['Objects'])} objects", lambda b=batch:
+                           self.client.delete_objects(Bucket=self.bucket, Delete=b))
+            failed = [e for e in r.get("Errors", []) if e.get("Code") not in MISSING_CODES]
+            if failed:
+                e = failed[0]
+                raise BackendError(f"S3 storage {self.name!r}: deleting "
+                                   f"{e.get('Key', '')[len(self.prefix):]} failed: "
+                                   f"{e.get('Code')} {e.get('Message') or ''}".rstrip())
 
     def exists(self, key: str) -> bool:
         try:

@@ -651,3 +651,19 @@ def test_rebuild_index_from_the_pack_headers(tmp_path: Path, monkeypatch):
     victim.write_bytes(victim.read_bytes()[:1000])
     rep = maintenance.rebuild_index(Repository.open(backend, key))
     assert list(rep.unreadable) == [packs[0].key] and rep.packs == len(packs) - 1
+
+
+def test_a_backups_index_files_are_merged_into_one(repo: Repository, tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"blob{i}").write_bytes(os.urandom(1 << 20))
+    m, _ = backup(repo, src)
+    packs = {i.key.rsplit("/", 1)[-1] for i in repo.list_packs()}
+    assert len(repo.index_files()) == len(packs) >= 3  # one per pack while it runs
+    assert repo.consolidate_index() == len(packs)
+    assert len(repo.index_files()) == 1 and repo.consolidate_index() == 0
+    fresh = Repository.open(repo.backend)
+    assert set(fresh.index.packs) == packs and all(c in fresh.index for c in m.refs)
+    assert verify(fresh, [m]).ok
+

@@ -44,6 +44,11 @@ def test_contract_with_prefix(s3_bucket: Bucket):
     assert not be.exists("chunks/ab/abc")
     be.put("empty", b"")
     assert be.get("empty") == b""
+    for n in range(3):
+        be.put(f"index/{n}", b"i")
+    be.delete_many(["index/0", "index/2", "index/9"])  # one request; missing ones are fine
+    assert [i.key for i in be.list("index/")] == ["index/1"]
+    assert s3_bucket.object_keys("repo/one/index/") == ["repo/one/index/1"]
     with pytest.raises(BackendError, match="invalid object key"):
         be.put("../escape", b"")
     be.close()

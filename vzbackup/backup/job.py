@@ -8,6 +8,7 @@ only that CT (backup-abort hook), leaves no snapshot, and the repository stays v
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -157,6 +158,8 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
         )
         log(f"INFO: finished backup of CT {ct.ctid} in {st['duration']:.2f} s")
         manifest = repo.publish(manifest, log.text)
+        with contextlib.suppress(StorageError):  # else the per-pack index files serve
+            repo.consolidate_index()
         cache.save()
     return manifest
 

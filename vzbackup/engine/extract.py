@@ -26,7 +26,7 @@ from vzbackup.engine.repo import Repository
 from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure, StorageError
 from vzbackup.storage.backend import BackendError, ObjectMissing
 
-PREFETCH_BYTES = 64 * 1024 * 1024  # packed bytes fetched ahead of the writer, or held for it
+PREFETCH_BYTES = 32 * 1024 * 1024  # packed bytes fetched ahead of the writer, or held for it
 READ_GAP = 1024 * 1024  # read over unneeded blobs up to this size rather than split a read
 READ_MAX = 4 * 1024 * 1024  # bytes per ranged read at most: a pack is read in a few parallel
 # GETs (one per chunk costs an object store a round trip and a seek each: 4x slower on RGW)
@@ -114,9 +114,9 @@ def _damage_kept(read: Callable[..., bytes], cid: str, *args: object) -> bytes |
 class ChunkReader:
     """Serves the chunks a sequence of entries needs, in that order: their packs are read
     in few large ranged reads (plan_reads), in a thread pool that also decrypts, ahead of
-    the writer. A read stays in memory until the last chunk it holds was served; when more
-    than PREFETCH_BYTES are held, the one needed last is dropped (and its chunks fetched
-    one by one if they are needed again)."""
+    the writer. A chunk stays in memory until its last use; when the chunks held (packed
+    sizes) pass PREFETCH_BYTES, the read needed last is dropped (its chunks are then
+    fetched one by one if they are needed)."""
 
     def __init__(self, repo: Repository, entries: Iterable[T.Entry], threads: int = 4) -> None:
         self.repo = repo
@@ -127,33 +127,36 @@ class ChunkReader:
                 if not order or order[-1] != cid:
                     order.append(cid)
         self.order = order
+        self.last_use = {cid: pos for pos, cid in enumerate(order)}
         self.reads = plan_reads(repo, order)
-        self.read_of = {cid: n for n, r in enumerate(self.reads) for cid, _, _ in r.chunks}
+        self.read_of: dict[str, tuple[int, int]] = {}  # chunk -> (read number, packed size)
+        for n, r in enumerate(self.reads):
+            for cid, _, ln in r.chunks:
+                self.read_of[cid] = (n, ln)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
-        self.held: dict[int, Future] = {}  # read number -> its chunks (submitted, not done)
+        self.held: dict[int, Future] = {}  # read number -> its chunks not yet served
+        self.left: dict[int, int] = {}  # read number -> packed bytes of those chunks
         self.held_bytes = 0
         self.submitted = 0  # reads submitted so far (in first-use order)
         self.pos = -1  # position in order of the chunk served last
         self.data = b""  # and its plaintext
 
-    def _size(self, n: int) -> int:
-        r = self.reads[n]
-        return r.end - r.start
-
     def _drop(self, n: int) -> None:
         self.held.pop(n).cancel()
-        self.held_bytes -= self._size(n)
+        self.held_bytes -= self.left.pop(n)
 
     def _fill(self, now: int) -> None:
         """Submit the reads the current position needs, then more up to PREFETCH_BYTES;
         over budget, drop what is needed last (not read *now*, which serves this chunk)."""
         while self.submitted < len(self.reads):
             n = self.submitted
-            if (self.reads[n].first > self.pos
-                    and self.held_bytes + self._size(n) > PREFETCH_BYTES):
+            r = self.reads[n]
+            size = sum(ln for _, _, ln in r.chunks)
+            if r.first > self.pos and self.held_bytes + size > PREFETCH_BYTES:
                 break
-            self.held[n] = self.pool.submit(fetch, self.repo, self.reads[n])
-            self.held_bytes += self._size(n)
+            self.held[n] = self.pool.submit(fetch, self.repo, r)
+            self.left[n] = size
+            self.held_bytes += size
             self.submitted += 1
         while self.held_bytes > PREFETCH_BYTES and len(self.held) > 1:
             self._drop(max((k for k in self.held if k != now), key=lambda k: self.reads[k].last))
@@ -165,15 +168,24 @@ class ChunkReader:
             return self.repo.get_chunk(cid)  # not in the planned order (a partial extract)
         self.pos += 1
         for n in [n for n in self.held if self.reads[n].last < self.pos]:
-            self._drop(n)  # every chunk it holds was served
-        now = self.read_of[cid]
+            self._drop(n)  # every chunk it holds was served (or skipped)
+        now, size = self.read_of[cid]
         self._fill(now)
         fut = self.held.get(now)  # None: dropped to stay within budget
-        data = fut.result()[cid] if fut is not None else self.repo.get_chunk(cid)
+        if fut is None:
+            data: bytes | DamagedError = self.repo.get_chunk(cid)
+        elif self.last_use[cid] > self.pos:
+            data = fut.result()[cid]
+        else:  # its last use: let it go once written
+            data = fut.result().pop(cid)
+            self.held_bytes -= size
+            self.left[now] -= size
+            if not self.left[now]:
+                self._drop(now)
         if isinstance(data, DamagedError):
-            raise data
+            raise DamagedError(str(data))
         self.data = data
-        return self.data
+        return data
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

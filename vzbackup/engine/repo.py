@@ -36,7 +36,6 @@ CHUNK_PREFIX = "chunks/"  # version 1: one object per chunk
 LOG_SUFFIX = ".log"
 PROTECTED_SUFFIX = ".protected"
 TIME_FMT = "%Y-%m-%dT%H:%M:%SZ"
-MANIFEST_FETCHERS = 8  # parallel manifest downloads when the local cache is cold
 
 # 512 KiB on average: scattered small writes (a database's pages) re-store little, while
 # objects stay large enough that per-object costs don't dominate
@@ -119,6 +118,7 @@ class Repository:
         self.index_cache: ObjectCache | None = None
         self._index: Index | None = None
         self._index_lock = threading.Lock()
+        self._packs_written: dict[str, list[tuple[str, Entries]]] = {}  # index file -> packs
 
     # --- life cycle --------------------------------------------------------------------
     @property
@@ -251,7 +251,7 @@ class Repository:
             except BackendError as e:
                 raise StorageError(str(e)) from None
 
-        with ThreadPoolExecutor(MANIFEST_FETCHERS) as pool:
+        with ThreadPoolExecutor(self.backend.parallel_reads) as pool:
             for name, blob in zip(missing, pool.map(fetch, missing), strict=True):
                 blobs[name] = blob
                 if cache and blob is not None:
@@ -293,7 +293,26 @@ class Repository:
 
     def _store_pack(self, pack: str, data: bytes, entries: Entries) -> None:
         self.put_pack(pack, data)
-        self.write_index([(pack, entries)])
+        key = self.write_index([(pack, entries)])
+        with self._index_lock:
+            self._packs_written[key] = [(pack, entries)]
+
+    def consolidate_index(self) -> int:
+        """Replace the index files written for this process's packs (one per pack, so an
+        interrupted backup's packs stay usable) by one, then delete them: a cold index
+        load (a disaster restore) costs a request per index file. Returns the files merged.
+        Safe alongside gc and rebuild-index: the new file exists before the old ones go."""
+        with self._index_lock:
+            written, self._packs_written = self._packs_written, {}
+        if len(written) < 2:
+            return 0
+        self.write_index([p for packs in written.values() for p in packs])
+        self._call(lambda: self.backend.delete_many(written))
+        with self._index_lock:
+            if self._index is not None:
+                for key in written:
+                    self._index.files.pop(key, None)
+        return len(written)
 
     def put_pack(self, pack: str, data: bytes) -> None:
         self._call(lambda: self.backend.put(pack_key(pack), data, Kind.PACK))
@@ -472,7 +491,7 @@ class Repository:
             except BackendError as e:
                 raise StorageError(str(e)) from None
 
-        with ThreadPoolExecutor(MANIFEST_FETCHERS) as pool:
+        with ThreadPoolExecutor(self.backend.parallel_reads) as pool:
             for sid, blob in zip(missing, pool.map(fetch, missing), strict=True):
                 blobs[sid] = blob
                 if cache:
