@@ -9,8 +9,8 @@ with empty buckets and an empty local cache:
             ``upload_file`` with its defaults (parallel multipart)
   download  vzbackup restore --storage s3 SNAPSHOT NEWCTID (a new CT, written to disk) vs
             the tar downloaded by ``download_file`` (parallel ranged GETs), not unpacked
-  local     the same restore from a dir storage (a backup made beforehand, not timed): the
-            part of the S3 restore that is not S3 (decompression, writing files)
+  local     the same dump and restore with a dir storage (a fresh one per round): the part
+            of either that is not S3 (walk, chunking, compression; writing the files)
   per file  with --per-file, also every file uploaded by ``upload_file`` and downloaded by
             ``download_file``, files in parallel (a pool of as many threads as boto3's
             default connection pool: 10); slow, what a naive sync script would do
@@ -125,9 +125,6 @@ class S3Bench:
         tar = self.work / "tree.tar"
         measure(["tar", "-C", str(self.private), "-cf", str(tar), "."])
         info["tar_bytes"] = tar.stat().st_size
-        log("backing up to the dir storage once (for the local restore reference)")
-        r = self.vz("dump", str(self.args.ctid), "--json")
-        self.local_snapshot = json.loads(r.out)["results"][0]["snapshot"]
         return info
 
     def new_bucket(self) -> str:
@@ -162,14 +159,20 @@ class S3Bench:
     def round(self, n: int) -> dict:
         vz_bucket, raw_bucket = self.new_bucket(), self.new_bucket()
         self.configure(vz_bucket)
+        shutil.rmtree(self.prefix / "vz/backup", ignore_errors=True)
+        self.drop_cache()
+        r = self.vz("dump", str(self.args.ctid), "--json")
+        local_snapshot = json.loads(r.out)["results"][0]["snapshot"]
+        out = {"local_upload_s": r.seconds}
+        log(f"round {n}: vzbackup dump to the dir storage {r.seconds:.2f} s")
         self.drop_cache()
         r = self.vz("dump", "--storage", "s3", str(self.args.ctid), "--json")
         res = json.loads(r.out)["results"][0]
         if not res["ok"]:
             raise RuntimeError(f"vzbackup dump failed: {res}")
-        out = {"vz_upload_s": r.seconds, "stored_new": res["stats"].get("stored_new"),
-               "requests": res["stats"].get("storage_requests"),
-               "chunks_new": res["stats"].get("chunks_new")}
+        out.update({"vz_upload_s": r.seconds, "stored_new": res["stats"].get("stored_new"),
+                    "requests": res["stats"].get("storage_requests"),
+                    "chunks_new": res["stats"].get("chunks_new")})
         log(f"round {n}: vzbackup dump {r.seconds:.2f} s")
 
         self.drop_cache()  # a disaster restore: nothing but the bucket
@@ -178,7 +181,7 @@ class S3Bench:
         log(f"round {n}: vzbackup restore {out['vz_download_s']:.2f} s "
             f"({out['restore_requests']} requests)")
         os.sync()
-        out["local_download_s"], _ = self.restore(self.local_snapshot)
+        out["local_download_s"], _ = self.restore(local_snapshot)
         log(f"round {n}: vzbackup restore from the dir storage {out['local_download_s']:.2f} s")
 
         tar = self.work / "tree.tar"
@@ -238,7 +241,8 @@ def summarise(rounds: list[dict], logical: int) -> dict:
         "median": med,
         "tar_ratio": {way.removeprefix("vz_"): r for way, r in ratio.items()},
         "mb_per_s": {k: round(mb / v, 1) for k, v in med.items() if k.endswith("_s") and v},
-        "s3_vs_local_restore": round(med["local_download_s"] / med["vz_download_s"], 2),
+        "s3_vs_local": {way: round(med[f"local_{way}_s"] / med[f"vz_{way}_s"], 2)
+                        for way in ("upload", "download")},
         "targets": {way: med[f"tar_{way}_s"] / med[f"vz_{way}_s"] >= 0.8
                     for way in ("upload", "download")},
     }
@@ -282,16 +286,17 @@ def main() -> None:
           f"files, {args.rounds} rounds (medians); load average before/after (1, 5, 15 min): "
           f"{load} on {os.cpu_count()} CPUs")
     print(f"{'':10} {'vzbackup':>10} {'one tar':>12} {'ratio':>7}  target  result"
-          + (f" {'per file':>12}" if args.per_file else ""))
+          f"  {'dir storage':>11} {'ratio':>6}" + (f" {'per file':>12}" if args.per_file else ""))
     for way in ("upload", "download"):
         res = "PASS" if s["targets"][way] else "FAIL"
-        line = (f"{way:10} {med[f'vz_{way}_s']:>8.2f} s {mbs[f'tar_{way}_s']:>7} MB/s "
-                f"{s['tar_ratio'][way]:>6}x  >=0.8x  {res}")
+        line = (f"{way:10} {med[f'vz_{way}_s']:>8.2f} s {med[f'tar_{way}_s']:>10.2f} s "
+                f"{s['tar_ratio'][way]:>6}x  >=0.8x  {res:6}  {med[f'local_{way}_s']:>9.2f} s "
+                f"{s['s3_vs_local'][way]:>5}x")
         if args.per_file:
             line += f" {mbs[f'raw_{way}_s']:>7} MB/s"
         print(line)
-    print(f"restore from a dir storage: {med['local_download_s']:.2f} s "
-          f"(S3 restore at {s['s3_vs_local_restore']}x of it)")
+    print("(ratios: the other's seconds / vzbackup's with S3; dir storage: the same vzbackup "
+          "command on a local directory, i.e. what S3 adds)")
     print(f"S3 requests: {med['requests']:.0f} per backup ({med['chunks_new']:.0f} new chunks, "
           f"{med['stored_new'] / MB:.0f} MB stored), {med['restore_requests']:.0f} per restore")
     print(f"\nJSON: {out_path}")
