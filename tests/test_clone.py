@@ -58,7 +58,8 @@ def test_clone_of_a_stopped_ct_copies_every_file_and_gives_it_its_own_identity(n
     new, new_ip = node.new_ctid(), node.new_ip()
     _, res = clone(node, str(src), str(new), "--name", f"clone{new}", "--hostname", "copy",
                     "--ipadd", new_ip)
-    assert (res["mode"], res["method"], res["frozen_seconds"]) == ("stop", "copy", 0.0)
+    assert (res["mode"], res["frozen_seconds"]) == ("stop", 0.0)
+    assert res["method"] in ("copy", "reflink")  # reflink where /var/tmp has them (xfs)
     assert res["reset"] == ["/etc/machine-id"] and res["ips"] == [new_ip]
     copy = node.prefix / f"vz/private/{new}"
     assert res["private"] == str(copy)
