@@ -79,7 +79,7 @@ OPTIONS: list[tuple[tuple[str, ...], str]] = [
 
 def dropped_by_dropin() -> set[str]:
     """Option names the vzbackup service drop-in turns off."""
-    text = SYSTEMD_DROPINS["service.d/50-vzbackup-checkpoint.conf"]
+    text = SYSTEMD_DROPINS["system/service.d/50-vzbackup-checkpoint.conf"]
     return {ln.split("=")[0] for ln in text.splitlines() if "=" in ln and ln[:1].isupper()}
 
 
