@@ -632,8 +632,7 @@ def test_rebuild_index_from_the_pack_headers(tmp_path: Path, monkeypatch):
     where = {c: repo.locate(c) for c in m.refs}
     packs = repo.list_packs()
     assert len(packs) >= 2
-    for info in repo.index_files():
-        repo.delete_index(info.key)
+    repo.delete_objects([info.key for info in repo.index_files()])
     repo = Repository.open(backend, key)
     assert len(verify(repo, [m]).damaged) == len(m.refs)  # nothing locates a chunk any more
     rep = maintenance.rebuild_index(repo)

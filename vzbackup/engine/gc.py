@@ -132,11 +132,9 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
         new_index = [(p, e) for p, e in keep.items() if e] + written
         if new_index:
             repo.write_index(new_index)
-        for key in index_keys:
-            repo.delete_index(key)
+        repo.delete_objects(index_keys)
         rep.index_files_replaced = len(index_keys)
-    for pack in list(drop) + list(repack):
-        repo.delete_object(pack_key(pack))
+    repo.delete_objects([pack_key(pack) for pack in list(drop) + list(repack)])
 
     for info in loose:
         if not _v1_garbage(info, referenced, cutoff):

@@ -85,8 +85,7 @@ def rebuild_index(repo: Repository, *, dry_run: bool = False,
     for n in range(0, len(found), INDEX_FILE_PACKS):
         repo.write_index(found[n : n + INDEX_FILE_PACKS])
         rep.index_files_written += 1
-    for key in old:
-        repo.delete_index(key)
+    repo.delete_objects(old)
     rep.index_files_replaced = len(old)
     repo.reload_index()
     log(f"rebuild-index: {rep.chunks} chunks of {rep.packs} packs in "

@@ -283,9 +283,6 @@ class Repository:
                 self._index.add_file(key, packs)
         return key
 
-    def delete_index(self, key: str) -> None:
-        self.delete_object(key)
-
     # --- chunks ---------------------------------------------------------------------------
     def packer(self) -> Packer:
         """A packer whose packs are written with an index file each (resumable)."""
@@ -307,7 +304,7 @@ class Repository:
         if len(written) < 2:
             return 0
         self.write_index([p for packs in written.values() for p in packs])
-        self._call(lambda: self.backend.delete_many(written))
+        self.delete_objects(list(written))
         with self._index_lock:
             if self._index is not None:
                 for key in written:
@@ -328,6 +325,11 @@ class Repository:
 
     def delete_object(self, key: str) -> None:
         self._call(lambda: self.backend.delete(key))
+
+    def delete_objects(self, keys: list[str]) -> None:
+        """Delete *keys* (on an object store in one request per thousand)."""
+        if keys:
+            self._call(lambda: self.backend.delete_many(keys))
 
     def flush(self) -> None:
         """Make everything written so far durable."""
