@@ -1,17 +1,20 @@
 """A repository in a local directory (or any mounted filesystem: NFS, CIFS, a USB disk).
 
 Writes go to a temporary file in the same directory and are renamed over the key, so a
-crash leaves either the old object or the new one. Bulk objects (packs, see ``Kind``) are
-not synced one by one: ``flush()`` syncs the whole filesystem once (syncfs) before a
-snapshot is published; everything else is fsync'ed with its directory as it is written.
+crash leaves either the old object or the new one. Everything is fsync'ed with its
+directory as it is written, except bulk objects (packs, see ``Kind``): their data is synced
+by the thread that writes them (in parallel with the backup's other work), their
+directories by ``flush()``, which also syncs the objects ``touch``ed since (reused packs an
+interrupted writer may have left unsynced). A snapshot is published after a flush. Unlike
+syncfs, this never waits for other writers' data on the same filesystem.
 ``put_if_absent`` uses link(2), which fails if the name exists, so two writers never both win.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +30,6 @@ from vzbackup.storage.backend import (
 
 TMP_MARK = ".tmp-"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class DirBackend(Backend):
     def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
@@ -36,13 +37,15 @@ class DirBackend(Backend):
         self.fsync = fsync
         self.url = f"dir:{self.root}"
         self._dirs: set[Path] = set()  # directories known to exist
+        self._unsynced: set[Path] = set()  # what flush() syncs: bulk dirs, touched objects
+        self._unsynced_lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         if not key or key.startswith("/") or ".." in key.split("/"):
             raise BackendError(f"invalid object key {key!r}")
         return self.root / key
 
-    def _write_tmp(self, target: Path, data: bytes, sync: bool = True) -> Path:
+    def _write_tmp(self, target: Path, data: bytes) -> Path:
         if target.parent not in self._dirs:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(target.parent)
@@ -57,8 +60,8 @@ class DirBackend(Backend):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if self.fsync and sync:
-                os.fsync(fd)
+            if self.fsync:
+                os.fdatasync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -78,11 +81,13 @@ class DirBackend(Backend):
 
     def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
         target = self._path(key)
-        bulk = kind in BULK_KINDS
         try:
-            tmp = self._write_tmp(target, data, sync=not bulk)
+            tmp = self._write_tmp(target, data)
             os.replace(tmp, target)
-            if not bulk:
+            if kind in BULK_KINDS:
+                with self._unsynced_lock:
+                    self._unsynced.add(target.parent)
+            else:
                 self._sync_dir(target.parent)
         except OSError as e:
             raise BackendError(f"{self.url}: cannot write {key}: {e.strerror}") from e
@@ -106,15 +111,21 @@ class DirBackend(Backend):
                 tmp.unlink()
 
     def flush(self) -> None:
-        if not self.fsync or not self.root.exists():
+        with self._unsynced_lock:
+            paths, self._unsynced = self._unsynced, set()
+        if not self.fsync:
             return
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if _libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise BackendError(f"{self.url}: syncfs failed: {os.strerror(err)}")
-        finally:
-            os.close(fd)
+            for p in sorted(paths, key=lambda p: -len(p.parts)):  # objects before directories
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            with self._unsynced_lock:
+                self._unsynced |= paths
+            raise BackendError(f"{self.url}: cannot sync {e.filename}: {e.strerror}") from e
 
     def get(self, key: str) -> bytes:
         try:
@@ -187,10 +198,13 @@ class DirBackend(Backend):
         return self._path(key).exists()
 
     def touch(self, key: str) -> None:
+        path = self._path(key)
         try:
-            os.utime(self._path(key))
+            os.utime(path)
         except FileNotFoundError:
             raise ObjectMissing(f"{self.url}: no object {key}") from None
+        with self._unsynced_lock:
+            self._unsynced.update((path, path.parent))
 
     def stat(self, key: str) -> ObjectInfo:
         try:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pyfastcdc
 
@@ -35,7 +36,8 @@ from vzbackup.engine.repo import Repository
 from vzbackup.errors import RuntimeFailure
 from vzbackup.storage.ratelimit import Limiter
 
-READ_BLOCK = 8 * 1024 * 1024
+FILE_WINDOW = 8 * 1024 * 1024  # bytes of one file read at once by a pool thread
+T_ = TypeVar("T_")
 
 
 @dataclass
@@ -84,39 +86,57 @@ class ChunkStore:
         # twice the CPU threads: a worker blocked on storage I/O leaves its CPU to another
         workers = max(1, threads) * 2
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk")
-        self.slots = threading.BoundedSemaphore(workers * 3)
+        self.slots = threading.BoundedSemaphore(workers * 2)
+        # files chunked on their own: read and cut here, their chunks go to the pool
+        self.files = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="file")
+        self.file_slots = threading.BoundedSemaphore(max(1, threads) * 2)
         self.limiter = Limiter(bwlimit_kbps)
         self.error: BaseException | None = None
 
-    def submit(self, data: bytes) -> Future:
+    def submit(self, data: bytes | memoryview) -> Future:
+        """Process one chunk in the pool (bounded: blocks while it is full); the future's
+        result is its id."""
+        return self._submit(self.pool, self.slots, self.process, data)
+
+    def submit_file(self, fn: Callable[..., T_], *args: object) -> Future:
+        """Run a file's chunking *fn* in the file pool (bounded: blocks while it is full)."""
+        return self._submit(self.files, self.file_slots, fn, *args)
+
+    def _submit(self, pool: ThreadPoolExecutor, slots: threading.BoundedSemaphore,
+                fn: Callable[..., T_], *args: object) -> Future:
+        """Run *fn* in *pool*; its first error fails the next submission and ``finish``."""
         if self.error:
             raise self.error
-        self.slots.acquire()
-        fut = self.pool.submit(self._process, data)
-        fut.add_done_callback(lambda f: self.slots.release())
+        slots.acquire()
+        fut = pool.submit(self._guarded, fn, *args)
+        fut.add_done_callback(lambda f: slots.release())
         return fut
 
-    def _process(self, data: bytes) -> str:
+    def _guarded(self, fn: Callable[..., T_], *args: object) -> T_:
         try:
-            cid = self.repo.codec.chunk_id(data)
-            with self.lock:
-                self.refs.add(cid)
-                if cid in self.known:
-                    return cid
-                self.known.add(cid)
-            if cid in self.index and self._reuse(cid):
-                return cid
-            blob = self.repo.codec.seal(cid, data)
-            self.limiter.take(len(blob))
-            self.packer.add(cid, blob)
-            with self.lock:
-                self.stats.bytes_new += len(data)
-                self.stats.stored_new += len(blob)
-                self.stats.chunks_new += 1
-            return cid
+            return fn(*args)
         except BaseException as e:
             self.error = self.error or e
             raise
+
+    def process(self, data: bytes | memoryview) -> str:
+        """Hash, dedup and (if new) seal and pack one chunk; returns its id. Thread-safe."""
+        cid = self.repo.codec.chunk_id(data)
+        with self.lock:
+            self.refs.add(cid)
+            if cid in self.known:
+                return cid
+            self.known.add(cid)
+        if cid in self.index and self._reuse(cid):
+            return cid
+        blob = self.repo.codec.seal(cid, data)
+        self.limiter.take(len(blob))
+        self.packer.add(cid, blob)
+        with self.lock:
+            self.stats.bytes_new += len(data)
+            self.stats.stored_new += len(blob)
+            self.stats.chunks_new += 1
+        return cid
 
     def _reuse(self, cid: str) -> bool:
         key, _ = self.repo.locate(cid)
@@ -133,6 +153,7 @@ class ChunkStore:
 
     def finish(self) -> None:
         """Wait for every chunk, then write the last pack (and its index)."""
+        self.files.shutdown(wait=True)
         self.pool.shutdown(wait=True)
         if self.error:
             raise self.error
@@ -148,44 +169,66 @@ class ChunkStore:
                        if ok and not self.repo.backend.exists(k)]
 
     def close(self) -> None:
+        self.files.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Stream:
-    """Content-defined chunking of a byte stream fed piecewise; remembers chunk positions."""
+    """Content-defined chunking of a byte stream filled piecewise; remembers chunk positions.
+
+    The bytes go into one buffer (files are read straight into it); once it holds
+    *flush_at* bytes the chunks found are handed to the store as views of it, and what
+    follows the last cut starts the next buffer.
+    """
 
     def __init__(self, cdc: pyfastcdc.FastCDC, store: ChunkStore, flush_at: int) -> None:
         self.cdc = cdc
         self.store = store
         self.flush_at = flush_at
-        self.parts: list[bytes] = []  # not yet chunked, in order
-        self.pending = 0  # their total length
-        self.base = 0  # stream offset of parts[0]
+        self.buf = bytearray()
+        self.fill = 0  # bytes in buf, not yet chunked
+        self.base = 0  # stream offset of buf[0]
         self.chunks: collections.deque[tuple[int, int, Future]] = collections.deque()
 
     @property
     def end(self) -> int:
-        return self.base + self.pending
+        return self.base + self.fill
 
     @property
     def cut(self) -> int:
         """Everything before this offset is in chunks already."""
         return self.base
 
+    def _room(self, n: int) -> None:
+        if self.fill + n > len(self.buf):
+            new = bytearray(max(self.flush_at, self.fill + n) + self.cdc.max_size)
+            new[: self.fill] = memoryview(self.buf)[: self.fill]
+            self.buf = new
+
     def write(self, data: bytes) -> None:
-        self.parts.append(data)
-        self.pending += len(data)
-        if self.pending >= self.flush_at:
+        n = len(data)
+        self._room(n)
+        self.buf[self.fill : self.fill + n] = data
+        self.fill += n
+        if self.fill >= self.flush_at:
             self._cut(final=False)
+
+    def read_from(self, fd: int, offset: int, n: int) -> int:
+        """Append up to *n* bytes of *fd* from *offset*; returns how many there were."""
+        self._room(n)
+        got = read_into(fd, memoryview(self.buf)[self.fill : self.fill + n], offset)
+        self.fill += got
+        if self.fill >= self.flush_at:
+            self._cut(final=False)
+        return got
 
     def finish(self) -> None:
         self._cut(final=True)
 
     def _cut(self, final: bool) -> None:
-        if not self.pending:
+        if not self.fill:
             return
-        # one copy at most; chunks are views into it (kept alive until processed)
-        data = memoryview(self.parts[0] if len(self.parts) == 1 else b"".join(self.parts))
+        data = memoryview(self.buf)[: self.fill]  # chunks are views of it: a new buf follows
         pieces = [(c.offset, c.length) for c in self.cdc.cut_buf(data)]
         if not final:
             pieces = pieces[:-1]  # the last cut is only where the buffer ended
@@ -194,9 +237,10 @@ class Stream:
             fut = self.store.submit(data[off : off + length])
             self.chunks.append((self.base + off, length, fut))
             used = off + length
-        rest = data[used:]
-        self.parts = [bytes(rest)] if len(rest) else []
-        self.pending = len(rest)
+        rest = self.fill - used
+        new = bytearray(max(self.flush_at, rest) + self.cdc.max_size) if not final else bytearray()
+        new[:rest] = data[used:]
+        self.buf, self.fill = new, rest
         self.base += used
 
     def slices(self, start: int, end: int) -> list[tuple[Future, int, int]]:
@@ -230,6 +274,67 @@ def data_extents(fd: int, size: int) -> list[list[int]]:
     return out
 
 
+def open_for_reading(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:  # O_NOATIME needs the file's owner (or CAP_FOWNER)
+        pass
+    except OSError as e:
+        raise RuntimeFailure(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise RuntimeFailure(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill *view* from *fd* at *offset*; fewer bytes only at the end of the file."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if not n:
+            break
+        done += n
+    return done
+
+
+def chunk_file(store: ChunkStore, cdc: pyfastcdc.FastCDC, fd: int, path: str,
+               regions: list[list[int]], exact: bool) -> tuple[list[list], int]:
+    """Chunk one file's data *regions* as one stream (in the file pool, FILE_WINDOW bytes at
+    a time) and store the chunks (in the chunk pool); closes *fd*. Returns the file's slices
+    and how many bytes were read. With *exact*, a file that shrank ends where its data did."""
+    chunks: list[tuple[Future, int]] = []
+    carry = memoryview(b"")
+    nread = 0
+    try:
+        for off, ln in regions:
+            pos, end = off, off + ln
+            while pos < end:
+                want = min(FILE_WINDOW, end - pos)
+                buf = bytearray(len(carry) + want)
+                view = memoryview(buf)
+                view[: len(carry)] = carry
+                got = read_into(fd, view[len(carry):], pos)
+                nread += got
+                pos += got
+                view = view[: len(carry) + got]
+                cuts = [(c.offset, c.length) for c in cdc.cut_buf(view)][:-1] if len(view) else []
+                for o, n in cuts:
+                    chunks.append((store.submit(view[o : o + n]), n))
+                carry = view[cuts[-1][0] + cuts[-1][1]:] if cuts else view
+                if got < want:
+                    break
+            if pos < end and exact:
+                break
+        for c in cdc.cut_buf(carry) if len(carry) else ():
+            chunks.append((store.submit(carry[c.offset : c.offset + c.length]), c.length))
+    except OSError as e:
+        raise RuntimeFailure(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return [[fut.result(), 0, n] for fut, n in chunks], nread
+
+
 Excluder = Callable[[str, bool], bool]
 Progress = Callable[[int, int], None]  # (files done, bytes done)
 
@@ -237,16 +342,17 @@ Progress = Callable[[int, int], None]  # (files done, bytes done)
 class _Pending:
     """One line of the file list, written once the chunks it names are known."""
 
-    __slots__ = ("entry", "ranges", "raw", "slot", "stream")
+    __slots__ = ("entry", "file", "ranges", "raw", "slot", "stream")
 
     def __init__(self, entry: T.Entry | None, stream: Stream | None = None,
                  ranges: list | None = None, slot: tuple[_DirBuild, int] | None = None,
-                 raw: bytes | None = None) -> None:
+                 raw: bytes | None = None, file: Future | None = None) -> None:
         self.entry = entry
         self.stream = stream
         self.ranges = ranges  # (start, end) on stream, or resolved (future, offset, length)
         self.slot = slot  # where the line goes in the files cache
         self.raw = raw  # lines reused from the files cache, written as they are
+        self.file = file  # a file chunked on its own: (slices, bytes read)
 
 
 class _DirBuild:
@@ -298,6 +404,7 @@ class TreeWriter:
         self.small = Stream(self.cdc, store, flush_at=4 * mx)
         self.meta = Stream(self.cdc, store, flush_at=4 * mx)
         self.queue: collections.deque[_Pending] = collections.deque()
+        self.small_starts: collections.deque[int] = collections.deque()  # of queued entries
         self.hardlinks: dict[tuple[int, int], str] = {}
         self.builds: list[_DirBuild] = []
         self.racy_ns = 0  # entries changed after this are not trusted by the next backup
@@ -306,6 +413,8 @@ class TreeWriter:
     # --- output in walk order ----------------------------------------------------------------
     def _emit(self, p: _Pending) -> None:
         self.queue.append(p)
+        if p.stream is not None:
+            self.small_starts.append(p.ranges[0][0] if p.ranges else self.small.end)
         self._drain(force=False)
 
     def _write_lines(self, raw: bytes) -> None:
@@ -326,14 +435,23 @@ class TreeWriter:
                 resolved = p.stream.slices(start, end) if p.ranges else []
                 p.stream = None
                 p.ranges = resolved
-            if not force and p.ranges and not all(f.done() for f, _, _ in p.ranges):
+                self.small_starts.popleft()
+            waiting = (p.file is not None and not p.file.done()) or (
+                p.ranges and not all(f.done() for f, _, _ in p.ranges))
+            if waiting and not force:
                 break  # keep reading while the workers finish; never wait here
             self.queue.popleft()
             if p.raw is not None:
                 self.meta.write(p.raw)
                 continue
             e = p.entry
-            if p.ranges is not None:
+            if p.file is not None:
+                e.chunks, nread = p.file.result()
+                if e.extents is None:
+                    e.size = nread
+                self.stats.bytes_read += nread
+                self._progress(nread)
+            elif p.ranges is not None:
                 e.chunks = [[fut.result(), off, ln] for fut, off, ln in p.ranges]
             line = json.dumps(e.to_dict(), separators=(",", ":")).encode() + b"\n"
             self.meta.write(line)
@@ -341,9 +459,7 @@ class TreeWriter:
                 build, i = p.slot
                 build.lines[i] = line
                 build.chunks[i] = tuple(dict.fromkeys(c[0] for c in e.chunks))
-        first = next((p.ranges[0][0] for p in self.queue if p.stream is self.small and p.ranges),
-                     self.small.cut)
-        self.small.forget_before(first)
+        self.small.forget_before(self.small_starts[0] if self.small_starts else self.small.cut)
 
     # --- walking -----------------------------------------------------------------------------
     def write(self, root: Path) -> list[str]:
@@ -563,44 +679,35 @@ class TreeWriter:
             self._emit(_Pending(e, slot=slot))
             self._progress(st.st_size)
             return
-        try:
-            fd = os.open(abs_p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
-        except PermissionError:
-            fd = os.open(abs_p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e2:
-            raise RuntimeFailure(f"cannot read {abs_p}: {e2.strerror}") from None
+        fd = open_for_reading(abs_p)
         try:
             extents = None
             if st.st_blocks * 512 < st.st_size:
                 extents = data_extents(fd, st.st_size)
             regions = extents if extents is not None else [[0, st.st_size]]
-            total = sum(ln for _, ln in regions)
-            stream = (
-                self.small if total < self.avg else Stream(self.cdc, self.store, 4 * READ_BLOCK)
-            )
+            if sum(ln for _, ln in regions) >= self.avg:  # chunked on its own, in the pool
+                e.extents = extents
+                fut = self.store.submit_file(chunk_file, self.store, self.cdc, fd, abs_p, regions,
+                                             extents is None)
+                fd = -1  # the task closes it
+                self._emit(_Pending(e, file=fut, slot=slot))
+                return
+            stream = self.small
             start = stream.end
             for off, ln in regions:
-                os.lseek(fd, off, os.SEEK_SET)
-                left = ln
-                while left > 0:
-                    block = os.read(fd, min(READ_BLOCK, left))
-                    if not block:
-                        break
-                    stream.write(block)
-                    left -= len(block)
-                    self.stats.bytes_read += len(block)
-                    self._progress(len(block))
-                if left and extents is None:  # the file shrank while read: keep what exists
+                got = stream.read_from(fd, off, ln)
+                if got < ln and extents is None:  # the file shrank while read: keep what exists
                     break
             end = stream.end
+            self.stats.bytes_read += end - start
+            self._progress(end - start)
             e.size = st.st_size if extents is not None else end - start
             e.extents = extents
         except OSError as e2:
             raise RuntimeFailure(f"cannot read {abs_p}: {e2.strerror}") from None
         finally:
-            os.close(fd)
-        if stream is not self.small:
-            stream.finish()
+            if fd >= 0:
+                os.close(fd)
         self._emit(_Pending(e, stream, [(start, end)] if end > start else [], slot))
 
     def _progress(self, nbytes: int) -> None:
