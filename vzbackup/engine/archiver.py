@@ -31,7 +31,7 @@ from typing import TypeVar
 import pyfastcdc
 
 from vzbackup.engine import tree as T
-from vzbackup.engine.filescache import RACY_NS, DirRecord, FilesCache, Sig
+from vzbackup.engine.filescache import RACY_NS, UNTRUSTED, DirRecord, FilesCache, Sig, make_record
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import RuntimeFailure
 from vzbackup.storage.ratelimit import Limiter
@@ -365,7 +365,7 @@ class _DirBuild:
         n = len(names)
         self.rel = rel
         self.names = names
-        self.sigs: list[Sig | None] = [None] * n
+        self.sigs: list[Sig] = [UNTRUSTED] * n
         self.lines: list[bytes] = [b""] * n
         self.chunks: list[tuple[str, ...]] = [()] * n
         self.subdirs: list[int] = []
@@ -374,10 +374,8 @@ class _DirBuild:
         self.skipped: list[str] = []
 
     def record(self) -> DirRecord:
-        return DirRecord(tuple(self.names), tuple(self.sigs), tuple(self.lines),
-                         tuple(self.chunks), tuple(self.subdirs), tuple(self.links),
-                         self.counts, tuple(self.skipped),
-                         tuple(set().union(*self.chunks)))
+        return make_record(self.names, self.sigs, self.lines, self.chunks, self.subdirs,
+                           self.links, self.counts, self.skipped)
 
 
 class TreeWriter:
@@ -509,14 +507,14 @@ class TreeWriter:
         """Copy a directory's lines from the files cache if none of its entries changed."""
         if old.names != tuple(names) or None in sts:
             return False
-        sigs = tuple([(s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in sts])
-        if sigs != old.sigs or not self.store.known.issuperset(old.all_chunks):
+        sigs = tuple([v for s in sts for v in (s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)])
+        if sigs != old.sigs or not self.store.known.issuperset(old.chunks):
             return False
         if any(sts[i].st_dev != self.root_dev for i in old.subdirs):
             return False  # a mount point appeared
         if old.links and not self._claim_links(old.links, names, rel_dir):
             return False
-        self.store.refs.update(old.all_chunks)
+        self.store.refs.update(old.chunks)
         files, dirs, other, nbytes = old.counts
         st = self.stats
         st.files += files
@@ -525,7 +523,7 @@ class TreeWriter:
         st.other += other
         st.bytes_total += nbytes
         st.skipped.extend(old.skipped)
-        self._write_lines(b"".join(old.lines))
+        self._write_lines(old.block)
         self.cache.put(rel_dir, old)
         self._progress(nbytes)
         return True
@@ -556,7 +554,7 @@ class TreeWriter:
         if self.cache is not None:
             build = _DirBuild(rel_dir, names)
             self.builds.append(build)
-        old_at = {n: j for j, n in enumerate(old.names)} if old is not None else {}
+        old_at = old.entries() if old is not None else {}
         st0 = self.stats
         before = (st0.files, st0.dirs, st0.other, st0.bytes_total, len(st0.skipped))
         subdirs = []
@@ -569,10 +567,10 @@ class TreeWriter:
                 build.sigs[i] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             if self.exclude and self.exclude("/" + rel, is_dir):
                 continue
-            j = old_at.get(name)
+            was = old_at.get(name)
             slot = (build, i) if build is not None else None
-            if j is None or not self._reuse_line(old, j, st, build, i):
-                content = self._old_content(old, j, st) if j is not None else None
+            if was is None or not self._reuse_line(*was, st, build, i):
+                content = self._old_content(*was, st) if was is not None else None
                 self._add(base + name, rel, st, slot, content)
             if is_dir and st.st_dev == self.root_dev:
                 subdirs.append(i)
@@ -583,17 +581,16 @@ class TreeWriter:
             build.skipped = st0.skipped[before[4]:]
         return subdirs
 
-    def _reuse_line(self, old: DirRecord, j: int, st: os.stat_result,
+    def _reuse_line(self, sig: Sig, line: bytes, st: os.stat_result,
                     build: _DirBuild | None, i: int) -> bool:
         """Copy one unchanged entry's line from the files cache."""
-        sig = old.sigs[j]
-        if (not self.cache.use_inode or sig is None or not old.lines[j]
+        if (not self.cache.use_inode or not line
                 or sig != (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)):
             return False
         mode = st.st_mode
         if stat.S_ISREG(mode) and st.st_nlink > 1:
             return False  # which name is the hardlink target depends on the walk: redo it
-        chunks = old.chunks[j]
+        chunks = line_chunks(line)
         if not self.store.known.issuperset(chunks):
             return False
         self.store.refs.update(chunks)
@@ -607,25 +604,22 @@ class TreeWriter:
         else:
             s.other += 1
         if build is not None:
-            build.lines[i] = old.lines[j]
+            build.lines[i] = line
             build.chunks[i] = chunks
-        self._write_lines(old.lines[j])
+        self._write_lines(line)
         return True
 
-    def _old_content(self, old: DirRecord, j: int, st: os.stat_result) -> list | None:
+    def _old_content(self, sig: Sig, line: bytes, st: os.stat_result) -> list | None:
         """The cached chunk slices and extents of a file whose content is unchanged."""
-        sig, line = old.sigs[j], old.lines[j]
-        if sig is None or not line or not stat.S_ISREG(st.st_mode):
-            return None
         ino, size, mtime, ctime = sig
-        if size != st.st_size or mtime != st.st_mtime_ns:
+        if not stat.S_ISREG(st.st_mode) or size != st.st_size or mtime != st.st_mtime_ns:
             return None
         if self.cache.use_inode and (ino != st.st_ino or ctime != st.st_ctime_ns):
             return None
-        if not self.store.known.issuperset(old.chunks[j]):
+        d = json.loads(line) if line else {}
+        if d.get("t") != T.FILE or not self.store.known.issuperset(c[0] for c in d["c"]):
             return None
-        d = json.loads(line)
-        return [d["c"], d.get("e")] if d.get("t") == T.FILE else None
+        return [d["c"], d.get("e")]
 
     def _add(self, abs_p: str, rel: str, st: os.stat_result,
              slot: tuple[_DirBuild, int] | None = None, content: list | None = None) -> None:
@@ -713,6 +707,11 @@ class TreeWriter:
     def _progress(self, nbytes: int) -> None:
         if self.progress:
             self.progress(self.stats.files, nbytes)
+
+
+def line_chunks(line: bytes) -> tuple[str, ...]:
+    """The chunk ids a file list line references."""
+    return tuple(dict.fromkeys(c[0] for c in json.loads(line).get("c", ())))
 
 
 def list_dir(path: str) -> tuple[list[str], list[os.stat_result | None]]:

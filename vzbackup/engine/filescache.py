@@ -4,7 +4,7 @@ change detection and borg's files cache).
 
 Per directory (its path relative to the backup root) a ``DirRecord`` keeps, for every name
 in it, a signature (inode, size, mtime, ctime) and the entry's line of the snapshot's file
-list, with the chunks that line references. When every entry of a directory still has its
+list, and the chunks the lines reference. When every entry of a directory still has its
 signature, the directory's lines go into the new file list as they are: one comparison per
 directory, no ``listxattr``, no JSON. Otherwise each entry whose signature matches keeps its
 line, and a file whose content signature matches keeps its chunks (no read).
@@ -24,32 +24,57 @@ from __future__ import annotations
 import contextlib
 import marshal
 import os
+import sys
+from array import array
 from pathlib import Path
 from typing import NamedTuple
 
 import zstandard
 
-MAGIC = b"vzbackup-files-cache\x02"
+MAGIC = b"vzbackup-files-cache\x03"
 RACY_NS = 100_000_000  # coarse kernel clocks tick every few ms; keep a wide margin
 
 Sig = tuple[int, int, int, int]  # inode, size, mtime ns, ctime ns
-
-
-def signature(st: os.stat_result) -> Sig:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+UNTRUSTED: Sig = (-1, -1, -1, -1)  # matches no entry: racy, vanished
 
 
 class DirRecord(NamedTuple):
+    """A directory as the last backup wrote it. Few objects (it is loaded for every
+    directory at each backup): signatures flat, lines as one block."""
+
     names: tuple[str, ...]  # every name in the directory, sorted
-    sigs: tuple[Sig | None, ...]  # None: don't trust the entry next time (racy, vanished)
-    lines: tuple[bytes, ...]  # the entry's file list line; b"" if not in the file list
-    chunks: tuple[tuple[str, ...], ...]  # the chunk ids each line references
+    sigs: tuple[int, ...]  # 4 per name: a Sig, or UNTRUSTED
+    block: bytes  # the entries' file list lines, one after the other (excluded: none)
+    ends: bytes  # array("Q") of where each name's line ends in block
     subdirs: tuple[int, ...]  # indexes of the entries walked into
     links: tuple[tuple[int, int, int, str], ...]  # files with nlink > 1: (index, dev, inode,
     #                                               hardlink target, "" for the first name)
     counts: tuple[int, int, int, int]  # files, dirs, other entries, bytes of files
     skipped: tuple[str, ...]  # paths left out (sockets, unknown types)
-    all_chunks: tuple[str, ...]  # the union of chunks
+    chunks: tuple[str, ...]  # every chunk the lines reference
+
+    def entries(self) -> dict[str, tuple[Sig, bytes]]:
+        """name -> (signature, line), for a directory that changed."""
+        out = {}
+        start = 0
+        for j, end in enumerate(array("Q", self.ends)):
+            out[self.names[j]] = (self.sigs[4 * j : 4 * j + 4], self.block[start:end])
+            start = end
+        return out
+
+
+def make_record(names: list[str], sigs: list[Sig], lines: list[bytes],
+                chunks: list[tuple[str, ...]], subdirs: list[int],
+                links: list[tuple[int, int, int, str]], counts: tuple[int, int, int, int],
+                skipped: list[str]) -> DirRecord:
+    ends = array("Q")
+    pos = 0
+    for ln in lines:
+        pos += len(ln)
+        ends.append(pos)
+    return DirRecord(tuple(names), tuple([v for s in sigs for v in s]), b"".join(lines),
+                     ends.tobytes(), tuple(subdirs), tuple(links), counts, tuple(skipped),
+                     tuple(set().union(*chunks)))
 
 
 class FilesCache:
@@ -58,7 +83,7 @@ class FilesCache:
     def __init__(self, path: Path | None, *, use_inode: bool = True, key: str = "") -> None:
         self.path = path
         self.use_inode = use_inode  # False: the source is a fresh copy (inodes, ctimes change)
-        self.key = key
+        self.key = f"{sys.version_info[:2]}\n{key}"  # marshal's format may change with Python
         self.old: dict[str, DirRecord] = {}
         self.new: dict[str, DirRecord] = {}
         if path is not None:
