@@ -593,11 +593,13 @@ class BigArea:
         logs.mkdir(parents=True, exist_ok=True)
         left = self.size // 10
         i = 0
-        while left > 0:  # compressible text, every 64 KiB different
+        text = log_lines(rng, 4 * MB, 1_700_000_000, "ct")
+        while left > 0:  # compressible text, every 64 KiB different (a numbered line)
             n = min(left, 128 * MB)
             with open(logs / f"app{i:02d}.log", "wb") as f:
                 for k in range(0, n, 64 * 1024):
-                    f.write(log_lines(rng, 64 * 1024, 1_700_000_000 + k, f"h{i}")[:64 * 1024])
+                    at = (k * 7919) % (len(text) - 64 * 1024)
+                    f.write(f"{i}:{k}\n".encode() + text[at : at + 64 * 1024 - 24])
             left -= n
             i += 1
             counts["log_bytes"] += n
@@ -683,7 +685,9 @@ class Bench:
         log(f"creating CT {self.ctid} under {self.prefix}")
         self.vz("create", str(self.ctid), "--ostemplate",
                 self.template.name.removesuffix(".tar.zst"))
-        log(f"generating {self.args.size_mb} MB into {self.private}")
+        what = (f"{self.args.rss_area_gb} GiB" if self.args.rss_area_gb
+                else "the data set" if self.args.dataset == "debian" else f"{self.args.size_mb} MB")
+        log(f"generating {what} into {self.private}")
         info = self.data.generate()
         info.update(tree_size(self.private))
         info["entries"] = 1 + sum(len(d) + len(f) for _, d, f in os.walk(self.private))
