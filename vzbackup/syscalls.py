@@ -330,3 +330,15 @@ def set_project_at(dirfd: int, name: str, projid: int) -> None:
     xflags, extsize, _, _, cowext = _FILE_ATTR.unpack(buf.raw)
     new = _FILE_ATTR.pack(xflags, extsize, 0, projid, cowext)
     _file_attr(SYS_FILE_SETATTR, dirfd, name, ctypes.create_string_buffer(new, len(new)))
+
+
+M_MMAP_THRESHOLD = -3
+
+
+def malloc_large_with_mmap(threshold: int = 1 << 20) -> None:
+    """Have glibc's malloc serve blocks of *threshold* bytes and more with mmap, so a freed
+    buffer goes back to the kernel. By default the threshold grows to the largest block
+    freed (up to 32 MiB): the 8-16 MiB buffers of a backup then come from per-thread
+    arenas that keep their memory (a full backup peaked at 265 MB RSS instead of 124)."""
+    if hasattr(_libc, "mallopt"):  # glibc only; elsewhere a no-op
+        _libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold))

@@ -35,6 +35,7 @@ from vzbackup.engine.filescache import RACY_NS, UNTRUSTED, DirRecord, FilesCache
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import RuntimeFailure
 from vzbackup.storage.ratelimit import Limiter
+from vzbackup.syscalls import malloc_large_with_mmap
 
 FILE_WINDOW = 8 * 1024 * 1024  # bytes of one file read at once by a pool thread
 T_ = TypeVar("T_")
@@ -80,6 +81,7 @@ class ChunkStore:
         self.reused_orphans: list[str] = []
         self.touched: dict[str, bool] = {}  # object key -> still there when touched
         self.lock = threading.Lock()
+        malloc_large_with_mmap()  # the pools' big buffers go back to the kernel when freed
         repo.upgrade()
         self.index = repo.reload_index()  # what other writers stored since
         self.packer = repo.packer()

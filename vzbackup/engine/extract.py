@@ -25,6 +25,7 @@ from vzbackup.engine import tree as T
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure, StorageError
 from vzbackup.storage.backend import BackendError, ObjectMissing
+from vzbackup.syscalls import malloc_large_with_mmap
 
 PREFETCH_BYTES = 32 * 1024 * 1024  # packed bytes fetched ahead of the writer, or held for it
 READ_GAP = 1024 * 1024  # read over unneeded blobs up to this size rather than split a read
@@ -119,6 +120,7 @@ class ChunkReader:
     fetched one by one if they are needed)."""
 
     def __init__(self, repo: Repository, entries: Iterable[T.Entry], threads: int = 4) -> None:
+        malloc_large_with_mmap()  # read buffers go back to the kernel when freed
         self.repo = repo
         # the order get() will be called in (a chunk shared by consecutive files once)
         order: list[str] = []
