@@ -11,7 +11,8 @@ task of the tree CRIU would dump (the CT's init and its descendants):
 - on a node whose root lacks CAP_SYS_RESOURCE: tasks of a privileged CT running under
   another uid (CRIU can't read their rlimits);
 - in a restored CT, files still open on the mounts that locking its fences again detached
-  (``vzbackup.ct.refence``; ``reopen_detached`` has systemd and journald reopen theirs).
+  (``vzbackup.ct.refence``; ``vzbackup.criu.detached`` finds them and ``reopen_detached``
+  has systemd and journald reopen theirs).
 
 The table rows name the systemd settings that usually create each blocker, so a message says
 what to change (most are handled by SYSTEMD_CHECKPOINT, see README).
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vzbackup.ct import refence
+from vzbackup.criu import detached
 from vzbackup.ct.container import Container
 from vzbackup.errors import CheckpointError
 
@@ -226,8 +227,8 @@ def blockers(ct: Container) -> list[Blocker]:
 
 
 def _detached(pids: list[int]) -> Iterator[Blocker]:
-    for d in refence.detached_files(pids):
-        if d.comm not in refence.REOPEN:  # those reopen theirs before a dump
+    for d in detached.detached_files(pids):
+        if d.comm not in detached.REOPEN:  # those reopen theirs before a dump
             yield _Task(d.pid).blocker(
                 "file", f"fd {d.fd} ({d.path}) is on a mount detached at restore",
                 "the restore replaced the CT's /proc and /sys mounts by locked ones; restart "
@@ -238,7 +239,7 @@ def _detached(pids: list[int]) -> Iterator[Blocker]:
 def reopen_detached(ct: Container, init_pid: int) -> None:
     """Before a dump of a restored CT: let systemd and journald reopen files they hold on
     mounts the restore detached (see ``refence``)."""
-    refence.reopen(lambda argv: ct.exec(argv, capture=True), tree(init_pid))
+    detached.reopen(lambda argv: ct.exec(argv, capture=True), tree(init_pid))
 
 
 def require_checkpointable(ct: Container, what: str = "checkpoint") -> None:
