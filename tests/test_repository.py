@@ -136,6 +136,24 @@ def test_files_cache_rereads_what_changed_just_before_a_backup(repo: Repository,
     assert s.bytes_read == 0
 
 
+def test_files_cache_keeps_hardlinks_right_when_the_walk_order_changes(repo: Repository,
+                                                                          tmp_path: Path):
+    src = tmp_path / "src"
+    for d in ("a", "b"):
+        (src / d).mkdir(parents=True)
+    (src / "a/x").write_bytes(os.urandom(2000))
+    os.link(src / "a/x", src / "b/y")  # a/x holds the content, b/y points to it
+    settle()
+    cache_path = tmp_path / "c.zst"
+    backup(repo, src, cache=FilesCache(cache_path))
+    (src / "a").rename(src / "c")  # b/y comes first now; b itself did not change
+    m, _ = backup(repo, src, cache=FilesCache(cache_path))
+    out = tmp_path / "out"
+    restore_tree(repo, load_tree(repo, m.tree), out)
+    assert diff(tree_manifest(src), tree_manifest(out)) == []
+    assert os.stat(out / "b/y").st_ino == os.stat(out / "c/x").st_ino
+
+
 def test_files_cache_is_dropped_when_the_exclusions_change(repo: Repository, tmp_path: Path):
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
