@@ -61,6 +61,11 @@ def repo(tmp_path: Path) -> Repository:
 def test_round_trip_keeps_every_kind_of_entry_and_metadata(repo: Repository, tmp_path: Path):
     src = tmp_path / "src"
     make_rich_tree(src)
+    with open(src / "sparse-big", "wb") as f:  # sparse, enough data to be chunked on its own
+        for at in (1 << 20, 40 << 20):
+            f.seek(at)
+            f.write(os.urandom(1 << 20))
+        f.truncate(48 << 20)
     m, stats = backup(repo, src)
     assert stats.files > 300 and stats.bytes_new > 0
     out = tmp_path / "out"

@@ -682,7 +682,7 @@ class TreeWriter:
                 extents = data_extents(fd, st.st_size)
             regions = extents if extents is not None else [[0, st.st_size]]
             if sum(ln for _, ln in regions) >= self.avg:  # chunked on its own, in the pool
-                e.extents = extents
+                e.size, e.extents = st.st_size, extents  # (the bytes read, if not sparse)
                 fut = self.store.submit_file(chunk_file, self.store, self.cdc, fd, abs_p, regions,
                                              extents is None)
                 fd = -1  # the task closes it
