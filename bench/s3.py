@@ -175,14 +175,18 @@ class S3Bench:
                     "chunks_new": res["stats"].get("chunks_new")})
         log(f"round {n}: vzbackup dump {r.seconds:.2f} s")
 
-        self.drop_cache()  # a disaster restore: nothing but the bucket
-        out["vz_download_s"], out["restore_requests"] = self.restore(
-            "--storage", "s3", res["snapshot"])
-        log(f"round {n}: vzbackup restore {out['vz_download_s']:.2f} s "
-            f"({out['restore_requests']} requests)")
-        os.sync()
-        out["local_download_s"], _ = self.restore(local_snapshot)
-        log(f"round {n}: vzbackup restore from the dir storage {out['local_download_s']:.2f} s")
+        # the restores in turns: each leaves a deleted tree the disk is still discarding
+        for way in ("s3", "local") if n % 2 == 0 else ("local", "s3"):
+            self.drop_cache()  # a disaster restore: nothing but the bucket
+            if way == "s3":
+                out["vz_download_s"], out["restore_requests"] = self.restore(
+                    "--storage", "s3", res["snapshot"])
+                log(f"round {n}: vzbackup restore {out['vz_download_s']:.2f} s "
+                    f"({out['restore_requests']} requests)")
+            else:
+                out["local_download_s"], _ = self.restore(local_snapshot)
+                log(f"round {n}: vzbackup restore from the dir storage "
+                    f"{out['local_download_s']:.2f} s")
 
         tar = self.work / "tree.tar"
         back = self.work / "tree.tar.back"
