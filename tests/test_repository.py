@@ -495,7 +495,10 @@ def write_v1_repository(root: Path, src: Path, ctid: int = 101) -> str:
     return sid
 
 
-def test_version_1_repository_restores_and_upgrades_on_the_next_backup(tmp_path: Path):
+def test_version_1_repository_restores_and_upgrades_on_the_next_backup(tmp_path: Path,
+                                                                       monkeypatch):
+    from vzbackup.engine import extract
+
     src = tmp_path / "src"
     (src / "etc").mkdir(parents=True)
     (src / "etc/hosts").write_text("127.0.0.1 localhost\n")
@@ -507,6 +510,16 @@ def test_version_1_repository_restores_and_upgrades_on_the_next_backup(tmp_path:
     assert repo.version == 1
     restore_tree(repo, load_tree(repo, repo.resolve(old_sid).tree), tmp_path / "v1")
     assert diff(tree_manifest(src), tree_manifest(tmp_path / "v1")) == []
+    # its chunk objects (sizes unknown to the index) count against the read-ahead budget too
+    monkeypatch.setattr(extract, "PREFETCH_BYTES", 2 * extract.V1_CHUNK_SIZE)
+    entries = load_tree(repo, repo.resolve(old_sid).tree)
+    reader, held = extract.ChunkReader(repo, entries), 0
+    for cid in [c for e in entries for c, _, _ in e.chunks]:
+        reader.get(cid)
+        held = max(held, len(reader.held))
+    reader.close()
+    assert 0 < held <= 3 < len(reader.reads)
+    monkeypatch.undo()
     # the next backup upgrades it: packs from now on, the old chunks stay readable
     (src / "new").write_bytes(os.urandom(1 << 20))
     m, s = backup(repo, src)

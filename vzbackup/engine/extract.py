@@ -32,6 +32,7 @@ READ_GAP = 1024 * 1024  # read over unneeded blobs up to this size rather than s
 READ_MAX = 4 * 1024 * 1024  # bytes per ranged read at most: a pack is read in a few parallel
 # GETs (one per chunk costs an object store a round trip and a seek each: 4x slower on RGW)
 PARALLEL_FILE_MAX = 1024 * 1024  # files up to this size are written by the writer pool
+V1_CHUNK_SIZE = 512 * 1024  # what a version 1 chunk object counts against PREFETCH_BYTES
 
 
 def load_tree(repo: Repository, tree_chunks: list[str]) -> list[T.Entry]:
@@ -134,7 +135,7 @@ class ChunkReader:
         self.read_of: dict[str, tuple[int, int]] = {}  # chunk -> (read number, packed size)
         for n, r in enumerate(self.reads):
             for cid, _, ln in r.chunks:
-                self.read_of[cid] = (n, ln)
+                self.read_of[cid] = (n, ln if r.packed else V1_CHUNK_SIZE)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
         self.held: dict[int, Future] = {}  # read number -> its chunks not yet served
         self.left: dict[int, int] = {}  # read number -> packed bytes of those chunks
@@ -153,7 +154,7 @@ class ChunkReader:
         while self.submitted < len(self.reads):
             n = self.submitted
             r = self.reads[n]
-            size = sum(ln for _, _, ln in r.chunks)
+            size = sum(self.read_of[cid][1] for cid, _, _ in r.chunks)
             if r.first > self.pos and self.held_bytes + size > PREFETCH_BYTES:
                 break
             self.held[n] = self.pool.submit(fetch, self.repo, r)
