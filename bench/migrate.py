@@ -7,14 +7,21 @@ freeze as the process saw it), each method moves the CT from node A to node B:
   online+lazy   vzbackup migrate --online (post-copy: pages follow on demand)
   online        vzbackup migrate --online --no-lazy (all memory copied while frozen)
   restart       vzbackup migrate (stop, final sync, start at DEST: memory state is lost)
+  online+lazy+plain, online+plain   the same with --plain-tcp (not run unless asked:
+                what CRIU's TLS costs the page transfer)
   criu+rsync    the manual baseline: vzbackup chkpnt (criu dump) on A, rsync of images and
                 private area over OpenSSH, vzbackup restore (criu restore) on B
 
-and reports the frozen time (vzbackup's own measure; the process-seen gap where it exists),
+Beside the busybox CTs, in the same run, the Debian 12 systemd CT of the real-system tests
+(the template scripts/setup.sh builds; redis-server, postgresql, ssh and cron running, plus
+a 16 MiB memhog for the freeze it sees) moves online with lazy pages (--debian-methods).
+
+It reports the frozen time (vzbackup's own measure; the process-seen gap where it exists),
 the total time, the frozen sub-steps, and the ratios against restart migration and the
 baseline, then PASS/FAIL for each target of issue 13 measured in this run:
 
   online+lazy frozen <= 0.3 s (every size)
+  online+lazy frozen <= 0.5 s for the Debian systemd CT (services running)
   online+lazy total <= 1.2x restart total (largest size, >= 1000 MiB)
   online (no lazy) frozen <= 2.5 s (largest size, >= 1000 MiB)
 
@@ -44,6 +51,12 @@ import twonode  # noqa: E402
 
 METHODS = ("online+lazy", "online", "restart", "criu+rsync")
 CTID_BASE = int(os.environ.get("VZBACKUP_TEST_CTID_BASE", "8800"))
+DEBIAN = "debian-12-x86_64"
+DEBIAN_CACHE = Path(os.environ.get("VZBACKUP_DEMO_PREFIX", "/var/lib/vzbackup/demo"),
+                    "vz/template/cache")
+DEBIAN_MIB = 16  # the memhog in the Debian CT: a witness of the freeze, not a load
+BOOT_WAIT = ("t=600; while [ ! -S /run/systemd/private ] && [ $t -gt 0 ]; do sleep 0.1; "
+             "t=$((t-1)); done; timeout 120 systemctl is-system-running --wait")
 
 
 def build_memhog(out: Path) -> Path:
@@ -66,6 +79,38 @@ def make_ct(node: twonode.BedNode, ctid: int, mib: int, memhog: Path) -> str:
         time.sleep(0.2)
     time.sleep(0.3)
     return ip
+
+
+def make_debian_ct(node: twonode.BedNode, ctid: int, memhog: Path) -> None:
+    """The Debian 12 systemd CT with its stock services up, and a small memhog."""
+    node.vz("create", str(ctid), "--ostemplate", DEBIAN, "--ipadd", node.new_ip(), timeout=600)
+    shutil.copy(memhog, node.prefix / f"vz/private/{ctid}/usr/local/bin/memhog")
+    node.vz("start", str(ctid), timeout=300)
+    state = node.sh(ctid, BOOT_WAIT, check=False).strip()
+    if state != "running":
+        raise RuntimeError(f"the Debian CT did not come up: systemd is {state!r}")
+    node.sh(ctid, f"setsid /usr/local/bin/memhog {DEBIAN_MIB} </dev/null >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 60
+    while "ready" not in node.sh(ctid, "test -f /tmp/memhog.ready && echo ready", check=False):
+        if time.monotonic() > deadline:
+            raise RuntimeError("memhog did not start in the Debian CT")
+        time.sleep(0.2)
+    time.sleep(0.3)
+
+
+def debian_template(bed: twonode.TwoNodes) -> bool:
+    """Put the cached Debian template into both nodes' caches; False if there is none."""
+    src = DEBIAN_CACHE / f"{DEBIAN}.tar.zst"
+    if not src.is_file():
+        return False
+    for node in (bed.a, bed.b):
+        for f in DEBIAN_CACHE.glob(f"{DEBIAN}.tar.zst*"):
+            dst = node.prefix / "vz/template/cache" / f.name
+            try:
+                os.link(f, dst)
+            except OSError:
+                shutil.copy(f, dst)
+    return True
 
 
 def seen_gap(node: twonode.BedNode, ctid: int) -> float | None:
@@ -111,16 +156,23 @@ def run_baseline(bed: twonode.TwoNodes, ctid: int) -> dict:
                       "restore": t1 - t_copied}}
 
 
-def one(bed: twonode.TwoNodes, method: str, mib: int, ctid: int, memhog: Path) -> dict:
-    make_ct(bed.a, ctid, mib, memhog)
+def one(bed: twonode.TwoNodes, method: str, mib: int | str, ctid: int, memhog: Path) -> dict:
+    if mib == "debian":
+        make_debian_ct(bed.a, ctid, memhog)
+    else:
+        make_ct(bed.a, ctid, int(mib), memhog)
     try:
         if method == "criu+rsync":
             rep = run_baseline(bed, ctid)
         else:
             flags = {"online+lazy": ["--online", "--lazy"], "online": ["--online", "--no-lazy"],
+                     "online+lazy+plain": ["--online", "--lazy", "--plain-tcp"],
+                     "online+plain": ["--online", "--no-lazy", "--plain-tcp"],
                      "restart": []}[method]
             rep = run_vzbackup(bed, ctid, flags)
         rep["seen_gap"] = seen_gap(bed.b, ctid) if method != "restart" else None
+        if mib == "debian":
+            rep["systemd"] = bed.b.sh(ctid, BOOT_WAIT, check=False).strip()
         return rep
     finally:
         bed.b.vz("stop", "--fast", str(ctid), check=False)
@@ -129,41 +181,63 @@ def one(bed: twonode.TwoNodes, method: str, mib: int, ctid: int, memhog: Path) -
         bed.a.vz("destroy", str(ctid), check=False)
 
 
+def page_rate(rep: dict) -> str:
+    """How fast the memory moved: lazy pages after the restore, else the dump's page stream."""
+    pages = (rep.get("bytes_sent") or {}).get("pages", 0)
+    secs = (rep.get("times") or {}).get("lazy_pages") or (rep.get("times") or {}).get("dump")
+    return f"  pages {pages / secs / 1e6:.0f} MB/s" if pages > 2**20 and secs else ""
+
+
+def print_run(label: str, method: str, rep: dict) -> None:
+    gap = rep.get("seen_gap")
+    steps = rep.get("frozen_steps") or {}
+    print(f"{label} {method:<12} frozen {rep['frozen']:7.3f} s"
+          f"  seen {gap if gap is None else round(gap, 3)!s:>6}"
+          f"  total {rep['total']:7.2f} s  load {rep['load']:.1f}{page_rate(rep)}  "
+          + " ".join(f"{k}={v:.2f}" for k, v in rep.get("times", {}).items())
+          + ("  frozen: " + " ".join(f"{k}={v:.3f}" for k, v in steps.items()) if steps else ""),
+          flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100,1000", help="MiB of touched memory, comma list")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--debian-methods", default="online+lazy",
+                    help="methods for the Debian systemd CT (empty: leave it out)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
+    deb_methods = [m for m in args.debian_methods.split(",") if m]
     tmp = Path(tempfile.mkdtemp(prefix="vzb-bench-"))
     memhog = build_memhog(tmp / "memhog")
     bed = twonode.up(f"bench{os.getpid()}")
     results: dict[str, dict[str, list[dict]]] = {}
     ctid = CTID_BASE
+    cases: list[tuple[int | str, str]] = [(mib, m) for mib in sizes for m in methods]
+    if deb_methods and debian_template(bed):
+        cases += [("debian", m) for m in deb_methods]
+    elif deb_methods:
+        print(f"no {DEBIAN} template in {DEBIAN_CACHE} (scripts/setup.sh builds it): "
+              "the Debian CT is left out")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores; other work shares them)")
     try:
         for _ in range(args.rounds):
-            for mib in sizes:
-                for method in methods:
-                    ctid += 1
-                    rep = one(bed, method, mib, ctid, memhog)
-                    results.setdefault(str(mib), {}).setdefault(method, []).append(rep)
-                    gap = rep.get("seen_gap")
-                    print(f"{mib:>5} MiB {method:<12} frozen {rep['frozen']:7.3f} s"
-                          f"  seen {gap if gap is None else round(gap, 3)!s:>6}"
-                          f"  total {rep['total']:7.2f} s  "
-                          + " ".join(f"{k}={v:.2f}" for k, v in rep.get("times", {}).items())
-                          + ("  frozen: " + " ".join(
-                              f"{k}={v:.3f}" for k, v in rep.get("frozen_steps", {}).items())
-                             if rep.get("frozen_steps") else ""),
-                          flush=True)
+            for mib, method in cases:
+                ctid += 1
+                rep = one(bed, method, mib, ctid, memhog)
+                rep["load"] = os.getloadavg()[0]
+                results.setdefault(str(mib), {}).setdefault(method, []).append(rep)
+                label = "Debian   " if mib == "debian" else f"{mib:>5} MiB"
+                print_run(label, method, rep)
     finally:
         bed.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def med(mib: int, method: str, key: str) -> float:
-        vals = [r[key] for r in results[str(mib)].get(method, []) if r.get(key) is not None]
+    def med(mib: int | str, method: str, key: str) -> float:
+        vals = [r[key] for r in results.get(str(mib), {}).get(method, [])
+                if r.get(key) is not None]
         return statistics.median(vals) if vals else float("nan")
 
     print("\nmedians (s)      " + "".join(f"{m:>24}" for m in methods))
@@ -182,6 +256,13 @@ def main() -> int:
     big = max(sizes)
     checks = [(f"online+lazy frozen at {mib} MiB", med(mib, "online+lazy", "frozen"), 0.3, "s")
               for mib in sizes]
+    if "debian" in results:
+        for m in deb_methods:
+            print(f"Debian systemd CT {m}: frozen {med('debian', m, 'frozen'):.3f} s, seen "
+                  f"{med('debian', m, 'seen_gap'):.3f} s, total {med('debian', m, 'total'):.2f}"
+                  f" s, systemd at DEST: {results['debian'][m][-1].get('systemd')}")
+        checks.append(("online+lazy frozen, Debian systemd CT",
+                       med("debian", "online+lazy", "frozen"), 0.5, "s"))
     if big >= 1000:
         checks += [
             (f"online+lazy total / restart total at {big} MiB",

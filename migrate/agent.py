@@ -29,6 +29,7 @@ from vzbackup.migrate.timer import Timer
 from vzbackup.migrate.tls import Identity
 
 from vzbackup import __version__
+from vzbackup import constants as C
 from vzbackup import errors as E
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
@@ -143,6 +144,7 @@ class Agent:
                     bad = cpuinfo_check(cpuinfo)
                     if bad:
                         problems.append(bad)
+        nft_lock = online and criu_check(C.CRIU_NFT_LOCK_FEATURE) is None
         lazy_ok = online and lazy and not any("uffd" in p for p in problems)
         lazy_why = "" if lazy_ok or not (online and lazy) else "userfaultfd unavailable"
         if lazy_ok and not _userns_uffd_ok():
@@ -158,6 +160,7 @@ class Agent:
             "problems": problems,
             "lazy_ok": lazy_ok,
             "lazy_why": lazy_why,
+            "nft_lock": nft_lock,
             "free_bytes": free,
             "private": str(private),
             "images": str(self.images_dir),
@@ -258,11 +261,13 @@ class Agent:
         timer.lap("supervisor")
         return {**reply, "steps": timer.laps}
 
-    def op_put_images(self, names: list[list], blob: bytes = b"") -> dict[str, Any]:
-        """The source's small images, in one payload: ``names`` is ``[[name, size], ...]``;
-        then, with lazy pages, the ``lazy-pages`` daemon starts on them."""
+    def op_put_images(self, names: list[list], blob: bytes = b"", last: bool = True
+                      ) -> dict[str, Any]:
+        """Some of the source's images, in one payload: ``names`` is ``[[name, size], ...]``
+        (sent while its dump writes them). After the *last* ones, with lazy pages, the
+        ``lazy-pages`` daemon starts on the complete set."""
         timer = Timer()
-        if self.page_server is not None:  # the dump has ended: so has its page stream
+        if last and self.page_server is not None:  # the dump has ended: so has its page stream
             rc = self.page_server.wait(DAEMON_READY_TIMEOUT)
             self.page_server = None
             if rc != 0:
@@ -275,7 +280,7 @@ class Agent:
             (self.images_dir / name).write_bytes(blob[offset:offset + size])
             offset += size
         timer.lap("write")
-        if self.lazy_args:
+        if last and self.lazy_args:
             self.lazy_proc = self._start_criu_daemon(self.lazy_args, LAZY_LOG)
             timer.lap("lazy_daemon")
         return {"steps": timer.laps}
@@ -477,6 +482,9 @@ def run_agent(node: Node, ctid: int, source: str = "") -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _term)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # its page daemons and restore run inside the freeze
+        os.setpriority(os.PRIO_PROCESS, 0, min(os.getpriority(os.PRIO_PROCESS, 0),
+                                                C.FREEZE_NICE))
     link = Link(sys.stdin.buffer, sys.stdout.buffer)
     agent = Agent(node, ctid, source=source)
     try:

@@ -15,9 +15,14 @@ PYCRIU_DIR=/usr/local/lib/vzbackup/pycriu      # holds the pycriu package
 SECCOMP_DIR=/usr/local/lib/vzbackup/seccomp    # holds a link to Debian's libseccomp binding
 BUILD_DIR=/var/cache/vzbackup/criu-build
 CRIU_PATCH_DIR=$ROOT/scripts/criu-patches   # our fixes to CRIU, applied when it is built here
-# The build's GitID names the patches it carries ("vzbackup+tlsns"): vzbackup reads it
-# (criu --version) and a build without them is rebuilt.
-CRIU_GITID=vzbackup$(for p in "$CRIU_PATCH_DIR"/*.patch; do [ -e "$p" ] && printf "+%s" "$(basename "$p" .patch)"; done; true)
+# CRIU caches what it probed of the kernel (~0.1 s per run, paid inside a migration's freeze
+# by the restore and the lazy-pages daemon) only on a tmpfs, in its RUNDIR. Here / and /run
+# are ext4: our build keeps the cache in a directory of its own, a small tmpfs when /run
+# isn't one (ensure_criu_rundir).
+CRIU_RUNDIR=/run/criu
+# The build's GitID names what it carries ("vzbackup+rundir+tlsns"): vzbackup reads it
+# (criu --version) and a build without all of it is rebuilt.
+CRIU_GITID=vzbackup+rundir$(for p in "$CRIU_PATCH_DIR"/*.patch; do [ -e "$p" ] && printf "+%s" "$(basename "$p" .patch)"; done; true)
 PIPE_MAX=4194304
 STAMP_DIR=/var/lib/vzbackup-setup
 
@@ -97,7 +102,7 @@ build_criu() {  # $1 = "full" (criu + pycriu) or "lib" (pycriu only, distro criu
   [ "$mode" = lib ] && targets=lib
   log "CRIU: building $(basename "$tarball") + $CRIU_GITID (make -j$(nproc) $targets)"
   # shellcheck disable=SC2086
-  make -C "$srcdir" -j"$(nproc)" GITID="$CRIU_GITID" $targets >"$BUILD_DIR/build.log" 2>&1 \
+  make -C "$srcdir" -j"$(nproc)" GITID="$CRIU_GITID" RUNDIR="$CRIU_RUNDIR" $targets >"$BUILD_DIR/build.log" 2>&1 \
     || { tail -30 "$BUILD_DIR/build.log" >&2; die "CRIU build failed (log: $BUILD_DIR/build.log)"; }
   # Replaced by rename: CRIU runs and pycriu imports of other processes never see a gap.
   if [ "$mode" != lib ]; then
@@ -142,6 +147,14 @@ install_criu() {
   build_criu full
   criu_ok "$CRIU_PREFIX/sbin/criu" || { "$CRIU_PREFIX/sbin/criu" check || true; die "built CRIU fails 'criu check'"; }
   log "CRIU: installed $("$CRIU_PREFIX/sbin/criu" --version | head -1)"
+}
+
+ensure_criu_rundir() {  # CRIU keeps its kernel probe cache only on a tmpfs (kerndat.c)
+  mkdir -p -m 0700 "$CRIU_RUNDIR"
+  if [ "$(stat -f -c %T "$CRIU_RUNDIR")" != tmpfs ]; then
+    mount -t tmpfs -o size=1m,mode=0700 vzbackup-criu "$CRIU_RUNDIR"
+  fi
+  log "CRIU: kernel probe cache in $CRIU_RUNDIR (tmpfs)"
 }
 
 raise_pipe_max() {
@@ -220,6 +233,7 @@ fence_local_ranges() {
 
 install_debs
 install_criu
+ensure_criu_rundir
 raise_pipe_max
 fence_local_ranges
 make_venv

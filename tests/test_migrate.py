@@ -21,6 +21,7 @@ import pytest
 from nodebed import COUNTER, NOBODY_TASK, next_ctid, nobody_pids, wait_for
 from treecmp import diff, tree_manifest
 from twonode_fixture import twonode
+from vzbackup.migrate.imagestream import ImageStream
 
 pytestmark = pytest.mark.slow
 Bed = twonode.TwoNodes
@@ -419,3 +420,33 @@ def test_source_killed_while_frozen_resumes_ct_and_dest_rolls_back(two_nodes: Be
         _assert_still_home(bed.a, bed.b, ctid, before, client)
     finally:
         client.close()
+
+
+def test_image_stream_sends_closed_images_and_again_what_changed(tmp_path: Path) -> None:
+    """What crosses while CRIU writes: each image once closed, a rewritten one again, the
+    log never; rest() names what is left once the dump is over."""
+    got: list[tuple[str, bytes]] = []
+
+    def send(names: list[str]) -> int:
+        blobs = [(n, (tmp_path / n).read_bytes()) for n in names]
+        got.extend(blobs)
+        return sum(len(b) for _, b in blobs)
+
+    stream = ImageStream(tmp_path, send)
+    stream.start()
+    try:
+        (tmp_path / "core-1.img").write_bytes(b"one")
+        log = (tmp_path / "dump.log").open("w")  # CRIU keeps its log open
+        log.write("x")
+        log.flush()
+        wait_for(lambda: ("core-1.img", b"one") in got, what="the first image streamed")
+        (tmp_path / "core-1.img").write_bytes(b"ONE")  # written again after it was sent
+        (tmp_path / "inventory.img").write_bytes(b"inv")
+        rest = stream.rest()
+    finally:
+        stream.close()
+        log.close()
+    sent = {n for n, _ in got} | set(rest)
+    assert sent == {"core-1.img", "inventory.img"}  # never the log
+    assert "core-1.img" in rest or ("core-1.img", b"ONE") in got
+    assert stream.bytes == sum(len(b) for _, b in got)

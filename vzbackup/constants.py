@@ -12,6 +12,15 @@ CRIU_MIN_VERSION = (4, 2)
 # scripts/setup.sh built ("GitID: vzbackup+tlsns"): without "tlsns" the page server over TLS
 # fails on SysV shared memory (migrate/online.py checks before anything moves).
 CRIU_FIX_TLS_NSDUMP = "tlsns"
+# CPU priority (nice) of what runs while a migrating CT is frozen: the source's CRIU dump and
+# hand-over, DEST's agent, page daemons and restore. The CT's own tasks keep theirs (CRIU
+# restores each task's nice). On a busy node this shortens the freeze, not the CT's share.
+FREEZE_NICE = -5
+# `criu check --feature` for CRIU's in-process network lock (a migration uses it when both
+# ends can; the restore takes the method from the images)
+CRIU_NFT_LOCK_FEATURE = "network_lock_nftables"
+# Where setup.sh's CRIU build keeps its kernel probe cache (a tmpfs; ~0.1 s saved per run)
+CRIU_RUNDIR = "/run/criu"
 CRIU_SEARCH = ("/usr/local/sbin/criu", "/usr/sbin/criu", "/usr/local/bin/criu", "/usr/bin/criu")
 
 # Node defaults (vz.conf); "${PREFIX}" is the node prefix, "$VEID" the CTID.

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vzbackup import constants as C
 from vzbackup.criu.check import criu_binary, pycriu_module
 from vzbackup.errors import CheckpointError
 
@@ -35,6 +36,10 @@ class DumpOptions:
     lazy_port: int = 0  # post-copy: keep anonymous memory and serve it on this TCP port
     page_server: tuple[str, int] | None = None  # send memory pages to this CRIU page-server
     tls: TLSFiles | None = None  # encrypt and authenticate the page traffic (both ends)
+    # How CRIU keeps the CT's network quiet while frozen: "iptables" (spawns iptables-restore
+    # at lock and unlock) or "nftables" (libnftables inside CRIU: no process on the frozen
+    # path). A restore takes the method from the images.
+    network_lock: str = "iptables"
 
 
 @dataclass
@@ -60,6 +65,10 @@ class RestoreOptions:
     # Called with the restored init's host pid at CRIU's "post-restore": everything is
     # restored, no task runs yet; a failure aborts the restore (CRIU kills the tasks).
     post_restore: Callable[[int], None] | None = None
+    # Called with the restored init's host pid at "post-setup-namespaces", once CRIU has
+    # locked the restored CT's network (packets are dropped, not reset, until its sockets
+    # are back).
+    after_net_lock: Callable[[int], None] | None = None
     external: list[str] = field(default_factory=list)
     lazy_pages: bool = False  # missing pages come from a "criu lazy-pages" daemon (images dir)
     cgroup_root: str = ""  # restore the CT's cgroups here, whatever the dump node called them
@@ -82,6 +91,8 @@ def _log_tail(path: Path, lines: int = 12) -> str:
 
 
 def _new(images_dir: Path, log_name: str):
+    with contextlib.suppress(OSError):  # gone after a reboot: CRIU would probe every run
+        os.mkdir(C.CRIU_RUNDIR, 0o700)
     pycriu = pycriu_module()
     c = pycriu.criu()
     c.use_binary(criu_binary())
@@ -123,6 +134,8 @@ def dump(
         c.opts.cgroup_dump_controller.extend(own_cgroup_controllers(pid))
         c.opts.orphan_pts_master = opts.orphan_pts_master
         c.opts.external.extend(opts.external)
+        if opts.network_lock == "nftables":
+            c.opts.network_lock = pycriu_module().rpc.NFTABLES
         if opts.lazy_port:
             c.opts.lazy_pages = True
             c.opts.ps.port = opts.lazy_port
@@ -279,7 +292,8 @@ def restore(images_dir: Path, opts: RestoreOptions) -> RestoreResult:
         c.opts.lazy_pages = opts.lazy_pages
         if opts.cgroup_root:
             c.opts.cg_root.add(path=opts.cgroup_root)
-        hooks = {"setup-namespaces": opts.setup_net, "post-restore": opts.post_restore}
+        hooks = {"setup-namespaces": opts.setup_net, "post-setup-namespaces": opts.after_net_lock,
+                 "post-restore": opts.post_restore}
         return _restore_with_notify(c, images_dir, {k: v for k, v in hooks.items() if v})
     finally:
         os.close(fd)

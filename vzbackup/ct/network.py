@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import socket
 import struct
 import subprocess
@@ -153,6 +154,29 @@ def _ip(
             f"ip {' '.join(args)} failed{where}: {res.stderr.strip() or f'exit {res.returncode}'}"
         )
     return res
+
+
+def _ip_batch(cmds: list[list[str]], *, pid: int | None = None) -> None:
+    """Run several ``ip`` commands in one ``ip -batch`` process (one process spawn, not one
+    per command: a restore runs this inside a migration's freeze); stops at the first error.
+    """
+    if not cmds:
+        return
+    cmd = ["ip", "-batch", "-"]
+    if pid is not None:
+        cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", *cmd]
+    script = "".join(shlex.join(c) + "\n" for c in cmds)
+    try:
+        res = subprocess.run(cmd, input=script, capture_output=True, text=True,
+                             timeout=_CMD_TIMEOUT)
+    except FileNotFoundError as e:
+        raise DependencyError(f"{cmd[0]} not found", hint="install iproute2 and util-linux") from e
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeFailure(f"{' '.join(cmd)} timed out") from e
+    if res.returncode != 0:
+        where = f" (in the netns of pid {pid})" if pid is not None else ""
+        raise RuntimeFailure(f"ip -batch{where}: {res.stderr.strip() or f'exit {res.returncode}'}"
+                             f" in:\n{script}")
 
 
 _GONE = ("Cannot find device", "does not exist", "No such device")
@@ -294,22 +318,22 @@ def _del_link(name: str) -> None:
 # --------------------------------------------------------------------------- routed mode
 
 
-def _routed_host_side(host: str, ips: Iterable[str], *, replace: bool) -> None:
-    _ip(["addr", "replace", f"{GATEWAY}/32", "dev", host])
-    _ip(["link", "set", "dev", host, "up"])
+def _routed_host_side(host: str, ips: Iterable[str], *, first: list[list[str]]) -> None:
+    """The host veth's gateway address and the CT's /32 routes, after the *first* commands,
+    in one batch; then proxy ARP and the strict reverse-path filter (the CT's init does not
+    run yet)."""
+    _ip_batch([*first, ["addr", "replace", f"{GATEWAY}/32", "dev", host],
+               ["link", "set", "dev", host, "up"],
+               *(["route", "add", f"{addr}/32", "dev", host, "src", GATEWAY] for addr in ips)])
     _set_proxy_arp(host)
     antispoof.strict_source(host)
-    verb = "replace" if replace else "add"
-    for addr in ips:
-        _ip(["route", verb, f"{addr}/32", "dev", host, "src", GATEWAY])
 
 
 def _routed_ct_side(pid: int, ips: Iterable[str]) -> None:
-    for addr in ips:
-        _ip(["addr", "replace", f"{addr}/32", "dev", ROUTED_IFNAME], pid=pid)
-    _ip(["link", "set", "dev", ROUTED_IFNAME, "up"], pid=pid)
-    _ip(["route", "replace", GATEWAY, "dev", ROUTED_IFNAME, "scope", "link"], pid=pid)
-    _ip(["route", "replace", "default", "via", GATEWAY, "dev", ROUTED_IFNAME], pid=pid)
+    _ip_batch([*(["addr", "replace", f"{addr}/32", "dev", ROUTED_IFNAME] for addr in ips),
+               ["link", "set", "dev", ROUTED_IFNAME, "up"],
+               ["route", "replace", GATEWAY, "dev", ROUTED_IFNAME, "scope", "link"],
+               ["route", "replace", "default", "via", GATEWAY, "dev", ROUTED_IFNAME]], pid=pid)
 
 
 def _refuse_used(ips: Iterable[str], ctid: int) -> None:
@@ -325,9 +349,8 @@ def _setup_routed(ctid: int, host: str, ips: tuple[str, ...], pid: int, undo: _U
     if _link(host) is not None:
         raise RuntimeFailure(f"CT {ctid}: host interface {host!r} already exists")
     peer = ["peer", "name", ROUTED_IFNAME, "netns", str(pid)]
-    _ip(["link", "add", "name", host, "type", "veth", *peer])
     undo.push(lambda: _del_link(host))  # also removes its addresses and routes
-    _routed_host_side(host, ips, replace=False)
+    _routed_host_side(host, ips, first=[["link", "add", "name", host, "type", "veth", *peer]])
     _routed_ct_side(pid, ips)
 
 
@@ -431,8 +454,12 @@ def withdraw(cfg: NetConfig) -> None:
 # --------------------------------------------------------------------------- public API
 
 
-def setup(cfg: NetConfig, pid: int) -> None:
+def setup(cfg: NetConfig, pid: int, *, announce_now: bool = True) -> None:
     """Create and configure all interfaces of *cfg* for the CT whose init is *pid*.
+
+    Without *announce_now* the caller announces the addresses later (:func:`announce`): a
+    restore does once CRIU has locked the CT's network, so that no packet reaches the CT
+    before its sockets are back (the kernel would reset those connections).
 
     On failure everything created so far is removed and RuntimeFailure is raised (ExistsError
     if a routed IP is already in use on the host, before anything is touched).
@@ -456,7 +483,8 @@ def setup(cfg: NetConfig, pid: int) -> None:
         _fence_bridged(cfg.ctid, plan)
         undo.push(lambda: antispoof.unfence_bridged(cfg.ctid))
         undo.push(lambda: withdraw(cfg))
-        announce(cfg)
+        if announce_now:
+            announce(cfg)
     except BaseException:
         undo.run()
         raise

@@ -100,7 +100,8 @@ class Supervisor:
                 images,
                 driver.RestoreOptions(
                     root=root,
-                    setup_net=lambda pid: network.setup(net, pid),
+                    setup_net=lambda pid: network.setup(net, pid, announce_now=False),
+                    after_net_lock=lambda _pid: network.announce(net),
                     post_restore=lambda pid: refence.relock(pid, conf.bindmounts),
                     external=[f"mnt[{key}]:{src}" for key, src in sources.items()]
                     + fencing.criu_restore_externals(),
@@ -110,6 +111,8 @@ class Supervisor:
                 ),
             )
         self.init_pid = restored.pid
+        if os.getpriority(os.PRIO_PROCESS, 0) < 0:  # a migration's freeze boost ends here
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
         self.ct.cgroup().delegate(conf.idmap.root, conf.idmap.root)  # CRIU made them as root
         self._serve_console(restored.console)
         log.info(
