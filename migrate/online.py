@@ -32,7 +32,7 @@ from vzbackup.migrate.tls import Identity
 
 from vzbackup import constants as C
 from vzbackup import errors as E
-from vzbackup.criu import driver
+from vzbackup.criu import blockers, driver
 from vzbackup.criu.check import criu_check, criu_fixes, pycriu_module
 from vzbackup.ct import network, ops
 
@@ -193,7 +193,8 @@ class OnlineDump:
             opts = driver.DumpOptions(
                 external=ops.dump_external(mig.ct.conf), lazy_port=self.port,
                 page_server=self.page_server, tls=self.tls.files() if self.tls else None,
-                network_lock=self._network_lock())
+                network_lock=self._network_lock(),
+                skip_netns_config=not nested_netns(self.pid))
             with urgent():  # CRIU (forked from this thread) and the notify steps
                 driver.dump(self.pid, self.images, opts, notify=self.steps())
             t_served = time.monotonic()
@@ -283,6 +284,19 @@ def urgent() -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, before)
+
+
+def nested_netns(init_pid: int) -> bool:
+    """Whether a task of the CT runs in a network namespace other than its init's (then CRIU
+    must dump the network configuration: it can't leave out more than one)."""
+    def netns(pid: int) -> str:
+        try:
+            return os.readlink(f"/proc/{pid}/ns/net")
+        except OSError:  # gone meanwhile
+            return ""
+
+    mine = netns(init_pid)
+    return any(netns(p) not in (mine, "") for p in blockers.tree(init_pid))
 
 
 def tls_page_server_problem(pid: int) -> str | None:

@@ -40,6 +40,11 @@ class DumpOptions:
     # at lock and unlock) or "nftables" (libnftables inside CRIU: no process on the frozen
     # path). A restore takes the method from the images.
     network_lock: str = "iptables"
+    # Leave the CT's network configuration (links, addresses, routes, iptables and nftables
+    # rules, sysctls) out of the images: restore() re-creates the network itself (empty
+    # netns + setup_net) and ignores them. Saves CRIU's ip/iptables-save runs in the freeze.
+    # CRIU then refuses a CT with a nested network namespace.
+    skip_netns_config: bool = False
 
 
 @dataclass
@@ -134,6 +139,8 @@ def dump(
         c.opts.cgroup_dump_controller.extend(own_cgroup_controllers(pid))
         c.opts.orphan_pts_master = opts.orphan_pts_master
         c.opts.external.extend(opts.external)
+        if opts.skip_netns_config:
+            c.opts.empty_ns = CLONE_NEWNET
         if opts.network_lock == "nftables":
             c.opts.network_lock = pycriu_module().rpc.NFTABLES
         if opts.lazy_port:
