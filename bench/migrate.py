@@ -72,13 +72,18 @@ def make_ct(node: twonode.BedNode, ctid: int, mib: int, memhog: Path) -> str:
     shutil.copy(memhog, node.prefix / f"vz/private/{ctid}/bin/memhog")
     node.vz("start", str(ctid))
     node.sh(ctid, f"setsid /bin/memhog {mib} </dev/null >/dev/null 2>&1 &")
-    deadline = time.monotonic() + 300
+    wait_memhog(node, ctid, 300)
+    return ip
+
+
+def wait_memhog(node: twonode.BedNode, ctid: int, timeout: float) -> None:
+    """Until memhog in CT *ctid* has touched all its memory."""
+    deadline = time.monotonic() + timeout
     while "ready" not in node.sh(ctid, "test -f /tmp/memhog.ready && echo ready", check=False):
         if time.monotonic() > deadline:
-            raise RuntimeError("memhog did not start")
+            raise RuntimeError(f"memhog did not start in CT {ctid}")
         time.sleep(0.2)
     time.sleep(0.3)
-    return ip
 
 
 def make_debian_ct(node: twonode.BedNode, ctid: int, memhog: Path) -> None:
@@ -90,12 +95,7 @@ def make_debian_ct(node: twonode.BedNode, ctid: int, memhog: Path) -> None:
     if state != "running":
         raise RuntimeError(f"the Debian CT did not come up: systemd is {state!r}")
     node.sh(ctid, f"setsid /usr/local/bin/memhog {DEBIAN_MIB} </dev/null >/dev/null 2>&1 &")
-    deadline = time.monotonic() + 60
-    while "ready" not in node.sh(ctid, "test -f /tmp/memhog.ready && echo ready", check=False):
-        if time.monotonic() > deadline:
-            raise RuntimeError("memhog did not start in the Debian CT")
-        time.sleep(0.2)
-    time.sleep(0.3)
+    wait_memhog(node, ctid, 60)
 
 
 def debian_template(bed: twonode.TwoNodes) -> bool:
