@@ -23,7 +23,6 @@ from vzbackup.backup.defaults import DumpDefaults, ExcludeMatcher
 from vzbackup.backup.hooks import HookScript
 from vzbackup.ct.container import Container
 from vzbackup.engine import locks as L
-from vzbackup.engine import maintenance
 from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
 from vzbackup.engine.filescache import FilesCache
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
@@ -192,6 +191,8 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
                 hooks.call("backup-end", ctid=ct.ctid, mode=opts.mode,
                            extra_env={"TARGET": m.id})
                 if opts.remove and not opts.prune_backups.keep_all:
+                    from vzbackup.engine import maintenance  # only with --remove
+
                     pruned = maintenance.prune(repo, opts.prune_backups, ctids=[ct.ctid],
                                                lockwait=opts.lockwait * 60, log=log)
                     res.pruned = [d.item.id for d in pruned.get(ct.ctid, []) if not d.keep]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import pkgutil
 import sys
 
 import click
@@ -22,6 +21,8 @@ class LazyGroup(click.Group):
     (``--help``)."""
 
     def _discover(self) -> None:
+        import pkgutil  # only --help and unknown names list every command
+
         for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda m: m.name):
             self._load(info.name)
 

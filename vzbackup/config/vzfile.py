@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +108,8 @@ class VzFile:
         if target is None:
             raise ValueError("no path to save to")
         target.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile  # only writers need it (and its shutil, random)
+
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
             with os.fdopen(fd, "w") as f:

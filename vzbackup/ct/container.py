@@ -5,21 +5,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vzbackup import constants as C
 from vzbackup import syscalls as S
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node, expand
-from vzbackup.ct import fencing, fs, network, quota, syscall_filter
-from vzbackup.ct.cgroups import CgroupSet, Limits, open_cgroups
-from vzbackup.ct.console import relay_pty
 from vzbackup.ct.state import CTState, read_state
 from vzbackup.errors import NotFoundError, RuntimeFailure, StateError
 from vzbackup.lock import Lock
+
+if TYPE_CHECKING:  # the runtime parts load where they are used: a backup needs none of them
+    import subprocess
+
+    from vzbackup.ct import network, quota
+    from vzbackup.ct.cgroups import CgroupSet, Limits
 
 CT_LOCK_WAIT = 30.0
 
@@ -78,6 +80,8 @@ class Container:
         return root.is_dir() and S.is_mountpoint(str(root))
 
     def cgroup(self) -> CgroupSet:
+        from vzbackup.ct.cgroups import open_cgroups
+
         return open_cgroups(f"{self.node.cgroup_parent}/{self.ctid}")
 
     def status(self, state: CTState | None = None) -> str:
@@ -101,6 +105,8 @@ class Container:
             raise StateError(f"CT {self.ctid} is running: stop it before {action}")
 
     def limits(self, conf: CTConfig | None = None) -> Limits:
+        from vzbackup.ct.cgroups import Limits
+
         c = conf or self.conf
         return Limits(
             memory_bytes=c.memory_bytes,
@@ -113,6 +119,8 @@ class Container:
 
     def quota_limits(self, conf: CTConfig | None = None) -> quota.Limits:
         """DISKSPACE and DISKINODES, or none when DISK_QUOTA (CT's, else vz.conf's) is no."""
+        from vzbackup.ct import quota
+
         c = conf or self.conf
         if (c.get("DISK_QUOTA") or self.node.value("DISK_QUOTA")) == "no":
             return quota.Limits()
@@ -121,6 +129,8 @@ class Container:
     def apply_quota(self, conf: CTConfig | None = None) -> list[str]:
         """Put the CT's disk limits on its private area; logs and returns what stays
         unenforced (and why)."""
+        from vzbackup.ct import quota
+
         c = conf or self.conf
         limits = self.quota_limits(c)
         problems = quota.apply(self.ve_private(c), self.ctid, limits).unenforced(limits)
@@ -130,11 +140,15 @@ class Container:
 
     def quota_problems(self, conf: CTConfig | None = None) -> list[str]:
         """What of the CT's disk limits its private area's filesystem leaves unenforced."""
+        from vzbackup.ct import quota
+
         c = conf or self.conf
         limits = self.quota_limits(c)
         return quota.detect(self.ve_private(c)).unenforced(limits) if limits else []
 
     def net_config(self, conf: CTConfig | None = None) -> network.NetConfig:
+        from vzbackup.ct import network
+
         c = conf or self.conf
         return network.NetConfig(
             ctid=self.ctid,
@@ -219,6 +233,10 @@ class Container:
             _write_in_ct(dropin, text, c.idmap.root)
 
     def remove_private(self) -> None:
+        import shutil
+
+        from vzbackup.ct import fs, quota
+
         private = self.ve_private()
         if private.resolve() in (Path("/"), Path(self.node.prefix).resolve()):
             raise RuntimeFailure(f"refusing to remove {private}")
@@ -262,6 +280,11 @@ class Container:
 
         The session is a child of this process, not of the CT's init, so a checkpoint of
         the CT neither needs nor dumps it (a chkpnt ends it, a leave-running dump doesn't)."""
+        import subprocess
+
+        from vzbackup.ct import fencing, syscall_filter
+        from vzbackup.ct.console import relay_pty
+
         st = self.require_running()
         cg = self.cgroup()
         confine = syscall_filter.build()
@@ -306,6 +329,10 @@ class Container:
         capture: bool = False,
     ) -> subprocess.CompletedProcess:
         """Run *argv* inside the running CT (its namespaces, root and cgroups)."""
+        import subprocess
+
+        from vzbackup.ct import syscall_filter
+
         st = self.require_running()
         cg = self.cgroup()
         confine = syscall_filter.build()
