@@ -20,7 +20,6 @@ import pytest
 from treecmp import diff, make_rich_tree, tree_manifest
 from vzbackup.storage.local import DirBackend
 
-from vzbackup.backup.job import known_chunks
 from vzbackup.engine import gc, maintenance
 from vzbackup.engine import locks as L
 from vzbackup.engine import tree as T
@@ -28,6 +27,7 @@ from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
 from vzbackup.engine.crypto import Codec, KeyFile
 from vzbackup.engine.extract import load_tree, restore_tree
 from vzbackup.engine.filescache import RACY_NS, FilesCache
+from vzbackup.engine.knowncache import known_chunks
 from vzbackup.engine.prune import KeepPolicy
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.engine.verify import verify
@@ -356,6 +356,23 @@ def test_gc_spares_what_a_running_backup_wrote_or_reuses(repo: Repository, tmp_p
     rep = maintenance.collect_garbage(repo, grace=0)  # no backup runs now: trash goes
     assert rep.trash_deleted == [m_old.id]
     assert verify(repo, [m_new]).ok
+
+
+def test_known_chunks_file_follows_new_and_removed_snapshots(repo: Repository, tmp_path: Path):
+    kept = tmp_path / "known-chunks"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(1 << 20))
+    m1, _ = backup(repo, src, when="2026-01-01T00:00:00Z")
+    assert known_chunks(repo, kept) == set(m1.refs) and kept.exists()
+    (src / "a").unlink()
+    (src / "b").write_bytes(os.urandom(1 << 20))
+    m2, _ = backup(repo, src, when="2026-01-02T00:00:00Z")
+    assert known_chunks(repo, kept) == set(m1.refs) | set(m2.refs)  # m2 added to the file
+    repo.trash(m1.id)  # gc may now delete m1's chunks: the file must forget them
+    assert known_chunks(repo, kept) == set(m2.refs) == known_chunks(repo)
+    kept.write_bytes(b"not a known-chunks file")
+    assert known_chunks(repo, kept) == set(m2.refs)
 
 
 def test_maintenance_lock_is_exclusive_and_stale_locks_are_broken(repo: Repository):

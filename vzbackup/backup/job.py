@@ -25,6 +25,7 @@ from vzbackup.ct.container import Container
 from vzbackup.engine import locks as L
 from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
 from vzbackup.engine.filescache import FilesCache
+from vzbackup.engine.knowncache import known_chunks
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.errors import StorageError, VzError
 
@@ -62,13 +63,6 @@ class DumpResult:
         return dict(self.__dict__)
 
 
-def known_chunks(repo: Repository) -> set[str]:
-    known: set[str] = set()
-    for m in repo.manifests():
-        known.update(m.refs)
-    return known
-
-
 def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookScript,
               log: BackupLog, progress: Callable[[int, int], None] | None = None) -> Manifest:
     """One CT into *repo*; returns the published manifest."""
@@ -87,7 +81,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
     with ct.backup_lock(wait=opts.lockwait * 60), \
             L.RepoLock(repo, L.BACKUP, what=f"CT {ct.ctid} on {socket.gethostname()}",
                        wait=opts.lockwait * 60):
-        known = known_chunks(repo)
+        known = known_chunks(repo, session.known_chunks_path(ct.node, repo))
         log(f"INFO: repository {repo.backend.url}: {len(known)} chunks known")
         store = ChunkStore(repo, known, threads=worker_threads(opts.zstd), stats=stats,
                            bwlimit_kbps=opts.bwlimit or None)

@@ -42,3 +42,7 @@ def open_repository(node: Node, storage: str | None, keyfile: str | Path | None,
 
 def files_cache_path(node: Node, repo: Repository, ctid: int) -> Path:
     return node.cachedir / repo.id / "files" / f"{ctid}.zst"
+
+
+def known_chunks_path(node: Node, repo: Repository) -> Path:
+    return node.cachedir / repo.id / "known-chunks"

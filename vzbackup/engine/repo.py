@@ -469,6 +469,12 @@ class Repository:
     def manifests(self, ctid: int | None = None) -> list[Manifest]:
         """Every snapshot (of *ctid*), from one listing; manifests come from the local
         cache where it holds them, the others are downloaded in parallel."""
+        sizes, protected = self.snapshot_listing(ctid)
+        return self.load_manifests(sizes, protected, retain=ctid is None)
+
+    def snapshot_listing(self, ctid: int | None = None) -> tuple[dict[str, int], set[str]]:
+        """One listing: the size of every snapshot's manifest (of *ctid*), and which are
+        protected."""
         sizes: dict[str, int] = {}
         protected: set[str] = set()
         prefix = SNAP_PREFIX + (f"{ctid}/" if ctid is not None else "")
@@ -481,6 +487,13 @@ class Repository:
                     sizes[sid] = info.size
         except BackendError as e:
             raise StorageError(str(e)) from None
+        return sizes, protected
+
+    def load_manifests(self, sizes: dict[str, int],
+                       protected: set[str] | frozenset[str] = frozenset(), *,
+                       retain: bool = False) -> list[Manifest]:
+        """The manifests of the snapshots in *sizes* (from :meth:`snapshot_listing`); with
+        *retain*, the listing was complete and the local cache drops what it lacks."""
         cache = self.manifest_cache
         blobs = {sid: cache.get(sid, size) for sid, size in sizes.items()} if cache else {}
         missing = [sid for sid in sizes if blobs.get(sid) is None]
@@ -498,7 +511,7 @@ class Repository:
                 blobs[sid] = blob
                 if cache:
                     cache.put(sid, blob)
-        if cache and ctid is None:
+        if cache and retain:
             cache.retain(set(sizes))
         out = []
         for sid in sorted(sizes, key=lambda s: (int(s.split("/")[0]), s)):
