@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +78,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
     stats = Stats()
     requests_before = repo.backend.requests
     with ct.backup_lock(wait=opts.lockwait * 60), \
-            L.RepoLock(repo, L.BACKUP, what=f"CT {ct.ctid} on {socket.gethostname()}",
+            L.RepoLock(repo, L.BACKUP, what=f"CT {ct.ctid} on {os.uname().nodename}",
                        wait=opts.lockwait * 60):
         known = known_chunks(repo, session.known_chunks_path(ct.node, repo))
         log(f"INFO: repository {repo.backend.url}: {len(known)} chunks known")
@@ -142,7 +141,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             state_tree=state_tree,
             refs=refs,
             stats=st,
-            node=socket.gethostname(),
+            node=os.uname().nodename,
         )
         log(
             f"INFO: {stats.files} files, {stats.bytes_total} bytes; read {stats.bytes_read}, "
@@ -166,7 +165,7 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
         return []
     node = node_ctids[0].node
     base_env = {"STOREID": opts.storage or "local", "DUMPDIR": str(node.backupdir),
-                "HOSTNAME": socket.gethostname()}
+                "HOSTNAME": os.uname().nodename}
     set_io_priority(opts.ionice)
     hooks = HookScript(opts.script, base_env, log_line=echo, on_warning=echo)
     repo = session.open_repository(node, opts.storage, opts.encryption_key, create=True,

@@ -31,8 +31,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -170,11 +168,15 @@ class _Run:
         self._phase(name)
 
     def mkdtemp(self, what: str) -> Path:
+        import tempfile  # suspend/checkpoint only: stop mode (the common one) needs neither
+
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f"vzbackup-{what}-{self.ct.ctid}-", dir=self.tmpdir))
 
     def rsync(self, dest: Path, *, first: bool) -> None:
         """Mirror the private area into *dest*."""
+        import subprocess
+
         argv = ["rsync", *C.RSYNC_OPTS, "--delete"]
         if self.bwlimit_kbps:
             argv.append(f"--bwlimit={int(self.bwlimit_kbps)}")

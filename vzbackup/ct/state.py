@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +27,8 @@ def state_path(node: Node, ctid: int) -> Path:
 
 def write_state(node: Node, ctid: int, state: CTState) -> None:
     path = state_path(node, ctid)
+    import tempfile  # only writers need it (a backup reads the state)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{ctid}.")
     with os.fdopen(fd, "w") as f:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -55,7 +54,7 @@ class LockInfo:
     mtime: float  # last refresh (storage time)
 
     def stale(self, now: float, lease: float = LEASE) -> bool:
-        if self.host == socket.gethostname() and self.boot == _boot_id():
+        if self.host == os.uname().nodename and self.boot == _boot_id():
             return not pid_alive(self.pid)
         return now - self.mtime > lease
 
@@ -126,7 +125,7 @@ class RepoLock:
         return json.dumps(
             {
                 "kind": self.kind,
-                "host": socket.gethostname(),
+                "host": os.uname().nodename,
                 "boot": _boot_id(),
                 "pid": os.getpid(),
                 "what": self.what,
