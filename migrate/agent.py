@@ -59,14 +59,6 @@ def _userns_uffd_ok() -> bool:
         return True  # kernels without the knob let anyone create one
 
 
-def _free_bytes(path: Path) -> int:
-    p = path
-    while not p.exists():
-        p = p.parent
-    st = os.statvfs(p)
-    return st.f_bavail * st.f_frsize
-
-
 def _criu_check(features: list[str]) -> list[str]:
     """Problems `criu check` reports for the basic set and each extra feature."""
     problems = []
@@ -131,7 +123,7 @@ class Agent:
         problems += [f"{c.message} on this node" for c in admission.clashes(
             self.node, ctid, name=conf_obj.name, ips=conf_obj.ips, host=True,
             private=None if reusable else private, empty_private_ok=True)]
-        free = _free_bytes(private.parent)
+        free = fs.free_bytes(private.parent)
         if need_bytes and free < need_bytes * 1.1:
             problems.append(
                 f"not enough space for the private area under {private.parent}: "

@@ -12,12 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from vzbackup.migrate.dest import RemoteSession, TreePusher
@@ -27,7 +25,7 @@ from vzbackup import __version__
 from vzbackup import constants as C
 from vzbackup import errors as E
 from vzbackup.config.node import Node
-from vzbackup.ct import registry
+from vzbackup.ct import fs, registry
 from vzbackup.ct.container import Container
 
 log = logging.getLogger("vzbackup.migrate")
@@ -45,20 +43,13 @@ def _meminfo(key: str) -> int:
     raise E.RuntimeFailure(f"/proc/meminfo has no {key}")
 
 
-def _free_disk(path: Path) -> int:
-    while not path.exists():
-        path = path.parent
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 def local_capacity(node: Node) -> dict[str, Any]:
     """What this node can take (``vzbackup node-capacity``, run on DEST over SSH)."""
     private_parent = node.path("VE_PRIVATE", C.MIN_CTID).parent
     return {
         "version": __version__,
         "mem_available": _meminfo("MemAvailable"),
-        "disk_free": _free_disk(private_parent),
+        "disk_free": fs.free_bytes(private_parent),
         "private_parent": str(private_parent),
     }
 

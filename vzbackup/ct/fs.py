@@ -26,8 +26,18 @@ BTRFS_SYSFS = Path("/sys/fs/btrfs")
 _BTRFS_IOC_INO_LOOKUP, _BTRFS_IOC_FS_INFO = 0xD0009412, 0x8400941F
 
 
-def _unescape(field: str) -> str:
+def unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes (``\\040`` for a space, ...)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem that holds (or would
+    hold) *path*."""
+    while not path.exists():
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def mount_of(path: str | Path) -> tuple[str, str]:
@@ -40,7 +50,7 @@ def mount_of(path: str | Path) -> tuple[str, str]:
             fields = left.split()
             if len(fields) < 5 or not right:
                 continue
-            mnt = _unescape(fields[4])
+            mnt = unescape(fields[4])
             inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
             # ">=": of mounts stacked on one point the last listed is the visible one
             if inside and len(mnt) >= len(best):

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from vzbackup import constants as C
 from vzbackup import syscalls as S
 from vzbackup.config.ct import BindMount
-from vzbackup.ct import fencing, runtime
+from vzbackup.ct import fencing, fs, runtime
 from vzbackup.errors import RuntimeFailure
 
 TREES = ("/proc", "/sys")  # the node's mount trees below the CT's root, with BINDMOUNTs
@@ -79,7 +79,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
     mounts = []
     for line in text.splitlines():
         f = line.split()
-        path = f[4].encode().decode("unicode_escape")  # \040 for a space, ...
+        path = fs.unescape(f[4])
         sep = f.index("-")
         mounts.append(Mount(int(f[0]), int(f[1]), path, f[sep + 1], f[sep + 2]))
     return mounts

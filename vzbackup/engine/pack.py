@@ -169,17 +169,6 @@ class Packer:
             self.store(pack, data, entries)
 
 
-def read_header(data: bytes, open_header: Callable[[bytes], bytes]) -> Entries:
-    """The entries of a whole pack's bytes (used to check or rebuild the index)."""
-    if len(data) < TRAILER.size:
-        raise ValueError("pack too short")
-    (hlen,) = TRAILER.unpack_from(data, len(data) - TRAILER.size)
-    start = len(data) - TRAILER.size - hlen
-    if start < 0:
-        raise ValueError("bad pack trailer")
-    return decode_entries(open_header(data[start : len(data) - TRAILER.size]))
-
-
 def header_span(tail: bytes, size: int) -> tuple[int, int]:
     """(offset, length) of the sealed header in a pack of *size* bytes, from the pack's
     last bytes *tail* (at least its trailer)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from vzbackup.ct import fs
 from vzbackup.ct.cgroups import devices
 from vzbackup.ct.cgroups.base import (
     CFS_PERIOD_US,
@@ -51,21 +52,6 @@ _KNOWN_V1 = frozenset(
 _V1_UNLIMITED = 1 << 62  # v1 reports "no limit" as PAGE_COUNTER_MAX * PAGE_SIZE
 
 
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` for a space, ...)."""
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def _v1_controller_names() -> frozenset[str]:
     text = _read_opt("/proc/cgroups")
     if not text:
@@ -91,7 +77,7 @@ def _v1_mounts(root: str, mountinfo: str = MOUNTINFO) -> dict[str, str]:
         fields, tail = pre.split(), post.split()
         if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
             continue
-        mountpoint = os.path.normpath(_unescape(fields[4]))
+        mountpoint = os.path.normpath(fs.unescape(fields[4]))
         if mountpoint != root and not mountpoint.startswith(root.rstrip("/") + "/"):
             continue
         if tail[0] == "cgroup2":
