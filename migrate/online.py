@@ -133,10 +133,10 @@ class OnlineDump:
     def send_images(self) -> None:
         """The images the stream has not sent yet (CRIU's last ones, pages aside), in one
         payload over the open agent channel; DEST then has the whole set."""
-        rest = self.stream.rest() if self.stream else sorted(
-            f.name for f in self.images.iterdir() if f.is_file() and not f.name.endswith(".log"))
-        n = self._put(rest, last=True)
-        self.mig.count("images", n + (self.stream.bytes if self.stream else 0))
+        stream = self.stream
+        assert stream is not None  # run() starts it before CRIU's dump calls any step
+        n = self._put(stream.rest(), last=True)
+        self.mig.count("images", n + stream.bytes)
         self.mig.count("images_frozen", n)  # what crossed after "post-dump"
 
     def _put(self, names: list[str], *, last: bool = False) -> int:

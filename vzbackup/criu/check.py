@@ -70,8 +70,10 @@ def criu_version() -> str:
     return ".".join(map(str, ver)) if ver else "?"
 
 
+@cache
 def criu_check(feature: str | None = None) -> str | None:
-    """Run ``criu check`` (or ``criu check --feature F``); None if it passes, else its output."""
+    """Run ``criu check`` (or ``criu check --feature F``); None if it passes, else its output.
+    Asked once per process, like criu_binary (a drain asks for every CT it moves)."""
     argv = [criu_binary(), "check"] + (["--feature", feature] if feature else [])
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)

@@ -48,9 +48,12 @@ class Container:
             raise NotFoundError(f"CT {self.ctid} does not exist", hint="see 'vzbackup list -a'")
         return CTConfig.load(self.ctid, self.conf_path)
 
+    def setting(self, key: str, conf: CTConfig | None = None) -> str:
+        """*key* of CTID.conf (*conf* when given), else vz.conf's, else the node default."""
+        return (conf.get(key) if conf else "") or self.node.value(key)
+
     def _path(self, key: str, conf: CTConfig | None = None) -> Path:
-        raw = (conf.get(key) if conf else "") or self.node.value(key)
-        return Path(expand(raw, prefix=self.node.prefix, ctid=self.ctid))
+        return Path(expand(self.setting(key, conf), prefix=self.node.prefix, ctid=self.ctid))
 
     def ve_root(self, conf: CTConfig | None = None) -> Path:
         return self._path("VE_ROOT", conf or (self.conf if self.exists else None))
@@ -122,7 +125,7 @@ class Container:
         from vzbackup.ct import quota
 
         c = conf or self.conf
-        if (c.get("DISK_QUOTA") or self.node.value("DISK_QUOTA")) == "no":
+        if self.setting("DISK_QUOTA", c) == "no":
             return quota.Limits()
         return quota.Limits(*c.diskspace, *c.diskinodes)
 
@@ -205,8 +208,7 @@ class Container:
 
     def systemd_checkpoint(self, conf: CTConfig | None = None) -> bool:
         """SYSTEMD_CHECKPOINT of CTID.conf, else vz.conf's, default yes."""
-        c = conf or self.conf
-        setting = c.get("SYSTEMD_CHECKPOINT") or self.node.value("SYSTEMD_CHECKPOINT")
+        setting = self.setting("SYSTEMD_CHECKPOINT", conf or self.conf)
         return setting.lower() not in ("no", "off", "0")
 
     def _write_systemd_dropin(self, etc: Path, c: CTConfig) -> None:

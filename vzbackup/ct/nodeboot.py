@@ -53,7 +53,7 @@ def bootorder(ct: Container) -> int | None:
 
 
 def stop_mode(ct: Container) -> str:
-    mode = ct.conf.get("VE_STOP_MODE") or ct.node.value("VE_STOP_MODE")
+    mode = ct.setting("VE_STOP_MODE", ct.conf)
     if mode not in STOP_MODES:
         raise E.ConfigError(f"VE_STOP_MODE={mode!r} (CT {ct.ctid} or vz.conf): use stop or suspend")
     return mode
