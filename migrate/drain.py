@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from vzbackup.migrate.dest import RemoteSession, TreePusher
-from vzbackup.migrate.phases import MigrateOptions, Migration, _tree_bytes
+from vzbackup.migrate.phases import MigrateOptions, Migration
 
 from vzbackup import __version__
 from vzbackup import constants as C
@@ -92,7 +92,7 @@ def need_of(ct: Container) -> Need:
     if ct.running:
         with contextlib.suppress(Exception):
             mem = ct.cgroup().memory_usage() or 0
-    return Need(ct.ctid, mem, _tree_bytes(ct.ve_private()))
+    return Need(ct.ctid, mem, fs.tree_bytes(ct.ve_private()))
 
 
 def place(needs: list[Need], caps: list[Capacity]) -> dict[int, str | None]:

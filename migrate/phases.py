@@ -35,7 +35,7 @@ from vzbackup import __version__
 from vzbackup import errors as E
 from vzbackup.criu.blockers import blockers, reopen_detached
 from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
-from vzbackup.ct import network, ops, registry
+from vzbackup.ct import fs, network, ops, registry
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import read_state
 
@@ -108,15 +108,6 @@ class Report:
             ok=self.ok, error=self.error, bytes_sent=self.bytes_sent, phases=self.times,
             frozen=self.frozen, total=self.total,
         )
-
-
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + dirnames:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
 
 
 class Migration:
@@ -214,7 +205,7 @@ class Migration:
             self.hello = self.dest.call(
                 "hello",
                 conf=self.ct.conf_path.read_text(),
-                need_bytes=_tree_bytes(self.ct.ve_private()),
+                need_bytes=fs.tree_bytes(self.ct.ve_private()),
                 online=o.online,
                 lazy=o.lazy is not False,
                 cpuinfo=cpuinfo,

@@ -169,20 +169,6 @@ def copy_tree(src: Path, dest: Path) -> str:
     return method
 
 
-def tree_bytes(top: Path) -> int:
-    """Bytes allocated under *top* (a tree that may change meanwhile; vanished entries count 0)."""
-    total, stack = 0, [str(top)]
-    while stack:
-        with contextlib.suppress(OSError), os.scandir(stack.pop()) as it:
-            for e in it:
-                with contextlib.suppress(OSError):
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(e.path)
-                    else:
-                        total += e.stat(follow_symlinks=False).st_blocks * 512
-    return total
-
-
 @contextlib.contextmanager
 def _copy_progress(src: Path, dest: Path,
                    progress: Callable[[int, int], None] | None) -> Iterator[None]:
@@ -194,9 +180,9 @@ def _copy_progress(src: Path, dest: Path,
     done = threading.Event()
 
     def watch() -> None:
-        total = tree_bytes(src)
+        total = fs.tree_bytes(src)
         while not done.wait(PROGRESS_EVERY):
-            progress(min(tree_bytes(dest), total), total)
+            progress(min(fs.tree_bytes(dest), total), total)
 
     t = threading.Thread(target=watch, name="clone-progress", daemon=True)
     t.start()

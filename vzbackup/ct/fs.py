@@ -40,6 +40,20 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def tree_bytes(top: Path) -> int:
+    """Bytes allocated under *top*, directories included (a tree that may change meanwhile:
+    vanished entries count 0)."""
+    total, stack = 0, [str(top)]
+    while stack:
+        with contextlib.suppress(OSError), os.scandir(stack.pop()) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    total += e.stat(follow_symlinks=False).st_blocks * 512
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+    return total
+
+
 def mount_of(path: str | Path) -> tuple[str, str]:
     """(mount point, filesystem type) of the mount holding *path* (which may not exist yet)."""
     target = os.path.realpath(path)
