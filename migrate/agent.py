@@ -165,13 +165,7 @@ class Agent:
         private = self.ct.ve_private(conf)
         if not private.exists():
             private.parent.mkdir(parents=True, exist_ok=True)
-            if fs.fs_type(private.parent) == "btrfs":
-                try:
-                    fs.create_subvolume(private)
-                except E.DependencyError:
-                    private.mkdir()
-            else:
-                private.mkdir()
+            fs.make_private_area(private)
             quota.prepare(private, self.ct.ctid)  # rsync's files join the CT's project
         self.journal.private = str(private)
         shutil.rmtree(self.images_dir, ignore_errors=True)

@@ -181,18 +181,19 @@ class Drain:
             raise E.RemoteNodeError("no DEST could report its capacity:\n  "
                                     + "\n  ".join(f"{c.dest}: {c.error}" for c in caps))
         needs: list[Need] = []
+        cts: dict[int, Container] = {}
         for ctid in registry.list_ctids(self.node):
             if ctid in self.exclude:
                 continue
             try:
-                needs.append(need_of(Container(self.node, ctid)))
+                cts[ctid] = Container(self.node, ctid)
+                needs.append(need_of(cts[ctid]))
             except (E.VzError, OSError) as e:  # e.g. a config that can't be read: not moved
                 report.results.append(CTResult(ctid, None, error=str(e)))
                 self.say(f"CT {ctid}: not moved: {e}")
         plan = place(needs, caps)  # in placement order: largest first
         with ThreadPoolExecutor(self.parallel, thread_name_prefix="drain") as pool:
-            report.results += pool.map(
-                lambda ctid: self._move(Container(self.node, ctid), plan[ctid]), plan)
+            report.results += pool.map(lambda ctid: self._move(cts[ctid], plan[ctid]), plan)
         report.seconds = time.monotonic() - t0
         return report
 

@@ -126,38 +126,36 @@ def bpf(cmd: int, attr: bytearray) -> int:
 def clone_tree_over(fd: int) -> int:
     """Mount a recursive copy of the mount tree at directory *fd* over itself; returns an fd
     of the copy's root. The copy's top is a mount of the caller's namespace, never locked."""
-    flags = OPEN_TREE_CLONE | AT_RECURSIVE | AT_EMPTY_PATH | os.O_CLOEXEC
-    tree = _check(
-        _libc.syscall(SYS_OPEN_TREE, ctypes.c_int(fd), b"", ctypes.c_uint(flags)), "open_tree"
-    )
-    move = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
-    _check(
-        _libc.syscall(
-            SYS_MOVE_MOUNT, ctypes.c_int(tree), b"", ctypes.c_int(fd), b"", ctypes.c_uint(move)
-        ),
-        "move_mount",
-    )
+    tree = open_tree("", OPEN_TREE_CLONE | AT_RECURSIVE | AT_EMPTY_PATH, dirfd=fd)
+    try:
+        move_mount(tree, "", to_fd=fd)
+    except BaseException:
+        os.close(tree)
+        raise
     return tree
 
 
-def open_tree(path: str, flags: int = 0) -> int:
-    """An fd on the mount at *path* (with OPEN_TREE_CLONE: a detached copy of it, a peer of
-    a shared original; AT_RECURSIVE: with its submounts)."""
+def open_tree(path: str, flags: int = 0, *, dirfd: int = _AT_FDCWD) -> int:
+    """An fd on the mount at *path* (relative to *dirfd*; "" with AT_EMPTY_PATH: *dirfd*
+    itself). With OPEN_TREE_CLONE a detached copy of it, a peer of a shared original;
+    AT_RECURSIVE: with its submounts."""
     flags |= os.O_CLOEXEC
     return _check(
-        _libc.syscall(SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), path.encode(), ctypes.c_uint(flags)),
-        f"open_tree {path}",
+        _libc.syscall(SYS_OPEN_TREE, ctypes.c_int(dirfd), path.encode(), ctypes.c_uint(flags)),
+        f"open_tree {path or f'fd {dirfd}'}",
     )
 
 
-def move_mount(fd: int, target: str) -> None:
-    """Attach (or move) the mount tree held by *fd* at *target*."""
+def move_mount(fd: int, target: str, *, to_fd: int = _AT_FDCWD) -> None:
+    """Attach (or move) the mount tree held by *fd* at *target* (relative to *to_fd*; "":
+    over *to_fd* itself)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (0 if target else MOVE_MOUNT_T_EMPTY_PATH)
     _check(
         _libc.syscall(
-            SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(_AT_FDCWD), target.encode(),
-            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+            SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(to_fd), target.encode(),
+            ctypes.c_uint(flags),
         ),
-        f"move_mount to {target}",
+        f"move_mount to {target or f'fd {to_fd}'}",
     )
 
 

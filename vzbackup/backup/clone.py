@@ -115,15 +115,6 @@ def _same_fs(a: Path, b: Path) -> bool:
     return fs.mount_of(a) == fs.mount_of(b)
 
 
-def _make_root(dest: Path) -> None:
-    """An empty private area: a subvolume on btrfs (backups snapshot it), else a directory."""
-    if fs.fs_type(dest.parent) == "btrfs":
-        with contextlib.suppress(E.DependencyError):
-            fs.create_subvolume(dest)
-            return
-    dest.mkdir()
-
-
 def _reflinks(src: Path, dest: Path) -> bool:
     """Whether cp's --reflink=auto shares extents from *src* to the empty directory *dest*:
     one filesystem, and a FICLONE between two probe files in *dest* works."""
@@ -151,7 +142,7 @@ def copy_tree(src: Path, dest: Path) -> str:
         fs.snapshot(src, dest, readonly=False)
         return "btrfs-snapshot"
     if not dest.exists():
-        _make_root(dest)
+        fs.make_private_area(dest)
     method = "reflink" if _reflinks(src, dest) else "copy"
     try:
         res = subprocess.run([*CP_ARGV, str(src), str(dest)], capture_output=True, text=True,
@@ -269,7 +260,7 @@ def clone(node: Node, src: Container, newid: int, *, name: str | None = None,
 
         def build(dest: Path) -> None:
             if mode == "suspend":
-                _make_root(dest)
+                fs.make_private_area(dest)
             with _copy_progress(src.ve_private(), dest, progress), modes.consistent_source(
                     src, mode, tmpdir=dest.parent, log=log,
                     copy_into=dest if mode == "suspend" else None) as source:

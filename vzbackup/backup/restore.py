@@ -114,12 +114,6 @@ def install(ct: Container, conf: CTConfig, build: Callable[[Path], None],
         logger.warning("CT %s: disk quota not set up: %s", ct.ctid, e)
 
 
-def _make_root(parent: Path) -> Callable[[Path], None]:
-    if fs.fs_type(parent) == "btrfs":
-        return fs.create_subvolume
-    return Path.mkdir
-
-
 def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
                      force: bool = False, start: bool = False, ipadd: list[str] | None = None,
                      hostname: str | None = None, with_state: bool = False, threads: int = 4,
@@ -138,12 +132,10 @@ def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
         conf = _config(node, ctid, m.ct_config, ipadd, hostname, log)
         entries = load_tree(repo, m.tree)
         log(f"INFO: restoring {m.id} ({len(entries)} entries) as CT {ctid}")
-        private = ct.ve_private(conf)
-        make_root = _make_root(private.parent)
 
         def build(dest: Path) -> None:
             restore_tree(repo, entries, dest, threads=threads, progress=progress,
-                         make_root=make_root)
+                         make_root=fs.make_private_area)
 
         images = None
         if with_state:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ import subprocess
 from pathlib import Path
 
 from vzbackup.errors import DependencyError, RuntimeFailure
+
+logger = logging.getLogger(__name__)
 
 MOUNTINFO = "/proc/self/mountinfo"
 BTRFS_SUBVOL_INO = 256  # the root directory of every btrfs subvolume has this inode number
@@ -107,26 +110,46 @@ def create_subvolume(path: str | Path) -> None:
     _btrfs("subvolume", "create", str(path))
 
 
+def private_subvolume(path: Path) -> bool:
+    """Create the private area *path* as a btrfs subvolume where its parent is on btrfs
+    (backups then snapshot it instantly); False, nothing created, elsewhere or without the
+    btrfs tool (logged)."""
+    if fs_type(path.parent) != "btrfs":
+        return False
+    try:
+        create_subvolume(path)
+    except DependencyError as e:
+        logger.warning("%s: private area %s is a plain directory", e, path)
+        return False
+    return True
+
+
+def make_private_area(path: Path) -> None:
+    """Create the empty private area *path*: a subvolume where possible, else a directory."""
+    if not private_subvolume(path):
+        path.mkdir()
+
+
+def _dir_ioctl(path: str | Path, request: int, args: bytearray) -> bytearray:
+    """Run the ioctl *request* on the directory *path*; *args* is filled in place."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, request, args)
+    finally:
+        os.close(fd)
+    return args
+
+
 def subvolume_id(path: str | Path) -> int:
     """The id of the btrfs subvolume holding *path*."""
     args = bytearray(4096)
     args[8:16] = BTRFS_SUBVOL_INO.to_bytes(8, "little")  # objectid: the subvolume's root dir
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.ioctl(fd, _BTRFS_IOC_INO_LOOKUP, args)
-    finally:
-        os.close(fd)
-    return int.from_bytes(args[:8], "little")
+    return int.from_bytes(_dir_ioctl(path, _BTRFS_IOC_INO_LOOKUP, args)[:8], "little")
 
 
 def qgroups_dir(path: str | Path) -> Path | None:
     """sysfs directory of the qgroups of the btrfs holding *path*; None when quotas are off."""
-    args = bytearray(1024)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.ioctl(fd, _BTRFS_IOC_FS_INFO, args)
-    finally:
-        os.close(fd)
+    args = _dir_ioctl(path, _BTRFS_IOC_FS_INFO, bytearray(1024))
     uuid = bytes(args[16:32]).hex()
     qgroups = BTRFS_SYSFS / "-".join((uuid[:8], uuid[8:12], uuid[12:16], uuid[16:20],
                                       uuid[20:])) / "qgroups"

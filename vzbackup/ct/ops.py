@@ -88,13 +88,7 @@ def create(
         for clash in admission.clashes(node, ctid, new=False, private=private):
             raise clash.error()
         private.parent.mkdir(parents=True, exist_ok=True)
-        subvolume = fs.fs_type(private.parent) == "btrfs"
-        if subvolume:  # lets backups take instant snapshots (mode snapshot / checkpoint)
-            try:
-                fs.create_subvolume(private)
-            except E.DependencyError as e:
-                subvolume = False
-                log.warning("%s: private area %s is a plain directory", e, private)
+        fs.private_subvolume(private)  # else extraction renames a new directory into place
         try:
             extract_template(archive, private)
             idmap.shift_tree(private, idmap.IDENTITY, ids)
