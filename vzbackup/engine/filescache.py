@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import marshal
+import operator
 import os
 import sys
 from array import array
@@ -31,11 +32,13 @@ from typing import NamedTuple
 
 import zstandard
 
-MAGIC = b"vzbackup-files-cache\x03"
+MAGIC = b"vzbackup-files-cache\x04"
 RACY_NS = 100_000_000  # coarse kernel clocks tick every few ms; keep a wide margin
 
 Sig = tuple[int, int, int, int]  # inode, size, mtime ns, ctime ns
 UNTRUSTED: Sig = (-1, -1, -1, -1)  # matches no entry: racy, vanished
+signature = operator.attrgetter("st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+"""An entry's ``Sig`` from its ``os.stat_result`` (in C: it runs for every entry)."""
 
 
 class DirRecord(NamedTuple):
@@ -43,7 +46,7 @@ class DirRecord(NamedTuple):
     directory at each backup): signatures flat, lines as one block."""
 
     names: tuple[str, ...]  # every name in the directory, sorted
-    sigs: tuple[int, ...]  # 4 per name: a Sig, or UNTRUSTED
+    sigs: tuple[Sig, ...]  # per name: its signature, or UNTRUSTED
     block: bytes  # the entries' file list lines, one after the other (excluded: none)
     ends: bytes  # array("Q") of where each name's line ends in block
     subdirs: tuple[int, ...]  # indexes of the entries walked into
@@ -58,7 +61,7 @@ class DirRecord(NamedTuple):
         out = {}
         start = 0
         for j, end in enumerate(array("Q", self.ends)):
-            out[self.names[j]] = (self.sigs[4 * j : 4 * j + 4], self.block[start:end])
+            out[self.names[j]] = (self.sigs[j], self.block[start:end])
             start = end
         return out
 
@@ -72,7 +75,7 @@ def make_record(names: list[str], sigs: list[Sig], lines: list[bytes],
     for ln in lines:
         pos += len(ln)
         ends.append(pos)
-    return DirRecord(tuple(names), tuple([v for s in sigs for v in s]), b"".join(lines),
+    return DirRecord(tuple(names), tuple(sigs), b"".join(lines),
                      ends.tobytes(), tuple(subdirs), tuple(links), counts, tuple(skipped),
                      tuple(set().union(*chunks)))
 

@@ -137,11 +137,13 @@ class Packer:
         self._entries: Entries = []
         self._size = 0
 
-    def add(self, cid: str, blob: bytes) -> None:
+    def add(self, cid: str, *blob: bytes) -> None:
+        """Add the sealed blob of chunk *cid*, given as one or more pieces."""
+        size = sum(map(len, blob))
         with self.lock:
-            self._entries.append((bytes.fromhex(cid), self._size, len(blob)))
-            self._buf.append(blob)
-            self._size += len(blob)
+            self._entries.append((bytes.fromhex(cid), self._size, size))
+            self._buf.extend(blob)
+            self._size += size
             full = self._take() if self._size >= self.target else None
         if full:
             self._write(*full)
