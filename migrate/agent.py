@@ -25,7 +25,6 @@ from typing import Any
 from vzbackup.migrate.cpuinfo import cpuinfo_check
 from vzbackup.migrate.journal import Journal
 from vzbackup.migrate.protocol import PROTOCOL_VERSION, Link, error_reply
-from vzbackup.migrate.timer import Timer
 from vzbackup.migrate.tls import Identity
 
 from vzbackup import __version__
@@ -37,6 +36,7 @@ from vzbackup.config.vzfile import VzFile
 from vzbackup.criu.check import criu_binary, criu_check, criu_version, pycriu_module
 from vzbackup.ct import admission, fs, network, ops, quota, registry
 from vzbackup.ct.container import Container
+from vzbackup.timer import Timer
 
 log = logging.getLogger("vzbackup.migrate.agent")
 
@@ -277,13 +277,15 @@ class Agent:
         self._place_conf()
         self.journal.state = "restored"
         self.journal.save(self.node)
+        steps: dict[str, float] = {}
         if self.standby is not None:
             standby, self.standby = self.standby, None
             pid = standby.go()
+            steps = standby.steps
         else:
             pid = ops.restore(self.ct, str(self.images_dir), keep_dump=True,
-                                     lazy=self.lazy_proc is not None)
-        return {"pid": pid, "seconds": time.monotonic() - t0}
+                              lazy=self.lazy_proc is not None)
+        return {"pid": pid, "seconds": time.monotonic() - t0, "steps": steps}
 
     def op_start(self) -> dict[str, Any]:
         t0 = time.monotonic()

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from vzbackup.migrate.imagestream import ImageStream
-from vzbackup.migrate.timer import Timer
 from vzbackup.migrate.tls import Identity
 
 from vzbackup import constants as C
@@ -35,6 +34,7 @@ from vzbackup import errors as E
 from vzbackup.criu import blockers, driver
 from vzbackup.criu.check import criu_check, criu_fixes, pycriu_module
 from vzbackup.ct import network, ops
+from vzbackup.timer import Timer
 
 if TYPE_CHECKING:
     from vzbackup.migrate.phases import Migration
@@ -158,6 +158,8 @@ class OnlineDump:
         with mig.phase("restore"):
             reply = mig.dest.call("restore")
         mig.report.dest_steps["restore"] = float(reply.get("seconds", 0.0))
+        mig.report.dest_steps.update(
+            {f"restore.{k}": float(v) for k, v in reply.get("steps", {}).items()})
         self.frozen.lap("restore")
         self.clock["restored"] = time.monotonic()
         with mig.phase("commit"):

@@ -134,6 +134,8 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
                       "restore", "commit"):
             assert phase in report["times"], report
         assert 0 < report["frozen"] < report["total"]
+        for step in ("restore.criu_namespaces", "restore.refence", "restore.criu_resume"):
+            assert step in report["dest_steps"], report  # DEST's restore, step by step (-t)
         st = _status(bed.b, ctid)
         assert "running" in st
         assert _counter(bed.b, ctid) >= before  # memory state moved: no restart from 1

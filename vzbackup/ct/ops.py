@@ -159,7 +159,7 @@ def destroy(ct: Container) -> None:
 
 def _spawn_supervisor(ct: Container, mode: str, extra: list[str]) -> int:
     """Start the detached supervisor and wait for its verdict; returns the init pid."""
-    return _await_verdict(ct, mode, _launch_supervisor(ct, mode, extra))
+    return int(_await_verdict(ct, mode, _launch_supervisor(ct, mode, extra))["pid"])
 
 
 def _launch_supervisor(ct: Container, mode: str, extra: list[str],
@@ -189,7 +189,8 @@ def _launch_supervisor(ct: Container, mode: str, extra: list[str],
     return r
 
 
-def _await_verdict(ct: Container, mode: str, r: int) -> int:
+def _await_verdict(ct: Container, mode: str, r: int) -> dict:
+    """The supervisor's report: ``pid`` of the CT's init, ``steps`` (seconds per sub-step)."""
     chunks = []
     try:
         while chunk := os.read(r, 65536):
@@ -204,7 +205,7 @@ def _await_verdict(ct: Container, mode: str, r: int) -> int:
         err = verdict.get("error") or f"supervisor died; see {ct.node.rundir}/{ct.ctid}.log"
         cls = getattr(E, verdict.get("kind", ""), E.RuntimeFailure)
         raise cls(f"CT {ct.ctid}: {mode} failed: {err}")
-    return int(verdict["pid"])
+    return verdict
 
 
 class StandbyRestore:
@@ -214,6 +215,7 @@ class StandbyRestore:
     def __init__(self, ct: Container, images: Path, extra: list[str]) -> None:
         self.ct = ct
         self.images = images
+        self.steps: dict[str, float] = {}  # the restore's sub-steps, once go() returned
         go_r, self._go = os.pipe()
         try:
             self._verdict = _launch_supervisor(
@@ -235,14 +237,17 @@ class StandbyRestore:
         os.write(self._go, b"g")
         os.close(self._go)
         self._go = -1
-        pid = _await_verdict(self.ct, "restore", self._verdict)
+        verdict = _await_verdict(self.ct, "restore", self._verdict)
+        self.steps = {k: float(v) for k, v in verdict.get("steps", {}).items()}
+        t = time.monotonic()
         # after the restore, not before: a migration's final sync (rsync's temporary copies
         # of changed files) must not hit the limits, and the frozen window stays as it was
         try:
             self.ct.apply_quota()
         except (E.VzError, OSError) as e:
             log.warning("CT %s runs without its disk quota: %s", self.ct.ctid, e)
-        return pid
+        self.steps["quota"] = time.monotonic() - t
+        return int(verdict["pid"])
 
     def cancel(self) -> None:
         if self._go >= 0:

@@ -33,6 +33,7 @@ from vzbackup.ct import console, fencing, idmap, network, refence, runtime, sysc
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import CTState, clear_state, write_state
 from vzbackup.errors import VzError
+from vzbackup.timer import Timer
 
 log = logging.getLogger("vzbackup.supervisor")
 
@@ -43,6 +44,7 @@ class Supervisor:
         self.init_pid = 0
         self.we_mounted = False
         self.console: console.ConsoleServer | None = None
+        self.timer = Timer()  # the restore's sub-steps (a migration's ``-t`` shows them)
 
     def _serve_console(self, master: int) -> None:
         if master < 0:
@@ -86,7 +88,9 @@ class Supervisor:
 
     def restore(self, images: Path, *, tcp_close: bool = False, lazy: bool = False) -> None:
         conf = self.ct.conf
+        timer = self.timer
         self._prepare(conf)
+        timer.lap("prepare")
         idmap.give_images(images, conf.idmap)
         os.chdir("/")
         net = self.ct.net_config(conf)
@@ -95,14 +99,28 @@ class Supervisor:
         if unified:
             driver.make_cgroup_tree(images, unified)
         root = str(self.ct.ve_root(conf))
+        timer.lap("images")
+
+        def timed(before: str, fn, after: str):
+            def hook(pid: int) -> None:
+                timer.lap(before)
+                fn(pid)
+                timer.lap(after)
+            return hook
+
         with _staged_binds(self.ct.ctid, conf) as sources:
             restored = driver.restore(
                 images,
                 driver.RestoreOptions(
                     root=root,
-                    setup_net=lambda pid: network.setup(net, pid, announce_now=False),
-                    after_net_lock=lambda _pid: network.announce(net),
-                    post_restore=lambda pid: refence.relock(pid, conf.bindmounts),
+                    setup_net=timed("criu_namespaces",
+                                    lambda pid: network.setup(net, pid, announce_now=False),
+                                    "network"),
+                    after_net_lock=timed("criu_net_lock", lambda _pid: network.announce(net),
+                                         "announce"),
+                    post_restore=timed("criu_restore",
+                                       lambda pid: refence.relock(pid, conf.bindmounts),
+                                       "refence"),
                     external=[f"mnt[{key}]:{src}" for key, src in sources.items()]
                     + fencing.criu_restore_externals(),
                     tcp_established=not tcp_close,
@@ -111,6 +129,7 @@ class Supervisor:
                 ),
             )
         self.init_pid = restored.pid
+        timer.lap("criu_resume")
         if os.getpriority(os.PRIO_PROCESS, 0) < 0:  # a migration's freeze boost ends here
             os.setpriority(os.PRIO_PROCESS, 0, 0)
         self.ct.cgroup().delegate(conf.idmap.root, conf.idmap.root)  # CRIU made them as root
@@ -253,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     _running(sup, restored=args.mode == "restore")
     if args.mode == "restore" and not args.keep_dump:
         shutil.rmtree(args.dumpdir, ignore_errors=True)
-    _report(args.ready_fd, {"ok": True, "pid": sup.init_pid})
+    sup.timer.lap("after")
+    _report(args.ready_fd, {"ok": True, "pid": sup.init_pid, "steps": sup.timer.laps})
     while _rebooted(_serve(sup)):
         log.info("CT %s rebooted itself: starting it again", ct.ctid)
         sup = Supervisor(Container(Node.load(args.prefix), args.ctid))  # the config as it is now
