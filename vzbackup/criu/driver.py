@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vzbackup import constants as C
+from vzbackup.criu.cgyard import cgroup_yard
 from vzbackup.criu.check import criu_binary, pycriu_module
 from vzbackup.errors import CheckpointError
 
@@ -129,6 +130,14 @@ def dump(
     """
     images_dir.mkdir(parents=True, exist_ok=True)
     save_cgroup_tree(pid, images_dir)
+    hierarchies = own_cgroup_controllers(pid)
+    with cgroup_yard(hierarchies) as yard:
+        return _dump(pid, images_dir, opts, notify, hierarchies, yard)
+
+
+def _dump(pid: int, images_dir: Path, opts: DumpOptions,
+          notify: dict[str, Callable[[], None]] | None, hierarchies: list[str],
+          yard: str | None) -> float:
     c, fd = _new(images_dir, DUMP_LOG)
     try:
         c.opts.pid = pid
@@ -136,7 +145,9 @@ def dump(
         c.opts.tcp_established = opts.tcp_established
         c.opts.file_locks = opts.file_locks
         c.opts.manage_cgroups = True
-        c.opts.cgroup_dump_controller.extend(own_cgroup_controllers(pid))
+        c.opts.cgroup_dump_controller.extend(hierarchies)
+        if yard:
+            c.opts.cgroup_yard = yard
         c.opts.orphan_pts_master = opts.orphan_pts_master
         c.opts.external.extend(opts.external)
         if opts.skip_netns_config:
