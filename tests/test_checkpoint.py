@@ -22,6 +22,23 @@ def _counter(node: NodeBed, ctid: int) -> int:
     return int((node.prefix / f"vz/private/{ctid}/tmp/counter").read_text() or 0)
 
 
+def _masks_external(dump: Path) -> list[str]:
+    """The masked directories in the images, each asserted to be an external mount."""
+    from vzbackup.criu.check import pycriu_module
+    from vzbackup.ct import fencing
+
+    images = pycriu_module().images
+    masks = {"/" + p for p in fencing.MASKED_DIRS}
+    found = []
+    for img in dump.glob("mountpoints-*.img"):
+        with open(img, "rb") as f:
+            for m in images.load(f)["entries"]:
+                if m["mountpoint"] in masks:
+                    assert m.get("ext_key") == fencing.external_key(m["mountpoint"]), m
+                    found.append(m["mountpoint"])
+    return found
+
+
 def _state(node: NodeBed, ctid: int) -> dict:
     return json.loads((node.prefix / f"vz/run/{ctid}.state").read_text())
 
@@ -47,6 +64,7 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
         out = json.loads(node.vz("chkpnt", str(ctid), "--json").stdout)
         dump = Path(out["dumpdir"])
         assert (dump / "inventory.img").exists()
+        assert _masks_external(dump)  # no tar of their empty tmpfs in the freeze
         assert "stopped" in node.vz("status", str(ctid)).stdout
         frozen_at = _counter(node, ctid)
         time.sleep(1.0)

@@ -63,6 +63,9 @@ CONSOLE_SOCK = "{ctid}.console.sock"  # in RUNDIR: 'vzbackup console' attaches h
 BIND_STAGE_DIR = "/run/vzbackup-binds"
 # A restored CT's fences are rebuilt on a tmpfs below this (in a throwaway mount namespace)
 FENCE_STAGE_DIR = "/run/vzbackup-fence"
+# An empty directory CRIU binds in place of a CT's masked directories while it restores
+# (ct/fencing.py; the relock replaces them before any task runs)
+EMPTY_DIR = "/run/vzbackup-empty"
 CRIU_IMAGE_SUBDIR = "Dump.{ctid}"  # OpenVZ's dump file name, a directory of CRIU images here
 
 CLONE_MAC_OUI = "00:18:51"  # MACs of a clone's bridged interfaces: vzctl's OUI
