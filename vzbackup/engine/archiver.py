@@ -33,12 +33,14 @@ import pyfastcdc
 
 from vzbackup.engine import tree as T
 from vzbackup.engine.filescache import (
+    NAME_SEP,
     RACY_NS,
     UNTRUSTED,
     DirRecord,
     FilesCache,
     Sig,
     make_record,
+    packed_sigs,
     signature,
 )
 from vzbackup.engine.repo import Repository
@@ -552,9 +554,11 @@ class TreeWriter:
     def _reuse_dir(self, old: DirRecord, rel_dir: str, names: list[str],
                    sts: list[os.stat_result | None]) -> bool:
         """Copy a directory's lines from the files cache if none of its entries changed."""
-        if old.names != tuple(names) or None in sts:
+        if None in sts or old.names != NAME_SEP.join(names):
             return False
-        if tuple(map(signature, sts)) != old.sigs or not self.store.known.issuperset(old.chunks):
+        if packed_sigs(map(signature, sts)) != old.sigs:
+            return False
+        if not self.store.known.issuperset(old.chunks):
             return False
         if any(sts[i].st_dev != self.root_dev for i in old.subdirs):
             return False  # a mount point appeared
