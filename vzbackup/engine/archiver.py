@@ -500,7 +500,7 @@ class TreeWriter:
                 self._progress(nread)
             elif p.ranges is not None:
                 e.chunks = [[fut.result(), off, ln] for fut, off, ln in p.ranges]
-            line = json.dumps(e.to_dict(), separators=(",", ":")).encode() + b"\n"
+            line = T.encode_line(e.to_dict())
             self.meta.write(line)
             if p.slot is not None:
                 build, i = p.slot

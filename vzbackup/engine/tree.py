@@ -97,10 +97,20 @@ class Entry:
         )
 
 
+# one encoder for every line (json.dumps with options builds one per call); entries are
+# plain trees of dicts and lists, so the reference-cycle check is skipped
+_LINE_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
+def encode_line(d: dict) -> bytes:
+    """One entry's line of the file list (as ``json.dumps(d, separators=(",", ":"))``)."""
+    return _LINE_ENCODER.encode(d).encode() + b"\n"
+
+
 def encode_lines(entries: Iterable[dict]) -> Iterator[bytes]:
     yield json.dumps(HEADER).encode() + b"\n"
     for d in entries:
-        yield json.dumps(d, separators=(",", ":")).encode() + b"\n"
+        yield encode_line(d)
 
 
 def decode(data: bytes) -> Iterator[Entry]:
