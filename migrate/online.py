@@ -60,7 +60,6 @@ class OnlineDump:
         self.syncer: threading.Thread | None = None
         self.restorer: threading.Thread | None = None
         self.stream: ImageStream | None = None  # images to DEST while CRIU writes them
-        self.nice = os.getpriority(os.PRIO_PROCESS, 0)  # ours before urgent()
 
     # ------------------------------------------------------------ before the freeze
     def stage(self) -> None:
@@ -102,14 +101,11 @@ class OnlineDump:
 
     # ------------------------------------------------------------ the work of the steps
     def final_sync(self) -> None:
-        """The last tree sync, beside the dump (started at network-lock). At the usual
-        priority when it runs on its own thread: the dump it runs beside is what ends the
-        freeze (it has always finished first: final_sync_wait 0 in every bench run)."""
-        if threading.current_thread() is not threading.main_thread():
-            with contextlib.suppress(OSError):  # this thread only (and rsync, its child)
-                os.setpriority(os.PRIO_PROCESS, 0, self.nice)
+        """The last tree sync, beside the dump (started at network-lock), at the freeze's
+        priority at both ends: with a quicker dump it is often what ends the freeze (the
+        Debian CT at load ~4.6: rsync 1.28 s beside a 0.86 s dump)."""
         with self.mig.phase("final_sync"):
-            self.mig.push_private()
+            self.mig.push_private(urgent=True)
 
     def _hand_over(self) -> None:
         mig = self.mig
@@ -140,7 +136,10 @@ class OnlineDump:
         self.mig.count("images_frozen", n)  # what crossed after "post-dump"
 
     def _put(self, names: list[str], *, last: bool = False) -> int:
-        """Send the images *names* to DEST in one payload; the number of bytes sent."""
+        """Send the images *names* to DEST in one payload; the number of bytes sent. The
+        reply to the last ones is awaited here, in "post-dump": a failure at DEST then
+        (its lazy-pages daemon not starting) still aborts the dump with the CT's TCP
+        connections intact, which a failure after CRIU starts serving pages can't."""
         sizes, blobs = [], []
         for name in names:
             data = (self.images / name).read_bytes()

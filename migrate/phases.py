@@ -32,6 +32,7 @@ from vzbackup.migrate.protocol import PROTOCOL_VERSION
 from vzbackup.migrate.sync import remote_has_rsync
 
 from vzbackup import __version__
+from vzbackup import constants as C
 from vzbackup import errors as E
 from vzbackup.criu.blockers import blockers, reopen_detached
 from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
@@ -333,16 +334,19 @@ class Migration:
         finally:
             self.report.times[name] = self.report.times.get(name, 0.0) + time.monotonic() - t
 
-    def push(self, what: str, src: Path, dst: str, method: str | None = None) -> None:
-        """Push a tree to DEST, counting its bytes as *what* (tree, images)."""
+    def push(self, what: str, src: Path, dst: str, method: str | None = None, *,
+             urgent: bool = False) -> None:
+        """Push a tree to DEST, counting its bytes as *what* (tree, images); *urgent*: DEST's
+        rsync runs at the freeze's priority too (ours inherits it from the calling thread)."""
         stats = self.push_tree(
             self.session, src, dst, method=method or self.opts.sync_method,
             bwlimit_kbps=self.opts.bwlimit_kbps,
+            remote_nice=C.FREEZE_NICE if urgent else 0,
         )
         self.count(what, int(getattr(stats, "bytes_sent", 0) or 0))
 
-    def push_private(self) -> None:
-        self.push("tree", self.ct.ve_private(), self.hello["private"])
+    def push_private(self, *, urgent: bool = False) -> None:
+        self.push("tree", self.ct.ve_private(), self.hello["private"], urgent=urgent)
 
     def count(self, what: str, n: int) -> None:
         self.report.bytes_sent[what] = self.report.bytes_sent.get(what, 0) + n

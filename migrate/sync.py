@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +73,17 @@ class SyncStats:
 
 
 def remote_has_rsync(session: Session, rsync: str = "rsync") -> bool:
-    """Whether *rsync* (a name on the remote PATH or a path) runs on the remote node."""
-    rc, _, _ = session.run(["sh", "-c", 'command -v "$1" >/dev/null', "sh", rsync],
-                           check=False)
-    return rc == 0
+    """Whether *rsync* (a name on the remote PATH or a path) runs on the remote node; asked
+    once per session (a migration's final sync runs in the freeze: no round trip there)."""
+    known = _REMOTE_RSYNC.setdefault(session, {})
+    if rsync not in known:
+        rc, _, _ = session.run(["sh", "-c", 'command -v "$1" >/dev/null', "sh", rsync],
+                               check=False)
+        known[rsync] = rc == 0
+    return known[rsync]
+
+
+_REMOTE_RSYNC: weakref.WeakKeyDictionary[Session, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 def push_tree(
@@ -88,6 +96,7 @@ def push_tree(
     delete: bool = True,
     progress: Progress | None = None,
     remote_rsync: str = "rsync",
+    remote_nice: int = 0,
     via: str = "auto",
 ) -> SyncStats:
     """Make remote directory *dst* a copy of local directory *src* (contents, not the dir).
@@ -95,7 +104,8 @@ def push_tree(
     *method* "auto" uses rsync when both ends have it, else the tar+zstd stream. *delete*
     removes files at *dst* that *src* lacks. *bwlimit_kbps* caps the rate in KiB/s.
     *progress* gets the running total of bytes sent. rsync runs *via* "openssh" (the
-    client, default when installed) or "session" (the paramiko session, through the bridge).
+    client, default when installed) or "session" (the paramiko session, through the bridge);
+    the remote rsync runs at niceness *remote_nice* (below 0 where allowed: nice warns else).
     """
     if method not in ("auto", "rsync", "stream"):
         raise UsageError(f"unknown transfer method {method!r}", hint="auto, rsync or stream")
@@ -117,6 +127,8 @@ def push_tree(
             raise DependencyError("the OpenSSH client (ssh) is missing",
                                   hint="install openssh-client")
         push = _push_rsync_openssh if ssh is not None else _push_rsync
+        if remote_nice:
+            remote_rsync = f"nice -n {int(remote_nice)} {remote_rsync}"
         sent, files = push(session, src, dst, bwlimit_kbps, delete, progress, remote_rsync)
     else:
         sent, files = _push_stream(session, src, dst, bwlimit_kbps, delete, progress), None

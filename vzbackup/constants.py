@@ -12,9 +12,10 @@ CRIU_MIN_VERSION = (4, 2)
 # scripts/setup.sh built ("GitID: vzbackup+tlsns"): without "tlsns" the page server over TLS
 # fails on SysV shared memory (migrate/online.py checks before anything moves).
 CRIU_FIX_TLS_NSDUMP = "tlsns"
-# CPU priority (nice) of what runs while a migrating CT is frozen: the source's CRIU dump and
-# hand-over, DEST's agent, page daemons and restore. The CT's own tasks keep theirs (CRIU
-# restores each task's nice). On a busy node this shortens the freeze, not the CT's share.
+# CPU priority (nice) of what runs while a migrating CT is frozen: the source's CRIU dump,
+# the final sync (rsync at both ends), hand-over, DEST's agent, page daemons and restore. The
+# CT's own tasks keep theirs (CRIU restores each task's nice). On a busy node this shortens
+# the freeze, not the CT's share.
 FREEZE_NICE = -5
 # `criu check --feature` for CRIU's in-process network lock (a migration uses it when both
 # ends can; the restore takes the method from the images)

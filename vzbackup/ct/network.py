@@ -330,7 +330,8 @@ def _routed_host_side(host: str, ips: Iterable[str], *, first: list[list[str]]) 
 
 
 def _routed_ct_side(pid: int, ips: Iterable[str]) -> None:
-    _ip_batch([*(["addr", "replace", f"{addr}/32", "dev", ROUTED_IFNAME] for addr in ips),
+    _ip_batch([["link", "set", "dev", "lo", "up"],
+               *(["addr", "replace", f"{addr}/32", "dev", ROUTED_IFNAME] for addr in ips),
                ["link", "set", "dev", ROUTED_IFNAME, "up"],
                ["route", "replace", GATEWAY, "dev", ROUTED_IFNAME, "scope", "link"],
                ["route", "replace", "default", "via", GATEWAY, "dev", ROUTED_IFNAME]], pid=pid)
@@ -475,7 +476,8 @@ def setup(cfg: NetConfig, pid: int, *, announce_now: bool = True) -> None:
         _refuse_used(plan.routed_ips, cfg.ctid)
     undo = _Undo()
     try:
-        _ip(["link", "set", "dev", "lo", "up"], pid=pid)
+        if not plan.routed_host:  # else in the routed CT side's batch: one process less
+            _ip(["link", "set", "dev", "lo", "up"], pid=pid)
         if plan.routed_host:
             _setup_routed(cfg.ctid, plan.routed_host, plan.routed_ips, pid, undo)
         for nif, host in plan.bridged:

@@ -19,13 +19,14 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from vzbackup import constants as C
 from vzbackup import syscalls as S
-from vzbackup.config.ct import CTConfig
+from vzbackup.config.ct import BindMount, CTConfig
 from vzbackup.config.node import Node
 from vzbackup.criu import driver
 from vzbackup.criu.check import pycriu_module
@@ -100,34 +101,25 @@ class Supervisor:
             driver.make_cgroup_tree(images, unified)
         root = str(self.ct.ve_root(conf))
         timer.lap("images")
-
-        def timed(before: str, fn, after: str):
-            def hook(pid: int) -> None:
-                timer.lap(before)
-                fn(pid)
-                timer.lap(after)
-            return hook
-
+        steps = _RestoreSteps(net, conf.bindmounts, timer)
         with _staged_binds(self.ct.ctid, conf) as sources:
-            restored = driver.restore(
-                images,
-                driver.RestoreOptions(
-                    root=root,
-                    setup_net=timed("criu_namespaces",
-                                    lambda pid: network.setup(net, pid, announce_now=False),
-                                    "network"),
-                    after_net_lock=timed("criu_net_lock", lambda _pid: network.announce(net),
-                                         "announce"),
-                    post_restore=timed("criu_restore",
-                                       lambda pid: refence.relock(pid, conf.bindmounts),
-                                       "refence"),
-                    external=[f"mnt[{key}]:{src}" for key, src in sources.items()]
-                    + fencing.criu_restore_externals(),
-                    tcp_established=not tcp_close,
-                    lazy_pages=lazy,
-                    cgroup_root="/" + self.ct.cgroup().name,
-                ),
-            )
+            try:
+                restored = driver.restore(
+                    images,
+                    driver.RestoreOptions(
+                        root=root,
+                        setup_net=steps.setup_net,
+                        after_net_lock=steps.after_net_lock,
+                        post_restore=steps.post_restore,
+                        external=[f"mnt[{key}]:{src}" for key, src in sources.items()]
+                        + fencing.criu_restore_externals(),
+                        tcp_established=not tcp_close,
+                        lazy_pages=lazy,
+                        cgroup_root="/" + self.ct.cgroup().name,
+                    ),
+                )
+            finally:
+                steps.join()  # a failed restore's cleanup must not race the announcement
         self.init_pid = restored.pid
         timer.lap("criu_resume")
         if os.getpriority(os.PRIO_PROCESS, 0) < 0:  # a migration's freeze boost ends here
@@ -171,6 +163,50 @@ class Supervisor:
             except Exception as e:
                 log.warning("cleanup of %s failed: %s", what, e)
         clear_state(ct.node, ct.ctid)
+
+
+class _RestoreSteps:
+    """CRIU's notifications during a restore, timed (a migration's ``-t``): the network set
+    up in the restored, empty netns; the addresses announced (proxy ARP, gratuitous ARP: ip
+    processes) beside CRIU's own work once CRIU has locked the CT's network, so packets that
+    arrive meanwhile are dropped, not answered with resets; the fences relocked once the
+    announcement is done, before any task runs. A failing step aborts the restore."""
+
+    def __init__(self, net: network.NetConfig, binds: list[BindMount], timer: Timer) -> None:
+        self.net = net
+        self.binds = binds
+        self.timer = timer
+        self._announcer: threading.Thread | None = None
+        self._announce_error: BaseException | None = None
+
+    def setup_net(self, pid: int) -> None:
+        self.timer.lap("criu_namespaces")
+        network.setup(self.net, pid, announce_now=False)
+        self.timer.lap("network")
+
+    def after_net_lock(self, _pid: int) -> None:
+        self.timer.lap("criu_net_lock")
+        self._announcer = threading.Thread(target=self._announce, daemon=True)
+        self._announcer.start()
+
+    def _announce(self) -> None:
+        try:
+            network.announce(self.net)
+        except BaseException as e:
+            self._announce_error = e
+
+    def post_restore(self, pid: int) -> None:
+        self.timer.lap("criu_restore")
+        self.join()
+        self.timer.lap("announce_wait")
+        if self._announce_error is not None:
+            raise self._announce_error
+        refence.relock(pid, self.binds)
+        self.timer.lap("refence")
+
+    def join(self) -> None:
+        if self._announcer is not None:
+            self._announcer.join()
 
 
 @contextlib.contextmanager
