@@ -228,6 +228,16 @@ class Repository:
                 self._index = self._load_index()
             return self._index
 
+    def prefetch_index(self) -> None:
+        """Start loading the index in the background (a restore finds its snapshot
+        meanwhile; ``index`` waits for it). A failure is left for ``index`` to report."""
+
+        def load() -> None:
+            with contextlib.suppress(Exception):
+                self.index  # noqa: B018 - loads it
+
+        threading.Thread(target=load, name="index", daemon=True).start()
+
     def reload_index(self) -> Index:
         with self._index_lock:
             self._index = self._load_index()

@@ -61,6 +61,7 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
         requests = 0
     else:
         repo = open_repo(ctx, storage, keyfile)
+        repo.prefetch_index()
         m = repo.resolve(source)
         done = {"n": 0}
 
