@@ -20,7 +20,7 @@ CRIU_PATCH_DIR=$ROOT/scripts/criu-patches   # our fixes to CRIU, applied when it
 # are ext4: our build keeps the cache in a directory of its own, a small tmpfs when /run
 # isn't one (ensure_criu_rundir).
 CRIU_RUNDIR=/run/criu
-# The build's GitID names what it carries ("vzbackup+rundir+tlsns"): vzbackup reads it
+# The build's GitID names what it carries ("vzbackup+rundir+nfct+tlsns"): vzbackup reads it
 # (criu --version) and a build without all of it is rebuilt.
 CRIU_GITID=vzbackup+rundir$(for p in "$CRIU_PATCH_DIR"/*.patch; do [ -e "$p" ] && printf "+%s" "$(basename "$p" .patch)"; done; true)
 PIPE_MAX=4194304
