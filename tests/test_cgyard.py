@@ -1,11 +1,13 @@
-"""The cgroup yard CRIU's dump opens instead of mounting a cgroupfs per hierarchy and set."""
+"""The cgroup yard CRIU opens instead of mounting a cgroupfs per hierarchy (dump and restore)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
+from vzbackup.criu import cgyard
 from vzbackup.criu.cgyard import cgroup_yard, link_names, yard_links
 
 HYBRID = """\
@@ -19,7 +21,8 @@ CGROUPS = "5:memory:/a\n4:cpu,cpuacct:/\n1:name=systemd:/\n0::/\n"
 
 
 @pytest.mark.parametrize(("hierarchy", "names"), [
-    ("cpu,cpuacct", ["cpu", "cpuacct"]), ("name=systemd", ["systemd"]), ("", ["unified"]),
+    ("cpu,cpuacct", ["cpu", "cpuacct", "cpu,cpuacct"]), ("name=systemd", ["systemd"]),
+    ("", ["unified"]),
 ])
 def test_link_names_are_criu_s(hierarchy: str, names: list[str]) -> None:
     assert link_names(hierarchy) == names
@@ -27,7 +30,8 @@ def test_link_names_are_criu_s(hierarchy: str, names: list[str]) -> None:
 
 def test_links_point_at_root_mounts_only() -> None:
     links = yard_links(HYBRID, CGROUPS)
-    assert links == {"cpu": "/sys/fs/cgroup/cpu,cpuacct", "cpuacct": "/sys/fs/cgroup/cpu,cpuacct",
+    both = "/sys/fs/cgroup/cpu,cpuacct"
+    assert links == {"cpu": both, "cpuacct": both, "cpu,cpuacct": both,
                      "systemd": "/sys/fs/cgroup/systemd", "unified": "/sys/fs/cgroup/unified"}
     # memory is mounted only below its root: not in the yard
 
@@ -39,6 +43,18 @@ def test_yard_on_this_node_and_none_for_an_unmounted_hierarchy() -> None:
     assert not os.path.exists(yard)
     with cgroup_yard(["", "no_such_controller"]) as yard:
         assert yard is None
+
+
+def test_yards_of_dead_processes_are_swept() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    os.makedirs(cgyard.YARD_PARENT, exist_ok=True)
+    stale = os.path.join(cgyard.YARD_PARENT, f"{dead.pid}-test")
+    os.makedirs(stale, exist_ok=True)
+    os.symlink("/sys/fs/cgroup", os.path.join(stale, "unified"))
+    with cgroup_yard([]) as yard:
+        assert yard is not None and os.path.basename(yard).startswith(f"{os.getpid()}-")
+    assert not os.path.exists(stale)
 
 
 def _cgroup2_mount() -> str:

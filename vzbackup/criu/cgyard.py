@@ -1,11 +1,14 @@
-"""A cgroup yard for CRIU's dump: a directory naming the node's own cgroup mounts.
+"""A cgroup yard for CRIU: a directory naming the node's own cgroup mounts.
 
 For every new set of cgroups a dump meets (one per distinct cgroup of the CT's tasks: a
 Debian CT has about seven) CRIU mounts a fresh cgroupfs per hierarchy to walk it, 10-20 ms a
-set on this node, all inside the freeze. Given ``cgroup_yard`` it opens ``YARD/<name>``
-instead (criu/cgroup.c, ``collect_cgroups``): here a symlink per hierarchy to the node's
-mount of its root. Only the dump takes it: a restore moves tasks into their cgroups from
-inside the CT's mount namespace, where the node's paths don't resolve.
+set on this node, and a restore mounts every hierarchy once (~20 ms), all inside a
+migration's freeze. Given ``cgroup_yard`` CRIU opens ``YARD/<name>`` instead
+(criu/cgroup.c, ``collect_cgroups``, ``prepare_cgroup_sfd``): here a symlink per hierarchy to
+the node's mount of its root. A restore takes it only for a CT in a user namespace (every CT
+vzbackup runs): then CRIU's usernsd, in the node's mount namespace, moves the tasks into
+their cgroups; without one each task does, from inside the CT's root, where the node's paths
+don't resolve.
 """
 
 from __future__ import annotations
@@ -17,13 +20,19 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-YARD_PARENT = "/run"
+from vzbackup import syscalls as S
+
+YARD_PARENT = "/run/vzbackup-cgyards"  # one yard per CRIU run: PID-RANDOM
 
 
 def link_names(hierarchy: str) -> list[str]:
     """The names CRIU looks up in a yard for a hierarchy as ``/proc/PID/cgroup`` names it:
-    one per controller, ``name=`` dropped, ``unified`` for cgroup2."""
-    return [n.removeprefix("name=") for n in hierarchy.split(",")] if hierarchy else ["unified"]
+    one per controller (a dump), ``name=`` dropped, ``unified`` for cgroup2; co-mounted
+    controllers also joined by commas (a restore)."""
+    if not hierarchy:
+        return ["unified"]
+    names = [n.removeprefix("name=") for n in hierarchy.split(",")]
+    return names + ([",".join(names)] if len(names) > 1 else [])
 
 
 def yard_links(mountinfo: str, cgroups: str) -> dict[str, str]:
@@ -48,9 +57,10 @@ def yard_links(mountinfo: str, cgroups: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def cgroup_yard(hierarchies: list[str]) -> Iterator[str | None]:
-    """A yard for one CRIU dump of tasks in *hierarchies* (``/proc/PID/cgroup`` names),
+    """A yard for one CRIU run on tasks in *hierarchies* (``/proc/PID/cgroup`` names),
     removed afterwards; None when one of them isn't mounted at its root (CRIU then mounts
-    its own)."""
+    its own). A hierarchy CRIU finds missing in it (a restore: one the images name) CRIU
+    mounts there itself: unmounted here afterwards."""
     try:
         links = yard_links(Path("/proc/self/mountinfo").read_text(),
                            Path("/proc/self/cgroup").read_text())
@@ -59,10 +69,29 @@ def cgroup_yard(hierarchies: list[str]) -> Iterator[str | None]:
     if not links or any(n not in links for h in hierarchies for n in link_names(h)):
         yield None
         return
-    yard = tempfile.mkdtemp(prefix="vzbackup-cgyard-", dir=YARD_PARENT)
+    os.makedirs(YARD_PARENT, mode=0o700, exist_ok=True)
+    _sweep()
+    yard = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=YARD_PARENT)
     try:
         for name, target in links.items():
             os.symlink(target, os.path.join(yard, name))
         yield yard
     finally:
-        shutil.rmtree(yard, ignore_errors=True)
+        _remove(yard)
+
+
+def _sweep() -> None:
+    """Remove the yards of processes that are gone (killed before they removed theirs)."""
+    for entry in os.scandir(YARD_PARENT):
+        pid = entry.name.split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            _remove(entry.path)
+
+
+def _remove(yard: str) -> None:
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(yard):
+            if not entry.is_symlink() and os.path.ismount(entry.path):
+                with contextlib.suppress(OSError):
+                    S.umount(entry.path, S.MNT_DETACH)
+    shutil.rmtree(yard, ignore_errors=True)

@@ -294,8 +294,16 @@ def restore(images_dir: Path, opts: RestoreOptions) -> RestoreResult:
 
     With ``orphan_pts_master`` CRIU recreates the console pty and sends its new master in
     the "orphan-pts-master" notification; it is returned as ``console``."""
+    in_userns = any(images_dir.glob("userns-*.img"))  # see criu/cgyard.py
+    with cgroup_yard([]) if in_userns else contextlib.nullcontext() as yard:
+        return _restore(images_dir, opts, yard)
+
+
+def _restore(images_dir: Path, opts: RestoreOptions, yard: str | None) -> RestoreResult:
     c, fd = _new(images_dir, RESTORE_LOG)
     try:
+        if yard:
+            c.opts.cgroup_yard = yard
         c.opts.root = opts.root
         c.opts.rst_sibling = True
         c.opts.tcp_established = opts.tcp_established
