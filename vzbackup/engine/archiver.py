@@ -49,7 +49,7 @@ from vzbackup.storage.ratelimit import Limiter
 from vzbackup.syscalls import malloc_large_with_mmap
 
 FILE_WINDOW = 8 * 1024 * 1024  # bytes of one file read at once; a stream's buffer holds this
-BUFFERS_KEPT = 8  # free stream buffers kept for reuse (FILE_WINDOW + largest chunk each)
+BUFFERS_KEPT = 4  # free stream buffers kept for reuse (FILE_WINDOW + largest chunk each)
 T_ = TypeVar("T_")
 
 
