@@ -9,6 +9,7 @@ being written, which polling sizes and times can't; without it everything goes a
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ except ImportError:  # pragma: no cover - an older venv: no streaming, same resu
     INotify = None
 
 BATCH_WAIT_MS = 20  # gather what CRIU closes within this long into one request
+WAKE_FILE = ".vzbackup-stop"  # written to wake the thread (a dot file: never sent)
 SKIP_SUFFIXES = (".log",)  # CRIU's own log stays open and never goes to DEST
 
 
@@ -67,11 +69,16 @@ class ImageStream:
         self.sent.update(names)
 
     def stop(self) -> None:
-        """Stop the thread (the dump failed, or it is over)."""
+        """Stop the thread (the dump failed, or it is over). It is woken at once by an event
+        of its own (a file it ignores), not at its next timeout: a "post-dump" waits here."""
         self._stop.set()
         if self._thread is not None:
+            wake = self.images / WAKE_FILE
+            with contextlib.suppress(OSError):
+                wake.write_bytes(b"")
             self._thread.join()
             self._thread = None
+            wake.unlink(missing_ok=True)
 
     def rest(self) -> list[str]:
         """After the dump wrote everything: stop, then the images still to send (closed since

@@ -449,6 +449,8 @@ def test_image_stream_sends_closed_images_and_again_what_changed(tmp_path: Path)
         stream.close()
         log.close()
     sent = {n for n, _ in got} | set(rest)
-    assert sent == {"core-1.img", "inventory.img"}  # never the log
+    assert sent == {"core-1.img", "inventory.img"}  # never the log, nor the wake-up file
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["core-1.img", "dump.log",
+                                                         "inventory.img"]
     assert "core-1.img" in rest or ("core-1.img", b"ONE") in got
     assert stream.bytes == sum(len(b) for _, b in got)
