@@ -26,7 +26,13 @@ from vzbackup.engine import tree as T
 from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
 from vzbackup.engine.crypto import Codec, KeyFile
 from vzbackup.engine.extract import load_tree, restore_tree
-from vzbackup.engine.filescache import RACY_NS, FilesCache
+from vzbackup.engine.filescache import (
+    RACY_NS,
+    UNTRUSTED,
+    FilesCache,
+    make_record,
+    packed_sigs,
+)
 from vzbackup.engine.knowncache import known_chunks
 from vzbackup.engine.prune import KeepPolicy
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
@@ -169,6 +175,20 @@ def test_files_cache_is_dropped_when_the_exclusions_change(repo: Repository, tmp
     backup(repo, src, cache=FilesCache(cache_path, key="/d/b"))
     m, _ = backup(repo, src, cache=FilesCache(cache_path, key=""))
     assert [e.path for e in load_tree(repo, m.tree)] == [".", "d", "d/a", "d/b"]
+
+
+def test_files_cache_record_with_an_unpackable_signature_matches_nothing():
+    """A signature value beyond 64 bits is not packed: the directory is never reused whole
+    and its entries count as changed; packed ones come back as they went in."""
+    names, lines = ["a", "b"], [b"x\n", b"y\n"]
+    bad = [(1, 2, 3, 4), (1 << 64, 2, 3, 4)]
+    rec = make_record(names, bad, lines, [(), ()], [], [], (2, 0, 0, 4), [])
+    assert packed_sigs(bad) is None and rec.sigs == b""
+    assert rec.entries() == {"a": (UNTRUSTED, b"x\n"), "b": (UNTRUSTED, b"y\n")}
+    good = [(1, 2, 3, 4), (5, -6, 7, 8)]
+    rec = make_record(names, good, lines, [(), ()], [], [], (2, 0, 0, 4), [])
+    assert rec.names == "a/b" and rec.sigs == packed_sigs(good)
+    assert rec.entries() == {"a": ((1, 2, 3, 4), b"x\n"), "b": ((5, -6, 7, 8), b"y\n")}
 
 
 def test_identical_trees_of_two_cts_dedup(repo: Repository, tmp_path: Path):

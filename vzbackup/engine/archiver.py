@@ -262,6 +262,8 @@ class Stream:
 
     def write(self, data: bytes) -> None:
         n = len(data)
+        if not n:
+            return  # (an empty directory's block; the first buffer may not exist yet)
         self._room(n)
         self.buf[self.fill : self.fill + n] = data
         self.fill += n
