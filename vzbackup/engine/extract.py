@@ -32,6 +32,8 @@ READ_GAP = 1024 * 1024  # read over unneeded blobs up to this size rather than s
 READ_MAX = 4 * 1024 * 1024  # bytes per ranged read at most: a pack is read in a few parallel
 # GETs (one per chunk costs an object store a round trip and a seek each: 4x slower on RGW)
 PARALLEL_FILE_MAX = 1024 * 1024  # files up to this size are written by the writer pool
+WRITE_BATCH_FILES = 32  # files per writer task at most
+WRITE_BATCH_BYTES = 1024 * 1024  # and about this many bytes
 V1_CHUNK_SIZE = 512 * 1024  # what a version 1 chunk object counts against PREFETCH_BYTES
 
 
@@ -317,24 +319,38 @@ def _set_meta(e: T.Entry, pfd: int, name: str, fd: int | None, strip_acls: bool 
 
 class _Writers:
     """Creates and writes small files in a thread pool: a root filesystem's restore is
-    mostly file creation, which blocks in the kernel without holding the GIL."""
+    mostly file creation, which blocks in the kernel without holding the GIL. Files go to
+    the pool in batches (WRITE_BATCH_FILES or WRITE_BATCH_BYTES): a task per file cost
+    three thread wake-ups each, 12% of a Debian restore's CPU in the scheduler."""
 
     def __init__(self, threads: int) -> None:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="write")
-        self.slots = threading.BoundedSemaphore(threads * 8)  # bounds the data held
+        self.slots = threading.BoundedSemaphore(threads * 4)  # bounds the data held
         self.pending: list[Future] = []
+        self.batch: list[tuple[Callable[..., int], tuple]] = []
+        self.batch_bytes = 0
         self.written = 0
 
-    def submit(self, fn: Callable[..., int], *args: object) -> None:
+    def submit(self, size: int, fn: Callable[..., int], *args: object) -> None:
+        """Run ``fn(*args)`` (it writes about *size* bytes) in the pool, batched."""
+        self.batch.append((fn, args))
+        self.batch_bytes += size
+        if len(self.batch) >= WRITE_BATCH_FILES or self.batch_bytes >= WRITE_BATCH_BYTES:
+            self._send()
+
+    def _send(self) -> None:
+        if not self.batch:
+            return
+        batch, self.batch, self.batch_bytes = self.batch, [], 0
         self.slots.acquire()
         try:
-            fut = self.pool.submit(fn, *args)
+            fut = self.pool.submit(_run_batch, batch)
         except BaseException:
             self.slots.release()
             raise
         fut.add_done_callback(lambda f: self.slots.release())
         self.pending.append(fut)
-        if len(self.pending) >= 1024:
+        if len(self.pending) >= 64:
             self._reap(wait=False)
 
     def _reap(self, wait: bool) -> None:
@@ -349,15 +365,21 @@ class _Writers:
     def drain(self) -> None:
         """Wait for every file submitted so far; raise the first failure."""
         try:
+            self._send()
             self._reap(wait=True)
         finally:
             self.pending = [f for f in self.pending if not f.done()]
 
     def close(self) -> None:
+        self.batch = []
         for fut in self.pending:
             fut.cancel()
         self.pool.shutdown(wait=True)
         self.pending = []
+
+
+def _run_batch(batch: list[tuple[Callable[..., int], tuple]]) -> int:
+    return sum(fn(*args) for fn, args in batch)
 
 
 def restore_tree(
@@ -401,7 +423,7 @@ def restore_tree(
             pfd, name = dirs.parent(e.path)
             if e.kind == T.FILE and e.size <= PARALLEL_FILE_MAX:
                 pieces = list(file_pieces(reader, e))
-                writers.submit(_write_file, e, pfd, name, iter(pieces), dirs.strip_acls)
+                writers.submit(e.size, _write_file, e, pfd, name, iter(pieces), dirs.strip_acls)
             else:
                 if e.kind == T.HARDLINK:
                     writers.drain()  # its target may still be being written
