@@ -272,3 +272,16 @@ class EchoPeer:
         nc = f"nc {HOST_GATEWAY} {self.port} -e /bin/cat"
         bed.sh(ctid, f"setsid {nc} </dev/null >/dev/null 2>&1 &")
         self.accept()
+
+
+# A tenant's own firewall inside a CT: nftables, and a legacy iptables rule
+TENANT_NFT = ("add table inet tenant; add chain inet tenant input { type filter hook input "
+              "priority 0; policy accept; }; add rule inet tenant input tcp dport 2222 drop")
+TENANT_LEGACY = ["iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "2223", "-j", "DROP"]
+
+
+def in_ct_netns(prefix: Path, ctid: int, *argv: str) -> str:
+    """Run *argv* (a node tool) in the network namespace of the running CT *ctid*."""
+    pid = json.loads((prefix / f"vz/run/{ctid}.state").read_text())["init_pid"]
+    return subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", *argv], check=True,
+                          capture_output=True, text=True).stdout

@@ -11,7 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-from nodebed import COUNTER, EchoPeer, NodeBed, http_get, wait_for
+from nodebed import (
+    COUNTER,
+    TENANT_LEGACY,
+    TENANT_NFT,
+    EchoPeer,
+    NodeBed,
+    http_get,
+    in_ct_netns,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("criu_ready")
 
@@ -58,6 +67,8 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
         )
         assert peer.roundtrip(b"before\n") == b"before\n"
         wait_for(lambda: _counter(node, ctid) > 3, what="counter")
+        in_ct_netns(node.prefix, ctid, "nft", TENANT_NFT)  # the tenant's own firewall
+        in_ct_netns(node.prefix, ctid, *TENANT_LEGACY)
         nc_pid = node.sh(ctid, "pidof cat").strip()
         assert node.vz("exec", str(ctid), "flock -n /tmp/lockfile true", check=False).returncode
 
@@ -76,6 +87,10 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
         wait_for(lambda: _counter(node, ctid) > frozen_at + 3, what="counter to continue")
         assert _counter(node, ctid) > frozen_at  # continued, not restarted from 0
         assert node.sh(ctid, "pidof cat").strip() == nc_pid
+        # the network is built anew, the tenant's firewall loaded into it
+        assert "tcp dport 2222 drop" in in_ct_netns(node.prefix, ctid, "nft", "list", "table",
+                                                    "inet", "tenant")
+        assert "--dport 2223 -j DROP" in in_ct_netns(node.prefix, ctid, "iptables-legacy", "-S")
         # The connection carries data both ways after the restore.
         assert peer.roundtrip(b"after restore\n") == b"after restore\n"
         # File lock is still held by the restored process.

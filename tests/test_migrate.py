@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from nodebed import COUNTER, NOBODY_TASK, next_ctid, nobody_pids, wait_for
+from nodebed import COUNTER, NOBODY_TASK, TENANT_NFT, in_ct_netns, next_ctid, nobody_pids, wait_for
 from treecmp import diff, tree_manifest
 from twonode_fixture import twonode
 from vzbackup.migrate.imagestream import ImageStream
@@ -127,6 +127,7 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
     client = Client(ip)
     try:
         assert client.roundtrip(b"before") == b"before"
+        in_ct_netns(bed.a.prefix, ctid, "nft", TENANT_NFT)  # the tenant's own firewall
         before = _counter(bed.a, ctid)
         res, report = _migrate(bed, bed.a, bed.b, ctid, *flags, "--remove-area", "no")
         assert report["mode"] == mode and report["ok"] and report["runs_on"] == "dest"
@@ -142,6 +143,8 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
         time.sleep(0.3)
         assert _counter(bed.b, ctid) > before
         assert client.roundtrip(b"after the move") == b"after the move"
+        assert "tcp dport 2222 drop" in in_ct_netns(bed.b.prefix, ctid, "nft", "list",
+                                                    "ruleset")
         # --remove-area no: the source keeps its (stopped) files, equal to DEST's
         assert "deleted" in _status(bed.a, ctid)
         assert not diff(_files(_private(bed.a, ctid)), _files(_private(bed.b, ctid)))

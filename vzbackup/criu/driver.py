@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vzbackup import constants as C
+from vzbackup.criu import netfilter
 from vzbackup.criu.cgyard import cgroup_yard
 from vzbackup.criu.check import criu_binary, pycriu_module
 from vzbackup.errors import CheckpointError
@@ -130,6 +131,7 @@ def dump(
     """
     images_dir.mkdir(parents=True, exist_ok=True)
     save_cgroup_tree(pid, images_dir)
+    netfilter.save(pid, images_dir)  # restore() rebuilds the network; CRIU drops the rules
     hierarchies = own_cgroup_controllers(pid)
     with cgroup_yard(hierarchies) as yard:
         return _dump(pid, images_dir, opts, notify, hierarchies, yard)
@@ -318,11 +320,21 @@ def _restore(images_dir: Path, opts: RestoreOptions, yard: str | None) -> Restor
         c.opts.lazy_pages = opts.lazy_pages
         if opts.cgroup_root:
             c.opts.cg_root.add(path=opts.cgroup_root)
-        hooks = {"setup-namespaces": opts.setup_net, "post-setup-namespaces": opts.after_net_lock,
+        setup = opts.setup_net and _with_firewall(opts.setup_net, images_dir)
+        hooks = {"setup-namespaces": setup, "post-setup-namespaces": opts.after_net_lock,
                  "post-restore": opts.post_restore}
         return _restore_with_notify(c, images_dir, {k: v for k, v in hooks.items() if v})
     finally:
         os.close(fd)
+
+
+def _with_firewall(setup_net: Callable[[int], None], images_dir: Path
+                   ) -> Callable[[int], None]:
+    """The setup-namespaces step: the caller's network, then the CT's saved firewall."""
+    def step(pid: int) -> None:
+        setup_net(pid)
+        netfilter.load(pid, images_dir)
+    return step
 
 
 def _restore_with_notify(
