@@ -69,6 +69,8 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
         wait_for(lambda: _counter(node, ctid) > 3, what="counter")
         in_ct_netns(node.prefix, ctid, "nft", TENANT_NFT)  # the tenant's own firewall
         in_ct_netns(node.prefix, ctid, *TENANT_LEGACY)
+        in_ct_netns(node.prefix, ctid, "sysctl", "-qw", "net.ipv4.tcp_keepalive_time=1234",
+                    "net.ipv4.conf.all.rp_filter=2")
         nc_pid = node.sh(ctid, "pidof cat").strip()
         assert node.vz("exec", str(ctid), "flock -n /tmp/lockfile true", check=False).returncode
 
@@ -91,6 +93,8 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
         assert "tcp dport 2222 drop" in in_ct_netns(node.prefix, ctid, "nft", "list", "table",
                                                     "inet", "tenant")
         assert "--dport 2223 -j DROP" in in_ct_netns(node.prefix, ctid, "iptables-legacy", "-S")
+        assert in_ct_netns(node.prefix, ctid, "sysctl", "-n", "net.ipv4.tcp_keepalive_time",
+                           "net.ipv4.conf.all.rp_filter").split() == ["1234", "2"]
         # The connection carries data both ways after the restore.
         assert peer.roundtrip(b"after restore\n") == b"after restore\n"
         # File lock is still held by the restored process.

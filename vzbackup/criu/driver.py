@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vzbackup import constants as C
-from vzbackup.criu import netfilter
+from vzbackup.criu import netconf
 from vzbackup.criu.cgyard import cgroup_yard
 from vzbackup.criu.check import criu_binary, pycriu_module
 from vzbackup.errors import CheckpointError
@@ -131,7 +131,7 @@ def dump(
     """
     images_dir.mkdir(parents=True, exist_ok=True)
     save_cgroup_tree(pid, images_dir)
-    netfilter.save(pid, images_dir)  # restore() rebuilds the network; CRIU drops the rules
+    netconf.save(pid, images_dir)  # restore() rebuilds the network; CRIU drops the rules
     hierarchies = own_cgroup_controllers(pid)
     with cgroup_yard(hierarchies) as yard:
         return _dump(pid, images_dir, opts, notify, hierarchies, yard)
@@ -333,7 +333,7 @@ def _with_firewall(setup_net: Callable[[int], None], images_dir: Path
     """The setup-namespaces step: the caller's network, then the CT's saved firewall."""
     def step(pid: int) -> None:
         setup_net(pid)
-        netfilter.load(pid, images_dir)
+        netconf.load(pid, images_dir)
     return step
 
 
