@@ -131,7 +131,7 @@ def dump(
     """
     images_dir.mkdir(parents=True, exist_ok=True)
     save_cgroup_tree(pid, images_dir)
-    netconf.save(pid, images_dir)  # restore() rebuilds the network; CRIU drops the rules
+    netconf.save(pid, images_dir)  # restore() rebuilds the network: CRIU drops its settings
     hierarchies = own_cgroup_controllers(pid)
     with cgroup_yard(hierarchies) as yard:
         return _dump(pid, images_dir, opts, notify, hierarchies, yard)
@@ -320,7 +320,7 @@ def _restore(images_dir: Path, opts: RestoreOptions, yard: str | None) -> Restor
         c.opts.lazy_pages = opts.lazy_pages
         if opts.cgroup_root:
             c.opts.cg_root.add(path=opts.cgroup_root)
-        setup = opts.setup_net and _with_firewall(opts.setup_net, images_dir)
+        setup = opts.setup_net and _with_netconf(opts.setup_net, images_dir)
         hooks = {"setup-namespaces": setup, "post-setup-namespaces": opts.after_net_lock,
                  "post-restore": opts.post_restore}
         return _restore_with_notify(c, images_dir, {k: v for k, v in hooks.items() if v})
@@ -328,9 +328,10 @@ def _restore(images_dir: Path, opts: RestoreOptions, yard: str | None) -> Restor
         os.close(fd)
 
 
-def _with_firewall(setup_net: Callable[[int], None], images_dir: Path
+def _with_netconf(setup_net: Callable[[int], None], images_dir: Path
                    ) -> Callable[[int], None]:
-    """The setup-namespaces step: the caller's network, then the CT's saved firewall."""
+    """The setup-namespaces step: the caller's network, then the CT's saved firewall and
+    sysctls (``netconf``)."""
     def step(pid: int) -> None:
         setup_net(pid)
         netconf.load(pid, images_dir)
