@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from vzbackup import errors as E
 from vzbackup.criu import blockers, driver
 from vzbackup.criu.check import criu_check, criu_fixes, pycriu_module
 from vzbackup.ct import network, ops
+from vzbackup.ct.nsexec import run_in_ns
 from vzbackup.timer import Timer
 
 if TYPE_CHECKING:
@@ -315,8 +315,7 @@ def tls_page_server_problem(pid: int) -> str | None:
 
 def _sysv_shm_segments(pid: int) -> int:
     """SysV shared memory segments in the IPC namespace of *pid*."""
-    res = subprocess.run(["nsenter", f"--ipc=/proc/{pid}/ns/ipc", "cat", "/proc/sysvipc/shm"],
-                         capture_output=True, text=True, timeout=30, check=False)
+    res = run_in_ns(pid, ("ipc",), ["cat", "/proc/sysvipc/shm"])
     return max(0, len(res.stdout.splitlines()) - 1)
 
 
@@ -355,18 +354,14 @@ def _unlock_network(pid: int) -> None:
     """Drop CRIU's network lock in the CT's netns. CRIU leaves it in place when a lazy page
     transfer fails after "post-dump" (it resumes the tasks but skips its own unlock): an nft
     table ``inet CRIU-...`` or iptables' CRIU chain, whichever the dump used."""
-    netns = ["nsenter", f"--net=/proc/{pid}/ns/net"]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        res = subprocess.run([*netns, "nft", "-j", "list", "tables"], capture_output=True,
-                             text=True, timeout=30, check=False)
+    with contextlib.suppress(E.VzError):
+        res = run_in_ns(pid, ("net",), ["nft", "-j", "list", "tables"])
         for item in json.loads(res.stdout or "{}").get("nftables", []):
             table = item.get("table", {})
             if table.get("family") == "inet" and str(table.get("name", "")).startswith("CRIU-"):
-                subprocess.run([*netns, "nft", "delete", "table", "inet", table["name"]],
-                               capture_output=True, timeout=30, check=False)
+                run_in_ns(pid, ("net",), ["nft", "delete", "table", "inet", table["name"]])
     for tool in ("iptables", "ip6tables"):
         for rule in (["-D", "INPUT", "-j", "CRIU"], ["-D", "OUTPUT", "-j", "CRIU"],
                      ["-F", "CRIU"], ["-X", "CRIU"]):
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", tool, "-w", *rule],
-                               capture_output=True, timeout=30, check=False)
+            with contextlib.suppress(E.VzError):
+                run_in_ns(pid, ("net",), [tool, "-w", *rule])

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import subprocess
 from pathlib import Path
 
-from vzbackup.errors import CheckpointError, DependencyError
+from vzbackup.ct.nsexec import run_in_ns
+from vzbackup.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +58,7 @@ def _in_netns(pid: int, argv: list[str], stdin: str | None = None, *, as_ct: boo
               check: bool = True) -> str:
     """Run *argv* (a node tool) in the network namespace of host *pid*; *as_ct*: in its user
     namespace too, as its root. Returns the output."""
-    ns = [f"--net=/proc/{pid}/ns/net"]
-    if as_ct and os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user"):
-        ns.insert(0, f"--user=/proc/{pid}/ns/user")
-    try:
-        res = subprocess.run(["nsenter", *ns, *argv], input=stdin, capture_output=True,
-                             text=True, check=False)
-    except FileNotFoundError:
-        raise DependencyError("nsenter is missing", hint="apt-get install util-linux") from None
+    res = run_in_ns(pid, ("net",), argv, stdin=stdin, as_ct=as_ct)
     if res.returncode and check:
         raise CheckpointError(f"{argv[0]} in the CT's network namespace failed: "
                               f"{res.stderr.strip() or res.returncode}")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from vzbackup.config.net import IFNAMSIZ, Netif, routed_addr
 from vzbackup.constants import HOST_GATEWAY
 from vzbackup.ct import antispoof
+from vzbackup.ct.nsexec import ns_argv
 from vzbackup.errors import (
     ConfigError,
     DependencyError,
@@ -141,7 +142,7 @@ def _ip(
     """
     cmd = ["ip", *args]
     if pid is not None:
-        cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", *cmd]
+        cmd = [*ns_argv(pid, "net"), *cmd]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=_CMD_TIMEOUT)
     except FileNotFoundError as e:
@@ -164,7 +165,7 @@ def _ip_batch(cmds: list[list[str]], *, pid: int | None = None) -> None:
         return
     cmd = ["ip", "-batch", "-"]
     if pid is not None:
-        cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", *cmd]
+        cmd = [*ns_argv(pid, "net"), *cmd]
     script = "".join(shlex.join(c) + "\n" for c in cmds)
     try:
         res = subprocess.run(cmd, input=script, capture_output=True, text=True,
