@@ -29,6 +29,9 @@ class Kind(enum.StrEnum):
 
 BULK_KINDS = frozenset({Kind.PACK})  # synced by flush(), not object by object
 RETAINED_KINDS = frozenset({Kind.SNAPSHOT})  # written under an immutability lock if set
+# never synced: a lock matters only while its writer lives, and a crash that loses it took
+# the writer with it (NFS commits on close anyway)
+VOLATILE_KINDS = frozenset({Kind.LOCK})
 
 
 @dataclass(frozen=True)

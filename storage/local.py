@@ -5,7 +5,8 @@ crash leaves either the old object or the new one. Everything is fsync'ed with i
 directory as it is written, except bulk objects (packs, see ``Kind``): their data is synced
 by the thread that writes them (in parallel with the backup's other work), their
 directories by ``flush()``, which also syncs the objects ``touch``ed since (reused packs an
-interrupted writer may have left unsynced). A snapshot is published after a flush. Unlike
+interrupted writer may have left unsynced), and locks, which are never synced (see
+``VOLATILE_KINDS``). A snapshot is published after a flush. Unlike
 syncfs, this never waits for other writers' data on the same filesystem.
 ``put_if_absent`` uses link(2), which fails if the name exists, so two writers never both win.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from vzbackup.storage.backend import (
     BULK_KINDS,
+    VOLATILE_KINDS,
     Backend,
     BackendError,
     Kind,
@@ -45,7 +47,7 @@ class DirBackend(Backend):
             raise BackendError(f"invalid object key {key!r}")
         return self.root / key
 
-    def _write_tmp(self, target: Path, data: bytes) -> Path:
+    def _write_tmp(self, target: Path, data: bytes, sync: bool = True) -> Path:
         if target.parent not in self._dirs:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(target.parent)
@@ -60,7 +62,7 @@ class DirBackend(Backend):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if self.fsync:
+            if self.fsync and sync:
                 os.fdatasync(fd)
         except BaseException:
             os.close(fd)
@@ -82,12 +84,12 @@ class DirBackend(Backend):
     def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
         target = self._path(key)
         try:
-            tmp = self._write_tmp(target, data)
+            tmp = self._write_tmp(target, data, sync=kind not in VOLATILE_KINDS)
             os.replace(tmp, target)
             if kind in BULK_KINDS:
                 with self._unsynced_lock:
                     self._unsynced.add(target.parent)
-            else:
+            elif kind not in VOLATILE_KINDS:
                 self._sync_dir(target.parent)
         except OSError as e:
             raise BackendError(f"{self.url}: cannot write {key}: {e.strerror}") from e

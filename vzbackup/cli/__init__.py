@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import logging
@@ -68,4 +69,9 @@ def cli(ctx: click.Context, prefix: str, verbose: int) -> None:
 
 
 def main() -> None:
-    run_guarded(cli)
+    try:
+        run_guarded(cli)
+    finally:
+        # exit without the collector's last pass over every object still alive (a backup
+        # leaves its files cache and chunk sets: 20-40 ms of an unchanged backup's 0.2 s)
+        gc.freeze()

@@ -426,7 +426,8 @@ class Repository:
     # --- snapshots -------------------------------------------------------------------------
     def publish(self, manifest: Manifest, log_text: str) -> Manifest:
         """Write the log, then the manifest (create-if-absent, a clash moves the time on)."""
-        stamp = datetime.strptime(manifest.time, TIME_FMT).replace(tzinfo=UTC)
+        stamp = datetime.fromisoformat(manifest.time)  # TIME_FMT (no strptime: its import
+        #                                                 is ~2 ms of an unchanged backup)
         self.flush()  # the packs are durable before anything refers to them
         for _ in range(60):
             manifest.time = stamp.strftime(TIME_FMT)
