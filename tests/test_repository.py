@@ -165,6 +165,51 @@ def test_files_cache_keeps_hardlinks_right_when_the_walk_order_changes(repo: Rep
     assert os.stat(out / "b/y").st_ino == os.stat(out / "c/x").st_ino
 
 
+def test_unchanged_tree_reuses_its_file_list_and_any_change_makes_a_new_one(
+        repo: Repository, tmp_path: Path):
+    """An unchanged backup takes the last file list's chunks without cutting it; a change
+    anywhere (the root's own metadata, an entry added to a directory whose mtime was set
+    back, so only its ctime tells) makes a new one that restores as the source is."""
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    cache_path = tmp_path / "c.zst"
+
+    def walk() -> tuple[list[str], TreeWriter]:
+        store = ChunkStore(repo, known_chunks(repo), threads=2, stats=Stats())
+        cache = FilesCache(cache_path)
+        try:
+            writer = TreeWriter(repo, store, cache=cache)
+            tree = writer.write(src)
+            store.finish()
+        finally:
+            store.close()
+        repo.publish(Manifest(id="", ctid=101, time=time.strftime(TIME_FMT, time.gmtime()),
+                              tree=tree, refs=sorted(store.refs)), "log\n")
+        cache.save()
+        return tree, writer
+
+    settle()
+    first, _ = walk()
+    again, writer = walk()
+    assert again == first and not writer.meta.chunks  # reused, nothing cut
+    for change in (lambda: os.chmod(src, 0o711),
+                   lambda: add_keeping_mtime(src / "etc", "added")):
+        change()
+        settle()
+        tree, writer = walk()
+        assert tree != first and writer.meta.chunks
+        out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+        restore_tree(repo, load_tree(repo, tree), out)
+        assert diff(tree_manifest(src), tree_manifest(out)) == []
+        first = tree
+
+
+def add_keeping_mtime(d: Path, name: str) -> None:
+    st = os.stat(d)
+    (d / name).write_text("new\n")
+    os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def test_files_cache_is_dropped_when_the_exclusions_change(repo: Repository, tmp_path: Path):
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)

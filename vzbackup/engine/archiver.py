@@ -10,7 +10,8 @@ An entry's content is a list of ``[chunk, offset, length]`` slices.
 Hashing, compression and encryption run in a bounded thread pool that fills pack files
 (pack.py), written as they fill; the walk reads ahead while the pool works. The files
 cache (filescache.py) lets an unchanged directory reuse its file list lines, and an
-unchanged file its slices, without being read or encoded again.
+unchanged file its slices, without being read or encoded again; an unchanged tree reuses
+the last file list's chunks (nothing is cut or hashed, not even ``pyfastcdc`` imported).
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import pyfastcdc
-
 from vzbackup.engine import tree as T
 from vzbackup.engine.filescache import (
     NAME_SEP,
@@ -39,6 +38,7 @@ from vzbackup.engine.filescache import (
     DirRecord,
     FilesCache,
     Sig,
+    Tree,
     make_record,
     packed_sigs,
     signature,
@@ -188,6 +188,24 @@ class ChunkStore:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class Chunker:
+    """FastCDC with the repository's parameters; ``pyfastcdc`` is imported when something
+    is first cut (an unchanged backup cuts nothing)."""
+
+    def __init__(self, min_size: int, avg_size: int, max_size: int) -> None:
+        self.min_size, self.avg_size, self.max_size = min_size, avg_size, max_size
+        self._cdc = None
+
+    def cut_buf(self, data: memoryview) -> Iterable:
+        """The chunks of *data* (each with ``offset`` and ``length``)."""
+        if self._cdc is None:
+            import pyfastcdc
+
+            self._cdc = pyfastcdc.FastCDC(avg_size=self.avg_size, min_size=self.min_size,
+                                          max_size=self.max_size)
+        return self._cdc.cut_buf(data)
+
+
 class Buffers:
     """Stream buffers of one size, reused once every chunk cut from one has been processed.
 
@@ -233,7 +251,7 @@ class Stream:
     plus the largest chunk).
     """
 
-    def __init__(self, cdc: pyfastcdc.FastCDC, store: ChunkStore, buffers: Buffers) -> None:
+    def __init__(self, cdc: Chunker, store: ChunkStore, buffers: Buffers) -> None:
         self.cdc = cdc
         self.store = store
         self.buffers = buffers
@@ -360,7 +378,7 @@ def read_into(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
-def chunk_file(store: ChunkStore, cdc: pyfastcdc.FastCDC, buffers: Buffers, fd: int,
+def chunk_file(store: ChunkStore, cdc: Chunker, buffers: Buffers, fd: int,
                path: str, regions: list[list[int]], exact: bool) -> tuple[list[list], int]:
     """Chunk one file's data *regions* as one stream (in the file pool, FILE_WINDOW bytes at
     a time) and store the chunks (in the chunk pool); closes *fd*. Returns the file's slices
@@ -440,7 +458,7 @@ class TreeWriter:
                  exclude: Excluder | None = None, progress: Progress | None = None,
                  log: Callable[[str], None] = lambda m: None) -> None:
         mn, avg, mx = repo.chunker_params
-        self.cdc = pyfastcdc.FastCDC(avg_size=avg, min_size=mn, max_size=mx)
+        self.cdc = Chunker(mn, avg, mx)
         self.avg = avg
         self.repo = repo
         self.store = store
@@ -528,30 +546,53 @@ class TreeWriter:
         if not stat.S_ISDIR(root_st.st_mode):
             raise RuntimeFailure(f"{root} is not a directory")
         self.root_dev = root_st.st_dev
-        self._add(str(root), ".", root_st)
-        stack = [(str(root), "")]
+        self._add(str(root), ".", root_st)  # a directory: its line is written at once
+        head = bytes(memoryview(self.meta.buf)[: self.meta.fill])
+        stack = [(str(root), "", False)]
         while stack:
-            abs_dir, rel_dir = stack.pop()
-            stack.extend(reversed(self._dir(abs_dir, rel_dir)))
+            stack.extend(reversed(self._dir(*stack.pop())))
         self.small.finish()
         self._drain(force=True)
-        self.meta.finish()
+        tree = self._same_tree(head)
+        if tree is None:
+            self.meta.finish()
+            tree = tuple(fut.result() for _, _, fut in self.meta.chunks)
         if self.cache is not None:
             for b in self.builds:
                 self.cache.put(b.rel, b.record())
-        return [fut.result() for _, _, fut in self.meta.chunks]
+            self.cache.tree = (head, tree)
+        return list(tree)
 
-    def _dir(self, abs_dir: str, rel_dir: str) -> list[tuple[str, str]]:
-        """Write the entries of one directory; returns the subdirectories to walk."""
-        names, sts = list_dir(abs_dir)
+    def _same_tree(self, head: bytes) -> tuple[str, ...] | None:
+        """The last backup's file list chunks, if this one is the same byte for byte: every
+        directory's lines were reused (so in the same walk order) after the same header and
+        root lines. Nothing of it was cut yet (a list longer than a buffer just dedups)."""
+        cache = self.cache
+        old: Tree | None = cache.old_tree if cache is not None else None
+        if old is None or self.builds or self.meta.chunks or old[0] != head:
+            return None
+        if not cache.unchanged() or not self.store.known.issuperset(old[1]):
+            return None
+        self.store.refs.update(old[1])
+        return old[1]
+
+    def _dir(self, abs_dir: str, rel_dir: str, same_names: bool) -> list[tuple[str, str, bool]]:
+        """Write the entries of one directory; returns the subdirectories to walk, each with
+        whether its own signature held (*same_names*: it still has the names cached for
+        it, since adding, removing or renaming an entry sets a directory's mtime)."""
         old = self.cache.get(rel_dir) if self.cache is not None else None
-        if old is not None and self.cache.use_inode and self._reuse_dir(old, rel_dir, names, sts):
-            subdirs: Iterable[int] = old.subdirs
-        else:
-            subdirs = self._entries(abs_dir, rel_dir, names, sts, old)
+        sts = None
+        if same_names and old is not None:
+            names = old.names.split(NAME_SEP) if old.names else []
+            sts = stat_names(abs_dir, names)  # no listing; None if one vanished meanwhile
+        if sts is None:
+            names, sts = list_dir(abs_dir)
         base = abs_dir.rstrip("/") + "/"
         prefix = rel_dir + "/" if rel_dir else ""
-        return [(base + names[i], prefix + names[i]) for i in subdirs]
+        if old is not None and self.cache.use_inode and self._reuse_dir(old, rel_dir, names, sts):
+            return [(base + names[i], prefix + names[i], True) for i in old.subdirs]
+        return [(base + names[i], prefix + names[i], same)
+                for i, same in self._entries(abs_dir, rel_dir, names, sts, old)]
 
     def _reuse_dir(self, old: DirRecord, rel_dir: str, names: list[str],
                    sts: list[os.stat_result | None]) -> bool:
@@ -598,8 +639,10 @@ class TreeWriter:
         return True
 
     def _entries(self, abs_dir: str, rel_dir: str, names: list[str],
-                 sts: list[os.stat_result | None], old: DirRecord | None) -> list[int]:
-        """Write a directory's entries one by one (reusing unchanged ones' cached lines)."""
+                 sts: list[os.stat_result | None], old: DirRecord | None
+                 ) -> list[tuple[int, bool]]:
+        """Write a directory's entries one by one (reusing unchanged ones' cached lines);
+        returns the subdirectories to walk: (index, whether its line was reused)."""
         base = abs_dir.rstrip("/") + "/"
         prefix = rel_dir + "/" if rel_dir else ""
         build = None
@@ -621,13 +664,14 @@ class TreeWriter:
                 continue
             was = old_at.get(name)
             slot = (build, i) if build is not None else None
-            if was is None or not self._reuse_line(*was, st, build, i):
+            reused = was is not None and self._reuse_line(*was, st, build, i)
+            if not reused:
                 content = self._old_content(*was, st) if was is not None else None
                 self._add(base + name, rel, st, slot, content)
             if is_dir and st.st_dev == self.root_dev:
-                subdirs.append(i)
+                subdirs.append((i, reused))
         if build is not None:
-            build.subdirs = subdirs
+            build.subdirs = [i for i, _ in subdirs]
             build.counts = (st0.files - before[0], st0.dirs - before[1], st0.other - before[2],
                             st0.bytes_total - before[3])
             build.skipped = st0.skipped[before[4]:]
@@ -782,6 +826,21 @@ def list_dir(path: str) -> tuple[list[str], list[os.stat_result | None]]:
     finally:
         os.close(fd)
     return names, sts
+
+
+def stat_names(path: str, names: list[str]) -> list[os.stat_result] | None:
+    """The lstat of *names* in the directory *path* (known not to have changed: no
+    listing); None if one of them is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise RuntimeFailure(f"cannot read directory {path}: {e.strerror}") from None
+    try:
+        return [os.stat(n, dir_fd=fd, follow_symlinks=False) for n in names]
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _lstat_at(name: str, dir_fd: int) -> os.stat_result | None:

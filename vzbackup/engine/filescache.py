@@ -8,14 +8,19 @@ list, and the chunks the lines reference. When every entry of a directory still 
 signature, the directory's lines go into the new file list as they are: two comparisons per
 directory (its names joined, its signatures packed into one ``bytes``; both built in C), no
 ``listxattr``, no JSON. Otherwise each entry whose signature matches keeps its
-line, and a file whose content signature matches keeps its chunks (no read).
+line, and a file whose content signature matches keeps its chunks (no read). A directory
+whose own signature held still has the names recorded for it (adding, removing or renaming
+an entry sets its mtime): it is not listed again, only its entries are stat'ed. When every
+directory was reused as it was and the root's line is the same, the file list is the last
+backup's byte for byte: its chunks (*tree*) are reused without cutting or hashing it.
 
 ctime covers everything else an entry carries (mode, owner, xattrs, ACLs, content): any
 change sets it to the current time. An entry changed less than ``RACY_NS`` before the backup
 started is not trusted next time, since a second change within the same clock tick would
 leave its signature unchanged.
 
-The file is ``MAGIC`` + zstd(marshal((key, {dir path: record tuple}))): local, written by
+The file is ``MAGIC`` + zstd(marshal((key, {dir path: record tuple}, tree))), *tree* the
+last file list's first lines (header, root) and chunk ids, or None: local, written by
 this host's vzbackup only, and rebuilt from scratch whenever it is unreadable, from another
 Python version, or was made with other exclusions (*key*).
 """
@@ -35,10 +40,11 @@ from typing import NamedTuple
 
 import zstandard
 
-MAGIC = b"vzbackup-files-cache\x05"
+MAGIC = b"vzbackup-files-cache\x06"
 RACY_NS = 100_000_000  # coarse kernel clocks tick every few ms; keep a wide margin
 
 Sig = tuple[int, int, int, int]  # inode, size, mtime ns, ctime ns
+Tree = tuple[bytes, tuple[str, ...]]  # a file list's header and root lines, its chunk ids
 UNTRUSTED: Sig = (-1, -1, -1, -1)  # matches no entry: racy, vanished
 signature = operator.attrgetter("st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
 """An entry's ``Sig`` from its ``os.stat_result`` (in C: it runs for every entry)."""
@@ -98,7 +104,8 @@ def make_record(names: list[str], sigs: list[Sig], lines: list[bytes],
 
 
 class FilesCache:
-    """Directory records of the last backup (*old*) and of this one (*new*)."""
+    """Directory records of the last backup (*old*) and of this one (*new*), and the file
+    list each wrote (*old_tree*, *tree*)."""
 
     def __init__(self, path: Path | None, *, use_inode: bool = True, key: str = "") -> None:
         self.path = path
@@ -106,23 +113,26 @@ class FilesCache:
         self.key = f"{sys.version_info[:2]}\n{key}"  # marshal's format may change with Python
         self.old: dict[str, DirRecord] = {}
         self.new: dict[str, DirRecord] = {}
+        self.old_tree: Tree | None = None
+        self.tree: Tree | None = None
         if path is not None:
-            self.old = self._load(path)
+            self.old, self.old_tree = self._load(path)
 
-    def _load(self, path: Path) -> dict[str, DirRecord]:
+    def _load(self, path: Path) -> tuple[dict[str, DirRecord], Tree | None]:
         try:
             raw = path.read_bytes()
         except OSError:
-            return {}
+            return {}, None
         if not raw.startswith(MAGIC):
-            return {}
+            return {}, None
         try:
-            key, dirs = marshal.loads(zstandard.ZstdDecompressor().decompress(raw[len(MAGIC):]))
+            key, dirs, tree = marshal.loads(
+                zstandard.ZstdDecompressor().decompress(raw[len(MAGIC):]))
             if key != self.key:
-                return {}
-            return {d: DirRecord._make(rec) for d, rec in dirs.items()}
+                return {}, None
+            return {d: DirRecord._make(rec) for d, rec in dirs.items()}, tree
         except (ValueError, EOFError, TypeError, zstandard.ZstdError):
-            return {}  # only an optimisation: start over
+            return {}, None  # only an optimisation: start over
 
     def get(self, rel_dir: str) -> DirRecord | None:
         return self.old.get(rel_dir)
@@ -130,15 +140,19 @@ class FilesCache:
     def put(self, rel_dir: str, rec: DirRecord) -> None:
         self.new[rel_dir] = rec
 
+    def unchanged(self) -> bool:
+        """Whether this backup reused every directory record of the last one as it was."""
+        return self.new.keys() == self.old.keys() and all(
+            self.new[d] is self.old[d] for d in self.new)
+
     def save(self) -> None:
-        """Write the new records (unless they are exactly the old ones)."""
+        """Write the new records and tree (unless they are exactly the old ones)."""
         if not self.path:
             return
-        if self.new.keys() == self.old.keys() and all(
-                self.new[d] is self.old[d] for d in self.new):
+        if self.tree == self.old_tree and self.unchanged():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = marshal.dumps((self.key, {d: tuple(r) for d, r in self.new.items()}))
+        data = marshal.dumps((self.key, {d: tuple(r) for d, r in self.new.items()}, self.tree))
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
             tmp.write_bytes(MAGIC + zstandard.ZstdCompressor(level=1).compress(data))
