@@ -188,12 +188,19 @@ def page_rate(rep: dict) -> str:
     return f"  pages {pages / secs / 1e6:.0f} MB/s" if pages > 2**20 and secs else ""
 
 
+def _dirs(rep: dict) -> str:
+    """How much of the tree the final sync visited (migrate.changes)."""
+    n = rep.get("final_sync_dirs")
+    return "all" if n is None else str(n)
+
+
 def print_run(label: str, method: str, rep: dict) -> None:
     gap = rep.get("seen_gap")
     steps = rep.get("frozen_steps") or {}
     print(f"{label} {method:<12} frozen {rep['frozen']:7.3f} s"
           f"  seen {gap if gap is None else round(gap, 3)!s:>6}"
           f"  total {rep['total']:7.2f} s  load {rep['load']:.1f}{page_rate(rep)}  "
+          f"final sync dirs {_dirs(rep)}  "
           + " ".join(f"{k}={v:.2f}" for k, v in rep.get("times", {}).items())
           + ("  frozen: " + " ".join(f"{k}={v:.3f}" for k, v in steps.items()) if steps else ""),
           flush=True)

@@ -50,7 +50,8 @@ class TreePusher(Protocol):
     """Makes remote directory *dst* a copy of local *src* (migrate.sync.push_tree)."""
 
     def __call__(self, session: RemoteSession, src: Path, dst: str, *, method: str = ...,
-                 bwlimit_kbps: int | None = ..., remote_nice: int = ...) -> PushStats: ...
+                 bwlimit_kbps: int | None = ..., remote_nice: int = ...,
+                 only_dirs: list[str] | None = ...) -> PushStats: ...
 
 
 class DestAgent:

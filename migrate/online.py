@@ -105,7 +105,7 @@ class OnlineDump:
         priority at both ends: with a quicker dump it is often what ends the freeze (the
         Debian CT at load ~4.6: rsync 1.28 s beside a 0.86 s dump)."""
         with self.mig.phase("final_sync"):
-            self.mig.push_private(urgent=True)
+            self.mig.push_private(final=True, urgent=True)
 
     def _hand_over(self) -> None:
         mig = self.mig

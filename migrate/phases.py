@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vzbackup.migrate import history
+from vzbackup.migrate import changes, history
 from vzbackup.migrate.cpuinfo import cpuinfo_dump
 from vzbackup.migrate.dest import DestAgent, RemoteSession, TreePusher
 from vzbackup.migrate.journal import Journal
@@ -34,7 +34,7 @@ from vzbackup.migrate.sync import remote_has_rsync
 from vzbackup import __version__
 from vzbackup import constants as C
 from vzbackup import errors as E
-from vzbackup.criu.blockers import blockers, reopen_detached
+from vzbackup.criu.blockers import blockers, reopen_detached, tree
 from vzbackup.criu.check import criu_binary, criu_version, pycriu_module
 from vzbackup.ct import fs, network, ops, registry
 from vzbackup.ct.container import Container
@@ -80,6 +80,7 @@ class Report:
     bytes_sent: dict[str, int] = field(default_factory=dict)  # tree, images, pages
     frozen_steps: dict[str, float] = field(default_factory=dict)  # sub-steps of the freeze
     dest_steps: dict[str, float] = field(default_factory=dict)  # as DEST timed them
+    final_sync_dirs: int | None = None  # directories the final sync visited (None: all)
     preflight: dict[str, Any] = field(default_factory=dict)
     runs_on: str = "source"
     error: str = ""
@@ -96,6 +97,7 @@ class Report:
             "frozen": round(self.frozen, 4),
             "frozen_steps": {k: round(v, 4) for k, v in self.frozen_steps.items()},
             "dest_steps": {k: round(v, 4) for k, v in self.dest_steps.items()},
+            "final_sync_dirs": self.final_sync_dirs,
             "total": round(self.total, 4),
             "bytes_sent": self.bytes_sent,
             "preflight": self.preflight,
@@ -136,6 +138,7 @@ class Migration:
         self.committed = False
         self.journal = Journal(ct.ctid, "source", peer=self.report.dest,
                                remove_area=opts.remove_area)
+        self.changes: changes.ChangeWatch | None = None  # since the first sync
         self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ the migration
@@ -168,6 +171,7 @@ class Migration:
         """Copy, hand over, commit: DEST owns the CT afterwards."""
         self.dest.call("prepare")
         try:
+            self.watch_changes()
             with self.phase("first_sync"):
                 self.push_private()
             if not self.ct.running:
@@ -187,6 +191,9 @@ class Migration:
             if not self.committed:
                 self.dest.abort(keep_private=self.opts.keep_dst)
             raise
+        finally:
+            if self.changes is not None:
+                self.changes.close()
         self.report.runs_on = "dest"
         with self.phase("cleanup"):
             self.cleanup_source()
@@ -279,7 +286,7 @@ class Migration:
             ops.stop(ct)
         try:
             with self.phase("final_sync"):
-                self.push_private()
+                self.push_private(final=True)
             with self.phase("start"):
                 self.dest.call("start")
             with self.phase("commit"):
@@ -335,18 +342,34 @@ class Migration:
             self.report.times[name] = self.report.times.get(name, 0.0) + time.monotonic() - t
 
     def push(self, what: str, src: Path, dst: str, method: str | None = None, *,
-             urgent: bool = False) -> None:
+             urgent: bool = False, only_dirs: list[str] | None = None) -> None:
         """Push a tree to DEST, counting its bytes as *what* (tree, images); *urgent*: DEST's
         rsync runs at the freeze's priority too (ours inherits it from the calling thread)."""
         stats = self.push_tree(
             self.session, src, dst, method=method or self.opts.sync_method,
             bwlimit_kbps=self.opts.bwlimit_kbps,
-            remote_nice=C.FREEZE_NICE if urgent else 0,
+            remote_nice=C.FREEZE_NICE if urgent else 0, only_dirs=only_dirs,
         )
         self.count(what, int(getattr(stats, "bytes_sent", 0) or 0))
 
-    def push_private(self, *, urgent: bool = False) -> None:
-        self.push("tree", self.ct.ve_private(), self.hello["private"], urgent=urgent)
+    def watch_changes(self) -> None:
+        """Record what changes in the private area of a running CT from now on, so that the
+        final sync (in the freeze) visits only that (migrate.changes)."""
+        if self.ct.running and self.opts.sync_method == "rsync":
+            self.changes = changes.start(self.ct.ve_private(), self._tasks())
+
+    def push_private(self, *, final: bool = False, urgent: bool = False) -> None:
+        """The private area to DEST: all of it, or for the *final* sync (the CT frozen or
+        stopped) the directories that changed since the first one where they are known."""
+        only = self.changes.changed(self._tasks()) if final and self.changes else None
+        if final:
+            self.report.final_sync_dirs = None if only is None else len(only)
+        self.push("tree", self.ct.ve_private(), self.hello["private"], urgent=urgent,
+                  only_dirs=only)
+
+    def _tasks(self) -> list[int]:
+        state = self.ct.state()
+        return tree(state.init_pid) if state is not None else []
 
     def count(self, what: str, n: int) -> None:
         self.report.bytes_sent[what] = self.report.bytes_sent.get(what, 0) + n

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -98,6 +98,7 @@ def push_tree(
     remote_rsync: str = "rsync",
     remote_nice: int = 0,
     via: str = "auto",
+    only_dirs: list[str] | None = None,
 ) -> SyncStats:
     """Make remote directory *dst* a copy of local directory *src* (contents, not the dir).
 
@@ -106,6 +107,9 @@ def push_tree(
     *progress* gets the running total of bytes sent. rsync runs *via* "openssh" (the
     client, default when installed) or "session" (the paramiko session, through the bridge);
     the remote rsync runs at niceness *remote_nice* (below 0 where allowed: nice warns else).
+    *only_dirs* (rsync only; migrate.changes): visit just these directories (``DIR/.``
+    relative to *src*), each one level deep, deleting there what *src* lacks; [] sends
+    nothing. The stream ignores it and sends the whole tree.
     """
     if method not in ("auto", "rsync", "stream"):
         raise UsageError(f"unknown transfer method {method!r}", hint="auto, rsync or stream")
@@ -129,7 +133,11 @@ def push_tree(
         push = _push_rsync_openssh if ssh is not None else _push_rsync
         if remote_nice:
             remote_rsync = f"nice -n {int(remote_nice)} {remote_rsync}"
-        sent, files = push(session, src, dst, bwlimit_kbps, delete, progress, remote_rsync)
+        if only_dirs == []:
+            return SyncStats(method, 0, time.monotonic() - start, 0)
+        with _files_from(only_dirs) as listing:
+            sent, files = push(session, src, dst, bwlimit_kbps, delete, progress, remote_rsync,
+                               listing)
     else:
         sent, files = _push_stream(session, src, dst, bwlimit_kbps, delete, progress), None
     return SyncStats(method, sent, time.monotonic() - start, files)
@@ -213,9 +221,23 @@ class _Relay:
             chan.shutdown_write()
 
 
+@contextlib.contextmanager
+def _files_from(dirs: list[str] | None) -> Iterator[str | None]:
+    """A NUL-separated list of *dirs* for rsync's --files-from (None: no list)."""
+    if dirs is None:
+        yield None
+        return
+    with tempfile.NamedTemporaryFile(prefix="vzb-dirs-") as f:
+        f.write(b"".join(os.fsencode(d) + b"\0" for d in dirs))
+        f.flush()
+        yield f.name
+
+
 def _rsync_argv(session: Session, src: Path, dst: str, rsh: str, bwlimit: int | None,
-                delete: bool, rsync_path: str) -> list[str]:
+                delete: bool, rsync_path: str, listing: str | None) -> list[str]:
     argv = ["rsync", *RSYNC_OPTS, "--rsh", rsh, "--rsync-path", rsync_path]
+    # -a recurses except with --files-from; --dirs then copies a "DIR/." entry's contents
+    argv += ["--dirs", "--from0", f"--files-from={listing}"] if listing else []
     argv += ["--delete"] if delete else []
     argv += [f"--bwlimit={bwlimit}"] if bwlimit else []
     target = session.target
@@ -239,11 +261,12 @@ def _rsync_counts(stdout: str) -> tuple[int | None, int | None]:
 
 def _push_rsync_openssh(
     session: Session, src: Path, dst: str, bwlimit: int | None, delete: bool,
-    progress: Progress | None, remote_rsync: str,
+    progress: Progress | None, remote_rsync: str, listing: str | None,
 ) -> tuple[int, int | None]:
     rsh = shlex.join(session.openssh_command() or [])
     mkdir = f"mkdir -p {shlex.quote(os.path.dirname(dst.rstrip('/')) or '/')}"
-    argv = _rsync_argv(session, src, dst, rsh, bwlimit, delete, f"{mkdir} && {remote_rsync}")
+    argv = _rsync_argv(session, src, dst, rsh, bwlimit, delete, f"{mkdir} && {remote_rsync}",
+                       listing)
     res = subprocess.run(argv, capture_output=True, text=True, check=False)
     if res.returncode not in (0, C.RSYNC_VANISHED):
         raise _rsync_failed(session, dst, res.returncode, res.stderr, "", None)
@@ -255,12 +278,12 @@ def _push_rsync_openssh(
 
 def _push_rsync(
     session: Session, src: Path, dst: str, bwlimit: int | None, delete: bool,
-    progress: Progress | None, remote_rsync: str,
+    progress: Progress | None, remote_rsync: str, listing: str | None,
 ) -> tuple[int, int | None]:
     session.run(["mkdir", "-p", os.path.dirname(dst.rstrip("/")) or "/"])
     relay = _Relay(session, remote_rsync + " ", progress)
     bridge = f"{sys.executable} -m {rsh_bridge.__name__} {relay.path}"
-    argv = _rsync_argv(session, src, dst, bridge, bwlimit, delete, remote_rsync)
+    argv = _rsync_argv(session, src, dst, bridge, bwlimit, delete, remote_rsync, listing)
     try:
         res = subprocess.run(argv, capture_output=True, text=True, check=False)
     finally:

@@ -27,6 +27,12 @@ pytestmark = pytest.mark.slow
 Bed = twonode.TwoNodes
 Node = twonode.BedNode
 ECHO_PORT = 7000
+WINDOW_SETUP = "mkdir -p /data/tree/a/b && echo deep > /data/tree/a/b/f && echo bye > /data/gone"
+WINDOW_CHANGES = (  # by the CT between the first sync and the freeze: all must arrive
+    "cd /data && mv tree moved && rm gone && mkdir -p fresh/x && echo new > fresh/x/f && "
+    "chmod 700 moved/a && mv fresh/x/f moved/a/b/g && echo more >> moved/a/b/f && "
+    "ln -s moved/a/b/g x"
+)
 
 
 class Client:
@@ -91,6 +97,30 @@ def _migrate(bed: Bed, src: Node, dst: Node, ctid: int, *extra: str, check: bool
     return res, report
 
 
+def _migrate_with_window_changes(bed: Bed, ctid: int, *extra: str) -> dict:
+    """Migrate A -> B; the CT changes files (WINDOW_CHANGES) after the first sync, while
+    the migration is held still at DEST's staging (before anything is frozen)."""
+    proc = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m", "vzbackup.cli",
+         "-v", "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "--json", *extra],
+        env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stderr is not None
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if "phase stage" in line:
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                bed.a.sh(ctid, WINDOW_CHANGES)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            break
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, "".join(log) + err
+    return json.loads(out)
+
+
 def _spawn_migrate(bed: Bed, ctid: int, *extra: str) -> subprocess.Popen[str]:
     """A migration A -> B in the background (to disturb it while it runs)."""
     return subprocess.Popen(
@@ -128,9 +158,12 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
     try:
         assert client.roundtrip(b"before") == b"before"
         in_ct_netns(bed.a.prefix, ctid, "nft", TENANT_NFT)  # the tenant's own firewall
+        bed.a.sh(ctid, WINDOW_SETUP)
         before = _counter(bed.a, ctid)
-        res, report = _migrate(bed, bed.a, bed.b, ctid, *flags, "--remove-area", "no")
+        report = _migrate_with_window_changes(bed, ctid, *flags, "--remove-area", "no")
         assert report["mode"] == mode and report["ok"] and report["runs_on"] == "dest"
+        # the final sync visited only what changed since the first (migrate.changes)...
+        assert report["final_sync_dirs"], report
         for phase in ("preflight", "first_sync", "dump", "final_sync", "image_transfer",
                       "restore", "commit"):
             assert phase in report["times"], report
@@ -145,10 +178,13 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
         assert client.roundtrip(b"after the move") == b"after the move"
         assert "tcp dport 2222 drop" in in_ct_netns(bed.b.prefix, ctid, "nft", "list",
                                                     "ruleset")
-        # --remove-area no: the source keeps its (stopped) files, equal to DEST's
+        # --remove-area no: the source keeps its (stopped) files, equal to DEST's (...and
+        # every change the CT made before the freeze arrived)
         assert "deleted" in _status(bed.a, ctid)
         assert not diff(_files(_private(bed.a, ctid)), _files(_private(bed.b, ctid)))
         assert bed.b.sh(ctid, "cat /data/hard") == "payload\n"
+        assert bed.b.sh(ctid, "cat /data/moved/a/b/f /data/x; ls /data") == \
+            "deep\nmore\nnew\nf\nfresh\nhard\nmoved\nx\n"
         assert len(nobody_pids(bed.b, ctid)) == 1
     finally:
         client.close()

@@ -3,6 +3,7 @@ session, the tar+zstd stream, fallback, failures at DEST."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from treecmp import diff, make_rich_tree, tree_manifest
 from twonode_fixture import ssh_target, twonode
-from vzbackup.migrate import sync
+from vzbackup.migrate import changes, sync
 from vzbackup.migrate.rsh_bridge import main as bridge_main
 from vzbackup.migrate.ssh import Session
 
@@ -93,6 +94,50 @@ def test_push_then_incremental(
     if method == "rsync":
         assert second.bytes_sent * 20 < first.bytes_sent
         assert second.files == 2
+
+
+def test_final_sync_of_the_changed_dirs_only(rich: Path, session: Session, work: Path) -> None:
+    """What a CT does between the first sync and the freeze arrives, by visiting only the
+    directories a change watch recorded: writes (one through a shared mapping, no event),
+    renames of files and of a whole tree, deletions, new trees, attributes, odd names."""
+    src, dst = work / "src", work / "dst"
+    subprocess.run(["cp", "-a", str(rich), str(src)], check=True)
+    for d in ("keep/deep", "moving/sub/subsub", "moving/sub/other", "gone/inner", "mapped"):
+        (src / d).mkdir(parents=True)
+    for f in ("keep/deep/k", "moving/sub/subsub/m", "moving/sub/other/o", "gone/inner/g",
+              "mapped/shm"):
+        (src / f).write_bytes(b"0123456789" * 100)
+    with open(src / "mapped/shm", "r+b") as f:
+        shared = mmap.mmap(f.fileno(), 1000)  # writes through it raise no fanotify event
+    watch = changes.start(src, [os.getpid()])
+    assert watch is not None, "no fanotify filesystem mark on the bed's filesystem"
+    try:
+        sync.push_tree(session, src, str(dst), method="rsync")
+        (src / "etc/conf7").write_text("setting_7 = 1\n")  # same size as before
+        (src / "etc/conf8").rename(src / "home/conf8")
+        (src / "etc/conf9").unlink()
+        (src / "moving").rename(src / "home/moved")  # a whole tree, deep entries unchanged
+        (src / "home/moved/sub/subsub/m2").write_text("new in a moved dir\n")
+        shutil.rmtree(src / "gone")
+        (src / "fresh/a\nb").mkdir(parents=True)  # newline: rsync's list is NUL-separated
+        (src / "fresh/a\nb/f").write_text("new tree\n")
+        os.chmod(src / "tmp", 0o700)
+        os.symlink("conf1", src / "etc/link")
+        shared[:5] = b"XXXXX"
+        only = watch.changed([os.getpid()])
+        assert only is not None, watch.why
+        assert "keep/deep/." not in only and "bin/." not in only
+        assert {"etc/.", "home/.", "home/moved/sub/subsub/.", "fresh/a\nb/.", "tmp/.",
+                "mapped/.", "."} <= set(only)
+        stats = sync.push_tree(session, src, str(dst), method="rsync", only_dirs=only)
+        assert stats.files is not None and stats.files < 10
+        assert same(src, dst) == []
+        assert sync.push_tree(session, src, str(dst), only_dirs=[]).bytes_sent == 0
+        os.link(src / "etc/conf10", src / "etc/conf10.link")  # rsync -H must see both names
+        assert watch.changed() is None and "hard links" in watch.why
+    finally:
+        shared.close()
+        watch.close()
 
 
 @pytest.mark.parametrize("method", METHODS)
