@@ -15,8 +15,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
@@ -125,6 +123,9 @@ class HookScript:
         Output goes to files, not pipes, so a daemon the script leaves behind with our
         stdout can't keep the call from returning.
         """
+        import subprocess  # only with a hook script (most jobs have none)
+        import tempfile
+
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
                 proc = subprocess.Popen(

@@ -29,7 +29,6 @@ notification, after the files were taken), ``phase("post-restart")`` once it run
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -417,6 +416,8 @@ def _keep_failed_log(run: _Run, state_dir: Path, err: E.CheckpointError) -> E.Ch
     from vzbackup.criu import driver
 
     kept = run.tmpdir / f"vzbackup-dump-{run.ct.ctid}.failed.log"
+    import shutil  # only here: an unchanged backup's start stays short
+
     try:
         shutil.copy(state_dir / driver.DUMP_LOG, kept)
     except OSError:

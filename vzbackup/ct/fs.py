@@ -11,9 +11,7 @@ import fcntl
 import logging
 import os
 import re
-import shutil
 import stat
-import subprocess
 from pathlib import Path
 
 from vzbackup.errors import DependencyError, RuntimeFailure
@@ -95,6 +93,8 @@ def is_btrfs_subvolume(path: str | Path) -> bool:
 
 
 def _btrfs(*args: str) -> None:
+    import subprocess  # (here and below: a backup of a plain directory needs neither)
+
     try:
         res = subprocess.run(["btrfs", *args], capture_output=True, text=True, check=False)
     except FileNotFoundError:
@@ -189,6 +189,8 @@ def delete_subvolume(path: str | Path) -> None:
         # A read-only snapshot must become writable before its files can be removed.
         with contextlib.suppress(RuntimeFailure, DependencyError):
             _btrfs("property", "set", "-ts", str(path), "ro", "false")
+        import shutil
+
         shutil.rmtree(path)  # root may rmdir an empty subvolume (Linux >= 4.18)
 
 
@@ -198,6 +200,8 @@ def remove_tree(path: str | Path, *, ignore_errors: bool = False) -> None:
         if is_btrfs_subvolume(path) and not is_mount_point(path):
             delete_subvolume(path)
         elif os.path.lexists(path):
+            import shutil
+
             shutil.rmtree(path)
     except (OSError, RuntimeFailure, DependencyError):
         if not ignore_errors:
