@@ -114,6 +114,21 @@ def test_conditional_writes_are_detected(s3_bucket: Bucket):
     assert not list(be.list(CLAIM_PREFIX))  # the probe object is gone
 
 
+def test_first_pack_starts_the_probe_in_the_background(s3_bucket: Bucket):
+    be = backend(s3_bucket)
+    be.put("lk", b"lock", Kind.LOCK)
+    assert be._probe is None  # a lock alone (a restore, a prune) never probes
+    be.put("data/p1", b"pack", Kind.PACK)
+    assert be._probe is not None
+    assert be._probe.result(timeout=60) is True
+    assert be.conditional is True
+    before = be.requests
+    assert be.put_if_absent("m", b"manifest", Kind.SNAPSHOT)
+    assert be.requests == before + 1  # the answer was ready: one PutObject
+    be.close()
+    assert not list(backend(s3_bucket).list(CLAIM_PREFIX))
+
+
 def test_touch_moves_mtime_and_keeps_content(s3_bucket: Bucket):
     be = backend(s3_bucket)
     be.put("chunks/aa/aa", b"x" * 100)
