@@ -19,6 +19,9 @@ SECRET_KEY=${VZBACKUP_S3_SECRET_KEY:-testtest}
 OSD_BYTES=${VZBACKUP_S3_OSD_BYTES:-21474836480}  # sparse: only what is written uses disk
 PACKAGES=(ceph-mon ceph-osd radosgw curl)
 CONF="-c $DIR/ceph.conf"
+# tcp_nodelay: without it every response under ~64 KiB (a small GET, a ranged read) waits
+# 40 ms: the body's segment is held by Nagle until the client's delayed ACK of the headers
+FRONTENDS="beast endpoint=127.0.0.1:$PORT tcp_nodelay=1"
 
 log() { printf '[s3-server] %s\n' "$*" >&2; }
 
@@ -61,7 +64,7 @@ osd memory target = 1073741824
 bluestore cache autotune = false
 bluestore cache size = 268435456
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$PORT
+rgw frontends = $FRONTENDS
 rgw dns name = localhost
 CONF
 }
@@ -110,7 +113,7 @@ start() {
     # shellcheck disable=SC2086
     ceph-osd $CONF -i 0 2>>"$DIR/log/stderr.log"
     # shellcheck disable=SC2086
-    radosgw $CONF -n client.rgw.a
+    radosgw $CONF -n client.rgw.a --rgw-frontends "$FRONTENDS"  # also for an older ceph.conf
   else
     create_cluster
   fi
