@@ -18,9 +18,18 @@ with empty buckets and an empty local cache:
 Ratios are raw seconds / vzbackup seconds (>= 1: vzbackup is faster). Issue 14's target,
 printed as PASS/FAIL: vzbackup >= 0.8x one raw boto3 transfer of one object holding the same
 bytes (the tar), both ways. The S3 requests of each backup and restore are reported
-(``storage_requests`` in the JSON of dump and restore). Throughput is the logical size of
-the private area per second. The load average is printed with the results: on a shared
-machine they are noisy. The RGW is started with scripts/s3-server.sh unless it already
+(``storage_requests`` in the JSON of dump and restore), and the CPU seconds each transfer
+cost the client and the S3 server (radosgw + ceph-osd, read from /proc): on a machine
+with few cores the server competes with the backup's compression for them. Throughput
+is the logical size of the private area per second. The load average is printed with
+the results: on a shared machine they are noisy.
+
+The restored CTs are destroyed at the end of the round, not between the restores: on an
+ext4 without a journal, inode allocation skips (and re-reads, at every allocation) the
+inodes deleted in the last minutes (ext4's ``recently_deleted``), so a restore right
+after a 300 MB tree was deleted spends most of its CPU there, in the kernel.
+
+The RGW is started with scripts/s3-server.sh unless it already
 answers (and stopped again only then). Results go to bench/results/s3-TIMESTAMP.json.
 Run as root after scripts/setup.sh:
 
@@ -54,15 +63,30 @@ from backup import (
     DataSet,
     log,
     measure,
+    own_cpu_s,
     tree_size,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench/results"
 SERVER = ROOT / "scripts/s3-server.sh"
-ENDPOINT = "http://127.0.0.1:7480"
+ENDPOINT = f"http://127.0.0.1:{os.environ.get('VZBACKUP_S3_PORT', '7480')}"  # as the tests
 ACCESS_KEY, SECRET_KEY = "test", "testtest"
 RAW_THREADS = 10  # boto3's default max_pool_connections
+SERVER_PROCESSES = ("radosgw", "ceph-osd")
+
+
+def server_cpu_s() -> float:
+    """CPU seconds the S3 server's processes (radosgw, ceph-osd) have used so far."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1]
+            if name in SERVER_PROCESSES:
+                utime, stime = fields.split()[11:13]
+                total += int(utime) + int(stime)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def client() -> object:
@@ -96,6 +120,12 @@ class S3Bench:
 
     def vz(self, *args: str) -> object:
         return measure([*self.vz_cmd, "--prefix", str(self.prefix), *args])
+
+    def vz_cpu(self, *args: str) -> tuple[object, float]:
+        """A vzbackup command's Run and the S3 server's CPU seconds meanwhile."""
+        before = server_cpu_s()
+        r = self.vz(*args)
+        return r, server_cpu_s() - before
 
     def setup(self) -> dict:
         if subprocess.run(["bash", str(SERVER), "status"]).returncode != 0:
@@ -143,18 +173,17 @@ class S3Bench:
         shutil.rmtree(self.prefix / "var/cache/vzbackup", ignore_errors=True)
         os.sync()
 
-    def restore(self, *args: str) -> tuple[float, int]:
-        """Seconds and S3 requests of a restore into a new CT (destroyed afterwards)."""
-        rctid = str(self.args.restore_ctid)
-        r = self.vz("restore", *args, rctid, "--ipadd", "none", "--json")
-        self.vz("destroy", rctid)
-        return r.seconds, json.loads(r.out).get("storage_requests", 0)
+    def restore(self, ctid: int, *args: str) -> tuple[object, float, int]:
+        """Run, server CPU seconds and S3 requests of a restore into the new CT *ctid*."""
+        r, server = self.vz_cpu("restore", *args, str(ctid), "--ipadd", "none", "--json")
+        return r, server, json.loads(r.out).get("storage_requests", 0)
 
-    def timed(self, fn: object) -> float:
+    def timed(self, fn: object) -> tuple[float, float, float]:
+        """Seconds, this process's CPU seconds and the S3 server's of *fn*."""
         os.sync()
-        t0 = time.perf_counter()
+        c0, s0, t0 = own_cpu_s(), server_cpu_s(), time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, own_cpu_s() - c0, server_cpu_s() - s0
 
     def round(self, n: int) -> dict:
         vz_bucket, raw_bucket = self.new_bucket(), self.new_bucket()
@@ -166,35 +195,42 @@ class S3Bench:
         out = {"local_upload_s": r.seconds}
         log(f"round {n}: vzbackup dump to the dir storage {r.seconds:.2f} s")
         self.drop_cache()
-        r = self.vz("dump", "--storage", "s3", str(self.args.ctid), "--json")
+        r, server = self.vz_cpu("dump", "--storage", "s3", str(self.args.ctid), "--json")
         res = json.loads(r.out)["results"][0]
         if not res["ok"]:
             raise RuntimeError(f"vzbackup dump failed: {res}")
         out.update({"vz_upload_s": r.seconds, "stored_new": res["stats"].get("stored_new"),
                     "requests": res["stats"].get("storage_requests"),
-                    "chunks_new": res["stats"].get("chunks_new")})
+                    "chunks_new": res["stats"].get("chunks_new"),
+                    "vz_upload_cpu": r.cpu_s, "vz_upload_server_cpu": server})
         log(f"round {n}: vzbackup dump {r.seconds:.2f} s")
 
-        # the restores in turns: each leaves a deleted tree the disk is still discarding
+        # in turns, each into its own new CT; none is deleted before both ran (see above)
+        ctids = {"s3": self.args.restore_ctid, "local": self.args.restore_ctid + 1}
         for way in ("s3", "local") if n % 2 == 0 else ("local", "s3"):
             self.drop_cache()  # a disaster restore: nothing but the bucket
             if way == "s3":
-                out["vz_download_s"], out["restore_requests"] = self.restore(
-                    "--storage", "s3", res["snapshot"])
-                log(f"round {n}: vzbackup restore {out['vz_download_s']:.2f} s "
+                r, server, out["restore_requests"] = self.restore(
+                    ctids[way], "--storage", "s3", res["snapshot"])
+                out.update({"vz_download_s": r.seconds, "vz_download_cpu": r.cpu_s,
+                            "vz_download_server_cpu": server})
+                log(f"round {n}: vzbackup restore {r.seconds:.2f} s "
                     f"({out['restore_requests']} requests)")
             else:
-                out["local_download_s"], _ = self.restore(local_snapshot)
-                log(f"round {n}: vzbackup restore from the dir storage "
-                    f"{out['local_download_s']:.2f} s")
+                r, _, _ = self.restore(ctids[way], local_snapshot)
+                out["local_download_s"] = r.seconds
+                log(f"round {n}: vzbackup restore from the dir storage {r.seconds:.2f} s")
 
         tar = self.work / "tree.tar"
         back = self.work / "tree.tar.back"
-        out["tar_upload_s"] = self.timed(lambda: self.s3.upload_file(str(tar), raw_bucket,
-                                                                     "tree.tar"))
-        out["tar_download_s"] = self.timed(lambda: self.s3.download_file(raw_bucket, "tree.tar",
-                                                                         str(back)))
+        for way, fn in (("upload", lambda: self.s3.upload_file(str(tar), raw_bucket, "tree.tar")),
+                        ("download", lambda: self.s3.download_file(raw_bucket, "tree.tar",
+                                                                   str(back)))):
+            out[f"tar_{way}_s"], out[f"tar_{way}_cpu"], out[f"tar_{way}_server_cpu"] = \
+                self.timed(fn)
         back.unlink()
+        for ctid in ctids.values():
+            self.vz("destroy", str(ctid))
         log(f"round {n}: one tar: upload_file {out['tar_upload_s']:.2f} s, "
             f"download_file {out['tar_download_s']:.2f} s")
         if self.args.per_file:
@@ -207,7 +243,7 @@ class S3Bench:
     def per_file(self, n: int, bucket: str) -> dict:
         files = [p for p in self.private.rglob("*") if p.is_file() and not p.is_symlink()]
         with ThreadPoolExecutor(RAW_THREADS) as pool:
-            up = self.timed(lambda: list(pool.map(lambda p: self.s3.upload_file(
+            up, _, _ = self.timed(lambda: list(pool.map(lambda p: self.s3.upload_file(
                 str(p), bucket, "files/" + p.relative_to(self.private).as_posix()), files)))
         dest = self.work / "raw-download"
         keys = [o["Key"] for page in self.s3.get_paginator("list_objects_v2").paginate(
@@ -215,7 +251,7 @@ class S3Bench:
         for k in keys:
             (dest / k).parent.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(RAW_THREADS) as pool:
-            down = self.timed(lambda: list(pool.map(
+            down, _, _ = self.timed(lambda: list(pool.map(
                 lambda k: self.s3.download_file(bucket, k, str(dest / k)), keys)))
         shutil.rmtree(dest)
         log(f"round {n}: per file ({len(files)}): upload_file {up:.2f} s, "
@@ -223,7 +259,7 @@ class S3Bench:
         return {"raw_upload_s": up, "raw_download_s": down}
 
     def cleanup_prefix(self) -> None:
-        for ctid in (self.args.restore_ctid, self.args.ctid):
+        for ctid in (self.args.restore_ctid, self.args.restore_ctid + 1, self.args.ctid):
             subprocess.run([*self.vz_cmd, "--prefix", str(self.prefix), "destroy", str(ctid)],
                            capture_output=True, timeout=120, check=False)
         shutil.rmtree(self.prefix, ignore_errors=True)
@@ -263,7 +299,8 @@ def main() -> None:
                     help="also upload and download every file with boto3 (slow)")
     ap.add_argument("--prefix", default="/var/tmp/vzbench-s3", help="private node prefix")
     ap.add_argument("--ctid", type=int, default=9201)
-    ap.add_argument("--restore-ctid", type=int, default=9202)
+    ap.add_argument("--restore-ctid", type=int, default=9202,
+                    help="the restores go to this CT and the next one")
     args = ap.parse_args()
     if os.geteuid():
         raise SystemExit("run as root")
@@ -301,6 +338,10 @@ def main() -> None:
         print(line)
     print("(ratios: the other's seconds / vzbackup's with S3; dir storage: the same vzbackup "
           "command on a local directory, i.e. what S3 adds)")
+    print("CPU s, client + S3 server: " + ", ".join(
+        f"{way} vzbackup {med[f'vz_{way}_cpu']:.2f} + {med[f'vz_{way}_server_cpu']:.2f}, "
+        f"one tar {med[f'tar_{way}_cpu']:.2f} + {med[f'tar_{way}_server_cpu']:.2f}"
+        for way in ("upload", "download")))
     print(f"S3 requests: {med['requests']:.0f} per backup ({med['chunks_new']:.0f} new chunks, "
           f"{med['stored_new'] / MB:.0f} MB stored), {med['restore_requests']:.0f} per restore")
     print(f"\nJSON: {out_path}")
