@@ -30,6 +30,7 @@ from vzbackup.engine.filescache import (
     RACY_NS,
     UNTRUSTED,
     FilesCache,
+    entries,
     make_record,
     packed_sigs,
 )
@@ -37,7 +38,13 @@ from vzbackup.engine.knowncache import known_chunks
 from vzbackup.engine.prune import KeepPolicy
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.engine.verify import verify
-from vzbackup.errors import ConfigError, DamagedError, LockedError, StorageError
+from vzbackup.errors import (
+    ConfigError,
+    DamagedError,
+    LockedError,
+    RuntimeFailure,
+    StorageError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,6 +211,31 @@ def test_unchanged_tree_reuses_its_file_list_and_any_change_makes_a_new_one(
         first = tree
 
 
+def test_files_cache_lines_are_read_only_when_a_directory_changed(repo: Repository,
+                                                                   tmp_path: Path):
+    """An unchanged backup never decodes the cached lines (damage there goes unnoticed);
+    once something changed, damaged lines fail the backup clearly and the cache is
+    removed, so the next backup starts over."""
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    cache_path = tmp_path / "c.zst"
+    settle()
+    m1, _ = backup(repo, src, cache=FilesCache(cache_path))
+    raw = bytearray(cache_path.read_bytes())
+    raw[-40:] = bytes(40)  # the end of the second frame: the lines
+    cache_path.write_bytes(bytes(raw))
+    m2, s2 = backup(repo, src, cache=FilesCache(cache_path))
+    assert m2.tree == m1.tree and s2.bytes_read == 0
+    (src / "etc/conf3").write_text("changed\n")
+    with pytest.raises(RuntimeFailure, match=r"files cache .* damaged"):
+        backup(repo, src, cache=FilesCache(cache_path))
+    assert not cache_path.exists()
+    m3, _ = backup(repo, src, cache=FilesCache(cache_path))
+    out = tmp_path / "out"
+    restore_tree(repo, load_tree(repo, m3.tree), out)
+    assert diff(tree_manifest(src), tree_manifest(out)) == []
+
+
 def add_keeping_mtime(d: Path, name: str) -> None:
     st = os.stat(d)
     (d / name).write_text("new\n")
@@ -227,13 +259,14 @@ def test_files_cache_record_with_an_unpackable_signature_matches_nothing():
     and its entries count as changed; packed ones come back as they went in."""
     names, lines = ["a", "b"], [b"x\n", b"y\n"]
     bad = [(1, 2, 3, 4), (1 << 64, 2, 3, 4)]
-    rec = make_record(names, bad, lines, [(), ()], [], [], (2, 0, 0, 4), [])
+    rec, rec_lines = make_record(names, bad, lines, [(), ()], [], [], (2, 0, 0, 4), [])
     assert packed_sigs(bad) is None and rec.sigs == b""
-    assert rec.entries() == {"a": (UNTRUSTED, b"x\n"), "b": (UNTRUSTED, b"y\n")}
+    assert entries(rec, rec_lines) == {"a": (UNTRUSTED, b"x\n"), "b": (UNTRUSTED, b"y\n")}
     good = [(1, 2, 3, 4), (5, -6, 7, 8)]
-    rec = make_record(names, good, lines, [(), ()], [], [], (2, 0, 0, 4), [])
+    rec, rec_lines = make_record(names, good, lines, [(), ()], [], [], (2, 0, 0, 4), [])
     assert rec.names == "a/b" and rec.sigs == packed_sigs(good)
-    assert rec.entries() == {"a": ((1, 2, 3, 4), b"x\n"), "b": ((5, -6, 7, 8), b"y\n")}
+    assert entries(rec, rec_lines) == {"a": ((1, 2, 3, 4), b"x\n"),
+                                       "b": ((5, -6, 7, 8), b"y\n")}
 
 
 def test_identical_trees_of_two_cts_dedup(repo: Repository, tmp_path: Path):

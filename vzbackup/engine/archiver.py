@@ -35,10 +35,12 @@ from vzbackup.engine.filescache import (
     NAME_SEP,
     RACY_NS,
     UNTRUSTED,
+    DirLines,
     DirRecord,
     FilesCache,
     Sig,
     Tree,
+    entries,
     make_record,
     packed_sigs,
     signature,
@@ -441,7 +443,7 @@ class _DirBuild:
         self.counts = (0, 0, 0, 0)
         self.skipped: list[str] = []
 
-    def record(self) -> DirRecord:
+    def record(self) -> tuple[DirRecord, DirLines]:
         return make_record(self.names, self.sigs, self.lines, self.chunks, self.subdirs,
                            self.links, self.counts, self.skipped)
 
@@ -475,6 +477,9 @@ class TreeWriter:
         self.hardlinks: dict[tuple[int, int], str] = {}
         self.builds: list[_DirBuild] = []
         self.racy_ns = 0  # entries changed after this are not trusted by the next backup
+        # reused directories whose lines are not written yet: while nothing changed, the
+        # last file list may be reused whole (their lines are then never even decoded)
+        self.held: list[str] | None = [] if cache is not None and cache.old_tree else None
         self.root_dev = 0
 
     # --- output in walk order ----------------------------------------------------------------
@@ -489,6 +494,13 @@ class TreeWriter:
             self.queue.append(_Pending(None, raw=raw))
         else:
             self.meta.write(raw)
+
+    def _release_held(self) -> None:
+        """Something changed: write the lines of the directories reused so far."""
+        if self.held is not None:
+            rels, self.held = self.held, None
+            for rel in rels:
+                self._write_lines(self.cache.old_lines(rel).block)
 
     def _drain(self, force: bool) -> None:
         while self.queue:
@@ -555,21 +567,22 @@ class TreeWriter:
         self._drain(force=True)
         tree = self._same_tree(head)
         if tree is None:
+            self._release_held()
             self.meta.finish()
             tree = tuple(fut.result() for _, _, fut in self.meta.chunks)
         if self.cache is not None:
             for b in self.builds:
-                self.cache.put(b.rel, b.record())
+                self.cache.put(b.rel, *b.record())
             self.cache.tree = (head, tree)
         return list(tree)
 
     def _same_tree(self, head: bytes) -> tuple[str, ...] | None:
         """The last backup's file list chunks, if this one is the same byte for byte: every
-        directory's lines were reused (so in the same walk order) after the same header and
-        root lines. Nothing of it was cut yet (a list longer than a buffer just dedups)."""
+        directory's lines were reused (so in the same walk order; none written yet) after
+        the same header and root lines."""
         cache = self.cache
         old: Tree | None = cache.old_tree if cache is not None else None
-        if old is None or self.builds or self.meta.chunks or old[0] != head:
+        if old is None or self.held is None or old[0] != head:
             return None
         if not cache.unchanged() or not self.store.known.issuperset(old[1]):
             return None
@@ -616,7 +629,10 @@ class TreeWriter:
         st.other += other
         st.bytes_total += nbytes
         st.skipped.extend(old.skipped)
-        self._write_lines(old.block)
+        if self.held is not None:
+            self.held.append(rel_dir)
+        else:
+            self._write_lines(self.cache.old_lines(rel_dir).block)
         self.cache.put(rel_dir, old)
         self._progress(nbytes)
         return True
@@ -649,7 +665,8 @@ class TreeWriter:
         if self.cache is not None:
             build = _DirBuild(rel_dir, names)
             self.builds.append(build)
-        old_at = old.entries() if old is not None else {}
+        self._release_held()
+        old_at = entries(old, self.cache.old_lines(rel_dir)) if old is not None else {}
         st0 = self.stats
         before = (st0.files, st0.dirs, st0.other, st0.bytes_total, len(st0.skipped))
         subdirs = []

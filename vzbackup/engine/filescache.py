@@ -19,8 +19,10 @@ change sets it to the current time. An entry changed less than ``RACY_NS`` befor
 started is not trusted next time, since a second change within the same clock tick would
 leave its signature unchanged.
 
-The file is ``MAGIC`` + zstd(marshal((key, {dir path: record tuple}, tree))), *tree* the
-last file list's first lines (header, root) and chunk ids, or None: local, written by
+The file is ``MAGIC``, the lengths of two zstd frames (8 bytes each, little endian), then
+the frames: marshal((key, {dir path: record tuple}, tree)), *tree* the last file list's first
+lines (header, root) and its chunk ids (or None), and marshal({dir path: lines tuple}), the
+bulk of the file, decoded only when a directory changed. Local, written by
 this host's vzbackup only, and rebuilt from scratch whenever it is unreadable, from another
 Python version, or was made with other exclusions (*key*).
 """
@@ -31,6 +33,7 @@ import contextlib
 import marshal
 import operator
 import os
+import struct
 import sys
 from array import array
 from collections.abc import Iterable
@@ -40,7 +43,9 @@ from typing import NamedTuple
 
 import zstandard
 
-MAGIC = b"vzbackup-files-cache\x06"
+from vzbackup.errors import RuntimeFailure
+
+MAGIC = b"vzbackup-files-cache\x07"
 RACY_NS = 100_000_000  # coarse kernel clocks tick every few ms; keep a wide margin
 
 Sig = tuple[int, int, int, int]  # inode, size, mtime ns, ctime ns
@@ -63,12 +68,11 @@ def packed_sigs(sigs: Iterable[Sig]) -> bytes | None:
 
 class DirRecord(NamedTuple):
     """A directory as the last backup wrote it. Few objects (it is loaded for every
-    directory at each backup): names joined, signatures packed, lines as one block."""
+    directory at each backup): names joined, signatures packed; its lines are apart
+    (``DirLines``)."""
 
     names: str  # every name in the directory, sorted, joined by NAME_SEP
     sigs: bytes  # packed_sigs: per name its signature, or UNTRUSTED
-    block: bytes  # the entries' file list lines, one after the other (excluded: none)
-    ends: bytes  # array("Q") of where each name's line ends in block
     subdirs: tuple[int, ...]  # indexes of the entries walked into
     links: tuple[tuple[int, int, int, str], ...]  # files with nlink > 1: (index, dev, inode,
     #                                               hardlink target, "" for the first name)
@@ -76,31 +80,39 @@ class DirRecord(NamedTuple):
     skipped: tuple[str, ...]  # paths left out (sockets, unknown types)
     chunks: tuple[str, ...]  # every chunk the lines reference
 
-    def entries(self) -> dict[str, tuple[Sig, bytes]]:
-        """name -> (signature, line), for a directory that changed."""
-        names = self.names.split(NAME_SEP) if self.names else []
-        flat = array("q", self.sigs)
-        out = {}
-        start = 0
-        for j, end in enumerate(array("Q", self.ends)):
-            sig = tuple(flat[4 * j : 4 * j + 4]) if len(flat) == 4 * len(names) else UNTRUSTED
-            out[names[j]] = (sig, self.block[start:end])
-            start = end
-        return out
+
+class DirLines(NamedTuple):
+    """A directory's file list lines."""
+
+    block: bytes  # the entries' lines, one after the other (excluded: none)
+    ends: bytes  # array("Q") of where each name's line ends in block
+
+
+def entries(rec: DirRecord, lines: DirLines) -> dict[str, tuple[Sig, bytes]]:
+    """name -> (signature, line), for a directory that changed."""
+    names = rec.names.split(NAME_SEP) if rec.names else []
+    flat = array("q", rec.sigs)
+    out = {}
+    start = 0
+    for j, end in enumerate(array("Q", lines.ends)):
+        sig = tuple(flat[4 * j : 4 * j + 4]) if len(flat) == 4 * len(names) else UNTRUSTED
+        out[names[j]] = (sig, lines.block[start:end])
+        start = end
+    return out
 
 
 def make_record(names: list[str], sigs: list[Sig], lines: list[bytes],
                 chunks: list[tuple[str, ...]], subdirs: list[int],
                 links: list[tuple[int, int, int, str]], counts: tuple[int, int, int, int],
-                skipped: list[str]) -> DirRecord:
+                skipped: list[str]) -> tuple[DirRecord, DirLines]:
     ends = array("Q")
     pos = 0
     for ln in lines:
         pos += len(ln)
         ends.append(pos)
-    return DirRecord(NAME_SEP.join(names), packed_sigs(sigs) or b"", b"".join(lines),
-                     ends.tobytes(), tuple(subdirs), tuple(links), counts, tuple(skipped),
-                     tuple(set().union(*chunks)))
+    return (DirRecord(NAME_SEP.join(names), packed_sigs(sigs) or b"", tuple(subdirs),
+                      tuple(links), counts, tuple(skipped), tuple(set().union(*chunks))),
+            DirLines(b"".join(lines), ends.tobytes()))
 
 
 class FilesCache:
@@ -113,32 +125,70 @@ class FilesCache:
         self.key = f"{sys.version_info[:2]}\n{key}"  # marshal's format may change with Python
         self.old: dict[str, DirRecord] = {}
         self.new: dict[str, DirRecord] = {}
+        self.new_lines: dict[str, DirLines] = {}  # of the records this backup built
         self.old_tree: Tree | None = None
         self.tree: Tree | None = None
+        self._old_lines: dict[str, DirLines] | None = {}
+        self._lines_frame = b""  # the old lines, decoded when first needed
         if path is not None:
-            self.old, self.old_tree = self._load(path)
+            self._load(path)
 
-    def _load(self, path: Path) -> tuple[dict[str, DirRecord], Tree | None]:
+    def _load(self, path: Path) -> None:
         try:
             raw = path.read_bytes()
         except OSError:
-            return {}, None
+            return
         if not raw.startswith(MAGIC):
-            return {}, None
+            return
         try:
-            key, dirs, tree = marshal.loads(
-                zstandard.ZstdDecompressor().decompress(raw[len(MAGIC):]))
+            n1, n2 = struct.unpack_from("<QQ", raw, len(MAGIC))
+            at = len(MAGIC) + 16
+            end = at + n1
+            if len(raw) != end + n2:
+                return  # cut short
+            key, dirs, tree = marshal.loads(zstandard.ZstdDecompressor().decompress(raw[at:end]))
             if key != self.key:
-                return {}, None
-            return {d: DirRecord._make(rec) for d, rec in dirs.items()}, tree
+                return
+            self.old = {d: DirRecord._make(rec) for d, rec in dirs.items()}
+        except (ValueError, EOFError, TypeError, struct.error, zstandard.ZstdError):
+            return  # only an optimisation: start over
+        self.old_tree = tree
+        self._old_lines, self._lines_frame = None, raw[end:]
+
+    def _decode_lines(self) -> dict[str, DirLines]:
+        try:
+            lines = marshal.loads(zstandard.ZstdDecompressor().decompress(self._lines_frame))
+            out = {d: DirLines._make(v) for d, v in lines.items()}
+            if out.keys() == self.old.keys():
+                return out
         except (ValueError, EOFError, TypeError, zstandard.ZstdError):
-            return {}, None  # only an optimisation: start over
+            pass
+        if self.path:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        raise RuntimeFailure(f"the files cache {self.path} was damaged; removed it",
+                             hint="run the backup again (it reads every file once)")
 
     def get(self, rel_dir: str) -> DirRecord | None:
         return self.old.get(rel_dir)
 
-    def put(self, rel_dir: str, rec: DirRecord) -> None:
+    def old_lines(self, rel_dir: str) -> DirLines:
+        """The lines of the old record of *rel_dir* (decoding all of them on first use)."""
+        if self._old_lines is None:
+            self._old_lines = self._decode_lines()
+            self._lines_frame = b""
+        return self._old_lines[rel_dir]
+
+    def lines(self, rel_dir: str) -> DirLines:
+        """The lines of the record put for *rel_dir*: built by this backup, or the old one."""
+        got = self.new_lines.get(rel_dir)
+        return got if got is not None else self.old_lines(rel_dir)
+
+    def put(self, rel_dir: str, rec: DirRecord, lines: DirLines | None = None) -> None:
+        """*rec* for *rel_dir* in the new cache, with its *lines* (None: the old record's)."""
         self.new[rel_dir] = rec
+        if lines is not None:
+            self.new_lines[rel_dir] = lines
 
     def unchanged(self) -> bool:
         """Whether this backup reused every directory record of the last one as it was."""
@@ -152,10 +202,13 @@ class FilesCache:
         if self.tree == self.old_tree and self.unchanged():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = marshal.dumps((self.key, {d: tuple(r) for d, r in self.new.items()}, self.tree))
+        cctx = zstandard.ZstdCompressor(level=1, write_checksum=True)  # damage is an error
+        head = cctx.compress(marshal.dumps(
+            (self.key, {d: tuple(r) for d, r in self.new.items()}, self.tree)))
+        lines = cctx.compress(marshal.dumps({d: tuple(self.lines(d)) for d in self.new}))
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
-            tmp.write_bytes(MAGIC + zstandard.ZstdCompressor(level=1).compress(data))
+            tmp.write_bytes(MAGIC + struct.pack("<QQ", len(head), len(lines)) + head + lines)
             os.replace(tmp, self.path)
         finally:
             with contextlib.suppress(FileNotFoundError):
