@@ -6,7 +6,6 @@ fresh prefix is a working node. Values may use ``${PREFIX}`` and ``$VEID``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +114,8 @@ class Node:
             return explicit.strip("/")
         if self.prefix == "/":
             return "vzbackup"
+        import hashlib  # libcrypto loads in 5-8 ms: only when a CT's cgroup is needed
+
         return "vzbackup-" + hashlib.sha256(self.prefix.encode()).hexdigest()[:8]
 
     def new_ct_idmap(self, privileged: bool | None = None) -> IdMap:

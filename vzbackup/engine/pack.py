@@ -14,7 +14,6 @@ bytes per chunk whatever the entry count per pack.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -166,6 +165,8 @@ class Packer:
         blobs.append(TRAILER.pack(len(header)))
         data = b"".join(blobs)
         blobs.clear()
+        import hashlib  # (see Codec.chunk_id)
+
         pack = hashlib.sha256(data).hexdigest()
         with self.uploads:
             self.store(pack, data, entries)
