@@ -24,7 +24,7 @@ with few cores the server competes with the backup's compression for them. Throu
 is the logical size of the private area per second. The load average is printed with
 the results: on a shared machine they are noisy.
 
-The restored CTs are destroyed at the end of the round, not between the restores: on an
+The restored CTs (two per round) are destroyed at the end, not between restores: on an
 ext4 without a journal, inode allocation skips (and re-reads, at every allocation) the
 inodes deleted in the last minutes (ext4's ``recently_deleted``), so a restore right
 after a 300 MB tree was deleted spends most of its CPU there, in the kernel.
@@ -206,7 +206,7 @@ class S3Bench:
         log(f"round {n}: vzbackup dump {r.seconds:.2f} s")
 
         # in turns, each into its own new CT; none is deleted before both ran (see above)
-        ctids = {"s3": self.args.restore_ctid, "local": self.args.restore_ctid + 1}
+        ctids = {"s3": self.args.restore_ctid + 2 * n, "local": self.args.restore_ctid + 2 * n + 1}
         for way in ("s3", "local") if n % 2 == 0 else ("local", "s3"):
             self.drop_cache()  # a disaster restore: nothing but the bucket
             if way == "s3":
@@ -229,8 +229,6 @@ class S3Bench:
             out[f"tar_{way}_s"], out[f"tar_{way}_cpu"], out[f"tar_{way}_server_cpu"] = \
                 self.timed(fn)
         back.unlink()
-        for ctid in ctids.values():
-            self.vz("destroy", str(ctid))
         log(f"round {n}: one tar: upload_file {out['tar_upload_s']:.2f} s, "
             f"download_file {out['tar_download_s']:.2f} s")
         if self.args.per_file:
@@ -259,7 +257,8 @@ class S3Bench:
         return {"raw_upload_s": up, "raw_download_s": down}
 
     def cleanup_prefix(self) -> None:
-        for ctid in (self.args.restore_ctid, self.args.restore_ctid + 1, self.args.ctid):
+        restored = range(self.args.restore_ctid, self.args.restore_ctid + 2 * self.args.rounds)
+        for ctid in (*restored, self.args.ctid):
             subprocess.run([*self.vz_cmd, "--prefix", str(self.prefix), "destroy", str(ctid)],
                            capture_output=True, timeout=120, check=False)
         shutil.rmtree(self.prefix, ignore_errors=True)
@@ -300,7 +299,7 @@ def main() -> None:
     ap.add_argument("--prefix", default="/var/tmp/vzbench-s3", help="private node prefix")
     ap.add_argument("--ctid", type=int, default=9201)
     ap.add_argument("--restore-ctid", type=int, default=9202,
-                    help="the restores go to this CT and the next one")
+                    help="the restores go to this CT and the next 2 x rounds - 1")
     args = ap.parse_args()
     if os.geteuid():
         raise SystemExit("run as root")
