@@ -45,6 +45,7 @@ from vzbackup.engine.filescache import (
     packed_sigs,
     signature,
 )
+from vzbackup.engine.pack import Index
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import RuntimeFailure
 from vzbackup.storage.ratelimit import Limiter
@@ -97,7 +98,8 @@ class ChunkStore:
         self.lock = threading.Lock()
         malloc_large_with_mmap()  # the pools' big buffers go back to the kernel when freed
         repo.upgrade()
-        self.index = repo.reload_index()  # what other writers stored since
+        self._index: Index | None = None  # loaded at the first new chunk (if any)
+        self.index_lock = threading.Lock()
         self.packer = repo.packer()
         # twice the CPU threads: a worker blocked on storage I/O leaves its CPU to another
         workers = max(1, threads) * 2
@@ -143,7 +145,7 @@ class ChunkStore:
             if cid in self.known:
                 return cid
             self.known.add(cid)
-        if cid in self.index and self._reuse(cid):
+        if cid in self.index() and self._reuse(cid):
             return cid
         blob = self.repo.codec.seal_parts(cid, data)
         size = sum(map(len, blob))
@@ -154,6 +156,14 @@ class ChunkStore:
             self.stats.stored_new += size
             self.stats.chunks_new += 1
         return cid
+
+    def index(self) -> Index:
+        """The repository's index as it is now, with what other writers stored since this
+        backup began: read when first needed (an unchanged backup never reads it)."""
+        with self.index_lock:
+            if self._index is None:
+                self._index = self.repo.reload_index()
+            return self._index
 
     def _reuse(self, cid: str) -> bool:
         key, _ = self.repo.locate(cid)

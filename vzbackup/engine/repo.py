@@ -214,6 +214,14 @@ class Repository:
                                             .encode(), Kind.CONFIG))
         return True
 
+    def _fetch_all(self, fetch: Callable[[str], T], keys: list[str]) -> list[T]:
+        """*fetch* of every key, in parallel; a single one in this thread (an unchanged
+        backup reads one new manifest: starting and joining a thread costs more)."""
+        if len(keys) < 2:
+            return [fetch(k) for k in keys]
+        with ThreadPoolExecutor(self.backend.parallel_reads) as pool:
+            return list(pool.map(fetch, keys))
+
     def _call(self, fn: Callable[[], T]) -> T:
         try:
             return fn()
@@ -261,11 +269,10 @@ class Repository:
             except BackendError as e:
                 raise StorageError(str(e)) from None
 
-        with ThreadPoolExecutor(self.backend.parallel_reads) as pool:
-            for name, blob in zip(missing, pool.map(fetch, missing), strict=True):
-                blobs[name] = blob
-                if cache and blob is not None:
-                    cache.put(name, blob)
+        for name, blob in zip(missing, self._fetch_all(fetch, missing), strict=True):
+            blobs[name] = blob
+            if cache and blob is not None:
+                cache.put(name, blob)
         if cache:
             cache.retain(set(names))
         index = Index()
@@ -517,11 +524,10 @@ class Repository:
             except BackendError as e:
                 raise StorageError(str(e)) from None
 
-        with ThreadPoolExecutor(self.backend.parallel_reads) as pool:
-            for sid, blob in zip(missing, pool.map(fetch, missing), strict=True):
-                blobs[sid] = blob
-                if cache:
-                    cache.put(sid, blob)
+        for sid, blob in zip(missing, self._fetch_all(fetch, missing), strict=True):
+            blobs[sid] = blob
+            if cache:
+                cache.put(sid, blob)
         if cache and retain:
             cache.retain(set(sizes))
         out = []
