@@ -12,9 +12,10 @@
 - ``put_if_absent`` is a PutObject with ``If-None-Match: *`` (412 = it exists). Servers
   that ignore the header are detected once (a probe object written twice) and then get the
   fallback in ``_claim_and_put``: claim objects with a lease, the oldest live claim wins.
-  The first pack written starts the probe in the background: a backup publishes its
-  manifest with ``put_if_absent`` at its end, and finds the answer ready then (three
-  round trips fewer on its critical path).
+  The first lock written starts the probe in the background: a backup takes its lock
+  first and publishes its manifest with ``put_if_absent`` at its end, and finds the
+  answer ready then (three round trips fewer on its critical path, even when it stores
+  nothing new). Reading (a restore, a listing) takes no lock and never probes.
   A 412 after a retried request may be our own first attempt: the object's content decides.
 - ``touch`` copies the object onto itself (MetadataDirective REPLACE), which sets its
   LastModified to the server's now. ``flush`` does nothing: a completed PUT is durable.
@@ -220,7 +221,7 @@ class S3Backend(Backend):
 
     # --- the interface ---------------------------------------------------------------------
     def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
-        if kind == Kind.PACK and self.conditional is None and self._probe is None:
+        if kind == Kind.LOCK and self.conditional is None and self._probe is None:
             self._probe = self._ranges.submit(self._probe_quietly)
         args = self._put_args(key, data, kind)
         self.limiter.take(len(data))

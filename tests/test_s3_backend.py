@@ -114,11 +114,12 @@ def test_conditional_writes_are_detected(s3_bucket: Bucket):
     assert not list(be.list(CLAIM_PREFIX))  # the probe object is gone
 
 
-def test_first_pack_starts_the_probe_in_the_background(s3_bucket: Bucket):
+def test_first_lock_starts_the_probe_in_the_background(s3_bucket: Bucket):
     be = backend(s3_bucket)
-    be.put("lk", b"lock", Kind.LOCK)
-    assert be._probe is None  # a lock alone (a restore, a prune) never probes
     be.put("data/p1", b"pack", Kind.PACK)
+    be.put("index/i1", b"index", Kind.INDEX)
+    assert be._probe is None  # only a lock (a backup's first write) starts it
+    be.put("locks/backup-1", b"lock", Kind.LOCK)
     assert be._probe is not None
     assert be._probe.result(timeout=60) is True
     assert be.conditional is True
