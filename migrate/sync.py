@@ -57,7 +57,6 @@ TAR_CHANGED = 1  # "file changed as we read it": like rsync's 24
 ZSTD_LEVEL = 3
 CHUNK = 1 << 20
 RELAY_DRAIN = 30  # seconds a finished rsync's remote side gets to report its status
-RECV_COMMAND = "migrate-recv-tree"
 
 Progress = Callable[[int], None]
 
@@ -301,7 +300,7 @@ def _push_stream(
     session: Session, src: Path, dst: str, bwlimit: int | None, delete: bool,
     progress: Progress | None,
 ) -> int:
-    argv = [*session.target.remote_vzbackup, RECV_COMMAND, *([] if delete else ["--keep"]), dst]
+    argv = [*session.target.remote_vzbackup, C.RECV_COMMAND, *([] if delete else ["--keep"]), dst]
     chan = session.open_exec(argv)
     out: dict[bool, bytearray] = {False: bytearray(), True: bytearray()}
     failure: list[BaseException] = []

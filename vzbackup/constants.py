@@ -78,6 +78,9 @@ VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults
 RSYNC_OPTS = ("-aHAX", "--numeric-ids", "--sparse", "--modify-window=-1")
 BOOT_PARALLEL_PER_CPU = 4  # boot/shutdown: CTs of one BOOTORDER at once, per CPU (vzctl's)
 MIGRATE_DISK_MARGIN = 1.1  # a DEST needs this many times a private area's size free
+# the DEST end of a streamed private-area transfer; its module is cli/commands/ under this
+# name ("-" as "_"), so DEST's vzbackup finds it without importing every command
+RECV_COMMAND = "migrate-recv-tree"
 RSYNC_VANISHED = 24  # exit code: files vanished while a live tree was read (the next pass copes)
 STORAGE_CFG = "storage.cfg"  # in VZBACKUP_CONFDIR: named storages
 JOBS_CFG = "jobs.cfg"  # in VZBACKUP_CONFDIR: scheduled jobs

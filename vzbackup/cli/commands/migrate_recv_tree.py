@@ -7,14 +7,16 @@ from pathlib import Path
 
 import click
 
-from vzbackup.migrate.sync import RECV_COMMAND, receive_tree
+from vzbackup import constants as C
 
 
-@click.command(name=RECV_COMMAND, hidden=True)
+@click.command(name=C.RECV_COMMAND, hidden=True)
 @click.option("--keep", is_flag=True, help="Keep files DST has and the stream lacks.")
 @click.argument("dst", type=click.Path(path_type=Path))
 def migrate_recv_tree(keep: bool, dst: Path) -> None:
     """Extract a zstd-compressed tar from stdin into DST, swapping it in atomically."""
+    from vzbackup.migrate.sync import receive_tree  # paramiko: not for --help
+
     receive_tree(sys.stdin.buffer, dst, delete=not keep)
 
 
