@@ -212,6 +212,7 @@ def test_restart_migration_b_to_a(two_nodes: Bed) -> None:
     _, report = _migrate(bed, bed.b, bed.a, ctid, "-t")
     assert report["mode"] == "restart" and report["ok"]
     assert {"first_sync", "stop", "final_sync", "start"} <= set(report["times"])
+    assert report["final_sync_dirs"] is not None  # only what changed since the first sync
     _assert_moved(bed.b, bed.a, ctid)
     assert not diff(files, _files(_private(bed.a, ctid)))
     bed.a.sh(ctid, f"setsid nc -ll -p {ECHO_PORT} -e /bin/cat </dev/null >/dev/null 2>&1 &")

@@ -27,12 +27,20 @@ def _yes_no(_ctx: click.Context, _p: click.Parameter, value: str) -> bool:
     return value == "yes"
 
 
+def _scope(report: dict, phase: str) -> str:
+    """What the final sync visited: the directories changed since the first (migrate.changes)."""
+    if phase != "final_sync":
+        return ""
+    n = report.get("final_sync_dirs")
+    return "  (whole tree)" if n is None else f"  ({n} changed directories)"
+
+
 def _print_times(report: dict) -> None:
     click.echo(f"Timings for CT {report['ctid']} -> {report['dest']} ({report['mode']}):")
     times = report["times"]
     for name in [*PHASE_ORDER, *sorted(set(times) - set(PHASE_ORDER))]:
         if name in times:
-            click.echo(f"  {name:<15} {times[name]:8.3f} s")
+            click.echo(f"  {name:<15} {times[name]:8.3f} s" + _scope(report, name))
     if report["mode"] not in ("stopped", "dry-run"):
         label = "downtime" if report["mode"] == "restart" else "frozen"
         click.echo(f"  {label:<15} {report['frozen']:8.3f} s")
