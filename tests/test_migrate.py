@@ -291,6 +291,9 @@ def _assert_still_home(src: Node, dst: Node, ctid: int, before: int,
     assert "running" in _status(src, ctid)
     assert "deleted" in _status(dst, ctid)
     assert not _private(dst, ctid).exists()
+    # DEST's restore supervisor, prepared ahead (root mounted), undid it when called off
+    wait_for(lambda: f" {dst.prefix}/vz/root/{ctid} " not in Path("/proc/self/mountinfo")
+             .read_text(), what="DEST's CT root unmounted")
     assert not list((dst.prefix / "vz/lock").glob("*.migrate.json"))
     assert not list((src.prefix / "vz/lock").glob("*.migrate.json"))
     assert _counter(src, ctid) >= before

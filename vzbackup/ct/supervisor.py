@@ -44,6 +44,7 @@ class Supervisor:
         self.ct = ct
         self.init_pid = 0
         self.we_mounted = False
+        self.prepared = False  # for a restore: prepare_restore() done
         self.console: console.ConsoleServer | None = None
         self.timer = Timer()  # the restore's sub-steps (a migration's ``-t`` shows them)
 
@@ -53,6 +54,26 @@ class Supervisor:
             return
         self.console = console.ConsoleServer(master, self.ct.node.rundir, self.ct.ctid)
         self.console.start()
+
+    def prepare_restore(self) -> None:
+        """What a restore needs besides the images (root mounted, cgroups made); a standby
+        supervisor does it before the word, outside a migration's freeze."""
+        if not self.prepared:
+            self._prepare(self.ct.conf)
+            self.prepared = True
+
+    def unprepare(self) -> None:
+        """Undo :meth:`prepare_restore` for a restore that was called off."""
+        if not self.prepared:
+            return
+        steps = [("cgroup", lambda: _retry(self.ct.cgroup().destroy)),
+                 ("cgroup parents", lambda: self.ct.cgroup().prune_parents())]
+        steps += [("umount", self.ct.umount)] if self.we_mounted else []
+        for what, fn in steps:
+            try:
+                fn()
+            except Exception as e:
+                log.warning("undoing the restore's %s failed: %s", what, e)
 
     def _prepare(self, conf: CTConfig) -> None:
         self.we_mounted = self.ct.mount()
@@ -90,7 +111,7 @@ class Supervisor:
     def restore(self, images: Path, *, tcp_close: bool = False, lazy: bool = False) -> None:
         conf = self.ct.conf
         timer = self.timer
-        self._prepare(conf)
+        self.prepare_restore()
         timer.lap("prepare")
         idmap.give_images(images, conf.idmap)
         os.chdir("/")
@@ -253,13 +274,22 @@ def _report(fd: int, payload: dict) -> None:
         os.close(fd)
 
 
-def _standby(go_fd: int) -> bool:
-    """Started ahead of a migration's restore: load CRIU's bindings, then wait for the word
-    (a byte on *go_fd*; EOF means the restore was called off)."""
+def _standby(sup: Supervisor, go_fd: int) -> bool:
+    """Started ahead of a migration's restore: load CRIU's bindings and prepare what needs
+    no images (a failure there is reported after the word, by the restore that retries it),
+    then wait for the word (a byte on *go_fd*; EOF: the restore was called off, and what was
+    prepared is undone). The restore's clock starts at the word."""
     with contextlib.suppress(VzError):
         pycriu_module()
+    try:
+        sup.prepare_restore()
+    except Exception as e:
+        log.warning("preparing the restore ahead failed (retried at the word): %s", e)
     go = os.read(go_fd, 1)
     os.close(go_fd)
+    sup.timer = Timer()
+    if go != b"g":
+        sup.unprepare()
     return go == b"g"
 
 
@@ -290,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     S.set_child_subreaper()
     S.set_process_name(f"vzsup-{args.ctid}")
-    if args.go_fd is not None and not _standby(args.go_fd):
-        return 0
     ct = Container(Node.load(args.prefix), args.ctid)
     sup = Supervisor(ct)
+    if args.go_fd is not None and not _standby(sup, args.go_fd):
+        return 0
     write_state(ct.node, ct.ctid, CTState("starting", os.getpid(), started=time.time()))
     try:
         if args.mode == "start":
