@@ -37,7 +37,6 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable
-from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,6 +53,7 @@ UNTRUSTED: Sig = (-1, -1, -1, -1)  # matches no entry: racy, vanished
 signature = operator.attrgetter("st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
 """An entry's ``Sig`` from its ``os.stat_result`` (in C: it runs for every entry)."""
 NAME_SEP = "/"  # joins a directory's names (no name holds it)
+_PACK_SIG = struct.Struct("4q").pack  # native order, as array("q") reads it back
 
 
 def packed_sigs(sigs: Iterable[Sig]) -> bytes | None:
@@ -61,8 +61,8 @@ def packed_sigs(sigs: Iterable[Sig]) -> bytes | None:
     loaded whole (a tuple per name made loading the cache and comparing it slower). None if
     a value doesn't fit (it then matches no record)."""
     try:
-        return array("q", chain.from_iterable(sigs)).tobytes()
-    except OverflowError:
+        return b"".join([_PACK_SIG(*sig) for sig in sigs])
+    except struct.error:
         return None
 
 
