@@ -264,6 +264,8 @@ class S3Backend(Backend):
                 except bx.ClientError as e:
                     status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                     self.conditional = status == 412
+                except bx.BotoCoreError as e:  # the network: one clear error, as elsewhere
+                    raise self._error(e, "probing conditional writes") from None
                 finally:
                     with contextlib.suppress(BackendError):
                         self.delete(probe)

@@ -187,6 +187,13 @@ def test_unreachable_endpoint(s3_bucket: Bucket):
     be = backend(s3_bucket, endpoint="http://127.0.0.1:9", retries=0, connect_timeout=1)
     with pytest.raises(BackendError, match=r"cannot reach endpoint http://127.0.0.1:9"):
         be.get("config")
+    with pytest.raises(BackendError, match=r"cannot reach endpoint"):
+        be.put("locks/backup-1", b"", Kind.LOCK)  # its background probe fails too, quietly
+    assert be._probe is not None and be._probe.result(timeout=60) is None
+    assert be.conditional is None  # unknown: the next put_if_absent probes and says why
+    with pytest.raises(BackendError, match=r"cannot reach endpoint.*probing"):
+        be.put_if_absent("m", b"x", Kind.SNAPSHOT)
+    be.close()
 
 
 def test_storage_cfg_s3_section(s3_bucket: Bucket, tmp_path):
