@@ -347,9 +347,7 @@ def _refuse_used(ips: Iterable[str], ctid: int) -> None:
         )
 
 
-def _setup_routed(ctid: int, host: str, ips: tuple[str, ...], pid: int, undo: _Undo) -> None:
-    if _link(host) is not None:
-        raise RuntimeFailure(f"CT {ctid}: host interface {host!r} already exists")
+def _setup_routed(host: str, ips: tuple[str, ...], pid: int, undo: _Undo) -> None:
     peer = ["peer", "name", ROUTED_IFNAME, "netns", str(pid)]
     undo.push(lambda: _del_link(host))  # also removes its addresses and routes
     _routed_host_side(host, ips, first=[["link", "add", "name", host, "type", "veth", *peer]])
@@ -456,8 +454,27 @@ def withdraw(cfg: NetConfig) -> None:
 # --------------------------------------------------------------------------- public API
 
 
-def setup(cfg: NetConfig, pid: int, *, announce_now: bool = True) -> None:
-    """Create and configure all interfaces of *cfg* for the CT whose init is *pid*.
+def check(cfg: NetConfig) -> None:
+    """What :func:`setup` refuses before touching anything: a missing bridge, a host
+    interface of the CT's that exists already, a routed IP in use on the host (ExistsError).
+    A restore checks ahead, outside a migration's freeze (three ``ip`` processes)."""
+    plan = _plan(cfg)
+    hosts = [host for _nif, host in plan.bridged]
+    hosts += [plan.routed_host] if plan.routed_host else []
+    for nif, _host in plan.bridged:
+        if nif.bridge:
+            _require_bridge(nif.bridge)
+    for host in hosts:
+        if _link(host) is not None:
+            raise RuntimeFailure(f"CT {cfg.ctid}: host interface {host!r} already exists")
+    if plan.routed_ips:
+        _refuse_used(plan.routed_ips, cfg.ctid)
+
+
+def setup(cfg: NetConfig, pid: int, *, announce_now: bool = True, checked: bool = False
+          ) -> None:
+    """Create and configure all interfaces of *cfg* for the CT whose init is *pid*
+    (*checked*: :func:`check` passed already).
 
     Without *announce_now* the caller announces the addresses later (:func:`announce`): a
     restore does once CRIU has locked the CT's network, so that no packet reaches the CT
@@ -468,19 +485,14 @@ def setup(cfg: NetConfig, pid: int, *, announce_now: bool = True) -> None:
     """
     plan = _plan(cfg)
     _require_netns(pid)
-    for nif, host in plan.bridged:
-        if nif.bridge:
-            _require_bridge(nif.bridge)
-        if _link(host) is not None:
-            raise RuntimeFailure(f"CT {cfg.ctid}: host interface {host!r} already exists")
-    if plan.routed_ips:
-        _refuse_used(plan.routed_ips, cfg.ctid)
+    if not checked:
+        check(cfg)
     undo = _Undo()
     try:
         if not plan.routed_host:  # else in the routed CT side's batch: one process less
             _ip(["link", "set", "dev", "lo", "up"], pid=pid)
         if plan.routed_host:
-            _setup_routed(cfg.ctid, plan.routed_host, plan.routed_ips, pid, undo)
+            _setup_routed(plan.routed_host, plan.routed_ips, pid, undo)
         for nif, host in plan.bridged:
             _setup_bridged(nif, host, pid, undo)
         _fence_bridged(cfg.ctid, plan)
@@ -550,7 +562,7 @@ def add_ips(cfg: NetConfig, pid: int, ips: list[str]) -> None:
         _plan(NetConfig(cfg.ctid, tuple(addrs), cfg.netifs))  # name clashes with NETIF
         _refuse_used(addrs, cfg.ctid)
         try:
-            _setup_routed(cfg.ctid, host, tuple(addrs), pid, undo)
+            _setup_routed(host, tuple(addrs), pid, undo)
             announce(_subset(cfg, addrs))
         except BaseException:
             undo.run()

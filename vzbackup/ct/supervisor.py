@@ -56,10 +56,13 @@ class Supervisor:
         self.console.start()
 
     def prepare_restore(self) -> None:
-        """What a restore needs besides the images (root mounted, cgroups made); a standby
-        supervisor does it before the word, outside a migration's freeze."""
+        """What a restore needs besides the images (root mounted, cgroups made, the network
+        checked for clashes); a standby supervisor does it before the word, outside a
+        migration's freeze."""
         if not self.prepared:
-            self._prepare(self.ct.conf)
+            conf = self.ct.conf
+            network.check(self.ct.net_config(conf))
+            self._prepare(conf)
             self.prepared = True
 
     def unprepare(self) -> None:
@@ -202,7 +205,7 @@ class _RestoreSteps:
 
     def setup_net(self, pid: int) -> None:
         self.timer.lap("criu_namespaces")
-        network.setup(self.net, pid, announce_now=False)
+        network.setup(self.net, pid, announce_now=False, checked=True)  # prepare_restore
         self.timer.lap("network")
 
     def after_net_lock(self, _pid: int) -> None:
