@@ -19,12 +19,13 @@ change sets it to the current time. An entry changed less than ``RACY_NS`` befor
 started is not trusted next time, since a second change within the same clock tick would
 leave its signature unchanged.
 
-The file is ``MAGIC``, the lengths of two zstd frames (8 bytes each, little endian), then
-the frames: marshal((key, {dir path: record tuple}, tree)), *tree* the last file list's first
-lines (header, root) and its chunk ids (or None), and marshal({dir path: lines tuple}), the
-bulk of the file, decoded only when a directory changed. Local, written by
-this host's vzbackup only, and rebuilt from scratch whenever it is unreadable, from another
-Python version, or was made with other exclusions (*key*).
+The file is ``MAGIC``, the lengths of two zstd frames (8 bytes each, little endian) and
+the CRC-32 of the second (4 bytes), then the frames: marshal((key, {dir path: record tuple},
+tree)), *tree* the last file list's first lines (header, root) and its chunk ids (or None),
+and marshal({dir path: lines tuple}), the bulk of the file, decoded only when a directory
+changed (its CRC is checked at load, so damage there too just means starting over). Local,
+written by this host's vzbackup only, and rebuilt from scratch whenever it is unreadable,
+from another Python version, or was made with other exclusions (*key*).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import operator
 import os
 import struct
 import sys
+import zlib
 from array import array
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +55,7 @@ UNTRUSTED: Sig = (-1, -1, -1, -1)  # matches no entry: racy, vanished
 signature = operator.attrgetter("st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
 """An entry's ``Sig`` from its ``os.stat_result`` (in C: it runs for every entry)."""
 NAME_SEP = "/"  # joins a directory's names (no name holds it)
+_HEADER = struct.Struct("<QQI")  # frame lengths, CRC-32 of the second
 _PACK_SIG = struct.Struct("4q").pack  # native order, as array("q") reads it back
 
 
@@ -141,11 +144,11 @@ class FilesCache:
         if not raw.startswith(MAGIC):
             return
         try:
-            n1, n2 = struct.unpack_from("<QQ", raw, len(MAGIC))
-            at = len(MAGIC) + 16
+            n1, n2, crc = _HEADER.unpack_from(raw, len(MAGIC))
+            at = len(MAGIC) + _HEADER.size
             end = at + n1
-            if len(raw) != end + n2:
-                return  # cut short
+            if len(raw) != end + n2 or zlib.crc32(raw[end:]) != crc:
+                return  # cut short or damaged
             key, dirs, tree = marshal.loads(zstandard.ZstdDecompressor().decompress(raw[at:end]))
             if key != self.key:
                 return
@@ -166,7 +169,7 @@ class FilesCache:
         if self.path:
             with contextlib.suppress(OSError):
                 self.path.unlink()
-        raise RuntimeFailure(f"the files cache {self.path} was damaged; removed it",
+        raise RuntimeFailure(f"the files cache {self.path} is unreadable; removed it",
                              hint="run the backup again (it reads every file once)")
 
     def get(self, rel_dir: str) -> DirRecord | None:
@@ -208,7 +211,8 @@ class FilesCache:
         lines = cctx.compress(marshal.dumps({d: tuple(self.lines(d)) for d in self.new}))
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
-            tmp.write_bytes(MAGIC + struct.pack("<QQ", len(head), len(lines)) + head + lines)
+            tmp.write_bytes(MAGIC + _HEADER.pack(len(head), len(lines), zlib.crc32(lines)) + head
+                            + lines)
             os.replace(tmp, self.path)
         finally:
             with contextlib.suppress(FileNotFoundError):
