@@ -46,7 +46,7 @@ import zstandard
 
 from vzbackup.errors import RuntimeFailure
 
-MAGIC = b"vzbackup-files-cache\x07"
+MAGIC = b"vzbackup-files-cache\x08"
 RACY_NS = 100_000_000  # coarse kernel clocks tick every few ms; keep a wide margin
 
 Sig = tuple[int, int, int, int]  # inode, size, mtime ns, ctime ns
