@@ -41,6 +41,8 @@ class RemoteSession(Protocol):
     def run(self, argv: list[str], *, input_: bytes | None = None,
             timeout: float | None = 60, check: bool = True) -> tuple[int, bytes, bytes]: ...
 
+    def openssh_command(self) -> list[str] | None: ...
+
 
 class PushStats(Protocol):
     bytes_sent: int

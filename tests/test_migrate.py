@@ -159,11 +159,14 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
         assert client.roundtrip(b"before") == b"before"
         in_ct_netns(bed.a.prefix, ctid, "nft", TENANT_NFT)  # the tenant's own firewall
         bed.a.sh(ctid, WINDOW_SETUP)
+        # a tmpfs image CRIU writes near the end, big enough to cross by the OpenSSH client
+        shm = bed.a.sh(ctid, "head -c 3000000 /dev/urandom > /dev/shm/blob; md5sum /dev/shm/blob")
         before = _counter(bed.a, ctid)
         report = _migrate_with_window_changes(bed, ctid, *flags, "--remove-area", "no")
         assert report["mode"] == mode and report["ok"] and report["runs_on"] == "dest"
         # the final sync visited only what changed since the first (migrate.changes)...
         assert report["final_sync_dirs"], report
+        assert report["bytes_sent"]["images_ssh"] >= 3000000, report
         for phase in ("preflight", "first_sync", "dump", "final_sync", "image_transfer",
                       "restore", "commit"):
             assert phase in report["times"], report
@@ -186,6 +189,7 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
         assert bed.b.sh(ctid, "cat /data/moved/a/b/f /data/x; ls /data") == \
             "deep\nmore\nnew\nf\nfresh\nhard\nmoved\nx\n"
         assert len(nobody_pids(bed.b, ctid)) == 1
+        assert bed.b.sh(ctid, "md5sum /dev/shm/blob") == shm
     finally:
         client.close()
     # and back: B -> A, the same way
