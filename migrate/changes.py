@@ -28,6 +28,7 @@ import os
 import select
 import stat
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from vzbackup import syscalls as S
@@ -47,7 +48,7 @@ _DELETED = " (deleted)"
 class ChangeWatch:
     """Records the directories of *root* whose entries change from now on."""
 
-    def __init__(self, root: Path, pids: list[int] = ()) -> None:  # type: ignore[assignment]
+    def __init__(self, root: Path, pids: Iterable[int] = ()) -> None:
         self.root = os.path.realpath(root)
         self.why = ""  # why changed() answered None
         self._fd = S.fanotify_init(S.FAN_CLOEXEC | S.FAN_NONBLOCK | S.FAN_UNLIMITED_QUEUE
@@ -72,7 +73,7 @@ class ChangeWatch:
         self._thread.start()
 
     # ------------------------------------------------------------ the record
-    def changed(self, pids: list[int] = ()) -> list[str] | None:  # type: ignore[assignment]
+    def changed(self, pids: Iterable[int] = ()) -> list[str] | None:
         """The directories to sync (``DIR/.`` relative to the root), in the state of now:
         call it with the writers frozen (*pids*: the CT's tasks). None: sync everything."""
         with self._lock:
@@ -83,7 +84,7 @@ class ChangeWatch:
             return None
         return sorted(f"{d}/." if d else "." for d in dirs)
 
-    def _collect(self, pids: list[int]) -> set[str] | None:
+    def _collect(self, pids: Iterable[int]) -> set[str] | None:
         if self._overflow:
             return self._give_up("the kernel dropped change events (queue overflow)")
         dirs = {p for h in self._dirs if (p := self._resolve(h, again=True)) is not None}
@@ -114,15 +115,14 @@ class ChangeWatch:
 
     def _give_up(self, why: str) -> None:
         self.why = why
-        return None
 
     def _path(self, handle: bytes, name: bytes) -> str | None:
         where = self._resolve(handle)
         return None if where is None else os.path.join(self.root, where, os.fsdecode(name))
 
     def _place(self, path: str, ident: tuple[int, int]) -> str | None:
-        """"/REL" for a mapped file found at REL under the root, "" for one on another
-        filesystem (tmpfs: not in the private area), None when it can't be found."""
+        """Where a mapped file is: "/REL" when found at REL under the root, "" when it is
+        on another filesystem (a tmpfs: not in the private area), None when not found."""
         if ident[0] != self._dev:
             return ""
         rel = path[len(self.root):] if path.startswith(self.root + "/") else path
@@ -216,7 +216,7 @@ class ChangeWatch:
                 os.close(fd)
 
 
-def start(root: Path, pids: list[int] = ()) -> ChangeWatch | None:  # type: ignore[assignment]
+def start(root: Path, pids: Iterable[int] = ()) -> ChangeWatch | None:
     """A watch of *root* (*pids*: the CT's tasks now), or None where the kernel or the
     filesystem won't give one (the caller then syncs whole trees)."""
     try:
@@ -226,7 +226,7 @@ def start(root: Path, pids: list[int] = ()) -> ChangeWatch | None:  # type: igno
         return None
 
 
-def _mapped_files(pids: list[int]) -> set[tuple[str, tuple[int, int]]]:
+def _mapped_files(pids: Iterable[int]) -> set[tuple[str, tuple[int, int]]]:
     """(path as the task sees it, (st_dev, st_ino)) of files the tasks map shared+writable."""
     found = set()
     for pid in pids:
