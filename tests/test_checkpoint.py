@@ -22,6 +22,8 @@ from nodebed import (
     wait_for,
 )
 
+from vzbackup.criu import netconf
+
 pytestmark = pytest.mark.usefixtures("criu_ready")
 
 
@@ -208,3 +210,24 @@ def test_missing_or_old_criu_is_one_clear_message(node: NodeBed, tmp_path: Path)
         assert "CRIU >= 4.2 is required" in res.stderr and "setup.sh" in res.stderr
     assert "3.17.1" in res.stderr
     assert "running" in node.vz("status", str(ctid)).stdout
+
+
+def test_restore_reads_the_new_netns_sysctls_in_process() -> None:
+    """The restore writes only the saved sysctls the new netns lacks; it reads that netns's
+    values with a thread joined to it: those of that netns, never the node's."""
+    holder = subprocess.Popen(["unshare", "-n", "sleep", "60"])
+    try:
+        ns = f"/proc/{holder.pid}/ns/net"
+        wait_for(lambda: os.stat(ns).st_ino != os.stat("/proc/self/ns/net").st_ino,
+                 what="a netns of its own")
+        keys = ["net/ipv4/tcp_keepalive_time", "net/ipv4/ip_local_port_range"]
+        subprocess.run(["nsenter", f"--net={ns}", "sh", "-c",
+                        "echo 1234 > /proc/sys/net/ipv4/tcp_keepalive_time"], check=True)
+        assert netconf._read_sysctls(holder.pid, keys) == {
+            keys[0]: "1234",
+            keys[1]: Path("/proc/sys", keys[1]).read_text().rstrip("\n"),  # tabs as grep's
+        }
+        assert Path("/proc/sys", keys[0]).read_text().strip() != "1234"  # the node's own
+    finally:
+        holder.kill()
+        holder.wait()

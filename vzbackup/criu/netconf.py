@@ -19,11 +19,15 @@ its user namespace, so nothing the CT couldn't set itself); one that won't take 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import threading
 from pathlib import Path
 
+from vzbackup import syscalls as S
 from vzbackup.ct.nsexec import run_in_ns
 from vzbackup.errors import CheckpointError
 
@@ -100,14 +104,39 @@ def load(pid: int, images_dir: Path) -> None:
     _load_sysctls(pid, images_dir / SYSCTL_FILE)
 
 
+def _read_sysctls(pid: int, keys: list[str]) -> dict[str, str]:
+    """The values of *keys* (below /proc/sys) in the network namespace of host *pid*, as the
+    dump's grep printed them, read by a thread that joins that netns (no process): /proc/sys/net
+    shows the reading thread's namespace. Unreadable ones are left out."""
+    values: dict[str, str] = {}
+
+    def read() -> None:
+        with contextlib.suppress(OSError):
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                S.setns(fd, S.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            for key in keys:
+                with contextlib.suppress(OSError):
+                    values[key] = Path("/proc/sys", key).read_text().rstrip("\n")
+
+    reader = threading.Thread(target=read, name="netns-sysctls")
+    reader.start()
+    reader.join()
+    return values
+
+
 def _load_sysctls(pid: int, path: Path) -> None:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):  # images of an older vzbackup, or damaged: kernel defaults
         return
-    lines = [f"{k}={v}" for k, v in saved.items() if isinstance(v, str)
-             and k in NETNS_SYSCTLS and _VALUE.fullmatch(v)]
-    if not lines:
+    wanted = {k: v for k, v in saved.items() if isinstance(v, str)
+              and k in NETNS_SYSCTLS and _VALUE.fullmatch(v)}
+    now = _read_sysctls(pid, list(wanted))
+    lines = [f"{k}={v}" for k, v in wanted.items() if now.get(k) != v]
+    if not lines:  # all as the new netns has them (a busybox CT's): no process in the freeze
         return
     failed = _in_netns(pid, ["sh", "-c", _WRITE], "\n".join(lines) + "\n", as_ct=True,
                        check=False).split()
