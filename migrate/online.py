@@ -36,7 +36,7 @@ from vzbackup import errors as E
 from vzbackup.criu import blockers, driver
 from vzbackup.criu.check import criu_check, criu_fixes, pycriu_module
 from vzbackup.ct import network, ops
-from vzbackup.ct.nsexec import run_in_ns
+from vzbackup.nsexec import run_in_ns
 from vzbackup.timer import Timer
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"storage": ROOT / "storage", "migrate": ROOT / "migrate",
            "scheduler": ROOT / "scheduler"}
 FOLDERS |= {p.name: p for p in (ROOT / "vzbackup").iterdir() if (p / "__init__.py").exists()}
-LEAVES = {"errors", "constants", "syscalls", "lock", "safetar", "timer", "__version__"}
+LEAVES = {"errors", "constants", "syscalls", "lock", "safetar", "timer", "nsexec", "__version__"}
 
 # folder -> the other folders it may import (leaf modules are always allowed, except in storage)
 MAY_IMPORT: dict[str, set[str]] = {

@@ -28,8 +28,8 @@ import threading
 from pathlib import Path
 
 from vzbackup import syscalls as S
-from vzbackup.ct.nsexec import run_in_ns
 from vzbackup.errors import CheckpointError
+from vzbackup.nsexec import run_in_ns
 
 logger = logging.getLogger(__name__)
 

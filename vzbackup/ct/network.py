@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from vzbackup.config.net import IFNAMSIZ, Netif, routed_addr
 from vzbackup.constants import HOST_GATEWAY
 from vzbackup.ct import antispoof
-from vzbackup.ct.nsexec import ns_argv
 from vzbackup.errors import (
     ConfigError,
     DependencyError,
@@ -43,6 +42,7 @@ from vzbackup.errors import (
     UsageError,
     VzError,
 )
+from vzbackup.nsexec import ns_argv
 
 GATEWAY = HOST_GATEWAY
 """Address of the host as seen from every routed CT (on each routed host veth)."""
