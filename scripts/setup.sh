@@ -8,7 +8,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VZBACKUP_VENV:-$ROOT/.venv}
-PYTHON=${PYTHON:-python3}
+# Debian's own CPython (built with PGO and LTO; python3-seccomp is built for it): every command
+# starts and walks 15-25% faster than on a python3 built without optimisations (pyenv's)
+PYTHON=${PYTHON:-/usr/bin/python3}
 CRIU_MIN=4.2
 CRIU_PREFIX=/usr/local
 PYCRIU_DIR=/usr/local/lib/vzbackup/pycriu      # holds the pycriu package
@@ -39,6 +41,7 @@ DEB_PKGS=(busybox-static rsync openssh-server iproute2 iptables btrfs-progs zstd
   util-linux procps psmisc acl attr restic borgbackup mmdebstrap
   e2fsprogs xfsprogs  # the disk quota tests: loop-mounted ext4 and xfs with project quotas
   nftables  # per-CT bridge tables: bridged CTs send only from their addresses
+  python3-venv python3-dev  # the venv on Debian's CPython (headers: wheels built here)
   python3-seccomp  # libseccomp's own Python binding: the CTs' syscall filter
   ceph-mon ceph-osd radosgw curl  # the S3 server of the tests (scripts/s3-server.sh)
   fuse3                           # vzbackup browse (libfuse 3 + fusermount3)
@@ -181,7 +184,14 @@ link_seccomp() {  # Debian builds the binding for its CPython 3.11, the venv's X
 
 make_venv() {
   local hash
-  [ -x "$VENV/bin/python" ] || { log "venv: creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+  local want
+  want=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys._base_executable))')
+  if [ -x "$VENV/bin/python" ] \
+    && [ "$("$VENV/bin/python" -c 'import os, sys; print(os.path.realpath(sys._base_executable))')" != "$want" ]; then
+    log "venv: $VENV was made with another python3, making it anew on $want"
+    rm -rf "$VENV"
+  fi
+  [ -x "$VENV/bin/python" ] || { log "venv: creating $VENV ($want)"; "$PYTHON" -m venv "$VENV"; }
   # pycriu and the seccomp binding live outside the venv; .pth files make them importable
   # (pointing at their own folders, not at all of Debian's dist-packages).
   local site
