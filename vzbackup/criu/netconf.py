@@ -82,12 +82,8 @@ def save(pid: int, images_dir: Path) -> None:
     for names, (file, save_tool, _) in LEGACY_FILES.items():
         if _legacy_tables(pid, names):
             (images_dir / file).write_text(_in_netns(pid, [save_tool]))
-    # one grep prints /proc/sys/NAME:VALUE for each (a shell's $(cat) forked 18 times: 26 ms
-    # before the dump's freeze, 3 ms this way); one missing on this kernel is left out
-    out = _in_netns(pid, ["grep", "-H", "", "--", *(f"/proc/sys/{k}" for k in NETNS_SYSCTLS)],
-                    check=False)
-    values = dict(line.removeprefix("/proc/sys/").split(":", 1) for line in out.splitlines()
-                  if ":" in line)
+    # read in-process, as the restore reads them (one missing on this kernel is left out)
+    values = _read_sysctls(pid, list(NETNS_SYSCTLS))
     (images_dir / SYSCTL_FILE).write_text(json.dumps(values))
 
 
@@ -105,9 +101,9 @@ def load(pid: int, images_dir: Path) -> None:
 
 
 def _read_sysctls(pid: int, keys: list[str]) -> dict[str, str]:
-    """The values of *keys* (below /proc/sys) in the network namespace of host *pid*, as the
-    dump's grep printed them, read by a thread that joins that netns (no process): /proc/sys/net
-    shows the reading thread's namespace. Unreadable ones are left out."""
+    """The values of *keys* (below /proc/sys) in the network namespace of host *pid*, read by
+    a thread that joins that netns (no process): /proc/sys/net shows the reading thread's
+    namespace. Unreadable ones are left out."""
     values: dict[str, str] = {}
 
     def read() -> None:
