@@ -96,6 +96,43 @@ def test_small_files_share_chunks_and_compress_together(repo: Repository, tmp_pa
     assert stats.stored_new * 5 < stats.bytes_total
 
 
+def chunk_lengths(repo: Repository, m: Manifest, path: str) -> list[int]:
+    return [ln for e in load_tree(repo, m.tree) if e.path == path for _, _, ln in e.chunks]
+
+
+def test_large_files_are_cut_finer_and_old_repositories_keep_their_cuts(tmp_path: Path):
+    """A new repository cuts large files (and the file list) with its file_chunker, small
+    files' stream with its chunker; one made before file_chunker existed cuts both with its
+    chunker (FORMAT.md), so its large files keep deduplicating against older snapshots."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(6 << 20)
+    (src / "db").write_bytes(data)
+    new = Repository.init(DirBackend(tmp_path / "new"))
+    stream_avg = new.chunker_params[1]
+    file_min, _, file_max = new.file_chunker_params
+    assert file_max < stream_avg  # a large file is at least one stream chunk: many of its own
+    cuts = chunk_lengths(new, backup(new, src)[0], "db")
+    assert sum(cuts) == len(data) and len(cuts) > 6
+    assert all(n <= file_max for n in cuts) and min(cuts[:-1]) >= file_min
+
+    old_root = tmp_path / "old"
+    Repository.init(DirBackend(old_root))
+    config = json.loads((old_root / "config").read_text())
+    config["chunker"] = {"min": 128 << 10, "avg": 512 << 10, "max": 2 << 20}
+    del config["file_chunker"]
+    (old_root / "config").write_text(json.dumps(config))
+    old = Repository.open(DirBackend(old_root))
+    assert old.file_chunker_params == old.chunker_params == (128 << 10, 512 << 10, 2 << 20)
+    m1, _ = backup(old, src)
+    assert max(chunk_lengths(old, m1, "db")) > file_max
+    with open(src / "db", "r+b") as f:  # a small write in the middle re-stores one chunk
+        f.seek(3 << 20)
+        f.write(b"x" * 4096)
+    _, s2 = backup(old, src)
+    assert 0 < s2.bytes_new < 2 * (2 << 20)  # the chunk(s) around it (<= 2 MiB each), no more
+
+
 def settle() -> None:
     """Let the files cache trust what was just written (it re-reads entries changed less
     than RACY_NS before a backup: a second change in the same clock tick is invisible)."""

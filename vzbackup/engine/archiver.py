@@ -1,10 +1,13 @@
 """Back a directory tree up into the repository: walk, chunk, dedup, compress, upload.
 
 File contents are cut by content-defined chunking (FastCDC, compiled, from ``pyfastcdc``).
-Files of at least the average chunk size are chunked on their own, so their chunks stay
-the same wherever they sit in the tree. Smaller files are concatenated, in walk order, into
-one stream that is chunked the same way: a root filesystem's many small files compress
-together (as in a tar) and still deduplicate, because content-defined cuts resynchronise.
+Files of at least the stream's average chunk size are large: chunked on their own, finer
+(the repository's ``file_chunker``: a small write into a database re-stores little), so
+their chunks stay the same wherever they sit in the tree. Smaller files are concatenated, in
+walk order, into one stream cut in larger chunks (``chunker``): a root filesystem's many
+small files compress together (as in a tar) and still deduplicate, because content-defined
+cuts resynchronise; only changed files are read again, so the stream's chunk size costs
+little when a few of them change.
 An entry's content is a list of ``[chunk, offset, length]`` slices.
 
 Hashing, compression and encryption run in a bounded thread pool that fills pack files
@@ -470,8 +473,9 @@ class TreeWriter:
                  exclude: Excluder | None = None, progress: Progress | None = None,
                  log: Callable[[str], None] = lambda m: None) -> None:
         mn, avg, mx = repo.chunker_params
-        self.cdc = Chunker(mn, avg, mx)
-        self.avg = avg
+        self.cdc = Chunker(mn, avg, mx)  # the small files' stream
+        self.file_cdc = Chunker(*repo.file_chunker_params)  # large files, the file list
+        self.avg = avg  # a file this big is large
         self.repo = repo
         self.store = store
         self.cache = cache
@@ -479,9 +483,9 @@ class TreeWriter:
         self.progress = progress
         self.log = log
         self.stats = store.stats
-        self.buffers = Buffers(FILE_WINDOW + mx)
+        self.buffers = Buffers(FILE_WINDOW + max(mx, self.file_cdc.max_size))
         self.small = Stream(self.cdc, store, self.buffers)
-        self.meta = Stream(self.cdc, store, self.buffers)
+        self.meta = Stream(self.file_cdc, store, self.buffers)
         self.queue: collections.deque[_Pending] = collections.deque()
         self.small_starts: collections.deque[int] = collections.deque()  # of queued entries
         self.hardlinks: dict[tuple[int, int], str] = {}
@@ -804,8 +808,8 @@ class TreeWriter:
             regions = extents if extents is not None else [[0, st.st_size]]
             if sum(ln for _, ln in regions) >= self.avg:  # chunked on its own, in the pool
                 e.size, e.extents = st.st_size, extents  # (the bytes read, if not sparse)
-                fut = self.store.submit_file(chunk_file, self.store, self.cdc, self.buffers, fd,
-                                             abs_p, regions, extents is None)
+                fut = self.store.submit_file(chunk_file, self.store, self.file_cdc, self.buffers,
+                                             fd, abs_p, regions, extents is None)
                 fd = -1  # the task closes it
                 self._emit(_Pending(e, file=fut, slot=slot))
                 return
