@@ -7,8 +7,8 @@ import sys
 import click
 
 from vzbackup.classic.syntax import PROGRAMS, translate, usage
-from vzbackup.cli import cli
 from vzbackup.cli.common import run_guarded
+from vzbackup.cli.group import cli
 from vzbackup.config.node import Node
 from vzbackup.errors import VzError
 
