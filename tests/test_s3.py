@@ -124,7 +124,7 @@ def test_incremental_uploads_only_new_chunks_and_caches_manifests(s3_node: NodeB
     (private(node, ctid) / "srv/new").write_bytes(os.urandom(3 << 20))
     inc = dump(node, str(ctid))["results"][0]
     added = pack_keys(s3_bucket) - before
-    assert len(added) == 1 and inc["stats"]["chunks_new"] > 3  # 3 MiB in 512 KiB chunks
+    assert len(added) == 1 and inc["stats"]["chunks_new"] > 3  # 3 MiB in 128 KiB chunks
     assert (3 << 20) < inc["stats"]["stored_new"] < (3 << 20) + 100_000
     assert inc["stats"]["bytes_read"] < (3 << 20) + 4096  # only the new file was read
     # one index file per pack, cached locally like the manifests
