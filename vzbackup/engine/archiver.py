@@ -56,6 +56,7 @@ from vzbackup.syscalls import malloc_large_with_mmap
 
 FILE_WINDOW = 8 * 1024 * 1024  # bytes of one file read at once; a stream's buffer holds this
 BUFFERS_KEPT = 4  # free stream buffers kept for reuse (FILE_WINDOW + largest chunk each)
+STAT_BY_PATH = 4  # directories with at most this many names are not opened to stat them
 T_ = TypeVar("T_")
 
 
@@ -612,19 +613,22 @@ class TreeWriter:
         if same_names and old is not None:
             names = old.names.split(NAME_SEP) if old.names else []
             sts = stat_names(abs_dir, names)  # no listing; None if one vanished meanwhile
-        if sts is None:
+        listed = sts is None
+        if listed:
             names, sts = list_dir(abs_dir)
         base = abs_dir.rstrip("/") + "/"
         prefix = rel_dir + "/" if rel_dir else ""
-        if old is not None and self.cache.use_inode and self._reuse_dir(old, rel_dir, names, sts):
+        if old is not None and self.cache.use_inode and \
+                self._reuse_dir(old, rel_dir, names, sts, listed):
             return [(base + names[i], prefix + names[i], True) for i in old.subdirs]
         return [(base + names[i], prefix + names[i], same)
                 for i, same in self._entries(abs_dir, rel_dir, names, sts, old)]
 
     def _reuse_dir(self, old: DirRecord, rel_dir: str, names: list[str],
-                   sts: list[os.stat_result | None]) -> bool:
-        """Copy a directory's lines from the files cache if none of its entries changed."""
-        if None in sts or old.names != NAME_SEP.join(names):
+                   sts: list[os.stat_result | None], listed: bool) -> bool:
+        """Copy a directory's lines from the files cache if none of its entries changed
+        (*listed*: its names were read from the directory, not taken from *old*)."""
+        if listed and (None in sts or old.names != NAME_SEP.join(names)):
             return False
         if packed_sigs(map(signature, sts)) != old.sigs:
             return False
@@ -861,7 +865,15 @@ def list_dir(path: str) -> tuple[list[str], list[os.stat_result | None]]:
 
 def stat_names(path: str, names: list[str]) -> list[os.stat_result] | None:
     """The lstat of *names* in the directory *path* (known not to have changed: no
-    listing); None if one of them is gone."""
+    listing); None if one of them is gone. A few names are looked up by their paths:
+    opening and closing the directory would cost more (a third of a root filesystem's
+    directories hold one entry)."""
+    if len(names) <= STAT_BY_PATH:
+        base = path.rstrip("/") + "/"
+        try:
+            return [os.lstat(base + n) for n in names]
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # (list_dir tells what became of the directory)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
