@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
-from nodebed import COUNTER, NOBODY_TASK, TENANT_NFT, in_ct_netns, next_ctid, nobody_pids, wait_for
+from nodebed import (
+    COUNTER,
+    NOBODY_TASK,
+    ROOT,
+    TENANT_NFT,
+    in_ct_netns,
+    need,
+    next_ctid,
+    nobody_pids,
+    wait_for,
+)
 from treecmp import diff, tree_manifest
 from twonode_fixture import twonode
 from vzbackup.migrate.imagestream import ImageStream
@@ -33,6 +44,33 @@ WINDOW_CHANGES = (  # by the CT between the first sync and the freeze: all must 
     "chmod 700 moved/a && mv fresh/x/f moved/a/b/g && echo more >> moved/a/b/f && "
     "ln -s moved/a/b/g x"
 )
+
+
+WITNESS_SRC = ROOT / "tests/probes/memwitness.c"
+WITNESS_MIB = 32  # runs of pages with holes, plus 1 MiB of PROT_NONE pages
+
+
+@pytest.fixture(scope="module")
+def memwitness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A static process that checks its memory byte for byte after a move (probes/)."""
+    need(shutil.which("gcc") is not None, "gcc (build-essential) builds the memory witness")
+    out = tmp_path_factory.mktemp("witness") / "memwitness"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(WITNESS_SRC)], check=True)
+    return out
+
+
+def _start_witness(node: Node, ctid: int, binary: Path) -> None:
+    shutil.copy(binary, _private(node, ctid) / "bin/memwitness")
+    node.sh(ctid, f"setsid /bin/memwitness {WITNESS_MIB} </dev/null >/dev/null 2>&1 &")
+    wait_for(lambda: node.sh(ctid, "cat /tmp/memwitness.ready 2>/dev/null").strip(),
+             what="memory witness")
+
+
+def _witness_says(node: Node, ctid: int) -> str:
+    """The witness's verdict on its memory here: "ok" or where it differs."""
+    node.sh(ctid, "rm -f /tmp/memwitness.result; touch /tmp/memwitness.check")
+    return wait_for(lambda: node.sh(ctid, "cat /tmp/memwitness.result 2>/dev/null").strip(),
+                    what="memory witness verdict")
 
 
 class Client:
@@ -151,9 +189,12 @@ def _assert_moved(src: Node, dst: Node, ctid: int, running: bool = True) -> None
     ("mode", "flags"),
     [("online+lazy", ["--online"]), ("online", ["--online", "--no-lazy"])],
 )
-def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, flags) -> None:
+def test_online_keeps_counter_connection_and_files(
+    two_nodes: Bed, memwitness: Path, mode: str, flags
+) -> None:
     bed = two_nodes
     ctid, ip = _make_ct(bed.a)  # unprivileged, with a task of another uid
+    _start_witness(bed.a, ctid, memwitness)
     client = Client(ip)
     try:
         assert client.roundtrip(b"before") == b"before"
@@ -190,6 +231,7 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
             "deep\nmore\nnew\nf\nfresh\nhard\nmoved\nx\n"
         assert len(nobody_pids(bed.b, ctid)) == 1
         assert bed.b.sh(ctid, "md5sum /dev/shm/blob") == shm
+        assert _witness_says(bed.b, ctid) == "ok"  # every page, lazy or not, and none extra
     finally:
         client.close()
     # and back: B -> A, the same way
@@ -205,6 +247,7 @@ def test_online_keeps_counter_connection_and_files(two_nodes: Bed, mode: str, fl
         assert report["mode"] == mode
         assert "running" in _status(bed.a, ctid) and "deleted" in _status(bed.b, ctid)
         assert client.roundtrip(b"home again") == b"home again"
+        assert _witness_says(bed.a, ctid) == "ok"
     finally:
         client.close()
 

@@ -1,0 +1,74 @@
+/* memwitness MIB: a witness that a migration moved a process's memory intact.
+ *
+ * Fills MIB MiB of anonymous memory with a seeded pattern, leaving every 7th page untouched
+ * (runs of present pages with holes between them), and 1 MiB more that it then makes
+ * PROT_NONE (pages a reader can only get at with FOLL_FORCE). It writes /tmp/memwitness.ready
+ * and then, each time /tmp/memwitness.check appears, checks every byte against the pattern
+ * and writes "ok" or "bad ..." to /tmp/memwitness.result (and removes the request).
+ * Built static by tests/test_migrate.py and copied into the CT. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+#define HOLE_EVERY 7
+
+static uint64_t word(uint64_t i) { /* splitmix64: incompressible, position-dependent */
+    uint64_t z = i * 0x9e3779b97f4a7c15ULL + 0x5eed;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static void put(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    if (f) { fputs(text, f); fclose(f); }
+}
+
+/* fill (check=0) or check (check=1) the pages of [buf, buf+len) that are not holes;
+ * returns the first bad byte offset + 1, or 0 */
+static size_t walk(uint64_t *buf, size_t len, uint64_t seed, int holes, int check) {
+    size_t per_page = PAGE / 8;
+    for (size_t p = 0; p < len / PAGE; p++) {
+        uint64_t *pg = buf + p * per_page;
+        int hole = holes && p % HOLE_EVERY == HOLE_EVERY - 1;
+        for (size_t i = 0; i < per_page; i++) {
+            uint64_t want = hole ? 0 : word(seed + p * per_page + i);
+            if (!check) {
+                if (!hole) pg[i] = want;
+            } else if (pg[i] != want) {
+                return (p * per_page + i) * 8 + 1;
+            }
+        }
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    size_t len = (argc > 1 ? strtoul(argv[1], NULL, 10) : 32) << 20, nlen = 1 << 20;
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+    uint64_t *big = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+    uint64_t *none = mmap(NULL, nlen, PROT_READ | PROT_WRITE, flags, -1, 0);
+    char msg[128];
+    if (big == MAP_FAILED || none == MAP_FAILED) return 1;
+    walk(big, len, 1, 1, 0);
+    walk(none, nlen, 1ULL << 40, 0, 0);
+    if (mprotect(none, nlen, PROT_NONE)) return 1;
+    put("/tmp/memwitness.ready", "ready\n");
+    for (;;) {
+        usleep(50000);
+        if (access("/tmp/memwitness.check", F_OK)) continue;
+        size_t bad = walk(big, len, 1, 1, 1), bad_none = 0;
+        if (mprotect(none, nlen, PROT_READ) == 0) {
+            bad_none = walk(none, nlen, 1ULL << 40, 0, 1);
+            mprotect(none, nlen, PROT_NONE);
+        }
+        if (bad) snprintf(msg, sizeof msg, "bad at %zu of the big region\n", bad - 1);
+        else if (bad_none) snprintf(msg, sizeof msg, "bad at %zu of the PROT_NONE region\n", bad_none - 1);
+        else snprintf(msg, sizeof msg, "ok\n");
+        put("/tmp/memwitness.result", msg);
+        unlink("/tmp/memwitness.check");
+    }
+}
