@@ -208,6 +208,10 @@ make_venv() {
   else
     log "venv: up to date"
   fi
+  # byte code of the project's own modules (an editable install has none, and with
+  # PYTHONDONTWRITEBYTECODE set every command compiled ~60 modules anew: ~0.05 s each)
+  "$VENV/bin/python" -m compileall -q "$ROOT/vzbackup" "$ROOT/migrate" "$ROOT/storage" \
+    "$ROOT/scheduler" >/dev/null
   "$VENV/bin/python" -c 'import pycriu, seccomp, vzbackup' \
     || die "pycriu, seccomp (python3-seccomp is built for Debian's python3 X.Y) or vzbackup not importable in $VENV"
 }

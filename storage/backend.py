@@ -114,6 +114,9 @@ class Backend(abc.ABC):
         was started before *older_than* (storage time); returns what was removed."""
         return []
 
+    def prepare_writes(self) -> None:  # noqa: B027 - nothing to prepare by default
+        """A writer is starting: begin, in the background, what its writes will need."""
+
     def flush(self) -> None:  # noqa: B027 - a no-op where every write is durable
         """Make every object written so far durable (called before a snapshot is published)."""
 

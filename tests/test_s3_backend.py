@@ -15,6 +15,7 @@ from vzbackup.storage.options import S3Options
 from vzbackup.storage.s3 import CLAIM_PREFIX, S3Backend
 
 from vzbackup.config import storage as storage_config
+from vzbackup.engine.repo import Repository
 from vzbackup.errors import ConfigError
 
 
@@ -128,6 +129,11 @@ def test_first_lock_starts_the_probe_in_the_background(s3_bucket: Bucket):
     assert be.requests == before + 1  # the answer was ready: one PutObject
     be.close()
     assert not list(backend(s3_bucket).list(CLAIM_PREFIX))
+    # a backup opening its repository starts it too (its first write may be the config)
+    be = backend(s3_bucket)
+    Repository.open(be, create=True)
+    assert be._probe is not None and be._probe.result(timeout=60) is True
+    be.close()
 
 
 def test_touch_moves_mtime_and_keeps_content(s3_bucket: Bucket):
@@ -143,12 +149,18 @@ def test_touch_moves_mtime_and_keeps_content(s3_bucket: Bucket):
 
 
 def test_object_lock_on_manifests_only(s3_lock_bucket: Bucket):
-    be = backend(s3_lock_bucket, object_lock_days=1)
+    be = backend(s3_lock_bucket, object_lock_days=1, multipart_threshold=5)
     be.put("snapshots/101/2026-01-01T00:00:00Z", b"m", Kind.SNAPSHOT)
     be.put("snapshots/101/2026-01-01T00:00:00Z.log", b"log", Kind.LOG)
     be.put("chunks/aa/aa", b"c", Kind.PACK)
     until = be.retained_until("snapshots/101/2026-01-01T00:00:00Z")
     assert until and until > time.time() + 3600
+    # a manifest above the multipart threshold: one PutObject still (Ceph would drop the
+    # retention of a multipart upload)
+    big = os.urandom(6 << 20)
+    be.put("snapshots/102/2026-01-01T00:00:00Z", big, Kind.SNAPSHOT)
+    assert be.get("snapshots/102/2026-01-01T00:00:00Z") == big
+    assert (be.retained_until("snapshots/102/2026-01-01T00:00:00Z") or 0) > time.time() + 3600
     assert be.retained_until("snapshots/101/2026-01-01T00:00:00Z.log") is None
     assert be.retained_until("chunks/aa/aa") is None
 

@@ -202,6 +202,7 @@ class ChunkStore:
     def close(self) -> None:
         self.files.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.packer.close()
 
 
 class Chunker:

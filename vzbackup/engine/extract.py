@@ -31,7 +31,8 @@ PREFETCH_BYTES = 32 * 1024 * 1024  # packed bytes fetched ahead of the writer, o
 READ_GAP = 1024 * 1024  # read over unneeded blobs up to this size rather than split a read
 READ_MAX = 4 * 1024 * 1024  # bytes per ranged read at most: a pack is read in a few parallel
 # GETs (one per chunk costs an object store a round trip and a seek each: 4x slower on RGW)
-PARALLEL_FILE_MAX = 1024 * 1024  # files up to this size are written by the writer pool
+PARALLEL_FILE_MAX = 1024 * 1024  # files up to this size are written whole by a writer
+SEGMENT_BYTES = 2 * 1024 * 1024  # bigger files: the writers write them in pieces this big
 WRITE_BATCH_FILES = 32  # files per writer task at most
 WRITE_BATCH_BYTES = 1024 * 1024  # and about this many bytes
 V1_CHUNK_SIZE = 512 * 1024  # what a version 1 chunk object counts against PREFETCH_BYTES
@@ -330,6 +331,7 @@ class _Writers:
         self.batch: list[tuple[Callable[..., int], tuple]] = []
         self.batch_bytes = 0
         self.written = 0
+        self.open_files: set[_BigFile] = set()  # big files being written in segments
 
     def submit(self, size: int, fn: Callable[..., int], *args: object) -> None:
         """Run ``fn(*args)`` (it writes about *size* bytes) in the pool, batched."""
@@ -376,6 +378,8 @@ class _Writers:
             fut.cancel()
         self.pool.shutdown(wait=True)
         self.pending = []
+        for f in list(self.open_files):  # a failed restore: never finished
+            f.close()
 
 
 def _run_batch(batch: list[tuple[Callable[..., int], tuple]]) -> int:
@@ -424,10 +428,12 @@ def restore_tree(
             if e.kind == T.FILE and e.size <= PARALLEL_FILE_MAX:
                 pieces = list(file_pieces(reader, e))
                 writers.submit(e.size, _write_file, e, pfd, name, iter(pieces), dirs.strip_acls)
+            elif e.kind == T.FILE:
+                _write_big_file(e, pfd, name, file_pieces(reader, e), writers, dirs.strip_acls)
             else:
                 if e.kind == T.HARDLINK:
                     writers.drain()  # its target may still be being written
-                writers.written += _create(e, pfd, name, reader, dirs, allow_devices)
+                writers.written += _create(e, pfd, name, dirs, allow_devices)
             if e.kind == T.DIR:
                 dir_times.append((e.path, e.mtime_ns))
             if progress and e.kind == T.FILE:
@@ -454,8 +460,8 @@ def restore_tree(
     return writers.written
 
 
-def _create(e: T.Entry, pfd: int, name: str, reader: ChunkReader, dirs: _Dirs,
-            allow_devices: bool) -> int:
+def _create(e: T.Entry, pfd: int, name: str, dirs: _Dirs, allow_devices: bool) -> int:
+    """Make an entry that is not a regular file."""
     ns = (e.mtime_ns, e.mtime_ns)
     if e.kind == T.DIR:
         os.mkdir(name, 0o700, dir_fd=pfd)
@@ -485,9 +491,7 @@ def _create(e: T.Entry, pfd: int, name: str, reader: ChunkReader, dirs: _Dirs,
         _set_meta(e, pfd, name, None)
         os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
         return 0
-    if e.kind != T.FILE:
-        raise DamagedError(f"{e.path}: unknown entry type {e.kind!r}")
-    return _write_file(e, pfd, name, file_pieces(reader, e), dirs.strip_acls)
+    raise DamagedError(f"{e.path}: unknown entry type {e.kind!r}")
 
 
 def _write_file(e: T.Entry, pfd: int, name: str, pieces: Iterator[memoryview],
@@ -520,6 +524,89 @@ def _write_file(e: T.Entry, pfd: int, name: str, pieces: Iterator[memoryview],
     finally:
         os.close(fd)
     return written
+
+
+class _BigFile:
+    """A file the writers write in segments (in any order, at their offsets); the writer
+    that finishes its last segment (or this thread, if they all finished first) sets its
+    size and metadata and closes it. One that never got there is closed by the writers'
+    ``close`` (a failed restore)."""
+
+    def __init__(self, e: T.Entry, fd: int, strip_acls: bool, writers: _Writers) -> None:
+        self.e, self.fd, self.strip_acls, self.writers = e, fd, strip_acls, writers
+        self.lock = threading.Lock()
+        self.left = 1  # segments not written yet, plus one until every one is submitted
+        self.failed = False
+        writers.open_files.add(self)
+
+    def segment(self, offset: int, views: list[memoryview]) -> int:
+        """Write *views* back to back from *offset* (a writer's task); bytes written."""
+        written = 0
+        try:
+            for v in views:
+                while v:
+                    n = os.pwrite(self.fd, v, offset)
+                    v, offset, written = v[n:], offset + n, written + n
+        except BaseException:
+            self.failed = True
+            raise
+        self.done()
+        return written
+
+    def add(self) -> None:
+        with self.lock:
+            self.left += 1
+
+    def done(self) -> None:
+        with self.lock:
+            self.left -= 1
+            if self.left:
+                return
+        try:
+            if not self.failed:
+                os.ftruncate(self.fd, self.e.size)  # (holes at the end, a shrunk file)
+                _set_meta(self.e, -1, "", self.fd, self.strip_acls)
+                os.utime(self.fd, ns=(self.e.mtime_ns, self.e.mtime_ns))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+                self.writers.open_files.discard(self)
+
+
+def _write_big_file(e: T.Entry, pfd: int, name: str, pieces: Iterator[memoryview],
+                    writers: _Writers, strip_acls: bool) -> None:
+    """Create the regular file *name* in *pfd* and have the writers write its content
+    *pieces* in SEGMENT_BYTES segments: big files are written in parallel with each other
+    and with the small ones, while this thread goes on reading the tree."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=pfd)
+    f = _BigFile(e, fd, strip_acls, writers)
+    try:
+        regions = e.extents if e.extents is not None else [[0, e.size]]
+        buf: memoryview | bytes = b""
+        for off, ln in regions:
+            left = ln
+            while left > 0:
+                start, views, size = off + ln - left, [], 0
+                while left > 0 and size < SEGMENT_BYTES:
+                    if not buf:
+                        buf = next(pieces, b"")
+                        if not buf:
+                            raise DamagedError(f"{e.path}: content is shorter than its size")
+                    n = min(left, len(buf), SEGMENT_BYTES - size)
+                    views.append(buf[:n])
+                    buf, left, size = buf[n:], left - n, size + n
+                f.add()
+                writers.submit(size, f.segment, start, views)
+    except BaseException:
+        f.failed = True  # closed by the writers' close
+        raise
+    f.done()
 
 
 def find(entries: list[T.Entry], path: str) -> list[T.Entry]:

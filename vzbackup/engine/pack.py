@@ -17,10 +17,14 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 PACK_TARGET = 16 * 1024 * 1024  # a pack is written once it holds this much
-PACK_UPLOADS = 4  # packs being written at once (bounds memory: ~PACK_TARGET each)
+# packs being written at once, each in an upload thread (bounds memory: ~PACK_TARGET each;
+# two streams keep a LAN or loopback server busy, and a network that dies mid-backup
+# leaves the packs before them complete, with their index files: resumable)
+PACK_UPLOADS = 2
 HEADER_AAD = "pack-header"
 INDEX_MAGIC = b"VZIX\x01"
 ENTRY = struct.Struct("<32sII")  # chunk id, offset, length
@@ -122,9 +126,11 @@ Store = Callable[[str, bytes, Entries], None]  # (pack id, pack bytes, entries)
 
 
 class Packer:
-    """Collects sealed blobs into packs; thread-safe. A full pack is handed to *store* by
-    the thread that filled it (at most PACK_UPLOADS at once), so writing runs in parallel
-    with sealing and memory stays bounded."""
+    """Collects sealed blobs into packs; thread-safe. A full pack is handed to *store* in
+    an upload thread of its own (at most PACK_UPLOADS packs at once; a full pack waits
+    for a free one), so the threads that fill packs go on hashing and compressing while a
+    pack is joined, hashed and written, and memory stays bounded. A failed write is raised
+    by the next ``add`` and by ``flush``."""
 
     def __init__(self, seal: Seal, store: Store, target: int = PACK_TARGET) -> None:
         self.seal = seal
@@ -132,6 +138,8 @@ class Packer:
         self.target = target
         self.lock = threading.Lock()
         self.uploads = threading.BoundedSemaphore(PACK_UPLOADS)
+        self._pool: ThreadPoolExecutor | None = None  # started with the first full pack
+        self._writing: list[Future] = []
         self._buf: list[bytes] = []
         self._entries: Entries = []
         self._size = 0
@@ -145,19 +153,50 @@ class Packer:
             self._size += size
             full = self._take() if self._size >= self.target else None
         if full:
-            self._write(*full)
+            self._submit(*full)
 
     def flush(self) -> None:
-        """Write the pack being filled, however small."""
+        """Write the pack being filled, however small, and wait for every pack's write."""
         with self.lock:
             full = self._take() if self._entries else None
         if full:
-            self._write(*full)
+            self._submit(*full)
+        with self.lock:
+            writing, self._writing = self._writing, []
+            pool, self._pool = self._pool, None
+        try:
+            for fut in writing:
+                fut.result()  # the first failure
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop: packs not written yet are dropped (a failed backup)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _take(self) -> tuple[list[bytes], Entries]:
         taken = self._buf, self._entries
         self._buf, self._entries, self._size = [], [], 0
         return taken
+
+    def _submit(self, blobs: list[bytes], entries: Entries) -> None:
+        self.uploads.acquire()
+        try:
+            with self.lock:
+                failed = next((f for f in self._writing if f.done() and f.exception()), None)
+                if failed is not None:
+                    failed.result()
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(PACK_UPLOADS, thread_name_prefix="pack")
+                fut = self._pool.submit(self._write, blobs, entries)
+                self._writing = [f for f in self._writing
+                                 if not f.done() or f.exception()] + [fut]
+        except BaseException:
+            self.uploads.release()
+            raise
+        fut.add_done_callback(lambda _: self.uploads.release())
 
     def _write(self, blobs: list[bytes], entries: Entries) -> None:
         header = self.seal(HEADER_AAD, encode_header(entries))
@@ -167,9 +206,7 @@ class Packer:
         blobs.clear()
         import hashlib  # (see Codec.chunk_id)
 
-        pack = hashlib.sha256(data).hexdigest()
-        with self.uploads:
-            self.store(pack, data, entries)
+        self.store(hashlib.sha256(data).hexdigest(), data, entries)
 
 
 def header_span(tail: bytes, size: int) -> tuple[int, int]:

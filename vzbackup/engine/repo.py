@@ -169,6 +169,8 @@ class Repository:
     def open(
         cls, backend: Backend, key: KeyFile | None = None, level: int = 3, *, create: bool = False
     ) -> Repository:
+        if create:  # a writer (a backup): e.g. an object store's probe, meanwhile
+            backend.prepare_writes()
         try:
             raw = backend.get(CONFIG_KEY)
         except ObjectMissing:
