@@ -156,11 +156,17 @@ class Packer:
             self._submit(*full)
 
     def flush(self) -> None:
-        """Write the pack being filled, however small, and wait for every pack's write."""
+        """Wait for every pack's write, then write the pack being filled, however small:
+        the packs before it are complete with their index files whatever happens to it
+        (a network dying at the end of a backup loses only the last one)."""
+        self._wait()
         with self.lock:
             full = self._take() if self._entries else None
         if full:
             self._submit(*full)
+        self._wait()
+
+    def _wait(self) -> None:
         with self.lock:
             writing, self._writing = self._writing, []
             pool, self._pool = self._pool, None
