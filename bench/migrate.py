@@ -29,6 +29,9 @@ The machine is shared by other work: numbers are noisy; compare within one run.
 
     .venv/bin/python bench/migrate.py [--sizes 100,1000] [--rounds 1]
 
+VZBACKUP_CRIU=/path/to/criu runs both nodes on that CRIU (the bed's sshd passes it on): A/B
+runs of a CRIU patch against the installed one, alternating, on the same machine.
+
 Results go to bench/results/migrate-TIMESTAMP.json.
 """
 
