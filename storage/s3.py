@@ -1,15 +1,17 @@
-"""A repository in an S3 bucket (AWS, Ceph RGW, MinIO, any S3-compatible server), on botocore.
+"""A repository in an S3 bucket (AWS, Ceph RGW, MinIO, any S3-compatible server), on boto3.
 
-- Credentials: ``access-key``/``secret-key`` from storage.cfg, else the AWS SDK's standard
-  chain (environment, shared config and ``profile``, instance role). They never appear in
+- Credentials: ``access-key``/``secret-key`` from storage.cfg, else boto3's standard chain
+  (environment, shared config and ``profile``, instance role). They never appear in
   ``url``, logs or error messages.
-- One botocore client per storage, shared by every thread (clients are thread-safe), with
-  a connection pool of ``max-connections``; boto3's layer on top (its transfer manager
-  too) is not imported, ~0.05 s of every command. botocore retries throttling, 5xx and connection
+- One boto3 client per storage, shared by every thread (clients are thread-safe), with a
+  connection pool of ``max-connections``. botocore retries throttling, 5xx and connection
   errors (``retry-mode``, ``retries`` attempts); a whole operation is retried again on top
   of that (a reset while a response body streams in is not retried by botocore).
-- Objects above ``multipart-threshold`` are uploaded in parallel parts and downloaded by
-  parallel ranged GETs. Everything a repository writes is small except big manifests.
+- Objects above ``multipart-threshold`` are uploaded in parts by boto3's transfer manager
+  and downloaded by parallel ranged GETs; retained objects (snapshot manifests under Object
+  Lock) are always one PutObject (Ceph keeps no retention on a multipart upload, and the
+  transfer manager refuses their Content-MD5). Everything a repository writes is small
+  except big manifests.
 - ``put_if_absent`` is a PutObject with ``If-None-Match: *`` (412 = it exists). Servers
   that ignore the header are detected once (a probe object written twice) and then get the
   fallback in ``_claim_and_put``: claim objects with a lease, the oldest live claim wins.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import threading
 import time
 import uuid
@@ -45,8 +48,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import boto3
 import botocore.exceptions as bx
-import botocore.session
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from vzbackup.storage.backend import (
     RETAINED_KINDS,
@@ -123,14 +127,18 @@ class S3Backend(Backend):
             response_checksum_validation="when_required",
         )
         try:
-            session = botocore.session.Session(profile=o.profile or None)
-            self.client = session.create_client(
-                "s3", endpoint_url=o.endpoint or None, aws_access_key_id=o.access_key or None,
-                aws_secret_access_key=o.secret_key or None,
-                aws_session_token=o.session_token or None, verify=o.verify_tls, config=config,
-            )
+            session = boto3.session.Session(profile_name=o.profile or None)
         except bx.ProfileNotFound:
             raise BackendError(f"S3 storage {self.name!r}: no AWS profile {o.profile!r}") from None
+        self.client = session.client(
+            "s3", endpoint_url=o.endpoint or None, aws_access_key_id=o.access_key or None,
+            aws_secret_access_key=o.secret_key or None, aws_session_token=o.session_token or None,
+            verify=o.verify_tls, config=config,
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=self.threshold, multipart_chunksize=self.part_size,
+            max_concurrency=min(8, self.max_connections), use_threads=True,
+        )
         self.requests = 0  # HTTP requests sent, retries included (reported per backup)
         self.client.meta.events.register("before-send.s3", self._count_request)
         self._ranges = ThreadPoolExecutor(max_workers=min(8, self.max_connections),
@@ -148,7 +156,7 @@ class S3Backend(Backend):
         return self.prefix + key
 
     def _error(self, e: Exception, what: str) -> BackendError:
-        """A clear BackendError for a botocore failure of *what* (never holding credentials)."""
+        """A clear BackendError for a boto3 failure of *what* (never holding credentials)."""
         label = f"S3 storage {self.name!r}"
         if isinstance(e, bx.ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
@@ -227,30 +235,9 @@ class S3Backend(Backend):
         if len(data) < self.threshold or kind in RETAINED_KINDS:
             self._call(f"writing {key}", lambda: self.client.put_object(Body=data, **args))
             return
-        self._put_multipart(key, data, args)
-
-    def _put_multipart(self, key: str, data: bytes, args: dict[str, Any]) -> None:
-        """A multipart upload: parts of ``multipart-chunksize`` in parallel, then complete
-        (aborted if anything fails; ``gc`` aborts what a killed writer left)."""
-        what = f"writing {key}"
-        up = self._call(what, lambda: self.client.create_multipart_upload(**args))
-        base = {"Bucket": args["Bucket"], "Key": args["Key"], "UploadId": up["UploadId"]}
-        view = memoryview(data)
-
-        def part(n: int) -> dict[str, Any]:
-            body = bytes(view[n * self.part_size : (n + 1) * self.part_size])
-            r = self._call(what, lambda: self.client.upload_part(
-                Body=body, PartNumber=n + 1, **base))
-            return {"ETag": r["ETag"], "PartNumber": n + 1}
-
-        try:
-            parts = list(self._ranges.map(part, range(-(-len(data) // self.part_size))))
-            self._call(what, lambda: self.client.complete_multipart_upload(
-                MultipartUpload={"Parts": parts}, **base))
-        except BaseException:
-            with contextlib.suppress(bx.BotoCoreError, bx.ClientError):
-                self.client.abort_multipart_upload(**base)
-            raise
+        bucket, name = args.pop("Bucket"), args.pop("Key")
+        self._call(f"writing {key}", lambda: self.client.upload_fileobj(
+            io.BytesIO(data), bucket, name, ExtraArgs=args, Config=self.transfer))
 
     def prepare_writes(self) -> None:
         """Start the conditional-writes probe in the background (once)."""
