@@ -33,7 +33,13 @@ from vzbackup import errors as E
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
-from vzbackup.criu.check import criu_binary, criu_check, criu_version, pycriu_module
+from vzbackup.criu.check import (
+    criu_binary,
+    criu_check,
+    criu_fixes,
+    criu_version,
+    pycriu_module,
+)
 from vzbackup.ct import admission, fs, network, ops, quota, registry
 from vzbackup.ct.container import Container
 from vzbackup.timer import Timer
@@ -149,6 +155,7 @@ class Agent:
         return {
             "version": __version__,
             "criu": cv,
+            "criu_fixes": sorted(criu_fixes()) if cv else [],
             "problems": problems,
             "lazy_ok": lazy_ok,
             "lazy_why": lazy_why,

@@ -217,6 +217,11 @@ class OnlineDump:
             _poke(self.port)  # the page server gets a torn request: CRIU resumes the tasks
             raise
 
+    def _plain_tmpfs(self) -> bool:
+        """Both CRIUs carry "tmpfsplain": no tar + gzip per tmpfs mount in the freeze."""
+        fix = C.CRIU_FIX_TMPFS_PLAIN
+        return fix in criu_fixes() and fix in self.mig.hello.get("criu_fixes", ())
+
     # ------------------------------------------------------------ the dump itself
     def run(self) -> None:
         """Stage, dump, move, restore; on failure the CT keeps running here."""
@@ -231,7 +236,7 @@ class OnlineDump:
                 external=ops.dump_external(mig.ct.conf), lazy_port=self.port,
                 page_server=self.page_server, tls=self.tls.files() if self.tls else None,
                 network_lock=self._network_lock(),
-                skip_netns_config=not nested_netns(self.pid))
+                skip_netns_config=not nested_netns(self.pid), plain_tmpfs=self._plain_tmpfs())
             with urgent():  # CRIU (forked from this thread) and the notify steps
                 driver.dump(self.pid, self.images, opts, notify=self.steps())
             t_served = time.monotonic()

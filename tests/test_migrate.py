@@ -202,6 +202,8 @@ def test_online_keeps_counter_connection_and_files(
         bed.a.sh(ctid, WINDOW_SETUP)
         # a tmpfs image CRIU writes near the end, big enough to cross by the OpenSSH client
         shm = bed.a.sh(ctid, "head -c 3000000 /dev/urandom > /dev/shm/blob; md5sum /dev/shm/blob")
+        # an empty tmpfs whose root lost its mount's mode (CRIU's tmpfsplain must tar it)
+        bed.a.sh(ctid, "chmod 0750 /run/lock")
         before = _counter(bed.a, ctid)
         report = _migrate_with_window_changes(bed, ctid, *flags, "--remove-area", "no")
         assert report["mode"] == mode and report["ok"] and report["runs_on"] == "dest"
@@ -231,6 +233,7 @@ def test_online_keeps_counter_connection_and_files(
             "deep\nmore\nnew\nf\nfresh\nhard\nmoved\nx\n"
         assert len(nobody_pids(bed.b, ctid)) == 1
         assert bed.b.sh(ctid, "md5sum /dev/shm/blob") == shm
+        assert bed.b.sh(ctid, "stat -c %a /run/lock") == "750\n"
         assert _witness_says(bed.b, ctid) == "ok"  # every page, lazy or not, and none extra
     finally:
         client.close()

@@ -12,6 +12,12 @@ CRIU_MIN_VERSION = (4, 2)
 # scripts/setup.sh built ("GitID: vzbackup+tlsns"): without "tlsns" the page server over TLS
 # fails on SysV shared memory (migrate/online.py checks before anything moves).
 CRIU_FIX_TLS_NSDUMP = "tlsns"
+# With "tmpfsplain" CRIU dumps an empty tmpfs mount (/run, /dev/shm...) to a zero-byte image
+# and a full one to a plain tar, where stock CRIU runs tar + gzip for each (5-33 ms per mount
+# and end, in the freeze). Only a patched CRIU restores those images: a migration asks for it
+# (CRIU_TMPFS_PLAIN_ENV in criu's environment) when both ends carry the fix.
+CRIU_FIX_TMPFS_PLAIN = "tmpfsplain"
+CRIU_TMPFS_PLAIN_ENV = "CRIU_VZBACKUP_TMPFS_PLAIN"
 # CPU priority (nice) of what runs while a migrating CT is frozen: the source's CRIU dump,
 # the final sync (rsync at both ends), hand-over, DEST's agent, page daemons and restore. The
 # CT's own tasks keep theirs (CRIU restores each task's nice). On a busy node this shortens

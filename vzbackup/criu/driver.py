@@ -47,6 +47,9 @@ class DumpOptions:
     # netns + setup_net) and ignores them. Saves CRIU's ip/iptables-save runs in the freeze.
     # CRIU then refuses a CT with a nested network namespace.
     skip_netns_config: bool = False
+    # Empty tmpfs mounts as zero-byte images, full ones as plain tar (no tar + gzip pair per
+    # mount in the freeze): only for a restoring CRIU with our "tmpfsplain" fix.
+    plain_tmpfs: bool = False
 
 
 @dataclass
@@ -167,19 +170,41 @@ def _dump(pid: int, images_dir: Path, opts: DumpOptions,
             c.opts.tls_cacert = opts.tls.cacert
             c.opts.tls_no_cn_verify = not opts.tls.verify_name
         t0 = time.monotonic()
-        if notify:
-            _dump_with_notify(c, pid, images_dir, notify)
-            return time.monotonic() - t0
-        try:
-            c.dump()
-        except Exception as e:
-            raise CheckpointError(
-                f"CRIU dump of pid {pid} failed: {e}\n{_log_tail(images_dir / DUMP_LOG)}",
-                hint=f"full log: {images_dir / DUMP_LOG}",
-            ) from None
+        with _criu_env(C.CRIU_TMPFS_PLAIN_ENV if opts.plain_tmpfs else None):
+            if notify:
+                _dump_with_notify(c, pid, images_dir, notify)
+                return time.monotonic() - t0
+            _dump_plain(c, pid, images_dir)
         return time.monotonic() - t0
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _criu_env(flag: str | None):
+    """*flag* set in the environment criu (forked by pycriu, inheriting ours) starts with."""
+    if flag is None:
+        yield
+        return
+    old = os.environ.get(flag)
+    os.environ[flag] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(flag, None)
+        else:
+            os.environ[flag] = old
+
+
+def _dump_plain(c, pid: int, images_dir: Path) -> None:
+    try:
+        c.dump()
+    except Exception as e:
+        raise CheckpointError(
+            f"CRIU dump of pid {pid} failed: {e}\n{_log_tail(images_dir / DUMP_LOG)}",
+            hint=f"full log: {images_dir / DUMP_LOG}",
+        ) from None
 
 
 def save_cgroup_tree(pid: int, images_dir: Path) -> None:
