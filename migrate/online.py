@@ -100,9 +100,15 @@ class OnlineDump:
                                  daemon=True).start()
             raise
 
+    def status_ready(self) -> None:
+        """CRIU's lazy page server listens: DEST may restore (its daemon connects to it)."""
+        if self.lazy and "staged" in self.clock and self.restorer is None:
+            self.frozen.lap("page_server_start")
+            self.restorer = self._thread(self.restore_lazy)
+
     def steps(self) -> dict[str, object]:
         return {"pre-dump": self.pre_dump, "network-lock": self.network_lock,
-                "post-dump": self.post_dump}
+                "post-dump": self.post_dump, "status-ready": self.status_ready}
 
     # ------------------------------------------------------------ the work of the steps
     def final_sync(self) -> None:
@@ -128,8 +134,7 @@ class OnlineDump:
         if not self.lazy:
             self.restore()
             return
-        self.clock["staged"] = time.monotonic()
-        self.restorer = self._thread(self.restore_lazy)
+        self.clock["staged"] = time.monotonic()  # status_ready() starts the restore
 
     def send_images(self) -> None:
         """The images the stream has not sent yet (CRIU's last ones, pages aside), in one
@@ -202,15 +207,9 @@ class OnlineDump:
         self.frozen.lap("commit")
 
     def restore_lazy(self) -> None:
-        """Beside CRIU's page server: restore at DEST once the server listens, commit."""
+        """Beside CRIU's page server (it listens): restore at DEST, commit."""
         mig = self.mig
         try:
-            deadline = time.monotonic() + LISTEN_TIMEOUT
-            while not _listening(self.port):
-                if time.monotonic() > deadline:
-                    raise E.CheckpointError("CRIU's page server did not start listening")
-                time.sleep(0.002)
-            self.frozen.lap("page_server_start")
             self.restore()
         except BaseException:
             mig.dest.abort(keep_private=mig.opts.keep_dst)
