@@ -68,6 +68,15 @@ def need(condition: bool, why: str) -> None:
     pytest.skip(why)
 
 
+def build_probe(name: str, out_dir: Path) -> Path:
+    """Compile ``tests/probes/NAME.c`` into a static binary in *out_dir*."""
+    need(shutil.which("gcc") is not None, f"gcc (build-essential) builds the {name} probe")
+    out = out_dir / name
+    source = ROOT / f"tests/probes/{name}.c"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(source)], check=True)
+    return out
+
+
 def skip_outside_ci(condition: bool, reason: str) -> pytest.MarkDecorator:
     """skipif for a missing component, except in CI, where the test runs and fails instead."""
     return pytest.mark.skipif(condition and not os.environ.get("CI"), reason=reason)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodebed import ROOT, need, next_ctid, wait_for
+from nodebed import build_probe, next_ctid, wait_for
 
 from vzbackup import syscalls as S
 from vzbackup.config.node import Node
@@ -41,7 +41,6 @@ from vzbackup.ct.cgroups import open_cgroups
 
 pytestmark = pytest.mark.slow
 
-PROBE_SRC = ROOT / "tests/probes/vzprobe.c"
 NUMPROC = 64
 RAM = "96M"
 MODES = ("unprivileged", "privileged")
@@ -101,10 +100,7 @@ class Hostile:
 
 @pytest.fixture(scope="module")
 def probe_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    need(shutil.which("gcc") is not None, "gcc (build-essential) builds the probe helper")
-    out = tmp_path_factory.mktemp("probe") / "vzprobe"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(PROBE_SRC)], check=True)
-    return out
+    return build_probe("vzprobe", tmp_path_factory.mktemp("probe"))
 
 
 @pytest.fixture(scope="module")

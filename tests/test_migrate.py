@@ -22,10 +22,9 @@ import pytest
 from nodebed import (
     COUNTER,
     NOBODY_TASK,
-    ROOT,
     TENANT_NFT,
+    build_probe,
     in_ct_netns,
-    need,
     next_ctid,
     nobody_pids,
     wait_for,
@@ -46,17 +45,13 @@ WINDOW_CHANGES = (  # by the CT between the first sync and the freeze: all must 
 )
 
 
-WITNESS_SRC = ROOT / "tests/probes/memwitness.c"
 WITNESS_MIB = 32  # runs of pages with holes, plus 1 MiB of PROT_NONE pages
 
 
 @pytest.fixture(scope="module")
 def memwitness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A static process that checks its memory byte for byte after a move (probes/)."""
-    need(shutil.which("gcc") is not None, "gcc (build-essential) builds the memory witness")
-    out = tmp_path_factory.mktemp("witness") / "memwitness"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(WITNESS_SRC)], check=True)
-    return out
+    return build_probe("memwitness", tmp_path_factory.mktemp("witness"))
 
 
 def _start_witness(node: Node, ctid: int, binary: Path) -> None:
