@@ -534,28 +534,45 @@ def _write_file(e: T.Entry, pfd: int, name: str, pieces: Iterator[memoryview],
                  dir_fd=pfd)
     written = 0
     try:
-        regions = e.extents if e.extents is not None else [[0, e.size]]
-        buf: memoryview | bytes = b""
-        for off, ln in regions:
-            if off:
-                os.lseek(fd, off, os.SEEK_SET)
-            left = ln
-            while left > 0:
-                if not buf:
-                    buf = next(pieces, b"")
-                    if not buf:
-                        raise DamagedError(f"{e.path}: content is shorter than its size")
-                n = min(left, len(buf))
-                os.write(fd, buf[:n])
-                buf = buf[n:]
-                left -= n
-                written += n
+        for offset, views, _ in _segments(e, pieces):
+            written += _pwrite_all(fd, views, offset)
         if e.extents is not None or written != e.size:
             os.ftruncate(fd, e.size)
         _set_meta(e, pfd, name, fd, strip_acls)
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
     finally:
         os.close(fd)
+    return written
+
+
+def _segments(e: T.Entry, pieces: Iterator[memoryview]
+              ) -> Iterator[tuple[int, list[memoryview], int]]:
+    """The file's content *pieces* placed in its regions (holes skipped), as (offset, views,
+    bytes) segments of at most SEGMENT_BYTES, each within one region."""
+    regions = e.extents if e.extents is not None else [[0, e.size]]
+    buf: memoryview | bytes = b""
+    for off, ln in regions:
+        left = ln
+        while left > 0:
+            start, views, size = off + ln - left, [], 0
+            while left > 0 and size < SEGMENT_BYTES:
+                if not buf:
+                    buf = next(pieces, b"")
+                    if not buf:
+                        raise DamagedError(f"{e.path}: content is shorter than its size")
+                n = min(left, len(buf), SEGMENT_BYTES - size)
+                views.append(buf[:n])
+                buf, left, size = buf[n:], left - n, size + n
+            yield start, views, size
+
+
+def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> int:
+    """Write *views* back to back from *offset*; bytes written."""
+    written = 0
+    for v in views:
+        while v:
+            n = os.pwrite(fd, v, offset)
+            v, offset, written = v[n:], offset + n, written + n
     return written
 
 
@@ -574,12 +591,8 @@ class _BigFile:
 
     def segment(self, offset: int, views: list[memoryview]) -> int:
         """Write *views* back to back from *offset* (a writer's task); bytes written."""
-        written = 0
         try:
-            for v in views:
-                while v:
-                    n = os.pwrite(self.fd, v, offset)
-                    v, offset, written = v[n:], offset + n, written + n
+            written = _pwrite_all(self.fd, views, offset)
         except BaseException:
             self.failed = True
             raise
@@ -620,22 +633,9 @@ def _write_big_file(e: T.Entry, pfd: int, name: str, pieces: Iterator[memoryview
                  dir_fd=pfd)
     f = _BigFile(e, fd, strip_acls, writers)
     try:
-        regions = e.extents if e.extents is not None else [[0, e.size]]
-        buf: memoryview | bytes = b""
-        for off, ln in regions:
-            left = ln
-            while left > 0:
-                start, views, size = off + ln - left, [], 0
-                while left > 0 and size < SEGMENT_BYTES:
-                    if not buf:
-                        buf = next(pieces, b"")
-                        if not buf:
-                            raise DamagedError(f"{e.path}: content is shorter than its size")
-                    n = min(left, len(buf), SEGMENT_BYTES - size)
-                    views.append(buf[:n])
-                    buf, left, size = buf[n:], left - n, size + n
-                f.add()
-                writers.submit(size, f.segment, start, views)
+        for start, views, size in _segments(e, pieces):
+            f.add()
+            writers.submit(size, f.segment, start, views)
     except BaseException:
         f.failed = True  # closed by the writers' close
         raise
