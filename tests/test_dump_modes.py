@@ -6,10 +6,12 @@ on a loopback btrfs mounted on the bed's ``vz/private`` (fixture ``btrfs_node``)
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -454,3 +456,25 @@ def test_btrfs_private_area_is_a_subvolume_and_destroy_removes_snapshots(
         assert other.exists()
     finally:
         fs.delete_subvolume(other)
+
+
+def test_criu_environment_gate_runs_same_flags_together_and_others_after() -> None:
+    """Parallel dumps (drain) share the environment criu starts with: a dump asking for
+    another flag must not start while one with a different flag runs, and no flag outlives
+    its dumps."""
+    gate, flag, seen = driver._EnvGate(), "VZBACKUP_TEST_GATE_FLAG", []
+    started = threading.Event()
+
+    def dump_without_flag() -> None:
+        with gate.holding(None):
+            seen.append(os.environ.get(flag))
+            started.set()
+
+    with gate.holding(flag), gate.holding(flag):  # the same flag: both run at once
+        seen.append(os.environ.get(flag))
+        other = threading.Thread(target=dump_without_flag)
+        other.start()
+        assert not started.wait(0.3), "a dump without the flag started while it was set"
+        seen.append(os.environ.get(flag))
+    other.join(5)
+    assert seen == ["1", "1", None]

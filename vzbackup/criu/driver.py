@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ def _dump(pid: int, images_dir: Path, opts: DumpOptions,
             c.opts.tls_cacert = opts.tls.cacert
             c.opts.tls_no_cn_verify = not opts.tls.verify_name
         t0 = time.monotonic()
-        with _criu_env(C.CRIU_TMPFS_PLAIN_ENV if opts.plain_tmpfs else None):
+        with _ENV_GATE.holding(C.CRIU_TMPFS_PLAIN_ENV if opts.plain_tmpfs else None):
             if notify:
                 _dump_with_notify(c, pid, images_dir, notify)
                 return time.monotonic() - t0
@@ -180,21 +181,44 @@ def _dump(pid: int, images_dir: Path, opts: DumpOptions,
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _criu_env(flag: str | None):
-    """*flag* set in the environment criu (forked by pycriu, inheriting ours) starts with."""
-    if flag is None:
-        yield
-        return
-    old = os.environ.get(flag)
-    os.environ[flag] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(flag, None)
-        else:
-            os.environ[flag] = old
+class _EnvGate:
+    """The environment CRIU starts with, shared by the dumps of one process.
+
+    pycriu forks criu with our environment, so a flag for one dump is an environment
+    variable of the whole process. Dumps that want the same flags run at the same time
+    (drain's parallel migrations); a dump that wants other flags waits until they end."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._flag: str | None = None
+        self._users = 0
+
+    @contextlib.contextmanager
+    def holding(self, flag: str | None):
+        """*flag* (or none) set in the environment criu starts with while the block runs."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._users == 0 or self._flag == flag)
+            if self._users == 0:
+                self._set(flag)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                if self._users == 0:
+                    self._set(None)
+                    self._cond.notify_all()
+
+    def _set(self, flag: str | None) -> None:
+        if self._flag:
+            os.environ.pop(self._flag, None)
+        self._flag = flag
+        if flag:
+            os.environ[flag] = "1"
+
+
+_ENV_GATE = _EnvGate()
 
 
 def _dump_plain(c, pid: int, images_dir: Path) -> None:
