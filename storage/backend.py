@@ -65,6 +65,11 @@ class Backend(abc.ABC):
     def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
         """Store *data* under *key*, replacing it atomically."""
 
+    def put_parts(self, key: str, parts: list[bytes], kind: Kind = Kind.OTHER) -> None:
+        """``put`` of the concatenation of *parts* (a pack's blobs): a backend that can
+        write them as they are overrides this, sparing a copy of the whole object."""
+        self.put(key, b"".join(parts), kind)
+
     @abc.abstractmethod
     def put_if_absent(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> bool:
         """Store *data* only if *key* does not exist yet; False if it already existed."""

@@ -31,6 +31,20 @@ from vzbackup.storage.backend import (
 )
 
 TMP_MARK = ".tmp-"
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+def write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    """Write *parts* one after the other (writev, at most IOV_MAX buffers a call)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + IOV_MAX])
+        while n and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
 
 
 class DirBackend(Backend):
@@ -47,7 +61,7 @@ class DirBackend(Backend):
             raise BackendError(f"invalid object key {key!r}")
         return self.root / key
 
-    def _write_tmp(self, target: Path, data: bytes, sync: bool = True) -> Path:
+    def _write_tmp(self, target: Path, data: bytes | list[bytes], sync: bool = True) -> Path:
         if target.parent not in self._dirs:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(target.parent)
@@ -59,9 +73,7 @@ class DirBackend(Backend):
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, flags, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, [data] if isinstance(data, bytes | bytearray | memoryview) else data)
             if self.fsync and sync:
                 os.fdatasync(fd)
         except BaseException:
@@ -81,7 +93,7 @@ class DirBackend(Backend):
         finally:
             os.close(fd)
 
-    def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
+    def put(self, key: str, data: bytes | list[bytes], kind: Kind = Kind.OTHER) -> None:
         target = self._path(key)
         try:
             tmp = self._write_tmp(target, data, sync=kind not in VOLATILE_KINDS)
@@ -93,6 +105,9 @@ class DirBackend(Backend):
                 self._sync_dir(target.parent)
         except OSError as e:
             raise BackendError(f"{self.url}: cannot write {key}: {e.strerror}") from e
+
+    def put_parts(self, key: str, parts: list[bytes], kind: Kind = Kind.OTHER) -> None:
+        self.put(key, parts, kind)  # written with writev: no joined copy of a 16 MiB pack
 
     def put_if_absent(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> bool:
         target = self._path(key)

@@ -249,7 +249,7 @@ class Buffers:
                     if all(f.done() for f in futs):
                         del self.held[i]
                         return buf
-        return mmap.mmap(-1, max(need, min(2 * have, self.size), 1 << 16))
+        return mmap.mmap(-1, max(need, min(2 * have, self.size), 1 << 16), mmap.MAP_PRIVATE)
 
     def give(self, buf: mmap.mmap, futs: list[Future]) -> None:
         """*buf* is free for reuse once *futs* (the chunks cut from it) are done."""

@@ -192,7 +192,7 @@ def _repack(repo: Repository, repack: dict[str, Entries]) -> list[tuple[str, Ent
     """Copy the given blobs into new packs; returns the new packs with their entries."""
     written: list[tuple[str, Entries]] = []
 
-    def store(pack: str, data: bytes, entries: Entries) -> None:
+    def store(pack: str, data: list[bytes], entries: Entries) -> None:
         repo.put_pack(pack, data)
         written.append((pack, entries))
 

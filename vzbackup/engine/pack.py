@@ -122,7 +122,7 @@ class Index:
 
 
 Seal = Callable[[str, bytes], bytes]
-Store = Callable[[str, bytes, Entries], None]  # (pack id, pack bytes, entries)
+Store = Callable[[str, list[bytes], Entries], None]  # (pack id, pack bytes in pieces, entries)
 
 
 class Packer:
@@ -208,11 +208,13 @@ class Packer:
         header = self.seal(HEADER_AAD, encode_header(entries))
         blobs.append(header)
         blobs.append(TRAILER.pack(len(header)))
-        data = b"".join(blobs)
-        blobs.clear()
         import hashlib  # (see Codec.chunk_id)
 
-        self.store(hashlib.sha256(data).hexdigest(), data, entries)
+        # hashed and written piece by piece: joining them would copy the pack once more
+        pack_id = hashlib.sha256()
+        for b in blobs:
+            pack_id.update(b)
+        self.store(pack_id.hexdigest(), blobs, entries)
 
 
 def header_span(tail: bytes, size: int) -> tuple[int, int]:

@@ -325,7 +325,7 @@ class Repository:
         """A packer whose packs are written with an index file each (resumable)."""
         return Packer(self.codec.seal, self._store_pack)
 
-    def _store_pack(self, pack: str, data: bytes, entries: Entries) -> None:
+    def _store_pack(self, pack: str, data: list[bytes], entries: Entries) -> None:
         self.put_pack(pack, data)
         key = self.write_index([(pack, entries)])
         with self._index_lock:
@@ -348,8 +348,10 @@ class Repository:
                     self._index.files.pop(key, None)
         return len(written)
 
-    def put_pack(self, pack: str, data: bytes) -> None:
-        self._call(lambda: self.backend.put(pack_key(pack), data, Kind.PACK))
+    def put_pack(self, pack: str, data: bytes | list[bytes]) -> None:
+        """Store a pack given whole or as the pieces it is the concatenation of."""
+        parts = data if isinstance(data, list) else [data]
+        self._call(lambda: self.backend.put_parts(pack_key(pack), parts, Kind.PACK))
 
     def get_object_raw(self, key: str) -> bytes:
         """An object's stored bytes (a pack, say), unopened."""
