@@ -8,7 +8,6 @@ only that CT (backup-abort hook), leaves no snapshot, and the repository stays v
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -149,9 +148,8 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             f"({stats.cache_hits} files unchanged)"
         )
         log(f"INFO: finished backup of CT {ct.ctid} in {st['duration']:.2f} s")
-        manifest = repo.publish(manifest, log.text)
-        with contextlib.suppress(StorageError):  # else the per-pack index files serve
-            repo.consolidate_index()
+        with repo.consolidating_index():
+            manifest = repo.publish(manifest, log.text)
         cache.save()
     return manifest
 

@@ -139,8 +139,8 @@ class RepoLock:
         while True:
             try:
                 be.put(self.key, self._body(), Kind.LOCK)
-                self.started = be.stat(self.key).mtime
-                be.put(self.key, self._body(), Kind.LOCK)
+                if self.kind == MAINTENANCE:  # its start decides which lock wins: now
+                    self._stamp()
             except BackendError as e:
                 raise StorageError(f"cannot write a lock to {be.url}: {e}") from None
             blocker = self._blocker() if self.kind == MAINTENANCE else None
@@ -174,7 +174,21 @@ class RepoLock:
                 return lk
         return None
 
+    def _stamp(self) -> None:
+        """Record the lock's start, in storage time (its first write's mtime), in it."""
+        self.started = self.repo.backend.stat(self.key).mtime
+        self.repo.backend.put(self.key, self._body(), Kind.LOCK)
+
     def _refresh(self) -> None:
+        """The heartbeat; a backup lock is stamped here first, off the backup's path (two
+        round trips to an object store). Until then its body says it started at 0, so gc
+        spares everything meanwhile."""
+        if not self.started:
+            with contextlib.suppress(BackendError):
+                self._stamp()
+            if self._stop.is_set():  # released while stamping: don't leave it behind
+                with contextlib.suppress(BackendError):
+                    self.repo.backend.delete(self.key)
         while not self._stop.wait(REFRESH):
             with contextlib.suppress(BackendError):
                 self.repo.backend.touch(self.key)

@@ -156,10 +156,10 @@ class Packer:
             self._submit(*full)
 
     def flush(self) -> None:
-        """Wait for every pack's write, then write the pack being filled, however small:
-        the packs before it are complete with their index files whatever happens to it
-        (a network dying at the end of a backup loses only the last one)."""
-        self._wait()
+        """Write the pack being filled, however small, alongside the packs still being
+        written, and wait for them all (each pack is complete with its index file, or not
+        there: a network dying at the end of a backup loses the last ones). Writing it
+        only once the others are done added a pack's upload to every backup's end."""
         with self.lock:
             full = self._take() if self._entries else None
         if full:

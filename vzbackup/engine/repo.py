@@ -11,7 +11,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -242,6 +242,13 @@ class Repository:
         with ThreadPoolExecutor(self.backend.parallel_reads) as pool:
             return list(pool.map(fetch, keys))
 
+    def _any_exists(self, keys: list[str]) -> bool:
+        """Whether one of *keys* exists: remote storage asked in parallel (a round trip
+        each), a directory one after the other."""
+        if self.backend.cache_metadata:
+            return any(self._fetch_all(self.backend.exists, keys))
+        return any(self.backend.exists(k) for k in keys)
+
     def _call(self, fn: Callable[[], T]) -> T:
         try:
             return fn()
@@ -347,6 +354,25 @@ class Repository:
                 for key in written:
                     self._index.files.pop(key, None)
         return len(written)
+
+    @contextlib.contextmanager
+    def consolidating_index(self) -> Iterator[None]:
+        """Run :meth:`consolidate_index` in a thread while the body runs (publishing a
+        snapshot: their round trips overlap); a failure leaves the per-pack index files,
+        which serve as well."""
+        with self._index_lock:
+            needed = len(self._packs_written) >= 2
+        if not needed:
+            yield
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="index")
+        fut = pool.submit(self.consolidate_index)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(StorageError):
+                fut.result()
+            pool.shutdown()
 
     def put_pack(self, pack: str, data: bytes | list[bytes]) -> None:
         """Store a pack given whole or as the pieces it is the concatenation of."""
@@ -462,7 +488,7 @@ class Repository:
             manifest.time = stamp.strftime(TIME_FMT)
             manifest.id = f"{manifest.ctid}/{manifest.time}"
             key = SNAP_PREFIX + manifest.id
-            if self.backend.exists(key) or self.backend.exists(TRASH_PREFIX + manifest.id):
+            if self._any_exists([key, TRASH_PREFIX + manifest.id]):
                 stamp = stamp.fromtimestamp(stamp.timestamp() + 1, UTC)
                 continue
             self.put_object(key + LOG_SUFFIX, log_text.encode(), Kind.LOG)
@@ -490,13 +516,16 @@ class Repository:
             if info.key.endswith(PROTECTED_SUFFIX)
         }
 
-    def load_manifest(self, sid: str, *, trashed: bool = False) -> Manifest:
+    def load_manifest(self, sid: str, *, trashed: bool = False, marked: bool = True
+                      ) -> Manifest:
+        """A snapshot's manifest; with *marked*, whether it is protected too (a request
+        more on an object store: a restore doesn't need to know)."""
         key = (TRASH_PREFIX if trashed else SNAP_PREFIX) + sid
         try:
             m = self._parse_manifest(sid, self.get_object(key))
         except NotFoundError:
             raise NotFoundError(f"snapshot {sid} does not exist in {self.backend.url}") from None
-        if not trashed:
+        if not trashed and marked:
             m.protected = self.backend.exists(key + PROTECTED_SUFFIX)
         return m
 
@@ -559,18 +588,19 @@ class Repository:
             out.append(m)
         return out
 
-    def latest(self, ctid: int) -> Manifest:
+    def latest(self, ctid: int, *, marked: bool = True) -> Manifest:
         ids = self.snapshot_ids(ctid)
         if not ids:
             raise NotFoundError(f"no snapshot of CT {ctid} in {self.backend.url}")
-        return self.load_manifest(max(ids, key=snapshot_time))
+        return self.load_manifest(max(ids, key=snapshot_time), marked=marked)
 
-    def resolve(self, text: str) -> Manifest:
-        """A snapshot by id, or the latest of a CT given as 'CTID' or 'CTID/latest'."""
+    def resolve(self, text: str, *, marked: bool = True) -> Manifest:
+        """A snapshot by id, or the latest of a CT given as 'CTID' or 'CTID/latest'
+        (*marked*: see :meth:`load_manifest`)."""
         head = text.strip("/").split("/")
         if head[0].isdigit() and (len(head) == 1 or head[1] == "latest"):
-            return self.latest(int(head[0]))
-        return self.load_manifest(parse_snapshot_id(text)[1])
+            return self.latest(int(head[0]), marked=marked)
+        return self.load_manifest(parse_snapshot_id(text)[1], marked=marked)
 
     def read_log(self, sid: str) -> str:
         return self.get_object(SNAP_PREFIX + sid + LOG_SUFFIX).decode(errors="replace")

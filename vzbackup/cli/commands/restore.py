@@ -62,7 +62,7 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
     else:
         repo = open_repo(ctx, storage, keyfile)
         repo.prefetch_index()
-        m = repo.resolve(source)
+        m = repo.resolve(source, marked=False)  # (a restore ignores protection)
         done = {"n": 0}
 
         def progress(n: int) -> None:
