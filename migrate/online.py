@@ -18,17 +18,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import shlex
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from vzbackup.migrate.imagestream import ImageStream
+from vzbackup.migrate.imagestream import ImagePipe, ImageStream
 from vzbackup.migrate.tls import Identity
 
 from vzbackup import constants as C
@@ -43,8 +40,6 @@ if TYPE_CHECKING:
     from vzbackup.migrate.phases import Migration
 
 LISTEN_TIMEOUT = 30.0  # for CRIU's page server to start listening after post-dump
-BULK_IMAGE = 1 << 20  # images this big cross by the OpenSSH client, not the agent channel
-IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class OnlineDump:
@@ -65,6 +60,7 @@ class OnlineDump:
         self.syncer: threading.Thread | None = None
         self.restorer: threading.Thread | None = None
         self.stream: ImageStream | None = None  # images to DEST while CRIU writes them
+        self.pipe: ImagePipe | None = None  # ... through OpenSSH, where there is a client
 
     # ------------------------------------------------------------ before the freeze
     def stage(self) -> None:
@@ -137,27 +133,35 @@ class OnlineDump:
         self.clock["staged"] = time.monotonic()  # status_ready() starts the restore
 
     def send_images(self) -> None:
-        """The images the stream has not sent yet (CRIU's last ones, pages aside), in one
-        payload over the open agent channel; DEST then has the whole set."""
+        """The images the stream has not sent yet (CRIU's last ones, pages aside); DEST then
+        has the whole set. The reply to the last ones is awaited here, in "post-dump": a
+        failure at DEST then (its lazy-pages daemon not starting) still aborts the dump
+        with the CT's TCP connections intact, which a failure after CRIU starts serving
+        pages can't."""
         stream = self.stream
         assert stream is not None  # run() starts it before CRIU's dump calls any step
         rest = stream.rest()  # after the stream's batch in flight, if any
         self.frozen.lap("images_stream")
-        n = self._put(rest, last=True)
+        if self.pipe is not None:
+            n = self.pipe.send(rest)
+            self.pipe.finish()
+            self.mig.count("images_ssh", self.pipe.bytes)
+            self._put([], last=True)
+        else:
+            n = self._put(rest, last=True)
         self.mig.count("images", n + stream.bytes)
         self.mig.count("images_frozen", n)  # what crossed after "post-dump"
 
+    def _send(self, names: list[str]) -> int:
+        """The stream's sender: into the OpenSSH pipe, else over the agent channel."""
+        return self.pipe.send(names) if self.pipe is not None else self._put(names)
+
     def _put(self, names: list[str], *, last: bool = False) -> int:
-        """Send the images *names* to DEST in one payload; the number of bytes sent. The
-        reply to the last ones is awaited here, in "post-dump": a failure at DEST then
-        (its lazy-pages daemon not starting) still aborts the dump with the CT's TCP
-        connections intact, which a failure after CRIU starts serving pages can't."""
-        bulk = self._put_bulk([n for n in names
-                               if (self.images / n).stat().st_size >= BULK_IMAGE])
+        """Send the images *names* to DEST in one payload over the agent channel; the
+        number of bytes sent. With *last* DEST has them all (its lazy-pages daemon
+        starts)."""
         sizes, blobs = [], []
         for name in names:
-            if name in bulk:
-                continue
             data = (self.images / name).read_bytes()
             sizes.append([name, len(data)])
             blobs.append(data)
@@ -166,32 +170,16 @@ class OnlineDump:
         if last:
             steps = reply.get("steps", {})
             self.mig.report.dest_steps.update({f"images.{k}": v for k, v in steps.items()})
-        self.mig.count("images_ssh", sum(bulk.values()))
-        return len(blob) + sum(bulk.values())
+        return len(blob)
 
-    def _put_bulk(self, names: list[str]) -> dict[str, int]:
-        """Big images (CRIU's last ones are often big: tmpfs contents, shared memory) to
-        DEST's image dir by the OpenSSH client on the sync's master connection: C crypto and
-        no Python copies, where the agent channel (paramiko) took ~0.3 s of the Debian CT's
-        freeze for the one in flight at "post-dump". {name: bytes} of those sent."""
-        ssh = self.mig.session.openssh_command() if names else None
+    def _open_pipe(self) -> ImagePipe | None:
+        """The OpenSSH tar stream into DEST's image dir, on the sync's master connection;
+        None without an OpenSSH client."""
+        ssh = self.mig.session.openssh_command()
         if ssh is None:
-            return {}
-        target, where = self.mig.session.target, self.mig.hello["images"]
-        sent = {}
-        for name in names:
-            if not IMAGE_NAME.fullmatch(name):
-                raise E.UsageError(f"bad image name {name!r}")
-            dst, tmp = shlex.quote(f"{where}/{name}"), shlex.quote(f"{where}/.{name}.part")
-            with open(self.images / name, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                res = subprocess.run([*ssh, target.host, f"cat > {tmp} && mv {tmp} {dst}"],
-                                     stdin=f, capture_output=True, timeout=600, check=False)
-            if res.returncode != 0:
-                raise E.RuntimeFailure(f"sending image {name} to {target.host} failed: "
-                                       + res.stderr.decode(errors="replace").strip()[-500:])
-            sent[name] = size
-        return sent
+            return None
+        return ImagePipe([*ssh, self.mig.session.target.host], self.mig.hello["images"],
+                         self.images)
 
     def restore(self) -> None:
         mig = self.mig
@@ -229,7 +217,8 @@ class OnlineDump:
         self.images.mkdir(parents=True, exist_ok=True)
         try:
             self.stage()
-            self.stream = ImageStream(self.images, self._put)
+            self.pipe = self._open_pipe()
+            self.stream = ImageStream(self.images, self._send)
             self.stream.start()
             opts = driver.DumpOptions(
                 external=ops.dump_external(mig.ct.conf), lazy_port=self.port,
@@ -251,6 +240,8 @@ class OnlineDump:
         finally:
             if self.stream is not None:
                 self.stream.close()
+            if self.pipe is not None:
+                self.pipe.close()
             if "restored" in self.clock:
                 mig.report.frozen = self.clock["restored"] - self.clock["freeze"]
                 mig.report.frozen_steps = dict(self.frozen.laps)
