@@ -52,6 +52,7 @@ import boto3
 import botocore.exceptions as bx
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from botocore.handlers import convert_body_to_file_like_object
 from vzbackup.storage.backend import (
     RETAINED_KINDS,
     Backend,
@@ -141,6 +142,11 @@ class S3Backend(Backend):
         )
         self.requests = 0  # HTTP requests sent, retries included (reported per backup)
         self.client.meta.events.register("before-send.s3", self._count_request)
+        # a PutObject body stays bytes: hashed for the signature in one call and sent in
+        # one sendall (botocore's BytesIO went out 16 KiB per send, each send waiting for
+        # the GIL: 16 MiB packs uploaded 25% slower beside a busy walk)
+        self.client.meta.events.unregister("before-parameter-build.s3.PutObject",
+                                           convert_body_to_file_like_object)
         self._ranges = ThreadPoolExecutor(max_workers=min(8, self.max_connections),
                                           thread_name_prefix="s3-range")
         if o.create_bucket:
