@@ -293,25 +293,33 @@ class S3Backend(Backend):
             return False
 
     def _conditional_writes(self) -> bool:
-        """Whether the server honours If-None-Match: * (probed once when not configured)."""
+        """Whether the server honours If-None-Match: * (probed once when not configured).
+        Writers waiting for the answer get it before the probe object is deleted."""
+        probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         with self._probe_lock:
-            if self.conditional is None:
-                probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
-                args = {"Bucket": self.bucket, "Key": self._key(probe), "IfNoneMatch": "*"}
-                self._call("probing conditional writes",
-                           lambda: self.client.put_object(Body=b"1", **args))
-                try:
-                    self.client.put_object(Body=b"2", **args)
-                    self.conditional = False
-                except bx.ClientError as e:
-                    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    self.conditional = status == 412
-                except bx.BotoCoreError as e:  # the network: one clear error, as elsewhere
-                    raise self._error(e, "probing conditional writes") from None
-                finally:
-                    with contextlib.suppress(BackendError):
-                        self.delete(probe)
-            return self.conditional
+            if self.conditional is not None:
+                return self.conditional
+            try:
+                answer = self.conditional = self._probe_twice(probe)
+            except BaseException:
+                with contextlib.suppress(BackendError):
+                    self.delete(probe)
+                raise
+        with contextlib.suppress(BackendError):
+            self.delete(probe)
+        return answer
+
+    def _probe_twice(self, probe: str) -> bool:
+        """Write *probe* twice with If-None-Match: * ; whether the second write got 412."""
+        args = {"Bucket": self.bucket, "Key": self._key(probe), "IfNoneMatch": "*"}
+        self._call("probing conditional writes", lambda: self.client.put_object(Body=b"1", **args))
+        try:
+            self.client.put_object(Body=b"2", **args)
+            return False
+        except bx.ClientError as e:
+            return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+        except bx.BotoCoreError as e:  # the network: one clear error, as elsewhere
+            raise self._error(e, "probing conditional writes") from None
 
     def _probe_quietly(self) -> bool | None:
         """The background probe: a failure leaves the answer unknown, and the next
