@@ -40,6 +40,7 @@ from vzbackup.criu.check import (
     criu_version,
     pycriu_module,
 )
+from vzbackup.criu.driver import log_level
 from vzbackup.ct import admission, fs, network, ops, quota, registry
 from vzbackup.ct.container import Container
 from vzbackup.timer import Timer
@@ -200,7 +201,8 @@ class Agent:
         """Start a CRIU helper (lazy-pages, page-server) and wait until it is ready."""
         r, w = os.pipe()
         argv = [criu_binary(), *argv, "-D", str(self.images_dir), "-W", str(self.images_dir),
-                "-o", log_name, "-v4", "--status-fd", str(w)]
+                "-o", log_name, f"-v{log_level(C.CRIU_FREEZE_LOG_LEVEL)}",
+                "--status-fd", str(w)]
         if self.tls is not None:
             argv += self.tls.criu_args()
         try:
@@ -250,7 +252,7 @@ class Agent:
                 ["page-server", "--port", str(reply["page_port"])], PAGE_SERVER_LOG)
         timer.lap("page_daemon")
         self.standby = ops.standby_restore(self.ct, str(self.images_dir), keep_dump=True,
-                                           lazy=lazy)
+                                           lazy=lazy, criu_log_level=C.CRIU_FREEZE_LOG_LEVEL)
         timer.lap("supervisor")
         return {**reply, "steps": timer.laps}
 
@@ -291,7 +293,8 @@ class Agent:
             steps = standby.steps
         else:
             pid = ops.restore(self.ct, str(self.images_dir), keep_dump=True,
-                              lazy=self.lazy_proc is not None)
+                              lazy=self.lazy_proc is not None,
+                              criu_log_level=C.CRIU_FREEZE_LOG_LEVEL)
         return {"pid": pid, "seconds": time.monotonic() - t0, "steps": steps}
 
     def op_start(self) -> dict[str, Any]:

@@ -224,7 +224,8 @@ class OnlineDump:
                 external=ops.dump_external(mig.ct.conf), lazy_port=self.port,
                 page_server=self.page_server, tls=self.tls.files() if self.tls else None,
                 network_lock=self._network_lock(),
-                skip_netns_config=not nested_netns(self.pid), plain_tmpfs=self._plain_tmpfs())
+                skip_netns_config=not nested_netns(self.pid), plain_tmpfs=self._plain_tmpfs(),
+                log_level=C.CRIU_FREEZE_LOG_LEVEL)
             with urgent():  # CRIU (forked from this thread) and the notify steps
                 driver.dump(self.pid, self.images, opts, notify=self.steps())
             t_served = time.monotonic()

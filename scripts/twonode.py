@@ -268,8 +268,10 @@ def _sshd_config(node: BedNode, ndir: Path, authorized: Path) -> Path:
     setenv = {"VZBACKUP_PREFIX": str(node.prefix), "PATH": path_env, "PYTHONPATH": str(REPO),
               # a bed-private HOME: the machine's ~/.bashrc must not change PATH
               "HOME": str(ndir)}
-    if os.environ.get("VZBACKUP_CRIU"):  # an experimental CRIU for both ends (bench, tests)
-        setenv["VZBACKUP_CRIU"] = os.environ["VZBACKUP_CRIU"]
+    # an experimental CRIU, or CRIU's debug logs, for both ends (bench, tests)
+    for key in ("VZBACKUP_CRIU", "VZBACKUP_CRIU_LOG_LEVEL"):
+        if os.environ.get(key):
+            setenv[key] = os.environ[key]
     conf = ndir / "sshd_config"
     conf.write_text(
         f"ListenAddress {node.lan_ip}:22\n"

@@ -33,6 +33,8 @@ from treecmp import diff, tree_manifest
 from twonode_fixture import twonode
 from vzbackup.migrate.imagestream import ImageStream
 
+from vzbackup import constants as C
+
 pytestmark = pytest.mark.slow
 Bed = twonode.TwoNodes
 Node = twonode.BedNode
@@ -154,12 +156,14 @@ def _migrate_with_window_changes(bed: Bed, ctid: int, *extra: str) -> dict:
     return json.loads(out)
 
 
-def _spawn_migrate(bed: Bed, ctid: int, *extra: str) -> subprocess.Popen[str]:
+def _spawn_migrate(bed: Bed, ctid: int, *extra: str,
+                   env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """A migration A -> B in the background (to disturb it while it runs)."""
     return subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m", "vzbackup.cli",
          "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), *extra],
-        env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=bed.a.env() | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -493,7 +497,9 @@ def test_source_killed_while_frozen_resumes_ct_and_dest_rolls_back(two_nodes: Be
     client = Client(ip)
     try:
         before = _counter(bed.a, ctid)
-        mig = _spawn_migrate(bed, ctid, "--online", "--no-lazy")
+        # CRIU's debug log names the step it runs ("Running post-dump scripts")
+        mig = _spawn_migrate(bed, ctid, "--online", "--no-lazy",
+                             env={C.CRIU_LOG_LEVEL_ENV: "4"})
         log = bed.a.prefix / f"vz/dump/Dump.{ctid}.migrate-out/dump.log"
         # CRIU reached post-dump: the CT is frozen here, DEST waits for its page-server
         wait_for(lambda: "post-dump" in log.read_text(), timeout=120, interval=0.02,

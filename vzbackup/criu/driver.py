@@ -51,6 +51,7 @@ class DumpOptions:
     # Empty tmpfs mounts as zero-byte images, full ones as plain tar (no tar + gzip pair per
     # mount in the freeze): only for a restoring CRIU with our "tmpfsplain" fix.
     plain_tmpfs: bool = False
+    log_level: int = C.CRIU_LOG_LEVEL  # see log_level()
 
 
 @dataclass
@@ -84,6 +85,7 @@ class RestoreOptions:
     lazy_pages: bool = False  # missing pages come from a "criu lazy-pages" daemon (images dir)
     cgroup_root: str = ""  # restore the CT's cgroups here, whatever the dump node called them
     orphan_pts_master: bool = True  # a new master for the console comes back (RestoreResult)
+    log_level: int = C.CRIU_LOG_LEVEL  # see log_level()
 
 
 @dataclass
@@ -101,7 +103,13 @@ def _log_tail(path: Path, lines: int = 12) -> str:
     return "\n".join((errs or text)[-lines:])
 
 
-def _new(images_dir: Path, log_name: str):
+def log_level(wanted: int) -> int:
+    """CRIU's log level: *wanted*, unless CRIU_LOG_LEVEL_ENV forces one (debugging)."""
+    forced = os.environ.get(C.CRIU_LOG_LEVEL_ENV, "")
+    return int(forced) if forced.isdigit() else wanted
+
+
+def _new(images_dir: Path, log_name: str, level: int):
     with contextlib.suppress(OSError):  # gone after a reboot: CRIU would probe every run
         os.mkdir(C.CRIU_RUNDIR, 0o700)
     pycriu = pycriu_module()
@@ -110,7 +118,7 @@ def _new(images_dir: Path, log_name: str):
     fd = os.open(images_dir, os.O_DIRECTORY)
     c.opts.images_dir_fd = fd
     c.opts.log_file = log_name
-    c.opts.log_level = 4
+    c.opts.log_level = log_level(level)
     return c, fd
 
 
@@ -144,7 +152,7 @@ def dump(
 def _dump(pid: int, images_dir: Path, opts: DumpOptions,
           notify: dict[str, Callable[[], None]] | None, hierarchies: list[str],
           yard: str | None) -> float:
-    c, fd = _new(images_dir, DUMP_LOG)
+    c, fd = _new(images_dir, DUMP_LOG, opts.log_level)
     try:
         c.opts.pid = pid
         c.opts.leave_running = opts.leave_running
@@ -351,7 +359,7 @@ def restore(images_dir: Path, opts: RestoreOptions) -> RestoreResult:
 
 
 def _restore(images_dir: Path, opts: RestoreOptions, yard: str | None) -> RestoreResult:
-    c, fd = _new(images_dir, RESTORE_LOG)
+    c, fd = _new(images_dir, RESTORE_LOG, opts.log_level)
     try:
         if yard:
             c.opts.cgroup_yard = yard

@@ -257,14 +257,16 @@ class StandbyRestore:
 
 
 def standby_restore(ct: Container, dumpfile: str, *, keep_dump: bool = False,
-                    lazy: bool = False) -> StandbyRestore:
+                    lazy: bool = False, criu_log_level: int = C.CRIU_LOG_LEVEL
+                    ) -> StandbyRestore:
     """Start a restore supervisor for *ct* that waits for StandbyRestore.go(). The caller
     holds ``ct.lock()``."""
     _require_lock(ct)
     criu_binary()
     pycriu_module()
     check_start_inputs(ct.conf)
-    extra = ["--dumpdir", dumpfile] + (["--keep-dump"] if keep_dump else [])
+    extra = ["--dumpdir", dumpfile, "--criu-log-level", str(criu_log_level)]
+    extra += ["--keep-dump"] if keep_dump else []
     if lazy:
         extra.append("--lazy-pages")
     return StandbyRestore(ct, Path(dumpfile), extra)
@@ -411,6 +413,7 @@ def restore(
     keep_dump: bool = False,
     tcp_close: bool = False,
     lazy: bool = False,
+    criu_log_level: int = C.CRIU_LOG_LEVEL,
 ) -> int:
     """Restore the CT from CRIU images; *tcp_close*: images whose TCP peers are gone (backups);
     *lazy*: memory is pulled by a ``criu lazy-pages`` daemon already serving the images dir.
@@ -426,7 +429,8 @@ def restore(
         raise E.NotFoundError(f"no CRIU images in {images}")
     check_start_inputs(conf)
     ct.apply_quota(conf)
-    extra = ["--dumpdir", str(images)] + (["--keep-dump"] if keep_dump else [])
+    extra = ["--dumpdir", str(images), "--criu-log-level", str(criu_log_level)]
+    extra += ["--keep-dump"] if keep_dump else []
     if tcp_close:
         extra.append("--tcp-close")
     if lazy:

@@ -111,7 +111,8 @@ class Supervisor:
             raise
         log.info("CT %s started, init pid %s", self.ct.ctid, proc.pid)
 
-    def restore(self, images: Path, *, tcp_close: bool = False, lazy: bool = False) -> None:
+    def restore(self, images: Path, *, tcp_close: bool = False, lazy: bool = False,
+                log_level: int = C.CRIU_LOG_LEVEL) -> None:
         conf = self.ct.conf
         timer = self.timer
         self.prepare_restore()
@@ -140,6 +141,7 @@ class Supervisor:
                         tcp_established=not tcp_close,
                         lazy_pages=lazy,
                         cgroup_root="/" + self.ct.cgroup().name,
+                        log_level=log_level,
                     ),
                 )
             finally:
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--lazy-pages", action="store_true", help="memory comes from a criu lazy-pages daemon"
     )
+    ap.add_argument("--criu-log-level", type=int, default=C.CRIU_LOG_LEVEL)
     ap.add_argument(
         "--go-fd", type=int, help="wait for a byte on this fd before acting (EOF: exit)"
     )
@@ -332,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "start":
             sup.start()
         else:
-            sup.restore(Path(args.dumpdir), tcp_close=args.tcp_close, lazy=args.lazy_pages)
+            sup.restore(Path(args.dumpdir), tcp_close=args.tcp_close, lazy=args.lazy_pages,
+                        log_level=args.criu_log_level)
     except BaseException as e:
         _failed(sup, args.mode, e)
         kind = type(e).__name__ if isinstance(e, VzError) else "RuntimeFailure"
