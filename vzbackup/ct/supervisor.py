@@ -47,6 +47,7 @@ class Supervisor:
         self.prepared = False  # for a restore: prepare_restore() done
         self.console: console.ConsoleServer | None = None
         self.timer = Timer()  # the restore's sub-steps (a migration's ``-t`` shows them)
+        self.worker: driver.CriuWorker | None = None  # a standby's criu, started ahead
 
     def _serve_console(self, master: int) -> None:
         if master < 0:
@@ -127,7 +128,8 @@ class Supervisor:
         root = str(self.ct.ve_root(conf))
         timer.lap("images")
         steps = _RestoreSteps(net, conf.bindmounts, timer)
-        with _staged_binds(self.ct.ctid, conf) as sources:
+        worker, self.worker = self.worker, None
+        with _staged_binds(self.ct.ctid, conf) as sources, _closing(worker):
             try:
                 restored = driver.restore(
                     images,
@@ -142,6 +144,7 @@ class Supervisor:
                         lazy_pages=lazy,
                         cgroup_root="/" + self.ct.cgroup().name,
                         log_level=log_level,
+                        worker=worker,
                     ),
                 )
             finally:
@@ -263,6 +266,16 @@ def _staged_binds(ctid: int, conf: CTConfig) -> Iterator[dict[str, str]]:
                 os.rmdir(target)
 
 
+@contextlib.contextmanager
+def _closing(worker: driver.CriuWorker | None) -> Iterator[None]:
+    """Ends a criu started ahead that the restore did not reach (it failed before)."""
+    try:
+        yield
+    finally:
+        if worker is not None:
+            worker.close()
+
+
 def _retry(fn, attempts: int = 20) -> None:
     for i in range(attempts):
         try:
@@ -290,10 +303,17 @@ def _standby(sup: Supervisor, go_fd: int) -> bool:
         sup.prepare_restore()
     except Exception as e:
         log.warning("preparing the restore ahead failed (retried at the word): %s", e)
+    os.chdir("/")  # where the restore runs criu from
+    try:
+        sup.worker = driver.CriuWorker()
+    except Exception as e:  # the restore starts its own
+        log.warning("starting criu ahead of the restore failed: %s", e)
     go = os.read(go_fd, 1)
     os.close(go_fd)
     sup.timer = Timer()
     if go != b"g":
+        if sup.worker is not None:
+            sup.worker.close()
         sup.unprepare()
     return go == b"g"
 
