@@ -20,7 +20,7 @@ import pytest
 from treecmp import diff, make_rich_tree, tree_manifest
 from vzbackup.storage.local import DirBackend
 
-from vzbackup.engine import gc, maintenance
+from vzbackup.engine import gc, knowncache, maintenance
 from vzbackup.engine import locks as L
 from vzbackup.engine import tree as T
 from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
@@ -498,6 +498,19 @@ def test_known_chunks_file_follows_new_and_removed_snapshots(repo: Repository, t
     assert known_chunks(repo, kept) == set(m2.refs) == known_chunks(repo)
     kept.write_bytes(b"not a known-chunks file")
     assert known_chunks(repo, kept) == set(m2.refs)
+    # a backup remembers the snapshot it published: the next one reads no manifest
+    known, sizes = knowncache.load_known(repo, kept)
+    (src / "c").write_bytes(os.urandom(1 << 20))
+    m3, _ = backup(repo, src, when="2026-01-03T00:00:00Z")
+    knowncache.remember(kept, sizes, known, m3.id, repo.published[m3.id], m3.refs)
+    read = []
+    real_get = repo.backend.get
+    repo.backend.get = lambda key: read.append(key) or real_get(key)
+    try:
+        assert knowncache.load_known(repo, kept)[0] == set(m2.refs) | set(m3.refs)
+    finally:
+        repo.backend.get = real_get
+    assert read == []
 
 
 def test_maintenance_lock_is_exclusive_and_stale_locks_are_broken(repo: Repository):

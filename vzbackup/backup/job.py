@@ -20,10 +20,10 @@ from vzbackup.backup import modes, session
 from vzbackup.backup.defaults import DumpDefaults, ExcludeMatcher
 from vzbackup.backup.hooks import HookScript
 from vzbackup.ct.container import Container
+from vzbackup.engine import knowncache
 from vzbackup.engine import locks as L
 from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
 from vzbackup.engine.filescache import FilesCache
-from vzbackup.engine.knowncache import known_chunks
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.errors import StorageError, VzError
 
@@ -79,7 +79,8 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
     with ct.backup_lock(wait=opts.lockwait * 60), \
             L.RepoLock(repo, L.BACKUP, what=f"CT {ct.ctid} on {os.uname().nodename}",
                        wait=opts.lockwait * 60):
-        known = known_chunks(repo, session.known_chunks_path(ct.node, repo))
+        known_path = session.known_chunks_path(ct.node, repo)
+        known, known_sizes = knowncache.load_known(repo, known_path)
         log(f"INFO: repository {repo.backend.url}: {len(known)} chunks known")
         store = ChunkStore(repo, known, threads=worker_threads(opts.zstd), stats=stats,
                            bwlimit_kbps=opts.bwlimit or None)
@@ -150,6 +151,9 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
         log(f"INFO: finished backup of CT {ct.ctid} in {st['duration']:.2f} s")
         with repo.consolidating_index():
             manifest = repo.publish(manifest, log.text)
+        # (store.known: the chunks known at the start, plus the new ones, all in refs)
+        knowncache.remember(known_path, known_sizes, store.known, manifest.id,
+                            repo.published[manifest.id], refs)
         cache.save()
     return manifest
 

@@ -5,8 +5,9 @@ the last one instead of every manifest (the cost grew with the number of snapsho
 Manifests never change once published, so the kept union stays right while every snapshot
 it was built from is still listed with the same manifest size: snapshots added since only
 add their references. When one of them is gone (pruned, trashed; gc may then have removed
-its chunks) the union is built again from every manifest. Only an optimisation: a missing,
-unreadable or foreign file is rebuilt.
+its chunks) the union is built again from every manifest. A backup adds the snapshot it
+published itself (``remember``), so the next one reads only other writers' manifests.
+Only an optimisation: a missing, unreadable or foreign file is rebuilt.
 
 The file is ``MAGIC`` + marshal(({snapshot id: manifest size}, (chunk id, ...))).
 """
@@ -25,6 +26,13 @@ MAGIC = b"vzbackup-known-chunks\x01"
 
 def known_chunks(repo: Repository, path: Path | None = None) -> set[str]:
     """Every chunk a published snapshot references (using and updating the file *path*)."""
+    return load_known(repo, path)[0]
+
+
+def load_known(repo: Repository, path: Path | None = None
+               ) -> tuple[set[str], dict[str, int]]:
+    """:func:`known_chunks`, and the manifest size of every snapshot it covers (for
+    :func:`remember`)."""
     sizes, _ = repo.snapshot_listing()
     kept = _load(path) if path is not None else None
     if kept is not None and all(sizes.get(sid) == n for sid, n in kept[0].items()):
@@ -36,7 +44,14 @@ def known_chunks(repo: Repository, path: Path | None = None) -> set[str]:
         known.update(m.refs)
     if path is not None and (kept is None or new or len(kept[0]) != len(sizes)):
         _save(path, sizes, known)
-    return known
+    return known, sizes
+
+
+def remember(path: Path, sizes: dict[str, int], known: set[str], sid: str, size: int,
+             refs: list[str]) -> None:
+    """Add the snapshot *sid* (manifest *size*, *refs*) that this host just published to
+    the kept union *known* of the snapshots *sizes* (from :func:`load_known`)."""
+    _save(path, {**sizes, sid: size}, known.union(refs))
 
 
 def _load(path: Path) -> tuple[dict[str, int], tuple[str, ...]] | None:

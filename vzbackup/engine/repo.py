@@ -133,6 +133,7 @@ class Repository:
         self._index: Index | None = None
         self._index_lock = threading.Lock()
         self._packs_written: dict[str, list[tuple[str, Entries]]] = {}  # index file -> packs
+        self.published: dict[str, int] = {}  # snapshot id -> its manifest's stored size
 
     # --- life cycle --------------------------------------------------------------------
     @property
@@ -460,7 +461,9 @@ class Repository:
 
     # --- small encrypted objects ----------------------------------------------------------
     def put_object(self, key: str, data: bytes, kind: Kind, *, exclusive: bool = False) -> bool:
-        blob = self.codec.seal(key, data)
+        return self._put_sealed(key, self.codec.seal(key, data), kind, exclusive)
+
+    def _put_sealed(self, key: str, blob: bytes, kind: Kind, exclusive: bool = False) -> bool:
         try:
             if exclusive:
                 return self.backend.put_if_absent(key, blob, kind)
@@ -492,7 +495,9 @@ class Repository:
                 stamp = stamp.fromtimestamp(stamp.timestamp() + 1, UTC)
                 continue
             self.put_object(key + LOG_SUFFIX, log_text.encode(), Kind.LOG)
-            if self.put_object(key, manifest.to_json(), Kind.SNAPSHOT, exclusive=True):
+            blob = self.codec.seal(key, manifest.to_json())
+            if self._put_sealed(key, blob, Kind.SNAPSHOT, exclusive=True):
+                self.published[manifest.id] = len(blob)
                 return manifest
         raise StorageError(f"could not find a free snapshot name for CT {manifest.ctid}")
 
