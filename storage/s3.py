@@ -3,12 +3,10 @@
 - Credentials: ``access-key``/``secret-key`` from storage.cfg, else boto3's standard chain
   (environment, shared config and ``profile``, instance role). They never appear in
   ``url``, logs or error messages.
-- One client per storage (botocore's, as ``boto3.client`` makes it; boto3 proper is
-  imported for multipart uploads only), shared by every thread (clients are thread-safe),
-  with a connection pool of ``max-connections``. botocore retries throttling, 5xx and
-  connection errors (``retry-mode``, ``retries`` attempts); a whole operation is retried
-  again on top of that (a reset while a response body streams in is not retried by
-  botocore).
+- One boto3 client per storage, shared by every thread (clients are thread-safe), with a
+  connection pool of ``max-connections``. botocore retries throttling, 5xx and connection
+  errors (``retry-mode``, ``retries`` attempts); a whole operation is retried again on top
+  of that (a reset while a response body streams in is not retried by botocore).
 - Objects above ``multipart-threshold`` are uploaded in parts by boto3's transfer manager
   and downloaded by parallel ranged GETs; retained objects (snapshot manifests under Object
   Lock) are always one PutObject (Ceph keeps no retention on a multipart upload, and the
@@ -42,7 +40,6 @@ import base64
 import contextlib
 import hashlib
 import io
-import os
 import threading
 import time
 import uuid
@@ -51,11 +48,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import boto3
 import botocore.exceptions as bx
-import botocore.session
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.handlers import convert_body_to_file_like_object
-from botocore.loaders import Loader
 from vzbackup.storage.backend import (
     RETAINED_KINDS,
     Backend,
@@ -86,14 +83,6 @@ NETWORK_ERRORS = (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadT
 
 class _Exists(BackendError):
     """A conditional write found the key already there (HTTP 412)."""
-
-
-class _S3Models(Loader):
-    """botocore's model loader, told that S3 is the only service there is: creating a
-    client otherwise lists all ~450 service directories twice (a fifth of its cost)."""
-
-    def list_available_services(self, type_name: str) -> list[str]:
-        return ["s3"]
 
 
 class S3Backend(Backend):
@@ -138,21 +127,19 @@ class S3Backend(Backend):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        # botocore's session and client, as boto3.client() makes them; boto3 itself (and
-        # its transfer manager) is imported only for a multipart upload: a third of the
-        # import time of every command that opens the storage
-        session = botocore.session.Session(profile=o.profile or None)
         try:
-            paths = session.get_config_variable("data_path") or ""
-            session.register_component("data_loader", _S3Models(extra_search_paths=[
-                os.path.expandvars(os.path.expanduser(p)) for p in paths.split(os.pathsep) if p]))
-            self.client = session.create_client(
-                "s3", endpoint_url=o.endpoint or None, aws_access_key_id=o.access_key or None,
-                aws_secret_access_key=o.secret_key or None,
-                aws_session_token=o.session_token or None, verify=o.verify_tls, config=config,
-            )
+            session = boto3.session.Session(profile_name=o.profile or None)
         except bx.ProfileNotFound:
             raise BackendError(f"S3 storage {self.name!r}: no AWS profile {o.profile!r}") from None
+        self.client = session.client(
+            "s3", endpoint_url=o.endpoint or None, aws_access_key_id=o.access_key or None,
+            aws_secret_access_key=o.secret_key or None, aws_session_token=o.session_token or None,
+            verify=o.verify_tls, config=config,
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=self.threshold, multipart_chunksize=self.part_size,
+            max_concurrency=min(8, self.max_connections), use_threads=True,
+        )
         self.requests = 0  # HTTP requests sent, retries included (reported per backup)
         self.client.meta.events.register("before-send.s3", self._count_request)
         # a PutObject body stays bytes: hashed for the signature in one call and sent in
@@ -255,18 +242,8 @@ class S3Backend(Backend):
             self._call(f"writing {key}", lambda: self.client.put_object(Body=data, **args))
             return
         bucket, name = args.pop("Bucket"), args.pop("Key")
-        self._call(f"writing {key}", lambda: self._upload_parts(data, bucket, name, args))
-
-    def _upload_parts(self, data: bytes, bucket: str, name: str, args: dict[str, Any]) -> None:
-        """A multipart upload by boto3's transfer manager (parallel parts)."""
-        from boto3.s3.transfer import TransferConfig, create_transfer_manager
-
-        config = TransferConfig(
-            multipart_threshold=self.threshold, multipart_chunksize=self.part_size,
-            max_concurrency=min(8, self.max_connections), use_threads=True,
-        )
-        with create_transfer_manager(self.client, config) as manager:
-            manager.upload(io.BytesIO(data), bucket, name, extra_args=args).result()
+        self._call(f"writing {key}", lambda: self.client.upload_fileobj(
+            io.BytesIO(data), bucket, name, ExtraArgs=args, Config=self.transfer))
 
     def prepare_writes(self) -> None:
         """Start the conditional-writes probe in the background (once)."""
