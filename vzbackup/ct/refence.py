@@ -26,9 +26,11 @@ supervisor:
 5. in the CT's namespace again, cuts the propagation (private) and puts back what the CT
    had mounted below.
 
-Steps 2-5 run for every mount namespace of the CT: the one of its init and the nested ones
-(systemd's service sandboxes, PrivateTmp=...), which CRIU recreates the same way; one child
-does them all, with /proc and /sys staged once per pid and network namespace. Of what the
+This covers every mount namespace of the CT: the one of its init and the nested ones
+(systemd's service sandboxes, PrivateTmp=...), which CRIU recreates the same way. One child
+does them all: /proc and /sys staged once per pid and network namespace, one carrier per
+tree and staging with a peer in each namespace (step 3 in each), one bind per carrier that
+propagates into all of them (step 4), then step 5 in each. Of what the
 CT mounted inside the node's trees, procfs and sysfs mounts are not put back (a bind of the
 old procfs could be remounted read-write): in a service's namespace systemd's own read-only
 binds of /proc and /sys paths give way to the CT's fences, which cover the same paths.
@@ -206,7 +208,10 @@ def relock(init_pid: int, binds: list[BindMount]) -> None:
 
 def _relock(stage: str, namespaces: list[Namespace], binds: list[BindMount],
             err_w: int) -> None:
-    """The throwaway child: steps 1-5 of the module docstring, for each namespace."""
+    """The throwaway child: steps 1-5 of the module docstring, every namespace at once: one
+    carrier per tree and view, a peer of it attached in each namespace, one bind of the
+    staged tree that propagates into all of them (so a dump meets one carrier superblock
+    per tree, not one per namespace: CRIU opens each overmounted tmpfs through a helper)."""
     ct_ns = [os.open(f"/proc/{ns.pid}/ns/mnt", os.O_RDONLY) for ns in namespaces]
     S.unshare(S.CLONE_NEWNS)
     S.mount("none", "/", None, S.MS_REC | S.MS_PRIVATE)
@@ -218,43 +223,54 @@ def _relock(stage: str, namespaces: list[Namespace], binds: list[BindMount],
             views[ns.view] = _stage_trees(f"{stage}/view{len(views)}", ns.pid, err_w)
     wanted = {t for ns in namespaces for t in ns.plan.trees}
     bind_trees = _stage_binds(stage, [b for b in binds if bind_target(b) in wanted])
-    for i, (ns, ct_fd) in enumerate(zip(namespaces, ct_ns, strict=True)):
+    carriers: dict[tuple[str, str], tuple[str, str]] = {}  # (view, tree) -> carrier, staged
+    attached = []
+    for ns, ct_fd in zip(namespaces, ct_ns, strict=True):
         staged = views[ns.view] | bind_trees
         missing = [t for t in ns.plan.trees if t not in staged]
         if missing:
             raise RuntimeFailure(f"no node mount known for {', '.join(missing)}")
-        _relock_namespace(f"{stage}/ns{i}", ns.plan, staged, ct_fd, node_ns)
+        peers = {}
+        for tree in ns.plan.trees:
+            key = (ns.view if tree in TREES else "", tree)
+            if key not in carriers:
+                carriers[key] = (_carrier(f"{stage}/carrier{len(carriers)}"), staged[tree])
+            peers[tree] = S.open_tree(carriers[key][0], S.OPEN_TREE_CLONE)
+        attached.append((ct_fd, peers, _attach(ns.plan, peers, ct_fd, node_ns)))
+    for carrier, staged_tree in carriers.values():  # step 4: into every namespace at once
+        S.mount(staged_tree, carrier, None, S.MS_BIND | S.MS_REC)
+    for ct_fd, peers, kept in attached:  # step 5
+        S.setns(ct_fd, S.CLONE_NEWNS)
+        for fd in peers.values():
+            S.make_private(fd)
+            os.close(fd)
+        for path, fd in kept:
+            S.move_mount(fd, path)
+            os.close(fd)
+        S.setns(node_ns, S.CLONE_NEWNS)
 
 
-def _relock_namespace(carriers_dir: str, plan: Plan, staged: dict[str, str], ct_ns: int,
-                      node_ns: int) -> None:
-    """Steps 2-5 in one mount namespace of the CT (*ct_ns*), from the node's (*node_ns*)."""
-    os.mkdir(carriers_dir)
-    carriers = {}
-    for i, tree in enumerate(plan.trees):
-        carrier = f"{carriers_dir}/carrier{i}"
-        os.mkdir(carrier)
-        S.mount(CARRIER, carrier, "tmpfs", runtime.NOSUID | S.MS_RDONLY, CARRIER_OPTIONS)
-        S.mount("none", carrier, None, S.MS_SHARED)
-        carriers[tree] = (carrier, S.open_tree(carrier, S.OPEN_TREE_CLONE))
+def _carrier(path: str) -> str:
+    """Step 2: a shared, read-only, empty tmpfs at *path* in the child's namespace."""
+    os.mkdir(path)
+    S.mount(CARRIER, path, "tmpfs", runtime.NOSUID | S.MS_RDONLY, CARRIER_OPTIONS)
+    S.mount("none", path, None, S.MS_SHARED)
+    return path
+
+
+def _attach(plan: Plan, peers: dict[str, int], ct_ns: int, node_ns: int
+            ) -> list[tuple[str, int]]:
+    """Step 3 in one mount namespace of the CT: clone what the CT mounted below the trees,
+    detach CRIU's trees and strays, attach the carriers' *peers*; the clones kept."""
     S.setns(ct_ns, S.CLONE_NEWNS)
     kept = [(path, S.open_tree(path, S.OPEN_TREE_CLONE)) for path in plan.carried]
     for path in plan.strays:
         _detach_all(path)
     for tree in plan.trees:
         _detach_all(tree)
-        S.move_mount(carriers[tree][1], tree)
+        S.move_mount(peers[tree], tree)
     S.setns(node_ns, S.CLONE_NEWNS)
-    for tree in plan.trees:
-        S.mount(staged[tree], carriers[tree][0], None, S.MS_BIND | S.MS_REC)
-    S.setns(ct_ns, S.CLONE_NEWNS)
-    for _, fd in carriers.values():
-        S.make_private(fd)
-        os.close(fd)
-    for path, fd in kept:
-        S.move_mount(fd, path)
-        os.close(fd)
-    S.setns(node_ns, S.CLONE_NEWNS)
+    return kept
 
 
 def _stage_trees(root: str, pid: int, err_w: int) -> dict[str, str]:
