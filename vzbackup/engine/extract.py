@@ -27,6 +27,7 @@ from vzbackup.engine import tree as T
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure, StorageError
 from vzbackup.storage.backend import BackendError, ObjectMissing
+from vzbackup.storage.local import pwrite_all
 from vzbackup.syscalls import malloc_large_with_mmap
 
 PREFETCH_BYTES = 32 * 1024 * 1024  # packed bytes fetched ahead of the writer, or held for it
@@ -535,7 +536,7 @@ def _write_file(e: T.Entry, pfd: int, name: str, pieces: Iterator[memoryview],
     written = 0
     try:
         for offset, views, _ in _segments(e, pieces):
-            written += _pwrite_all(fd, views, offset)
+            written += pwrite_all(fd, views, offset)
         if e.extents is not None or written != e.size:
             os.ftruncate(fd, e.size)
         _set_meta(e, pfd, name, fd, strip_acls)
@@ -566,16 +567,6 @@ def _segments(e: T.Entry, pieces: Iterator[memoryview]
             yield start, views, size
 
 
-def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> int:
-    """Write *views* back to back from *offset*; bytes written."""
-    written = 0
-    for v in views:
-        while v:
-            n = os.pwrite(fd, v, offset)
-            v, offset, written = v[n:], offset + n, written + n
-    return written
-
-
 class _BigFile:
     """A file the writers write in segments (in any order, at their offsets); the writer
     that finishes its last segment (or this thread, if they all finished first) sets its
@@ -592,7 +583,7 @@ class _BigFile:
     def segment(self, offset: int, views: list[memoryview]) -> int:
         """Write *views* back to back from *offset* (a writer's task); bytes written."""
         try:
-            written = _pwrite_all(self.fd, views, offset)
+            written = pwrite_all(self.fd, views, offset)
         except BaseException:
             self.failed = True
             raise

@@ -333,8 +333,8 @@ class Repository:
         """A packer whose packs are written with an index file each (resumable)."""
         return Packer(self.codec.seal, self._store_pack)
 
-    def _store_pack(self, pack: str, data: list[bytes], entries: Entries) -> None:
-        self.put_pack(pack, data)
+    def _store_pack(self, pack: str, parts: list[bytes], entries: Entries) -> None:
+        self.put_pack(pack, parts)
         key = self.write_index([(pack, entries)])
         with self._index_lock:
             self._packs_written[key] = [(pack, entries)]
@@ -375,9 +375,8 @@ class Repository:
                 fut.result()
             pool.shutdown()
 
-    def put_pack(self, pack: str, data: bytes | list[bytes]) -> None:
-        """Store a pack given whole or as the pieces it is the concatenation of."""
-        parts = data if isinstance(data, list) else [data]
+    def put_pack(self, pack: str, parts: list[bytes]) -> None:
+        """Store a pack given as the pieces it is the concatenation of."""
         self._call(lambda: self.backend.put_parts(pack_key(pack), parts, Kind.PACK))
 
     def get_object_raw(self, key: str) -> bytes:
