@@ -119,12 +119,12 @@ def _criu():
 
 
 class CriuWorker:
-    """A ``criu swrk`` started ahead of the one request it will serve (a restore): its fork,
-    exec and loading (6 ms on an idle node, up to 30 ms on a busy one) stay out of a
-    migration's freeze. :meth:`close` ends it, served or not."""
+    """A ``criu swrk`` serving one request (a dump or restore). Started ahead (a standby restore),
+    its fork, exec and loading (6 ms on an idle node, up to 30 ms on a busy one) stay out
+    of a migration's freeze. :meth:`close` ends it, served or not."""
 
-    def __init__(self) -> None:
-        self.criu = _criu()
+    def __init__(self, criu=None) -> None:
+        self.criu = criu if criu is not None else _criu()
         self.sk = self.criu._comm.connect(False)  # forks "criu swrk" as our child
         self._open = True
 
@@ -329,9 +329,10 @@ def _dump_with_notify(c, pid: int, images_dir: Path, notify: dict[str, Callable[
     failed: BaseException | None = None
     failed_step = ""
     try:
-        sk = c._comm.connect(False)  # forks "criu swrk" as our child, like criu.dump() does
+        worker = CriuWorker(c)  # forks "criu swrk" as our child, like criu.dump() does
     except Exception as e:
         raise CheckpointError(f"CRIU dump of pid {pid} failed: cannot start criu: {e}") from None
+    sk = worker.sk
     try:
         sk.send(req.SerializeToString())
         while True:
@@ -353,7 +354,7 @@ def _dump_with_notify(c, pid: int, images_dir: Path, notify: dict[str, Callable[
             hint=f"full log: {log}",
         ) from None
     finally:
-        c._comm.disconnect()  # closes the socket and reaps criu: the tasks run again by now
+        worker.close()  # closes the socket and reaps criu: the tasks run again by now
     if failed is not None:
         if not isinstance(failed, Exception):
             raise failed
@@ -436,9 +437,10 @@ def _restore_with_notify(
     failed_step = ""
     init_pid = 0
     try:
-        sk = worker.sk if worker is not None else c._comm.connect(False)
+        worker = worker if worker is not None else CriuWorker(c)
     except Exception as e:
         raise CheckpointError(f"CRIU restore from {images_dir} failed: {e}", hint=hint) from None
+    sk = worker.sk
     try:
         sk.send(req.SerializeToString())
         while True:
@@ -469,10 +471,7 @@ def _restore_with_notify(
             hint=hint,
         ) from None
     finally:
-        if worker is not None:
-            worker.close()
-        else:
-            c._comm.disconnect()
+        worker.close()
     if failed is not None:
         for extra in console:
             os.close(extra)

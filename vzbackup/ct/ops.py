@@ -265,11 +265,16 @@ def standby_restore(ct: Container, dumpfile: str, *, keep_dump: bool = False,
     criu_binary()
     pycriu_module()
     check_start_inputs(ct.conf)
-    extra = ["--dumpdir", dumpfile, "--criu-log-level", str(criu_log_level)]
-    extra += ["--keep-dump"] if keep_dump else []
-    if lazy:
-        extra.append("--lazy-pages")
+    extra = _restore_args(dumpfile, keep_dump=keep_dump, lazy=lazy, level=criu_log_level)
     return StandbyRestore(ct, Path(dumpfile), extra)
+
+
+def _restore_args(images: str, *, keep_dump: bool, lazy: bool, level: int,
+                  tcp_close: bool = False) -> list[str]:
+    """The restore supervisor's options (vzbackup.ct.supervisor)."""
+    flags = {"--keep-dump": keep_dump, "--tcp-close": tcp_close, "--lazy-pages": lazy}
+    return ["--dumpdir", images, "--criu-log-level", str(level),
+            *(flag for flag, on in flags.items() if on)]
 
 
 def check_start_inputs(conf: CTConfig) -> None:
@@ -429,12 +434,8 @@ def restore(
         raise E.NotFoundError(f"no CRIU images in {images}")
     check_start_inputs(conf)
     ct.apply_quota(conf)
-    extra = ["--dumpdir", str(images), "--criu-log-level", str(criu_log_level)]
-    extra += ["--keep-dump"] if keep_dump else []
-    if tcp_close:
-        extra.append("--tcp-close")
-    if lazy:
-        extra.append("--lazy-pages")
+    extra = _restore_args(str(images), keep_dump=keep_dump, lazy=lazy, level=criu_log_level,
+                          tcp_close=tcp_close)
     return _spawn_supervisor(ct, "restore", extra)
 
 
