@@ -729,7 +729,16 @@ def test_gc_removes_old_temp_files_but_not_a_running_backups(repo: Repository, t
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"x" * 1000)
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
-    with L.RepoLock(repo, L.BACKUP, what="running"):
+    # a backup's lock before its heartbeat stamps it says it started at 0: gc spares all
+    unstamped = root / f"{L.LOCK_PREFIX}backup-unstamped"
+    unstamped.parent.mkdir(exist_ok=True)
+    unstamped.write_text(json.dumps({"kind": L.BACKUP, "host": os.uname().nodename,
+                                     "pid": os.getpid(), "started": 0.0}))
+    assert maintenance.collect_garbage(repo, grace=600).incomplete_removed == []
+    unstamped.unlink()
+    with L.RepoLock(repo, L.BACKUP, what="running") as running:
+        # until the heartbeat stamps the lock's start, gc spares everything
+        assert running.stamped.wait(10)
         live = root / "data/cd/.tmp-def.789.1"
         live.parent.mkdir(parents=True)
         live.write_bytes(b"y")

@@ -118,6 +118,7 @@ class RepoLock:
         self.wait = wait
         self.key = f"{LOCK_PREFIX}{kind}-{uuid.uuid4().hex}"
         self.started = 0.0
+        self.stamped = threading.Event()  # set once ``started`` is recorded in the lock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -178,6 +179,7 @@ class RepoLock:
         """Record the lock's start, in storage time (its first write's mtime), in it."""
         self.started = self.repo.backend.stat(self.key).mtime
         self.repo.backend.put(self.key, self._body(), Kind.LOCK)
+        self.stamped.set()
 
     def _refresh(self) -> None:
         """The heartbeat; a backup lock is stamped here first, off the backup's path (two
