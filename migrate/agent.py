@@ -254,6 +254,8 @@ class Agent:
         self.standby = ops.standby_restore(self.ct, str(self.images_dir), keep_dump=True,
                                            lazy=lazy, criu_log_level=C.CRIU_FREEZE_LOG_LEVEL)
         timer.lap("supervisor")
+        self.standby.wait_ready(DAEMON_READY_TIMEOUT)  # the source freezes after this reply
+        timer.lap("standby")
         return {**reply, "steps": timer.laps}
 
     def op_put_images(self, names: list[list], blob: bytes = b"", last: bool = True

@@ -70,6 +70,9 @@ SAMPLE_SUFFIX = ".conf-sample"
 HOST_GATEWAY = "169.254.0.1"  # what routed CTs see as their gateway (host side of veth)
 STATE_FILE = "{ctid}.state"  # in RUNDIR, written by the supervisor
 SUPERVISOR_LOG = "{ctid}.log"  # in RUNDIR
+# what a standby restore supervisor writes on its ready fd once it waits for the word:
+# whitespace, so that the JSON verdict after it still parses as a whole
+SUPERVISOR_STANDING_BY = b"\n"
 CONSOLE_LOG = "{ctid}.console.log"  # in RUNDIR: what the CT wrote to its console
 CONSOLE_LOG_MAX = 1 << 20  # bytes; the log is rotated once (.1), so at most twice this
 CONSOLE_SOCK = "{ctid}.console.sock"  # in RUNDIR: 'vzbackup console' attaches here

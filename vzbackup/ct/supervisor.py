@@ -292,11 +292,12 @@ def _report(fd: int, payload: dict) -> None:
         os.close(fd)
 
 
-def _standby(sup: Supervisor, go_fd: int) -> bool:
+def _standby(sup: Supervisor, go_fd: int, ready_fd: int) -> bool:
     """Started ahead of a migration's restore: load CRIU's bindings and prepare what needs
     no images (a failure there is reported after the word, by the restore that retries it),
-    then wait for the word (a byte on *go_fd*; EOF: the restore was called off, and what was
-    prepared is undone). The restore's clock starts at the word."""
+    say so on *ready_fd* (before the verdict), then wait for the word (a byte
+    on *go_fd*; EOF: the restore was called off, and what was prepared is undone). The
+    restore's clock starts at the word."""
     with contextlib.suppress(VzError):
         pycriu_module()
     try:
@@ -308,6 +309,8 @@ def _standby(sup: Supervisor, go_fd: int) -> bool:
         sup.worker = driver.CriuWorker()
     except Exception as e:  # the restore starts its own
         log.warning("starting criu ahead of the restore failed: %s", e)
+    with contextlib.suppress(OSError):  # our caller gone: the go pipe tells
+        os.write(ready_fd, C.SUPERVISOR_STANDING_BY)
     go = os.read(go_fd, 1)
     os.close(go_fd)
     sup.timer = Timer()
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     S.set_process_name(f"vzsup-{args.ctid}")
     ct = Container(Node.load(args.prefix), args.ctid)
     sup = Supervisor(ct)
-    if args.go_fd is not None and not _standby(sup, args.go_fd):
+    if args.go_fd is not None and not _standby(sup, args.go_fd, args.ready_fd):
         return 0
     write_state(ct.node, ct.ctid, CTState("starting", os.getpid(), started=time.time()))
     try:
