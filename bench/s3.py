@@ -11,6 +11,9 @@ with empty buckets and an empty local cache:
             the tar downloaded by ``download_file`` (parallel ranged GETs), not unpacked
   local     the same dump and restore with a dir storage (a fresh one per round): the part
             of either that is not S3 (walk, chunking, compression; writing the files)
+  files     the tar unpacked by ``tar -x`` into a new directory beside the restored CTs: what
+            creating the same files alone costs on this file system (no network, no
+            decompression, no hashing), the floor of any restore of the tree
   per file  with --per-file, also every file uploaded by ``upload_file`` and downloaded by
             ``download_file``, files in parallel (a pool of as many threads as boto3's
             default connection pool: 10); slow, what a naive sync script would do
@@ -20,11 +23,13 @@ printed as PASS/FAIL: vzbackup >= 0.8x one raw boto3 transfer of one object hold
 bytes (the tar), both ways. The S3 requests of each backup and restore are reported
 (``storage_requests`` in the JSON of dump and restore), and the CPU seconds each transfer
 cost the client and the S3 server (radosgw + ceph-osd, read from /proc): on a machine
-with few cores the server competes with the backup's compression for them. Throughput
+with few cores the server competes with the backup's compression for them, and their sum
+over the CPUs is a floor for the wall time (printed beside what 0.8x allows). Throughput
 is the logical size of the private area per second. The load average is printed with
 the results: on a shared machine they are noisy.
 
-The restored CTs (two per round) are destroyed at the end, not between restores: on an
+The restored CTs (two per round) and the unpacked tars are removed at the end, not between
+restores: on an
 ext4 without a journal, inode allocation skips (and re-reads, at every allocation) the
 inodes deleted in the last minutes (ext4's ``recently_deleted``), so a restore right
 after a 300 MB tree was deleted spends most of its CPU there, in the kernel.
@@ -236,6 +241,12 @@ class S3Bench:
         back.unlink()
         log(f"round {n}: one tar: upload_file {out['tar_upload_s']:.2f} s, "
             f"download_file {out['tar_download_s']:.2f} s")
+        files = self.work / f"files-{n}"  # kept until the end, like the restored CTs
+        files.mkdir()
+        os.sync()
+        r = measure(["tar", "-C", str(files), "-xf", str(tar)])
+        out["files_s"], out["files_cpu"] = r.seconds, r.cpu_s
+        log(f"round {n}: tar -x of the tar (creating the files alone) {r.seconds:.2f} s")
         if self.args.per_file:
             out.update(self.per_file(n, raw_bucket))
         for b in (vz_bucket, raw_bucket):
@@ -289,6 +300,11 @@ def summarise(rounds: list[dict], logical: int) -> dict:
                         for way in ("upload", "download")},
         "targets": {way: med[f"tar_{way}_s"] / med[f"vz_{way}_s"] >= 0.8
                     for way in ("upload", "download")},
+        # what 0.8x of the raw transfer allows, and floors no vzbackup could beat here
+        "allowed_s": {way: med[f"tar_{way}_s"] / 0.8 for way in ("upload", "download")},
+        "cpu_floor_s": {way: (med[f"vz_{way}_cpu"] + med[f"vz_{way}_server_cpu"])
+                        / (os.cpu_count() or 1) for way in ("upload", "download")},
+        "files_floor_s": med["files_s"],
     }
 
 
@@ -346,6 +362,11 @@ def main() -> None:
         f"{way} vzbackup {med[f'vz_{way}_cpu']:.2f} + {med[f'vz_{way}_server_cpu']:.2f}, "
         f"one tar {med[f'tar_{way}_cpu']:.2f} + {med[f'tar_{way}_server_cpu']:.2f}"
         for way in ("upload", "download")))
+    print(f"0.8x allows: upload {s['allowed_s']['upload']:.2f} s (CPU floor, client + server "
+          f"over {os.cpu_count()} CPUs: {s['cpu_floor_s']['upload']:.2f} s), download "
+          f"{s['allowed_s']['download']:.2f} s (CPU floor {s['cpu_floor_s']['download']:.2f} s; "
+          f"creating the files alone, tar -x of the tar: {s['files_floor_s']:.2f} s, "
+          f"{med['files_cpu']:.2f} s CPU)")
     print(f"S3 requests: {med['requests']:.0f} per backup ({med['chunks_new']:.0f} new chunks, "
           f"{med['stored_new'] / MB:.0f} MB stored), {med['restore_requests']:.0f} per restore")
     print(f"\nJSON: {out_path}")
