@@ -32,6 +32,9 @@ RETAINED_KINDS = frozenset({Kind.SNAPSHOT})  # written under an immutability loc
 # never synced: a lock matters only while its writer lives, and a crash that loses it took
 # the writer with it (NFS commits on close anyway)
 VOLATILE_KINDS = frozenset({Kind.LOCK})
+# written just before the object that names them, into the same directory (a snapshot's
+# log, then its manifest): a local directory's entry is made durable with that object's
+LEADING_KINDS = frozenset({Kind.LOG})
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ directory as it is written, except bulk objects (packs, see ``Kind``): their dat
 by the thread that writes them (in parallel with the backup's other work), their
 directories by ``flush()``, which also syncs the objects ``touch``ed since (reused packs an
 interrupted writer may have left unsynced), and locks, which are never synced (see
-``VOLATILE_KINDS``). A snapshot is published after a flush. Unlike
+``VOLATILE_KINDS``). A snapshot's log (``LEADING_KINDS``) has its data synced, and its
+directory entry with the manifest put next to it right after (one directory sync, not
+two; ``flush()`` syncs it if no manifest came). A snapshot is published after a flush. Unlike
 syncfs, this never waits for other writers' data on the same filesystem.
 ``put_if_absent`` uses link(2), which fails if the name exists, so two writers never both win.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from vzbackup.storage.backend import (
     BULK_KINDS,
+    LEADING_KINDS,
     VOLATILE_KINDS,
     Backend,
     BackendError,
@@ -105,7 +108,7 @@ class DirBackend(Backend):
         try:
             tmp = self._write_tmp(target, parts, sync=kind not in VOLATILE_KINDS)
             os.replace(tmp, target)
-            if kind in BULK_KINDS:
+            if kind in BULK_KINDS or kind in LEADING_KINDS:
                 with self._unsynced_lock:
                     self._unsynced.add(target.parent)
             elif kind not in VOLATILE_KINDS:
@@ -122,6 +125,8 @@ class DirBackend(Backend):
         try:
             os.link(tmp, target)
             self._sync_dir(target.parent)
+            with self._unsynced_lock:  # (a log written just before into it: synced too)
+                self._unsynced.discard(target.parent)
             return True
         except FileExistsError:
             return False

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from treecmp import diff, make_rich_tree, tree_manifest
+from vzbackup.storage.backend import Kind
 from vzbackup.storage.local import DirBackend
 
 from vzbackup.engine import gc, knowncache, maintenance
@@ -875,3 +876,21 @@ def test_a_pack_given_in_pieces_is_stored_as_their_concatenation(tmp_path: Path)
     parts = [os.urandom(i % 7) for i in range(3000)]
     be.put_parts("data/ab/pack", parts)
     assert be.get("data/ab/pack") == b"".join(parts)
+
+
+def test_a_snapshots_log_directory_is_synced_with_its_manifest_or_by_flush(tmp_path: Path):
+    """A log's data is synced as it is written and its directory entry by the manifest's
+    sync of the same directory right after (one directory sync, not two); a log that no
+    manifest followed (a failed publish) has its directory synced by the next flush."""
+    be = DirBackend(tmp_path / "r")
+    snaps = tmp_path / "r/snapshots/101"
+    be.put("snapshots/101/t1.log", b"log", Kind.LOG)
+    assert be._unsynced == {snaps}
+    assert be.put_if_absent("snapshots/101/t1", b"manifest", Kind.SNAPSHOT)
+    assert not be._unsynced
+    be.put("snapshots/101/t2.log", b"log", Kind.LOG)
+    assert not be.put_if_absent("snapshots/101/t1", b"other", Kind.SNAPSHOT)  # name taken
+    assert be._unsynced == {snaps}
+    be.flush()
+    assert not be._unsynced
+    assert be.get("snapshots/101/t1") == b"manifest"
