@@ -105,10 +105,10 @@ class ChunkStore:
         self._index: Index | None = None  # loaded at the first new chunk (if any)
         self.index_lock = threading.Lock()
         self.packer = repo.packer()
-        # one worker per CPU thread on local storage: more only add context switches and
-        # GIL hand-offs (a full backup of a Debian rootfs: 10 % less CPU); twice that on
-        # remote storage, where a worker waiting for an upload slot leaves its CPU to another
-        workers = max(1, threads) * (2 if repo.backend.cache_metadata else 1)
+        # one worker per CPU thread: more only add context switches and GIL hand-offs (a
+        # full backup of a Debian rootfs: 10 % less CPU; on S3 too, where packs upload in
+        # threads of their own and a worker waits only when both uploads are busy)
+        workers = max(1, threads)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk")
         self.slots = threading.BoundedSemaphore(workers * 2)
         # files chunked on their own: read and cut here, their chunks go to the pool
