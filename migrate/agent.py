@@ -197,8 +197,10 @@ class Agent:
             self.journal.name = conf.name
             self.journal.save(self.node)
 
-    def _start_criu_daemon(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        """Start a CRIU helper (lazy-pages, page-server) and wait until it is ready."""
+    def _start_criu_daemon(self, argv: list[str], log_name: str, env: dict[str, str] | None = None
+                           ) -> subprocess.Popen[bytes]:
+        """Start a CRIU helper (lazy-pages, page-server), with *env* added to its
+        environment, and wait until it is ready."""
         r, w = os.pipe()
         argv = [criu_binary(), *argv, "-D", str(self.images_dir), "-W", str(self.images_dir),
                 "-o", log_name, f"-v{log_level(C.CRIU_FREEZE_LOG_LEVEL)}",
@@ -209,6 +211,7 @@ class Agent:
             proc = subprocess.Popen(
                 argv, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, **env} if env else None,
             )
         finally:
             os.close(w)
@@ -231,8 +234,9 @@ class Agent:
 
         Registers the CT, makes this side's one-time TLS identity (trusting the source's
         certificate), starts CRIU's ``page-server`` that the source's dump fills (with lazy
-        pages: notes where ``lazy-pages`` will fetch from, *page_address*:*page_port*) and a
-        restore supervisor waiting for the word. Whatever fails here still lets the source
+        pages: ``lazy-pages`` fetching from *page_address*:*page_port*, now where CRIU reads
+        its images when the restore connects, else once they are here) and a restore
+        supervisor waiting for the word. Whatever fails here still lets the source
         carry on untouched.
         """
         timer = Timer()
@@ -243,9 +247,13 @@ class Agent:
             self.tls.trust(tls_cert)
         timer.lap("conf")
         reply: dict[str, Any] = {"tls_cert": self.tls.cert_pem if self.tls else None}
-        if lazy:  # criu lazy-pages reads the process tree at start: it waits for the images
+        if lazy:
             self.lazy_args = ["lazy-pages", "--page-server", "--address", page_address,
                               "--port", str(page_port)]
+            if C.CRIU_FIX_LAZY_EARLY in criu_fixes():  # else it waits for the images
+                self.lazy_proc = self._start_criu_daemon(
+                    self.lazy_args, LAZY_LOG, env={C.CRIU_LAZY_EARLY_ENV: "1"})
+                reply["lazy_daemon"] = "running"
         else:
             reply["page_port"] = page_port or _free_port()
             self.page_server = self._start_criu_daemon(
@@ -277,7 +285,7 @@ class Agent:
             (self.images_dir / name).write_bytes(blob[offset:offset + size])
             offset += size
         timer.lap("write")
-        if last and self.lazy_args:
+        if last and self.lazy_args and self.lazy_proc is None:
             self.lazy_proc = self._start_criu_daemon(self.lazy_args, LAZY_LOG)
             timer.lap("lazy_daemon")
         return {"steps": timer.laps}

@@ -54,6 +54,7 @@ class OnlineDump:
         self.port = (mig.opts.lazy_port or _free_port()) if lazy else 0
         self.tls = None if mig.opts.plain_pages else Identity.create("source", ct.node.rundir)
         self.page_server: tuple[str, int] | None = None  # DEST's, without lazy pages
+        self.dest_daemon = False  # DEST's lazy-pages daemon runs from the stage on
         self.clock: dict[str, float] = {}  # freeze, staged, restored: monotonic seconds
         self.frozen = Timer()  # the sub-steps of the freeze, for -t
         self.errors: list[BaseException] = []  # from the sync and restore threads
@@ -76,6 +77,7 @@ class OnlineDump:
             self.tls.trust(reply["tls_cert"])
         if not self.lazy:
             self.page_server = (mig.dest.peer_address(), int(reply["page_port"]))
+        self.dest_daemon = reply.get("lazy_daemon") == "running"
         mig.report.dest_steps.update({f"stage.{k}": v for k, v in reply.get("steps", {}).items()})
 
     # ------------------------------------------------------------ CRIU's notify steps
@@ -135,9 +137,9 @@ class OnlineDump:
     def send_images(self) -> None:
         """The images the stream has not sent yet (CRIU's last ones, pages aside); DEST then
         has the whole set. The reply to the last ones is awaited here, in "post-dump": a
-        failure at DEST then (its lazy-pages daemon not starting) still aborts the dump
-        with the CT's TCP connections intact, which a failure after CRIU starts serving
-        pages can't."""
+        failure at DEST then (its lazy-pages daemon not starting, where DEST's CRIU can't
+        start it at the stage) still aborts the dump with the CT's TCP connections intact,
+        which a failure after CRIU starts serving pages can't."""
         stream = self.stream
         assert stream is not None  # run() starts it before CRIU's dump calls any step
         rest = stream.rest()  # after the stream's batch in flight, if any
@@ -146,7 +148,8 @@ class OnlineDump:
             n = self.pipe.send(rest)
             self.pipe.finish()
             self.mig.count("images_ssh", self.pipe.bytes)
-            self._put([], last=True)
+            if not self.dest_daemon:  # DEST starts it on the complete set
+                self._put([], last=True)
         else:
             n = self._put(rest, last=True)
         self.mig.count("images", n + stream.bytes)
@@ -173,13 +176,14 @@ class OnlineDump:
         return len(blob)
 
     def _open_pipe(self) -> ImagePipe | None:
-        """The OpenSSH tar stream into DEST's image dir, on the sync's master connection;
-        None without an OpenSSH client."""
+        """The OpenSSH stream into DEST's image dir, on the sync's master connection; None
+        without an OpenSSH client."""
         ssh = self.mig.session.openssh_command()
         if ssh is None:
             return None
-        return ImagePipe([*ssh, self.mig.session.target.host], self.mig.hello["images"],
-                         self.images)
+        target = self.mig.session.target
+        return ImagePipe([*ssh, target.host], [*target.remote_vzbackup, C.RECV_IMAGES_COMMAND,
+                                               self.mig.hello["images"]], self.images)
 
     def restore(self) -> None:
         mig = self.mig

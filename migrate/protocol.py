@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from vzbackup import errors as E
 
-PROTOCOL_VERSION = 3  # 3: put_images in parts while the dump runs (last=)
+PROTOCOL_VERSION = 4  # 4: the images stream into migrate-recv-images, batches acknowledged
 BLOB = "blob"  # key of the byte count of a raw payload after the JSON line
 
 

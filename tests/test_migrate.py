@@ -31,9 +31,10 @@ from nodebed import (
 )
 from treecmp import diff, tree_manifest
 from twonode_fixture import twonode
-from vzbackup.migrate.imagestream import ImageStream
+from vzbackup.migrate.imagestream import ImagePipe, ImageStream
 
 from vzbackup import constants as C
+from vzbackup import errors as E
 
 pytestmark = pytest.mark.slow
 Bed = twonode.TwoNodes
@@ -548,3 +549,36 @@ def test_image_stream_sends_closed_images_and_again_what_changed(tmp_path: Path)
                                                          "inventory.img"]
     assert "core-1.img" in rest or ("core-1.img", b"ONE") in got
     assert stream.bytes == sum(len(b) for _, b in got)
+
+
+def test_image_pipe_acknowledges_batches_and_reports_a_failed_receiver(tmp_path: Path) -> None:
+    """The image stream into DEST's real receiver (``sh -c`` standing in for ssh): finish()
+    returns with every batch written, a name sent again replaces its earlier copy, and a
+    receiver that fails makes the next send or finish() raise with its message."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    receiver = [sys.executable, "-m", "vzbackup.cli", C.RECV_IMAGES_COMMAND]
+    (src / "core-1.img").write_bytes(b"one")
+    (src / "pages-1.img").write_bytes(os.urandom(3 << 20))
+    pipe = ImagePipe(["sh", "-c"], [*receiver, str(dst)], src)
+    try:
+        assert pipe.send(["core-1.img", "pages-1.img"]) == 3 + (3 << 20)
+        (src / "core-1.img").write_bytes(b"ONE!")
+        pipe.send(["core-1.img"])
+        pipe.send([])  # an empty batch is acknowledged too
+        pipe.finish()
+        for name in ("core-1.img", "pages-1.img"):
+            assert (dst / name).read_bytes() == (src / name).read_bytes()
+            assert (dst / name).stat().st_mode & 0o777 == 0o644
+        assert pipe.bytes == 7 + (3 << 20)
+    finally:
+        pipe.close()
+    bad = ImagePipe(["sh", "-c"], [*receiver, str(tmp_path / "missing")], src)
+    try:
+        with pytest.raises(E.RuntimeFailure, match="sending the images to DEST failed"):
+            for _ in range(100):  # the receiver refuses at start; a write then breaks
+                bad.send(["pages-1.img"])
+            bad.finish()
+    finally:
+        bad.close()

@@ -18,6 +18,11 @@ CRIU_FIX_TLS_NSDUMP = "tlsns"
 # (CRIU_TMPFS_PLAIN_ENV in criu's environment) when both ends carry the fix.
 CRIU_FIX_TMPFS_PLAIN = "tmpfsplain"
 CRIU_TMPFS_PLAIN_ENV = "CRIU_VZBACKUP_TMPFS_PLAIN"
+# With "lazyearly" (CRIU_LAZY_EARLY_ENV in its environment) "criu lazy-pages" listens and says
+# it is ready before its images exist and reads them when the restore connects: a migration's
+# DEST starts it before the freeze (its start, 7-50 ms, and a round trip had been in it).
+CRIU_FIX_LAZY_EARLY = "lazyearly"
+CRIU_LAZY_EARLY_ENV = "CRIU_VZBACKUP_LAZY_EARLY"
 # CPU priority (nice) of what runs while a migrating CT is frozen: the source's CRIU dump,
 # the final sync (rsync at both ends), hand-over, DEST's agent, page daemons and restore. The
 # CT's own tasks keep theirs (CRIU restores each task's nice). On a busy node this shortens
@@ -97,6 +102,7 @@ MIGRATE_DISK_MARGIN = 1.1  # a DEST needs this many times a private area's size 
 # the DEST end of a streamed private-area transfer; its module is cli/commands/ under this
 # name ("-" as "_"), so DEST's vzbackup finds it without importing every command
 RECV_COMMAND = "migrate-recv-tree"
+RECV_IMAGES_COMMAND = "migrate-recv-images"  # the DEST end of an online migration's images
 RSYNC_VANISHED = 24  # exit code: files vanished while a live tree was read (the next pass copes)
 STORAGE_CFG = "storage.cfg"  # in VZBACKUP_CONFDIR: named storages
 JOBS_CFG = "jobs.cfg"  # in VZBACKUP_CONFDIR: scheduled jobs
