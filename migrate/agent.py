@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ class Agent:
         self.tls: Identity | None = None
         self.lazy_args: list[str] = []
         self.lock = None
+        self.after_reply: list[Callable[[], object]] = []  # work the source needn't wait for
 
     # ------------------------------------------------------------------ paths
     def _conf(self) -> CTConfig:
@@ -302,6 +304,7 @@ class Agent:
             standby, self.standby = self.standby, None
             pid = standby.go()
             steps = standby.steps
+            self.after_reply.append(standby.apply_quota)  # before the next request
         else:
             pid = ops.restore(self.ct, str(self.images_dir), keep_dump=True,
                               lazy=self.lazy_proc is not None,
@@ -429,6 +432,8 @@ class Agent:
                     log.error("%s failed: %s", op, e)
                     reply = error_reply(e)
                 link.send(reply)
+                while self.after_reply:
+                    self.after_reply.pop(0)()
         except BaseException as e:  # lost link, SIGTERM/SIGHUP: never leave a half copy
             log.error("agent stopping: %s", e)
         finally:

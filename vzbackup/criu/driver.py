@@ -87,6 +87,8 @@ class RestoreOptions:
     orphan_pts_master: bool = True  # a new master for the console comes back (RestoreResult)
     log_level: int = C.CRIU_LOG_LEVEL  # see log_level()
     worker: CriuWorker | None = None  # a criu started ahead to serve it (else one starts now)
+    # a cgroup_yard([]) made ahead for a CT in a user namespace (else one is made now)
+    cgroup_yard: str | None = None
 
 
 @dataclass
@@ -128,11 +130,15 @@ class CriuWorker:
         self.sk = self.criu._comm.connect(False)  # forks "criu swrk" as our child
         self._open = True
 
-    def close(self) -> None:
-        """Close the socket and reap criu (idempotent)."""
+    def close(self, *, reap: bool = True) -> None:
+        """Close the socket and reap criu (idempotent); without *reap* the caller's wait
+        loop does (a restore's caller: its CT's supervisor, a subreaper)."""
         if self._open:
             self._open = False
-            self.criu._comm.disconnect()
+            if reap:
+                self.criu._comm.disconnect()
+            else:
+                self.criu._comm.sk.close()
 
 
 def _new(images_dir: Path, log_name: str, level: int, worker: CriuWorker | None = None):
@@ -372,12 +378,15 @@ def _dump_with_notify(c, pid: int, images_dir: Path, notify: dict[str, Callable[
 
 
 def restore(images_dir: Path, opts: RestoreOptions) -> RestoreResult:
-    """Restore the tree from *images_dir* as a child of the caller (host pid in the result).
+    """Restore the tree from *images_dir* as a child of the caller (host pid in the result);
+    the caller reaps the criu it leaves (a CT's supervisor reaps every child).
 
     With ``orphan_pts_master`` CRIU recreates the console pty and sends its new master in
     the "orphan-pts-master" notification; it is returned as ``console``."""
     in_userns = any(images_dir.glob("userns-*.img"))  # see criu/cgyard.py
-    with cgroup_yard([]) if in_userns else contextlib.nullcontext() as yard:
+    if not in_userns or opts.cgroup_yard is not None:
+        return _restore(images_dir, opts, opts.cgroup_yard if in_userns else None)
+    with cgroup_yard([]) as yard:
         return _restore(images_dir, opts, yard)
 
 
@@ -471,7 +480,9 @@ def _restore_with_notify(
             hint=hint,
         ) from None
     finally:
-        worker.close()
+        # criu exits after its answer: our caller reaps it (its wait of 1-8 ms on a busy
+        # node sat between the restored tasks' resume and the verdict)
+        worker.close(reap=False)
     if failed is not None:
         for extra in console:
             os.close(extra)

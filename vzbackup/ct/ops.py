@@ -253,15 +253,16 @@ class StandbyRestore:
         self._go = -1
         verdict = _await_verdict(self.ct, "restore", self._verdict)
         self.steps = {k: float(v) for k, v in verdict.get("steps", {}).items()}
-        t = time.monotonic()
-        # after the restore, not before: a migration's final sync (rsync's temporary copies
-        # of changed files) must not hit the limits, and the frozen window stays as it was
+        return int(verdict["pid"])
+
+    def apply_quota(self) -> None:
+        """The CT's disk limits, once restored: not before, where a migration's final sync
+        (rsync's temporary copies of changed files) would hit them, and not in the freeze
+        (a migration applies them after its answer to the source)."""
         try:
             self.ct.apply_quota()
         except (E.VzError, OSError) as e:
             log.warning("CT %s runs without its disk quota: %s", self.ct.ctid, e)
-        self.steps["quota"] = time.monotonic() - t
-        return int(verdict["pid"])
 
     def cancel(self) -> None:
         if self._go >= 0:

@@ -26,12 +26,12 @@ def state_path(node: Node, ctid: int) -> Path:
 
 
 def write_state(node: Node, ctid: int, state: CTState) -> None:
+    """Replace the state file at once. Its writer is the CT's one supervisor, so a
+    temporary name with its pid is unique (a restore writes it in a migration's freeze)."""
     path = state_path(node, ctid)
-    import tempfile  # only writers need it (a backup reads the state)
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{ctid}.")
-    with os.fdopen(fd, "w") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
         json.dump(asdict(state), f)
     os.replace(tmp, path)
 

@@ -29,6 +29,7 @@ from vzbackup import syscalls as S
 from vzbackup.config.ct import BindMount, CTConfig
 from vzbackup.config.node import Node
 from vzbackup.criu import driver
+from vzbackup.criu.cgyard import cgroup_yard
 from vzbackup.criu.check import pycriu_module
 from vzbackup.ct import console, fencing, idmap, network, refence, runtime, syscall_filter
 from vzbackup.ct.container import Container
@@ -48,13 +49,25 @@ class Supervisor:
         self.console: console.ConsoleServer | None = None
         self.timer = Timer()  # the restore's sub-steps (a migration's ``-t`` shows them)
         self.worker: driver.CriuWorker | None = None  # a standby's criu, started ahead
+        self.yard: str | None = None  # a standby's cgroup yard, made ahead
+        self.ahead = contextlib.ExitStack()  # removes it, once the verdict is out
 
-    def _serve_console(self, master: int) -> None:
+    def _serve_console(self, master: int, *, start: bool = True) -> None:
+        """The console's socket; its thread too unless *start* is off (start_console())."""
         if master < 0:
             log.warning("CT %s has no console after restore (nothing held it open)", self.ct.ctid)
             return
         self.console = console.ConsoleServer(master, self.ct.node.rundir, self.ct.ctid)
-        self.console.start()
+        if start:
+            self.console.start()
+
+    def start_console(self) -> None:
+        """The console's thread, for a restore once its verdict is out: a client may
+        connect already (the socket listens) and the pty keeps what the CT writes, but the
+        thread's start took 9-14 ms on a busy node between the tasks' resume and the
+        verdict, which a migration's source waits for."""
+        if self.console is not None and self.console.ident is None:
+            self.console.start()
 
     def prepare_restore(self) -> None:
         """What a restore needs besides the images (root mounted, cgroups made, the network
@@ -145,6 +158,7 @@ class Supervisor:
                         cgroup_root="/" + self.ct.cgroup().name,
                         log_level=log_level,
                         worker=worker,
+                        cgroup_yard=self.yard,
                     ),
                 )
             finally:
@@ -154,7 +168,7 @@ class Supervisor:
         if os.getpriority(os.PRIO_PROCESS, 0) < 0:  # a migration's freeze boost ends here
             os.setpriority(os.PRIO_PROCESS, 0, 0)
         self.ct.cgroup().delegate(conf.idmap.root, conf.idmap.root)  # CRIU made them as root
-        self._serve_console(restored.console)
+        self._serve_console(restored.console, start=False)
         log.info(
             "CT %s restored from %s in %.3fs, init pid %s",
             self.ct.ctid,
@@ -309,6 +323,8 @@ def _standby(sup: Supervisor, go_fd: int, ready_fd: int) -> bool:
         sup.worker = driver.CriuWorker()
     except Exception as e:  # the restore starts its own
         log.warning("starting criu ahead of the restore failed: %s", e)
+    with contextlib.suppress(OSError):  # else the restore makes its own
+        sup.yard = sup.ahead.enter_context(cgroup_yard([]))
     with contextlib.suppress(OSError):  # our caller gone: the go pipe tells
         os.write(ready_fd, C.SUPERVISOR_STANDING_BY)
     go = os.read(go_fd, 1)
@@ -317,6 +333,7 @@ def _standby(sup: Supervisor, go_fd: int, ready_fd: int) -> bool:
     if go != b"g":
         if sup.worker is not None:
             sup.worker.close()
+        sup.ahead.close()
         sup.unprepare()
     return go == b"g"
 
@@ -364,12 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         _failed(sup, args.mode, e)
         kind = type(e).__name__ if isinstance(e, VzError) else "RuntimeFailure"
         _report(args.ready_fd, {"ok": False, "error": str(e), "kind": kind})
+        sup.ahead.close()
         return 1
     _running(sup, restored=args.mode == "restore")
     if args.mode == "restore" and not args.keep_dump:
         shutil.rmtree(args.dumpdir, ignore_errors=True)
     sup.timer.lap("after")
     _report(args.ready_fd, {"ok": True, "pid": sup.init_pid, "steps": sup.timer.laps})
+    sup.start_console()
+    sup.ahead.close()
     while _rebooted(_serve(sup)):
         log.info("CT %s rebooted itself: starting it again", ct.ctid)
         sup = Supervisor(Container(Node.load(args.prefix), args.ctid))  # the config as it is now
