@@ -1027,6 +1027,8 @@ def print_table(s: dict, rounds: int, data: dict) -> None:
         print(f"{name:<40} {ours:>9.2f} {base:>9.2f} {ratio:>6.2f}x  {target:<10} {res}")
     print(f"{'(vzbackup CLI start-up: status)':<40} {data['cli_startup_s']:>9.2f}")
     print(f"{'(vzbackup unchanged, own duration)':<40} {s['vz_unch_own_s']:>9.2f}")
+    # what the wall time is made of when other processes hold the CPUs (wall >> CPU)
+    print(f"{'(vzbackup unchanged, CPU user+sys)':<40} {s['vz_unchanged_cpu_s']:>9.2f}")
     foreign = s["max_foreign_cpu_share"]
     print(f"other processes used up to {100 * foreign:.0f}% of the CPUs during a round"
           + (": timings are noisy" if foreign > 0.1 else ""))
