@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vzbackup.migrate.cpuinfo import cpuinfo_check
+from vzbackup.migrate.imagestream import urgent_sshd_parent
 from vzbackup.migrate.journal import Journal
 from vzbackup.migrate.protocol import PROTOCOL_VERSION, Link, error_reply
 from vzbackup.migrate.tls import Identity
@@ -499,6 +500,7 @@ def run_agent(node: Node, ctid: int, source: str = "") -> int:
     with contextlib.suppress(OSError):  # its page daemons and restore run inside the freeze
         os.setpriority(os.PRIO_PROCESS, 0, min(os.getpriority(os.PRIO_PROCESS, 0),
                                                 C.FREEZE_NICE))
+    urgent_sshd_parent()  # it carries the source's requests and our answers
     link = Link(sys.stdin.buffer, sys.stdout.buffer)
     agent = Agent(node, ctid, source=source)
     try:

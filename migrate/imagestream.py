@@ -126,6 +126,7 @@ class ImagePipe:
     ms of it on the busy bed with nothing left to send."""
 
     def __init__(self, ssh: list[str], receiver: list[str], images: Path) -> None:
+        self.ssh = ssh
         self.images = images
         self.bytes = 0
         self._unacked = 0  # batches sent and not yet acknowledged
@@ -135,6 +136,16 @@ class ImagePipe:
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         with contextlib.suppress(OSError):  # it carries frozen-path data (else: as we run)
             os.setpriority(os.PRIO_PROCESS, self._proc.pid, C.FREEZE_NICE)
+
+    def boost_master(self) -> None:
+        """The OpenSSH master connection (ControlMaster: the final sync and the images
+        cross it in the freeze) at FREEZE_NICE too; it ends with the session."""
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            res = subprocess.run([*self.ssh[:-1], "-O", "check", self.ssh[-1]],
+                                 capture_output=True, text=True, timeout=10, check=False)
+            m = re.search(r"pid=(\d+)", res.stderr)
+            if m:
+                os.setpriority(os.PRIO_PROCESS, int(m.group(1)), C.FREEZE_NICE)
 
     def send(self, names: list[str]) -> int:
         """Send the images *names* as one batch (a name sent again replaces the earlier
@@ -198,9 +209,21 @@ class ImagePipe:
                 f.close()
 
 
+def urgent_sshd_parent() -> None:
+    """Our parent at FREEZE_NICE if it is the sshd session that carries a migration's data
+    in the freeze (DEST's agent and image receiver, started by the source over SSH)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{parent}/comm").read_text().startswith("sshd"):
+            nice = os.getpriority(os.PRIO_PROCESS, parent)
+            os.setpriority(os.PRIO_PROCESS, parent, min(nice, C.FREEZE_NICE))
+
+
 def receive_images(inp: BinaryIO, out: BinaryIO, where: Path) -> None:
     """DEST's end of an :class:`ImagePipe`: batches of ``NAME SIZE`` lines, each followed
-    by SIZE bytes and ended by BATCH_END, written into *where* and acknowledged on *out*."""
+    by SIZE bytes and ended by BATCH_END, written into *where* and acknowledged on *out*.
+    The sshd session carrying them runs at the freeze's priority too."""
+    urgent_sshd_parent()
     while line := inp.readline():
         if line == BATCH_END:
             out.write(ACK)
