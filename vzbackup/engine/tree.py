@@ -114,12 +114,16 @@ def encode_lines(entries: Iterable[dict]) -> Iterator[bytes]:
 
 
 def decode(data: bytes) -> Iterator[Entry]:
-    lines = data.split(b"\n")
-    if not lines or json.loads(lines[0]).get("format") != HEADER["format"]:
+    """The entries of a file list; ValueError (or KeyError) if it is not a valid one."""
+    head, _, body = data.partition(b"\n")
+    if json.loads(head).get("format") != HEADER["format"]:
         raise ValueError("not a vzbackup tree")
-    for line in lines[1:]:
-        if line:
-            yield Entry.from_dict(json.loads(line))
+    # the lines as one JSON array: one parse in C, not a json.loads per entry (a 4.4k-entry
+    # list: 16-33 ms -> 7-22 ms of every restore's start)
+    for d in json.loads(b"[" + b",".join(line for line in body.split(b"\n") if line) + b"]"):
+        if not isinstance(d, dict):
+            raise ValueError(f"an entry is not an object: {str(d)[:40]!r}")
+        yield Entry.from_dict(d)
 
 
 def safe_relpath(path: str) -> str:
