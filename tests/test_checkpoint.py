@@ -231,3 +231,19 @@ def test_restore_reads_the_new_netns_sysctls_in_process() -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_notify_relay_switch_interval_is_shared_and_restored() -> None:
+    """While CRIU waits on our replies the thread switch interval is short; overlapping
+    dumps and restores (drain) share it, and the last one out restores the old value."""
+    from vzbackup import constants as C
+    from vzbackup.criu.driver import _PROMPT_REPLIES
+
+    before = sys.getswitchinterval()
+    assert before > C.NOTIFY_SWITCH_INTERVAL
+    with _PROMPT_REPLIES:
+        assert sys.getswitchinterval() == C.NOTIFY_SWITCH_INTERVAL
+        with _PROMPT_REPLIES:  # a second relay at the same time
+            assert sys.getswitchinterval() == C.NOTIFY_SWITCH_INTERVAL
+        assert sys.getswitchinterval() == C.NOTIFY_SWITCH_INTERVAL  # the first still waits
+    assert sys.getswitchinterval() == before

@@ -23,6 +23,10 @@ CRIU_TMPFS_PLAIN_ENV = "CRIU_VZBACKUP_TMPFS_PLAIN"
 # DEST starts it before the freeze (its start, 7-50 ms, and a round trip had been in it).
 CRIU_FIX_LAZY_EARLY = "lazyearly"
 CRIU_LAZY_EARLY_ENV = "CRIU_VZBACKUP_LAZY_EARLY"
+# Python's thread switch interval (s) while CRIU waits on our reply to a notification with
+# the tasks frozen (the interpreter's default is 5 ms: a thread that wants the GIL may wait that
+# long while another runs Python)
+NOTIFY_SWITCH_INTERVAL = 0.0005
 # CPU priority (nice) of what runs while a migrating CT is frozen: the source's CRIU dump,
 # the final sync (rsync at both ends), hand-over, DEST's agent, page daemons and restore. The
 # CT's own tasks keep theirs (CRIU restores each task's nice). On a busy node this shortens

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -258,6 +259,35 @@ class _EnvGate:
 _ENV_GATE = _EnvGate()
 
 
+class _PromptReplies:
+    """Python's thread switch interval at C.NOTIFY_SWITCH_INTERVAL while CRIU waits on our
+    replies to its notifications (the tasks frozen): the relaying thread gets the GIL back
+    within that, where another thread of ours (a sync started at "network-lock", the image
+    stream, the network set up beside a restore) could keep it for the default 5 ms at every
+    step. Process-wide: overlapping dumps and restores share it, the last restores it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0.0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, C.NOTIFY_SWITCH_INTERVAL))
+            self._users += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_PROMPT_REPLIES = _PromptReplies()
+
+
 def _dump_plain(c, pid: int, images_dir: Path) -> None:
     try:
         c.dump()
@@ -341,20 +371,21 @@ def _dump_with_notify(c, pid: int, images_dir: Path, notify: dict[str, Callable[
         raise CheckpointError(f"CRIU dump of pid {pid} failed: cannot start criu: {e}") from None
     sk = worker.sk
     try:
-        sk.send(req.SerializeToString())
-        while True:
-            resp = _recv(sk)
-            if resp.type != rpc.NOTIFY:
-                break
-            step = resp.notify.script
-            callback = notify.get(step)
-            ok = True
-            if callback is not None and failed is None:
-                try:
-                    callback()
-                except BaseException as e:  # CRIU must hear about any failure
-                    failed, failed_step, ok = e, step, False
-            sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
+        with _PROMPT_REPLIES:  # CRIU waits on each reply
+            sk.send(req.SerializeToString())
+            while True:
+                resp = _recv(sk)
+                if resp.type != rpc.NOTIFY:
+                    break
+                step = resp.notify.script
+                callback = notify.get(step)
+                ok = True
+                if callback is not None and failed is None:
+                    try:
+                        callback()
+                    except BaseException as e:  # CRIU must hear about any failure
+                        failed, failed_step, ok = e, step, False
+                sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
     except (OSError, EOFError, ValueError) as e:  # ValueError covers protobuf's DecodeError
         raise CheckpointError(
             f"CRIU dump of pid {pid} failed: lost the connection to criu: {e}\n{_log_tail(log)}",
@@ -494,26 +525,27 @@ def _restore_with_notify(
         raise CheckpointError(f"CRIU restore from {images_dir} failed: {e}", hint=hint) from None
     sk = worker.sk
     try:
-        sk.send(req.SerializeToString())
-        while True:
-            got: list[int] = []
-            resp = _recv(sk, got)
-            if resp.type != rpc.NOTIFY:
-                break
-            if resp.notify.script == "orphan-pts-master" and got:
-                console.extend(got)
-            else:
-                for extra in got:
-                    os.close(extra)
-            ok = True
-            step = resp.notify.script
-            init_pid = resp.notify.pid or init_pid
-            if step in hooks and failed is None:
-                try:
-                    hooks[step](init_pid)
-                except BaseException as e:  # CRIU must hear about any failure
-                    failed, failed_step, ok = e, step, False
-            sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
+        with _PROMPT_REPLIES:  # CRIU waits on each reply
+            sk.send(req.SerializeToString())
+            while True:
+                got: list[int] = []
+                resp = _recv(sk, got)
+                if resp.type != rpc.NOTIFY:
+                    break
+                if resp.notify.script == "orphan-pts-master" and got:
+                    console.extend(got)
+                else:
+                    for extra in got:
+                        os.close(extra)
+                ok = True
+                step = resp.notify.script
+                init_pid = resp.notify.pid or init_pid
+                if step in hooks and failed is None:
+                    try:
+                        hooks[step](init_pid)
+                    except BaseException as e:  # CRIU must hear about any failure
+                        failed, failed_step, ok = e, step, False
+                sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
     except (OSError, EOFError, ValueError) as e:
         for extra in console:
             os.close(extra)
