@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -868,33 +867,6 @@ def test_a_backups_index_files_are_merged_into_one(repo: Repository, tmp_path: P
     assert set(fresh.index.packs) == packs and all(c in fresh.index for c in m.refs)
     assert verify(fresh, [m]).ok
 
-
-
-def test_a_flushs_last_pack_is_written_beside_the_packs_in_flight():
-    """Every upload slot busy with a full pack: flush writes the last one at once beside
-    them (it waited for a slot, which put a pack's upload at the end of every backup)."""
-    from vzbackup.engine.pack import PACK_UPLOADS, Packer
-
-    release, started, stored = threading.Event(), threading.Semaphore(0), []
-
-    def store(pack: str, parts: list[bytes], entries: list) -> None:
-        started.release()
-        if len(entries) == 2:  # the full ones wait until the last one was stored
-            assert release.wait(10)
-        stored.append(len(entries))
-
-    packer = Packer(lambda _name, data: bytes(data), store, target=100)
-    for n in range(2 * PACK_UPLOADS):
-        packer.add(f"{n:064x}", os.urandom(60))
-    for _ in range(PACK_UPLOADS):
-        assert started.acquire(timeout=10)  # every slot busy
-    packer.add(f"{99:064x}", os.urandom(10))
-    flushing = threading.Thread(target=packer.flush)
-    flushing.start()
-    assert started.acquire(timeout=10)  # the last pack's write began meanwhile
-    release.set()
-    flushing.join(10)
-    assert not flushing.is_alive() and sorted(stored) == [1] + [2] * PACK_UPLOADS
 
 
 def test_a_pack_given_in_pieces_is_stored_as_their_concatenation(tmp_path: Path):

@@ -233,10 +233,12 @@ def test_network_dies_mid_backup_then_resume_uploads_only_the_rest(proxy_node,
                                                                    s3_bucket: Bucket):
     node, proxies = proxy_node
     ctid = stopped_ct(node)
-    (private(node, ctid) / "srv/blob").write_bytes(os.urandom(40 << 20))
-    # packs are written two at a time, the last one alongside the one before it: after
-    # 36 MiB one of the first two is surely complete, with its index file
-    flaky(node, s3_bucket, proxies, cut_after=36 << 20)
+    (private(node, ctid) / "srv/blob").write_bytes(os.urandom(72 << 20))
+    # packs are written two at a time: the first two (~33 MiB with the CT's own files) are
+    # complete with their index files long before 52 MiB have gone out, while the later ones
+    # are cut (at 36 MiB the cut came as the first two finished: one of them could be stored
+    # and its index file cut off)
+    flaky(node, s3_bucket, proxies, cut_after=52 << 20)
     res = node.vz("dump", "--storage", "flaky", str(ctid), "--json", check=False, timeout=300)
     assert res.returncode == 13, res.stderr
     out = json.loads(res.stdout)["results"][0]
@@ -245,7 +247,7 @@ def test_network_dies_mid_backup_then_resume_uploads_only_the_rest(proxy_node,
     assert pack_keys(s3_bucket) and s3_bucket.object_keys("index/")  # a pack got through
     resumed = dump(node, str(ctid))["results"][0]
     assert resumed["ok"]
-    assert resumed["stats"]["bytes_new"] < (40 - 16 + 1) << 20  # the stored packs are reused
+    assert resumed["stats"]["bytes_new"] < (72 - 16 + 1) << 20  # the stored packs are reused
     verify(node)
 
 

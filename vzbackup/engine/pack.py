@@ -23,8 +23,7 @@ from dataclasses import dataclass
 PACK_TARGET = 16 * 1024 * 1024  # a pack is written once it holds this much
 # packs being written at once, each in an upload thread (bounds memory: ~PACK_TARGET each;
 # two streams keep a LAN or loopback server busy, and a network that dies mid-backup
-# leaves the packs before them complete, with their index files: resumable); a flush's
-# last pack goes alongside them in a spare thread
+# leaves the packs before them complete, with their index files: resumable)
 PACK_UPLOADS = 2
 HEADER_AAD = "pack-header"
 INDEX_MAGIC = b"VZIX\x01"
@@ -158,14 +157,13 @@ class Packer:
 
     def flush(self) -> None:
         """Write the pack being filled, however small, alongside the packs still being
-        written (without waiting for an upload slot: it is the last), and wait for them all
-        (each pack is complete with its index file, or not there: a network dying at the
-        end of a backup loses the last ones). Writing it only once the others are done
-        added a pack's upload to every backup's end."""
+        written, and wait for them all (each pack is complete with its index file, or not
+        there: a network dying at the end of a backup loses the last ones). Writing it
+        only once the others are done added a pack's upload to every backup's end."""
         with self.lock:
             full = self._take() if self._entries else None
         if full:
-            self._submit(*full, last=True)
+            self._submit(*full)
         self._wait()
 
     def _wait(self) -> None:
@@ -189,27 +187,22 @@ class Packer:
         self._buf, self._entries, self._size = [], [], 0
         return taken
 
-    def _submit(self, blobs: list[bytes], entries: Entries, last: bool = False) -> None:
-        """Write a pack in an upload thread: a free one of PACK_UPLOADS (waiting for it),
-        or, the *last* pack of a flush, the spare one."""
-        if not last:
-            self.uploads.acquire()
+    def _submit(self, blobs: list[bytes], entries: Entries) -> None:
+        self.uploads.acquire()
         try:
             with self.lock:
                 failed = next((f for f in self._writing if f.done() and f.exception()), None)
                 if failed is not None:
                     failed.result()
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(PACK_UPLOADS + 1, thread_name_prefix="pack")
+                    self._pool = ThreadPoolExecutor(PACK_UPLOADS, thread_name_prefix="pack")
                 fut = self._pool.submit(self._write, blobs, entries)
                 self._writing = [f for f in self._writing
                                  if not f.done() or f.exception()] + [fut]
         except BaseException:
-            if not last:
-                self.uploads.release()
+            self.uploads.release()
             raise
-        if not last:
-            fut.add_done_callback(lambda _: self.uploads.release())
+        fut.add_done_callback(lambda _: self.uploads.release())
 
     def _write(self, blobs: list[bytes], entries: Entries) -> None:
         header = self.seal(HEADER_AAD, encode_header(entries))
