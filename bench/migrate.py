@@ -28,6 +28,7 @@ baseline, then PASS/FAIL for each target of issue 13 measured in this run:
 The machine is shared by other work: numbers are noisy; compare within one run.
 
     .venv/bin/python bench/migrate.py [--sizes 100,1000] [--rounds 1]
+    .venv/bin/python bench/migrate.py --sizes '' --rounds 3    # the Debian CT alone
 
 VZBACKUP_CRIU=/path/to/criu runs both nodes on that CRIU (the bed's sshd passes it on): A/B
 runs of a CRIU patch against the installed one, alternating, on the same machine.
@@ -211,13 +212,14 @@ def print_run(label: str, method: str, rep: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="100,1000", help="MiB of touched memory, comma list")
+    ap.add_argument("--sizes", default="100,1000",
+                    help="MiB of touched memory, comma list (empty: the Debian CT only)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--debian-methods", default="online+lazy",
                     help="methods for the Debian systemd CT (empty: leave it out)")
     args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     methods = args.methods.split(",")
     deb_methods = [m for m in args.debian_methods.split(",") if m]
     tmp = Path(tempfile.mkdtemp(prefix="vzb-bench-"))
@@ -250,12 +252,14 @@ def main() -> int:
                 if r.get(key) is not None]
         return statistics.median(vals) if vals else float("nan")
 
-    print("\nmedians (s)      " + "".join(f"{m:>24}" for m in methods))
+    if sizes:
+        print("\nmedians (s)      " + "".join(f"{m:>24}" for m in methods))
     for mib in sizes:
         row = "".join(f"{med(mib, m, 'frozen'):>11.3f} /{med(mib, m, 'total'):>10.2f}  "
                       for m in methods)
         print(f"{mib:>5} MiB frozen/total {row}")
-    print("\nratios")
+    if sizes:
+        print("\nratios")
     for mib in sizes:
         lz_f, lz_t = med(mib, "online+lazy", "frozen"), med(mib, "online+lazy", "total")
         print(f"{mib:>5} MiB  lazy total / restart total "
@@ -263,7 +267,7 @@ def main() -> int:
               f"  baseline frozen / lazy frozen {med(mib, 'criu+rsync', 'frozen') / lz_f:.1f}x"
               f"  online(no lazy) frozen / lazy frozen {med(mib, 'online', 'frozen') / lz_f:.1f}x")
     print("\ntargets (issue 13; noisy shared machine)")
-    big = max(sizes)
+    big = max(sizes, default=0)
     checks = [(f"online+lazy frozen at {mib} MiB", med(mib, "online+lazy", "frozen"), 0.3, "s")
               for mib in sizes]
     if "debian" in results:
