@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -175,111 +174,50 @@ class Namespace:
     view: str
 
 
-def view_of(pid: int) -> str:
-    """The pid and network namespaces of host *pid*: what its /proc and /sys show."""
-    return " ".join(os.readlink(f"/proc/{pid}/ns/{ns}") for ns in ("pid", "net"))
-
-
-class Relock:
+def relock(init_pid: int, binds: list[BindMount]) -> None:
     """Rebuild the node's mounts of the restored CT whose init is host pid *init_pid* so the
-    kernel locks them, in each of its mount namespaces (see the module docstring).
-
-    One throwaway child relocks every mount namespace of a restored CT, staging /proc
-    and /sys once per pid and network namespace (the Debian CT's systemd sandboxes share
-    both: a child and two helpers per namespace cost 10-40 ms each in the freeze).
-
-    Started as soon as the CT's init has its namespaces (a restore's "post-setup-namespaces"),
-    the child stages the init's /proc and /sys while CRIU still restores mounts and tasks
-    (that staging, two nested forks and the mounts, was most of the relock: 27-110 ms of a
-    busy bed's freeze); :meth:`finish` ("post-restore": the mounts are final) gives it the
-    plan of every namespace and waits for it; :meth:`cancel` ends it unused."""
-
-    def __init__(self, init_pid: int, binds: list[BindMount]) -> None:
-        self.init_pid = init_pid
-        self.binds = binds
-        os.makedirs(C.FENCE_STAGE_DIR, mode=0o700, exist_ok=True)
-        self.stage = tempfile.mkdtemp(prefix=f"{init_pid}-", dir=C.FENCE_STAGE_DIR)
-        view = view_of(init_pid)
-        plan_r, self._plan_w = os.pipe()
-        self._err_r, err_w = os.pipe()
-
-        def child() -> None:
-            os.close(self._plan_w)  # else its EOF never comes
-            os.close(self._err_r)
-            _relock(self.stage, init_pid, view, plan_r, binds, err_w)
-
-        try:
-            self.pid = runtime._child(child, err_w)
-        except BaseException:
-            self._close_fds()
-            os.rmdir(self.stage)
-            raise
-        finally:
-            os.close(plan_r)
-            os.close(err_w)
-
-    def finish(self) -> None:
-        """The plans of the CT's mount namespaces to the child; returns once it relocked
-        them, else RuntimeFailure."""
-        fences = fence_paths(self.binds)
-        namespaces = []
-        for pid in mount_namespaces(self.init_pid):
-            with open(f"/proc/{pid}/mountinfo") as f:
-                plan = classify(parse_mountinfo(f.read()), fences)
-            namespaces.append(Namespace(pid, plan, view_of(pid)))
-        try:
-            with os.fdopen(self._plan_w, "wb") as f:
-                self._plan_w = -1
-                pickle.dump(namespaces, f)
-        except BrokenPipeError:  # it failed: its message says why
-            pass
-        status, msg = self._wait()
+    kernel locks them, in each of its mount namespaces (see the module docstring); raises
+    RuntimeFailure on failure. One throwaway child does every namespace, staging /proc and
+    /sys once per pid and network namespace (the Debian CT's systemd sandboxes share
+    both): a child and two helpers per namespace cost 10-40 ms each in the freeze."""
+    fences = fence_paths(binds)
+    namespaces = []
+    for pid in mount_namespaces(init_pid):
+        with open(f"/proc/{pid}/mountinfo") as f:
+            plan = classify(parse_mountinfo(f.read()), fences)
+        view = " ".join(os.readlink(f"/proc/{pid}/ns/{ns}") for ns in ("pid", "net"))
+        namespaces.append(Namespace(pid, plan, view))
+    os.makedirs(C.FENCE_STAGE_DIR, mode=0o700, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f"{init_pid}-", dir=C.FENCE_STAGE_DIR)
+    err_r, err_w = os.pipe()
+    try:
+        pid = runtime._child(lambda: _relock(stage, namespaces, binds, err_w), err_w)
+        os.close(err_w)
+        err_w = -1
+        _, status = os.waitpid(pid, 0)
+        msg = runtime._read_all(err_r)
+        err_r = -1
         if status != 0:
             raise RuntimeFailure(f"locking the restored CT's mounts failed: {msg.strip()}")
-
-    def cancel(self) -> None:
-        """End the child unused (the restore failed before its tasks were complete)."""
-        if self.pid:
-            self._wait()
-
-    def _wait(self) -> tuple[int, str]:
-        """Close the plan pipe (EOF: a child still waiting ends), reap the child; its
-        status and error message."""
-        if self._plan_w >= 0:
-            os.close(self._plan_w)
-            self._plan_w = -1
-        _, status = os.waitpid(self.pid, 0)
-        self.pid = 0
-        msg = runtime._read_all(self._err_r)
-        self._err_r = -1
-        os.rmdir(self.stage)
-        return status, msg
-
-    def _close_fds(self) -> None:
-        for fd in (self._plan_w, self._err_r):
+    finally:
+        for fd in (err_r, err_w):
             if fd >= 0:
                 os.close(fd)
+        os.rmdir(stage)
 
 
-def _relock(stage: str, init_pid: int, init_view: str, plan_r: int, binds: list[BindMount],
+def _relock(stage: str, namespaces: list[Namespace], binds: list[BindMount],
             err_w: int) -> None:
     """The throwaway child: steps 1-5 of the module docstring, every namespace at once: one
     carrier per tree and view, a peer of it attached in each namespace, one bind of the
     staged tree that propagates into all of them (so a dump meets one carrier superblock
-    per tree, not one per namespace: CRIU opens each overmounted tmpfs through a helper).
-    The init's /proc and /sys are staged before the plan is read from *plan_r* (EOF: the
-    restore was called off)."""
+    per tree, not one per namespace: CRIU opens each overmounted tmpfs through a helper)."""
+    ct_ns = [os.open(f"/proc/{ns.pid}/ns/mnt", os.O_RDONLY) for ns in namespaces]
     S.unshare(S.CLONE_NEWNS)
     S.mount("none", "/", None, S.MS_REC | S.MS_PRIVATE)
     node_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY)
     S.mount("vzstage", stage, "tmpfs", runtime.NOSUID, "mode=700")
-    views = {init_view: _stage_trees(f"{stage}/view0", init_pid, err_w)}
-    with os.fdopen(plan_r, "rb") as f:
-        data = f.read()
-    if not data:
-        return
-    namespaces: list[Namespace] = pickle.loads(data)
-    ct_ns = [os.open(f"/proc/{ns.pid}/ns/mnt", os.O_RDONLY) for ns in namespaces]
+    views: dict[str, dict[str, str]] = {}
     for ns in namespaces:
         if ns.view not in views:
             views[ns.view] = _stage_trees(f"{stage}/view{len(views)}", ns.pid, err_w)

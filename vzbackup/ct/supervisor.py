@@ -213,8 +213,7 @@ class _RestoreSteps:
     up in the restored, empty netns; the addresses announced (proxy ARP, gratuitous ARP: ip
     processes) beside CRIU's own work once CRIU has locked the CT's network, so packets that
     arrive meanwhile are dropped, not answered with resets; the fences relocked once the
-    announcement is done, before any task runs, by a child started with the announcement
-    (refence.Relock). A failing step aborts the restore."""
+    announcement is done, before any task runs. A failing step aborts the restore."""
 
     def __init__(self, net: network.NetConfig, binds: list[BindMount], timer: Timer) -> None:
         self.net = net
@@ -222,16 +221,14 @@ class _RestoreSteps:
         self.timer = timer
         self._announcer: threading.Thread | None = None
         self._announce_error: BaseException | None = None
-        self._relock: refence.Relock | None = None
 
     def setup_net(self, pid: int) -> None:
         self.timer.lap("criu_namespaces")
         network.setup(self.net, pid, announce_now=False, checked=True)  # prepare_restore
         self.timer.lap("network")
 
-    def after_net_lock(self, pid: int) -> None:
+    def after_net_lock(self, _pid: int) -> None:
         self.timer.lap("criu_net_lock")
-        self._relock = refence.Relock(pid, self.binds)  # forks: before the thread starts
         self._announcer = threading.Thread(target=self._announce, daemon=True)
         self._announcer.start()
 
@@ -243,22 +240,16 @@ class _RestoreSteps:
 
     def post_restore(self, pid: int) -> None:
         self.timer.lap("criu_restore")
-        if self._announcer is not None:
-            self._announcer.join()
+        self.join()
         self.timer.lap("announce_wait")
         if self._announce_error is not None:
             raise self._announce_error
-        relock, self._relock = self._relock, None
-        (relock or refence.Relock(pid, self.binds)).finish()
+        refence.relock(pid, self.binds)
         self.timer.lap("refence")
 
     def join(self) -> None:
-        """Wait for the announcement; end a relock child the restore won't use."""
         if self._announcer is not None:
             self._announcer.join()
-        if self._relock is not None:
-            relock, self._relock = self._relock, None
-            relock.cancel()
 
 
 @contextlib.contextmanager
