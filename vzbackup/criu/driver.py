@@ -77,8 +77,7 @@ class RestoreOptions:
     tcp_established: bool = True  # tcp_close instead for a restore from a backup
     file_locks: bool = True
     # The CT's network namespace is restored empty and *setup_net* (called with the restored
-    # init's host pid at CRIU's "setup-namespaces", in a thread that "post-setup-namespaces"
-    # waits for, before the tasks and their sockets come back) configures it:
+    # init's host pid at CRIU's "setup-namespaces", before sockets come back) configures it:
     # CRIU can't create veths for a CT in a user namespace on this kernel (usernsd's
     # RTM_NEWLINK: EOPNOTSUPP; moving a node veth in fails too).
     setup_net: Callable[[int], None] | None = None
@@ -451,65 +450,23 @@ def _restore(images_dir: Path, opts: RestoreOptions, yard: str | None) -> Restor
         c.opts.lazy_pages = opts.lazy_pages
         if opts.cgroup_root:
             c.opts.cg_root.add(path=opts.cgroup_root)
-        net = _NetSetup(opts.setup_net, images_dir) if opts.setup_net else None
-        hooks = {"setup-namespaces": net and net.start,
-                 "post-setup-namespaces": _after(net, opts.after_net_lock),
+        setup = opts.setup_net and _with_netconf(opts.setup_net, images_dir)
+        hooks = {"setup-namespaces": setup, "post-setup-namespaces": opts.after_net_lock,
                  "post-restore": opts.post_restore}
-        try:
-            return _restore_with_notify(c, images_dir, {k: v for k, v in hooks.items() if v},
-                                        opts.worker)
-        finally:
-            if net is not None:  # a failed restore's cleanup must not race it
-                net.wait(check=False)
+        return _restore_with_notify(c, images_dir, {k: v for k, v in hooks.items() if v},
+                                    opts.worker)
     finally:
         os.close(fd)
 
 
-class _NetSetup:
-    """The setup-namespaces step, in a thread beside CRIU's work until post-setup-namespaces
-    (the mount namespace, its network lock), which waits for it: CRIU forks the tasks and
-    restores their sockets only after that. First the caller's network, then the CT's saved
-    firewall and sysctls (``netconf``). Both ran before CRIU went on (10-60 ms of a busy
-    bed's freeze: ``ip`` processes)."""
-
-    def __init__(self, setup_net: Callable[[int], None], images_dir: Path) -> None:
-        self.setup_net = setup_net
-        self.images_dir = images_dir
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def start(self, pid: int) -> None:
-        self._thread = threading.Thread(target=self._run, args=(pid,), daemon=True)
-        self._thread.start()
-
-    def _run(self, pid: int) -> None:
-        try:
-            self.setup_net(pid)
-            netconf.load(pid, self.images_dir)
-        except BaseException as e:
-            self._error = e
-
-    def wait(self, *, check: bool = True) -> None:
-        """Until it ended; with *check* raises its error."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if check and self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-
-def _after(net: _NetSetup | None, step: Callable[[int], None] | None
-           ) -> Callable[[int], None] | None:
-    """The post-setup-namespaces step: the network set up, then *step*."""
-    if net is None:
-        return step
-
-    def run(pid: int) -> None:
-        net.wait()
-        if step is not None:
-            step(pid)
-    return run
+def _with_netconf(setup_net: Callable[[int], None], images_dir: Path
+                   ) -> Callable[[int], None]:
+    """The setup-namespaces step: the caller's network, then the CT's saved firewall and
+    sysctls (``netconf``)."""
+    def step(pid: int) -> None:
+        setup_net(pid)
+        netconf.load(pid, images_dir)
+    return step
 
 
 def _restore_with_notify(
