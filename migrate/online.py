@@ -231,7 +231,6 @@ class OnlineDump:
                 page_server=self.page_server, tls=self.tls.files() if self.tls else None,
                 network_lock=self._network_lock(),
                 skip_netns_config=not nested_netns(self.pid), plain_tmpfs=self._plain_tmpfs(),
-                size_only_validation=True,  # DEST's files: this tree, synced in the freeze
                 log_level=C.CRIU_FREEZE_LOG_LEVEL)
             # CRIU (forked from this thread), the notify steps, and the SSH transport's
             # thread that carries DEST's answers (2-25 ms a reply on the busy bed)

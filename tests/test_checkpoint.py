@@ -247,26 +247,3 @@ def test_notify_relay_switch_interval_is_shared_and_restored() -> None:
             assert sys.getswitchinterval() == C.NOTIFY_SWITCH_INTERVAL
         assert sys.getswitchinterval() == C.NOTIFY_SWITCH_INTERVAL  # the first still waits
     assert sys.getswitchinterval() == before
-
-
-def test_size_only_validation_leaves_build_ids_out(node: NodeBed, tmp_path: Path) -> None:
-    """A migration's dump records each file's size but not its ELF build-id (CRIU parses
-    every library for it at dump and again at restore); a plain dump still records them."""
-    from vzbackup.criu import driver
-    from vzbackup.criu.check import pycriu_module
-    from vzbackup.ct import fencing
-
-    ctid, _ = node.create_running()
-    pid = _state(node, ctid)["init_pid"]
-    build_ids = {}
-    for size_only in (False, True):
-        images = tmp_path / f"size-only-{size_only}"
-        driver.dump(pid, images, driver.DumpOptions(
-            leave_running=True, external=fencing.criu_dump_externals(),
-            size_only_validation=size_only))
-        with open(images / "files.img", "rb") as f:
-            regs = [e["reg"] for e in pycriu_module().images.load(f)["entries"] if "reg" in e]
-        assert regs
-        build_ids[size_only] = sum(1 for r in regs if r.get("build_id"))
-    assert build_ids[False] > 0 and build_ids[True] == 0, build_ids
-    assert "running" in node.vz("status", str(ctid)).stdout

@@ -28,8 +28,6 @@ CLONE_NEWNET = 0x40000000
 DUMP_LOG = "dump.log"
 CGROUP_TREE = "vzbackup-cgroups.json"  # the CT's own cgroup2 tree, as the CT sees it
 RESTORE_LOG = "restore.log"
-CRIU_CONF = ".vzbackup-criu.conf"  # options only CRIU's config file can give (a dot file:
-# the image stream never sends it)
 
 
 @dataclass
@@ -54,10 +52,6 @@ class DumpOptions:
     # Empty tmpfs mounts as zero-byte images, full ones as plain tar (no tar + gzip pair per
     # mount in the freeze): only for a restoring CRIU with our "tmpfsplain" fix.
     plain_tmpfs: bool = False
-    # Record only each mapped or open file's size for the restore to check, not its ELF
-    # build-id (CRIU maps and parses every executable and library for it, again at restore):
-    # for a restore onto a copy of this very tree made while the tasks are frozen.
-    size_only_validation: bool = False
     log_level: int = C.CRIU_LOG_LEVEL  # see log_level()
 
 
@@ -203,10 +197,6 @@ def _dump(pid: int, images_dir: Path, opts: DumpOptions,
             c.opts.empty_ns = CLONE_NEWNET
         if opts.network_lock == "nftables":
             c.opts.network_lock = pycriu_module().rpc.NFTABLES
-        if opts.size_only_validation:  # not in CRIU's RPC options: a config file it reads
-            conf = images_dir / CRIU_CONF
-            conf.write_text("file-validation filesize\n")
-            c.opts.config_file = str(conf)
         if opts.lazy_port:
             c.opts.lazy_pages = True
             c.opts.ps.port = opts.lazy_port
