@@ -262,7 +262,7 @@ class _PromptReplies:
     """Python's thread switch interval at C.NOTIFY_SWITCH_INTERVAL while CRIU waits on our
     replies to its notifications (the tasks frozen): the relaying thread gets the GIL back
     within that, where another thread of ours (a sync started at "network-lock", the image
-    stream, the network set up beside a restore) could keep it for the default 5 ms at every
+    stream, the address announcement beside a restore) could keep it for the default 5 ms at every
     step. Process-wide: overlapping dumps and restores share it, the last restores it."""
 
     def __init__(self) -> None:
