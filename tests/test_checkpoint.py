@@ -105,6 +105,8 @@ def test_checkpoint_restore_keeps_counter_and_tcp_connection(node: NodeBed) -> N
         assert "vzbackup" in wait_for(lambda: http_get(ip), what="httpd after restore")
         st = _state(node, ctid)
         assert st["restored"]
+        # the console came back: CRIU's "orphan-pts-master" notification carried its master
+        assert "no console after restore" not in (node.prefix / f"vz/run/{ctid}.log").read_text()
         ppid = int(Path(f"/proc/{st['init_pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ppid == st["supervisor_pid"]
         node.vz("chkpnt", str(ctid))

@@ -8,6 +8,7 @@ still frozen): pycriu's ``criu.dump()`` can't answer them, so that request loop 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vzbackup import constants as C
 from vzbackup.criu import netconf
@@ -354,6 +356,35 @@ def _recv(sk: socket.socket, fds: list[int] | None = None):
     return resp
 
 
+def _relay(sk: socket.socket, req, on_notify: Callable[[Any, list[int]], Callable[[], None] | None]
+           ) -> tuple[Any, BaseException | None, str]:
+    """Send *req* to criu swrk and answer each of its notifications until its final
+    response. *on_notify* sees each notification and the file descriptors it carried (those
+    it leaves in the list are closed) and returns the step's callback, if any. Returns the
+    response and the first callback that failed with its step (CRIU heard of it: it aborts,
+    and no later callback runs)."""
+    rpc = pycriu_module().rpc
+    failed: BaseException | None = None
+    failed_step = ""
+    with _PROMPT_REPLIES:  # CRIU waits on each reply
+        sk.send(req.SerializeToString())
+        while True:
+            fds: list[int] = []
+            resp = _recv(sk, fds)
+            if resp.type != rpc.NOTIFY:
+                return resp, failed, failed_step
+            callback = on_notify(resp.notify, fds)
+            for fd in fds:
+                os.close(fd)
+            ok = True
+            if callback is not None and failed is None:
+                try:
+                    callback()
+                except BaseException as e:  # CRIU must hear about any failure
+                    failed, failed_step, ok = e, resp.notify.script, False
+            sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
+
+
 def _dump_with_notify(c, pid: int, images_dir: Path, notify: dict[str, Callable[[], None]]):
     """criu.dump() with notify_scripts on: answer each NOTIFY, running *notify*'s callbacks."""
     pycriu = pycriu_module()
@@ -362,29 +393,12 @@ def _dump_with_notify(c, pid: int, images_dir: Path, notify: dict[str, Callable[
     req = rpc.criu_req(type=rpc.DUMP)
     req.opts.MergeFrom(c.opts)
     log = images_dir / DUMP_LOG
-    failed: BaseException | None = None
-    failed_step = ""
     try:
         worker = CriuWorker(c)  # forks "criu swrk" as our child, like criu.dump() does
     except Exception as e:
         raise CheckpointError(f"CRIU dump of pid {pid} failed: cannot start criu: {e}") from None
-    sk = worker.sk
     try:
-        with _PROMPT_REPLIES:  # CRIU waits on each reply
-            sk.send(req.SerializeToString())
-            while True:
-                resp = _recv(sk)
-                if resp.type != rpc.NOTIFY:
-                    break
-                step = resp.notify.script
-                callback = notify.get(step)
-                ok = True
-                if callback is not None and failed is None:
-                    try:
-                        callback()
-                    except BaseException as e:  # CRIU must hear about any failure
-                        failed, failed_step, ok = e, step, False
-                sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
+        resp, failed, failed_step = _relay(worker.sk, req, lambda n, _fds: notify.get(n.script))
     except (OSError, EOFError, ValueError) as e:  # ValueError covers protobuf's DecodeError
         raise CheckpointError(
             f"CRIU dump of pid {pid} failed: lost the connection to criu: {e}\n{_log_tail(log)}",
@@ -473,36 +487,23 @@ def _restore_with_notify(
     log = images_dir / RESTORE_LOG
     hint = f"the images are kept; full log: {log}"
     console: list[int] = []
-    failed: BaseException | None = None
-    failed_step = ""
     init_pid = 0
     try:
         worker = worker if worker is not None else CriuWorker(c)
     except Exception as e:
         raise CheckpointError(f"CRIU restore from {images_dir} failed: {e}", hint=hint) from None
-    sk = worker.sk
+
+    def on_notify(n, fds: list[int]) -> Callable[[], None] | None:
+        nonlocal init_pid
+        if n.script == "orphan-pts-master":
+            console.extend(fds)
+            fds.clear()
+        init_pid = n.pid or init_pid
+        hook = hooks.get(n.script)
+        return None if hook is None else functools.partial(hook, init_pid)
+
     try:
-        with _PROMPT_REPLIES:  # CRIU waits on each reply
-            sk.send(req.SerializeToString())
-            while True:
-                got: list[int] = []
-                resp = _recv(sk, got)
-                if resp.type != rpc.NOTIFY:
-                    break
-                if resp.notify.script == "orphan-pts-master" and got:
-                    console.extend(got)
-                else:
-                    for extra in got:
-                        os.close(extra)
-                ok = True
-                step = resp.notify.script
-                init_pid = resp.notify.pid or init_pid
-                if step in hooks and failed is None:
-                    try:
-                        hooks[step](init_pid)
-                    except BaseException as e:  # CRIU must hear about any failure
-                        failed, failed_step, ok = e, step, False
-                sk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=ok).SerializeToString())
+        resp, failed, failed_step = _relay(worker.sk, req, on_notify)
     except (OSError, EOFError, ValueError) as e:
         for extra in console:
             os.close(extra)
