@@ -8,11 +8,10 @@ only that CT (backup-abort hook), leaves no snapshot, and the repository stays v
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,34 +153,15 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
         # the files cache is written while the snapshot is published (round trips to the
         # storage): should publishing fail, a cache ahead of it is harmless, since the next
         # backup trusts a cached file's chunks only if a published snapshot has them
-        with repo.consolidating_index(), _meanwhile(cache.save, "files-cache"):
-            manifest = repo.publish(manifest, log.text)
+        with ThreadPoolExecutor(1, thread_name_prefix="files-cache") as meanwhile:
+            saved = meanwhile.submit(cache.save)
+            with repo.consolidating_index():
+                manifest = repo.publish(manifest, log.text)
+            saved.result()  # (publish's error wins: raised before this)
         # (store.known: the chunks known at the start, plus the new ones, all in refs)
         knowncache.remember(known_path, known_sizes, store.known, manifest.id,
                             repo.published[manifest.id], refs)
     return manifest
-
-
-@contextlib.contextmanager
-def _meanwhile(fn: Callable[[], None], name: str) -> Iterator[None]:
-    """Run *fn* in a thread while the body runs; its error is raised once the body
-    succeeded (the body's own error wins)."""
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as e:  # handed to the caller's thread
-            failed.append(e)
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join()
-    if failed:
-        raise failed[0]
 
 
 def run(node_ctids: list[Container], opts: DumpDefaults, *,
