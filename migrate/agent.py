@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from vzbackup.migrate.cpuinfo import cpuinfo_check
-from vzbackup.migrate.imagestream import urgent_sshd_parent
 from vzbackup.migrate.journal import Journal
+from vzbackup.migrate.priority import urge, urgent_sshd_parent
 from vzbackup.migrate.protocol import PROTOCOL_VERSION, Link, error_reply
 from vzbackup.migrate.tls import Identity
 
@@ -497,9 +497,7 @@ def run_agent(node: Node, ctid: int, source: str = "") -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _term)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    with contextlib.suppress(OSError):  # its page daemons and restore run inside the freeze
-        os.setpriority(os.PRIO_PROCESS, 0, min(os.getpriority(os.PRIO_PROCESS, 0),
-                                                C.FREEZE_NICE))
+    urge()  # its page daemons and restore run inside the freeze
     urgent_sshd_parent()  # it carries the source's requests and our answers
     link = Link(sys.stdin.buffer, sys.stdout.buffer)
     agent = Agent(node, ctid, source=source)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from vzbackup.migrate.priority import urge, urgent_sshd_parent
+
 from vzbackup import constants as C
 from vzbackup import errors as E
 
@@ -134,8 +136,7 @@ class ImagePipe:
         remote = f"exec nice -n {C.FREEZE_NICE} {shlex.join(receiver)}"
         self._proc = subprocess.Popen([*ssh, remote], stdin=subprocess.PIPE, bufsize=0,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        with contextlib.suppress(OSError):  # it carries frozen-path data (else: as we run)
-            os.setpriority(os.PRIO_PROCESS, self._proc.pid, C.FREEZE_NICE)
+        urge(self._proc.pid)  # it carries frozen-path data
 
     def boost_master(self) -> None:
         """The OpenSSH master connection (ControlMaster: the final sync and the images
@@ -145,7 +146,7 @@ class ImagePipe:
                                  capture_output=True, text=True, timeout=10, check=False)
             m = re.search(r"pid=(\d+)", res.stderr)
             if m:
-                os.setpriority(os.PRIO_PROCESS, int(m.group(1)), C.FREEZE_NICE)
+                urge(int(m.group(1)))
 
     def send(self, names: list[str]) -> int:
         """Send the images *names* as one batch (a name sent again replaces the earlier
@@ -207,16 +208,6 @@ class ImagePipe:
         for f in (self._proc.stdout, self._proc.stderr):
             with contextlib.suppress(OSError):
                 f.close()
-
-
-def urgent_sshd_parent() -> None:
-    """Our parent at FREEZE_NICE if it is the sshd session that carries a migration's data
-    in the freeze (DEST's agent and image receiver, started by the source over SSH)."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{parent}/comm").read_text().startswith("sshd"):
-            nice = os.getpriority(os.PRIO_PROCESS, parent)
-            os.setpriority(os.PRIO_PROCESS, parent, min(nice, C.FREEZE_NICE))
 
 
 def receive_images(inp: BinaryIO, out: BinaryIO, where: Path) -> None:

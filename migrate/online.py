@@ -22,10 +22,10 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from vzbackup.migrate.imagestream import ImagePipe, ImageStream
+from vzbackup.migrate.priority import urgent
 from vzbackup.migrate.tls import Identity
 
 from vzbackup import constants as C
@@ -312,24 +312,6 @@ class OnlineDump:
     def _raise_first(self) -> None:
         if self.errors:
             raise self.errors[0]
-
-
-@contextlib.contextmanager
-def urgent(*tids: int | None) -> Iterator[None]:
-    """This thread, and what it starts, and the threads *tids* (native ids) at FREEZE_NICE
-    for the duration (Linux: per thread)."""
-    tids = (0, *(t for t in tids if t))
-    before = {}
-    for tid in tids:
-        with contextlib.suppress(OSError):  # not allowed, or gone: as it was
-            before[tid] = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(before[tid], C.FREEZE_NICE))
-    try:
-        yield
-    finally:
-        for tid, nice in before.items():
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 def nested_netns(init_pid: int) -> bool:
