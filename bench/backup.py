@@ -28,9 +28,12 @@ flushes what earlier steps left dirty. Nothing is timed twice in one round:
 Wall time, CPU time and peak RSS (os.wait4 of the measured command; for a pipeline the
 largest process) are taken per command; the table shows medians over --rounds. Ratios: time
 rows are baseline/vzbackup (> 1: vzbackup is faster), size and RSS rows are
-vzbackup/baseline (< 1: vzbackup is smaller). Restores are bound by the filesystem's
-file-creation latency; on a VM disk with online discard it grows after the first few large
-trees were created and deleted, for every tool alike, so compare restores within one run
+vzbackup/baseline (< 1: vzbackup is smaller). Every restore goes onto a new journaled ext4
+(a loop device, made before and removed after the timed command): an empty file system, as
+a restore onto a node's /vz usually finds, and none of the tools pays for what an earlier step
+deleted (ext4 without a journal, like this machine's root file system, steps over every inode
+freed in the last minute at each file creation: several seconds for a 10k-file restore right
+after another was deleted). Compare restores within one run
 only. With --py-spy PATH, one more pass records the vzbackup full and incremental backup and
 the restore with py-spy and prints the top functions. Results go to
 bench/results/backup-TIMESTAMP.json. Run as root after scripts/setup.sh:
@@ -66,6 +69,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +78,7 @@ RESULTS = ROOT / "bench/results"
 TEMPLATE = Path("/var/lib/vzbackup/demo/vz/template/cache/busybox-1.0-x86_64.tar.zst")
 DEBIAN_TEMPLATE = TEMPLATE.with_name("debian-12-x86_64.tar.zst")  # scripts/setup.sh builds it
 MARKER = ".vzbench-backup"
+RESTORE_FS = "restore-fs"  # under the prefix: where each restore's new file system is mounted
 MB = 1024 * 1024
 PAGE = 8192
 # vzdump's tar flags for a CT (PVE's VZDump::LXC, less --totals/--one-file-system/warnings)
@@ -111,6 +116,28 @@ def log(msg: str) -> None:
 
 
 # --- measuring ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def fresh_fs(mountpoint: Path, size: int) -> Iterator[Path]:
+    """A new journaled ext4 of *size* bytes (sparse image, loop device) mounted at *mountpoint*
+    while the block runs; unmounted and deleted after it, whatever happens."""
+    image = mountpoint.with_name(mountpoint.name + ".img")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(image, "wb") as f:
+            f.truncate(size)
+        # inode tables and journal written now, not by a kernel thread during the restore
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        str(image)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True,
+                       capture_output=True)
+        try:
+            yield mountpoint
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=True, capture_output=True)
+    finally:
+        image.unlink(missing_ok=True)
+
+
 @dataclass
 class Run:
     seconds: float
@@ -685,6 +712,12 @@ class Bench:
         log(f"creating CT {self.ctid} under {self.prefix}")
         self.vz("create", str(self.ctid), "--ostemplate",
                 self.template.name.removesuffix(".tar.zst"))
+        # CTs created from now on (the restored one) live on the restores' file system; the
+        # source CT's config keeps its own path
+        vz_conf = self.prefix / "etc/vz/vz.conf"
+        vz_conf.parent.mkdir(parents=True, exist_ok=True)
+        with open(vz_conf, "a") as f:
+            f.write(f'\nVE_PRIVATE="${{PREFIX}}/{RESTORE_FS}/private/$VEID"\n')
         what = (f"{self.args.rss_area_gb} GiB" if self.args.rss_area_gb
                 else "the data set" if self.args.dataset == "debian" else f"{self.args.size_mb} MB")
         log(f"generating {what} into {self.private}")
@@ -702,8 +735,7 @@ class Bench:
 
     def reset_repos(self) -> None:
         for p in (self.backupdir, self.cachedir, self.restic_repo, self.work / "restic-cache",
-                  self.work / "restore-tar", self.work / "restore-restic", self.borg_repo,
-                  self.work / "borg-home"):
+                  self.borg_repo, self.work / "borg-home"):
             shutil.rmtree(p, ignore_errors=True)
         for p in self.work.glob("*.tar.zst"):
             p.unlink()
@@ -793,31 +825,37 @@ class Bench:
         rec["foreign_cpu_share"] = max(0.0, foreign) / ((time.monotonic() - t0) * os.cpu_count())
         return rec
 
+    def fresh_fs(self) -> contextlib.AbstractContextManager[Path]:
+        """A new file system at RESTORE_FS for one restore (see fresh_fs)."""
+        room = 2 * tree_size(self.private)["allocated"] + (512 << 20)
+        return fresh_fs(self.prefix / RESTORE_FS, room)
+
     def vz_restore(self, snapshot: str, src: dict, wrap: list[str] | None = None) -> dict:
-        r = self.vz("restore", snapshot, str(self.rctid), "--json", wrap=wrap)
-        got = self.prefix / "vz/private" / str(self.rctid)
-        res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
-               "verify": compare(src, manifest(got))}
-        self.vz("destroy", str(self.rctid))
+        with self.fresh_fs() as fs:
+            r = self.vz("restore", snapshot, str(self.rctid), "--json", wrap=wrap)
+            got = fs / "private" / str(self.rctid)
+            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
+                   "verify": compare(src, manifest(got))}
+            self.vz("destroy", str(self.rctid))
         return res
 
     def tar_restore(self, archive: Path, src: dict) -> dict:
-        dest = self.work / "restore-tar"
-        dest.mkdir()
-        r = measure(f"zstd -q -dc {shlex.quote(str(archive))} | tar -C {shlex.quote(str(dest))} "
-                    f"-xpf - {shlex.join(VZDUMP_TAR)}")
-        res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
-               "verify": compare(src, manifest(dest))}
-        shutil.rmtree(dest)
+        with self.fresh_fs() as fs:
+            dest = fs / "restore-tar"
+            dest.mkdir()
+            r = measure(f"zstd -q -dc {shlex.quote(str(archive))} | "
+                        f"tar -C {shlex.quote(str(dest))} -xpf - {shlex.join(VZDUMP_TAR)}")
+            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
+                   "verify": compare(src, manifest(dest))}
         return res
 
     def restic_restore(self, src: dict) -> dict:
-        dest = self.work / "restore-restic"
-        r = self.restic("restore", "latest", "--host", "vzbench", "--target", str(dest))
-        got = dest / self.private.relative_to("/")
-        res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
-               "verify": compare(src, manifest(got))}
-        shutil.rmtree(dest)
+        with self.fresh_fs() as fs:
+            dest = fs / "restore-restic"
+            r = self.restic("restore", "latest", "--host", "vzbench", "--target", str(dest))
+            got = dest / self.private.relative_to("/")
+            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
+                   "verify": compare(src, manifest(got))}
         return res
 
     # --- the peak-RSS pass (--rss-area-gb)
