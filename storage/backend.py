@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Kind(enum.StrEnum):
@@ -37,8 +37,10 @@ VOLATILE_KINDS = frozenset({Kind.LOCK})
 LEADING_KINDS = frozenset({Kind.LOG})
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
+class ObjectInfo(NamedTuple):
+    """An object as a listing reports it (a tuple: made for every object listed, and created
+    at import ten times cheaper than a frozen dataclass)."""
+
     key: str
     size: int
     mtime: float  # seconds since the epoch, set by the storage (server time for S3)

@@ -8,17 +8,21 @@ hands them to the backend.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vzbackup.storage.backend import Backend
-from vzbackup.storage.options import DirOptions, S3Options
+from vzbackup.storage.options import DirOptions
+
+if TYPE_CHECKING:
+    from vzbackup.storage.s3options import S3Options
 
 
-@dataclass(frozen=True)
-class StorageType:
+class StorageType(NamedTuple):
+    """A storage type: its options dataclass and how to open a backend."""
+
     kind: str
-    options: type  # a dataclass: the section's keys, validated in __post_init__
+    load_options: Callable[[], type]  # its options dataclass (the section's keys, validated
+    #                                   in __post_init__), imported when first needed
     open: Callable[[str, Any], Backend]  # (storage name, options) -> backend
 
 
@@ -39,6 +43,11 @@ def storage_type(kind: str) -> StorageType:
     return _TYPES[kind]
 
 
+def options_class(kind: str) -> type:
+    """The options dataclass of the storage type *kind*."""
+    return storage_type(kind).load_options()
+
+
 def open_backend(kind: str, name: str, options: Any) -> Backend:
     """The backend of type *kind* for storage *name*, from its options dataclass."""
     return storage_type(kind).open(name, options)
@@ -56,5 +65,11 @@ def _open_s3(name: str, o: S3Options) -> Backend:
     return S3Backend(o, name=name)
 
 
-register(StorageType("dir", DirOptions, _open_dir))
-register(StorageType("s3", S3Options, _open_s3))
+def _s3_options() -> type:
+    from vzbackup.storage.s3options import S3Options
+
+    return S3Options
+
+
+register(StorageType("dir", lambda: DirOptions, _open_dir))
+register(StorageType("s3", _s3_options, _open_s3))

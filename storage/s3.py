@@ -61,8 +61,8 @@ from vzbackup.storage.backend import (
     ObjectInfo,
     ObjectMissing,
 )
-from vzbackup.storage.options import S3Options
 from vzbackup.storage.ratelimit import Limiter
+from vzbackup.storage.s3options import S3Options
 
 T = TypeVar("T")
 

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from s3fixture import ACCESS_KEY, ENDPOINT, SECRET_KEY, Bucket
 from vzbackup.storage.backend import BackendError, Kind, ObjectMissing
-from vzbackup.storage.options import S3Options
 from vzbackup.storage.s3 import CLAIM_PREFIX, S3Backend
+from vzbackup.storage.s3options import S3Options
 
 from vzbackup.config import storage as storage_config
 from vzbackup.engine.repo import Repository

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vzbackup.storage.options import DirOptions, S3Options
+from vzbackup.storage.options import DirOptions
+from vzbackup.storage.s3options import S3Options
 
 from vzbackup.config import storage as storage_config
 from vzbackup.config.sections import parse_bool

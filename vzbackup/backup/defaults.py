@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vzbackup.config.sections import parse_bool
-from vzbackup.engine.prune import KeepPolicy
+from vzbackup.engine.keeppolicy import KeepPolicy
 from vzbackup.errors import ConfigError, UsageError, VzError
 
 MODES = ("stop", "suspend", "snapshot", "checkpoint")

@@ -49,6 +49,8 @@ class BackupLog:
 
 @dataclass
 class DumpResult:
+    """The outcome of one CT's backup, as ``dump --json`` reports it."""
+
     ctid: int
     ok: bool = False
     snapshot: str = ""

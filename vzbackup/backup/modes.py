@@ -58,6 +58,8 @@ MODES = ("stop", "suspend", "snapshot", "checkpoint")
 
 @dataclass
 class Source:
+    """A consistent view of a CT's files (and CRIU images) to back up."""
+
     root: Path  # directory tree to back up (the private area, a copy, or a snapshot)
     state_dir: Path | None  # CRIU images taken at the same instant (checkpoint mode), else None
     was_running: bool

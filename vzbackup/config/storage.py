@@ -5,9 +5,9 @@
             fsync 0
 
 A section is ``TYPE: NAME``; its keys are the fields of the type's options dataclass
-(``vzbackup.storage.options``) plus ``disable``, common to all. The whole file is validated
-when it is read. Without a file, and unless the file defines it, ``local`` is a dir storage
-at the node's backup directory.
+(``vzbackup.storage.options``, ``s3options``) plus ``disable``, common to all. The whole
+file is validated when it is read. Without a file, and unless the file defines it, ``local``
+is a dir storage at the node's backup directory.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ DEFAULT_STORAGE = "local"
 
 @dataclass(frozen=True)
 class StorageDef:
+    """A storage from storage.cfg (or the built-in one): its type and options."""
+
     name: str
     kind: str
     options: Any  # the type's options dataclass
@@ -66,7 +68,7 @@ def _storage(section: Section, source: str) -> StorageDef:
             disabled = parse_bool(text)
         except ValueError as e:
             raise ConfigError(f"{source}:{line}: {what}: disable: {e}") from None
-    options = fill(registry.storage_type(section.kind).options, section, source, what)
+    options = fill(registry.options_class(section.kind), section, source, what)
     return StorageDef(section.id, section.kind, options, where, disabled)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vzbackup.errors import ConfigError, UsageError
 
@@ -21,8 +21,9 @@ _ASSIGN = re.compile(
 _IGNORABLE = re.compile(r"^\s*(#.*)?$")
 
 
-@dataclass
-class _Line:
+class _Line(NamedTuple):
+    """One line of the file: its text, and its key and value if it has them."""
+
     text: str
     key: str | None = None
     value: str | None = None

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Container:
+    """A CT of a node, by CTID: its configuration, paths and state."""
+
     node: Node
     ctid: int
 

@@ -160,6 +160,8 @@ def _xattr(path: str, name: str) -> bytes | None:
 
 @dataclass
 class ShiftStats:
+    """What shifting a tree's owners changed."""
+
     entries: int = 0
     acls: int = 0
     fcaps: int = 0

@@ -14,6 +14,8 @@ from vzbackup.syscalls import pid_alive
 
 @dataclass
 class CTState:
+    """A running CT's runtime state, as its supervisor recorded it."""
+
     status: str  # starting | running | stopping
     supervisor_pid: int
     init_pid: int = 0  # host PID of the CT's init

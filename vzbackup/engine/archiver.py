@@ -62,6 +62,8 @@ T_ = TypeVar("T_")
 
 @dataclass
 class Stats:
+    """Counts of one backup's walk: entries, bytes read and stored, chunks."""
+
     files: int = 0
     dirs: int = 0
     other: int = 0

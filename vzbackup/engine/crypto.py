@@ -31,6 +31,8 @@ ENCRYPTION = "aes-256-gcm"
 
 @dataclass(frozen=True)
 class KeyFile:
+    """A repository's encryption key file: the encryption and chunk-id keys."""
+
     enc_key: bytes
     id_key: bytes
     created: str = ""

@@ -147,9 +147,10 @@ class FilesCache:
             n1, n2, crc = _HEADER.unpack_from(raw, len(MAGIC))
             at = len(MAGIC) + _HEADER.size
             end = at + n1
-            if len(raw) != end + n2 or zlib.crc32(raw[end:]) != crc:
+            view = memoryview(raw)
+            if len(raw) != end + n2 or zlib.crc32(view[end:]) != crc:
                 return  # cut short or damaged
-            key, dirs, tree = marshal.loads(zstandard.ZstdDecompressor().decompress(raw[at:end]))
+            key, dirs, tree = marshal.loads(zstandard.ZstdDecompressor().decompress(view[at:end]))
             if key != self.key:
                 return
             self.old = {d: DirRecord._make(rec) for d, rec in dirs.items()}

@@ -20,8 +20,8 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import LockedError, StorageError
@@ -42,8 +42,9 @@ def _boot_id() -> str:
         return ""
 
 
-@dataclass
-class LockInfo:
+class LockInfo(NamedTuple):
+    """A repository lock as its object records it."""
+
     key: str
     kind: str
     host: str

@@ -33,6 +33,8 @@ HEADER = {"format": "vzbackup-tree", "v": 1}
 
 @dataclass
 class Entry:
+    """One entry of a file list (see the module docstring for its keys)."""
+
     path: str
     kind: str
     mode: int

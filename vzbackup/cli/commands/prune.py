@@ -113,7 +113,7 @@ def break_lock(ctx: click.Context, storage: str | None, keyfile: str | None, as_
     """Remove repository locks left by crashed processes (live holders are kept)."""
     repo = open_repo(ctx, storage, keyfile)
     gone = L.break_stale(repo)
-    emit(as_json, [g.__dict__ for g in gone],
+    emit(as_json, [g._asdict() for g in gone],
          "\n".join(f"removed stale {g.describe()}" for g in gone) or "no stale locks")
 
 

@@ -1,0 +1,57 @@
+"""What the ``s3`` storage type takes in storage.cfg (see ``options.py``); imported when a
+storage.cfg has an ``s3:`` section, free of boto3."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RETRY_MODES = ("standard", "adaptive", "legacy")
+CONDITIONAL_WRITES = ("auto", "yes", "no")
+OBJECT_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} is one of {', '.join(choices)}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """``s3:`` a bucket on AWS or any S3-compatible server (see conf/storage.cfg)."""
+
+    bucket: str
+    endpoint: str | None = None  # None: AWS
+    region: str = "us-east-1"
+    prefix: str = ""
+    path_style: bool = False
+    access_key: str | None = None  # with secret_key, or neither (boto3's credential chain)
+    secret_key: str | None = None
+    session_token: str | None = None
+    profile: str | None = None
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    max_connections: int = 16
+    retries: int = 5  # botocore attempts after the first
+    retry_mode: str = "standard"
+    bwlimit: int = 0  # KiB/s, 0: no limit
+    multipart_threshold: int = 64  # MiB
+    multipart_chunksize: int = 16  # MiB
+    object_lock_days: int = 0  # 0: no retention
+    object_lock_mode: str = "GOVERNANCE"
+    create_bucket: bool = False
+    conditional_writes: str = "auto"
+    verify_tls: bool = True
+    connect_timeout: float = 10.0  # seconds
+    read_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if bool(self.access_key) != bool(self.secret_key):
+            raise ValueError("set both access-key and secret-key, or neither (boto3's "
+                             "credential chain)")
+        _one_of("conditional-writes", self.conditional_writes, CONDITIONAL_WRITES)
+        _one_of("retry-mode", self.retry_mode, RETRY_MODES)
+        _one_of("object-lock-mode", self.object_lock_mode.upper(), OBJECT_LOCK_MODES)
+        for key in ("max_connections", "multipart_threshold", "multipart_chunksize"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key.replace('_', '-')} must be 1 or more")
