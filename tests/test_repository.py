@@ -86,6 +86,32 @@ def test_round_trip_keeps_every_kind_of_entry_and_metadata(repo: Repository, tmp
     assert os.lstat(out / "bin/busybox").st_uid == 42
 
 
+def test_restore_sets_owner_and_mode_it_was_not_born_with(repo: Repository, tmp_path: Path):
+    # restore skips the chown and chmod a new file doesn't need (no default ACL here): what
+    # the umask takes away, special bits and a set-group-ID directory's group still get set
+    src = tmp_path / "src"
+    (src / "srv").mkdir(parents=True)
+    os.chown(src / "srv", 0, 5678)
+    os.chmod(src / "srv", 0o2775)
+    for name, mode, owner in [("srv/inherits", 0o644, (0, 5678)), ("srv/root", 0o644, (0, 0)),
+                              ("srv/user", 0o600, (1234, 5678)), ("shared", 0o664, (0, 0)),
+                              ("open", 0o666, (0, 0)), ("sgid", 0o2755, (0, 0)),
+                              ("suid", 0o4750, (1234, 0)), ("plain", 0o755, (0, 0))]:
+        (src / name).write_bytes(name.encode())
+        os.chown(src / name, *owner)
+        os.chmod(src / name, mode)
+    os.symlink("root", src / "srv/link")
+    os.chown(src / "srv/link", 0, 0, follow_symlinks=False)
+    m, _ = backup(repo, src)
+    old = os.umask(0o022)
+    try:
+        restore_tree(repo, load_tree(repo, m.tree), tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
+    assert os.lstat(tmp_path / "out/srv/link").st_gid == 0
+
+
 def test_small_files_share_chunks_and_compress_together(repo: Repository, tmp_path: Path):
     src = tmp_path / "src"
     (src / "etc").mkdir(parents=True)

@@ -16,11 +16,13 @@ import bisect
 import contextlib
 import heapq
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vzbackup.ct import fs
 from vzbackup.engine import tree as T
@@ -39,6 +41,7 @@ SEGMENT_BYTES = 2 * 1024 * 1024  # bigger files: the writers write them in piece
 WRITE_BATCH_FILES = 32  # files per writer task at most
 WRITE_BATCH_BYTES = 1024 * 1024  # and about this many bytes
 V1_CHUNK_SIZE = 512 * 1024  # what a version 1 chunk object counts against PREFETCH_BYTES
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def load_tree(repo: Repository, tree_chunks: list[str]) -> list[T.Entry]:
@@ -297,6 +300,26 @@ class _Dirs:
         self.cache: dict[str, int] = {}
         self.strip_acls = strip_acls  # a default ACL in the tree: drop what entries inherit
         self.before_close = before_close  # writers still using the fds finish first
+        self.uid, self.gid = os.geteuid(), os.getegid()  # the owner new entries get
+        self.umask = os.umask(0o077)
+        os.umask(self.umask)
+        self.group_of: dict[str, int] = {}  # set-group-ID directories made: their group
+
+    def made(self, rel: str, e: T.Entry) -> None:
+        """Directory *rel* now exists as *e* says (what is made in it inherits its group
+        when it is set-group-ID)."""
+        if e.mode & stat.S_ISGID:
+            self.group_of[rel] = e.gid
+
+    def birth(self, e: T.Entry) -> Birth:
+        """How to create the file or symlink *e* with the fewest calls: with its final mode
+        when the umask keeps it (and no inherited ACL or special bit is involved), without
+        a chown when it is born with its owner."""
+        parent = e.path.rpartition("/")[0]
+        born = (self.uid, self.group_of.get(parent, self.gid))
+        plain = not self.strip_acls and not e.mode & (0o7000 | self.umask)
+        return Birth(e.mode if plain else 0o600, (e.uid, e.gid) != born, not plain,
+                     self.strip_acls)
 
     def parent(self, rel: str) -> tuple[int, str]:
         head, _, name = rel.rpartition("/")
@@ -332,11 +355,25 @@ class _Dirs:
 INHERITED_ACLS = ("system.posix_acl_access", "system.posix_acl_default")
 
 
-def _set_meta(e: T.Entry, pfd: int, name: str, fd: int | None, strip_acls: bool = False) -> None:
+class Birth(NamedTuple):
+    """How a new file is made: the mode it is created with, and what must be set after."""
+
+    mode: int
+    chown: bool = True
+    chmod: bool = True
+    strip_acls: bool = False
+
+
+ADOPTED = Birth(0o600)  # created 0o600, then owner and mode set
+
+
+def _set_meta(e: T.Entry, pfd: int, name: str, fd: int | None, how: Birth = ADOPTED) -> None:
     if fd is not None:
-        os.fchown(fd, e.uid, e.gid)
-        os.fchmod(fd, e.mode)
-        for k in INHERITED_ACLS if strip_acls else ():  # inherited, not in the backup
+        if how.chown:
+            os.fchown(fd, e.uid, e.gid)
+        if how.chmod:
+            os.fchmod(fd, e.mode)
+        for k in INHERITED_ACLS if how.strip_acls else ():  # inherited, not in the backup
             if k not in e.xattrs:
                 with contextlib.suppress(OSError):
                     os.removexattr(fd, k)
@@ -344,7 +381,8 @@ def _set_meta(e: T.Entry, pfd: int, name: str, fd: int | None, strip_acls: bool 
             with contextlib.suppress(OSError):
                 os.setxattr(fd, k, v)
     else:
-        os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        if how.chown:
+            os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
         if e.kind != T.SYMLINK:
             os.chmod(name, e.mode, dir_fd=pfd)
         for k, v in e.xattrs.items():
@@ -456,14 +494,15 @@ def restore_tree(
             if e.path == ".":
                 os.fchown(root_fd, e.uid, e.gid)
                 os.fchmod(root_fd, e.mode)
+                dirs.made("", e)
                 dir_times.append((".", e.mtime_ns))
                 continue
             pfd, name = dirs.parent(e.path)
             if e.kind == T.FILE and e.size <= PARALLEL_FILE_MAX:
                 pieces = list(file_pieces(reader, e))
-                writers.submit(e.size, _write_file, e, pfd, name, iter(pieces), dirs.strip_acls)
+                writers.submit(e.size, _write_file, e, pfd, name, iter(pieces), dirs.birth(e))
             elif e.kind == T.FILE:
-                _write_big_file(e, pfd, name, file_pieces(reader, e), writers, dirs.strip_acls)
+                _write_big_file(e, pfd, name, file_pieces(reader, e), writers, dirs.birth(e))
             else:
                 if e.kind == T.HARDLINK:
                     writers.drain()  # its target may still be being written
@@ -501,13 +540,14 @@ def _create(e: T.Entry, pfd: int, name: str, dirs: _Dirs, allow_devices: bool) -
         os.mkdir(name, 0o700, dir_fd=pfd)
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pfd)
         try:
-            _set_meta(e, pfd, name, fd, dirs.strip_acls)
+            _set_meta(e, pfd, name, fd, ADOPTED._replace(strip_acls=dirs.strip_acls))
         finally:
             os.close(fd)
+        dirs.made(e.path, e)
         return 0
     if e.kind == T.SYMLINK:
         os.symlink(e.link, name, dir_fd=pfd)
-        _set_meta(e, pfd, name, None)
+        _set_meta(e, pfd, name, None, dirs.birth(e))
         os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
         return 0
     if e.kind == T.HARDLINK:
@@ -529,17 +569,16 @@ def _create(e: T.Entry, pfd: int, name: str, dirs: _Dirs, allow_devices: bool) -
 
 
 def _write_file(e: T.Entry, pfd: int, name: str, pieces: Iterator[memoryview],
-                strip_acls: bool) -> int:
+                how: Birth) -> int:
     """Create the regular file *name* in *pfd* with the content *pieces*; bytes written."""
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=pfd)
+    fd = os.open(name, CREATE_FLAGS, how.mode, dir_fd=pfd)
     written = 0
     try:
         for offset, views, _ in _segments(e, pieces):
             written += pwrite_all(fd, views, offset)
         if e.extents is not None or written != e.size:
             os.ftruncate(fd, e.size)
-        _set_meta(e, pfd, name, fd, strip_acls)
+        _set_meta(e, pfd, name, fd, how)
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
     finally:
         os.close(fd)
@@ -573,8 +612,8 @@ class _BigFile:
     size and metadata and closes it. One that never got there is closed by the writers'
     ``close`` (a failed restore)."""
 
-    def __init__(self, e: T.Entry, fd: int, strip_acls: bool, writers: _Writers) -> None:
-        self.e, self.fd, self.strip_acls, self.writers = e, fd, strip_acls, writers
+    def __init__(self, e: T.Entry, fd: int, how: Birth, writers: _Writers) -> None:
+        self.e, self.fd, self.how, self.writers = e, fd, how, writers
         self.lock = threading.Lock()
         self.left = 1  # segments not written yet, plus one until every one is submitted
         self.failed = False
@@ -602,7 +641,7 @@ class _BigFile:
         try:
             if not self.failed:
                 os.ftruncate(self.fd, self.e.size)  # (holes at the end, a shrunk file)
-                _set_meta(self.e, -1, "", self.fd, self.strip_acls)
+                _set_meta(self.e, -1, "", self.fd, self.how)
                 os.utime(self.fd, ns=(self.e.mtime_ns, self.e.mtime_ns))
         finally:
             self.close()
@@ -616,13 +655,12 @@ class _BigFile:
 
 
 def _write_big_file(e: T.Entry, pfd: int, name: str, pieces: Iterator[memoryview],
-                    writers: _Writers, strip_acls: bool) -> None:
+                    writers: _Writers, how: Birth) -> None:
     """Create the regular file *name* in *pfd* and have the writers write its content
     *pieces* in SEGMENT_BYTES segments: big files are written in parallel with each other
     and with the small ones, while this thread goes on reading the tree."""
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=pfd)
-    f = _BigFile(e, fd, strip_acls, writers)
+    fd = os.open(name, CREATE_FLAGS, how.mode, dir_fd=pfd)
+    f = _BigFile(e, fd, how, writers)
     try:
         for start, views, size in _segments(e, pieces):
             f.add()
