@@ -12,9 +12,8 @@ is a dir storage at the node's backup directory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vzbackup import constants as C
 from vzbackup.config.node import Node
@@ -27,8 +26,7 @@ from vzbackup.storage.options import DirOptions
 DEFAULT_STORAGE = "local"
 
 
-@dataclass(frozen=True)
-class StorageDef:
+class StorageDef(NamedTuple):
     """A storage from storage.cfg (or the built-in one): its type and options."""
 
     name: str

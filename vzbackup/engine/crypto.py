@@ -16,8 +16,8 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import zstandard
 
@@ -29,8 +29,7 @@ KEY_KIND = "vzbackup-key"
 ENCRYPTION = "aes-256-gcm"
 
 
-@dataclass(frozen=True)
-class KeyFile:
+class KeyFile(NamedTuple):
     """A repository's encryption key file: the encryption and chunk-id keys."""
 
     enc_key: bytes
