@@ -24,7 +24,7 @@ from vzbackup.storage.local import DirBackend
 from vzbackup.engine import gc, knowncache, maintenance
 from vzbackup.engine import locks as L
 from vzbackup.engine import tree as T
-from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
+from vzbackup.engine.archiver import STAT_BY_PATH, ChunkStore, Stats, TreeWriter
 from vzbackup.engine.crypto import Codec, KeyFile
 from vzbackup.engine.extract import load_tree, restore_tree
 from vzbackup.engine.filescache import (
@@ -194,6 +194,34 @@ def test_second_backup_dedups_and_files_cache_skips_reading(repo: Repository, tm
     assert s3.bytes_new < s3.bytes_read  # the big file's unchanged chunks dedup
     out = tmp_path / "out"
     restore_tree(repo, load_tree(repo, m3.tree), out)
+    assert diff(tree_manifest(src), tree_manifest(out)) == []
+
+
+def test_files_cache_looks_entries_up_in_their_own_directory(repo: Repository,
+                                                            tmp_path: Path):
+    """A known directory's names are stat'ed below the tree's root, by their paths in the
+    tree (few names) or in the opened directory (more): a change deep down is seen in
+    either, and a same-named entry elsewhere (the root's) never stands in for it."""
+    src = tmp_path / "src"
+    small, big = src / "a/b/small", src / "a/big"
+    small.mkdir(parents=True)
+    big.mkdir()
+    for i in range(STAT_BY_PATH + 1):
+        (big / f"f{i}").write_text(f"{i}\n")
+    for d, mode in ((src, 0o600), (small, 0o644), (big, 0o640)):
+        (d / "x").write_text("the same name\n")
+        os.chmod(d / "x", mode)
+        os.utime(d / "x", ns=(10**18, 10**18 + mode))
+    cache_path = tmp_path / "c.zst"
+    settle()
+    backup(repo, src, cache=FilesCache(cache_path))
+    (small / "x").write_text("changed, and longer\n")
+    os.chmod(big / "x", 0o604)
+    m, s = backup(repo, src, cache=FilesCache(cache_path))
+    # the two changed files alone are read again (a chmod sets the ctime: read, to be safe)
+    assert s.bytes_read == len("changed, and longer\n") + len("the same name\n")
+    out = tmp_path / "out"
+    restore_tree(repo, load_tree(repo, m.tree), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
 
 
@@ -585,7 +613,7 @@ KILLED_BACKUP = textwrap.dedent("""
     from pathlib import Path
     from vzbackup.storage.local import DirBackend
     from vzbackup.engine import locks as L
-    from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
+    from vzbackup.engine.archiver import STAT_BY_PATH, ChunkStore, Stats, TreeWriter
     from vzbackup.engine.repo import Repository
     repo = Repository.open(DirBackend(sys.argv[1]))
     L.RepoLock(repo, L.BACKUP, what="doomed").acquire()
