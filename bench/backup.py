@@ -133,7 +133,8 @@ def fresh_fs(mountpoint: Path, size: int) -> Iterator[Path]:
         try:
             yield mountpoint
         finally:
-            subprocess.run(["umount", str(mountpoint)], check=True, capture_output=True)
+            if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)  # busy
     finally:
         image.unlink(missing_ok=True)
 
