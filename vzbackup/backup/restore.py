@@ -116,7 +116,8 @@ def install(ct: Container, conf: CTConfig, build: Callable[[Path], None],
 
 def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
                      force: bool = False, start: bool = False, ipadd: list[str] | None = None,
-                     hostname: str | None = None, with_state: bool = False, threads: int = 4,
+                     hostname: str | None = None, with_state: bool = False,
+                     threads: int | None = None,
                      progress: Callable[[int], None] | None = None,
                      log: Callable[[str], None] = lambda s: None) -> Container:
     if with_state and not m.state_tree:

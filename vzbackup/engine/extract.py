@@ -40,6 +40,7 @@ PARALLEL_FILE_MAX = 1024 * 1024  # files up to this size are written whole by a 
 SEGMENT_BYTES = 2 * 1024 * 1024  # bigger files: the writers write them in pieces this big
 WRITE_BATCH_FILES = 32  # files per writer task at most
 WRITE_BATCH_BYTES = 1024 * 1024  # and about this many bytes
+THREADS_MAX = 4  # fetch or write threads at most: more only add hand-offs of the GIL
 V1_CHUNK_SIZE = 512 * 1024  # what a version 1 chunk object counts against PREFETCH_BYTES
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -147,7 +148,8 @@ class ChunkReader:
     apart: fetched one GET per chunk, they made a Debian restore from S3 twice as slow as
     one from a directory)."""
 
-    def __init__(self, repo: Repository, entries: Iterable[T.Entry], threads: int = 4) -> None:
+    def __init__(self, repo: Repository, entries: Iterable[T.Entry],
+                 threads: int | None = None) -> None:
         malloc_large_with_mmap()  # read buffers go back to the kernel when freed
         self.repo = repo
         # the order get() will be called in (a chunk shared by consecutive files once)
@@ -167,7 +169,8 @@ class ChunkReader:
         for pos, cid in enumerate(order):
             self.uses[self.read_of[cid][0]].append(pos)
         self.again: list[tuple[int, int]] = []  # heap: (next use, read) of dropped reads
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
+        self.pool = ThreadPoolExecutor(max_workers=threads or fetch_threads(repo),
+                                       thread_name_prefix="fetch")
         self.held: dict[int, Future] = {}  # read number -> its chunks not yet served
         self.left: dict[int, int] = {}  # read number -> packed bytes of those chunks
         self.held_bytes = 0
@@ -247,6 +250,19 @@ class ChunkReader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def cpu_threads() -> int:
+    """Threads for work bound by the CPU: one per CPU, at most THREADS_MAX (a Debian rootfs
+    restore on 2 CPUs, 2 fetch + 2 write threads against 4 + 4: 1.78 s against 2.10 s, CPU
+    2.70 s against 3.10 s: the extra threads only waited for the GIL)."""
+    return min(THREADS_MAX, os.cpu_count() or 2)
+
+
+def fetch_threads(repo: Repository) -> int:
+    """Threads fetching chunks: a fetch from local storage is decompression and hashing
+    (cpu_threads); one from remote storage also waits on the network, so more are in flight."""
+    return THREADS_MAX if repo.backend.cache_metadata else cpu_threads()
 
 
 def file_pieces(reader: ChunkReader, e: T.Entry) -> Iterator[memoryview]:
@@ -463,7 +479,7 @@ def restore_tree(
     entries: list[T.Entry],
     target: Path,
     *,
-    threads: int = 4,
+    threads: int | None = None,
     progress: Callable[[int], None] | None = None,
     allow_devices: bool = True,
     make_root: Callable[[Path], None] | None = None,
@@ -480,7 +496,7 @@ def restore_tree(
     partial.parent.mkdir(parents=True, exist_ok=True)
     (make_root or Path.mkdir)(partial)
     root_fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    writers = _Writers(threads)
+    writers = _Writers(threads or cpu_threads())
     dirs = _Dirs(root_fd, any(INHERITED_ACLS[1] in e.xattrs for e in entries if e.kind == T.DIR),
                  before_close=writers.drain)
     reader = ChunkReader(repo, entries, threads)
