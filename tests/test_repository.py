@@ -613,7 +613,7 @@ KILLED_BACKUP = textwrap.dedent("""
     from pathlib import Path
     from vzbackup.storage.local import DirBackend
     from vzbackup.engine import locks as L
-    from vzbackup.engine.archiver import STAT_BY_PATH, ChunkStore, Stats, TreeWriter
+    from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
     from vzbackup.engine.repo import Repository
     repo = Repository.open(DirBackend(sys.argv[1]))
     L.RepoLock(repo, L.BACKUP, what="doomed").acquire()
