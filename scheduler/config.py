@@ -29,7 +29,7 @@ from vzbackup import constants as C
 from vzbackup.backup import defaults as dump_defaults
 from vzbackup.config.node import Node
 from vzbackup.config.sections import Section, parse_bool, parse_sections
-from vzbackup.engine.prune import KeepPolicy
+from vzbackup.engine.keeppolicy import KeepPolicy
 from vzbackup.errors import ConfigError, ExistsError, NotFoundError, UsageError
 
 JOBS_CFG = "jobs.cfg"

@@ -14,7 +14,7 @@ from vzbackup.backup.defaults import (
     load_defaults,
     merge,
 )
-from vzbackup.engine.prune import KeepPolicy
+from vzbackup.engine.keeppolicy import KeepPolicy
 from vzbackup.errors import ConfigError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from vzbackup.engine.prune import Decision, Item, KeepPolicy, plan
+from vzbackup.engine.keeppolicy import KeepPolicy
+from vzbackup.engine.prune import Decision, Item, plan
 from vzbackup.errors import UsageError
 
 

@@ -35,8 +35,8 @@ from vzbackup.engine.filescache import (
     make_record,
     packed_sigs,
 )
+from vzbackup.engine.keeppolicy import KeepPolicy
 from vzbackup.engine.knowncache import known_chunks
-from vzbackup.engine.prune import KeepPolicy
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.engine.verify import verify
 from vzbackup.errors import ConfigError, DamagedError, LockedError, StorageError

@@ -18,7 +18,7 @@ from vzbackup.scheduler.config import (
 )
 
 from vzbackup.config.node import Node
-from vzbackup.engine.prune import KeepPolicy
+from vzbackup.engine.keeppolicy import KeepPolicy
 from vzbackup.errors import ConfigError, ExistsError, NotFoundError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from vzbackup.engine import gc, rebuild
 from vzbackup.engine import locks as L
-from vzbackup.engine.prune import Decision, Item, KeepPolicy, plan
+from vzbackup.engine.keeppolicy import KeepPolicy
+from vzbackup.engine.prune import Decision, Item, plan
 from vzbackup.engine.repo import Repository, snapshot_time
 
 

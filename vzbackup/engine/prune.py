@@ -22,8 +22,6 @@ from datetime import datetime, tzinfo
 
 from vzbackup.engine.keeppolicy import KeepPolicy
 
-__all__ = ["RULES", "Decision", "Item", "KeepPolicy", "plan"]
-
 
 @dataclass
 class Item:

@@ -10,7 +10,7 @@ from vzbackup.ct import registry
 from vzbackup.engine import gc as G
 from vzbackup.engine import locks as L
 from vzbackup.engine import maintenance
-from vzbackup.engine.prune import KeepPolicy
+from vzbackup.engine.keeppolicy import KeepPolicy
 from vzbackup.errors import UsageError
 
 KEEPS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
