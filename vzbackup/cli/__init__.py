@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 
 
 def main() -> None:
@@ -14,7 +15,32 @@ def main() -> None:
 
     try:
         run_guarded(cli)
-    finally:
-        # exit without the collector's last pass over every object still alive (a backup
-        # leaves its files cache and chunk sets: 20-40 ms of an unchanged backup's 0.2 s)
-        gc.freeze()
+    except SystemExit as e:
+        exit_now(e.code)
+    exit_now(0)
+
+
+def exit_now(code: int | str | None) -> None:
+    """Exit with *code* (as ``sys.exit`` reads it) after the exit handlers and a flush of the
+    standard streams, without tearing the interpreter down: freeing every module and object
+    still alive took 3-4 ms of each command. Only when no other thread runs (an exit waits
+    for those)."""
+    import atexit
+    import os
+    import threading
+
+    gc.freeze()  # (if Python exits after all: no collector pass over everything alive)
+    if threading.active_count() > 1:
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()  # logging's flush and close among them
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, as Python's own exit reports it
+            code = code or 120
+    os._exit(code)
