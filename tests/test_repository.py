@@ -24,8 +24,9 @@ from vzbackup.storage.local import DirBackend
 from vzbackup.engine import gc, knowncache, maintenance
 from vzbackup.engine import locks as L
 from vzbackup.engine import tree as T
-from vzbackup.engine.archiver import STAT_BY_PATH, ChunkStore, Stats, TreeWriter
+from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
 from vzbackup.engine.crypto import Codec, KeyFile
+from vzbackup.engine.dirstat import STAT_AHEAD_MIN_DIRS, STAT_BY_PATH, UNKNOWN, StatAhead
 from vzbackup.engine.extract import load_tree, restore_tree
 from vzbackup.engine.filescache import (
     RACY_NS,
@@ -220,6 +221,65 @@ def test_files_cache_looks_entries_up_in_their_own_directory(repo: Repository,
     m, s = backup(repo, src, cache=FilesCache(cache_path))
     # the two changed files alone are read again (a chmod sets the ctime: read, to be safe)
     assert s.bytes_read == len("changed, and longer\n") + len("the same name\n")
+    out = tmp_path / "out"
+    restore_tree(repo, load_tree(repo, m.tree), out)
+    assert diff(tree_manifest(src), tree_manifest(out)) == []
+
+
+def many_dirs(src: Path, n: int = STAT_AHEAD_MIN_DIRS + 50) -> list[Path]:
+    """*n* directories of two small files each below *src*, in walk order."""
+    dirs = [src / f"d{i:03}" for i in range(n)]
+    for i, d in enumerate(dirs):
+        d.mkdir(parents=True)
+        (d / "a").write_text(f"{i}\n")
+        (d / "b").write_text(f"{i} b\n")
+    return dirs
+
+
+def test_stat_ahead_child_reports_unchanged_directories_from_the_end(repo: Repository,
+                                                                    tmp_path: Path):
+    """The forked child, left alone, checks every cached directory: unchanged ones are
+    SAME; one with a changed entry or a vanished name is not. What the walk asked about is
+    the walk's from then on."""
+    src = tmp_path / "src"
+    dirs = many_dirs(src)
+    settle()
+    cache_path = tmp_path / "c.zst"
+    backup(repo, src, cache=FilesCache(cache_path))
+    (dirs[-1] / "a").write_text("changed\n")
+    (dirs[100] / "b").unlink()  # (its directory's mtime changes: so the root's entries)
+    os.chmod(dirs[5] / "a", 0o600)
+    settle()
+    cache = FilesCache(cache_path)
+    root_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ahead = StatAhead.start(root_fd, os.lstat(src).st_dev, cache.old)
+        assert ahead is not None
+        deadline = time.monotonic() + 30
+        while UNKNOWN in ahead.marks[:] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        names = ["", *(d.name for d in dirs)]
+        assert [n for n in names if not ahead.same(n)] == \
+            ["", dirs[5].name, dirs[100].name, dirs[-1].name]
+        assert not any(ahead.same(n) for n in names)
+        ahead.close()
+    finally:
+        os.close(root_fd)
+
+
+def test_incremental_backup_with_stat_ahead_sees_every_change(repo: Repository, tmp_path: Path):
+    src = tmp_path / "src"
+    dirs = many_dirs(src)
+    settle()
+    cache_path = tmp_path / "c.zst"
+    backup(repo, src, cache=FilesCache(cache_path))
+    for d in (dirs[0], dirs[len(dirs) // 2], dirs[-1]):  # the walk's part, the middle, the child's
+        (d / "a").write_text("changed\n")
+    (dirs[-2] / "new").write_text("new\n")  # a name added: the walk lists that directory
+    os.chmod(dirs[-3] / "b", 0o600)
+    settle()
+    m, s = backup(repo, src, cache=FilesCache(cache_path))
+    assert s.bytes_read == 3 * len("changed\n") + len("new\n") + len(f"{len(dirs) - 3} b\n")
     out = tmp_path / "out"
     restore_tree(repo, load_tree(repo, m.tree), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vzbackup.engine import tree as T
+from vzbackup.engine.dirstat import StatAhead, list_dir, open_dir, stat_names
 from vzbackup.engine.filescache import (
     NAME_SEP,
     RACY_NS,
@@ -56,7 +57,6 @@ from vzbackup.syscalls import malloc_large_with_mmap
 
 FILE_WINDOW = 8 * 1024 * 1024  # bytes of one file read at once; a stream's buffer holds this
 BUFFERS_KEPT = 4  # free stream buffers kept for reuse (FILE_WINDOW + largest chunk each)
-STAT_BY_PATH = 4  # directories with at most this many names are not opened to stat them
 T_ = TypeVar("T_")
 
 
@@ -507,6 +507,7 @@ class TreeWriter:
         self.held: list[str] | None = [] if cache is not None and cache.old_tree else None
         self.root_dev = 0
         self.root_fd = -1  # the walked tree's root, open while it is walked
+        self.ahead: StatAhead | None = None  # checks the cache's last directories meanwhile
 
     # --- output in walk order ----------------------------------------------------------------
     def _emit(self, p: _Pending) -> None:
@@ -591,10 +592,14 @@ class TreeWriter:
         # from / (each path component is one more lookup: the root of the bench's Debian CT
         # is 6 deep; its unchanged walk's stats took 1 ms less of 39)
         self.root_fd = open_dir(str(root))
+        if self.cache is not None and self.cache.use_inode:
+            self.ahead = StatAhead.start(self.root_fd, self.root_dev, self.cache.old)
         try:
             while stack:
                 stack.extend(reversed(self._dir(*stack.pop())))
         finally:
+            if self.ahead is not None:
+                self.ahead.close()
             os.close(self.root_fd)
         self.small.finish()
         self._drain(force=True)
@@ -627,16 +632,19 @@ class TreeWriter:
         whether its own signature held (*same_names*: it still has the names cached for
         it, since adding, removing or renaming an entry sets a directory's mtime)."""
         old = self.cache.get(rel_dir) if self.cache is not None else None
+        checked = self.ahead is not None and self.ahead.same(rel_dir)  # (now the walk's)
+        base = abs_dir.rstrip("/") + "/"
+        prefix = rel_dir + "/" if rel_dir else ""
         sts = None
         if same_names and old is not None:
             names = old.names.split(NAME_SEP) if old.names else []
+            if checked and self._reuse(old, rel_dir, names):
+                return [(base + names[i], prefix + names[i], True) for i in old.subdirs]
             # no listing; None if one vanished meanwhile
             sts = stat_names(self.root_fd, rel_dir, names, abs_dir)
         listed = sts is None
         if listed:
             names, sts = list_dir(self.root_fd, rel_dir, abs_dir)
-        base = abs_dir.rstrip("/") + "/"
-        prefix = rel_dir + "/" if rel_dir else ""
         if old is not None and self.cache.use_inode and \
                 self._reuse_dir(old, rel_dir, names, sts, listed):
             return [(base + names[i], prefix + names[i], True) for i in old.subdirs]
@@ -651,10 +659,15 @@ class TreeWriter:
             return False
         if packed_sigs(map(signature, sts)) != old.sigs:
             return False
-        if not self.store.known.issuperset(old.chunks):
-            return False
         if any(sts[i].st_dev != self.root_dev for i in old.subdirs):
             return False  # a mount point appeared
+        return self._reuse(old, rel_dir, names)
+
+    def _reuse(self, old: DirRecord, rel_dir: str, names: list[str]) -> bool:
+        """Copy the lines of a directory whose entries all kept their signatures, if its
+        chunks are still known and its hardlinks still hold."""
+        if not self.store.known.issuperset(old.chunks):
+            return False
         if old.links and not self._claim_links(old.links, names, rel_dir):
             return False
         self.store.refs.update(old.chunks)
@@ -862,60 +875,3 @@ class TreeWriter:
 def line_chunks(line: bytes) -> tuple[str, ...]:
     """The chunk ids a file list line references."""
     return tuple(dict.fromkeys(c[0] for c in json.loads(line).get("c", ())))
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def open_dir(rel_dir: str, root_fd: int | None = None, path: str = "") -> int:
-    """A descriptor of the directory *rel_dir* below *root_fd* ("": the root itself; no
-    *root_fd*: *rel_dir* is a path of its own); *path* names it in errors."""
-    try:
-        return os.open(rel_dir or ".", _DIR_FLAGS, dir_fd=root_fd)
-    except OSError as e:
-        raise RuntimeFailure(f"cannot read directory {path or rel_dir}: {e.strerror}") from None
-
-
-def list_dir(root_fd: int, rel_dir: str, path: str
-             ) -> tuple[list[str], list[os.stat_result | None]]:
-    """The names in the directory *rel_dir* below *root_fd* (at *path*), sorted, and their
-    lstat (None: vanished meanwhile)."""
-    fd = open_dir(rel_dir, root_fd, path)
-    try:
-        names = sorted(os.listdir(fd))
-        try:
-            sts: list[os.stat_result | None] = [
-                os.stat(n, dir_fd=fd, follow_symlinks=False) for n in names]
-        except FileNotFoundError:
-            sts = [_lstat_at(n, fd) for n in names]
-    finally:
-        os.close(fd)
-    return names, sts
-
-
-def stat_names(root_fd: int, rel_dir: str, names: list[str], path: str
-               ) -> list[os.stat_result] | None:
-    """The lstat of *names* in the directory *rel_dir* below *root_fd* (at *path*; known not
-    to have changed: no listing); None if one of them is gone. A few names are looked up by
-    their paths: opening and closing the directory would cost more (a third of a root
-    filesystem's directories hold one entry)."""
-    if len(names) <= STAT_BY_PATH:
-        base = rel_dir + "/" if rel_dir else ""
-        try:
-            return [os.stat(base + n, dir_fd=root_fd, follow_symlinks=False) for n in names]
-        except (FileNotFoundError, NotADirectoryError):
-            return None  # (list_dir tells what became of the directory)
-    fd = open_dir(rel_dir, root_fd, path)
-    try:
-        return [os.stat(n, dir_fd=fd, follow_symlinks=False) for n in names]
-    except FileNotFoundError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _lstat_at(name: str, dir_fd: int) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
