@@ -1,17 +1,18 @@
-"""A repository in an S3 bucket (AWS, Ceph RGW, MinIO, any S3-compatible server), on boto3.
+"""A repository in an S3 bucket (AWS, Ceph RGW, MinIO, any S3-compatible server), on botocore.
 
 - Credentials: ``access-key``/``secret-key`` from storage.cfg, else boto3's standard chain
   (environment, shared config and ``profile``, instance role). They never appear in
   ``url``, logs or error messages.
-- One boto3 client per storage, shared by every thread (clients are thread-safe), with a
+- One client per storage, shared by every thread (clients are thread-safe), with a
   connection pool of ``max-connections``. botocore retries throttling, 5xx and connection
   errors (``retry-mode``, ``retries`` attempts); a whole operation is retried again on top
   of that (a reset while a response body streams in is not retried by botocore).
-- Objects above ``multipart-threshold`` are uploaded in parts by boto3's transfer manager
-  and downloaded by parallel ranged GETs; retained objects (snapshot manifests under Object
-  Lock) are always one PutObject (Ceph keeps no retention on a multipart upload, and the
-  transfer manager refuses their Content-MD5). Everything a repository writes is small
-  except big manifests.
+- The client is botocore's (boto3 adds ~30 ms of imports to every command and nothing a
+  client needs); objects above ``multipart-threshold`` are uploaded in parts by boto3's
+  transfer manager, imported then, and downloaded by parallel ranged GETs; retained
+  objects (snapshot manifests under Object Lock) are always one PutObject (Ceph keeps no
+  retention on a multipart upload, and the transfer manager refuses their Content-MD5).
+  Everything a repository writes is small except big manifests.
 - ``put_if_absent`` is a PutObject with ``If-None-Match: *`` (412 = it exists). Servers
   that ignore the header are detected once (a probe object written twice) and then get the
   fallback in ``_claim_and_put``: claim objects with a lease, the oldest live claim wins.
@@ -48,9 +49,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import boto3
 import botocore.exceptions as bx
-from boto3.s3.transfer import TransferConfig
+import botocore.session
 from botocore.config import Config
 from botocore.handlers import convert_body_to_file_like_object
 from vzbackup.storage.backend import (
@@ -127,19 +127,17 @@ class S3Backend(Backend):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
+        session = botocore.session.Session()
+        if o.profile:
+            session.set_config_variable("profile", o.profile)
         try:
-            session = boto3.session.Session(profile_name=o.profile or None)
+            self.client = session.create_client(
+                "s3", endpoint_url=o.endpoint or None, aws_access_key_id=o.access_key or None,
+                aws_secret_access_key=o.secret_key or None,
+                aws_session_token=o.session_token or None, verify=o.verify_tls, config=config,
+            )
         except bx.ProfileNotFound:
             raise BackendError(f"S3 storage {self.name!r}: no AWS profile {o.profile!r}") from None
-        self.client = session.client(
-            "s3", endpoint_url=o.endpoint or None, aws_access_key_id=o.access_key or None,
-            aws_secret_access_key=o.secret_key or None, aws_session_token=o.session_token or None,
-            verify=o.verify_tls, config=config,
-        )
-        self.transfer = TransferConfig(
-            multipart_threshold=self.threshold, multipart_chunksize=self.part_size,
-            max_concurrency=min(8, self.max_connections), use_threads=True,
-        )
         self.requests = 0  # HTTP requests sent, retries included (reported per backup)
         self.client.meta.events.register("before-send.s3", self._count_request)
         # a PutObject body stays bytes: hashed for the signature in one call and sent in
@@ -241,9 +239,16 @@ class S3Backend(Backend):
         if len(data) < self.threshold or kind in RETAINED_KINDS:
             self._call(f"writing {key}", lambda: self.client.put_object(Body=data, **args))
             return
+        from boto3.s3.inject import upload_fileobj  # boto3's transfer manager, for big objects
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(
+            multipart_threshold=self.threshold, multipart_chunksize=self.part_size,
+            max_concurrency=min(8, self.max_connections), use_threads=True,
+        )
         bucket, name = args.pop("Bucket"), args.pop("Key")
-        self._call(f"writing {key}", lambda: self.client.upload_fileobj(
-            io.BytesIO(data), bucket, name, ExtraArgs=args, Config=self.transfer))
+        self._call(f"writing {key}", lambda: upload_fileobj(
+            self.client, io.BytesIO(data), bucket, name, ExtraArgs=args, Config=transfer))
 
     def prepare_writes(self) -> None:
         """Start the conditional-writes probe in the background (once)."""
