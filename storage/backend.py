@@ -70,9 +70,11 @@ class Backend(abc.ABC):
     def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
         """Store *data* under *key*, replacing it atomically."""
 
-    def put_parts(self, key: str, parts: list[bytes], kind: Kind = Kind.OTHER) -> None:
+    def put_parts(self, key: str, parts: list[bytes], kind: Kind = Kind.OTHER,
+                  sha256: str | None = None) -> None:
         """``put`` of the concatenation of *parts* (a pack's blobs): a backend that can
-        write them as they are overrides this, sparing a copy of the whole object."""
+        write them as they are overrides this, sparing a copy of the whole object.
+        *sha256*: the concatenation's SHA-256 (hex), if the caller knows it (a pack's name)."""
         self.put(key, b"".join(parts), kind)
 
     @abc.abstractmethod

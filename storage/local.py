@@ -102,7 +102,8 @@ class DirBackend(Backend):
     def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:
         self.put_parts(key, [data], kind)
 
-    def put_parts(self, key: str, parts: list[bytes], kind: Kind = Kind.OTHER) -> None:
+    def put_parts(self, key: str, parts: list[bytes], kind: Kind = Kind.OTHER,
+                  sha256: str | None = None) -> None:
         """Written with pwritev: no joined copy of a 16 MiB pack."""
         target = self._path(key)
         try:

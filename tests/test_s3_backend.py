@@ -3,6 +3,7 @@ writes and their fallback, touch, Object Lock, and one clear error per kind of b
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -52,6 +53,23 @@ def test_contract_with_prefix(s3_bucket: Bucket):
     assert s3_bucket.object_keys("repo/one/index/") == ["repo/one/index/1"]
     with pytest.raises(BackendError, match="invalid object key"):
         be.put("../escape", b"")
+    be.close()
+
+
+def test_a_body_put_with_its_known_sha256_is_checked_against_it_by_the_server(
+        s3_bucket: Bucket):
+    """A pack's name (the SHA-256 of its bytes) signs its PutObject instead of the body
+    hashed again: the server stores the bytes only if they match it."""
+    be = backend(s3_bucket)
+    parts = [os.urandom(1000), b"", os.urandom(5000)]
+    data = b"".join(parts)
+    be.put_parts("data/ab/good", parts, Kind.PACK, hashlib.sha256(data).hexdigest())
+    assert be.get("data/ab/good") == data
+    with pytest.raises(BackendError, match="XAmzContentSHA256Mismatch"):
+        be.put_parts("data/ab/bad", parts, Kind.PACK, hashlib.sha256(b"other").hexdigest())
+    assert not be.exists("data/ab/bad")
+    be.put("index/after", b"i")  # the next request of the thread hashes its own body
+    assert be.get("index/after") == b"i"
     be.close()
 
 

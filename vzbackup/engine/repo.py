@@ -376,8 +376,9 @@ class Repository:
             pool.shutdown()
 
     def put_pack(self, pack: str, parts: list[bytes]) -> None:
-        """Store a pack given as the pieces it is the concatenation of."""
-        self._call(lambda: self.backend.put_parts(pack_key(pack), parts, Kind.PACK))
+        """Store a pack given as the pieces it is the concatenation of (*pack*, its name,
+        is their SHA-256)."""
+        self._call(lambda: self.backend.put_parts(pack_key(pack), parts, Kind.PACK, pack))
 
     def get_object_raw(self, key: str) -> bytes:
         """An object's stored bytes (a pack, say), unopened."""
