@@ -73,6 +73,17 @@ def test_a_body_put_with_its_known_sha256_is_checked_against_it_by_the_server(
     be.close()
 
 
+def test_packs_of_any_size_one_after_another_are_stored_whole(s3_bucket: Bucket):
+    """put_parts joins into a buffer the thread keeps: a smaller pack after a bigger one
+    and a bigger one after that are stored as they are, not cut or padded."""
+    be = backend(s3_bucket)
+    for n, size in enumerate((300_000, 1000, 0, 450_000, 299_999)):
+        parts = [os.urandom(size // 3), os.urandom(size - size // 3)]
+        be.put_parts(f"data/ab/{n}", parts, Kind.PACK, hashlib.sha256(b"".join(parts)).hexdigest())
+        assert be.get(f"data/ab/{n}") == b"".join(parts)
+    be.close()
+
+
 def test_large_objects_multipart_and_ranged_reads(s3_bucket: Bucket):
     be = backend(s3_bucket, multipart_threshold=5, multipart_chunksize=5)
     data = os.urandom(13 * 1024 * 1024 + 7)
