@@ -21,13 +21,13 @@ from treecmp import diff, make_rich_tree, tree_manifest
 from vzbackup.storage.backend import Kind
 from vzbackup.storage.local import DirBackend
 
-from vzbackup.engine import gc, knowncache, maintenance
+from vzbackup.engine import extract, gc, knowncache, maintenance
 from vzbackup.engine import locks as L
 from vzbackup.engine import tree as T
 from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
 from vzbackup.engine.crypto import Codec, KeyFile
 from vzbackup.engine.dirstat import STAT_AHEAD_MIN_DIRS, STAT_BY_PATH, UNKNOWN, StatAhead
-from vzbackup.engine.extract import load_tree, restore_tree
+from vzbackup.engine.extract import SPLIT_MIN_FILES, _split_files, load_tree, restore_tree
 from vzbackup.engine.filescache import (
     RACY_NS,
     UNTRUSTED,
@@ -496,6 +496,55 @@ def test_corrupt_chunk_is_reported_with_file_path(repo: Repository, tmp_path: Pa
     p.unlink()
     rep = verify(repo, [m])
     assert rep.damaged and all("missing" in d.error for d in rep.damaged)
+
+
+def rich_tree_to_split(src: Path) -> None:
+    """make_rich_tree and enough files after it to restore in two processes, a hard link
+    pair among them."""
+    make_rich_tree(src)
+    for i in range(SPLIT_MIN_FILES):
+        d = src / "zz" / f"d{i // 64}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(1000 + i * 37))
+    os.link(src / "zz/d0/f0", src / "zz/d7/link-to-f0")
+
+
+def test_restore_in_two_processes_makes_the_same_tree(repo: Repository, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    src = tmp_path / "src"
+    rich_tree_to_split(src)
+    m, _ = backup(repo, src)
+    entries = load_tree(repo, m.tree)
+    files = [e for e in entries if e.kind == T.FILE]
+    cut = _split_files(repo, entries)
+    assert cut is not None and SPLIT_MIN_FILES // 4 < cut < len(files) - SPLIT_MIN_FILES // 4
+    out = tmp_path / "out"
+    done: list[int] = []
+    written = restore_tree(repo, entries, out, progress=done.append)
+    assert sum(done) == sum(e.size for e in files)
+    assert diff(tree_manifest(src), tree_manifest(out)) == []
+    monkeypatch.setattr(extract, "SPLIT_MIN_FILES", len(files) + 1)  # in one process
+    assert restore_tree(repo, entries, tmp_path / "out1") == written
+    assert os.stat(out / "zz/d7/link-to-f0").st_ino == os.stat(out / "zz/d0/f0").st_ino
+
+
+def test_restore_in_two_processes_reports_damage_in_the_second(repo: Repository,
+                                                                tmp_path: Path):
+    src = tmp_path / "src"
+    rich_tree_to_split(src)
+    m, _ = backup(repo, src)
+    entries = load_tree(repo, m.tree)
+    last = [e for e in entries if e.kind == T.FILE][-1]  # the second process's
+    key, loc = repo.locate(last.chunks[0][0])
+    p = Path(repo.backend.root) / key
+    data = bytearray(p.read_bytes())
+    data[loc.offset + loc.length - 10 : loc.offset + loc.length] = b"0123456789"
+    p.write_bytes(bytes(data))
+    with pytest.raises(DamagedError, match="does not match its hash") as err:
+        restore_tree(repo, entries, tmp_path / "out")
+    files = [e.path for e in entries if e.kind == T.FILE]  # (the chunk may start in another)
+    assert str(err.value).split(":")[0] in files[_split_files(repo, entries):]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def _hostile_snapshot(repo: Repository, entries: list[dict]) -> Manifest:

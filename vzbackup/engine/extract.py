@@ -4,7 +4,8 @@ Restoring never writes outside the target: every path is validated, parents are 
 component by component with O_NOFOLLOW relative to the target's directory fd, and entries
 are created with the ``*at`` calls, so a symlink in the snapshot can't redirect a later
 entry. Chunks are fetched (ranged reads of their packs) and decrypted ahead of the writer
-by a small thread pool.
+by a small thread pool. With two CPUs, a local storage and SPLIT_MIN_FILES files or more,
+a forked second process restores half of the regular files (``_restore_in_two``).
 
 The read API other components build on (a FUSE mount, ``ls``, ``cat``):
 ``Repository.open`` -> ``Repository.manifests()`` -> :func:`load_tree` -> :func:`read_range`.
@@ -15,7 +16,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import heapq
+import marshal
 import os
+import signal
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +44,9 @@ SEGMENT_BYTES = 2 * 1024 * 1024  # bigger files: the writers write them in piece
 WRITE_BATCH_FILES = 32  # files per writer task at most
 WRITE_BATCH_BYTES = 1024 * 1024  # and about this many bytes
 THREADS_MAX = 4  # fetch or write threads at most: more only add hand-offs of the GIL
+SPLIT_MIN_FILES = 512  # regular files from which a restore runs in two processes
+FILE_COST = 4 * 1024  # what creating a file costs, counted in bytes of data written
+CHILD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # the default action in a child
 V1_CHUNK_SIZE = 512 * 1024  # what a version 1 chunk object counts against PREFETCH_BYTES
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -496,57 +502,213 @@ def restore_tree(
     partial.parent.mkdir(parents=True, exist_ok=True)
     (make_root or Path.mkdir)(partial)
     root_fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    writers = _Writers(threads or cpu_threads())
-    dirs = _Dirs(root_fd, any(INHERITED_ACLS[1] in e.xattrs for e in entries if e.kind == T.DIR),
-                 before_close=writers.drain)
-    reader = ChunkReader(repo, entries, threads)
-    dir_times: list[tuple[str, int]] = []
+    strip_acls = any(INHERITED_ACLS[1] in e.xattrs for e in entries if e.kind == T.DIR)
+    job = _Restore(repo, _Dirs(root_fd, strip_acls), threads, progress, allow_devices)
     try:
         for e in entries:
             try:
                 T.safe_relpath(e.path)
             except ValueError as err:
                 raise DamagedError(f"snapshot has {err}; refusing to restore it") from None
-            if e.path == ".":
-                os.fchown(root_fd, e.uid, e.gid)
-                os.fchmod(root_fd, e.mode)
-                dirs.made("", e)
-                dir_times.append((".", e.mtime_ns))
-                continue
-            pfd, name = dirs.parent(e.path)
-            if e.kind == T.FILE and e.size <= PARALLEL_FILE_MAX:
-                pieces = list(file_pieces(reader, e))
-                writers.submit(e.size, _write_file, e, pfd, name, iter(pieces), dirs.birth(e))
-            elif e.kind == T.FILE:
-                _write_big_file(e, pfd, name, file_pieces(reader, e), writers, dirs.birth(e))
-            else:
-                if e.kind == T.HARDLINK:
-                    writers.drain()  # its target may still be being written
-                writers.written += _create(e, pfd, name, dirs, allow_devices)
-            if e.kind == T.DIR:
-                dir_times.append((e.path, e.mtime_ns))
-            if progress and e.kind == T.FILE:
-                progress(e.size)
-        writers.drain()
-        dirs.close()
-        for rel, mt in reversed(dir_times):
-            fd = root_fd if rel == "." else dirs.open_dir(rel)
-            os.utime(fd, ns=(mt, mt))
-        dirs.close()
+        cut = _split_files(repo, entries)
+        if cut is None:
+            job.run(entries)
+        else:
+            _restore_in_two(job, entries, cut)
+        job.set_dir_times()
     except BaseException as err:
-        writers.close()
-        dirs.close()
+        job.dirs.close()
         os.close(root_fd)
-        reader.close()
         fs.remove_tree(partial, ignore_errors=True)
         if isinstance(err, OSError):
             raise RuntimeFailure(f"restore into {target} failed: {err}") from None
         raise
-    writers.close()
     os.close(root_fd)
-    reader.close()
     os.rename(partial, target)
-    return writers.written
+    return job.written
+
+
+class _Restore:
+    """Restores entries into the tree below *dirs*' root, in the order given; a directory's
+    modification time is set last (``set_dir_times``), after everything in it."""
+
+    def __init__(self, repo: Repository, dirs: _Dirs, threads: int | None,
+                 progress: Callable[[int], None] | None, allow_devices: bool) -> None:
+        self.repo, self.dirs, self.threads = repo, dirs, threads
+        self.progress, self.allow_devices = progress, allow_devices
+        self.written = 0
+        self.dir_times: list[tuple[str, int]] = []
+
+    def run(self, entries: list[T.Entry]) -> None:
+        """Restore *entries* (a hard link's target among them or restored before)."""
+        writers = _Writers(self.threads or cpu_threads())
+        self.dirs.before_close = writers.drain
+        reader = ChunkReader(self.repo, entries, self.threads)
+        try:
+            for e in entries:
+                self._entry(e, writers, reader)
+            writers.drain()
+        finally:
+            writers.close()
+            reader.close()
+            self.dirs.before_close = lambda: None
+        self.written += writers.written
+
+    def _entry(self, e: T.Entry, writers: _Writers, reader: ChunkReader) -> None:
+        dirs = self.dirs
+        if e.path == ".":
+            os.fchown(dirs.root_fd, e.uid, e.gid)
+            os.fchmod(dirs.root_fd, e.mode)
+            dirs.made("", e)
+            self.dir_times.append((".", e.mtime_ns))
+            return
+        pfd, name = dirs.parent(e.path)
+        if e.kind == T.FILE and e.size <= PARALLEL_FILE_MAX:
+            pieces = list(file_pieces(reader, e))
+            writers.submit(e.size, _write_file, e, pfd, name, iter(pieces), dirs.birth(e))
+        elif e.kind == T.FILE:
+            _write_big_file(e, pfd, name, file_pieces(reader, e), writers, dirs.birth(e))
+        else:
+            if e.kind == T.HARDLINK:
+                writers.drain()  # its target may still be being written
+            writers.written += _create(e, pfd, name, dirs, self.allow_devices)
+        if e.kind == T.DIR:
+            self.dir_times.append((e.path, e.mtime_ns))
+        if self.progress and e.kind == T.FILE:
+            self.progress(e.size)
+
+    def set_dir_times(self) -> None:
+        dirs = self.dirs
+        dirs.close()
+        for rel, mt in reversed(self.dir_times):
+            fd = dirs.root_fd if rel == "." else dirs.open_dir(rel)
+            os.utime(fd, ns=(mt, mt))
+        dirs.close()
+
+
+def _split_files(repo: Repository, entries: list[T.Entry]) -> int | None:
+    """Where to cut the regular files in two halves of ``_cost``, if two processes pay: two
+    CPUs, enough files, and storage read with plain system calls (a remote storage's client
+    holds connections a forked child must not share)."""
+    costs = [_cost(e) for e in entries if e.kind == T.FILE]
+    if len(costs) < SPLIT_MIN_FILES or repo.backend.cache_metadata or \
+            len(os.sched_getaffinity(0)) < 2:
+        return None
+    half, acc = sum(costs) / 2, 0
+    for i, cost in enumerate(costs):
+        acc += cost
+        if acc >= half:
+            return i + 1
+    return len(costs)
+
+
+def _cost(e: T.Entry) -> int:
+    """What restoring the regular file *e* costs, in bytes written: its data (a sparse
+    file's holes cost nothing) and FILE_COST per file. The Debian rootfs, restored by one
+    process in its two halves: 306 MiB in 2757 files took 1.90 s of CPU, 201 MiB in 10.5k
+    files 1.29 s, so nearly all of it is per byte (decompressing, hashing, writing)."""
+    data = e.size if e.extents is None else sum(ln for _, ln in e.extents)
+    return FILE_COST + data
+
+
+def _restore_in_two(job: _Restore, entries: list[T.Entry], cut: int) -> None:
+    """Restore in two processes: Python's per-file work holds one interpreter's lock, and a
+    restore is mostly that (the kernel's share runs in parallel either way). This process
+    makes the directories, forks a child for the regular files from *cut* on, restores
+    those before it and the symlinks, devices and FIFOs, then, once the child is done, the
+    hard links."""
+    files = [e for e in entries if e.kind == T.FILE]
+    theirs = {id(e) for e in files[cut:]}
+    job.run([e for e in entries if e.kind == T.DIR or e.path == "."])
+    job.repo.index  # noqa: B018 - loaded here: the child must not wait on the loader's lock
+    child = _RestoreChild.start(job, [e for e in files if id(e) in theirs])
+    try:
+        job.run([e for e in entries if id(e) not in theirs and e.kind not in (T.DIR, T.HARDLINK)
+                 and e.path != "."])
+        job.written += child.join()
+    finally:
+        child.kill()
+    if job.progress:
+        job.progress(sum(e.size for e in files[cut:]))
+    job.run([e for e in entries if e.kind == T.HARDLINK])
+
+
+class _RestoreChild:
+    """A forked process restoring some regular files with its own readers and writers;
+    it reports the bytes written, or the error that stopped it, through a pipe."""
+
+    ERRORS = {c.__name__: c for c in (DamagedError, StorageError, RuntimeFailure, OSError)}
+
+    def __init__(self, pid: int, read_fd: int) -> None:
+        self.pid, self.read_fd = pid, read_fd
+
+    @classmethod
+    def start(cls, job: _Restore, files: list[T.Entry]) -> _RestoreChild:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                _child_restore(job, files, write_fd)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(write_fd)
+        return cls(pid, read_fd)
+
+    def join(self) -> int:
+        """Bytes the child wrote; raises what stopped it."""
+        with os.fdopen(self.read_fd, "rb") as f:
+            self.read_fd = -1
+            raw = f.read()
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        try:
+            kind, value = marshal.loads(raw)
+        except (EOFError, ValueError, TypeError):
+            kind, value = "RuntimeFailure", f"the restore's second process ended ({status:#x})"
+        if kind == "ok":
+            return value
+        raise self.ERRORS.get(kind, RuntimeFailure)(value)
+
+    def kill(self) -> None:
+        """Stop the child if it still runs (this one failed first) and reap it."""
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+
+
+def _failure(e: BaseException) -> tuple[str, str]:
+    """*e* as the child reports it: its class, if the parent can raise it again, and text."""
+    for cls in _RestoreChild.ERRORS.values():
+        if isinstance(e, cls):
+            return cls.__name__, str(e)
+    return "RuntimeFailure", f"restore failed: {e!r}"
+
+
+def _child_restore(job: _Restore, files: list[T.Entry], write_fd: int) -> None:
+    """The child's part: restore *files*, report, exit without Python's cleanup (the
+    parent owns the tree and everything else)."""
+    code = 1
+    try:
+        for sig in CHILD_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
+        job.progress = None
+        try:
+            before = job.written
+            job.run(files)
+            report: tuple[str, int | str] = ("ok", job.written - before)
+        except BaseException as e:
+            report = _failure(e)
+        os.write(write_fd, marshal.dumps(report))
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def _create(e: T.Entry, pfd: int, name: str, dirs: _Dirs, allow_devices: bool) -> int:
