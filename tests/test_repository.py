@@ -547,6 +547,46 @@ def test_restore_in_two_processes_reports_damage_in_the_second(repo: Repository,
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_killed_restore_takes_its_second_process_along(repo: Repository, tmp_path: Path):
+    src = tmp_path / "src"
+    rich_tree_to_split(src)
+    m, _ = backup(repo, src)
+    entries = load_tree(repo, m.tree)
+    first_of_child = [e for e in entries if e.kind == T.FILE][_split_files(repo, entries)]
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from vzbackup.engine.extract import load_tree, restore_tree
+        from vzbackup.engine.repo import Repository
+        from vzbackup.storage.local import DirBackend
+        repo = Repository.open(DirBackend(Path({str(repo.backend.root)!r})))
+        m = [m for m in repo.manifests() if m.id == {m.id!r}][0]
+        restore_tree(repo, load_tree(repo, m.tree), Path({str(out)!r}))
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script])
+    child = 0
+    try:
+        mark = out.with_name("out.partial") / first_of_child.path  # the child runs by then
+        deadline = time.monotonic() + 60
+        while not mark.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        child = int(Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()[0])
+        os.kill(child, signal.SIGSTOP)  # it would finish on its own; stopped, it can't
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not Path(f"/proc/{child}").exists(), "the second process outlived the restore"
+        child = 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if child:
+            os.kill(child, signal.SIGKILL)
+
+
 def _hostile_snapshot(repo: Repository, entries: list[dict]) -> Manifest:
     stats = Stats()
     store = ChunkStore(repo, set(), threads=1, stats=stats)

@@ -6,6 +6,7 @@ import ctypes
 import fcntl
 import os
 import platform
+import signal
 import struct
 import termios
 
@@ -30,6 +31,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
 
+PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
@@ -184,6 +186,13 @@ def prctl(option: int, arg: int | bytes = 0) -> None:
 
 def set_child_subreaper() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent, *parent*, ends (at once if it already has)."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def set_process_name(name: str) -> None:

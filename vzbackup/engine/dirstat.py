@@ -16,6 +16,7 @@ import signal
 
 from vzbackup.engine.filescache import NAME_SEP, DirRecord, packed_sigs, signature
 from vzbackup.errors import RuntimeFailure
+from vzbackup.syscalls import die_with_parent
 
 STAT_BY_PATH = 4  # directories with at most this many names are not opened to stat them
 STAT_AHEAD_MIN_DIRS = 200  # cached directories below which a fork costs more than it saves
@@ -109,10 +110,11 @@ class StatAhead:
         walk = walk_order(records)
         marks = mmap.mmap(-1, len(walk))  # shared with the child
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
+        parent = os.getpid()
         try:
             pid = os.fork()
             if pid == 0:  # the child: never returns
-                _child(marks, root_fd, root_dev, walk)
+                _child(marks, root_fd, root_dev, walk, parent)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         return cls(pid, marks, {rel: i for i, (rel, _) in enumerate(walk)})
@@ -152,11 +154,13 @@ def walk_order(records: dict[str, DirRecord]) -> list[tuple[str, DirRecord]]:
 
 
 def _child(marks: mmap.mmap, root_fd: int, root_dev: int,
-           walk: list[tuple[str, DirRecord]]) -> None:
+           walk: list[tuple[str, DirRecord]], parent: int) -> None:
     """Check *walk* from its end until a directory the walk took; exit without Python's
-    cleanup or the parent's signal handlers (the parent owns every resource)."""
+    cleanup or the parent's signal handlers (the parent owns every resource), or with the
+    parent."""
     code = 1
     try:
+        die_with_parent(parent)
         for sig in _CHILD_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)

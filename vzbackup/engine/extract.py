@@ -33,7 +33,7 @@ from vzbackup.engine.repo import Repository
 from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure, StorageError
 from vzbackup.storage.backend import BackendError, ObjectMissing
 from vzbackup.storage.local import pwrite_all
-from vzbackup.syscalls import malloc_large_with_mmap
+from vzbackup.syscalls import die_with_parent, malloc_large_with_mmap
 
 PREFETCH_BYTES = 32 * 1024 * 1024  # packed bytes fetched ahead of the writer, or held for it
 READ_GAP = 1024 * 1024  # read over unneeded blobs up to this size rather than split a read
@@ -646,11 +646,12 @@ class _RestoreChild:
     def start(cls, job: _Restore, files: list[T.Entry]) -> _RestoreChild:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
+        parent = os.getpid()
         try:
             pid = os.fork()
             if pid == 0:
                 os.close(read_fd)
-                _child_restore(job, files, write_fd)
+                _child_restore(job, files, write_fd, parent)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(write_fd)
@@ -690,11 +691,13 @@ def _failure(e: BaseException) -> tuple[str, str]:
     return "RuntimeFailure", f"restore failed: {e!r}"
 
 
-def _child_restore(job: _Restore, files: list[T.Entry], write_fd: int) -> None:
+def _child_restore(job: _Restore, files: list[T.Entry], write_fd: int, parent: int) -> None:
     """The child's part: restore *files*, report, exit without Python's cleanup (the
-    parent owns the tree and everything else)."""
+    parent owns the tree and everything else). It ends with the parent: a restore killed
+    stops writing."""
     code = 1
     try:
+        die_with_parent(parent)
         for sig in CHILD_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
