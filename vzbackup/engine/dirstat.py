@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import mmap
 import os
-import signal
 
 from vzbackup.engine.filescache import NAME_SEP, DirRecord, packed_sigs, signature
+from vzbackup.engine.forked import fork_child
 from vzbackup.errors import RuntimeFailure
-from vzbackup.syscalls import die_with_parent
 
 STAT_BY_PATH = 4  # directories with at most this many names are not opened to stat them
 STAT_AHEAD_MIN_DIRS = 200  # cached directories below which a fork costs more than it saves
 UNKNOWN, SAME, CHANGED, TAKEN = 0, 1, 2, 3  # StatAhead's marks: not yet; child's; walk's
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_CHILD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def open_dir(rel_dir: str, root_fd: int | None = None, path: str = "") -> int:
@@ -109,14 +107,7 @@ class StatAhead:
             return None
         walk = walk_order(records)
         marks = mmap.mmap(-1, len(walk))  # shared with the child
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
-        parent = os.getpid()
-        try:
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                _child(marks, root_fd, root_dev, walk, parent)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        pid = fork_child(lambda: _check_backwards(marks, root_fd, root_dev, walk))
         return cls(pid, marks, {rel: i for i, (rel, _) in enumerate(walk)})
 
     def same(self, rel_dir: str) -> bool:
@@ -153,23 +144,12 @@ def walk_order(records: dict[str, DirRecord]) -> list[tuple[str, DirRecord]]:
     return order
 
 
-def _child(marks: mmap.mmap, root_fd: int, root_dev: int,
-           walk: list[tuple[str, DirRecord]], parent: int) -> None:
-    """Check *walk* from its end until a directory the walk took; exit without Python's
-    cleanup or the parent's signal handlers (the parent owns every resource), or with the
-    parent."""
-    code = 1
-    try:
-        die_with_parent(parent)
-        for sig in _CHILD_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-        for i in range(len(walk) - 1, -1, -1):
-            if marks[i] == TAKEN:
-                break
-            same = same_entries(root_fd, root_dev, *walk[i])
-            if marks[i] != TAKEN:
-                marks[i] = SAME if same else CHANGED
-        code = 0
-    finally:
-        os._exit(code)
+def _check_backwards(marks: mmap.mmap, root_fd: int, root_dev: int,
+                     walk: list[tuple[str, DirRecord]]) -> None:
+    """The child's part: check *walk* from its end until a directory the walk took."""
+    for i in range(len(walk) - 1, -1, -1):
+        if marks[i] == TAKEN:
+            break
+        same = same_entries(root_fd, root_dev, *walk[i])
+        if marks[i] != TAKEN:
+            marks[i] = SAME if same else CHANGED

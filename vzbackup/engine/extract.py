@@ -29,11 +29,12 @@ from typing import NamedTuple
 
 from vzbackup.ct import fs
 from vzbackup.engine import tree as T
+from vzbackup.engine.forked import fork_child
 from vzbackup.engine.repo import Repository
 from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure, StorageError
 from vzbackup.storage.backend import BackendError, ObjectMissing
 from vzbackup.storage.local import pwrite_all
-from vzbackup.syscalls import die_with_parent, malloc_large_with_mmap
+from vzbackup.syscalls import malloc_large_with_mmap
 
 PREFETCH_BYTES = 32 * 1024 * 1024  # packed bytes fetched ahead of the writer, or held for it
 READ_GAP = 1024 * 1024  # read over unneeded blobs up to this size rather than split a read
@@ -46,7 +47,6 @@ WRITE_BATCH_BYTES = 1024 * 1024  # and about this many bytes
 THREADS_MAX = 4  # fetch or write threads at most: more only add hand-offs of the GIL
 SPLIT_MIN_FILES = 512  # regular files from which a restore runs in two processes
 FILE_COST = 4 * 1024  # what creating a file costs, counted in bytes of data written
-CHILD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # the default action in a child
 V1_CHUNK_SIZE = 512 * 1024  # what a version 1 chunk object counts against PREFETCH_BYTES
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -645,15 +645,7 @@ class _RestoreChild:
     @classmethod
     def start(cls, job: _Restore, files: list[T.Entry]) -> _RestoreChild:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
-        parent = os.getpid()
-        try:
-            pid = os.fork()
-            if pid == 0:
-                os.close(read_fd)
-                _child_restore(job, files, write_fd, parent)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        pid = fork_child(lambda: _child_restore(job, files, read_fd, write_fd))
         os.close(write_fd)
         return cls(pid, read_fd)
 
@@ -691,27 +683,17 @@ def _failure(e: BaseException) -> tuple[str, str]:
     return "RuntimeFailure", f"restore failed: {e!r}"
 
 
-def _child_restore(job: _Restore, files: list[T.Entry], write_fd: int, parent: int) -> None:
-    """The child's part: restore *files*, report, exit without Python's cleanup (the
-    parent owns the tree and everything else). It ends with the parent: a restore killed
-    stops writing."""
-    code = 1
+def _child_restore(job: _Restore, files: list[T.Entry], read_fd: int, write_fd: int) -> None:
+    """The child's part: restore *files*, report through *write_fd*."""
+    os.close(read_fd)
+    job.progress = None
     try:
-        die_with_parent(parent)
-        for sig in CHILD_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
-        job.progress = None
-        try:
-            before = job.written
-            job.run(files)
-            report: tuple[str, int | str] = ("ok", job.written - before)
-        except BaseException as e:
-            report = _failure(e)
-        os.write(write_fd, marshal.dumps(report))
-        code = 0
-    finally:
-        os._exit(code)
+        before = job.written
+        job.run(files)
+        report: tuple[str, int | str] = ("ok", job.written - before)
+    except BaseException as e:
+        report = _failure(e)
+    os.write(write_fd, marshal.dumps(report))
 
 
 def _create(e: T.Entry, pfd: int, name: str, dirs: _Dirs, allow_devices: bool) -> int:
