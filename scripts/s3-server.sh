@@ -22,6 +22,11 @@ CONF="-c $DIR/ceph.conf"
 # tcp_nodelay: without it every response under ~64 KiB (a small GET, a ranged read) waits
 # 40 ms: the body's segment is held by Nagle until the client's delayed ACK of the headers
 FRONTENDS="beast endpoint=127.0.0.1:$PORT tcp_nodelay=1"
+# deleted objects' data is freed by RGW's garbage collector, by default 2 h after the delete
+# and once an hour: a session of tests and benchmarks (GBs written and deleted) filled the
+# 20 GiB OSD with it ("1 full osd", every write refused); a test server frees it within a
+# minute
+RGW_OPTS=(--rgw-frontends "$FRONTENDS" --rgw-gc-obj-min-wait 30 --rgw-gc-processor-period 30)
 
 log() { printf '[s3-server] %s\n' "$*" >&2; }
 
@@ -95,7 +100,7 @@ create_cluster() {
   # shellcheck disable=SC2086
   ceph-osd $CONF -i 0 2>>"$DIR/log/stderr.log"
   # shellcheck disable=SC2086
-  radosgw $CONF -n client.rgw.a
+  radosgw $CONF -n client.rgw.a "${RGW_OPTS[@]}"
   # shellcheck disable=SC2086
   radosgw-admin $CONF user create --uid=vzbackup --display-name=vzbackup \
     --access-key="$ACCESS_KEY" --secret-key="$SECRET_KEY" >/dev/null
@@ -113,7 +118,7 @@ start() {
     # shellcheck disable=SC2086
     ceph-osd $CONF -i 0 2>>"$DIR/log/stderr.log"
     # shellcheck disable=SC2086
-    radosgw $CONF -n client.rgw.a --rgw-frontends "$FRONTENDS"  # also for an older ceph.conf
+    radosgw $CONF -n client.rgw.a "${RGW_OPTS[@]}"  # also for an older ceph.conf
   else
     create_cluster
   fi
