@@ -126,6 +126,17 @@ class Backend(abc.ABC):
         was started before *older_than* (storage time); returns what was removed."""
         return []
 
+    def reopened(self) -> Backend:
+        """This storage for a forked child process, sharing nothing another thread of this
+        process may hold (a connection, a thread pool, a lock): this backend itself where
+        reads are plain system calls."""
+        return self
+
+    @property
+    def shared_by_processes(self) -> bool:
+        """Whether two processes may read at once, each through its own ``reopened()``."""
+        return True
+
     def prepare_writes(self) -> None:  # noqa: B027 - nothing to prepare by default
         """A writer is starting: begin, in the background, what its writes will need."""
 

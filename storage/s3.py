@@ -4,7 +4,8 @@
   (environment, shared config and ``profile``, instance role). They never appear in
   ``url``, logs or error messages.
 - One client per storage, shared by every thread (clients are thread-safe), with a
-  connection pool of ``max-connections``. botocore retries throttling, 5xx and connection
+  connection pool of ``max-connections``; a forked process (a restore's second) makes its
+  own with ``reopened``. botocore retries throttling, 5xx and connection
   errors (``retry-mode``, ``retries`` attempts); a whole operation is retried again on top
   of that (a reset while a response body streams in is not retried by botocore).
 - The client is botocore's (boto3 adds ~30 ms of imports to every command and nothing a
@@ -46,6 +47,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -115,8 +117,9 @@ class S3Backend(Backend):
 
     cache_metadata = True
 
-    def __init__(self, options: S3Options, *, name: str = "") -> None:
-        o = options
+    def __init__(self, options: S3Options, *, name: str = "",
+                 session: botocore.session.Session | None = None) -> None:
+        o = self.options = options
         self.name = name or o.bucket
         self.bucket = o.bucket
         self.prefix = o.prefix.strip("/") + "/" if o.prefix.strip("/") else ""
@@ -153,9 +156,11 @@ class S3Backend(Backend):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = botocore.session.Session()
-        if o.profile:
-            session.set_config_variable("profile", o.profile)
+        if session is None:
+            session = botocore.session.Session()
+            if o.profile:
+                session.set_config_variable("profile", o.profile)
+        self._session = session
         try:
             self.client = session.create_client(
                 "s3", endpoint_url=o.endpoint or None, aws_access_key_id=o.access_key or None,
@@ -176,6 +181,22 @@ class S3Backend(Backend):
                                           thread_name_prefix="s3-range")
         if o.create_bucket:
             self._ensure_bucket(o.region)
+
+    def reopened(self) -> S3Backend:
+        """A new client on the same bucket, for a forked child: its own connection pool,
+        threads and locks. With static keys it is made from this one's botocore session,
+        which holds no connection then (its loaded models save the child ~0.1 s of CPU);
+        a credential chain's providers may hold one (instance metadata), so a new session."""
+        o = replace(self.options, create_bucket=False)
+        session = self._session if o.access_key else None
+        copy = S3Backend(o, name=self.name, session=session)
+        copy.conditional = self.conditional
+        return copy
+
+    @property
+    def shared_by_processes(self) -> bool:
+        """Not with a bwlimit: each process would pace itself to all of it."""
+        return not self.limiter.rate
 
     # --- plumbing ------------------------------------------------------------------------
     def _count_request(self, **_kw: object) -> None:

@@ -11,13 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from s3fixture import ACCESS_KEY, ENDPOINT, SECRET_KEY, Bucket
+from test_repository import backup, rich_tree_to_split
+from treecmp import diff, tree_manifest
 from vzbackup.storage.backend import BackendError, Kind, ObjectMissing
 from vzbackup.storage.s3 import CLAIM_PREFIX, S3Backend
 from vzbackup.storage.s3options import S3Options
 
 from vzbackup.config import storage as storage_config
+from vzbackup.engine import extract
+from vzbackup.engine import tree as T
+from vzbackup.engine.extract import _split_files, load_tree, plan_reads, restore_tree
 from vzbackup.engine.repo import Repository
-from vzbackup.errors import ConfigError
+from vzbackup.errors import ConfigError, DamagedError
 
 
 def backend(bucket: Bucket, **kw: object) -> S3Backend:
@@ -283,3 +288,55 @@ def test_remove_incomplete_aborts_old_multipart_uploads_only(s3_bucket: Bucket):
     assert [u["Key"] for u in left] == ["repo/data/bb/running"]
     assert be.remove_incomplete(time.time() + 3600) == ["data/bb/running"]
     assert not be.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads")
+
+
+def test_reopened_backend_shares_no_client_pool_or_lock(s3_bucket: Bucket):
+    be = backend(s3_bucket, prefix="p", conditional_writes="yes")
+    be.put("k", b"v")
+    copy = be.reopened()
+    assert copy.client is not be.client and copy._ranges is not be._ranges
+    assert copy.limiter is not be.limiter and copy._probe_lock is not be._probe_lock
+    assert copy.get("k") == b"v" and copy.conditional is True and be.get("k") == b"v"
+    assert not backend(s3_bucket, bwlimit=1000).shared_by_processes
+
+
+def test_restore_from_s3_in_two_processes_makes_the_same_tree(
+        s3_bucket: Bucket, tmp_path, monkeypatch: pytest.MonkeyPatch):
+    src = tmp_path / "src"
+    rich_tree_to_split(src)
+    repo = Repository.init(backend(s3_bucket))
+    m, _ = backup(repo, src)
+    entries = load_tree(repo, m.tree)
+    cut = _split_files(repo, entries)
+    assert cut is not None
+    sent = repo.backend.requests
+    written = restore_tree(repo, entries, tmp_path / "out")
+    assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
+    # each half reads its packs' ranges: the child's requests are counted too
+    files = [e for e in entries if e.kind == T.FILE]
+    halves = [[c for e in part for c, _, _ in e.chunks] for part in (files[:cut], files[cut:])]
+    assert repo.backend.requests - sent >= sum(len(plan_reads(repo, h)) for h in halves)
+    monkeypatch.setattr(extract, "SPLIT_MIN_FILES", len(files) + 1)  # in one process
+    assert restore_tree(repo, entries, tmp_path / "out1") == written  # the parent's client
+    slow = Repository.open(backend(s3_bucket, bwlimit=1 << 20))
+    assert _split_files(slow, entries) is None  # each process would take the whole limit
+
+
+def test_restore_from_s3_in_two_processes_reports_damage_in_the_second(
+        s3_bucket: Bucket, tmp_path):
+    src = tmp_path / "src"
+    rich_tree_to_split(src)
+    repo = Repository.init(backend(s3_bucket))
+    m, _ = backup(repo, src)
+    entries = load_tree(repo, m.tree)
+    last = [e for e in entries if e.kind == T.FILE][-1]  # the second process's
+    key, loc = repo.locate(last.chunks[0][0])
+    assert loc is not None
+    data = bytearray(repo.backend.get(key))
+    data[loc.offset + loc.length - 10 : loc.offset + loc.length] = b"0123456789"
+    repo.backend.put(key, bytes(data))
+    with pytest.raises(DamagedError, match="does not match its hash") as err:
+        restore_tree(repo, entries, tmp_path / "out")
+    files = [e.path for e in entries if e.kind == T.FILE]  # (the chunk may start in another)
+    assert str(err.value).split(":")[0] in files[_split_files(repo, entries):]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -4,8 +4,9 @@ Restoring never writes outside the target: every path is validated, parents are 
 component by component with O_NOFOLLOW relative to the target's directory fd, and entries
 are created with the ``*at`` calls, so a symlink in the snapshot can't redirect a later
 entry. Chunks are fetched (ranged reads of their packs) and decrypted ahead of the writer
-by a small thread pool. With two CPUs, a local storage and SPLIT_MIN_FILES files or more,
-a forked second process restores half of the regular files (``_restore_in_two``).
+by a small thread pool. With two CPUs and SPLIT_MIN_FILES files or more, a forked second
+process restores half of the regular files (``_restore_in_two``), reading the storage
+through a client of its own.
 
 The read API other components build on (a FUSE mount, ``ls``, ``cat``):
 ``Repository.open`` -> ``Repository.manifests()`` -> :func:`load_tree` -> :func:`read_range`.
@@ -587,11 +588,10 @@ class _Restore:
 
 
 def _split_files(repo: Repository, entries: list[T.Entry]) -> int | None:
-    """Where to cut the regular files in two halves of ``_cost``, if two processes pay: two
-    CPUs, enough files, and storage read with plain system calls (a remote storage's client
-    holds connections a forked child must not share)."""
+    """Where to cut the regular files in two halves of ``_cost``, if two processes pay and
+    may share the storage: two CPUs, enough files, no bwlimit each would take whole."""
     costs = [_cost(e) for e in entries if e.kind == T.FILE]
-    if len(costs) < SPLIT_MIN_FILES or repo.backend.cache_metadata or \
+    if len(costs) < SPLIT_MIN_FILES or not repo.backend.shared_by_processes or \
             len(os.sched_getaffinity(0)) < 2:
         return None
     half, acc = sum(costs) / 2, 0
@@ -625,17 +625,20 @@ def _restore_in_two(job: _Restore, entries: list[T.Entry], cut: int) -> None:
     try:
         job.run([e for e in entries if id(e) not in theirs and e.kind not in (T.DIR, T.HARDLINK)
                  and e.path != "."])
-        job.written += child.join()
+        written, requests = child.join()
     finally:
         child.kill()
+    job.written += written
+    job.repo.backend.requests += requests
     if job.progress:
         job.progress(sum(e.size for e in files[cut:]))
     job.run([e for e in entries if e.kind == T.HARDLINK])
 
 
 class _RestoreChild:
-    """A forked process restoring some regular files with its own readers and writers;
-    it reports the bytes written, or the error that stopped it, through a pipe."""
+    """A forked process restoring some regular files with its own readers, writers and
+    storage client; it reports the bytes written and the storage requests sent, or the
+    error that stopped it, through a pipe."""
 
     ERRORS = {c.__name__: c for c in (DamagedError, StorageError, RuntimeFailure, OSError)}
 
@@ -649,8 +652,8 @@ class _RestoreChild:
         os.close(write_fd)
         return cls(pid, read_fd)
 
-    def join(self) -> int:
-        """Bytes the child wrote; raises what stopped it."""
+    def join(self) -> tuple[int, int]:
+        """Bytes the child wrote, requests it sent; raises what stopped it."""
         with os.fdopen(self.read_fd, "rb") as f:
             self.read_fd = -1
             raw = f.read()
@@ -661,7 +664,7 @@ class _RestoreChild:
         except (EOFError, ValueError, TypeError):
             kind, value = "RuntimeFailure", f"the restore's second process ended ({status:#x})"
         if kind == "ok":
-            return value
+            return value[0], value[1]
         raise self.ERRORS.get(kind, RuntimeFailure)(value)
 
     def kill(self) -> None:
@@ -684,13 +687,18 @@ def _failure(e: BaseException) -> tuple[str, str]:
 
 
 def _child_restore(job: _Restore, files: list[T.Entry], read_fd: int, write_fd: int) -> None:
-    """The child's part: restore *files*, report through *write_fd*."""
+    """The child's part: restore *files* through a repository of its own (the parent's
+    connections, pools and locks are neither used nor closed here), report through
+    *write_fd*."""
     os.close(read_fd)
     job.progress = None
+    parents = job.repo  # kept referenced: never collected (nor closed) here
     try:
-        before = job.written
+        job.repo = parents.reopened()
+        before, sent = job.written, job.repo.backend.requests
         job.run(files)
-        report: tuple[str, int | str] = ("ok", job.written - before)
+        report: tuple[str, tuple[int, int] | str] = (
+            "ok", (job.written - before, job.repo.backend.requests - sent))
     except BaseException as e:
         report = _failure(e)
     os.write(write_fd, marshal.dumps(report))

@@ -136,6 +136,14 @@ class Repository:
         self.published: dict[str, int] = {}  # snapshot id -> its manifest's stored size
 
     # --- life cycle --------------------------------------------------------------------
+    def reopened(self) -> Repository:
+        """This repository for a forked child process: on ``backend.reopened()`` (its own
+        connections), with the loaded index and none of this one's locks or caches."""
+        repo = Repository(self._call(self.backend.reopened), self.config, self.key,
+                          self.codec.level)
+        repo._index = self._index
+        return repo
+
     @property
     def id(self) -> str:
         return str(self.config["id"])
