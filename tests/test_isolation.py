@@ -343,8 +343,13 @@ def read_kcore(ct: Hostile) -> None:
 
 def fork_bomb(ct: Hostile) -> None:
     events = ct.cgroup_file("pids", "pids.events")
+    # the shell returns at once, the bomb goes on in the background: wait for it to hit
+    # NUMPROC (it did within the few ms the command took to exit, until the CLI exited faster)
     ct.run("timeout -s KILL 5 sh -c 'b() { b | b & }; b' >/dev/null 2>&1")
     try:
+        deadline = time.monotonic() + 30
+        while int(events.read_text().split()[1]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert int(events.read_text().split()[1]) > 0  # the CT hit NUMPROC
         assert len(open_cgroups_pids(ct)) <= NUMPROC
         assert subprocess.run(["true"], check=False).returncode == 0  # the node forks
