@@ -25,6 +25,13 @@ baseline, then PASS/FAIL for each target of issue 13 measured in this run:
   online+lazy total <= 1.2x restart total (largest size, >= 1000 MiB)
   online (no lazy) frozen <= 2.5 s (largest size, >= 1000 MiB)
 
+The nodes' prefixes live on a new journaled ext4 (a sparse image on a loop device, made
+before the bed and removed after it), as a node's /vz would: this machine's root file system
+has no journal, and there ext4 steps over every inode freed in the last minutes at each file
+creation, which the images written in the freeze paid right after the previous case's
+private area was deleted (bench/backup.py restores onto a new journaled ext4 likewise).
+``--bed-fs root`` puts them on the root file system as before.
+
 The machine is shared by other work: numbers are noisy; compare within one run.
 
     .venv/bin/python bench/migrate.py [--sizes 100,1000] [--rounds 1]
@@ -39,6 +46,7 @@ Results go to bench/results/migrate-TIMESTAMP.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -52,8 +60,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import twonode  # noqa: E402
+from backup import fresh_fs  # noqa: E402 - bench/ is this script's directory
 
 METHODS = ("online+lazy", "online", "restart", "criu+rsync")
+BED_FS_BYTES = 16 << 30  # the nodes' file system (sparse): templates, CTs, 1 GiB images
 CTID_BASE = int(os.environ.get("VZBACKUP_TEST_CTID_BASE", "8800"))
 DEBIAN = "debian-12-x86_64"
 DEBIAN_CACHE = Path(os.environ.get("VZBACKUP_DEMO_PREFIX", "/var/lib/vzbackup/demo"),
@@ -218,13 +228,31 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--debian-methods", default="online+lazy",
                     help="methods for the Debian systemd CT (empty: leave it out)")
+    ap.add_argument("--bed-fs", choices=("ext4", "root"), default="ext4",
+                    help="the nodes' prefixes on a new journaled ext4 (default; what a node's "
+                    "/vz is) or on this machine's root file system")
     args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="vzb-bench-"))
+    mount = twonode.BED_BASE / f"vzbench-bed-fs-{os.getpid()}"
+    try:
+        memhog = build_memhog(tmp / "memhog")
+        with contextlib.ExitStack() as stack:
+            base = twonode.BED_BASE
+            if args.bed_fs == "ext4":
+                base = stack.enter_context(fresh_fs(mount, BED_FS_BYTES))
+            run_cases(args, twonode.up(f"bench{os.getpid()}", base=base), memhog)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            mount.rmdir()
+    return 0
+
+
+def run_cases(args: argparse.Namespace, bed: twonode.TwoNodes, memhog: Path) -> None:
+    """Every case of *args* on *bed* (removed at the end), then medians, ratios, targets."""
     sizes = [int(s) for s in args.sizes.split(",") if s]
     methods = args.methods.split(",")
     deb_methods = [m for m in args.debian_methods.split(",") if m]
-    tmp = Path(tempfile.mkdtemp(prefix="vzb-bench-"))
-    memhog = build_memhog(tmp / "memhog")
-    bed = twonode.up(f"bench{os.getpid()}")
     results: dict[str, dict[str, list[dict]]] = {}
     ctid = CTID_BASE
     cases: list[tuple[int | str, str]] = [(mib, m) for mib in sizes for m in methods]
@@ -233,7 +261,8 @@ def main() -> int:
     elif deb_methods:
         print(f"no {DEBIAN} template in {DEBIAN_CACHE} (scripts/setup.sh builds it): "
               "the Debian CT is left out")
-    print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores; other work shares them)")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores; other work shares them);"
+          f" the nodes' prefixes on {'a new journaled ext4' if args.bed_fs == 'ext4' else '/'}")
     try:
         for _ in range(args.rounds):
             for mib, method in cases:
@@ -245,7 +274,6 @@ def main() -> int:
                 print_run(label, method, rep)
     finally:
         bed.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     def med(mib: int | str, method: str, key: str) -> float:
         vals = [r[key] for r in results.get(str(mib), {}).get(method, [])
@@ -288,9 +316,9 @@ def main() -> int:
         print(f"  {label:<44} {value:7.3f}{unit} (<= {limit}{unit}): {verdict}")
     out = ROOT / "bench/results" / f"migrate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sizes": sizes, "results": results}, indent=2))
+    out.write_text(json.dumps({"sizes": sizes, "bed_fs": args.bed_fs, "results": results},
+                              indent=2))
     print(f"\nresults: {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -202,8 +202,8 @@ class TwoNodes:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def bed_dir(name: str) -> Path:
-    return BED_BASE / f"vzbed-{name}"
+def bed_dir(name: str, base: Path = BED_BASE) -> Path:
+    return base / f"vzbed-{name}"
 
 
 def _tag(name: str) -> str:
@@ -318,11 +318,12 @@ def _fill_cache(prefix: Path, source: Path) -> None:
             shutil.copy(f, cache / f.name)
 
 
-def up(name: str, template_cache: Path | None = None) -> TwoNodes:
-    """Build bed *name* from scratch; on failure everything created so far is removed."""
+def up(name: str, template_cache: Path | None = None, base: Path = BED_BASE) -> TwoNodes:
+    """Build bed *name* from scratch (in *base*: ``down`` finds it only in the default);
+    on failure everything created so far is removed."""
     if not _NAME.match(name):
         raise ValueError(f"bed name {name!r}: use 1-31 of a-z 0-9 - (starting alnum)")
-    d = bed_dir(name)
+    d = bed_dir(name, base)
     if d.exists():
         raise FileExistsError(f"bed {name!r} exists ({d}); run 'twonode.py down {name}' first")
     d.mkdir(mode=0o755)
