@@ -600,6 +600,7 @@ class TreeWriter:
         finally:
             if self.ahead is not None:
                 self.ahead.close()
+                self.ahead = None
             os.close(self.root_fd)
         self.small.finish()
         self._drain(force=True)
