@@ -621,7 +621,7 @@ def _restore_in_two(job: _Restore, entries: list[T.Entry], cut: int) -> None:
     theirs = {id(e) for e in files[cut:]}
     job.run([e for e in entries if e.kind == T.DIR or e.path == "."])
     job.repo.index  # noqa: B018 - loaded here: the child must not wait on the loader's lock
-    child = _RestoreChild.start(job, [e for e in files if id(e) in theirs])
+    child = _RestoreChild.start(job, files[cut:])
     try:
         job.run([e for e in entries if id(e) not in theirs and e.kind not in (T.DIR, T.HARDLINK)
                  and e.path != "."])
