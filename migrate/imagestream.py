@@ -34,6 +34,8 @@ except ImportError:  # pragma: no cover - an older venv: no streaming, same resu
 BATCH_WAIT_MS = 20  # gather what CRIU closes within this long into one request
 BATCH_END = b".\n"  # ends a batch of images in an ImagePipe stream
 ACK = b"ok\n"  # DEST's receiver wrote a batch
+READY = b"ready\n"  # DEST's receiver runs (its start-up is over)
+READY_TIMEOUT = 30.0  # for DEST's receiver to start
 END_TIMEOUT = 10.0  # for an ImagePipe's ssh to end once every image is acknowledged
 WAKE_FILE = ".vzbackup-stop"  # written to wake the thread (a dot file: never sent)
 SKIP_SUFFIXES = (".log",)  # CRIU's own log stays open and never goes to DEST
@@ -132,6 +134,7 @@ class ImagePipe:
         self.images = images
         self.bytes = 0
         self._unacked = 0  # batches sent and not yet acknowledged
+        self._ready = False
         self._finished = False
         remote = f"exec nice -n {C.FREEZE_NICE} {shlex.join(receiver)}"
         self._proc = subprocess.Popen([*ssh, remote], stdin=subprocess.PIPE, bufsize=0,
@@ -148,9 +151,22 @@ class ImagePipe:
             if m:
                 urge(int(m.group(1)))
 
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Return once DEST's receiver runs. Started before the stage and awaited before the
+        freeze, its start-up (ssh session, Python, ~0.1 s of CPU) stays out of the dump."""
+        if self._ready:
+            return
+        if not select.select([self._proc.stdout], [], [], timeout)[0]:
+            self.close()
+            raise E.RuntimeFailure("DEST's image receiver did not start")
+        if self._proc.stdout.readline() != READY:
+            raise self._failure()
+        self._ready = True
+
     def send(self, names: list[str]) -> int:
         """Send the images *names* as one batch (a name sent again replaces the earlier
         copy); the bytes sent."""
+        self.wait_ready()
         n = 0
         try:
             for name in names:
@@ -215,6 +231,8 @@ def receive_images(inp: BinaryIO, out: BinaryIO, where: Path) -> None:
     by SIZE bytes and ended by BATCH_END, written into *where* and acknowledged on *out*.
     The sshd session carrying them runs at the freeze's priority too."""
     urgent_sshd_parent()
+    out.write(READY)
+    out.flush()
     while line := inp.readline():
         if line == BATCH_END:
             out.write(ACK)

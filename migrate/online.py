@@ -222,8 +222,10 @@ class OnlineDump:
         shutil.rmtree(self.images, ignore_errors=True)
         self.images.mkdir(parents=True, exist_ok=True)
         try:
+            self.pipe = self._open_pipe()  # DEST's receiver starts up during the stage
             self.stage()
-            self.pipe = self._open_pipe()
+            if self.pipe is not None:
+                self.pipe.wait_ready()
             self.stream = ImageStream(self.images, self._send)
             self.stream.start()
             opts = driver.DumpOptions(

@@ -554,7 +554,7 @@ def test_image_stream_sends_closed_images_and_again_what_changed(tmp_path: Path)
 def test_image_pipe_acknowledges_batches_and_reports_a_failed_receiver(tmp_path: Path) -> None:
     """The image stream into DEST's real receiver (``sh -c`` standing in for ssh): finish()
     returns with every batch written, a name sent again replaces its earlier copy, and a
-    receiver that fails makes the next send or finish() raise with its message."""
+    receiver that fails to start makes wait_ready() raise with its message."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
@@ -563,6 +563,8 @@ def test_image_pipe_acknowledges_batches_and_reports_a_failed_receiver(tmp_path:
     (src / "pages-1.img").write_bytes(os.urandom(3 << 20))
     pipe = ImagePipe(["sh", "-c"], [*receiver, str(dst)], src)
     try:
+        pipe.wait_ready()  # the receiver runs: nothing was sent yet
+        assert list(dst.iterdir()) == []
         assert pipe.send(["core-1.img", "pages-1.img"]) == 3 + (3 << 20)
         (src / "core-1.img").write_bytes(b"ONE!")
         pipe.send(["core-1.img"])
@@ -575,10 +577,8 @@ def test_image_pipe_acknowledges_batches_and_reports_a_failed_receiver(tmp_path:
     finally:
         pipe.close()
     bad = ImagePipe(["sh", "-c"], [*receiver, str(tmp_path / "missing")], src)
-    try:
-        with pytest.raises(E.RuntimeFailure, match="sending the images to DEST failed"):
-            for _ in range(100):  # the receiver refuses at start; a write then breaks
-                bad.send(["pages-1.img"])
-            bad.finish()
+    try:  # the receiver refuses at start: known before anything is frozen
+        with pytest.raises(E.RuntimeFailure, match=r"(?s)DEST failed .*missing. does not exist"):
+            bad.wait_ready()
     finally:
         bad.close()
