@@ -167,10 +167,11 @@ class ChunkStore:
 
     def index(self) -> Index:
         """The repository's index as it is now, with what other writers stored since this
-        backup began: read when first needed (an unchanged backup never reads it)."""
+        backup began: read when first needed (an unchanged backup never reads it), not
+        from a repository this process just created."""
         with self.index_lock:
             if self._index is None:
-                self._index = self.repo.reload_index()
+                self._index = self.repo.index if self.repo.fresh else self.repo.reload_index()
             return self._index
 
     def _reuse(self, cid: str) -> bool:

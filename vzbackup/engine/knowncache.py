@@ -33,7 +33,7 @@ def load_known(repo: Repository, path: Path | None = None
                ) -> tuple[set[str], dict[str, int]]:
     """:func:`known_chunks`, and the manifest size of every snapshot it covers (for
     :func:`remember`)."""
-    sizes, _ = repo.snapshot_listing()
+    sizes = {} if repo.fresh else repo.snapshot_listing()[0]
     kept = _load(path) if path is not None else None
     if kept is not None and all(sizes.get(sid) == n for sid, n in kept[0].items()):
         known = set(kept[1])

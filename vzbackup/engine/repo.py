@@ -134,6 +134,7 @@ class Repository:
         self._index_lock = threading.Lock()
         self._packs_written: dict[str, list[tuple[str, Entries]]] = {}  # index file -> packs
         self.published: dict[str, int] = {}  # snapshot id -> its manifest's stored size
+        self.created = False  # by this process (``init``)
 
     # --- life cycle --------------------------------------------------------------------
     def reopened(self) -> Repository:
@@ -172,7 +173,10 @@ class Repository:
             raise StorageError(str(e)) from None
         if not created:
             return cls.open(backend, key, level)
-        return cls(backend, config, key, level)
+        repo = cls(backend, config, key, level)
+        repo.created = True
+        repo._index = Index()
+        return repo
 
     @classmethod
     def open(
@@ -216,6 +220,13 @@ class Repository:
                 f"the repository at {backend.url} is not encrypted; don't pass a key for it"
             )
         return cls(backend, config, key, level)
+
+    @property
+    def fresh(self) -> bool:
+        """Whether this process created the repository and has published nothing into it:
+        a writer need not list its snapshots or index (what another writer stored since
+        then is only missed for dedup)."""
+        return self.created and not self.published
 
     @property
     def chunker_params(self) -> tuple[int, int, int]:
