@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,10 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
                     log(f"INFO: backing up CRIU images from {src.state_dir}")
                     state_tree = TreeWriter(repo, store, log=log).write(src.state_dir)
                 read_s = time.monotonic() - t1
-            store.finish()
+            with ThreadPoolExecutor(1, thread_name_prefix="snapshot-name") as naming:
+                # the snapshot's name is checked for a clash while the last pack is written
+                named = naming.submit(repo.free_time, ct.ctid, datetime.now(UTC))
+                store.finish()
         finally:
             store.close()
         gone = store.vanished()
@@ -134,7 +138,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
         manifest = Manifest(
             id="",
             ctid=ct.ctid,
-            time=time.strftime(TIME_FMT, time.gmtime()),
+            time=named.result().strftime(TIME_FMT),
             hostname=conf.hostname or "",
             mode=mode,
             notes=(opts.notes_template or "").replace("{{vmid}}", str(ct.ctid)).replace(
@@ -158,7 +162,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
         with ThreadPoolExecutor(1, thread_name_prefix="files-cache") as meanwhile:
             saved = meanwhile.submit(cache.save)
             with repo.consolidating_index():
-                manifest = repo.publish(manifest, log.text)
+                manifest = repo.publish(manifest, log.text, free=True)
             saved.result()  # (publish's error wins: raised before this)
         # (store.known: the chunks known at the start, plus the new ones, all in refs)
         knowncache.remember(known_path, known_sizes, store.known, manifest.id,

@@ -501,23 +501,36 @@ class Repository:
         return self.codec.open(key, blob)
 
     # --- snapshots -------------------------------------------------------------------------
-    def publish(self, manifest: Manifest, log_text: str) -> Manifest:
-        """Write the log, then the manifest (create-if-absent, a clash moves the time on)."""
+    def free_time(self, ctid: int, stamp: datetime) -> datetime:
+        """The first time from *stamp* on, by seconds, that names no snapshot of *ctid*,
+        published or in the trash (a snapshot's id is its time)."""
+        for _ in range(60):
+            sid = f"{ctid}/{stamp.strftime(TIME_FMT)}"
+            if not self._any_exists([SNAP_PREFIX + sid, TRASH_PREFIX + sid]):
+                return stamp
+            stamp = stamp.fromtimestamp(stamp.timestamp() + 1, UTC)
+        raise StorageError(f"could not find a free snapshot name for CT {ctid}")
+
+    def publish(self, manifest: Manifest, log_text: str, *, free: bool = False) -> Manifest:
+        """Write the log, then the manifest (create-if-absent, a clash moves the time on).
+        *free*: ``manifest.time`` was just found free by :meth:`free_time` (a writer checks
+        it while its last pack is written)."""
         stamp = datetime.fromisoformat(manifest.time)  # TIME_FMT (no strptime: its import
         #                                                 is ~2 ms of an unchanged backup)
         self.flush()  # the packs are durable before anything refers to them
         for _ in range(60):
+            if not free:
+                stamp = self.free_time(manifest.ctid, stamp)
+            free = False
             manifest.time = stamp.strftime(TIME_FMT)
             manifest.id = f"{manifest.ctid}/{manifest.time}"
             key = SNAP_PREFIX + manifest.id
-            if self._any_exists([key, TRASH_PREFIX + manifest.id]):
-                stamp = stamp.fromtimestamp(stamp.timestamp() + 1, UTC)
-                continue
             self.put_object(key + LOG_SUFFIX, log_text.encode(), Kind.LOG)
             blob = self.codec.seal(key, manifest.to_json())
             if self._put_sealed(key, blob, Kind.SNAPSHOT, exclusive=True):
                 self.published[manifest.id] = len(blob)
                 return manifest
+            stamp = stamp.fromtimestamp(stamp.timestamp() + 1, UTC)
         raise StorageError(f"could not find a free snapshot name for CT {manifest.ctid}")
 
     def snapshot_ids(self, ctid: int | None = None) -> list[str]:
