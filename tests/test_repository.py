@@ -38,6 +38,7 @@ from vzbackup.engine.filescache import (
 )
 from vzbackup.engine.keeppolicy import KeepPolicy
 from vzbackup.engine.knowncache import known_chunks
+from vzbackup.engine.pack import INDEX_EVERY
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.engine.verify import verify
 from vzbackup.errors import ConfigError, DamagedError, LockedError, StorageError
@@ -766,7 +767,7 @@ KILLED_BACKUP = textwrap.dedent("""
     from vzbackup.engine.repo import Repository
     repo = Repository.open(DirBackend(sys.argv[1]))
     L.RepoLock(repo, L.BACKUP, what="doomed").acquire()
-    store = ChunkStore(repo, set(), threads=2, stats=Stats(), bwlimit_kbps=8192)
+    store = ChunkStore(repo, set(), threads=2, stats=Stats(), bwlimit_kbps=16384)
     print("started", flush=True)
     TreeWriter(repo, store).write(Path(sys.argv[2]))
 """)
@@ -777,7 +778,8 @@ def test_kill_9_mid_backup_leaves_a_valid_repository(repo: Repository, tmp_path:
     src.mkdir()
     (src / "keep").write_bytes(os.urandom(1 << 20))
     good, _ = backup(repo, src)
-    for i in range(10):  # 20 MiB: one full pack gets written, the rest is cut short
+    # 48 MiB: INDEX_EVERY (2) full packs get written and indexed, the rest is cut short
+    for i in range(24):
         (src / f"big{i}").write_bytes(os.urandom(2 << 20))
     p = subprocess.Popen([sys.executable, "-c", KILLED_BACKUP, str(repo.backend.root), str(src)],
                          stdout=subprocess.PIPE, cwd=ROOT)
@@ -794,7 +796,7 @@ def test_kill_9_mid_backup_leaves_a_valid_repository(repo: Repository, tmp_path:
     assert L.list_locks(repo), "its lock is left behind ..."
     # ... stale, so GC and the next backup proceed; the next backup reuses stored chunks
     m, s = backup(repo, src)
-    assert s.bytes_new < 8 << 20  # the written pack's chunks are reused
+    assert s.bytes_new < 20 << 20  # the indexed packs' chunks are reused
     assert verify(repo, [m]).ok
     rep = maintenance.collect_garbage(repo, grace=0)
     assert rep.running_backups == 0
@@ -1059,12 +1061,15 @@ def test_rebuild_index_from_the_pack_headers(tmp_path: Path, monkeypatch):
 def test_a_backups_index_files_are_merged_into_one(repo: Repository, tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(40):
+    for i in range(70):  # 5 packs
         (src / f"blob{i}").write_bytes(os.urandom(1 << 20))
     m, _ = backup(repo, src)
     packs = {i.key.rsplit("/", 1)[-1] for i in repo.list_packs()}
-    assert len(repo.index_files()) == len(packs) >= 3  # one per pack while it runs
-    assert repo.consolidate_index() == len(packs)
+    # an index file for every INDEX_EVERY packs while it ran (not for those stored while
+    # the packer was flushed), one for all at its end
+    files = len(repo.index_files())
+    assert len(packs) > 2 * INDEX_EVERY and 2 <= files <= len(packs) // INDEX_EVERY + 1
+    assert repo.consolidate_index() == files - 1
     assert len(repo.index_files()) == 1 and repo.consolidate_index() == 0
     fresh = Repository.open(repo.backend)
     assert set(fresh.index.packs) == packs and all(c in fresh.index for c in m.refs)

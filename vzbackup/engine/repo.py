@@ -133,6 +133,7 @@ class Repository:
         self._index: Index | None = None
         self._index_lock = threading.Lock()
         self._packs_written: dict[str, list[tuple[str, Entries]]] = {}  # index file -> packs
+        self._superseded: list[str] = []  # index files a later one lists all packs of
         self.published: dict[str, int] = {}  # snapshot id -> its manifest's stored size
         self.created = False  # by this process (``init``)
 
@@ -349,39 +350,56 @@ class Repository:
 
     # --- chunks ---------------------------------------------------------------------------
     def packer(self) -> Packer:
-        """A packer whose packs are written with an index file each (resumable)."""
-        return Packer(self.codec.seal, self._store_pack)
+        """A packer whose packs get an index file every INDEX_EVERY packs (an interrupted
+        backup leaves most of its packs indexed, for the next one to reuse) and, once
+        flushed, one listing all of them (:meth:`_index_packs`)."""
+        return Packer(self.codec.seal, self._store_pack, self._index_packs)
 
     def _store_pack(self, pack: str, parts: list[bytes], entries: Entries) -> None:
         self.put_pack(pack, parts)
-        key = self.write_index([(pack, entries)])
+
+    def _index_packs(self, packs: list[tuple[str, Entries]], flushed: bool) -> None:
+        """An index file for *packs* as they are stored; once the packer is *flushed*, one
+        for all of this process's packs (since the last :meth:`consolidate_index`), which
+        replaces those (a cold index load, a disaster restore, costs a request per index
+        file) and is written before a snapshot can refer to them. ``consolidate_index``
+        deletes the replaced ones."""
         with self._index_lock:
-            self._packs_written[key] = [(pack, entries)]
+            written = self._packs_written
+        if flushed:
+            if not packs and len(written) < 2:
+                return
+            packs = [p for batch in written.values() for p in batch] + packs
+        key = self.write_index(packs)
+        with self._index_lock:
+            if flushed:
+                self._superseded.extend(written)
+                self._packs_written = {key: packs}
+            else:
+                self._packs_written[key] = packs
 
     def consolidate_index(self) -> int:
-        """Replace the index files written for this process's packs (one per pack, so an
-        interrupted backup's packs stay usable) by one, then delete them: a cold index
-        load (a disaster restore) costs a request per index file. Returns the files merged.
-        Safe alongside gc and rebuild-index: the new file exists before the old ones go."""
+        """Delete the index files that the last one of this process's packs replaced
+        (:meth:`_index_packs`). Returns how many. Safe alongside gc and rebuild-index: the
+        new file exists before the old ones go."""
         with self._index_lock:
-            written, self._packs_written = self._packs_written, {}
-        if len(written) < 2:
+            old, self._superseded, self._packs_written = self._superseded, [], {}
+        if not old:
             return 0
-        self.write_index([p for packs in written.values() for p in packs])
-        self.delete_objects(list(written))
+        self.delete_objects(old)
         with self._index_lock:
             if self._index is not None:
-                for key in written:
+                for key in old:
                     self._index.files.pop(key, None)
-        return len(written)
+        return len(old)
 
     @contextlib.contextmanager
     def consolidating_index(self) -> Iterator[None]:
         """Run :meth:`consolidate_index` in a thread while the body runs (publishing a
-        snapshot: their round trips overlap); a failure leaves the per-pack index files,
-        which serve as well."""
+        snapshot: their round trips overlap); a failure leaves the replaced index files,
+        which only list the packs again."""
         with self._index_lock:
-            needed = len(self._packs_written) >= 2
+            needed = bool(self._superseded)
         if not needed:
             yield
             return
