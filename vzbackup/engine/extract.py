@@ -614,17 +614,18 @@ def _cost(e: T.Entry) -> int:
 def _restore_in_two(job: _Restore, entries: list[T.Entry], cut: int) -> None:
     """Restore in two processes: Python's per-file work holds one interpreter's lock, and a
     restore is mostly that (the kernel's share runs in parallel either way). This process
-    makes the directories, forks a child for the regular files from *cut* on, restores
-    those before it and the symlinks, devices and FIFOs, then, once the child is done, the
-    hard links."""
+    makes the directories the regular files from *cut* on need, forks a child for those
+    files, makes the other directories and restores its files, symlinks, devices and FIFOs,
+    then, once the child is done, the hard links."""
     files = [e for e in entries if e.kind == T.FILE]
-    theirs = {id(e) for e in files[cut:]}
-    job.run([e for e in entries if e.kind == T.DIR or e.path == "."])
+    needed = _parent_dirs(files[cut:])
+    first = [e for e in entries if e.path == "." or (e.kind == T.DIR and e.path in needed)]
+    job.run(first)
     job.repo.index  # noqa: B018 - loaded here: the child must not wait on the loader's lock
     child = _RestoreChild.start(job, files[cut:])
     try:
-        job.run([e for e in entries if id(e) not in theirs and e.kind not in (T.DIR, T.HARDLINK)
-                 and e.path != "."])
+        done = {id(e) for e in (*first, *files[cut:])}
+        job.run([e for e in entries if id(e) not in done and e.kind != T.HARDLINK])
         written, requests = child.join()
     finally:
         child.kill()
@@ -633,6 +634,17 @@ def _restore_in_two(job: _Restore, entries: list[T.Entry], cut: int) -> None:
     if job.progress:
         job.progress(sum(e.size for e in files[cut:]))
     job.run([e for e in entries if e.kind == T.HARDLINK])
+
+
+def _parent_dirs(files: list[T.Entry]) -> set[str]:
+    """The directories (relative paths, with every ancestor) that hold *files*."""
+    dirs: set[str] = set()
+    for e in files:
+        head = e.path.rpartition("/")[0]
+        while head and head not in dirs:
+            dirs.add(head)
+            head = head.rpartition("/")[0]
+    return dirs
 
 
 class _RestoreChild:
