@@ -42,7 +42,6 @@ import base64
 import contextlib
 import hashlib
 import io
-import os
 import threading
 import time
 import uuid
@@ -57,7 +56,6 @@ import botocore.session
 from botocore.auth import AUTH_TYPE_MAPS, S3SigV4Auth
 from botocore.config import Config
 from botocore.handlers import convert_body_to_file_like_object, set_operation_specific_signer
-from botocore.loaders import Loader
 from vzbackup.storage.backend import (
     RETAINED_KINDS,
     Backend,
@@ -122,25 +120,17 @@ class _AnyService:
         return iter(self.listing())
 
 
-class _Loader(Loader):
-    """botocore's model loader, minus the listing of every service's directory (over 400,
-    for each kind of model loaded: S3's model, its endpoint rules, its paginators) that
-    only checks the one asked for exists: ~30 ms of CPU on a command's start."""
-
-    def list_available_services(self, type_name: str) -> Any:
-        return _AnyService(lambda: super(_Loader, self).list_available_services(type_name))
-
-
 def _new_session(profile: str) -> botocore.session.Session:
-    """A botocore session (of *profile*, if set) with :class:`_Loader`, on the same data
-    path as botocore's own (AWS_DATA_PATH, or the profile's data_path)."""
+    """A botocore session (of *profile*, if set) whose model loader, botocore's own on its
+    data path, no longer lists every service's directory (over 400, for each kind of model
+    loaded: S3's model, its endpoint rules, its paginators) only to check that the one asked
+    for exists: ~30 ms of CPU on a command's start."""
     session = botocore.session.Session()
     if profile:
         session.set_config_variable("profile", profile)
-    paths = session.get_config_variable("data_path")
-    extra = [os.path.expanduser(os.path.expandvars(p)) for p in paths.split(os.pathsep)] \
-        if paths else None
-    session.register_component("data_loader", _Loader(extra_search_paths=extra))
+    loader = session.get_component("data_loader")
+    listing = loader.list_available_services
+    loader.list_available_services = lambda type_name: _AnyService(lambda: listing(type_name))
     return session
 
 
