@@ -236,9 +236,8 @@ def test_network_dies_mid_backup_then_resume_uploads_only_the_rest(proxy_node,
     (private(node, ctid) / "srv/blob").write_bytes(os.urandom(72 << 20))
     # packs are written two at a time: the first two (~33 MiB with the CT's own files) are
     # complete with their index file (one for both: INDEX_EVERY) long before 52 MiB have
-    # gone out, while the later ones
-    # are cut (at 36 MiB the cut came as the first two finished: one of them could be stored
-    # and its index file cut off)
+    # gone out, while the later ones are cut (at 36 MiB the cut came as the first two
+    # finished: one of them could be stored and its index file cut off)
     flaky(node, s3_bucket, proxies, cut_after=52 << 20)
     res = node.vz("dump", "--storage", "flaky", str(ctid), "--json", check=False, timeout=300)
     assert res.returncode == 13, res.stderr
