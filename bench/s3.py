@@ -28,11 +28,12 @@ over the CPUs is a floor for the wall time (printed beside what 0.8x allows). Th
 is the logical size of the private area per second. The load average is printed with
 the results: on a shared machine they are noisy.
 
-The restored CTs (two per round) and the unpacked tars are removed at the end, not between
-restores: on an
-ext4 without a journal, inode allocation skips (and re-reads, at every allocation) the
-inodes deleted in the last minutes (ext4's ``recently_deleted``), so a restore right
-after a 300 MB tree was deleted spends most of its CPU there, in the kernel.
+Every restore and every ``tar -x`` goes onto a new journaled ext4 (bench/backup.py's
+fresh_fs: a loop device, made before and removed after the command), as a restore onto a
+node's /vz finds it. On this machine's root file system (ext4 without a journal) inode
+allocation skips (and re-reads, at every allocation) the inodes deleted in the last minutes
+(ext4's ``recently_deleted``): a restore after an earlier one was deleted spent most of its
+time there, in the kernel, whatever the tool (tar -x of the Debian tree: 7.8 s).
 
 The RGW is started with scripts/s3-server.sh unless it already
 answers (and stopped again only then). Results go to bench/results/s3-TIMESTAMP.json.
@@ -64,8 +65,10 @@ from backup import (
     DEBIAN_TEMPLATE,
     MARKER,
     MB,
+    RESTORE_FS,
     TEMPLATE,
     DataSet,
+    fresh_fs,
     log,
     measure,
     own_cpu_s,
@@ -155,6 +158,8 @@ class S3Bench:
         self.work.mkdir()
         self.vz("create", str(self.args.ctid), "--ostemplate",
                 self.template.name.removesuffix(".tar.zst"))
+        with open(self.prefix / "etc/vz/vz.conf", "a") as f:  # restored CTs: on fresh_fs
+            f.write(f'\nVE_PRIVATE="${{PREFIX}}/{RESTORE_FS}/private/$VEID"\n')
         if self.args.dataset == "generated":
             log(f"generating {self.args.size_mb} MB into {self.private}")
             DataSet(self.private, self.args.size_mb, self.args.seed).generate()
@@ -183,9 +188,17 @@ class S3Bench:
         shutil.rmtree(self.prefix / "var/cache/vzbackup", ignore_errors=True)
         os.sync()
 
+    def fresh_fs(self) -> contextlib.AbstractContextManager[Path]:
+        """A new file system at RESTORE_FS for one restore (bench/backup.py's fresh_fs)."""
+        room = 2 * tree_size(self.private)["allocated"] + (512 << 20)
+        return fresh_fs(self.prefix / RESTORE_FS, room)
+
     def restore(self, ctid: int, *args: str) -> tuple[object, float, int]:
-        """Run, server CPU seconds and S3 requests of a restore into the new CT *ctid*."""
-        r, server = self.vz_cpu("restore", *args, str(ctid), "--ipadd", "none", "--json")
+        """Run, server CPU seconds and S3 requests of a restore into the new CT *ctid* (on a
+        new file system, destroyed after)."""
+        with self.fresh_fs():
+            r, server = self.vz_cpu("restore", *args, str(ctid), "--ipadd", "none", "--json")
+            self.vz("destroy", str(ctid))
         return r, server, json.loads(r.out).get("storage_requests", 0)
 
     def timed(self, fn: object) -> tuple[float, float, float]:
@@ -215,7 +228,7 @@ class S3Bench:
                     "vz_upload_cpu": r.cpu_s, "vz_upload_server_cpu": server})
         log(f"round {n}: vzbackup dump {r.seconds:.2f} s")
 
-        # in turns, each into its own new CT; none is deleted before both ran (see above)
+        # in turns, each into its own new CT on its own new file system
         ctids = {"s3": self.args.restore_ctid + 2 * n, "local": self.args.restore_ctid + 2 * n + 1}
         for way in ("s3", "local") if n % 2 == 0 else ("local", "s3"):
             self.drop_cache()  # a disaster restore: nothing but the bucket
@@ -241,10 +254,11 @@ class S3Bench:
         back.unlink()
         log(f"round {n}: one tar: upload_file {out['tar_upload_s']:.2f} s, "
             f"download_file {out['tar_download_s']:.2f} s")
-        files = self.work / f"files-{n}"  # kept until the end, like the restored CTs
-        files.mkdir()
-        os.sync()
-        r = measure(["tar", "-C", str(files), "-xf", str(tar)])
+        with self.fresh_fs() as fs:
+            files = fs / "files"
+            files.mkdir()
+            os.sync()
+            r = measure(["tar", "-C", str(files), "-xf", str(tar)])
         out["files_s"], out["files_cpu"] = r.seconds, r.cpu_s
         log(f"round {n}: tar -x of the tar (creating the files alone) {r.seconds:.2f} s")
         if self.args.per_file:
