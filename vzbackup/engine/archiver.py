@@ -821,8 +821,8 @@ class TreeWriter:
         if slot is not None and st.st_nlink > 1 and stat.S_ISREG(mode):
             target = e.link if e.kind == T.HARDLINK else ""
             slot[0].links.append((slot[1], st.st_dev, st.st_ino, target))
-        e.xattrs = T.read_xattrs(abs_p)
         if e.kind != T.FILE:
+            e.xattrs = T.read_xattrs(abs_p)
             self._emit(_Pending(e, slot=slot))
             return
         self._add_file(abs_p, e, st, slot, content)
@@ -832,6 +832,7 @@ class TreeWriter:
         self.stats.files += 1
         self.stats.bytes_total += st.st_size
         if content is not None:
+            e.xattrs = T.read_xattrs(abs_p)
             e.size, e.chunks, e.extents = st.st_size, content[0], content[1]
             self.stats.cache_hits += 1
             self.store.refs.update(c[0] for c in e.chunks)
@@ -840,6 +841,7 @@ class TreeWriter:
             return
         fd = open_for_reading(abs_p)
         try:
+            e.xattrs = T.read_xattrs(fd)  # (from the descriptor: no path lookup)
             extents = None
             if st.st_blocks * 512 < st.st_size:
                 extents = data_extents(fd, st.st_size)

@@ -140,15 +140,18 @@ def safe_relpath(path: str) -> str:
     return path
 
 
-def read_xattrs(path: str) -> dict[str, bytes]:
+def read_xattrs(path: str | int) -> dict[str, bytes]:
+    """The xattrs of *path* (not followed if a symlink), or of the open file *path*: a
+    descriptor spares the kernel a path lookup per call."""
+    follow = isinstance(path, int)  # (an fd: nothing to follow, and os refuses the flag)
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError:
         return {}
     out = {}
     for n in names:
         try:
-            out[n] = os.getxattr(path, n, follow_symlinks=False)
+            out[n] = os.getxattr(path, n, follow_symlinks=follow)
         except OSError:
             continue
     return out
