@@ -102,11 +102,18 @@ class Entry:
 # one encoder for every line (json.dumps with options builds one per call); entries are
 # plain trees of dicts and lists, so the reference-cycle check is skipped
 _LINE_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+# and its C encoder made once too (JSONEncoder.encode makes one per call: a file's line
+# took 5.7 us, 3.5 us so; ~36 ms of the walk's thread for a 16.4k-entry rootfs)
+_C_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _LINE_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",",
+    False, False, True)
 
 
 def encode_line(d: dict) -> bytes:
     """One entry's line of the file list (as ``json.dumps(d, separators=(",", ":"))``)."""
-    return _LINE_ENCODER.encode(d).encode() + b"\n"
+    if _C_ENCODE is None:  # (no C accelerator)
+        return _LINE_ENCODER.encode(d).encode() + b"\n"
+    return "".join(_C_ENCODE(d, 0)).encode() + b"\n"
 
 
 def encode_lines(entries: Iterable[dict]) -> Iterator[bytes]:
