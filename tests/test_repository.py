@@ -592,7 +592,7 @@ def _hostile_snapshot(repo: Repository, entries: list[dict]) -> Manifest:
     stats = Stats()
     store = ChunkStore(repo, set(), threads=1, stats=stats)
     data = b"".join(T.encode_lines(entries))
-    tree = [store.submit(data).result()]
+    tree = [store.submit_all([memoryview(data)])[0].result()]
     store.finish()
     m = Manifest(id="", ctid=666, time=time.strftime(TIME_FMT, time.gmtime()), tree=tree,
                  refs=tree)

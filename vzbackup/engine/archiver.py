@@ -119,11 +119,6 @@ class ChunkStore:
         self.limiter = Limiter(bwlimit_kbps)
         self.error: BaseException | None = None
 
-    def submit(self, data: bytes | memoryview) -> Future:
-        """Process one chunk in the pool (bounded: blocks while it is full); the future's
-        result is its id."""
-        return self._submit(self.pool, self.slots, self.process, data)
-
     def submit_all(self, chunks: list[memoryview]) -> list[ChunkId]:
         """Process *chunks* in the pool, a run of them per worker in one task (bounded:
         blocks while the pool is full); the handles' results are their ids. A task per
@@ -275,7 +270,7 @@ class Buffers:
         self.size = size
         self.keep = keep
         self.lock = threading.Lock()
-        self.held: list[tuple[mmap.mmap, list[Future]]] = []
+        self.held: list[tuple[mmap.mmap, list[Future]]] = []  # a buffer, its chunks' tasks
 
     def take(self, need: int) -> mmap.mmap:
         """A buffer of at least *need* bytes: a free one, else a new one of ``size`` (or
@@ -315,7 +310,7 @@ class Stream:
         self.buf: mmap.mmap | bytes = b""
         self.fill = 0  # bytes in buf, not yet chunked
         self.base = 0  # stream offset of buf[0]
-        self.chunks: collections.deque[tuple[int, int, Future]] = collections.deque()
+        self.chunks: collections.deque[tuple[int, int, ChunkId]] = collections.deque()
 
     @property
     def end(self) -> int:
@@ -381,7 +376,7 @@ class Stream:
         data.release()
         self.buffers.give(old, list({c.fut for c in ids}))
 
-    def slices(self, start: int, end: int) -> list[tuple[Future, int, int]]:
+    def slices(self, start: int, end: int) -> list[tuple[ChunkId, int, int]]:
         out = []
         for cstart, clen, fut in self.chunks:
             if cstart + clen <= start:

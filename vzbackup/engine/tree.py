@@ -13,7 +13,7 @@ import base64
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 DIR, FILE, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO = "d", "f", "l", "h", "c", "b", "p"
@@ -102,16 +102,31 @@ class Entry:
 # one encoder for every line (json.dumps with options builds one per call); entries are
 # plain trees of dicts and lists, so the reference-cycle check is skipped
 _LINE_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
-# and its C encoder made once too (JSONEncoder.encode makes one per call: a file's line
-# took 5.7 us, 3.5 us so; ~36 ms of the walk's thread for a 16.4k-entry rootfs)
-_C_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
-    None, _LINE_ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",",
-    False, False, True)
+
+
+def _c_line_encoder() -> Callable[[dict, int], Iterable[str]] | None:
+    """_LINE_ENCODER's C encoder, made once (JSONEncoder.encode makes one per call: 5.5 us
+    a line against 4.1 us, ~24 ms of the walk's thread for a 16.4k-entry rootfs); None
+    where json has no C accelerator or its private constructor differs from 3.11's (checked
+    on a sample line, so a changed signature falls back instead of writing other bytes)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        enc = make(None, _LINE_ENCODER.default, json.encoder.encode_basestring_ascii, None,
+                   ":", ",", False, False, True)
+        sample = {"p": "a\u00e9\"", "n": [1, 2.5, None, True]}
+        return enc if "".join(enc(sample, 0)) == _LINE_ENCODER.encode(sample) else None
+    except (TypeError, ValueError):
+        return None
+
+
+_C_ENCODE = _c_line_encoder()
 
 
 def encode_line(d: dict) -> bytes:
     """One entry's line of the file list (as ``json.dumps(d, separators=(",", ":"))``)."""
-    if _C_ENCODE is None:  # (no C accelerator)
+    if _C_ENCODE is None:  # (see _c_line_encoder)
         return _LINE_ENCODER.encode(d).encode() + b"\n"
     return "".join(_C_ENCODE(d, 0)).encode() + b"\n"
 
