@@ -139,6 +139,20 @@ def fresh_fs(mountpoint: Path, size: int) -> Iterator[Path]:
         image.unlink(missing_ok=True)
 
 
+def restores_on_fresh_fs(prefix: Path) -> None:
+    """CTs created under *prefix* from now on (the restored ones) live on the file system
+    restore_fs mounts; the CTs already there keep their configs' paths."""
+    vz_conf = prefix / "etc/vz/vz.conf"
+    vz_conf.parent.mkdir(parents=True, exist_ok=True)
+    with open(vz_conf, "a") as f:
+        f.write(f'\nVE_PRIVATE="${{PREFIX}}/{RESTORE_FS}/private/$VEID"\n')
+
+
+def restore_fs(prefix: Path, private: Path) -> contextlib.AbstractContextManager[Path]:
+    """A new file system at PREFIX/RESTORE_FS for one restore of *private* (fresh_fs)."""
+    return fresh_fs(prefix / RESTORE_FS, 2 * tree_size(private)["allocated"] + (512 << 20))
+
+
 @dataclass
 class Run:
     seconds: float
@@ -713,12 +727,7 @@ class Bench:
         log(f"creating CT {self.ctid} under {self.prefix}")
         self.vz("create", str(self.ctid), "--ostemplate",
                 self.template.name.removesuffix(".tar.zst"))
-        # CTs created from now on (the restored one) live on the restores' file system; the
-        # source CT's config keeps its own path
-        vz_conf = self.prefix / "etc/vz/vz.conf"
-        vz_conf.parent.mkdir(parents=True, exist_ok=True)
-        with open(vz_conf, "a") as f:
-            f.write(f'\nVE_PRIVATE="${{PREFIX}}/{RESTORE_FS}/private/$VEID"\n')
+        restores_on_fresh_fs(self.prefix)
         what = (f"{self.args.rss_area_gb} GiB" if self.args.rss_area_gb
                 else "the data set" if self.args.dataset == "debian" else f"{self.args.size_mb} MB")
         log(f"generating {what} into {self.private}")
@@ -826,13 +835,8 @@ class Bench:
         rec["foreign_cpu_share"] = max(0.0, foreign) / ((time.monotonic() - t0) * os.cpu_count())
         return rec
 
-    def fresh_fs(self) -> contextlib.AbstractContextManager[Path]:
-        """A new file system at RESTORE_FS for one restore (see fresh_fs)."""
-        room = 2 * tree_size(self.private)["allocated"] + (512 << 20)
-        return fresh_fs(self.prefix / RESTORE_FS, room)
-
     def vz_restore(self, snapshot: str, src: dict, wrap: list[str] | None = None) -> dict:
-        with self.fresh_fs() as fs:
+        with restore_fs(self.prefix, self.private) as fs:
             r = self.vz("restore", snapshot, str(self.rctid), "--json", wrap=wrap)
             got = fs / "private" / str(self.rctid)
             res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
@@ -841,7 +845,7 @@ class Bench:
         return res
 
     def tar_restore(self, archive: Path, src: dict) -> dict:
-        with self.fresh_fs() as fs:
+        with restore_fs(self.prefix, self.private) as fs:
             dest = fs / "restore-tar"
             dest.mkdir()
             r = measure(f"zstd -q -dc {shlex.quote(str(archive))} | "
@@ -851,7 +855,7 @@ class Bench:
         return res
 
     def restic_restore(self, src: dict) -> dict:
-        with self.fresh_fs() as fs:
+        with restore_fs(self.prefix, self.private) as fs:
             dest = fs / "restore-restic"
             r = self.restic("restore", "latest", "--host", "vzbench", "--target", str(dest))
             got = dest / self.private.relative_to("/")

@@ -29,7 +29,7 @@ is the logical size of the private area per second. The load average is printed 
 the results: on a shared machine they are noisy.
 
 Every restore and every ``tar -x`` goes onto a new journaled ext4 (bench/backup.py's
-fresh_fs: a loop device, made before and removed after the command), as a restore onto a
+restore_fs: a loop device, made before and removed after the command), as a restore onto a
 node's /vz finds it. On this machine's root file system (ext4 without a journal) inode
 allocation skips (and re-reads, at every allocation) the inodes deleted in the last minutes
 (ext4's ``recently_deleted``): a restore after an earlier one was deleted spent most of its
@@ -65,13 +65,13 @@ from backup import (
     DEBIAN_TEMPLATE,
     MARKER,
     MB,
-    RESTORE_FS,
     TEMPLATE,
     DataSet,
-    fresh_fs,
     log,
     measure,
     own_cpu_s,
+    restore_fs,
+    restores_on_fresh_fs,
     tree_size,
 )
 
@@ -158,8 +158,7 @@ class S3Bench:
         self.work.mkdir()
         self.vz("create", str(self.args.ctid), "--ostemplate",
                 self.template.name.removesuffix(".tar.zst"))
-        with open(self.prefix / "etc/vz/vz.conf", "a") as f:  # restored CTs: on fresh_fs
-            f.write(f'\nVE_PRIVATE="${{PREFIX}}/{RESTORE_FS}/private/$VEID"\n')
+        restores_on_fresh_fs(self.prefix)
         if self.args.dataset == "generated":
             log(f"generating {self.args.size_mb} MB into {self.private}")
             DataSet(self.private, self.args.size_mb, self.args.seed).generate()
@@ -188,15 +187,10 @@ class S3Bench:
         shutil.rmtree(self.prefix / "var/cache/vzbackup", ignore_errors=True)
         os.sync()
 
-    def fresh_fs(self) -> contextlib.AbstractContextManager[Path]:
-        """A new file system at RESTORE_FS for one restore (bench/backup.py's fresh_fs)."""
-        room = 2 * tree_size(self.private)["allocated"] + (512 << 20)
-        return fresh_fs(self.prefix / RESTORE_FS, room)
-
     def restore(self, ctid: int, *args: str) -> tuple[object, float, int]:
         """Run, server CPU seconds and S3 requests of a restore into the new CT *ctid* (on a
         new file system, destroyed after)."""
-        with self.fresh_fs():
+        with restore_fs(self.prefix, self.private):
             r, server = self.vz_cpu("restore", *args, str(ctid), "--ipadd", "none", "--json")
             self.vz("destroy", str(ctid))
         return r, server, json.loads(r.out).get("storage_requests", 0)
@@ -254,7 +248,7 @@ class S3Bench:
         back.unlink()
         log(f"round {n}: one tar: upload_file {out['tar_upload_s']:.2f} s, "
             f"download_file {out['tar_download_s']:.2f} s")
-        with self.fresh_fs() as fs:
+        with restore_fs(self.prefix, self.private) as fs:
             files = fs / "files"
             files.mkdir()
             os.sync()
