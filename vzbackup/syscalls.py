@@ -8,7 +8,6 @@ import os
 import platform
 import signal
 import struct
-import termios
 
 # the process's own symbols include libc (find_library("c") would run ldconfig: ~10 ms)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -212,15 +211,21 @@ def open_pty(ptmx: str) -> tuple[int, int]:
 
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
+    import termios  # (a shared library) only for a terminal
+
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def get_winsize(fd: int) -> tuple[int, int]:
+    import termios
+
     rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
     return rows, cols
 
 
 def set_controlling_tty(fd: int) -> None:
+    import termios
+
     fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
 
 

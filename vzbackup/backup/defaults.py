@@ -13,16 +13,12 @@ does; a trailing ``/`` matches directories only. An excluded directory excludes 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-import shlex
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from vzbackup.config.sections import parse_bool
 from vzbackup.engine.keeppolicy import KeepPolicy
 from vzbackup.errors import ConfigError, UsageError, VzError
 
@@ -46,8 +42,7 @@ _UNSUPPORTED = {
 }
 
 
-@dataclass(frozen=True)
-class DumpDefaults:
+class DumpDefaults(NamedTuple):
     """Typed backup defaults; field ``x_y`` is key ``x-y`` of vzdump.conf."""
 
     storage: str | None = None
@@ -62,7 +57,7 @@ class DumpDefaults:
     stdexcludes: bool = True
     script: Path | None = None
     notes_template: str | None = None
-    prune_backups: KeepPolicy = field(default_factory=KeepPolicy)
+    prune_backups: KeepPolicy = KeepPolicy()
     encryption_key: Path | None = None
     ionice: int = 7
     remove: bool = True
@@ -91,6 +86,12 @@ def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _bool(text: str) -> bool:
+    from vzbackup.config.sections import parse_bool  # only when one is given
+
+    return parse_bool(text)
 
 
 def _mode(text: str) -> str:
@@ -134,6 +135,8 @@ def check_pattern(pattern: str) -> str:
 
 
 def _patterns(text: str) -> tuple[str, ...]:
+    import shlex  # only for exclude-path in vzdump.conf
+
     try:
         words = shlex.split(text)
     except ValueError as e:
@@ -152,13 +155,13 @@ _KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "stopwait": ("stopwait", int_range(0)),
     "bwlimit": ("bwlimit", int_range(0)),
     "exclude-path": ("exclude_path", _patterns),  # repeatable; values accumulate
-    "stdexcludes": ("stdexcludes", parse_bool),
+    "stdexcludes": ("stdexcludes", _bool),
     "script": ("script", _abspath),
     "notes-template": ("notes_template", _notes),
     "prune-backups": ("prune_backups", _prune),
     "encryption-key": ("encryption_key", _abspath),
     "ionice": ("ionice", int_range(0, 8)),
-    "remove": ("remove", parse_bool),
+    "remove": ("remove", _bool),
 }
 _LINE = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*)\s*:\s*(.*?)\s*$")
 
@@ -238,7 +241,7 @@ def merge(defaults: DumpDefaults, cli_overrides: Mapping[str, Any]) -> DumpDefau
                 changes[name] = parse(_as_text(value))
         except (ValueError, VzError) as e:
             raise UsageError(f"--{key}: {str(e).splitlines()[0]}") from None
-    return dataclasses.replace(defaults, **changes)
+    return defaults._replace(**changes)
 
 
 def _as_text(value: Any) -> str:

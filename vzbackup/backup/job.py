@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,18 +47,18 @@ class BackupLog:
         return "\n".join(self.lines) + "\n"
 
 
-@dataclass
 class DumpResult:
     """The outcome of one CT's backup, as ``dump --json`` reports it."""
 
-    ctid: int
-    ok: bool = False
-    snapshot: str = ""
-    mode: str = ""
-    error: str = ""
-    exit_code: int = 0
-    pruned: list[str] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, ctid: int, mode: str = "") -> None:
+        self.ctid = ctid
+        self.ok = False
+        self.snapshot = ""
+        self.mode = mode
+        self.error = ""
+        self.exit_code = 0
+        self.pruned: list[str] = []
+        self.stats: dict[str, Any] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

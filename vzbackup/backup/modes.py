@@ -34,7 +34,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from vzbackup import constants as C
@@ -56,17 +55,19 @@ __all__ = [
 MODES = ("stop", "suspend", "snapshot", "checkpoint")
 
 
-@dataclass
 class Source:
     """A consistent view of a CT's files (and CRIU images) to back up."""
 
-    root: Path  # directory tree to back up (the private area, a copy, or a snapshot)
-    state_dir: Path | None  # CRIU images taken at the same instant (checkpoint mode), else None
-    was_running: bool
-    mode: str  # the mode actually used ("stop" for a CT that was stopped)
-    same_inodes: bool  # root keeps the private area's inode numbers/ctimes across runs
-    frozen_seconds: float  # how long the CT's tasks were frozen/stopped (0 for stopped CTs)
-    # In stop mode frozen_seconds grows to the whole downtime once the CT was started again.
+    def __init__(self, root: Path, state_dir: Path | None, was_running: bool, mode: str,
+                 same_inodes: bool, frozen_seconds: float) -> None:
+        self.root = root  # directory tree to back up (the private area, a copy, or a snapshot)
+        self.state_dir = state_dir  # CRIU images taken at the same instant (checkpoint mode)
+        self.was_running = was_running
+        self.mode = mode  # the mode actually used ("stop" for a CT that was stopped)
+        self.same_inodes = same_inodes  # root keeps the private area's inode numbers/ctimes
+        # how long the CT's tasks were frozen/stopped (0 for stopped CTs); in stop mode it
+        # grows to the whole downtime once the CT was started again
+        self.frozen_seconds = frozen_seconds
 
 
 class RestartError(E.RuntimeFailure):

@@ -6,12 +6,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
-from vzbackup.config.net import Netif, parse_ip_address, parse_netif
 from vzbackup.config.vzfile import VzFile
-from vzbackup.ct import idmap
-from vzbackup.ct.idmap import IdMap
 from vzbackup.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from vzbackup.config.net import Netif
+    from vzbackup.ct.idmap import IdMap
 
 PAGE = 4096
 _SIZE = re.compile(r"^(\d+)([KMGTP]?)$", re.IGNORECASE)
@@ -64,6 +66,18 @@ def _pages(v: str) -> None:
     _barrier_limit(v)
 
 
+def _ip_address(v: str) -> None:
+    from vzbackup.config import net  # only a CT with addresses needs the network rules
+
+    net.parse_ip_address(v)
+
+
+def _netif(v: str) -> None:
+    from vzbackup.config import net
+
+    net.parse_netif(v)
+
+
 def _pair(value: str, parse: Callable[[str], int]) -> tuple[int, int]:
     """soft[:hard] (one value: both), each parsed by *parse* or "unlimited" (0)."""
     parts = value.split(":")
@@ -111,8 +125,8 @@ VALIDATORS: dict[str, Callable[[str], object]] = {
     "UNPRIVILEGED": _yes_no,
     "IDMAP_BASE": _int_range(0, (1 << 32) - 2),
     "IDMAP_SIZE": _int_range(1, (1 << 32) - 1),
-    "IP_ADDRESS": parse_ip_address,
-    "NETIF": parse_netif,
+    "IP_ADDRESS": _ip_address,
+    "NETIF": _netif,
 }
 
 
@@ -174,6 +188,8 @@ class CTConfig:
 
     @property
     def netifs(self) -> list[Netif]:
+        from vzbackup.config.net import parse_netif
+
         return parse_netif(self.get("NETIF"))
 
     @property
@@ -225,6 +241,8 @@ class CTConfig:
     def idmap(self) -> IdMap:
         """The CT's user-namespace id map; a CT without UNPRIVILEGED (made before user
         namespaces) is privileged, so its files keep their ownership."""
+        from vzbackup.ct import idmap  # (with the tree shifting) not needed to back a CT up
+
         return idmap.from_values(
             self.get(idmap.KEY_UNPRIVILEGED, "no"),
             self.get(idmap.KEY_BASE),
@@ -233,6 +251,8 @@ class CTConfig:
 
     def set_idmap(self, m: IdMap) -> None:
         """Record the mode and map (they travel with the config: backups, migration)."""
+        from vzbackup.ct import idmap
+
         self.set(idmap.KEY_UNPRIVILEGED, "yes" if m.unprivileged else "no")
         for key, value in ((idmap.KEY_BASE, m.base), (idmap.KEY_SIZE, m.size)):
             if m.unprivileged:
@@ -258,8 +278,7 @@ class CTConfig:
         return _barrier_limit(v)[1] if v else None
 
 
-@dataclass(frozen=True)
-class BindMount:
+class BindMount(NamedTuple):
     """A host directory bound into the CT (BINDMOUNT="host:ct[:ro] ...")."""
 
     host: str

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vzbackup import constants as C
 from vzbackup.config.vzfile import VzFile
-from vzbackup.ct import idmap
-from vzbackup.ct.idmap import IdMap
 from vzbackup.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vzbackup.ct.idmap import IdMap
 
 
 def expand(value: str, *, prefix: str, ctid: int | None = None) -> str:
@@ -120,6 +122,8 @@ class Node:
 
     def new_ct_idmap(self, privileged: bool | None = None) -> IdMap:
         """The id map of a new CT: vz.conf's UNPRIVILEGED/IDMAP_* unless *privileged* says."""
+        from vzbackup.ct import idmap  # only for a new CT
+
         unpriv = self.value(idmap.KEY_UNPRIVILEGED) if privileged is None else "no"
         if privileged is False:
             unpriv = "yes"

@@ -13,15 +13,17 @@ is a dir storage at the node's backup directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vzbackup import constants as C
 from vzbackup.config.node import Node
-from vzbackup.config.sections import Section, fill, parse_bool, parse_sections
 from vzbackup.errors import ConfigError
 from vzbackup.storage import registry
 from vzbackup.storage.backend import Backend
 from vzbackup.storage.options import DirOptions
+
+if TYPE_CHECKING:
+    from vzbackup.config.sections import Section
 
 DEFAULT_STORAGE = "local"
 
@@ -41,6 +43,8 @@ class StorageDef(NamedTuple):
 
 def parse(text: str, source: str = C.STORAGE_CFG) -> dict[str, StorageDef]:
     """Every storage of a storage.cfg text, validated; ConfigError ``file:line: ...``."""
+    from vzbackup.config.sections import parse_sections  # only with a storage.cfg
+
     storages: dict[str, StorageDef] = {}
     for section in parse_sections(text, source, header="TYPE: NAME",
                                   label=lambda s: f"storage {s.id!r}"):
@@ -54,6 +58,8 @@ def parse(text: str, source: str = C.STORAGE_CFG) -> dict[str, StorageDef]:
 
 
 def _storage(section: Section, source: str) -> StorageDef:
+    from vzbackup.config.sections import fill, parse_bool
+
     where = f"{source}:{section.line}"
     if section.kind not in registry.kinds():
         raise ConfigError(f"{where}: unknown storage type {section.kind!r}",

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vzbackup import constants as C
 from vzbackup.config.node import Node
 from vzbackup.syscalls import pid_alive
 
 
-@dataclass
-class CTState:
+class CTState(NamedTuple):
     """A running CT's runtime state, as its supervisor recorded it."""
 
     status: str  # starting | running | stopping
@@ -34,7 +33,7 @@ def write_state(node: Node, ctid: int, state: CTState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(asdict(state), f)
+        json.dump(state._asdict(), f)
     os.replace(tmp, path)
 
 

@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -60,21 +59,21 @@ BUFFERS_KEPT = 4  # free stream buffers kept for reuse (FILE_WINDOW + largest ch
 T_ = TypeVar("T_")
 
 
-@dataclass
 class Stats:
     """Counts of one backup's walk: entries, bytes read and stored, chunks."""
 
-    files: int = 0
-    dirs: int = 0
-    other: int = 0
-    bytes_total: int = 0  # logical size of all regular files
-    bytes_read: int = 0  # what was actually read (files cache misses)
-    bytes_new: int = 0  # plaintext of chunks the repository did not have
-    stored_new: int = 0  # what those took in the repository
-    chunks_total: int = 0
-    chunks_new: int = 0
-    cache_hits: int = 0
-    skipped: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.files = 0
+        self.dirs = 0
+        self.other = 0
+        self.bytes_total = 0  # logical size of all regular files
+        self.bytes_read = 0  # what was actually read (files cache misses)
+        self.bytes_new = 0  # plaintext of chunks the repository did not have
+        self.stored_new = 0  # what those took in the repository
+        self.chunks_total = 0
+        self.chunks_new = 0
+        self.cache_hits = 0
+        self.skipped: list[str] = []
 
     def merge(self, other: Stats) -> None:
         for k, v in other.__dict__.items():
