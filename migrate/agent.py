@@ -25,7 +25,7 @@ from typing import Any
 
 from vzbackup.migrate.cpuinfo import cpuinfo_check
 from vzbackup.migrate.journal import Journal
-from vzbackup.migrate.priority import urge, urgent_sshd_parent
+from vzbackup.migrate.priority import urge, urge_session, urgent_sshd_parent
 from vzbackup.migrate.protocol import PROTOCOL_VERSION, Link, error_reply
 from vzbackup.migrate.tls import Identity
 
@@ -216,6 +216,7 @@ class Agent:
                 stderr=subprocess.DEVNULL, start_new_session=True,
                 env={**os.environ, **env} if env else None,
             )
+            urge_session(proc.pid)  # its own session: it serves the freeze's pages
         finally:
             os.close(w)
         try:

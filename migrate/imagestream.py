@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from vzbackup.migrate.priority import urge, urgent_sshd_parent
+from vzbackup.migrate.priority import urge, urge_session, urgent_sshd_parent
 
 from vzbackup import constants as C
 from vzbackup import errors as E
@@ -150,6 +150,8 @@ class ImagePipe:
             m = re.search(r"pid=(\d+)", res.stderr)
             if m:
                 urge(int(m.group(1)))
+                if os.getsid(int(m.group(1))) != os.getsid(0):  # a daemon: as it should be
+                    urge_session(int(m.group(1)))
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Return once DEST's receiver runs. Started before the stage and awaited before the

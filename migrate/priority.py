@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from vzbackup import autogroup
 from vzbackup import constants as C
 
 
@@ -35,10 +36,24 @@ def urgent(*tids: int | None) -> Iterator[None]:
                     os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
+def urge_session(pid: int = 0) -> None:
+    """The session of process *pid* (0: ours) at FREEZE_NICE unless higher already, for
+    the rest of its life: with scheduler autogroups the sessions share the CPUs evenly and
+    a nice ranks a process only within its own. Only for sessions that end with the
+    migration: a CT's stay as they are (its tenant must not keep a raised priority), and so
+    does the session that runs the migrate command (a kill -9 could not lower it again)."""
+    found = autogroup.group(pid)
+    if found is not None and found[1] > C.FREEZE_NICE:
+        autogroup.set_nice(pid, C.FREEZE_NICE)
+
+
 def urgent_sshd_parent() -> None:
     """Our parent at FREEZE_NICE if it is the sshd session that carries a migration's data
-    in the freeze (DEST's agent and image receiver, started by the source over SSH)."""
+    in the freeze (DEST's agent and image receiver, started by the source over SSH), and
+    its and our scheduler groups (they end with the SSH session)."""
     parent = os.getppid()
     with contextlib.suppress(OSError):
         if Path(f"/proc/{parent}/comm").read_text().startswith("sshd"):
             urge(parent)
+            urge_session(parent)
+            urge_session()

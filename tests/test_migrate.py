@@ -32,9 +32,14 @@ from nodebed import (
 from treecmp import diff, tree_manifest
 from twonode_fixture import twonode
 from vzbackup.migrate.imagestream import ImagePipe, ImageStream
+from vzbackup.migrate.priority import urge_session
 
+from vzbackup import autogroup
 from vzbackup import constants as C
 from vzbackup import errors as E
+from vzbackup.config.node import Node as VzNode
+from vzbackup.ct.container import Container
+from vzbackup.ct.state import read_state
 
 pytestmark = pytest.mark.slow
 Bed = twonode.TwoNodes
@@ -218,6 +223,7 @@ def test_online_keeps_counter_connection_and_files(
             assert step in report["dest_steps"], report  # DEST's restore, step by step (-t)
         st = _status(bed.b, ctid)
         assert "running" in st
+        assert _session_nices(bed.b, ctid) == {0}  # the restore's raised priority ended
         assert _counter(bed.b, ctid) >= before  # memory state moved: no restart from 1
         time.sleep(0.3)
         assert _counter(bed.b, ctid) > before
@@ -347,6 +353,7 @@ def _assert_still_home(src: Node, dst: Node, ctid: int, before: int,
     assert not list((dst.prefix / "vz/lock").glob("*.migrate.json"))
     assert not list((src.prefix / "vz/lock").glob("*.migrate.json"))
     assert _counter(src, ctid) >= before
+    assert _session_nices(src, ctid) <= {0}  # the CT's sessions were never raised
     if client is not None:
         assert client.roundtrip(b"still here") == b"still here"
     ip = src.vz("exec", str(ctid), "ip -4 -o addr show eth0").stdout.split()[3].split("/")[0]
@@ -388,6 +395,15 @@ def test_dest_restore_failure_resumes_at_source(
         assert rec["result"] == "failed" and "keeps running here" in rec["error"]
     finally:
         client.close()
+
+
+def _session_nices(node: Node, ctid: int) -> set[int]:
+    """The scheduler autogroup nice of the sessions of CT *ctid* at *node* and of its
+    supervisor (empty without autogroups)."""
+    ct = Container(VzNode.load(str(node.prefix)), ctid)
+    state = read_state(ct.node, ctid)
+    pids = [*ct.cgroup().pids(), *([state.supervisor_pid] if state else [])]
+    return {found[1] for pid in pids if (found := autogroup.group(pid))}
 
 
 def _set_remote_env(bed: Bed, node: Node, key: str, value: str) -> None:
@@ -582,3 +598,25 @@ def test_image_pipe_acknowledges_batches_and_reports_a_failed_receiver(tmp_path:
             bad.wait_ready()
     finally:
         bad.close()
+
+
+def test_urge_session_raises_a_whole_session_never_lowers_one() -> None:
+    """DEST's daemons and SSH sessions get the freeze's priority as whole sessions
+    (scheduler autogroups): a process's own nice ranks it only within its session, and the
+    sessions share the CPUs evenly."""
+    if autogroup.group() is None:
+        pytest.skip("this kernel has no scheduler autogroups")
+    lead = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    higher = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    ours = autogroup.group()
+    try:
+        assert autogroup.set_nice(higher.pid, C.FREEZE_NICE - 3)
+        urge_session(lead.pid)
+        urge_session(higher.pid)
+        assert autogroup.group(lead.pid)[1] == C.FREEZE_NICE
+        assert autogroup.group(higher.pid)[1] == C.FREEZE_NICE - 3
+        assert autogroup.group() == ours  # another session's raise leaves ours alone
+    finally:
+        for p in (lead, higher):
+            p.kill()
+            p.wait()

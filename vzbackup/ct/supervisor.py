@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from vzbackup import autogroup
 from vzbackup import constants as C
 from vzbackup import syscalls as S
 from vzbackup.config.ct import BindMount, CTConfig
@@ -167,6 +168,7 @@ class Supervisor:
         timer.lap("criu_resume")
         if os.getpriority(os.PRIO_PROCESS, 0) < 0:  # a migration's freeze boost ends here
             os.setpriority(os.PRIO_PROCESS, 0, 0)
+            autogroup.set_nice(0, 0)
         self.ct.cgroup().delegate(conf.idmap.root, conf.idmap.root)  # CRIU made them as root
         self._serve_console(restored.console, start=False)
         log.info(
@@ -311,7 +313,11 @@ def _standby(sup: Supervisor, go_fd: int, ready_fd: int) -> bool:
     no images (a failure there is reported after the word, by the restore that retries it),
     say so on *ready_fd* (before the verdict), then wait for the word (a byte
     on *go_fd*; EOF: the restore was called off, and what was prepared is undone). The
-    restore's clock starts at the word."""
+    restore's clock starts at the word. Started at a raised priority (a migration's), its
+    session takes it too: against other sessions only that counts."""
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice < 0:
+        autogroup.set_nice(0, nice)
     with contextlib.suppress(VzError):
         pycriu_module()
     try:
