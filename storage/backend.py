@@ -65,6 +65,9 @@ class Backend(abc.ABC):
     requests: int = 0
     #: how many reads a caller may keep in flight at once (an object store's connections)
     parallel_reads: int = 8
+    #: bytes a restore reads at once at most: an object store's request costs a round trip
+    #: and a seek (one GET per chunk made a restore from RGW 4x slower), so reads are big
+    read_size: int = 4 * 1024 * 1024
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes, kind: Kind = Kind.OTHER) -> None:

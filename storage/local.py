@@ -54,6 +54,10 @@ def pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int = 0) -> int
 
 
 class DirBackend(Backend):
+    #: a pread costs a syscall, not a round trip: smaller reads hand the restore's writers
+    #: chunks sooner and fault in fewer fresh pages (a 300 MB restore: 79k -> 54k page faults)
+    read_size = 1024 * 1024
+
     def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
         self.root = Path(path)
         self.fsync = fsync

@@ -1015,8 +1015,9 @@ def test_restore_reads_packs_in_few_large_reads_whatever_the_order(tmp_path: Pat
     backend.ranged_reads = 0
     restore_tree(repo, entries, tmp_path / "out")
     assert diff(tree_manifest(second), tree_manifest(tmp_path / "out")) == []
-    # backwards through the packs, still a few reads of READ_MAX, not one per chunk
-    assert backend.ranged_reads <= packed // extract.READ_MAX + 2 * len(repo.list_packs())
+    # backwards through the packs, still a few reads of the storage's read size, not one
+    # per chunk
+    assert backend.ranged_reads <= packed // backend.read_size + 2 * len(repo.list_packs())
     assert backend.ranged_reads < len(chunks) / 3
     # a budget too small to hold any read: chunks whose read was dropped come one by one
     monkeypatch.setattr(extract, "PREFETCH_BYTES", 1)
