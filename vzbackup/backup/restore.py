@@ -13,14 +13,14 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from vzbackup import errors as E
-from vzbackup.backup import vzdump_archive
 from vzbackup.config.ct import CTConfig
 from vzbackup.config.net import validate_ip
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
-from vzbackup.ct import admission, fs, ops, registry
+from vzbackup.ct import admission, fs, registry
 from vzbackup.ct.container import Container
 from vzbackup.engine.extract import load_tree, restore_tree
 from vzbackup.engine.repo import Manifest, Repository
@@ -28,6 +28,14 @@ from vzbackup.engine.repo import Manifest, Repository
 PATH_KEYS = ("VE_ROOT", "VE_PRIVATE")
 
 logger = logging.getLogger(__name__)
+
+
+def _ops() -> ModuleType:
+    """``vzbackup.ct.ops``, imported when first used: it brings CRIU's driver (~15 ms of
+    imports), which restoring a snapshot without ``--start`` or ``--with-state`` never needs."""
+    from vzbackup.ct import ops
+
+    return ops
 
 
 def _target(node: Node, ctid: int, force: bool) -> Container:
@@ -140,7 +148,7 @@ def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
 
         images = None
         if with_state:
-            images = ops.dump_dir(ct, None)
+            images = _ops().dump_dir(ct, None)
             if images.exists() and any(images.iterdir()):
                 raise E.ExistsError(f"dump directory {images} is not empty",
                                     hint="remove it first")
@@ -155,9 +163,9 @@ def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
             raise
         if with_state:
             log("INFO: restoring the running state (CRIU; TCP connections are closed)")
-            ops.restore(ct, None, tcp_close=True)
+            _ops().restore(ct, None, tcp_close=True)
         elif start:
-            ops.start(ct)
+            _ops().start(ct)
     return ct
 
 
@@ -166,6 +174,8 @@ def restore_archive(node: Node, archive: Path, ctid: int, *, force: bool = False
                     hostname: str | None = None,
                     log: Callable[[str], None] = lambda s: None) -> Container:
     """Restore a classic ``vzdump-openvz-*.tar.{zst,xz,gz}`` archive."""
+    from vzbackup.backup import vzdump_archive  # (tarfile and more: not for a snapshot)
+
     if not archive.is_file():
         raise E.NotFoundError(f"archive {archive} does not exist")
     node.ensure_dirs()
@@ -183,7 +193,7 @@ def restore_archive(node: Node, archive: Path, ctid: int, *, force: bool = False
             fs.remove_tree(scratch, ignore_errors=True)
         log(f"INFO: restored {archive.name} as CT {ctid}")
         if start:
-            ops.start(ct)
+            _ops().start(ct)
     return ct
 
 

@@ -16,7 +16,7 @@ import click
 from vzbackup.backup import restore as R
 from vzbackup.cli.common import container, emit, json_option, node_of, require_root
 from vzbackup.cli.repo_common import human, open_repo, repo_options
-from vzbackup.ct import ops, registry
+from vzbackup.ct import registry
 from vzbackup.errors import UsageError
 
 
@@ -40,6 +40,8 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
     """Restore a CT from a checkpoint, a backup snapshot or a vzdump archive."""
     from_backup = ctid is not None or storage is not None or keyfile is not None
     if not from_backup:
+        from vzbackup.ct import ops  # (CRIU's driver: not imported by a backup's restore)
+
         ct = container(ctx, source)
         with ct.lock():
             pid = ops.restore(ct, dumpfile, keep_dump=keep_dump)
