@@ -3,8 +3,8 @@
 With them (CONFIG_SCHED_AUTOGROUP, on by default in most distributions) every session is
 one scheduling group, the groups share the CPUs evenly, and a task's nice only ranks it
 within its own session. A process that must win the CPUs against other sessions (a
-migration's freeze: CRIU, the CT's frozen tasks running CRIU's parasite, DEST's daemons)
-needs its session's group raised as a whole. CRIU neither dumps nor restores it.
+migration's freeze: DEST's agent, receivers, page daemons and restore) needs its session's
+group raised as a whole (``vzbackup.migrate.priority``). CRIU neither dumps nor restores it.
 """
 
 from __future__ import annotations
