@@ -149,9 +149,10 @@ class ImagePipe:
                                  capture_output=True, text=True, timeout=10, check=False)
             m = re.search(r"pid=(\d+)", res.stderr)
             if m:
-                urge(int(m.group(1)))
-                if os.getsid(int(m.group(1))) != os.getsid(0):  # a daemon: as it should be
-                    urge_session(int(m.group(1)))
+                master = int(m.group(1))
+                urge(master)
+                if os.getsid(master) != os.getsid(0):  # a daemon: as it should be
+                    urge_session(master)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Return once DEST's receiver runs. Started before the stage and awaited before the
