@@ -5,8 +5,9 @@ A blob is one type byte and a payload:
 - ``0x00`` + zstd frame                        (plain repository)
 - ``0x01`` + 12-byte nonce + AES-256-GCM(zstd frame), the object's name as associated data
 
-Chunk ids are SHA-256 of the plaintext in a plain repository and HMAC-SHA256 under a
-separate id key in an encrypted one, so ids reveal nothing about the data.
+Zstd frames carry their content checksum, so opening a blob checks its plaintext
+(``checks_content``). Chunk ids are SHA-256 of the plaintext in a plain repository and
+HMAC-SHA256 under a separate id key in an encrypted one, so ids reveal nothing about the data.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import zstandard
 from vzbackup.errors import ConfigError, DamagedError
 
 PLAIN, AESGCM_V1 = 0, 1
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first bytes
+ZSTD_CHECKSUM_FLAG = 0x04  # in the frame header's descriptor (the byte after the magic)
 _PLAIN_BYTE, _AESGCM_BYTE = bytes((PLAIN,)), bytes((AESGCM_V1,))
 KEY_KIND = "vzbackup-key"
 ENCRYPTION = "aes-256-gcm"
@@ -109,7 +112,7 @@ class Codec:
     def _cctx(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "c", None)
         if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
         return c
 
     def _dctx(self) -> zstandard.ZstdDecompressor:
@@ -117,6 +120,16 @@ class Codec:
         if d is None:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
+
+    def checks_content(self, blob: bytes | memoryview) -> bool:
+        """Whether ``open`` proves *blob*'s plaintext is what was sealed: AES-GCM's tag does
+        (for the name it was sealed under), and a zstd frame with a content checksum does
+        (XXH64, which zstd checks as it decompresses)."""
+        if len(blob) < 6:
+            return False
+        if blob[0] == AESGCM_V1:
+            return True
+        return blob[0] == PLAIN and blob[1:5] == ZSTD_MAGIC and bool(blob[5] & ZSTD_CHECKSUM_FLAG)
 
     def chunk_id(self, data: bytes | memoryview) -> str:
         # OpenSSL's hashes load libcrypto (5-8 ms): not before the first chunk (an unchanged

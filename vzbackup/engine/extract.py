@@ -4,9 +4,10 @@ Restoring never writes outside the target: every path is validated, parents are 
 component by component with O_NOFOLLOW relative to the target's directory fd, and entries
 are created with the ``*at`` calls, so a symlink in the snapshot can't redirect a later
 entry. Chunks are fetched (ranged reads of their packs) and decrypted ahead of the writer
-by a small thread pool. With two CPUs and SPLIT_MIN_FILES files or more, a forked second
-process restores half of the regular files (``_restore_in_two``), reading the storage
-through a client of its own.
+by a small thread pool, checked by their frame's checksum or GCM tag (a blob without
+either gets its chunk id computed again: ``Repository.open_chunk``). With two CPUs and
+SPLIT_MIN_FILES files or more, a forked second process restores half of the regular files
+(``_restore_in_two``), reading the storage through a client of its own.
 
 The read API other components build on (a FUSE mount, ``ls``, ``cat``):
 ``Repository.open`` -> ``Repository.manifests()`` -> :func:`load_tree` -> :func:`read_range`.
@@ -122,19 +123,21 @@ def plan_reads(repo: Repository, order: Iterable[str]) -> list[Read]:
     return reads
 
 
-def fetch(repo: Repository, r: Read) -> dict[str, bytes | DamagedError]:
-    """The plaintext of every chunk of a read (decrypted and verified), or its damage."""
+def fetch(repo: Repository, r: Read, rehash: bool = True) -> dict[str, bytes | DamagedError]:
+    """The plaintext of every chunk of a read (decrypted and verified), or its damage;
+    *rehash* as ``Repository.open_chunk`` takes it."""
     if not r.packed:
         cid = r.chunks[0][0]
-        return {cid: _damage_kept(repo.get_chunk, cid)}
+        return {cid: _damage_kept(repo.get_chunk, cid, rehash)}
     try:
         data = repo.backend.get_range(r.key, r.start, r.end - r.start)
     except ObjectMissing:  # repacked by a gc since the index was loaded
-        return {cid: _damage_kept(repo.get_chunk, cid) for cid, _, _ in r.chunks}
+        return {cid: _damage_kept(repo.get_chunk, cid, rehash) for cid, _, _ in r.chunks}
     except BackendError as e:
         raise StorageError(str(e)) from None
     view = memoryview(data)
-    return {cid: _damage_kept(repo.open_chunk, cid, view[off - r.start : off - r.start + ln])
+    return {cid: _damage_kept(repo.open_chunk, cid, view[off - r.start : off - r.start + ln],
+                              rehash)
             for cid, off, ln in r.chunks}
 
 
@@ -225,7 +228,7 @@ class ChunkReader:
                 self.submitted += 1
             else:
                 heapq.heappop(self.again)
-            self.held[n] = self.pool.submit(fetch, self.repo, r)
+            self.held[n] = self.pool.submit(fetch, self.repo, r, False)
             self.left[n] = size
             self.held_bytes += size
         while self.held_bytes > PREFETCH_BYTES and len(self.held) > 1:

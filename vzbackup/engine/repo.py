@@ -461,8 +461,9 @@ class Repository:
         except BackendError as e:
             raise StorageError(str(e)) from None
 
-    def get_chunk(self, cid: str, verify: bool = True) -> bytes:
-        """The chunk's plaintext; DamagedError if missing, corrupt or not matching its id."""
+    def get_chunk(self, cid: str, rehash: bool = True) -> bytes:
+        """The chunk's plaintext; DamagedError if missing, corrupt or not matching its id
+        (see ``open_chunk`` for *rehash*)."""
         for attempt in (0, 1):
             key, loc = self.locate(cid)
             try:
@@ -478,11 +479,14 @@ class Repository:
                 raise DamagedError(f"chunk {cid[:16]} is missing from the repository") from None
             except BackendError as e:
                 raise StorageError(str(e)) from None
-        return self.open_chunk(cid, blob, verify)
+        return self.open_chunk(cid, blob, rehash)
 
-    def open_chunk(self, cid: str, blob: bytes, verify: bool = True) -> bytes:
+    def open_chunk(self, cid: str, blob: bytes, rehash: bool = True) -> bytes:
+        """The plaintext of chunk *cid*'s *blob*, checked: its id is computed again from it,
+        unless *rehash* is False and opening the blob checked its content already
+        (``Codec.checks_content``; a restore, which need not pay for SHA-256 again)."""
         data = self.codec.open(cid, blob, f"chunk {cid[:16]}")
-        if verify and self.codec.chunk_id(data) != cid:
+        if (rehash or not self.codec.checks_content(blob)) and self.codec.chunk_id(data) != cid:
             raise DamagedError(f"chunk {cid[:16]} does not match its hash (corrupt)")
         return data
 
