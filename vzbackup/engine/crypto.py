@@ -25,8 +25,6 @@ import zstandard
 from vzbackup.errors import ConfigError, DamagedError
 
 PLAIN, AESGCM_V1 = 0, 1
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first bytes
-ZSTD_CHECKSUM_FLAG = 0x04  # in the frame header's descriptor (the byte after the magic)
 _PLAIN_BYTE, _AESGCM_BYTE = bytes((PLAIN,)), bytes((AESGCM_V1,))
 KEY_KIND = "vzbackup-key"
 ENCRYPTION = "aes-256-gcm"
@@ -125,11 +123,16 @@ class Codec:
         """Whether ``open`` proves *blob*'s plaintext is what was sealed: AES-GCM's tag does
         (for the name it was sealed under), and a zstd frame with a content checksum does
         (XXH64, which zstd checks as it decompresses)."""
-        if len(blob) < 6:
+        if not blob:
             return False
         if blob[0] == AESGCM_V1:
             return True
-        return blob[0] == PLAIN and blob[1:5] == ZSTD_MAGIC and bool(blob[5] & ZSTD_CHECKSUM_FLAG)
+        if blob[0] != PLAIN:
+            return False
+        try:
+            return zstandard.get_frame_parameters(memoryview(blob)[1:]).has_checksum
+        except zstandard.ZstdError:  # not a frame: open() will say so
+            return False
 
     def chunk_id(self, data: bytes | memoryview) -> str:
         # OpenSSL's hashes load libcrypto (5-8 ms): not before the first chunk (an unchanged

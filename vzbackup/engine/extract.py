@@ -228,7 +228,7 @@ class ChunkReader:
                 self.submitted += 1
             else:
                 heapq.heappop(self.again)
-            self.held[n] = self.pool.submit(fetch, self.repo, r, False)
+            self.held[n] = self.pool.submit(fetch, self.repo, r, rehash=False)
             self.left[n] = size
             self.held_bytes += size
         while self.held_bytes > PREFETCH_BYTES and len(self.held) > 1:
