@@ -381,6 +381,17 @@ class Agent:
     def _pages_pending(self) -> bool:
         return self.lazy_proc is not None and self.lazy_proc.poll() != 0
 
+    def _report_lazy_failure(self, limit: int = 12) -> None:
+        """Log why the lazy-pages daemon ended early (its log goes with the images)."""
+        if self.lazy_proc is None or self.lazy_proc.poll() in (None, 0):
+            return
+        try:
+            lines = (self.images_dir / LAZY_LOG).read_text(errors="replace").splitlines()
+        except OSError:
+            return
+        for line in [ln for ln in lines if "Error" in ln or "lazy-pages:" in ln][-limit:]:
+            log.warning("criu lazy-pages: %s", line.strip())
+
     def rollback(self, *, keep_private: bool = False) -> None:
         """Remove everything this migration created here (the CT first, if it runs).
 
@@ -391,6 +402,7 @@ class Agent:
             return
         self.journal.state = "preparing"
         log.warning("rolling back the migration of CT %s on this node", self.ct.ctid)
+        self._report_lazy_failure()
         _kill(self.lazy_proc)
         self._drop_helpers()
         undo_created(self.node, self.journal, keep_private=keep_private)

@@ -20,6 +20,8 @@ from vzbackup import errors as E
 
 log = logging.getLogger("vzbackup.migrate")
 
+RELAY_DRAIN = 2.0  # s: for the agent's last log lines after "bye"
+
 
 class Target(Protocol):
     user: str
@@ -64,6 +66,7 @@ class DestAgent:
         self.dest_ctid = dest_ctid
         self.link: Link | None = None
         self.chan: Any = None
+        self.relay: threading.Thread | None = None
 
     def open(self) -> None:
         argv = [
@@ -72,7 +75,8 @@ class DestAgent:
         ]
         self.chan = self.session.open_exec(argv)
         self.link = Link(self.chan.makefile("rb"), self.chan.makefile_stdin("wb"))
-        threading.Thread(target=self._relay_stderr, daemon=True).start()
+        self.relay = threading.Thread(target=self._relay_stderr, daemon=True)
+        self.relay.start()
         first = self.link.recv()
         if first is None:
             raise LinkLost(
@@ -85,8 +89,9 @@ class DestAgent:
         with contextlib.suppress(Exception):
             for line in self.chan.makefile_stderr("rb"):
                 text = line.decode(errors="replace").rstrip()
-                if text:
-                    log.info("%s", text)
+                if text:  # DEST's warnings and errors as ours (run_agent's log format)
+                    serious = text.startswith(("DEST WARNING", "DEST ERROR"))
+                    log.log(logging.WARNING if serious else logging.INFO, "%s", text)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         if self.link is None:
@@ -102,10 +107,14 @@ class DestAgent:
         except E.VzError as e:
             log.warning("DEST abort: %s (the agent rolls back on its own when the link drops)", e)
 
-    def close(self) -> None:
+    def close(self, *, drain: bool = False) -> None:
+        """Say bye; *drain*: wait (briefly) for the agent's last log lines, e.g. why it
+        rolled back."""
         if self.link is not None:
             with contextlib.suppress(E.VzError):
                 self.link.call("bye")
+            if drain and self.relay is not None:
+                self.relay.join(RELAY_DRAIN)
         if self.chan is not None:
             with contextlib.suppress(Exception):
                 self.chan.close()

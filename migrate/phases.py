@@ -162,7 +162,7 @@ class Migration:
             self.report.error = str(e)
             raise
         finally:
-            self.dest.close()
+            self.dest.close(drain=not self.report.ok)
             self.report.total = time.monotonic() - self._t0
             self._record()
         return self.report

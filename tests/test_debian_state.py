@@ -16,6 +16,8 @@ import itertools
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -162,6 +164,45 @@ def debian_two_nodes(template_cache, debian_template_cache):
         bed.cleanup()
 
 
+MIGRATE_TIMEOUT = 240.0  # s: under the test's 300 s, so that a hang is explained
+
+
+def migrate(bed, ctid: int, *extra: str) -> dict:
+    """``vzbackup -v migrate`` A -> B; its JSON report. A migration that hangs fails the test
+    with the CRIU logs of both ends and what their processes wait in, taken before the kill
+    (DEST's agent removes its images and logs once the source is gone)."""
+    argv = [sys.executable, "-m", "vzbackup.cli", "-v", "migrate", str(ctid), bed.dest(bed.b),
+            *bed.ssh_args(), *extra, "--json"]
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{bed.a.netns}", *argv],
+                            env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=MIGRATE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        hang = hang_report(bed, ctid)
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"migrate hung for {MIGRATE_TIMEOUT:.0f} s\n{hang}\n"
+                             f"its stderr:\n{err}") from None
+    assert proc.returncode == 0, f"migrate -> {proc.returncode}\nstdout: {out}\nstderr: {err}"
+    return json.loads(out)
+
+
+def hang_report(bed, ctid: int, lines: int = 40) -> str:
+    """The tails of the migration's CRIU logs at both nodes, and where CRIU and vzbackup's
+    processes wait."""
+    parts = []
+    for node in (bed.a, bed.b):
+        for log in sorted(node.prefix.glob(f"vz/dump/Dump.{ctid}.migrate*/*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {node.name}: {log.name}\n" + "\n".join(tail))
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,stat,wchan:32,etimes,args"],
+                        capture_output=True, text=True).stdout.splitlines()
+    parts.append("--- processes\n" + "\n".join(
+        ps[:1] + [ln[:240] for ln in ps if "criu" in ln or "vzbackup" in ln]))
+    return "\n".join(parts)
+
+
 class Writer(threading.Thread):
     """INCRs through one connection until stopped; keeps the last acknowledged value."""
 
@@ -196,9 +237,7 @@ def test_live_migration_keeps_every_acknowledged_write(debian_two_nodes, lazy: s
         wait_for(lambda: writer.acked > 10, what="writes before the move")
         # Memory over CRIU's TLS: without lazy pages PostgreSQL's SysV shared memory goes
         # through the page server too (scripts/criu-patches/tlsns.patch).
-        res = a.vz("migrate", str(ctid), bed.dest(b), *bed.ssh_args(), "--online", lazy,
-                   "--json", timeout=300)
-        report = json.loads(res.stdout)
+        report = migrate(bed, ctid, "--online", lazy)
         assert report["ok"] and report["runs_on"] == "dest"
         assert 0 < report["frozen"] < report["total"]
         moved_at = writer.acked

@@ -7,6 +7,7 @@ and connection survived, and that its files equal the source's.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -39,7 +40,7 @@ from vzbackup import constants as C
 from vzbackup import errors as E
 from vzbackup.config.node import Node as VzNode
 from vzbackup.ct.container import Container
-from vzbackup.ct.state import read_state
+from vzbackup.ct.state import read_state, state_path
 
 pytestmark = pytest.mark.slow
 Bed = twonode.TwoNodes
@@ -62,11 +63,11 @@ def memwitness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_probe("memwitness", tmp_path_factory.mktemp("witness"))
 
 
-def _start_witness(node: Node, ctid: int, binary: Path) -> None:
+def _start_witness(node: Node, ctid: int, binary: Path, mib: int = WITNESS_MIB) -> None:
     shutil.copy(binary, _private(node, ctid) / "bin/memwitness")
-    node.sh(ctid, f"setsid /bin/memwitness {WITNESS_MIB} </dev/null >/dev/null 2>&1 &")
+    node.sh(ctid, f"setsid /bin/memwitness {mib} </dev/null >/dev/null 2>&1 &")
     wait_for(lambda: node.sh(ctid, "cat /tmp/memwitness.ready 2>/dev/null").strip(),
-             what="memory witness")
+             timeout=60, what="memory witness")
 
 
 def _witness_says(node: Node, ctid: int) -> str:
@@ -395,6 +396,61 @@ def test_dest_restore_failure_resumes_at_source(
         assert rec["result"] == "failed" and "keeps running here" in rec["error"]
     finally:
         client.close()
+
+
+STALL_MS = 3000  # DEST's lazy-pages daemon gives up after this long without progress
+
+
+@pytest.mark.parametrize("transport", [[], ["--plain-tcp"]], ids=["tls", "plain"])
+def test_stalled_lazy_transfer_resumes_at_source(two_nodes: Bed, memwitness: Path,
+                                                transport: list[str]) -> None:
+    """Lazy pages that stop flowing (here: the source's page server is stopped once DEST
+    runs the CT) end at DEST's stall limit: its daemon gives up without closing the session,
+    and the source's CRIU takes that for a failed transfer and resumes the CT here with all
+    of its memory. Stock CRIU took a plain TCP session's end, closed or not, for "every page
+    taken" and killed the CT here, while DEST's ran without the pages still missing."""
+    bed = two_nodes
+    ctid, _ = _make_ct(bed.a, privileged=True)
+    _start_witness(bed.a, ctid, memwitness, mib=256)  # a transfer long enough to stop
+    _set_remote_env(bed, bed.b, "CRIU_VZBACKUP_LAZY_STALL_MS", str(STALL_MS))
+    before = _counter(bed.a, ctid)
+    restored_at_dest = state_path(VzNode.load(str(bed.b.prefix)), ctid)
+    mig = _spawn_migrate(bed, ctid, "--online", "--lazy", *transport)
+    stopped: list[int] = []
+    try:
+        wait_for(lambda: mig.poll() is not None or json.loads(
+            restored_at_dest.read_text())["status"] == "running", timeout=120, interval=0.002,
+            what="the restore at DEST")
+        stopped = _descendants(mig.pid, "criu")
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        assert mig.poll() is None and stopped, "the migration ended before its pages stopped"
+        time.sleep(STALL_MS / 1000 + 2)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        out, err = mig.communicate(timeout=120)
+    assert mig.returncode == 15, out + err
+    assert "keeps running here" in err and "stalled" in err, err
+    _assert_still_home(bed.a, bed.b, ctid, before, None)
+    assert _witness_says(bed.a, ctid) == "ok"
+
+
+def _descendants(pid: int, comm: str) -> list[int]:
+    """The processes named *comm* below process *pid*."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/comm").read_text().strip() == comm:
+                    found.append(child)
+    return found
 
 
 def _session_nices(node: Node, ctid: int) -> set[int]:
