@@ -411,7 +411,9 @@ def test_stalled_lazy_transfer_resumes_at_source(two_nodes: Bed, memwitness: Pat
     taken" and killed the CT here, while DEST's ran without the pages still missing."""
     bed = two_nodes
     ctid, _ = _make_ct(bed.a, privileged=True)
-    _start_witness(bed.a, ctid, memwitness, mib=256)  # a transfer long enough to stop
+    # a transfer long enough to stop (~1 s here), in a CT allowed the memory
+    bed.a.vz("set", str(ctid), "--ram", "1G", "--save")
+    _start_witness(bed.a, ctid, memwitness, mib=640)
     _set_remote_env(bed, bed.b, "CRIU_VZBACKUP_LAZY_STALL_MS", str(STALL_MS))
     before = _counter(bed.a, ctid)
     restored_at_dest = state_path(VzNode.load(str(bed.b.prefix)), ctid)
