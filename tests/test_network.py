@@ -171,6 +171,13 @@ def ip_run(*args: str, pid: int | None = None) -> None:
     subprocess.run(_in_ns(pid, ["ip", *args]), check=True, capture_output=True)
 
 
+def _dad_done(pid: int) -> bool:
+    """No IPv6 address in the netns of *pid* is still tentative."""
+    res = subprocess.run(_in_ns(pid, ["ip", "-6", "addr", "show", "tentative"]),
+                         check=True, capture_output=True, text=True)
+    return not res.stdout.strip()
+
+
 def _netns_id(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_dev, st.st_ino
@@ -747,6 +754,9 @@ def test_bridged_ct_claims_and_sends_only_its_ipv6_addresses(make_ct, torn, brid
         Netif("eth1", bridge=bridge, mac=mac_b, ip=(f"{B}27/24", f"{B6}27/64")),)))
     net.setup(cfg_a, a)
     net.setup(cfg_b, b)
+    # A sends from its own address: usable once duplicate address detection is over (~1-2 s,
+    # longer on a loaded node; bind() fails with EADDRNOTAVAIL while it is tentative)
+    wait_for(lambda: _dad_done(a) and _dad_done(b), what="DAD of the CTs' IPv6 addresses")
 
     def resolve_b(port: int = 9) -> str | None:  # any packet to B makes the node resolve it
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
