@@ -173,9 +173,8 @@ def migrate(bed, ctid: int, *extra: str) -> dict:
     (DEST's agent removes its images and logs once the source is gone)."""
     argv = [sys.executable, "-m", "vzbackup.cli", "-v", "migrate", str(ctid), bed.dest(bed.b),
             *bed.ssh_args(), *extra, "--json"]
-    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{bed.a.netns}", *argv],
-                            env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(twonode._in_ns(bed.a.netns, argv), env=bed.a.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=MIGRATE_TIMEOUT)
     except subprocess.TimeoutExpired:

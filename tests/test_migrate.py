@@ -39,6 +39,7 @@ from vzbackup import autogroup
 from vzbackup import constants as C
 from vzbackup import errors as E
 from vzbackup.config.node import Node as VzNode
+from vzbackup.criu.blockers import tree
 from vzbackup.ct.container import Container
 from vzbackup.ct.state import read_state, state_path
 
@@ -440,18 +441,11 @@ def test_stalled_lazy_transfer_resumes_at_source(two_nodes: Bed, memwitness: Pat
 
 def _descendants(pid: int, comm: str) -> list[int]:
     """The processes named *comm* below process *pid*."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    found = []
+    for child in tree(pid)[1:]:
         with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{child}/comm").read_text().strip() == comm:
-                    found.append(child)
+            if Path(f"/proc/{child}/comm").read_text().strip() == comm:
+                found.append(child)
     return found
 
 
