@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -1029,7 +1031,6 @@ def test_gc_removes_old_temp_files_but_not_a_running_backups(repo: Repository, t
 
 
 def test_read_range_reads_any_byte_range_of_a_file(repo: Repository, tmp_path: Path):
-    import random
 
     from vzbackup.engine.extract import read_range
 
@@ -1094,6 +1095,53 @@ def test_restore_reads_packs_in_few_large_reads_whatever_the_order(tmp_path: Pat
     monkeypatch.setattr(extract, "PREFETCH_BYTES", 1)
     restore_tree(repo, entries, tmp_path / "tight")
     assert diff(tree_manifest(second), tree_manifest(tmp_path / "tight")) == []
+
+
+class BigReadDirBackend(DirBackend):
+    """The real directory backend with an object store's read size: reads of several MiB."""
+
+    read_size = 8 << 20
+
+
+def test_big_reads_are_opened_chunk_by_chunk_just_ahead_of_the_writer(tmp_path: Path,
+                                                                      monkeypatch):
+    repo = Repository.init(BigReadDirBackend(tmp_path / "repo"))
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    for i in range(48):  # compressible (2:1), many chunks to a read
+        (src / f"f{i:02d}").write_bytes(os.urandom(384 << 10).hex().encode())
+    (src / "z-same-as-f07").write_bytes((src / "f07").read_bytes())  # used again, later
+    m, _ = backup(repo, src)
+    entries = load_tree(repo, m.tree)
+    opened_in: list[str] = []
+    open_chunk = repo.open_chunk
+
+    def spy(*args: object, **kw: object) -> bytes:
+        opened_in.append(threading.current_thread().name)
+        return open_chunk(*args, **kw)
+
+    monkeypatch.setattr(repo, "open_chunk", spy)
+    restore_tree(repo, entries, tmp_path / "out", threads=2)
+    assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
+    # opened in the unpack threads (or by the writer when none was ahead), not as a
+    # whole read came in (only a read up to OPEN_WHOLE_MAX is: a pack's tail)
+    unpacked = [t for t in opened_in if t.startswith("unpack")]
+    assert len(unpacked) > 0.8 * len(opened_in), sorted(set(opened_in))
+    # damage in a chunk opened ahead is the file's own, as with whole reads
+    cid = {e.path: e for e in entries}["f30"].chunks[-1][0]
+    key, loc = repo.locate(cid)
+    pack = Path(repo.backend.root) / key
+    data = bytearray(pack.read_bytes())
+    data[loc.offset + loc.length - 1] ^= 0xFF  # the frame's checksum
+    pack.write_bytes(bytes(data))
+    with pytest.raises(DamagedError, match=r"^f30: .*corrupt"):
+        restore_tree(repo, entries, tmp_path / "damaged", threads=2)
+    # a budget too small to hold any read: every chunk is read alone, and still opened
+    data[loc.offset + loc.length - 1] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    monkeypatch.setattr(extract, "PREFETCH_BYTES", 1)
+    restore_tree(repo, entries, tmp_path / "tight", threads=2)
+    assert diff(tree_manifest(src), tree_manifest(tmp_path / "tight")) == []
 
 
 def test_rebuild_index_from_the_pack_headers(tmp_path: Path, monkeypatch):
