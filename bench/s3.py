@@ -11,6 +11,9 @@ with empty buckets and an empty local cache:
             the tar downloaded by ``download_file`` (parallel ranged GETs), not unpacked
   local     the same dump and restore with a dir storage (a fresh one per round): the part
             of either that is not S3 (walk, chunking, compression; writing the files)
+  command   the same two boto3 transfers as a user's script runs them: a new Python process
+            (``python -c``: start, boto3's import and client included, as they are in every
+            vzbackup command); printed beside the target, not judged
   files     the tar unpacked by ``tar -x`` into a new directory beside the restored CTs: what
             creating the same files alone costs on this file system (no network, no
             decompression, no hashing), the floor of any restore of the tree
@@ -82,6 +85,17 @@ ENDPOINT = f"http://127.0.0.1:{os.environ.get('VZBACKUP_S3_PORT', '7480')}"  # a
 ACCESS_KEY, SECRET_KEY = "test", "testtest"
 RAW_THREADS = 10  # boto3's default max_pool_connections
 SERVER_PROCESSES = ("radosgw", "ceph-osd")
+RAW_SCRIPT = """import sys, boto3
+from botocore.config import Config
+way, endpoint, access, secret, bucket, key, path = sys.argv[1:]
+s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access,
+                  aws_secret_access_key=secret, region_name="us-east-1",
+                  config=Config(s3={"addressing_style": "path"}))
+if way == "upload":
+    s3.upload_file(path, bucket, key)
+else:
+    s3.download_file(bucket, key, path)
+"""  # one raw transfer as a script: the in-process one without Python's start and boto3's import
 
 
 def server_cpu_s() -> float:
@@ -246,8 +260,15 @@ class S3Bench:
             out[f"tar_{way}_s"], out[f"tar_{way}_cpu"], out[f"tar_{way}_server_cpu"] = \
                 self.timed(fn)
         back.unlink()
+        for way, path in (("upload", tar), ("download", back)):
+            os.sync()
+            out[f"cmd_{way}_s"] = measure([sys.executable, "-c", RAW_SCRIPT, way, ENDPOINT,
+                                           ACCESS_KEY, SECRET_KEY, raw_bucket, "tree-cmd.tar",
+                                           str(path)]).seconds
+        back.unlink()
         log(f"round {n}: one tar: upload_file {out['tar_upload_s']:.2f} s, "
-            f"download_file {out['tar_download_s']:.2f} s")
+            f"download_file {out['tar_download_s']:.2f} s; as a command "
+            f"{out['cmd_upload_s']:.2f} s, {out['cmd_download_s']:.2f} s")
         with restore_fs(self.prefix, self.private) as fs:
             files = fs / "files"
             files.mkdir()
@@ -306,6 +327,8 @@ def summarise(rounds: list[dict], logical: int) -> dict:
         "mb_per_s": {k: round(mb / v, 1) for k, v in med.items() if k.endswith("_s") and v},
         "s3_vs_local": {way: round(med[f"local_{way}_s"] / med[f"vz_{way}_s"], 2)
                         for way in ("upload", "download")},
+        "command_ratio": {way: round(med[f"cmd_{way}_s"] / med[f"vz_{way}_s"], 2)
+                          for way in ("upload", "download")},
         "targets": {way: med[f"tar_{way}_s"] / med[f"vz_{way}_s"] >= 0.8
                     for way in ("upload", "download")},
         # what 0.8x of the raw transfer allows, and floors no vzbackup could beat here
@@ -366,6 +389,9 @@ def main() -> None:
         print(line)
     print("(ratios: the other's seconds / vzbackup's with S3; dir storage: the same vzbackup "
           "command on a local directory, i.e. what S3 adds)")
+    print("one tar as a command (python -c, boto3's import and client included; not judged): "
+          + ", ".join(f"{way} {med[f'cmd_{way}_s']:.2f} s, {s['command_ratio'][way]}x"
+                      for way in ("upload", "download")))
     print("CPU s, client + S3 server: " + ", ".join(
         f"{way} vzbackup {med[f'vz_{way}_cpu']:.2f} + {med[f'vz_{way}_server_cpu']:.2f}, "
         f"one tar {med[f'tar_{way}_cpu']:.2f} + {med[f'tar_{way}_server_cpu']:.2f}"
