@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,6 +68,7 @@ class DestAgent:
         self.link: Link | None = None
         self.chan: Any = None
         self.relay: threading.Thread | None = None
+        self.silent = ""  # why the agent is no longer asked anything (a reply came too late)
 
     def open(self) -> None:
         argv = [
@@ -93,14 +95,56 @@ class DestAgent:
                     serious = text.startswith(("DEST WARNING", "DEST ERROR"))
                     log.log(logging.WARNING if serious else logging.INFO, "%s", text)
 
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
+    def call(self, op: str, *, reply_within: float | None = None, **args: Any) -> dict[str, Any]:
+        """Request *op* and wait for its reply; with *reply_within* (seconds) at most that
+        long (:meth:`_deadline`)."""
         if self.link is None:
             raise LinkLost(f"DEST agent is not connected (during {op!r})")
-        return self.link.call(op, **args)
+        if self.silent:
+            raise LinkLost(f"DEST agent stopped answering ({self.silent}; during {op!r})")
+        if reply_within is None:
+            return self.link.call(op, **args)
+        with self._deadline(op, reply_within):
+            return self.link.call(op, **args)
+
+    @contextlib.contextmanager
+    def _deadline(self, op: str, seconds: float) -> Iterator[None]:
+        """No reply *seconds* after the request: close the channel (the waiting read ends;
+        DEST's agent removes what it made once it finds the link closed) and raise LinkLost.
+        The agent is asked nothing more: a late reply would answer the next request."""
+        lock, finished = threading.Lock(), False
+
+        def give_up() -> None:
+            with lock:
+                if finished:
+                    return
+                self.silent = f"no answer to {op!r} within {seconds:g} s"
+            with contextlib.suppress(Exception):
+                self.chan.close()
+
+        timer = threading.Timer(seconds, give_up)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except E.VzError:
+            if not self.silent:
+                raise
+        finally:
+            timer.cancel()
+            with lock:
+                finished = True
+        if self.silent:
+            raise LinkLost(f"DEST did not answer {op!r} within {seconds:g} s",
+                           hint="its agent removes what it made; see DEST's log")
 
     def abort(self, *, keep_private: bool) -> None:
         """Ask DEST to remove what it created (it also does so when the link drops)."""
         if self.link is None:
+            return
+        if self.silent:
+            log.warning("DEST did not answer in time: its agent removes what it created "
+                        "when it finds the link closed")
             return
         try:
             self.call("abort", keep_private=keep_private)
@@ -110,7 +154,7 @@ class DestAgent:
     def close(self, *, drain: bool = False) -> None:
         """Say bye; *drain*: wait (briefly) for the agent's last log lines, e.g. why it
         rolled back."""
-        if self.link is not None:
+        if self.link is not None and not self.silent:
             with contextlib.suppress(E.VzError):
                 self.link.call("bye")
             if drain and self.relay is not None:

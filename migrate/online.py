@@ -39,6 +39,8 @@ from vzbackup.timer import Timer
 if TYPE_CHECKING:
     from vzbackup.migrate.phases import Migration
 
+    from vzbackup.ct.container import Container
+
 LISTEN_TIMEOUT = 30.0  # for CRIU's page server to start listening after post-dump
 
 
@@ -53,6 +55,7 @@ class OnlineDump:
         self.images = ct.node.dumpdir / f"Dump.{ct.ctid}.migrate-out"
         self.port = (mig.opts.lazy_port or _free_port()) if lazy else 0
         self.tls = None if mig.opts.plain_pages else Identity.create("source", ct.node.rundir)
+        self.reply_within = _freeze_reply_bound(ct)  # for DEST's answers in the freeze
         self.page_server: tuple[str, int] | None = None  # DEST's, without lazy pages
         self.dest_daemon = False  # DEST's lazy-pages daemon runs from the stage on
         self.clock: dict[str, float] = {}  # freeze, staged, restored: monotonic seconds
@@ -169,7 +172,8 @@ class OnlineDump:
             sizes.append([name, len(data)])
             blobs.append(data)
         blob = b"".join(blobs)
-        reply = self.mig.dest.call("put_images", data=blob, names=sizes, last=last)
+        reply = self.mig.dest.call("put_images", data=blob, names=sizes, last=last,
+                                   reply_within=self.reply_within)
         if last:
             steps = reply.get("steps", {})
             self.mig.report.dest_steps.update({f"images.{k}": v for k, v in steps.items()})
@@ -190,7 +194,7 @@ class OnlineDump:
     def restore(self) -> None:
         mig = self.mig
         with mig.phase("restore"):
-            reply = mig.dest.call("restore")
+            reply = mig.dest.call("restore", reply_within=self.reply_within)
         mig.report.dest_steps["restore"] = float(reply.get("seconds", 0.0))
         mig.report.dest_steps.update(
             {f"restore.{k}": float(v) for k, v in reply.get("steps", {}).items()})
@@ -346,6 +350,19 @@ def _sysv_shm_segments(pid: int) -> int:
     """SysV shared memory segments in the IPC namespace of *pid*."""
     res = run_in_ns(pid, ("ipc",), ["cat", "/proc/sysvipc/shm"])
     return max(0, len(res.stdout.splitlines()) - 1)
+
+
+def _freeze_reply_bound(ct: Container) -> float:
+    """Seconds DEST may take to answer a request in the freeze (C.FREEZE_REPLY_*)."""
+    forced = os.environ.get(C.FREEZE_REPLY_ENV, "")
+    if forced:
+        try:
+            return float(forced)
+        except ValueError:
+            raise E.UsageError(f"{C.FREEZE_REPLY_ENV}={forced!r} is not a number of seconds"
+                               ) from None
+    memory = ct.cgroup().memory_usage() or 0
+    return C.FREEZE_REPLY_BASE + C.FREEZE_REPLY_PER_GIB * memory / 2**30
 
 
 def _free_port() -> int:

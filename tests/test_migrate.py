@@ -399,6 +399,44 @@ def test_dest_restore_failure_resumes_at_source(
         client.close()
 
 
+@pytest.mark.parametrize("flag", ["--no-lazy", "--lazy"])
+def test_dest_restore_that_hangs_resumes_at_source(two_nodes: Bed, flag: str) -> None:
+    """DEST's restore never answers (its CRIU hangs): the source waits the freeze's bound
+    (C.FREEZE_REPLY_ENV here), resumes the CT and stops asking DEST anything; DEST's agent
+    removes its copy once its restore returns and finds the link closed."""
+    bed = two_nodes
+    ctid, ip = _make_ct(bed.a, privileged=flag == "--lazy")
+    client = Client(ip)
+    hung = bed.dir / "hung-swrk.pid"
+    mig = None
+    try:
+        before = _counter(bed.a, ctid)
+        stuck = bed.dir / "stuckcriu"
+        stuck.write_text("#!/bin/sh\ncase \"$1\" in --version) echo 'Version: 4.2.1';;"
+                         f" check|cpuinfo) exit 0;; swrk) echo $$ > {hung}; exec sleep 600;;"
+                         " *) exec /usr/local/sbin/criu \"$@\";; esac\n")
+        stuck.chmod(0o755)
+        _set_remote_env(bed, bed.b, "VZBACKUP_CRIU", str(stuck))
+        mig = _spawn_migrate(bed, ctid, "--online", flag, env={C.FREEZE_REPLY_ENV: "3"})
+        out, err = mig.communicate(timeout=240)
+        # it ended while DEST's restore still hung
+        assert hung.exists() and Path(f"/proc/{hung.read_text().strip()}").exists()
+        assert mig.returncode == 15, out + err
+        assert "did not answer 'restore' within 3 s" in err and "keeps running here" in err, err
+        os.kill(int(hung.read_text()), signal.SIGKILL)  # DEST's restore fails now
+        wait_for(lambda: "deleted" in _status(bed.b, ctid) and not _private(bed.b, ctid).exists()
+                 and not list((bed.b.prefix / "vz/lock").glob("*.migrate.json")),
+                 timeout=60, what="DEST removed its copy")
+        _assert_still_home(bed.a, bed.b, ctid, before, client if flag == "--no-lazy" else None)
+    finally:
+        client.close()
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(hung.read_text()), signal.SIGKILL)
+        if mig is not None and mig.poll() is None:
+            mig.kill()
+            mig.wait()
+
+
 STALL_MS = 3000  # DEST's lazy-pages daemon gives up after this long without progress
 
 

@@ -103,6 +103,13 @@ VZDUMP_CONF = "vzdump.conf"  # in VZBACKUP_CONFDIR: backup defaults
 RSYNC_OPTS = ("-aHAX", "--numeric-ids", "--sparse", "--modify-window=-1")
 BOOT_PARALLEL_PER_CPU = 4  # boot/shutdown: CTs of one BOOTORDER at once, per CPU (vzctl's)
 MIGRATE_DISK_MARGIN = 1.1  # a DEST needs this many times a private area's size free
+# How long the source waits, its CT frozen, for DEST to restore the CT: a base and more per
+# GiB of the CT's memory (DEST reads every page without lazy pages). Past it the CT resumes
+# here and DEST's agent removes its copy when the link closes. FREEZE_REPLY_ENV (seconds)
+# overrides it.
+FREEZE_REPLY_BASE = 60.0
+FREEZE_REPLY_PER_GIB = 15.0
+FREEZE_REPLY_ENV = "VZBACKUP_FREEZE_REPLY_TIMEOUT"
 # the DEST end of a streamed private-area transfer; its module is cli/commands/ under this
 # name ("-" as "_"), so DEST's vzbackup finds it without importing every command
 RECV_COMMAND = "migrate-recv-tree"
