@@ -359,8 +359,8 @@ def _freeze_reply_bound(ct: Container) -> float:
         try:
             return float(forced)
         except ValueError:
-            raise E.UsageError(f"{C.FREEZE_REPLY_ENV}={forced!r} is not a number of seconds"
-                               ) from None
+            why = f"{C.FREEZE_REPLY_ENV}={forced!r} is not a number of seconds"
+            raise E.UsageError(why) from None
     memory = ct.cgroup().memory_usage() or 0
     return C.FREEZE_REPLY_BASE + C.FREEZE_REPLY_PER_GIB * memory / 2**30
 
