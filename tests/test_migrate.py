@@ -381,14 +381,7 @@ def test_dest_restore_failure_resumes_at_source(
     client = Client(ip)
     try:
         before = _counter(bed.a, ctid)
-        # DEST's criu passes every check, but one of its parts fails after the dump froze
-        # the CT here
-        failing = bed.dir / "failcriu"
-        failing.write_text("#!/bin/sh\ncase \"$1\" in --version) echo 'Version: 4.2.1';;"
-                           f" check|cpuinfo) exit 0;; {fails}) exit 3;;"
-                           " *) exec /usr/local/sbin/criu \"$@\";; esac\n")
-        failing.chmod(0o755)
-        _set_remote_env(bed, bed.b, "VZBACKUP_CRIU", str(failing))
+        _dest_criu_doing(bed, fails, "exit 3")  # after the dump froze the CT here
         res, _ = _migrate(bed, bed.a, bed.b, ctid, "--online", flag, check=False)
         assert res.returncode == 15, res.stderr
         assert "keeps running here" in res.stderr, res.stderr
@@ -411,12 +404,7 @@ def test_dest_restore_that_hangs_resumes_at_source(two_nodes: Bed, flag: str) ->
     mig = None
     try:
         before = _counter(bed.a, ctid)
-        stuck = bed.dir / "stuckcriu"
-        stuck.write_text("#!/bin/sh\ncase \"$1\" in --version) echo 'Version: 4.2.1';;"
-                         f" check|cpuinfo) exit 0;; swrk) echo $$ > {hung}; exec sleep 600;;"
-                         " *) exec /usr/local/sbin/criu \"$@\";; esac\n")
-        stuck.chmod(0o755)
-        _set_remote_env(bed, bed.b, "VZBACKUP_CRIU", str(stuck))
+        _dest_criu_doing(bed, "swrk", f"echo $$ > {hung}; exec sleep 600")
         mig = _spawn_migrate(bed, ctid, "--online", flag, env={C.FREEZE_REPLY_ENV: "3"})
         out, err = mig.communicate(timeout=240)
         # it ended while DEST's restore still hung
@@ -494,6 +482,17 @@ def _session_nices(node: Node, ctid: int) -> set[int]:
     state = read_state(ct.node, ctid)
     pids = [*ct.cgroup().pids(), *([state.supervisor_pid] if state else [])]
     return {found[1] for pid in pids if (found := autogroup.group(pid))}
+
+
+def _dest_criu_doing(bed: Bed, part: str, action: str) -> None:
+    """DEST's CRIU passes every check, but its *part* (its first argument) runs the shell
+    *action* instead (through DEST's sshd, for the agent)."""
+    wrapper = bed.dir / "destcriu"
+    wrapper.write_text("#!/bin/sh\ncase \"$1\" in --version) echo 'Version: 4.2.1';;"
+                       f" check|cpuinfo) exit 0;; {part}) {action};;"
+                       " *) exec /usr/local/sbin/criu \"$@\";; esac\n")
+    wrapper.chmod(0o755)
+    _set_remote_env(bed, bed.b, "VZBACKUP_CRIU", str(wrapper))
 
 
 def _set_remote_env(bed: Bed, node: Node, key: str, value: str) -> None:
