@@ -1031,7 +1031,6 @@ def test_gc_removes_old_temp_files_but_not_a_running_backups(repo: Repository, t
 
 
 def test_read_range_reads_any_byte_range_of_a_file(repo: Repository, tmp_path: Path):
-
     from vzbackup.engine.extract import read_range
 
     src = tmp_path / "src"
@@ -1132,16 +1131,11 @@ def test_big_reads_are_opened_chunk_by_chunk_just_ahead_of_the_writer(tmp_path: 
     # a chunk can hold the end of one file and the start of the next: the first one that
     # needs it reports it
     needs = next(e.path for e in entries if cid in {c for c, _, _ in e.chunks})
-    key, loc = repo.locate(cid)
-    pack = Path(repo.backend.root) / key
-    data = bytearray(pack.read_bytes())
-    data[loc.offset + loc.length - 1] ^= 0xFF  # the frame's checksum
-    pack.write_bytes(bytes(data))
+    _flip_in_middle(repo, cid)
     with pytest.raises(DamagedError, match=rf"^{needs}: .*corrupt"):
         restore_tree(repo, entries, tmp_path / "damaged", threads=2)
     # a budget too small to hold any read: every chunk is read alone, and still opened
-    data[loc.offset + loc.length - 1] ^= 0xFF
-    pack.write_bytes(bytes(data))
+    _flip_in_middle(repo, cid)  # flipped back
     monkeypatch.setattr(extract, "PREFETCH_BYTES", 1)
     restore_tree(repo, entries, tmp_path / "tight", threads=2)
     assert diff(tree_manifest(src), tree_manifest(tmp_path / "tight")) == []
