@@ -90,9 +90,7 @@ class Runner:
     def _run_vzdump(self, job: JobDef) -> Outcome:
         args = ["dump", *map(str, job.ctids)]
         if job.all:
-            args.append("--all")
-            for x in job.exclude:
-                args += ["--exclude", str(x)]
+            args += ["--all", *_excludes(job)]
         for key, value in job.options.items():
             args += [f"--{key}", str(value)]
         if job.prune is not None and not job.prune.keep_all:
@@ -131,8 +129,9 @@ class Runner:
         if job.prune is None or job.prune.keep_all:
             out.fail("prune job without a prune-backups rule")
             return out
-        rc, stdout, stderr = self.vz("prune", *map(str, job.ctids), "--prune-backups",
-                                     job.prune.to_string(), *self._repo_args(job), "--json")
+        rc, stdout, stderr = self.vz("prune", *map(str, job.ctids), *_excludes(job),
+                                     "--prune-backups", job.prune.to_string(),
+                                     *self._repo_args(job), "--json")
         if rc:
             out.fail(_last_line(stderr) or f"prune exited with {rc}")
             return out
@@ -149,7 +148,9 @@ class Runner:
 
     def _run_verify(self, job: JobDef) -> Outcome:
         out = Outcome()
-        rc, stdout, stderr = self.vz("verify", *self._repo_args(job), "--json")
+        cts = [a for c in job.ctids for a in ("--ct", str(c))]
+        rc, stdout, stderr = self.vz("verify", *cts, *_excludes(job), *self._repo_args(job),
+                                     "--json")
         try:
             rep = json.loads(stdout)
         except ValueError:
@@ -205,3 +206,8 @@ def _last_line(text: str) -> str:
     errors = [ln for ln in lines if ln.startswith("vzbackup: error: ")]
     line = (errors or lines or [""])[-1]
     return line.removeprefix("vzbackup: error: ")
+
+
+def _excludes(job: JobDef) -> list[str]:
+    """The job's ``exclude`` CTIDs as the command's --exclude options."""
+    return [a for x in job.exclude for a in ("--exclude", str(x))]

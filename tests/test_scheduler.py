@@ -199,6 +199,37 @@ def test_restore_test_and_prune_jobs_run_now_without_daemon(node: NodeBed):
     assert [r["job"] for r in history(node)] == ["tidy", "drill"]
 
 
+def test_prune_and_verify_jobs_keep_to_their_cts(node: NodeBed):
+    """vmid and exclude choose the CTs whose snapshots a verify or prune job touches: an
+    excluded CT's snapshots are never pruned."""
+    a, b = stopped_ct(node), stopped_ct(node)
+    for ctid in (a, a, b, b):
+        node.vz("dump", str(ctid))
+    jobs_cfg(node, f"verify: only-a\n    schedule 03:00\n    vmid {a}\n"
+                   f"verify: all-but-a\n    schedule 03:00\n    exclude {a}\n"
+                   f"prune: tidy\n    schedule sun 04:00\n    prune-backups keep-last=1\n"
+                   f"    exclude {b}\n")
+
+    def run(job: str) -> dict:
+        out = json.loads(node.vz("jobs", "run-now", job, "--json").stdout)
+        assert out["status"] == "ok", out
+        return out
+
+    assert run("only-a")["details"][0].startswith("verified 2 snapshots")
+    assert run("tidy")["details"][0].startswith("pruned 1 snapshots")
+    left = [s["id"] for s in json.loads(node.vz("list", "-b", "--json").stdout)["snapshots"]]
+    assert sorted(int(sid.split("/")[0]) for sid in left) == [a, b, b]
+    assert run("all-but-a")["details"][0].startswith("verified 2 snapshots")
+    res = node.vz("verify", "--ct", str(b), "--json")
+    assert sorted(json.loads(res.stdout)["snapshots"]) == sorted(s for s in left
+                                                                if s.startswith(f"{b}/"))
+    for bad in (["prune", str(a), "--exclude", str(b), "--keep-last", "1"],
+                ["verify", str(a), "--exclude", str(b)]):
+        res = node.vz(*bad, check=False)
+        assert res.returncode != 0 and "--exclude" in res.stderr
+    assert len(json.loads(node.vz("list", "-b", "--json").stdout)["snapshots"]) == 3
+
+
 def test_sigterm_aborts_a_long_run_cleanly(node: NodeBed, daemon: Daemon):
     ctid = stopped_ct(node)
     (node.prefix / f"vz/private/{ctid}/big").write_bytes(os.urandom(6 << 20))

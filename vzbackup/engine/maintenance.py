@@ -3,7 +3,7 @@ maintenance lock."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from vzbackup.engine import gc, rebuild
 from vzbackup.engine import locks as L
@@ -13,16 +13,17 @@ from vzbackup.engine.repo import Repository, snapshot_time
 
 
 def prune(repo: Repository, policy: KeepPolicy, *, ctids: list[int] | None = None,
-          dry_run: bool = False, lockwait: float = 0.0,
+          exclude: Collection[int] = (), dry_run: bool = False, lockwait: float = 0.0,
           log: Callable[[str], None] = lambda m: None) -> dict[int, list[Decision]]:
-    """Apply *policy* to each CT's snapshots separately; returns the decisions per CT."""
+    """Apply *policy* to each CT's snapshots separately (the CTs *ctids*, or every CT but
+    those in *exclude*); returns the decisions per CT."""
     out: dict[int, list[Decision]] = {}
     with L.RepoLock(repo, L.MAINTENANCE, what="prune", wait=lockwait):
         protected = repo.protected_ids()
         by_ct: dict[int, list[Item]] = {}
         for sid in repo.snapshot_ids():
             ctid = int(sid.split("/")[0])
-            if ctids and ctid not in ctids:
+            if (ctids and ctid not in ctids) or ctid in exclude:
                 continue
             keep = sid in protected or repo.retained(sid)  # retained: under Object Lock
             by_ct.setdefault(ctid, []).append(Item(sid, snapshot_time(sid), keep))

@@ -28,15 +28,20 @@ def _keep_options(f):
 @click.argument("ctids", nargs=-1)
 @_keep_options
 @click.option("--prune-backups", help="Proxmox form, e.g. keep-last=3,keep-daily=7.")
+@click.option("--exclude", multiple=True,
+              help="Without CTIDS: leave this CT's snapshots alone (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
 @click.option("--lockwait", type=click.FloatRange(0), default=1.0, help="Minutes to wait.")
 @repo_options
 @json_option
 @click.pass_context
-def prune(ctx: click.Context, ctids: tuple[str, ...], prune_backups: str | None, dry_run: bool,
-          lockwait: float, storage: str | None, keyfile: str | None, as_json: bool,
-          **keeps: int) -> None:
-    """Remove snapshots the retention rules don't keep (per CT; protected ones stay)."""
+def prune(ctx: click.Context, ctids: tuple[str, ...], prune_backups: str | None,
+          exclude: tuple[str, ...], dry_run: bool, lockwait: float, storage: str | None,
+          keyfile: str | None, as_json: bool, **keeps: int) -> None:
+    """Remove snapshots the retention rules don't keep (per CT, every CT if no CTIDS are
+    given; protected ones stay)."""
+    if ctids and exclude:
+        raise UsageError("--exclude is for pruning every CT (no CTIDS given)")
     if prune_backups:
         if any(keeps.values()):
             raise UsageError("give --prune-backups or --keep-* options, not both")
@@ -47,9 +52,10 @@ def prune(ctx: click.Context, ctids: tuple[str, ...], prune_backups: str | None,
         raise UsageError("no --keep-* rule given: nothing would be pruned")
     repo = open_repo(ctx, storage, keyfile)
     node = node_of(ctx)
-    ids = [registry.parse_ctid(c) if c.isdigit() else registry.resolve(node, c) for c in ctids]
-    res = maintenance.prune(repo, policy, ctids=ids or None, dry_run=dry_run,
-                            lockwait=lockwait * 60)
+    ids = [registry.resolve(node, c) for c in ctids]
+    res = maintenance.prune(repo, policy, ctids=ids or None,
+                            exclude={registry.resolve(node, c) for c in exclude},
+                            dry_run=dry_run, lockwait=lockwait * 60)
     rows = [
         {"ctid": ctid, "snapshot": d.item.id, "keep": d.keep, "reasons": d.reasons,
          "protected": d.item.protected}
