@@ -95,8 +95,7 @@ class Runner:
             args += [f"--{key}", str(value)]
         if job.prune is not None and not job.prune.keep_all:
             args += ["--prune-backups", job.prune.to_string()]
-        if job.lockwait is not None:
-            args += ["--lockwait", str(job.lockwait)]
+        args += _lockwait(job)
         if job.keyfile:
             args += ["--keyfile", str(job.keyfile)]
         if job.storage:
@@ -131,13 +130,13 @@ class Runner:
             return out
         rc, stdout, stderr = self.vz("prune", *map(str, job.ctids), *_excludes(job),
                                      "--prune-backups", job.prune.to_string(),
-                                     *self._repo_args(job), "--json")
+                                     *_lockwait(job), *self._repo_args(job), "--json")
         if rc:
             out.fail(_last_line(stderr) or f"prune exited with {rc}")
             return out
         gone = [s["snapshot"] for s in json.loads(stdout)["snapshots"] if not s["keep"]]
         out.details.append(f"pruned {len(gone)} snapshots: {', '.join(gone) or '-'}")
-        rc, stdout, stderr = self.vz("gc", *self._repo_args(job), "--json")
+        rc, stdout, stderr = self.vz("gc", *_lockwait(job), *self._repo_args(job), "--json")
         if rc:
             out.fail(_last_line(stderr) or f"gc exited with {rc}")
         else:
@@ -211,3 +210,8 @@ def _last_line(text: str) -> str:
 def _excludes(job: JobDef) -> list[str]:
     """The job's ``exclude`` CTIDs as the command's --exclude options."""
     return [a for x in job.exclude for a in ("--exclude", str(x))]
+
+
+def _lockwait(job: JobDef) -> list[str]:
+    """The job's ``lockwait`` (minutes) as the command's option, if set."""
+    return [] if job.lockwait is None else ["--lockwait", str(job.lockwait)]
