@@ -231,32 +231,33 @@ def test_prune_and_verify_jobs_keep_to_their_cts(node: NodeBed):
 
 
 HOLD_MAINTENANCE_LOCK = """
-import sys, time
+import select, sys
 from vzbackup.backup.session import open_repository
 from vzbackup.config.node import Node
 from vzbackup.engine import locks
 with locks.RepoLock(open_repository(Node.load(), None, None), locks.MAINTENANCE, what="test"):
     print("held", flush=True)
-    time.sleep(float(sys.argv[1]))
+    select.select([sys.stdin], [], [], float(sys.argv[1]))  # until stdin closes, at most
 """
 
 
 def test_prune_job_waits_for_the_lock_as_long_as_its_lockwait(node: NodeBed):
     """A prune job's lockwait reaches prune and gc: with 0 it fails at once on a held
-    maintenance lock (the commands' own default would wait a minute, and here succeed)."""
+    maintenance lock (the commands' own default, a minute, would outwait the 30 s hold)."""
     ctid = stopped_ct(node)
     node.vz("dump", str(ctid))
     node.vz("dump", str(ctid))
     jobs_cfg(node, "prune: tidy\n    schedule sun 04:00\n    prune-backups keep-last=1\n"
                    "    lockwait 0\n")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_MAINTENANCE_LOCK, "8"],
-                              env=node.env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_MAINTENANCE_LOCK, "30"],
+                              env=node.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         out = json.loads(node.vz("jobs", "run-now", "tidy", "--json", check=False).stdout)
     finally:
-        holder.kill()
-        holder.wait()
+        holder.stdin.close()  # the holder lets go of the lock and exits
+        holder.wait(30)
     assert out["status"] == "failed" and "lock" in out["error"], out
     assert len(json.loads(node.vz("list", "-b", "--json").stdout)["snapshots"]) == 2
 
