@@ -12,6 +12,7 @@ reported and the running schedule kept); SIGTERM stops scheduling, waits up to
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
 from vzbackup.scheduler.config import JobDef, load_jobs
 from vzbackup.scheduler.history import History
 from vzbackup.scheduler.notify import Notifier, NotifySettings
@@ -83,13 +85,11 @@ class Daemon:
             grace = None if j.repeat_missed else MISSED_GRACE
             aps = self.scheduler.get_job(j.id, jobstore="default")
             if aps is not None and aps.kwargs.get("schedule") == j.schedule_text and \
-                    aps.misfire_grace_time == grace:
+                    aps.misfire_grace_time == grace and aps.trigger.jitter == (j.jitter or None):
                 continue  # unchanged: keep its stored next run time (missed runs stay visible)
             self.scheduler.add_job(
-                fire, j.trigger, args=[j.id], kwargs={"schedule": j.schedule_text}, id=j.id,
-                name=j.id,
-                jobstore="default", replace_existing=True, misfire_grace_time=grace,
-                jitter=j.jitter or None,
+                fire, _trigger(j), args=[j.id], kwargs={"schedule": j.schedule_text}, id=j.id,
+                name=j.id, jobstore="default", replace_existing=True, misfire_grace_time=grace,
             )
             stored = self.scheduler.get_job(j.id, jobstore="default")
             log.info("job %s: scheduled '%s', next run %s", j.id, j.schedule_text,
@@ -232,6 +232,14 @@ class Daemon:
             self.runner.abort()
         self.scheduler.shutdown(wait=True)
         log.info("scheduler stopped")
+
+
+def _trigger(job: JobDef) -> BaseTrigger:
+    """The job's trigger with its jitter (add_job's jitter= reaches only the triggers
+    APScheduler builds from a name, not a trigger object)."""
+    trigger = copy.copy(job.trigger)
+    trigger.jitter = job.jitter or None
+    return trigger
 
 
 def _sd_notify(state: str) -> None:

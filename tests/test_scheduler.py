@@ -154,6 +154,23 @@ def test_sighup_reload_good_and_bad(node: NodeBed, daemon: Daemon):
     assert daemon.stop() == 0
 
 
+
+def test_jitter_moves_the_next_run_and_reloads(node: NodeBed, daemon: Daemon):
+    """jitter delays a run by up to that many seconds; a reload that changes only the
+    jitter reschedules the job."""
+    path = jobs_cfg(node, "verify: spread\n    schedule 02:00\n    jitter 86400\n")
+
+    def next_time() -> str:
+        return json.loads(node.vz("jobs", "next", "--json").stdout)["spread"][11:19]
+
+    daemon.start()
+    assert next_time() != "02:00:00"  # off by less than a second: 1 in 86400
+    path.write_text("verify: spread\n    schedule 02:00\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded" in daemon.log.read_text(), what="reload")
+    assert next_time() == "02:00:00"
+    assert daemon.stop() == 0
+
 def test_bad_jobs_file_refuses_to_start(node: NodeBed):
     jobs_cfg(node, "vzdump: x\n    schedule mon..fry 02:00\n    vmid 101\n")
     res = node.vz("scheduler", "run", check=False, timeout=30)
