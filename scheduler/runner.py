@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 
 from vzbackup.scheduler.config import JobDef
 
+from vzbackup import constants as C
+from vzbackup.backup.defaults import load_defaults
 from vzbackup.config.node import Node
+from vzbackup.engine.keeppolicy import KeepPolicy
+from vzbackup.errors import ConfigError
 
 KILL_AFTER = 15.0  # seconds between SIGTERM and SIGKILL when a run is aborted
 
@@ -125,11 +129,16 @@ class Runner:
 
     def _run_prune(self, job: JobDef) -> Outcome:
         out = Outcome()
-        if job.prune is None or job.prune.keep_all:
-            out.fail("prune job without a prune-backups rule")
+        try:
+            policy = job.prune if job.prune is not None else self._default_prune()
+        except ConfigError as e:
+            out.fail(str(e))
+            return out
+        if policy.keep_all:
+            out.fail("prune job without a prune-backups rule (in the job or vzdump.conf)")
             return out
         rc, stdout, stderr = self.vz("prune", *map(str, job.ctids), *_excludes(job),
-                                     "--prune-backups", job.prune.to_string(),
+                                     "--prune-backups", policy.to_string(),
                                      *_lockwait(job), *self._repo_args(job), "--json")
         if rc:
             out.fail(_last_line(stderr) or f"prune exited with {rc}")
@@ -144,6 +153,10 @@ class Runner:
             out.bytes = int(g["bytes_deleted"])
             out.details.append(f"gc deleted {g['chunks_deleted']} chunks ({g['bytes_deleted']} B)")
         return out
+
+    def _default_prune(self) -> KeepPolicy:
+        """vzdump.conf's prune-backups: the rule of a prune job that gives none."""
+        return load_defaults(self.node.vzbackup_confdir / C.VZDUMP_CONF).prune_backups
 
     def _run_verify(self, job: JobDef) -> Outcome:
         out = Outcome()

@@ -247,6 +247,18 @@ def test_prune_and_verify_jobs_keep_to_their_cts(node: NodeBed):
     assert len(json.loads(node.vz("list", "-b", "--json").stdout)["snapshots"]) == 3
 
 
+
+def test_prune_job_without_a_rule_uses_vzdump_conf(node: NodeBed):
+    """A prune job without prune-backups prunes by vzdump.conf's (as jobs.cfg documents)."""
+    ctid = stopped_ct(node)
+    node.vz("dump", str(ctid))
+    node.vz("dump", str(ctid))
+    jobs_cfg(node, "prune: tidy\n    schedule sun 04:00\n")
+    (node.prefix / "etc/vzbackup/vzdump.conf").write_text("prune-backups: keep-last=1\n")
+    run = json.loads(node.vz("jobs", "run-now", "tidy", "--json", check=False).stdout)
+    assert run["status"] == "ok" and "pruned 1 snapshots" in run["details"][0], run
+    assert len(json.loads(node.vz("list", "-b", "--json").stdout)["snapshots"]) == 1
+
 HOLD_MAINTENANCE_LOCK = """
 import select, sys
 from vzbackup.backup.session import open_repository
