@@ -37,15 +37,15 @@ JOB_KINDS = ("vzdump", "prune", "verify", "restore-test")
 GLOBAL_KIND, GLOBAL_ID = "scheduler", "options"
 NOTIFY = ("failure", "always", "never")
 
-_COMMON_KEYS = ("schedule", "enabled", "comment", "repeat-missed", "jitter", "lockwait",
-                "storage", "keyfile")
+_COMMON_KEYS = ("schedule", "enabled", "comment", "repeat-missed", "jitter", "storage",
+                "keyfile")
 _SELECT_KEYS = ("vmid", "all", "exclude")
 # vzdump options handed on to the backup as they are (validated like vzdump.conf's).
 DUMP_OPTION_KEYS = ("mode", "zstd-level", "zstd", "prune-backups", "notes-template", "lockwait")
+# lockwait only where a lock is taken: backups, and prune's and gc's maintenance lock
 KIND_KEYS: dict[str, tuple[str, ...]] = {
-    "vzdump": _COMMON_KEYS + _SELECT_KEYS
-    + ("mode", "zstd-level", "zstd", "prune-backups", "notes-template"),
-    "prune": _COMMON_KEYS + _SELECT_KEYS + ("prune-backups",),
+    "vzdump": _COMMON_KEYS + _SELECT_KEYS + DUMP_OPTION_KEYS,
+    "prune": _COMMON_KEYS + _SELECT_KEYS + ("prune-backups", "lockwait"),
     "verify": _COMMON_KEYS + _SELECT_KEYS,
     "restore-test": (*_COMMON_KEYS, "vmid", "scratch-ctid"),
 }
