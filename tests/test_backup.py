@@ -181,6 +181,18 @@ def test_export_to_vzdump_archive_and_back(node: NodeBed):
     assert diff(tree_manifest(private(node, ctid)), tree_manifest(private(node, new))) == []
 
 
+
+def test_notes_template_fills_in_every_variable(node: NodeBed):
+    """vzdump.conf's notes-template: {{vmid}}, {{guestname}}, {{node}} and {{cluster}} (none:
+    nodes form no cluster) are replaced."""
+    ctid = node.new_ctid()
+    node.vz("create", str(ctid), "--hostname", "web1")
+    conf = node.prefix / "etc/vzbackup/vzdump.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text("notes-template: {{vmid}}: {{guestname}} on {{node}}{{cluster}}\n")
+    dump(node, str(ctid))
+    assert snapshots(node)[0]["notes"] == f"{ctid}: web1 on {os.uname().nodename}"
+
 def test_ls_extract_log_and_hooks(node: NodeBed, tmp_path: Path):
     ctid, _ = stopped_ct(node)
     hook = tmp_path / "hook.sh"

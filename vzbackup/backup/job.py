@@ -9,6 +9,7 @@ only that CT (backup-abort hook), leaves no snapshot, and the repository stays v
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -140,8 +141,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             time=named.result().strftime(TIME_FMT),
             hostname=conf.hostname or "",
             mode=mode,
-            notes=(opts.notes_template or "").replace("{{vmid}}", str(ct.ctid)).replace(
-                "{{guestname}}", conf.hostname or ""),
+            notes=notes(opts.notes_template or "", ct.ctid, conf.hostname or ""),
             ct_config=conf_text,
             tree=tree,
             state_tree=state_tree,
@@ -216,6 +216,13 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
         raise
     hooks.call("job-end")
     return results
+
+
+def notes(template: str, ctid: int, hostname: str) -> str:
+    """*template* with vzdump's variables filled in; {{cluster}} is empty (no clusters)."""
+    values = {"vmid": str(ctid), "guestname": hostname, "node": os.uname().nodename,
+              "cluster": ""}
+    return re.sub(r"\{\{(vmid|guestname|node|cluster)\}\}", lambda m: values[m[1]], template)
 
 
 def set_io_priority(level: int) -> None:

@@ -35,7 +35,7 @@ from vzbackup.errors import UsageError, VzError
 @click.option("--lockwait", type=click.IntRange(0), help="Minutes to wait for locks.")
 @click.option("--stopwait", type=click.IntRange(0), help="Minutes to wait for a clean stop.")
 @click.option("--script", type=click.Path(dir_okay=False), help="Hook script (vzdump phases).")
-@click.option("--notes-template", help="Notes for the snapshot ({{vmid}}, {{guestname}}).")
+@click.option("--notes-template", help="Snapshot notes ({{vmid}}, {{guestname}}, {{node}}).")
 @click.option("--prune-backups", help="Prune after the backup, e.g. keep-last=3,keep-daily=7.")
 @json_option
 @click.pass_context
