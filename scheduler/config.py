@@ -333,6 +333,9 @@ def _job(section: Section, source: str) -> JobDef:
     if kind in ("prune", "verify"):
         if "vmid" in parsed and all_:
             raise ConfigError(f"{at('all')}: give either vmid or 'all 1', not both")
+        if "all" in parsed and not all_ and "vmid" not in parsed:
+            raise ConfigError(f"{at('all')}: 'all 0' needs a vmid list",
+                              hint=f"without vmid a {kind} job takes every CT")
         all_ = "vmid" not in parsed
     if exclude and not all_:
         raise ConfigError(f"{at('exclude')}: exclude needs 'all 1' (not a vmid list)")
