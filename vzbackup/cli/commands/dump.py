@@ -29,7 +29,8 @@ from vzbackup.errors import UsageError, VzError
 @click.option("--zstd", type=click.IntRange(0, 256),
               help="Worker threads for hashing/compression (0 = one per CPU).")
 @click.option("--exclude-path", multiple=True, help="Pattern to leave out (repeatable).")
-@click.option("--stdexcludes/--no-stdexcludes", default=None, help="vzdump's standard excludes.")
+@click.option("--stdexcludes/--no-stdexcludes", default=None,
+              help="vzdump's standard excludes (not in checkpoint mode).")
 @click.option("--bwlimit", type=click.IntRange(0), help="Write limit in KiB/s.")
 @click.option("--tmpdir", type=click.Path(file_okay=False), help="For suspend/checkpoint copies.")
 @click.option("--lockwait", type=click.IntRange(0), help="Minutes to wait for locks.")
