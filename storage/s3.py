@@ -155,7 +155,6 @@ class S3Backend(Backend):
         where = o.endpoint or f"AWS {o.region}"
         self.url = f"s3:{self.bucket}/{self.prefix}".rstrip("/") + f" ({where})"
         self.max_connections = self.parallel_reads = o.max_connections
-        self.attempts = o.retries + 1
         self.threshold = o.multipart_threshold * MiB
         self.part_size = o.multipart_chunksize * MiB
         self.limiter = Limiter(o.bwlimit or None)
@@ -176,7 +175,8 @@ class S3Backend(Backend):
         config = Config(
             region_name=o.region,
             max_pool_connections=self.max_connections,
-            retries={"mode": o.retry_mode, "max_attempts": self.attempts},
+            # the first attempt and its retries (botocore's max_attempts counts retries only)
+            retries={"mode": o.retry_mode, "total_max_attempts": o.retries + 1},
             s3={"addressing_style": "path" if o.path_style else "auto"},
             connect_timeout=o.connect_timeout,
             read_timeout=o.read_timeout,

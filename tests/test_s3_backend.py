@@ -14,7 +14,7 @@ from s3fixture import ACCESS_KEY, ENDPOINT, SECRET_KEY, Bucket
 from test_repository import backup, rich_tree_to_split
 from treecmp import diff, tree_manifest
 from vzbackup.storage.backend import BackendError, Kind, ObjectMissing
-from vzbackup.storage.s3 import CLAIM_PREFIX, S3Backend
+from vzbackup.storage.s3 import CLAIM_PREFIX, OUTER_ATTEMPTS, S3Backend
 from vzbackup.storage.s3options import S3Options
 
 from vzbackup.config import storage as storage_config
@@ -239,6 +239,17 @@ def test_unreachable_endpoint(s3_bucket: Bucket):
     assert be.conditional is None  # unknown: the next put_if_absent probes and says why
     with pytest.raises(BackendError, match=r"cannot reach endpoint.*probing"):
         be.put_if_absent("m", b"x", Kind.SNAPSHOT)
+    be.close()
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_retries_is_how_often_botocore_sends_a_request_again(retries: int):
+    be = S3Backend(S3Options("b", endpoint="http://127.0.0.1:9", path_style=True,
+                             access_key=ACCESS_KEY, secret_key=SECRET_KEY, retries=retries,
+                             connect_timeout=1), name="t")
+    with pytest.raises(BackendError, match=r"cannot reach endpoint"):
+        be.get("config")
+    assert be.requests == OUTER_ATTEMPTS * (1 + retries)  # each operation is tried 3 times
     be.close()
 
 
