@@ -26,7 +26,7 @@ class S3Options:
     path_style: bool = False
     access_key: str | None = None  # with secret_key, or neither (boto3's credential chain)
     secret_key: str | None = None
-    session_token: str | None = None
+    session_token: str | None = None  # with access_key and secret_key
     profile: str | None = None
     storage_class: str | None = None
     sse: str | None = None
@@ -49,6 +49,10 @@ class S3Options:
         if bool(self.access_key) != bool(self.secret_key):
             raise ValueError("set both access-key and secret-key, or neither (boto3's "
                              "credential chain)")
+        if self.session_token and not self.access_key:
+            # (boto3 would drop the token and take its chain's credentials)
+            raise ValueError("session-token goes with the access-key and secret-key it was "
+                             "issued with")
         _one_of("conditional-writes", self.conditional_writes, CONDITIONAL_WRITES)
         _one_of("retry-mode", self.retry_mode, RETRY_MODES)
         _one_of("object-lock-mode", self.object_lock_mode.upper(), OBJECT_LOCK_MODES)
