@@ -27,7 +27,7 @@ class S3Options:
     access_key: str | None = None  # with secret_key, or neither (boto3's credential chain)
     secret_key: str | None = None
     session_token: str | None = None  # with access_key and secret_key
-    profile: str | None = None
+    profile: str | None = None  # instead of access_key and secret_key
     storage_class: str | None = None
     sse: str | None = None
     sse_kms_key_id: str | None = None
@@ -53,6 +53,9 @@ class S3Options:
             # (boto3 would drop the token and take its chain's credentials)
             raise ValueError("session-token goes with the access-key and secret-key it was "
                              "issued with")
+        if self.profile and self.access_key:
+            raise ValueError("set access-key and secret-key or a profile, not both (the keys "
+                             "would win over the profile's credentials)")
         _one_of("conditional-writes", self.conditional_writes, CONDITIONAL_WRITES)
         _one_of("retry-mode", self.retry_mode, RETRY_MODES)
         _one_of("object-lock-mode", self.object_lock_mode.upper(), OBJECT_LOCK_MODES)

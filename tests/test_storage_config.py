@@ -88,6 +88,8 @@ def test_values_get_their_types(tmp_path: Path) -> None:
         ("s3: a\n\tbucket b\n\taccess-key k\n", 1, "set both access-key and secret-key"),
         ("s3: a\n\tbucket b\n\tsession-token t\n", 1,
          "session-token goes with the access-key and secret-key"),
+        ("s3: a\n\tbucket b\n\tprofile p\n\taccess-key k\n\tsecret-key s\n", 1,
+         "set access-key and secret-key or a profile, not both"),
         ("s3: a\n\tbucket b\n\tconditional-writes maybe\n", 1, "conditional-writes is one of"),
         ("s3: a\n\tbucket b\n\tmax-connections 0\n", 1, "max-connections must be 1 or more"),
     ],
