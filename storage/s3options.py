@@ -8,6 +8,7 @@ from dataclasses import dataclass
 RETRY_MODES = ("standard", "adaptive", "legacy")
 CONDITIONAL_WRITES = ("auto", "yes", "no")
 OBJECT_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+PART_MIB = (5, 5120)  # S3's smallest and largest part of a multipart upload
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -36,7 +37,7 @@ class S3Options:
     retry_mode: str = "standard"
     bwlimit: int = 0  # KiB/s, 0: no limit
     multipart_threshold: int = 64  # MiB
-    multipart_chunksize: int = 16  # MiB
+    multipart_chunksize: int = 16  # MiB, within PART_MIB
     object_lock_days: int = 0  # 0: no retention
     object_lock_mode: str = "GOVERNANCE"
     create_bucket: bool = False
@@ -59,6 +60,10 @@ class S3Options:
         _one_of("conditional-writes", self.conditional_writes, CONDITIONAL_WRITES)
         _one_of("retry-mode", self.retry_mode, RETRY_MODES)
         _one_of("object-lock-mode", self.object_lock_mode.upper(), OBJECT_LOCK_MODES)
-        for key in ("max_connections", "multipart_threshold", "multipart_chunksize"):
+        for key in ("max_connections", "multipart_threshold"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key.replace('_', '-')} must be 1 or more")
+        if not PART_MIB[0] <= self.multipart_chunksize <= PART_MIB[1]:
+            # (boto3 would upload parts of its nearest size, and read ranges of this one)
+            raise ValueError(f"multipart-chunksize is S3's part size: {PART_MIB[0]} to "
+                             f"{PART_MIB[1]} (MiB), not {self.multipart_chunksize}")
