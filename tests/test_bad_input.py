@@ -89,6 +89,23 @@ def test_wrong_state_operations(node: NodeBed) -> None:
     assert node.vz("start", "no-such-name", check=False).returncode == NOTFOUND
 
 
+@pytest.mark.parametrize(("args", "refused"), [
+    (["4242", "--hostname", "h"], "--hostname is for restoring a backup"),
+    (["4242", "--start", "--with-state"], "--start/--with-state are for restoring a backup"),
+    (["4242", "--force", "--ipadd", "none"], "--force/--ipadd are for restoring a backup"),
+    (["/nowhere/x.tar.zst", "4242", "--with-state"], "--with-state is for restoring a snapshot"),
+    (["/nowhere/x.tar.zst", "4242", "--storage", "local"], "--storage is for restoring a snap"),
+    (["101/2026-11-21T02:00:00Z", "4242", "--dumpfile", "/d"],
+     "--dumpfile is for restoring a CRIU checkpoint"),
+])
+def test_restore_refuses_what_its_source_does_not_use(node: NodeBed, args: list[str],
+                                                      refused: str) -> None:
+    """A CRIU checkpoint (restore CTID) is resumed as it was, an archive has no state and is
+    on no storage: such options were dropped before."""
+    res = node.vz("restore", *args, check=False)
+    assert res.returncode == USAGE and refused in res.stderr, res.stderr
+
+
 def test_malformed_conf_names_file_and_line(node: NodeBed) -> None:
     ctid = node.new_ctid()
     node.vz("create", str(ctid))

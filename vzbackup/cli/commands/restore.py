@@ -40,6 +40,9 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
     """Restore a CT from a checkpoint, a backup snapshot or a vzdump archive."""
     from_backup = ctid is not None or storage is not None or keyfile is not None
     if not from_backup:
+        _only_for("restoring a backup: 'restore CTID' alone resumes its CRIU checkpoint",
+                  force=force, start=start, ipadd=ipadd, hostname=hostname,
+                  with_state=with_state)
         from vzbackup.ct import ops  # (CRIU's driver: not imported by a backup's restore)
 
         ct = container(ctx, source)
@@ -47,8 +50,7 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
             pid = ops.restore(ct, dumpfile, keep_dump=keep_dump)
         emit(as_json, {"ctid": ct.ctid, "init_pid": pid}, f"CT {ct.ctid} restored (init pid {pid})")
         return
-    if dumpfile or keep_dump:
-        raise UsageError("--dumpfile/--keep-dump are for restoring a CRIU checkpoint")
+    _only_for("restoring a CRIU checkpoint", dumpfile=dumpfile, keep_dump=keep_dump)
     require_root()
     node = node_of(ctx)
     target = registry.parse_ctid(ctid if ctid is not None else source.split("/")[0])
@@ -57,6 +59,8 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
     log = lines.append
     tty = sys.stderr.isatty() and not as_json
     if R.is_archive(source):
+        _only_for("restoring a snapshot, not a vzdump archive", with_state=with_state,
+                  storage=storage, keyfile=keyfile)
         ct = R.restore_archive(node, Path(source), target, force=force, start=start, ipadd=ips,
                                hostname=hostname, log=log)
         what = Path(source).name
@@ -87,6 +91,13 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
          "storage_requests": requests},
         f"CT {ct.ctid} restored from {what} ({ct.status()})",
     )
+
+
+def _only_for(what: str, **given: object) -> None:
+    """Refuse the options of *given* that were set: they are only for *what*."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value]
+    if named:
+        raise UsageError(f"{'/'.join(named)} {'is' if len(named) == 1 else 'are'} for {what}")
 
 
 COMMANDS = [restore]
