@@ -106,6 +106,14 @@ def test_restore_refuses_what_its_source_does_not_use(node: NodeBed, args: list[
     assert res.returncode == USAGE and refused in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize("option", [["-a"], ["-S"], ["-o", "hostname"]])
+def test_list_of_snapshots_refuses_the_ct_listing_options(node: NodeBed, option: list[str]) -> None:
+    """(they were dropped: the snapshots were listed as without them)"""
+    res = node.vz("list", "-b", *option, check=False)
+    assert res.returncode == USAGE, res.stderr
+    assert f"{option[0]}: for listing CTs, not backup snapshots" in res.stderr
+
+
 def test_malformed_conf_names_file_and_line(node: NodeBed) -> None:
     ctid = node.new_ctid()
     node.vz("create", str(ctid))

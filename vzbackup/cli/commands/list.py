@@ -6,11 +6,12 @@ from collections.abc import Callable
 from functools import cached_property
 
 import click
+from click.core import ParameterSource
 
 from vzbackup.cli.common import emit, json_option, node_of, require_root
 from vzbackup.ct import quota, registry
 from vzbackup.ct.container import Container
-from vzbackup.errors import NotFoundError, VzError
+from vzbackup.errors import NotFoundError, UsageError, VzError
 
 
 class _Row:
@@ -126,6 +127,11 @@ def list_(
     -b/--storage."""
     require_root()
     if backups or storage or keyfile:
+        ct_only = [name for name, given in (
+            ("-a", show_all), ("-S", stopped),
+            ("-o", ctx.get_parameter_source("output") != ParameterSource.DEFAULT)) if given]
+        if ct_only:
+            raise UsageError(f"{'/'.join(ct_only)}: for listing CTs, not backup snapshots")
         _list_snapshots(ctx, storage, keyfile, ctids, no_header, as_json)
         return
     fields = [f.strip() for f in output.split(",") if f.strip()]
