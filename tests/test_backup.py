@@ -62,6 +62,17 @@ def test_stop_mode_backup_and_restore_to_new_ctid(node: NodeBed):
     assert f'IP_ADDRESS="{new_ip}"' in conf and 'VE_PRIVATE="${PREFIX}/vz/private/$VEID"' in conf
 
 
+def test_stopwait_0_waits_for_no_clean_stop(node: NodeBed):
+    """(it waited the node's STOP_TIMEOUT, 30 s, as if no stopwait were given)"""
+    ctid, _ = node.create_running()
+    node.sh(ctid, "echo 'sleep 600' >> /etc/init.d/rcK")  # its halt hangs now
+    res = dump(node, str(ctid), "--stopwait", "0")["results"][0]
+    assert res["ok"] and res["stats"]["was_running"]
+    log = node.vz("log", res["snapshot"]).stdout
+    stopped = float(log.split("stopped in ")[1].split("s")[0])
+    assert stopped < 10, log
+
+
 def test_restored_tree_equals_original_and_incremental_is_cheap(node: NodeBed):
     ctid, _ = stopped_ct(node)
     src = private(node, ctid)

@@ -90,7 +90,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
                            bwlimit_kbps=opts.bwlimit or None)
         try:
             with modes.consistent_source(
-                ct, mode, tmpdir=tmpdir, stopwait=opts.stopwait * 60 if opts.stopwait else None,
+                ct, mode, tmpdir=tmpdir, stopwait=opts.stopwait * 60,
                 phase=lambda p: hooks.call(p, ctid=ct.ctid, mode=mode), log=log,
                 bwlimit_kbps=opts.bwlimit or None,
             ) as src:
