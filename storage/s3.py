@@ -159,7 +159,7 @@ class S3Backend(Backend):
         self.part_size = o.multipart_chunksize * MiB
         self.limiter = Limiter(o.bwlimit or None)
         self.lock_days = o.object_lock_days
-        self.lock_mode = o.object_lock_mode.upper()
+        self.lock_mode = (o.object_lock_mode or "GOVERNANCE").upper()
         self.conditional = {"auto": None, "yes": True, "no": False}[o.conditional_writes]
         self._probe_lock = threading.Lock()
         self._probe_start = threading.Lock()

@@ -39,7 +39,7 @@ class S3Options:
     multipart_threshold: int = 64  # MiB
     multipart_chunksize: int = 16  # MiB, within PART_MIB
     object_lock_days: int = 0  # 0: no retention
-    object_lock_mode: str = "GOVERNANCE"
+    object_lock_mode: str | None = None  # with object_lock_days; None: GOVERNANCE
     create_bucket: bool = False
     conditional_writes: str = "auto"
     verify_tls: bool = True
@@ -59,7 +59,11 @@ class S3Options:
                              "would win over the profile's credentials)")
         _one_of("conditional-writes", self.conditional_writes, CONDITIONAL_WRITES)
         _one_of("retry-mode", self.retry_mode, RETRY_MODES)
-        _one_of("object-lock-mode", self.object_lock_mode.upper(), OBJECT_LOCK_MODES)
+        if self.object_lock_mode is not None:
+            _one_of("object-lock-mode", self.object_lock_mode.upper(), OBJECT_LOCK_MODES)
+            if not self.object_lock_days:
+                raise ValueError("object-lock-mode goes with object-lock-days (no retention "
+                                 "without them)")
         for key in ("max_connections", "multipart_threshold"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key.replace('_', '-')} must be 1 or more")

@@ -92,6 +92,8 @@ def test_values_get_their_types(tmp_path: Path) -> None:
          "set access-key and secret-key or a profile, not both"),
         ("s3: a\n\tbucket b\n\tconditional-writes maybe\n", 1, "conditional-writes is one of"),
         ("s3: a\n\tbucket b\n\tmax-connections 0\n", 1, "max-connections must be 1 or more"),
+        ("s3: a\n\tbucket b\n\tobject-lock-mode COMPLIANCE\n", 1,
+         "object-lock-mode goes with object-lock-days"),
         ("s3: a\n\tbucket b\n\tmultipart-chunksize 2\n", 1,
          "multipart-chunksize is S3's part size: 5 to 5120 (MiB), not 2"),
     ],
