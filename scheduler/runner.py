@@ -95,16 +95,9 @@ class Runner:
         args = ["dump", *map(str, job.ctids)]
         if job.all:
             args += ["--all", *_excludes(job)]
-        for key, value in job.options.items():
+        for key, value in job.options.items():  # prune-backups and lockwait among them
             args += [f"--{key}", str(value)]
-        if job.prune is not None and not job.prune.keep_all:
-            args += ["--prune-backups", job.prune.to_string()]
-        args += _lockwait(job)
-        if job.keyfile:
-            args += ["--keyfile", str(job.keyfile)]
-        if job.storage:
-            args += ["--storage", job.storage]
-        rc, stdout, stderr = self.vz(*args, "--json")
+        rc, stdout, stderr = self.vz(*args, *self._repo_args(job), "--json")
         out = Outcome()
         try:
             results = json.loads(stdout)["results"]
