@@ -11,17 +11,23 @@
 #
 # Endpoint http://127.0.0.1:$VZBACKUP_S3_PORT (7480), access key / secret: test / testtest,
 # region us-east-1, path-style addressing. State in $VZBACKUP_S3_DIR (/var/tmp/vzbackup-s3).
+# The same server on https://127.0.0.1:$VZBACKUP_S3_TLS_PORT (7443), its certificate signed
+# by a private CA made on first use: $VZBACKUP_S3_DIR/tls/ca.pem (what an S3 server with an
+# organisation's own CA looks like to a client).
 set -euo pipefail
 DIR=${VZBACKUP_S3_DIR:-/var/tmp/vzbackup-s3}
 PORT=${VZBACKUP_S3_PORT:-7480}
+TLS_PORT=${VZBACKUP_S3_TLS_PORT:-7443}
+TLS="$DIR/tls"
 ACCESS_KEY=${VZBACKUP_S3_ACCESS_KEY:-test}
 SECRET_KEY=${VZBACKUP_S3_SECRET_KEY:-testtest}
 OSD_BYTES=${VZBACKUP_S3_OSD_BYTES:-21474836480}  # sparse: only what is written uses disk
-PACKAGES=(ceph-mon ceph-osd radosgw curl)
+PACKAGES=(ceph-mon ceph-osd radosgw curl openssl)
 CONF="-c $DIR/ceph.conf"
 # tcp_nodelay: without it every response under ~64 KiB (a small GET, a ranged read) waits
 # 40 ms: the body's segment is held by Nagle until the client's delayed ACK of the headers
-FRONTENDS="beast endpoint=127.0.0.1:$PORT tcp_nodelay=1"
+FRONTENDS="beast endpoint=127.0.0.1:$PORT ssl_endpoint=127.0.0.1:$TLS_PORT \
+ssl_certificate=$TLS/server.pem ssl_private_key=$TLS/server.key tcp_nodelay=1"
 # deleted objects' data is freed by RGW's garbage collector, by default 2 h after the delete
 # and once an hour: a session of tests and benchmarks (GBs written and deleted) filled the
 # 20 GiB OSD with it ("1 full osd", every write refused); a test server frees it within a
@@ -32,6 +38,24 @@ log() { printf '[s3-server] %s\n' "$*" >&2; }
 
 answering() {
   [ "$(curl -s -o /dev/null -w '%{http_code}' -m 1 "http://127.0.0.1:$PORT/" || true)" = 200 ]
+}
+
+tls_answering() {
+  [ "$(curl -s -o /dev/null -w '%{http_code}' -m 1 --cacert "$TLS/ca.pem" \
+    "https://127.0.0.1:$TLS_PORT/" || true)" = 200 ]
+}
+
+# a private CA and the server's certificate for 127.0.0.1 and localhost, signed by it
+make_tls() {
+  [ -f "$TLS/server.pem" ] && return
+  mkdir -p "$TLS"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vzbackup test CA" \
+    -keyout "$TLS/ca.key" -out "$TLS/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$TLS/server.key" -out "$TLS/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$TLS/san.ext"
+  openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$TLS/san.ext" -out "$TLS/server.pem" 2>/dev/null
 }
 
 write_conf() {
@@ -99,6 +123,7 @@ create_cluster() {
   ceph-osd $CONF -i 0 --mkfs --osd-uuid "$osd_uuid" >>"$DIR/log/mkfs.log" 2>&1
   # shellcheck disable=SC2086
   ceph-osd $CONF -i 0 2>>"$DIR/log/stderr.log"
+  make_tls
   # shellcheck disable=SC2086
   radosgw $CONF -n client.rgw.a "${RGW_OPTS[@]}"
   # shellcheck disable=SC2086
@@ -109,31 +134,41 @@ create_cluster() {
 
 start() {
   local t0 i
-  if answering; then log "already answering on http://127.0.0.1:$PORT"; return; fi
+  if answering && tls_answering; then log "already answering on http://127.0.0.1:$PORT"; return; fi
   command -v radosgw >/dev/null || { log "Ceph is not installed: run '$0 install'"; exit 1; }
   t0=$(date +%s%N)
-  if [ -f "$DIR/.initialized" ]; then
+  if answering; then  # started by an older version of this script: no TLS endpoint
+    log "restarting radosgw with its TLS endpoint"
+    stop_pid client.rgw.a
+    make_tls
+    # shellcheck disable=SC2086
+    radosgw $CONF -n client.rgw.a "${RGW_OPTS[@]}"
+  elif [ -f "$DIR/.initialized" ]; then
     # shellcheck disable=SC2086
     ceph-mon $CONF -i a
     # shellcheck disable=SC2086
     ceph-osd $CONF -i 0 2>>"$DIR/log/stderr.log"
+    make_tls
     # shellcheck disable=SC2086
     radosgw $CONF -n client.rgw.a "${RGW_OPTS[@]}"  # also for an older ceph.conf
   else
     create_cluster
   fi
-  for i in $(seq 1 900); do answering && break; sleep 0.1; done
-  answering || { log "RGW not ready after 90 s; see $DIR/log"; exit 1; }
+  for i in $(seq 1 900); do answering && tls_answering && break; sleep 0.1; done
+  answering && tls_answering || { log "RGW not ready after 90 s; see $DIR/log"; exit 1; }
   log "ready on http://127.0.0.1:$PORT in $(( ($(date +%s%N) - t0) / 1000000 )) ms"
 }
 
+stop_pid() {
+  local pid
+  pid=$(cat "$DIR/run/$1.pid" 2>/dev/null) || return 0
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+}
+
 stop() {
-  local name pid
-  for name in client.rgw.a osd.0 mon.a; do
-    pid=$(cat "$DIR/run/$name.pid" 2>/dev/null) || continue
-    kill "$pid" 2>/dev/null || continue
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  done
+  local name
+  for name in client.rgw.a osd.0 mon.a; do stop_pid "$name"; done
 }
 
 case ${1:-} in
@@ -143,6 +178,6 @@ install)
 start) start ;;
 stop) stop ;;
 purge) stop; rm -rf "$DIR" ;;
-status) answering ;;
+status) answering && tls_answering ;;
 *) echo "usage: $0 install|start|stop|purge|status" >&2; exit 2 ;;
 esac

@@ -42,6 +42,8 @@ import base64
 import contextlib
 import hashlib
 import io
+import os
+import re
 import threading
 import time
 import uuid
@@ -82,6 +84,13 @@ AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "40
 NETWORK_ERRORS = (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
                   bx.ConnectTimeoutError, bx.ResponseStreamingError,
                   bx.IncompleteReadError, bx.HTTPClientError)
+
+
+def _tls_reason(e: Exception) -> str:
+    """What OpenSSL said, e.g. 'certificate verify failed: self-signed certificate in
+    certificate chain', from botocore's SSLError text."""
+    m = re.search(r"\] (.+?)(?: \(_ssl\.c:\d+\))?\)?$", str(e).split("\n")[0])
+    return m.group(1) if m else type(e).__name__
 
 
 class _Exists(BackendError):
@@ -134,6 +143,14 @@ def _new_session(profile: str) -> botocore.session.Session:
     return session
 
 
+def _verify(o: S3Options) -> bool | str | None:
+    """boto3's *verify*: the ca-bundle, False, or None: verified against boto3's own choice
+    (AWS_CA_BUNDLE, the profile's ca_bundle, REQUESTS_CA_BUNDLE, else certifi's CAs)."""
+    if not o.verify_tls:
+        return False
+    return o.ca_bundle or None
+
+
 def _choose_put_signer(**kw: Any) -> Any:
     """botocore's choice of signer for a PutObject, ours where it would sign with SigV4."""
     chosen = set_operation_specific_signer(**kw)
@@ -184,6 +201,9 @@ class S3Backend(Backend):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
+        if o.ca_bundle and not os.access(o.ca_bundle, os.R_OK):
+            raise BackendError(f"S3 storage {self.name!r}: ca-bundle {o.ca_bundle}: no "
+                               "readable file there")
         try:
             if session is None:
                 session = _new_session(o.profile)
@@ -191,7 +211,7 @@ class S3Backend(Backend):
             self.client = session.create_client(
                 "s3", endpoint_url=o.endpoint or None, aws_access_key_id=o.access_key or None,
                 aws_secret_access_key=o.secret_key or None,
-                aws_session_token=o.session_token or None, verify=o.verify_tls, config=config,
+                aws_session_token=o.session_token or None, verify=_verify(o), config=config,
             )
         except bx.ProfileNotFound:
             raise BackendError(f"S3 storage {self.name!r}: no AWS profile {o.profile!r}") from None
@@ -254,6 +274,13 @@ class S3Backend(Backend):
         if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError):
             return BackendError(f"{label}: no credentials: set access-key and secret-key in "
                                 "storage.cfg, or configure boto3 (environment, profile, role)")
+        if isinstance(e, bx.SSLError):
+            ca = self.options.ca_bundle
+            check = (f"is ca-bundle {ca} the PEM certificate of the CA that signed the "
+                     "server's?" if ca else "a server whose certificate a private CA "
+                     "signed needs 'ca-bundle /path/to/ca.pem' in storage.cfg")
+            return BackendError(f"{label}: TLS with {self.endpoint or 'AWS S3'} failed during "
+                                f"{what}: {_tls_reason(e)} ({check})")
         if isinstance(e, NETWORK_ERRORS):
             where = self.endpoint or "AWS S3"
             return BackendError(f"{label}: cannot reach endpoint {where} ({type(e).__name__}) "

@@ -43,6 +43,7 @@ class S3Options:
     create_bucket: bool = False
     conditional_writes: str = "auto"
     verify_tls: bool = True
+    ca_bundle: str | None = None  # the CA certificates (PEM) verify-tls checks against
     connect_timeout: float = 10.0  # seconds
     read_timeout: float = 60.0
 
@@ -64,6 +65,11 @@ class S3Options:
             if not self.object_lock_days:
                 raise ValueError("object-lock-mode goes with object-lock-days (no retention "
                                  "without them)")
+        if self.ca_bundle and not self.verify_tls:
+            raise ValueError("ca-bundle is what verify-tls checks the server against; with "
+                             "verify-tls 0 nothing is checked")
+        if self.ca_bundle and not self.ca_bundle.startswith("/"):
+            raise ValueError(f"ca-bundle is an absolute path, not {self.ca_bundle!r}")
         for key in ("max_connections", "multipart_threshold"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key.replace('_', '-')} must be 1 or more")

@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts/s3-server.sh"
 PORT = int(os.environ.get("VZBACKUP_S3_PORT", "7480"))
 ENDPOINT = f"http://127.0.0.1:{PORT}"
+# the same server over TLS, its certificate signed by the private CA the script made
+TLS_ENDPOINT = f"https://127.0.0.1:{os.environ.get('VZBACKUP_S3_TLS_PORT', '7443')}"
+TLS_CA = Path(os.environ.get("VZBACKUP_S3_DIR", "/var/tmp/vzbackup-s3")) / "tls/ca.pem"
 ACCESS_KEY, SECRET_KEY = "test", "testtest"
 _buckets = itertools.count(1)
 

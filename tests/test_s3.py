@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from faultproxy import FaultProxy
 from nodebed import COUNTER, NodeBed, http_get, wait_for
-from s3fixture import ENDPOINT, Bucket
+from s3fixture import ENDPOINT, TLS_CA, TLS_ENDPOINT, Bucket
 from treecmp import diff, tree_manifest
 
 
@@ -112,6 +112,28 @@ def stopped_ct(node: NodeBed) -> int:
 def verify(node: NodeBed, storage: str = "s3") -> None:
     res = node.vz("verify", "--storage", storage, check=False, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr
+
+
+def test_s3_over_tls_with_a_private_ca(node: NodeBed, s3_bucket: Bucket):
+    """The RGW's TLS endpoint, its certificate signed by a private CA: refused with a clear
+    error until storage.cfg names the CA (ca-bundle), then backup, verify and a restore in
+    two processes (each with a TLS client of its own) go over it."""
+    ctid = stopped_ct(node)
+    many = private(node, ctid) / "srv/many"  # enough files for a restore in two processes
+    many.mkdir()
+    for i in range(600):
+        (many / str(i)).write_text(f"{i}\n")
+    configure(node, s3_bucket.storage_cfg(endpoint=TLS_ENDPOINT))
+    res = node.vz("dump", "--storage", "s3", str(ctid), check=False)
+    assert res.returncode != 0 and "certificate verify failed" in res.stderr, res.stderr
+    assert "ca-bundle" in res.stderr and s3_bucket.object_keys() == []
+    configure(node, s3_bucket.storage_cfg(endpoint=TLS_ENDPOINT, **{"ca-bundle": str(TLS_CA)}))
+    done = dump(node, str(ctid))["results"][0]
+    assert done["ok"], done
+    verify(node)
+    other = node.new_ctid()
+    node.vz("restore", "--storage", "s3", done["snapshot"], str(other), "--ipadd", "none")
+    assert diff(tree_manifest(private(node, ctid)), tree_manifest(private(node, other))) == []
 
 
 def test_incremental_uploads_only_new_chunks_and_caches_manifests(s3_node: NodeBed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from vzbackup.storage.backend import BackendError
 from vzbackup.storage.options import DirOptions
 from vzbackup.storage.s3options import S3Options
 
@@ -46,12 +47,32 @@ def test_disable_follows_the_boolean_rule(tmp_path: Path, word: str, kept: bool)
 
 @pytest.mark.parametrize(("word", "verify"), [("off", False), ("no", False), ("0", False),
                                               ("false", False), ("on", True), ("1", True)])
-def test_verify_tls_off_means_off(tmp_path: Path, word: str, verify: bool) -> None:
+def test_verify_tls_off_means_off(tmp_path: Path, word: str, verify: bool,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
     text = f"s3: x\n\tbucket b\n\tendpoint https://127.0.0.1:9\n\tverify-tls {word}\n"
     x = load(tmp_path, text)["x"]
     assert x.options.verify_tls is verify
     be = x.open()  # the boto3 client is built with it (no request is made)
     assert be.client._endpoint.http_session._verify is verify  # type: ignore[attr-defined]
+    if verify:  # without a ca-bundle, boto3's own choice, as the AWS CLI makes it
+        monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/own-ca.pem")
+        be = x.open()
+        assert be.client._endpoint.http_session._verify == "/etc/own-ca.pem"  # type: ignore[attr-defined]
+
+
+def test_ca_bundle_is_what_boto3_verifies_against(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    text = (f"s3: own\n\tbucket b\n\tendpoint https://127.0.0.1:9\n\tca-bundle {ca}\n"
+            f"s3: gone\n\tbucket b\n\tca-bundle {tmp_path / 'gone.pem'}\n")
+    storages = load(tmp_path, text)
+    assert storages["own"].options.ca_bundle == str(ca)
+    be = storages["own"].open()  # no request is made
+    assert be.client._endpoint.http_session._verify == str(ca)  # type: ignore[attr-defined]
+    with pytest.raises(BackendError, match=r"ca-bundle .*gone\.pem: no readable file there"):
+        storages["gone"].open()
 
 
 def test_values_get_their_types(tmp_path: Path) -> None:
@@ -96,6 +117,10 @@ def test_values_get_their_types(tmp_path: Path) -> None:
          "object-lock-mode goes with object-lock-days"),
         ("s3: a\n\tbucket b\n\tmultipart-chunksize 2\n", 1,
          "multipart-chunksize is S3's part size: 5 to 5120 (MiB), not 2"),
+        ("s3: a\n\tbucket b\n\tca-bundle /etc/ca.pem\n\tverify-tls 0\n", 1,
+         "ca-bundle is what verify-tls checks the server against"),
+        ("s3: a\n\tbucket b\n\tca-bundle ca.pem\n", 1,
+         "ca-bundle is an absolute path, not 'ca.pem'"),
     ],
 )
 def test_errors_name_file_and_line(tmp_path: Path, text: str, line: int, message: str) -> None:
