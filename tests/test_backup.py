@@ -208,15 +208,23 @@ def test_ls_extract_log_and_hooks(node: NodeBed, tmp_path: Path):
     ctid, _ = stopped_ct(node)
     hook = tmp_path / "hook.sh"
     record = tmp_path / "phases"
-    hook.write_text(f'#!/bin/sh\necho "$1 $2 $3 $STOREID" >> {record}\necho hook says hi\n'
-                    f'ionice -p $$ > {record}.io\n')
+    hook.write_text(f'#!/bin/sh\necho "$1 $2 $3 $STOREID $DUMPDIR" >> {record}\n'
+                    f'echo hook says hi\nionice -p $$ > {record}.io\n')
     hook.chmod(0o755)
     snap = dump(node, str(ctid), "--script", str(hook), "--notes-template", "nightly {{vmid}}"
                 )["results"][0]["snapshot"]
     assert "best-effort: prio 7" in Path(f"{record}.io").read_text()  # vzdump's ionice 7
     phases = record.read_text().splitlines()
-    assert phases == ["job-start   local", f"backup-start stop {ctid} local",
-                      f"backup-end stop {ctid} local", "job-end   local"]
+    here = f"local {node.prefix / 'vz/backup'}"
+    assert phases == [f"job-start   {here}", f"backup-start stop {ctid} {here}",
+                      f"backup-end stop {ctid} {here}", f"job-end   {here}"]
+    usb = tmp_path / "usb"  # another directory storage: its path, as vzdump gives it
+    cfg = node.prefix / "etc/vzbackup/storage.cfg"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(f"dir: usb\n\tpath {usb}\n")
+    record.unlink()
+    dump(node, str(ctid), "--script", str(hook), "--storage", "usb")
+    assert record.read_text().splitlines()[0] == f"job-start   usb {usb}"
     listing = node.vz("ls", snap, "/srv/data").stdout
     assert "greeting" in listing and "link -> greeting" in listing
     assert snapshots(node)[0]["notes"] == f"nightly {ctid}"

@@ -1,12 +1,13 @@
 """vzdump ``--script`` hooks: ``SCRIPT PHASE`` for job phases, ``SCRIPT PHASE MODE CTID`` per CT.
 
-The environment is the caller's ``base_env`` (typically ``DUMPDIR`` and ``STOREID``, which
-vzdump sets in every phase) plus, per CT, ``VMTYPE=openvz`` and what the caller passes as
-``extra_env``: ``HOSTNAME`` (the CT's), ``TARGET`` in backup-end (also exported under its old
-name ``TARFILE``), ``LOGFILE`` in log-end. A failure in a phase that comes before work
-(job-init, job-start, backup-start, pre-stop, pre-restart) aborts with HookError; in the
-others (job-end, job-abort, backup-end, backup-abort, log-end, post-restart) it is a warning,
-since there is nothing left to stop. The script's output goes to the log line by line.
+The environment is the caller's ``base_env`` (typically ``STOREID`` and, for a directory
+storage, ``DUMPDIR``, its path, which vzdump sets in every phase) plus, per CT,
+``VMTYPE=openvz`` and what the caller passes as ``extra_env``: ``HOSTNAME`` (the CT's),
+``TARGET`` in backup-end (also exported under its old name ``TARFILE``), ``LOGFILE`` in
+log-end. A failure in a phase that comes before work (job-init, job-start, backup-start,
+pre-stop, pre-restart) aborts with HookError; in the others (job-end, job-abort, backup-end,
+backup-abort, log-end, post-restart) it is a warning, since there is nothing left to stop.
+The script's output goes to the log line by line.
 """
 
 from __future__ import annotations

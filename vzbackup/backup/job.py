@@ -28,6 +28,7 @@ from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
 from vzbackup.engine.filescache import FilesCache
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.errors import StorageError, VzError
+from vzbackup.storage.local import DirBackend
 
 
 class BackupLog:
@@ -177,12 +178,14 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
     if not node_ctids:
         return []
     node = node_ctids[0].node
-    base_env = {"STOREID": opts.storage or "local", "DUMPDIR": str(node.backupdir),
-                "HOSTNAME": os.uname().nodename}
     set_io_priority(opts.ionice)
-    hooks = HookScript(opts.script, base_env, log_line=echo, on_warning=echo)
+    hooks = HookScript(opts.script, {"STOREID": opts.storage or "local",
+                                     "HOSTNAME": os.uname().nodename},
+                       log_line=echo, on_warning=echo)
     repo = session.open_repository(node, opts.storage, opts.encryption_key, create=True,
                                    level=opts.zstd_level)
+    if isinstance(repo.backend, DirBackend):  # as vzdump: a directory storage's path only
+        hooks.base_env["DUMPDIR"] = str(repo.backend.root)
     results: list[DumpResult] = []
     hooks.call("job-start")
     try:
