@@ -203,6 +203,25 @@ def test_set_hostname_ip_and_nameserver_on_running_ct(node: NodeBed) -> None:
     assert res.returncode == 2 and "--save" in res.stderr
 
 
+def test_set_without_save_refuses_what_only_the_config_holds(node: NodeBed) -> None:
+    """--onboot, --bootorder, --stop-mode, --bindmount and --name have nothing to apply to a
+    running CT: without --save they are refused, not reported applied and dropped (--name
+    left a name link its config did not know)."""
+    ctid, _ = node.create_running()
+    conf = node.prefix / f"etc/vz/conf/{ctid}.conf"
+    before = conf.read_text()
+    for opts in (["--onboot", "yes"], ["--bootorder", "0"], ["--stop-mode", "suspend"],
+                 ["--bindmount", "/srv:/mnt/srv"], ["--name", "kept"],
+                 ["--cpuunits", "600", "--name", "kept"]):
+        res = node.vz("set", str(ctid), *opts, check=False)
+        assert res.returncode == 2 and "add --save" in res.stderr, (opts, res.stderr)
+    assert conf.read_text() == before
+    assert not (node.prefix / "etc/vz/names/kept").is_symlink()
+    node.vz("set", str(ctid), "--onboot", "yes", "--name", "kept", "--save")
+    assert 'ONBOOT="yes"' in conf.read_text() and 'NAME="kept"' in conf.read_text()
+    assert node.vz("status", "kept").stdout.split()[1] == str(ctid)
+
+
 def test_bridged_network_via_netif(node: NodeBed) -> None:
     bridge = f"vzbrc{node.new_ctid() % 1000}"
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)

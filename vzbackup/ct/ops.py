@@ -521,6 +521,8 @@ _SETTINGS: dict[str, tuple[str, Callable[[object], str]]] = {
 _CGROUP_KEYS = {"PHYSPAGES", "SWAPPAGES", "CPUS", "CPULIMIT", "CPUUNITS", "NUMPROC"}
 _DIST_KEYS = {"HOSTNAME", "NAMESERVER", "SEARCHDOMAIN"}
 _QUOTA_KEYS = {"DISKSPACE", "DISKINODES", "DISK_QUOTA"}
+# set options a running CT has no use for until they are saved (boot, shutdown, start, names)
+_SAVED_ONLY = ("onboot", "bootorder", "stop_mode", "bindmount", "name")
 
 
 def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[str]:
@@ -530,6 +532,10 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
         running = ct.running
         if not running and not save:
             raise E.UsageError(f"CT {ct.ctid} is not running: use --save to store the settings")
+        unsaved = [f"--{o.replace('_', '-')}" for o in _SAVED_ONLY if o in params]
+        if unsaved and not save:
+            raise E.UsageError(f"{', '.join(unsaved)} can't be applied to running CT "
+                               f"{ct.ctid}, only saved: add --save")
         changed: list[str] = []
         ipadd = [validate_ip(i) for i in params.pop("ipadd", None) or []]
         ipdel = list(params.pop("ipdel", None) or [])

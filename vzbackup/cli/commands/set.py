@@ -10,7 +10,8 @@ from vzbackup.ct import ops
 
 @click.command(name="set")
 @click.argument("ctid")
-@click.option("--save", is_flag=True, help="Store the settings in CTID.conf.")
+@click.option("--save", is_flag=True, help="Store the settings in CTID.conf (needed on a "
+              "running CT too for --onboot, --bootorder, --stop-mode, --bindmount, --name).")
 @click.option("--ipadd", multiple=True)
 @click.option("--ipdel", multiple=True, help="An IP, or 'all'.")
 @click.option("--hostname")
