@@ -222,6 +222,24 @@ def test_set_without_save_refuses_what_only_the_config_holds(node: NodeBed) -> N
     assert node.vz("status", "kept").stdout.split()[1] == str(ctid)
 
 
+def test_set_ipdel_then_ipadd_of_the_same_address_keeps_it(node: NodeBed) -> None:
+    """--ipdel deletes before --ipadd adds (vzctl's order): '--ipdel all --ipadd IP' leaves
+    exactly IP, also when IP was one of the CT's; it used to be dropped from the config and
+    the running CT alike."""
+    ctid, ip = node.create_running()
+    other = node.new_ip()
+    node.vz("set", str(ctid), "--ipadd", other, "--save")
+    conf = node.prefix / f"etc/vz/conf/{ctid}.conf"
+    node.vz("set", str(ctid), "--ipdel", "all", "--ipadd", ip, "--save")
+    assert f'IP_ADDRESS="{ip}"' in conf.read_text()
+    addrs = node.sh(ctid, "ip -4 addr show")
+    assert f"{ip}/32" in addrs and f"{other}/" not in addrs
+    assert "vzbackup" in wait_for(lambda: http_get(ip), what="the address kept")
+    node.vz("set", str(ctid), "--ipdel", ip, "--ipadd", ip, "--ipadd", other, "--ipadd", other)
+    assert "vzbackup" in wait_for(lambda: http_get(other), what="the address added")
+    assert f"{ip}/32" in node.sh(ctid, "ip -4 addr show")
+
+
 def test_bridged_network_via_netif(node: NodeBed) -> None:
     bridge = f"vzbrc{node.new_ctid() % 1000}"
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)

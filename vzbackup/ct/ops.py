@@ -575,15 +575,17 @@ def _set_ips(ct: Container, conf: CTConfig, ipadd: list[str], ipdel: list[str], 
         missing = [i for i in ipdel if i not in current]
         if missing:
             raise E.UsageError(f"CT {ct.ctid} has no IP {', '.join(missing)}")
-    added = [i for i in ipadd if i not in current]
+    kept = [i for i in current if i not in ipdel]
+    added = [i for i in dict.fromkeys(ipadd) if i not in kept]  # deleted first, as vzctl
     if running:
         st = ct.require_running()
         net = ct.net_config(conf)
-        if ipdel:
-            network.del_ips(net, st.init_pid, ipdel)
-        if added:
-            network.add_ips(net, st.init_pid, added)
-    conf.set("IP_ADDRESS", " ".join([i for i in current if i not in ipdel] + added))
+        gone = [i for i in ipdel if i not in added]  # one deleted and added again stays up
+        if gone:
+            network.del_ips(net, st.init_pid, gone)
+        if new := [i for i in added if i not in current]:
+            network.add_ips(net, st.init_pid, new)
+    conf.set("IP_ADDRESS", " ".join(kept + added))
 
 
 def _set_name(ct: Container, conf: CTConfig, name: str) -> None:
