@@ -139,6 +139,26 @@ def test_checkpoint_with_bind_mount_and_custom_dumpfile(node: NodeBed, tmp_path:
     wait_for(lambda: (shared / "log").stat().st_size > size + 10, what="writes to the bind mount")
 
 
+def test_relative_dumpfile_is_the_callers(node: NodeBed, tmp_path: Path) -> None:
+    """chkpnt and restore take a relative --dumpfile from where they are run; the restore
+    (done by the CT's supervisor, which runs in /) used to look for it below / and fail."""
+    ctid, _ = node.create_running()
+    node.sh(ctid, COUNTER)
+    wait_for(lambda: _counter(node, ctid) > 2, what="the counter")
+
+    def vz(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vzbackup.cli", *args], cwd=tmp_path,
+                              env=node.env(), capture_output=True, text=True, timeout=120)
+
+    res = vz("chkpnt", str(ctid), "--dumpfile", "imgs")
+    assert res.returncode == 0 and (tmp_path / "imgs/inventory.img").exists(), res.stderr
+    before = _counter(node, ctid)
+    res = vz("restore", str(ctid), "--dumpfile", "imgs")
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: _counter(node, ctid) > before, what="the restored counter going on")
+    assert not (tmp_path / "imgs").exists()  # used, then removed (no --keep-dump)
+
+
 def test_failed_dump_leaves_ct_running(node: NodeBed, tmp_path: Path) -> None:
     ctid, ip = node.create_running()
     node.sh(ctid, COUNTER)

@@ -382,8 +382,11 @@ def stop(ct: Container, *, timeout: float | None = None, fast: bool = False) -> 
 
 
 def dump_dir(ct: Container, dumpfile: str | None) -> Path:
+    """The images' directory: *dumpfile* (relative to our cwd, not the supervisor's /) or
+    DUMPDIR/Dump.CTID."""
     return (
-        Path(dumpfile) if dumpfile else ct.node.dumpdir / C.CRIU_IMAGE_SUBDIR.format(ctid=ct.ctid)
+        Path(dumpfile).absolute() if dumpfile
+        else ct.node.dumpdir / C.CRIU_IMAGE_SUBDIR.format(ctid=ct.ctid)
     )
 
 
