@@ -95,6 +95,19 @@ def test_graceful_stop_runs_shutdown_and_kill_after_timeout(node: NodeBed) -> No
     )
 
 
+def test_stop_refuses_a_timeout_it_would_not_keep(node: NodeBed) -> None:
+    """'stop --fast -t N' (no clean halt to wait for) and a negative -t are refused; the
+    first used to kill at once and drop -t, the second to kill after 'waiting -3s'."""
+    ctid, _ = node.create_running()
+    for args in (["stop", "--fast", "-t", "5"], ["stop", "-t", "-3"], ["restart", "-t", "-3"],
+                 ["shutdown", "-t", "-3"]):
+        res = node.vz(*args, *([str(ctid)] if args[0] != "shutdown" else []), check=False)
+        assert res.returncode == 2, (args, res.stderr)
+    assert node.vz("status", str(ctid)).stdout.split()[-1] == "running"
+    node.vz("stop", "-t", "0", str(ctid))
+    assert node.vz("status", str(ctid)).stdout.split()[-1] == "stopped"
+
+
 def test_list_columns_filters_and_json(node: NodeBed) -> None:
     a, _ = node.create_running("--name", "alpha")
     b, ip_b = node.new_ctid(), node.new_ip()

@@ -48,7 +48,8 @@ def boot(ctx: click.Context, parallel: int, as_json: bool) -> None:
 
 @click.command()
 @_PARALLEL
-@click.option("-t", "--timeout", type=int, help="Seconds a clean halt may take (STOP_TIMEOUT).")
+@click.option("-t", "--timeout", type=click.IntRange(min=0),
+              help="Seconds a clean halt may take (STOP_TIMEOUT).")
 @json_option
 @click.pass_context
 def shutdown(ctx: click.Context, parallel: int, timeout: int | None, as_json: bool) -> None:

@@ -21,11 +21,14 @@ def start(ctx: click.Context, ctid: str) -> None:
 
 @click.command()
 @click.argument("ctid")
-@click.option("-t", "--timeout", type=int, help="Seconds to wait for a clean halt (STOP_TIMEOUT).")
+@click.option("-t", "--timeout", type=click.IntRange(min=0),
+              help="Seconds to wait for a clean halt (STOP_TIMEOUT).")
 @click.option("--fast", is_flag=True, help="Kill at once, no clean halt.")
 @click.pass_context
 def stop(ctx: click.Context, ctid: str, timeout: int | None, fast: bool) -> None:
     """Stop container CTID: halt inside, then kill after the timeout."""
+    if fast and timeout is not None:
+        raise click.UsageError("--fast kills at once: there is no clean halt to time (-t)")
     ct = container(ctx, ctid)
     with ct.lock():
         ops.stop(ct, timeout=timeout, fast=fast)
@@ -34,7 +37,8 @@ def stop(ctx: click.Context, ctid: str, timeout: int | None, fast: bool) -> None
 
 @click.command()
 @click.argument("ctid")
-@click.option("-t", "--timeout", type=int, help="Seconds to wait for a clean halt.")
+@click.option("-t", "--timeout", type=click.IntRange(min=0),
+              help="Seconds to wait for a clean halt.")
 @click.pass_context
 def restart(ctx: click.Context, ctid: str, timeout: int | None) -> None:
     """Stop (if running) and start container CTID."""
