@@ -159,6 +159,20 @@ def test_relative_dumpfile_is_the_callers(node: NodeBed, tmp_path: Path) -> None
     assert not (tmp_path / "imgs").exists()  # used, then removed (no --keep-dump)
 
 
+def test_destroy_removes_the_cts_checkpoint(node: NodeBed) -> None:
+    """destroy removes DUMPDIR/Dump.CTID, as vzctl does: it was left, and a new CT created
+    with the same CTID then resumed the destroyed CT's processes ('restore CTID', boot)."""
+    ctid, _ = node.create_running()
+    node.vz("chkpnt", str(ctid))
+    images = node.prefix / f"vz/dump/Dump.{ctid}"
+    assert (images / "inventory.img").exists()
+    node.vz("destroy", str(ctid))
+    assert not images.exists()
+    node.vz("create", str(ctid), "--ipadd", node.new_ip())
+    res = node.vz("restore", str(ctid), check=False)
+    assert res.returncode == 4 and "no CRIU images" in res.stderr, res.stderr
+
+
 def test_failed_dump_leaves_ct_running(node: NodeBed, tmp_path: Path) -> None:
     ctid, ip = node.create_running()
     node.sh(ctid, COUNTER)

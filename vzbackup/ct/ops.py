@@ -148,12 +148,14 @@ def convert(ct: Container, target: idmap.IdMap, *, dry_run: bool = False) -> dic
 
 
 def destroy(ct: Container) -> None:
-    """Remove a stopped CT: private area, root dir, config (kept as .destroyed), name."""
+    """Remove a stopped CT: private area, root dir, config (kept as .destroyed), name, and
+    its checkpoint in DUMPDIR (as vzctl: else a new CT with this CTID would resume it)."""
     with ct.lock():
         conf = ct.conf
         ct.require_stopped("destroying it")
         ct.umount()
         ct.remove_private()
+        shutil.rmtree(dump_dir(ct, None), ignore_errors=True)
         registry.remove_name(ct.node, conf.name)
         os.replace(ct.conf_path, ct.conf_path.with_suffix(".conf.destroyed"))
 

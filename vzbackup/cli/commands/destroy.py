@@ -8,6 +8,6 @@ COMMANDS = [
         "destroy",
         ops.destroy,
         "destroyed",
-        "Destroy stopped container CTID (private area and config).",
+        "Destroy stopped container CTID (private area, config and CRIU checkpoint).",
     )
 ]
