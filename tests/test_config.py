@@ -133,3 +133,7 @@ def test_node_conf_overrides_and_is_validated(tmp_path: Path) -> None:
     conf.write_text('STOP_TIMEOUT="soon"\n')
     with pytest.raises(ConfigError, match="STOP_TIMEOUT"):
         Node.load(str(tmp_path))
+    # Only "no" lifts the disk limits: any other word was taken as yes (CTID.conf's is checked)
+    conf.write_text('DISK_QUOTA="off"\n')
+    with pytest.raises(ConfigError, match="DISK_QUOTA='off': expected yes or no"):
+        Node.load(str(tmp_path))

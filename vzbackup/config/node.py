@@ -48,6 +48,9 @@ class Node:
             raw = node.value(key)
             if not raw.isdigit():
                 raise ConfigError(f"{path}: {key}={raw!r} is not a number of seconds")
+        quota = node.value("DISK_QUOTA")
+        if quota not in ("yes", "no", ""):  # as CTID.conf's is checked
+            raise ConfigError(f"{path}: DISK_QUOTA={quota!r}: expected yes or no")
         return node
 
     def value(self, key: str) -> str:
