@@ -253,6 +253,25 @@ def test_set_ipdel_then_ipadd_of_the_same_address_keeps_it(node: NodeBed) -> Non
     assert f"{ip}/32" in node.sh(ctid, "ip -4 addr show")
 
 
+def test_set_nameserver_and_searchdomain_keep_the_cts_other_resolver_lines(
+        node: NodeBed) -> None:
+    """--searchdomain replaces the search line and --nameserver the nameservers, as vzctl's
+    set_dns: the CT's other lines stay. --searchdomain alone used to drop the CT's
+    nameservers (and both its options), leaving it without DNS."""
+    ctid, _ = node.create_running()
+    node.sh(ctid, "printf 'search old.test\\nnameserver 192.0.2.1\\noptions ndots:2\\n' "
+                  "> /etc/resolv.conf")
+    node.vz("set", str(ctid), "--searchdomain", "example.test")
+    assert node.sh(ctid, "cat /etc/resolv.conf").splitlines() == [
+        "search example.test", "nameserver 192.0.2.1", "options ndots:2"]
+    node.vz("set", str(ctid), "--nameserver", "192.0.2.53", "--save")
+    assert node.sh(ctid, "cat /etc/resolv.conf").splitlines() == [
+        "search example.test", "options ndots:2", "nameserver 192.0.2.53"]
+    node.vz("restart", str(ctid))  # written again at start from the config: the same
+    assert node.sh(ctid, "cat /etc/resolv.conf").splitlines() == [
+        "search example.test", "options ndots:2", "nameserver 192.0.2.53"]
+
+
 def test_bridged_network_via_netif(node: NodeBed) -> None:
     bridge = f"vzbrc{node.new_ctid() % 1000}"
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)

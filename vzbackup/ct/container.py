@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -203,9 +204,7 @@ class Container:
             ip = c.ips[0].split("/")[0] if c.ips else "127.0.0.1"
             _write_in_ct(etc / "hosts", f"127.0.0.1 localhost\n{ip} {c.hostname}\n", owner)
         if c.nameservers or c.searchdomains:
-            lines = [f"search {' '.join(c.searchdomains)}"] if c.searchdomains else []
-            lines += [f"nameserver {ns}" for ns in c.nameservers]
-            _write_in_ct(etc / "resolv.conf", "\n".join(lines) + "\n", owner)
+            _write_in_ct(etc / "resolv.conf", _resolv_conf(etc / "resolv.conf", c), owner)
         self._write_systemd_dropin(etc, c)
 
     def systemd_checkpoint(self, conf: CTConfig | None = None) -> bool:
@@ -404,6 +403,30 @@ def _host_id(pid: int, kind: str, ct_id: int) -> int:
             if inside <= ct_id < inside + count:
                 return outside + ct_id - inside
     return ct_id
+
+
+def _resolv_conf(path: Path, c: CTConfig) -> str:
+    """The CT's resolv.conf with the config's search and nameserver lines; its own lines of a
+    kind the config leaves unset (and options, comments) are kept, as vzctl's set_dns does."""
+    ours = ({"search", "domain"} if c.searchdomains else set()) | (
+        {"nameserver"} if c.nameservers else set())
+    kept = [ln for ln in _read_in_ct(path).splitlines() if (ln.split() or [""])[0] not in ours]
+    lines = [f"search {' '.join(c.searchdomains)}"] if c.searchdomains else []
+    lines += kept + [f"nameserver {ns}" for ns in c.nameservers]
+    return "\n".join(lines) + "\n"
+
+
+def _read_in_ct(path: Path) -> str:
+    """A regular file of a CT's tree, '' for anything else (no symlink followed, no fifo
+    waited on: the CT may have planted either)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return f.read(1 << 16).decode(errors="replace")
 
 
 def _write_in_ct(path: Path, text: str, owner: int) -> None:
