@@ -272,6 +272,20 @@ def test_set_nameserver_and_searchdomain_keep_the_cts_other_resolver_lines(
         "search example.test", "options ndots:2", "nameserver 192.0.2.53"]
 
 
+def test_hostname_keeps_the_cts_other_hosts_lines(node: NodeBed) -> None:
+    """HOSTNAME (at start, set --hostname) replaces only the hostname's line of /etc/hosts,
+    as vzctl's change_hostname: the file used to be rewritten whole at every start, losing the
+    template's ::1 line and whatever the CT's owner had added."""
+    ctid, ip = node.create_running()
+    node.sh(ctid, "echo '192.0.2.7 db db.example.test' >> /etc/hosts")
+    node.vz("restart", str(ctid))
+    hosts = node.sh(ctid, "cat /etc/hosts").splitlines()
+    assert hosts == ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+                     "192.0.2.7 db db.example.test", f"{ip} ct{ctid}"]
+    node.vz("set", str(ctid), "--hostname", "renamed")
+    assert node.sh(ctid, "cat /etc/hosts").splitlines() == [*hosts[:3], f"{ip} renamed"]
+
+
 def test_bridged_network_via_netif(node: NodeBed) -> None:
     bridge = f"vzbrc{node.new_ctid() % 1000}"
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)

@@ -200,9 +200,10 @@ class Container:
             return
         owner = c.idmap.root
         if c.hostname:
+            old = _read_in_ct(etc / "hostname").strip()
             _write_in_ct(etc / "hostname", c.hostname + "\n", owner)
             ip = c.ips[0].split("/")[0] if c.ips else "127.0.0.1"
-            _write_in_ct(etc / "hosts", f"127.0.0.1 localhost\n{ip} {c.hostname}\n", owner)
+            _write_in_ct(etc / "hosts", _hosts(etc / "hosts", c.hostname, ip, old), owner)
         if c.nameservers or c.searchdomains:
             _write_in_ct(etc / "resolv.conf", _resolv_conf(etc / "resolv.conf", c), owner)
         self._write_systemd_dropin(etc, c)
@@ -403,6 +404,25 @@ def _host_id(pid: int, kind: str, ct_id: int) -> int:
             if inside <= ct_id < inside + count:
                 return outside + ct_id - inside
     return ct_id
+
+
+def _hosts(path: Path, hostname: str, ip: str, old: str) -> str:
+    """The CT's /etc/hosts ending in "IP HOSTNAME": HOSTNAME and the *old* hostname are taken
+    out of its other lines (a line left without a name goes), the rest stays, and a localhost
+    line is added if there is none, as vzctl's change_hostname does."""
+    names = {hostname, old} - {"", "localhost"}
+    lines = []
+    for line in _read_in_ct(path).splitlines():
+        fields = line.split("#", 1)[0].split()
+        if names & set(fields[1:]):
+            rest = [f for f in fields[1:] if f not in names]
+            if not rest:
+                continue
+            line = "\t".join([fields[0], *rest])
+        lines.append(line)
+    if not any(line.split()[:1] == ["127.0.0.1"] for line in lines):
+        lines.insert(0, "127.0.0.1 localhost")
+    return "\n".join([*lines, f"{ip} {hostname}"]) + "\n"
 
 
 def _resolv_conf(path: Path, c: CTConfig) -> str:
