@@ -173,6 +173,22 @@ def test_destroy_removes_the_cts_checkpoint(node: NodeBed) -> None:
     assert res.returncode == 4 and "no CRIU images" in res.stderr, res.stderr
 
 
+def test_a_fresh_start_sets_the_outdated_checkpoint_aside(node: NodeBed) -> None:
+    """start (afresh) moves the CT's checkpoint to Dump.CTID.old: it was left in place, so
+    the CT's next chkpnt was refused and boot resumed the old processes on files the fresh
+    run had changed since."""
+    ctid, _ = node.create_running()
+    node.vz("set", str(ctid), "--onboot", "yes", "--save")
+    node.vz("chkpnt", str(ctid))
+    dump = node.prefix / f"vz/dump/Dump.{ctid}"
+    assert "checkpoint moved to" in node.vz("start", str(ctid)).stderr
+    assert not dump.exists() and (dump.parent / f"Dump.{ctid}.old/inventory.img").exists()
+    node.vz("stop", str(ctid))
+    boot = json.loads(node.vz("boot", "--json").stdout)
+    assert [(c["ctid"], c["action"]) for c in boot["cts"]] == [(ctid, "started")]
+    node.vz("chkpnt", str(ctid))  # its dump directory is free again
+
+
 def test_failed_dump_leaves_ct_running(node: NodeBed, tmp_path: Path) -> None:
     ctid, ip = node.create_running()
     node.sh(ctid, COUNTER)

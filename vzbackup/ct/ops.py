@@ -323,7 +323,21 @@ def start(ct: Container) -> int:
             hint="restore the CT's files, or recreate it from a root filesystem template",
         )
     ct.apply_quota(conf)
-    return _spawn_supervisor(ct, "start", [])
+    pid = _spawn_supervisor(ct, "start", [])
+    _set_aside_checkpoint(ct)
+    return pid
+
+
+def _set_aside_checkpoint(ct: Container) -> None:
+    """A fresh start outdates the CT's checkpoint in DUMPDIR: it goes to Dump.CTID.old, else
+    boot or 'restore CTID' would later resume its processes on files they no longer match
+    (and chkpnt would find the directory taken)."""
+    images = dump_dir(ct, None)
+    if images.is_dir() and any(images.iterdir()):
+        aside = images.with_name(images.name + ".old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(images, aside)
+        log.warning("CT %s started afresh: its checkpoint moved to %s", ct.ctid, aside)
 
 
 def _wait_gone(ct: Container, timeout: float) -> bool:
