@@ -137,3 +137,7 @@ def test_node_conf_overrides_and_is_validated(tmp_path: Path) -> None:
     conf.write_text('DISK_QUOTA="off"\n')
     with pytest.raises(ConfigError, match="DISK_QUOTA='off': expected yes or no"):
         Node.load(str(tmp_path))
+    # Else first found at the node's shutdown, which then left every CT running
+    conf.write_text('VE_STOP_MODE="suspended"\n')
+    with pytest.raises(ConfigError, match="VE_STOP_MODE='suspended': expected stop or suspend"):
+        Node.load(str(tmp_path))

@@ -51,6 +51,9 @@ class Node:
         quota = node.value("DISK_QUOTA")
         if quota not in ("yes", "no", ""):  # as CTID.conf's is checked
             raise ConfigError(f"{path}: DISK_QUOTA={quota!r}: expected yes or no")
+        mode = node.value("VE_STOP_MODE")
+        if mode not in ("stop", "suspend"):  # not first at the node's shutdown
+            raise ConfigError(f"{path}: VE_STOP_MODE={mode!r}: expected stop or suspend")
         return node
 
     def value(self, key: str) -> str:
