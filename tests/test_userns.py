@@ -109,6 +109,23 @@ def test_convert_shifts_owners_acls_and_file_caps_with_dry_run(node: NodeBed) ->
     assert len(os.getxattr(tool, "security.capability")) == 20  # back to v2
 
 
+def test_convert_refuses_map_options_it_would_not_use(node: NodeBed) -> None:
+    """--base/--size name an unprivileged map: with --privileged (or a size of 0) they were
+    dropped and the CT converted as if they were not given."""
+    ctid = node.new_ctid()
+    node.vz("create", str(ctid), "--unprivileged")
+    before = _conf(node, ctid)
+    for args in (("--privileged", "--base", "200000"), ("--privileged", "--size", "1000"),
+                 ("--unprivileged", "--size", "0")):
+        res = node.vz("convert", str(ctid), *args, check=False)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert _conf(node, ctid) == before and _private(node, ctid).stat().st_uid == BASE
+    node.vz("convert", str(ctid), "--unprivileged", "--base", "200000", "--size", "70000")
+    assert 'IDMAP_BASE="200000"' in _conf(node, ctid)
+    assert 'IDMAP_SIZE="70000"' in _conf(node, ctid)
+    assert _private(node, ctid).stat().st_uid == 200000
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_checkpoint_restore_keeps_a_nonroot_task(node: NodeBed, criu_ready, mode: str) -> None:
     """CRIU must read the rlimits of a non-root task: root here lacks CAP_SYS_RESOURCE, the
