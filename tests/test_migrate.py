@@ -330,6 +330,23 @@ def test_dry_run_and_preflight_refusals_change_nothing(two_nodes: Bed) -> None:
     assert res.returncode == 4
 
 
+def test_memory_options_without_online_are_refused(two_nodes: Bed) -> None:
+    """--lazy/--no-lazy/--plain-tcp only say how --online moves memory: without it they were
+    ignored (a running CT was restarted at DEST, a stopped one copied)."""
+    bed = two_nodes
+    running, _ = _make_ct(bed.a)
+    stopped, _ = _make_ct(bed.a, start=False)
+    for ctid, flag in ((running, "--lazy"), (stopped, "--no-lazy"), (running, "--plain-tcp")):
+        res, _ = _migrate(bed, bed.a, bed.b, ctid, flag, check=False)
+        assert res.returncode == 2 and "--online" in res.stderr, (flag, res.stderr)
+    res = bed.a.vz("drain", bed.dest(bed.b), *bed.ssh_args(), "--dry-run", "--lazy",
+                   check=False)
+    assert res.returncode == 2 and "--online" in res.stderr, res.stdout + res.stderr
+    assert "running" in _status(bed.a, running) and "stopped" in _status(bed.a, stopped)
+    assert "deleted" in _status(bed.b, running) and "deleted" in _status(bed.b, stopped)
+    assert not bed.a.vz("migrate", "history", "--json").stdout.strip("[]\n ")
+
+
 def test_unknown_host_key_refused_before_anything(two_nodes: Bed, tmp_path: Path) -> None:
     bed = two_nodes
     ctid, _ = _make_ct(bed.a, start=False)

@@ -23,6 +23,14 @@ PLAIN_WARNING = ("WARNING: --plain-tcp: the CT's memory crosses the network unen
                  "unauthenticated; use it only on a trusted, private link")
 
 
+def check_live_only(online: bool, lazy: bool | None, plain_tcp: bool) -> None:
+    """Refuse the memory options without --online (no memory moves: they would be ignored)."""
+    if not online and (lazy is not None or plain_tcp):
+        raise E.UsageError("--lazy/--no-lazy and --plain-tcp choose how --online moves "
+                           "memory; without --online none moves",
+                           hint="add --online, or leave them out")
+
+
 def _yes_no(_ctx: click.Context, _p: click.Parameter, value: str) -> bool:
     return value == "yes"
 
@@ -126,6 +134,7 @@ def migrate(ctx: click.Context, ctid: str, dest: str, online: bool, lazy: bool |
     from vzbackup.migrate.ssh import Session, SSHTarget
     from vzbackup.migrate.sync import push_tree
 
+    check_live_only(online, lazy, plain_tcp)
     ct = container(ctx, ctid)
     if new_id is not None:
         registry.parse_ctid(new_id)
