@@ -95,6 +95,7 @@ class Agent:
         self.standby: ops.StandbyRestore | None = None
         self.tls: Identity | None = None
         self.lazy_args: list[str] = []
+        self.keep_private = False  # --keep-dst: a rollback keeps the synced private area
         self.lock = None
         self.after_reply: list[Callable[[], object]] = []  # work the source needn't wait for
 
@@ -170,8 +171,10 @@ class Agent:
             "reuse_private": reusable,
         }
 
-    def op_prepare(self) -> dict[str, Any]:
-        """Create the empty private area (btrfs subvolume where possible) and image dir."""
+    def op_prepare(self, keep_private: bool = False) -> dict[str, Any]:
+        """Create the empty private area (btrfs subvolume where possible) and image dir;
+        *keep_private* (--keep-dst): any rollback keeps it, told or not."""
+        self.keep_private = keep_private
         conf = self._conf()
         private = self.ct.ve_private(conf)
         if not private.exists():
@@ -421,7 +424,6 @@ class Agent:
             "lazy_wait": self.op_lazy_wait,
             "abort": self.op_abort,
         }
-        keep_private = False
         try:
             while True:
                 if self.journal.state == "restored" and not link.readable(COMMIT_LEASE):
@@ -436,7 +438,7 @@ class Agent:
                     link.send({"ok": True})
                     break
                 if op == "abort":
-                    keep_private = bool(msg.get("keep_private"))
+                    self.keep_private = bool(msg.get("keep_private"))
                 handler = ops_table.get(op)
                 try:
                     if handler is None:
@@ -452,12 +454,12 @@ class Agent:
             log.error("agent stopping: %s", e)
         finally:
             if self.journal.state != "committed":
-                self.rollback(keep_private=keep_private)
+                self.rollback(keep_private=self.keep_private)
             elif self.lazy_proc:  # the CT is ours once every page has arrived
                 if self.lazy_proc.wait() == 0:
                     self._finish()
                 else:
-                    self.rollback()
+                    self.rollback(keep_private=self.keep_private)
         return 0 if self.journal.state == "committed" else 1
 
 

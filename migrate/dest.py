@@ -143,8 +143,9 @@ class DestAgent:
         if self.link is None:
             return
         if self.silent:
-            log.warning("DEST did not answer in time: its agent removes what it created "
-                        "when it finds the link closed")
+            log.warning("DEST did not answer in time: its agent removes what it created%s "
+                        "when it finds the link closed",
+                        " but the private area (--keep-dst)" if keep_private else "")
             return
         try:
             self.call("abort", keep_private=keep_private)

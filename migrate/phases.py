@@ -169,7 +169,7 @@ class Migration:
 
     def move(self) -> None:
         """Copy, hand over, commit: DEST owns the CT afterwards."""
-        self.dest.call("prepare")
+        self.dest.call("prepare", keep_private=self.opts.keep_dst)
         try:
             self.watch_changes()
             with self.phase("first_sync"):

@@ -15,7 +15,8 @@ from typing import IO, Any
 
 from vzbackup import errors as E
 
-PROTOCOL_VERSION = 4  # 4: the images stream into migrate-recv-images, batches acknowledged
+PROTOCOL_VERSION = 5  # 4: the images stream into migrate-recv-images, batches acknowledged;
+# 5: prepare carries keep_private (--keep-dst), for rollbacks the source can't ask for
 BLOB = "blob"  # key of the byte count of a raw payload after the JSON line
 
 

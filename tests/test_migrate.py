@@ -442,6 +442,35 @@ def test_dest_restore_that_hangs_resumes_at_source(two_nodes: Bed, flag: str) ->
             mig.wait()
 
 
+def test_keep_dst_holds_when_dest_is_not_told(two_nodes: Bed) -> None:
+    """--keep-dst keeps DEST's synced private area also when the source can't ask DEST to
+    roll back (here: DEST's restore answers too late, the source stops talking to it); DEST
+    used to remove it then. A second migration reuses it."""
+    bed = two_nodes
+    ctid, _ = _make_ct(bed.a)
+    hung = bed.dir / "hung-swrk.pid"
+    try:
+        _dest_criu_doing(bed, "swrk", f"echo $$ > {hung}; exec sleep 600")
+        mig = _spawn_migrate(bed, ctid, "--online", "--no-lazy", "--keep-dst",
+                             env={C.FREEZE_REPLY_ENV: "3"})
+        out, err = mig.communicate(timeout=240)
+        assert mig.returncode == 15 and "did not answer 'restore'" in err, out + err
+        os.kill(int(hung.read_text()), signal.SIGKILL)  # DEST's restore fails now
+        journal = bed.b.prefix / f"vz/lock/{ctid}.migrate.json"
+        wait_for(lambda: "deleted" in _status(bed.b, ctid) and journal.exists()
+                 and json.loads(journal.read_text())["state"] == "kept", timeout=60,
+                 what="DEST rolled back but for the private area")
+        assert (_private(bed.b, ctid) / "data/f").read_text() == "payload\n"
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(hung.read_text()), signal.SIGKILL)
+    assert "running" in _status(bed.a, ctid)
+    _set_remote_env(bed, bed.b, "VZBACKUP_CRIU", "/usr/local/sbin/criu")
+    _, report = _migrate(bed, bed.a, bed.b, ctid, "--online", "--no-lazy")
+    assert report["ok"] and report["mode"] == "online"
+    assert "running" in _status(bed.b, ctid) and not journal.exists()
+
+
 STALL_MS = 3000  # DEST's lazy-pages daemon gives up after this long without progress
 
 
