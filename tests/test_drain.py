@@ -103,3 +103,16 @@ def test_drain_moves_all_but_the_failing_ct(two_nodes: Bed) -> None:
     res = bed.a.vz("drain", bed.dest(bed.b), *bed.ssh_args(), check=False, timeout=200)
     assert res.returncode == 15
     assert "0 moved, 1 failed" in res.stdout and "FAILED" in res.stdout
+
+
+@pytest.mark.slow
+def test_drain_with_plain_tcp_warns_as_migrate_does(two_nodes: Bed) -> None:
+    """--plain-tcp sends every moved CT's memory unencrypted: drain warns, as migrate does
+    (it said nothing)."""
+    bed = two_nodes
+    ctid = next_ctid()
+    bed.a.vz("create", str(ctid))
+    res = bed.a.vz("drain", bed.dest(bed.b), *bed.ssh_args(), "--online", "--plain-tcp",
+                   "--dry-run", timeout=200)
+    assert "WARNING: --plain-tcp" in res.stderr and "unencrypted" in res.stderr, res.stderr
+    assert "1 checked, 0 failed" in res.stdout and "exist" in bed.a.vz("status", str(ctid)).stdout

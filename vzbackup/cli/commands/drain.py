@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import click
 
-from vzbackup.cli.commands.migrate import check_live_only
+from vzbackup.cli.commands.migrate import PLAIN_WARNING, check_live_only
 from vzbackup.cli.common import emit, json_option, node_of, require_root
 from vzbackup.ct import registry
 
@@ -67,6 +67,8 @@ def drain(ctx: click.Context, dests: list[str], online: bool, lazy: bool | None,
     from vzbackup.migrate.sync import push_tree
 
     check_live_only(online, lazy, plain_tcp)
+    if plain_tcp:
+        click.echo(PLAIN_WARNING, err=True)
     require_root()
     node = node_of(ctx)
     skip = frozenset(registry.resolve(node, x) for x in exclude)
