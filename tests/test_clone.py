@@ -118,6 +118,11 @@ def test_clone_refusals_leave_nothing_behind(node: NodeBed):
     # a taken name or address
     assert clone(node, str(src), str(new), "--name", "other", check=False)[0] == 5
     assert clone(node, str(src), str(new), "--ipadd", ip, check=False)[0] == 5
+    # no address and an address: refused (the address was taken, 'none' ignored)
+    rc, res = clone(node, str(src), str(new), "--ipadd", "none", "--ipadd", node.new_ip(),
+                    check=False)
+    assert rc == 2 and "--ipadd none" in res["stderr"], res
+    assert leftovers(node, new) == []
     # the source is being backed up or migrated (its backup lock is held)
     with Lock(node.prefix / f"vz/lock/{src}.backup.lock", what="test"):
         rc, res = clone(node, "busy", str(new), check=False)

@@ -11,6 +11,7 @@ from vzbackup.backup import clone as K
 from vzbackup.cli.common import container, emit, json_option, node_of
 from vzbackup.cli.repo_common import human
 from vzbackup.ct import registry
+from vzbackup.errors import UsageError
 
 
 @click.command()
@@ -26,6 +27,8 @@ from vzbackup.ct import registry
 def clone(ctx: click.Context, ctid: str, newid: str, name: str | None, hostname: str | None,
           ipadd: tuple[str, ...], start: bool, as_json: bool) -> None:
     """Clone CT CTID (stopped or running) as the new CT NEWID."""
+    if "none" in ipadd and len(ipadd) > 1:
+        raise UsageError("--ipadd none means no address: don't give addresses with it")
     src = container(ctx, ctid)
     target = registry.parse_ctid(newid)
     tty = sys.stderr.isatty() and not as_json
