@@ -67,13 +67,16 @@ class SSHTarget:
 
     @classmethod
     def parse(
-        cls, dest: str, *, port: int = 22, key: str | None = None, opts: list[str] | tuple = ()
+        cls, dest: str, *, port: int | None = None, key: str | None = None,
+        opts: list[str] | tuple = (),
     ) -> SSHTarget:
-        """Build a target from ``[user@]host`` plus ``--ssh-port/--ssh-key/--ssh-opt`` values."""
+        """Build a target from ``[user@]host`` plus ``--ssh-port/--ssh-key/--ssh-opt`` values;
+        a setting given twice (user@ and User, --ssh-port and Port, --ssh-key and
+        IdentityFile) must agree."""
         user, _, host = dest.rpartition("@")
         if not host or any(c.isspace() for c in dest) or host.startswith("-"):
             raise UsageError(f"invalid destination {dest!r}", hint="use [user@]host")
-        t = cls(host=host.strip("[]"), user=user or "root", port=port, key_filename=key)
+        t = cls(host=host.strip("[]"), user=user or "root", port=port or 22, key_filename=key)
         for opt in opts:
             k, sep, v = opt.partition("=")
             if not sep or not v:
@@ -83,6 +86,10 @@ class SSHTarget:
                 raise UsageError(f"unsupported --ssh-opt {k!r}",
                                  hint="supported: " + ", ".join(SUPPORTED_OPTS))
             t.options[name] = v.strip()
+        for given, name in ((user, "User"), (port, "Port"), (key, "IdentityFile")):
+            if given and name in t.options and str(given) != t.options[name]:
+                raise UsageError(f"{given} and --ssh-opt {name}={t.options[name]} disagree",
+                                 hint=f"give the {name.lower()} once")
         t._apply_options()
         return t
 
@@ -92,7 +99,7 @@ class SSHTarget:
             self.known_hosts = o["UserKnownHostsFile"]
         if "IdentityFile" in o:
             self.key_filename = o["IdentityFile"]
-        if "User" in o and self.user == "root":
+        if "User" in o:
             self.user = o["User"]
         for num in ("Port", "ConnectTimeout", "ServerAliveInterval"):
             if num in o and not o[num].isdigit():

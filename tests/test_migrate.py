@@ -358,6 +358,24 @@ def test_unknown_host_key_refused_before_anything(two_nodes: Bed, tmp_path: Path
     assert "exist" in _status(bed.a, ctid) and "deleted" in _status(bed.b, ctid)
 
 
+def test_ssh_settings_given_twice_must_agree(two_nodes: Bed) -> None:
+    """root@DEST with --ssh-opt User=..., --ssh-port with Port=..., --ssh-key with
+    IdentityFile=...: refused unless they agree (--ssh-opt used to win in silence, and
+    against root@ only: a non-root user@ won)."""
+    bed = two_nodes
+    ctid, _ = _make_ct(bed.a, start=False)
+    for extra in (["--ssh-opt", "User=nobody"], ["--ssh-port", "22", "--ssh-opt", "Port=2222"],
+                  ["--ssh-opt", "IdentityFile=/nonexistent"]):
+        res, _ = _migrate(bed, bed.a, bed.b, ctid, "--dry-run", *extra, check=False)
+        assert res.returncode == 2 and "disagree" in res.stderr, (extra, res.stderr)
+    host = bed.dest(bed.b).partition("@")[2]
+    res = bed.a.vz("migrate", str(ctid), host, *bed.ssh_args(), "--dry-run", "--ssh-opt",
+                   "User=root", "--ssh-opt", "Port=22", "--ssh-opt",
+                   f"IdentityFile={bed.ssh_key}", "--ssh-key", str(bed.ssh_key))
+    assert "preflight OK" in res.stdout
+    assert "exist" in _status(bed.a, ctid) and "deleted" in _status(bed.b, ctid)
+
+
 # --------------------------------------------------------------------------- failures
 
 

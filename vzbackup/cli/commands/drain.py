@@ -44,7 +44,7 @@ def _summary(data: dict) -> str:
 @click.option("--remove-area", type=click.Choice(["yes", "no"]), default="yes",
               show_default=True, help="Remove each moved CT's private area here.")
 @click.option("--plain-tcp", is_flag=True, help="Memory pages unencrypted (trusted links only).")
-@click.option("--ssh-port", type=int, default=22, show_default=True)
+@click.option("--ssh-port", type=click.IntRange(1, 65535), help="SSH port (default: 22).")
 @click.option("--ssh-key", help="Private key file for SSH.")
 @click.option("--ssh-opt", multiple=True, metavar="KEY=VALUE", help="SSH option (see migrate).")
 @click.option("--accept-new-hostkey", is_flag=True, help="Trust and record unknown host keys.")
@@ -52,7 +52,7 @@ def _summary(data: dict) -> str:
 @json_option
 @click.pass_context
 def drain(ctx: click.Context, dests: list[str], online: bool, lazy: bool | None, parallel: int,
-          exclude: tuple[str, ...], remove_area: str, plain_tcp: bool, ssh_port: int,
+          exclude: tuple[str, ...], remove_area: str, plain_tcp: bool, ssh_port: int | None,
           ssh_key: str | None, ssh_opt: tuple[str, ...], accept_new_hostkey: bool,
           dry_run: bool, as_json: bool) -> None:
     """Move every CT of this node to the DESTs ([user@]host, comma-separated).

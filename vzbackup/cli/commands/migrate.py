@@ -108,7 +108,7 @@ def migrate_group() -> None:
 @click.option("--plain-tcp", is_flag=True,
               help="Send memory pages over plain TCP, unencrypted (trusted links only; "
                    "default: CRIU's TLS with one-time certificates).")
-@click.option("--ssh-port", type=int, default=22, show_default=True)
+@click.option("--ssh-port", type=click.IntRange(1, 65535), help="SSH port (default: 22).")
 @click.option("--ssh-key", help="Private key file for SSH.")
 @click.option("--ssh-opt", multiple=True, metavar="KEY=VALUE",
               help="SSH option (UserKnownHostsFile, ConnectTimeout, ServerAliveInterval, "
@@ -121,7 +121,7 @@ def migrate_group() -> None:
 @click.pass_context
 def migrate(ctx: click.Context, ctid: str, dest: str, online: bool, lazy: bool | None,
             keep_dst: bool, remove_area: bool, new_id: int | None, bwlimit: int | None,
-            sync_method: str, plain_tcp: bool, ssh_port: int, ssh_key: str | None,
+            sync_method: str, plain_tcp: bool, ssh_port: int | None, ssh_key: str | None,
             ssh_opt: tuple[str, ...],
             accept_new_hostkey: bool, dry_run: bool, show_times: bool, as_json: bool) -> None:
     """Move CTID to the node DEST ([user@]host) over SSH.
