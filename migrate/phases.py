@@ -238,15 +238,18 @@ class Migration:
             if self.hello.get("version") != __version__:
                 log.warning("vzbackup versions differ: here %s, DEST %s", __version__,
                             self.hello.get("version"))
+            if o.sync_method == "rsync" and not self._rsync_both_ends():
+                problems.append("--sync rsync: rsync is missing here or at DEST")
             if problems:
                 raise MigrationError(
                     "preflight failed, nothing was changed:\n  " + "\n  ".join(problems)
                 )
             if o.sync_method == "auto":  # decided once: no probing while the CT is frozen
-                rsync_here = shutil.which("rsync") is not None
-                o.sync_method = "rsync" if rsync_here and remote_has_rsync(self.session) \
-                    else "stream"
+                o.sync_method = "rsync" if self._rsync_both_ends() else "stream"
             self.report.preflight["sync"] = o.sync_method
+
+    def _rsync_both_ends(self) -> bool:
+        return shutil.which("rsync") is not None and remote_has_rsync(self.session)
 
     def _lazy_possible(self) -> bool:
         """Lazy pages unless refused or unsupported at DEST (its agent says why)."""

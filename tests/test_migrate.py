@@ -347,6 +347,25 @@ def test_memory_options_without_online_are_refused(two_nodes: Bed) -> None:
     assert not bed.a.vz("migrate", "history", "--json").stdout.strip("[]\n ")
 
 
+def test_sync_rsync_without_rsync_is_refused_by_preflight(two_nodes: Bed) -> None:
+    """--sync rsync where rsync is missing fails the preflight (and --dry-run), before DEST
+    is touched; it passed, and the migration failed later, at the first sync."""
+    bed = two_nodes
+    ctid, _ = _make_ct(bed.a, start=False)
+    env = bed.a.env() | {"PATH": "/nonexistent"}  # no rsync here
+    argv = ["/usr/bin/nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m",
+            "vzbackup.cli", "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args()]
+    for extra in (["--dry-run"], []):
+        res = subprocess.run([*argv, "--sync", "rsync", *extra], env=env, capture_output=True,
+                             text=True, timeout=120, check=False)
+        assert res.returncode == 15, res.stdout + res.stderr
+        assert "rsync is missing" in res.stderr and "nothing was changed" in res.stderr
+    assert "exist" in _status(bed.a, ctid) and "deleted" in _status(bed.b, ctid)
+    res = subprocess.run([*argv, "--dry-run"], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)  # auto: the stream
+    assert "preflight OK" in res.stdout
+
+
 def test_unknown_host_key_refused_before_anything(two_nodes: Bed, tmp_path: Path) -> None:
     bed = two_nodes
     ctid, _ = _make_ct(bed.a, start=False)
