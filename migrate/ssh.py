@@ -8,6 +8,7 @@ refused, naming the known_hosts line that holds the old one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import select
@@ -26,6 +27,7 @@ import paramiko
 from paramiko.hostkeys import HostKeyEntry, HostKeys, InvalidHostKey
 
 from vzbackup.errors import RemoteNodeError, RuntimeFailure, UsageError
+from vzbackup.syscalls import pid_alive
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
@@ -36,6 +38,7 @@ DEAD_PEER_SECONDS = 30  # TCP_USER_TIMEOUT of the control connection
 # connection per session that ends by itself when idle if we die without closing it
 OPENSSH_CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com"
 OPENSSH_PERSIST = 60
+CONTROL_DIR_PREFIX = "vzb-ssh-"  # + PID + "-": a master connection's socket directory
 SUPPORTED_OPTS = ("UserKnownHostsFile", "ConnectTimeout", "ServerAliveInterval",
                   "StrictHostKeyChecking", "IdentityFile", "Port", "User")
 
@@ -310,7 +313,7 @@ class Session:
             return None
         t = self.target
         if self._control_dir is None:
-            self._control_dir = tempfile.mkdtemp(prefix="vzb-ssh-")  # 0700: ours only
+            self._control_dir = _new_control_dir()
         user_file, files = t.known_hosts_files()
         global_file = str(files[1]) if len(files) > 1 else "/dev/null"
         argv = [ssh, "-p", str(t.port), "-l", t.user, "-c", OPENSSH_CIPHERS,
@@ -326,14 +329,9 @@ class Session:
         return argv
 
     def _close_openssh(self) -> None:
-        if self._control_dir is None:
-            return
-        ctl = f"{self._control_dir}/cm"
-        if os.path.exists(ctl):
-            subprocess.run(["ssh", "-o", f"ControlPath={ctl}", "-O", "exit", "x"],
-                           capture_output=True, timeout=30, check=False)
-        shutil.rmtree(self._control_dir, ignore_errors=True)
-        self._control_dir = None
+        if self._control_dir is not None:
+            _remove_control_dir(self._control_dir)
+            self._control_dir = None
 
     def __enter__(self) -> Session:
         return self if self.alive() else self.connect()
@@ -416,3 +414,28 @@ def _feed(chan: paramiko.Channel, data: bytes) -> None:
         chan.shutdown_write()
     except (OSError, EOFError, paramiko.SSHException):
         return
+
+
+def _new_control_dir() -> str:
+    """A new directory (0700) for the OpenSSH master's socket, named with this PID; first
+    those left by processes killed before they closed theirs are removed, their masters
+    told to exit (a migration killed with -9 left one in the temp directory for good)."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        pid = name.removeprefix(CONTROL_DIR_PREFIX).split("-")[0]
+        if not name.startswith(CONTROL_DIR_PREFIX) or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        path = os.path.join(tmp, name)
+        with contextlib.suppress(OSError):  # (another process' sweep got there first)
+            if os.stat(path, follow_symlinks=False).st_uid == os.geteuid():
+                _remove_control_dir(path)
+    return tempfile.mkdtemp(prefix=f"{CONTROL_DIR_PREFIX}{os.getpid()}-")
+
+
+def _remove_control_dir(path: str) -> None:
+    """Tell the master listening in *path* (if any) to exit, then remove *path*."""
+    ctl = f"{path}/cm"
+    if os.path.exists(ctl):
+        subprocess.run(["ssh", "-o", f"ControlPath={ctl}", "-O", "exit", "x"],
+                       capture_output=True, timeout=30, check=False)
+    shutil.rmtree(path, ignore_errors=True)

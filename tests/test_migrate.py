@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from nodebed import (
 )
 from treecmp import diff, tree_manifest
 from twonode_fixture import twonode
+from vzbackup.migrate import ssh
 from vzbackup.migrate.imagestream import ImagePipe, ImageStream
 from vzbackup.migrate.priority import urge_session
 
@@ -696,6 +699,11 @@ def test_source_killed_while_frozen_resumes_ct_and_dest_rolls_back(two_nodes: Be
         time.sleep(1)
         mig.kill()
         mig.communicate(timeout=60)
+        # its OpenSSH master's socket directory outlives it, until the next session sweeps it
+        left = f"{tempfile.gettempdir()}/{ssh.CONTROL_DIR_PREFIX}{mig.pid}-*"
+        assert len(glob.glob(left)) == 1
+        ssh._remove_control_dir(ssh._new_control_dir())
+        assert glob.glob(left) == []
         # CRIU lost its caller: it resumes the tasks; DEST's agent lost its link: it rolls back
         wait_for(lambda: not _private(bed.b, ctid).exists(), timeout=120, what="DEST rollback")
         wait_for(lambda: _counter(bed.a, ctid) > before, what="counter runs on at the source")
