@@ -267,6 +267,10 @@ def test_set_nameserver_and_searchdomain_keep_the_cts_other_resolver_lines(
     node.vz("set", str(ctid), "--nameserver", "192.0.2.53", "--save")
     assert node.sh(ctid, "cat /etc/resolv.conf").splitlines() == [
         "search example.test", "options ndots:2", "nameserver 192.0.2.53"]
+    # An address only: vzctl's 'inherit' was written as 'nameserver inherit', and the CT
+    # had no resolver left
+    res = node.vz("set", str(ctid), "--nameserver", "inherit", "--save", check=False)
+    assert res.returncode == 2 and "not an IP address" in res.stderr
     node.vz("restart", str(ctid))  # written again at start from the config: the same
     assert node.sh(ctid, "cat /etc/resolv.conf").splitlines() == [
         "search example.test", "options ndots:2", "nameserver 192.0.2.53"]

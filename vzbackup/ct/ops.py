@@ -8,6 +8,7 @@ their own locked section, and the lock is not re-entrant. The other verbs lock t
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -518,6 +519,17 @@ def _words(values: object) -> str:
     return " ".join(values)  # type: ignore[call-overload]
 
 
+def _nameservers(values: object) -> str:
+    """--nameserver: addresses, each written to the CT's resolv.conf as it is."""
+    for ns in values:  # type: ignore[attr-defined]
+        try:
+            ipaddress.ip_address(ns)
+        except ValueError:
+            raise E.UsageError(f"--nameserver {ns}: not an IP address", hint="vzctl's "
+                               "'inherit' (the node's resolvers) is not supported") from None
+    return _words(values)
+
+
 # vzctl set option -> (CTID.conf key, how its value is written)
 _SETTINGS: dict[str, tuple[str, Callable[[object], str]]] = {
     "hostname": ("HOSTNAME", str),
@@ -531,7 +543,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[object], str]]] = {
     "diskinodes": ("DISKINODES", _limit_pair(diskinodes, "diskinodes")),
     "diskquota": ("DISK_QUOTA", str),
     "numproc": ("NUMPROC", str),
-    "nameserver": ("NAMESERVER", _words),
+    "nameserver": ("NAMESERVER", _nameservers),
     "searchdomain": ("SEARCHDOMAIN", _words),
     "bindmount": ("BINDMOUNT", _words),
     "ram": ("PHYSPAGES", _pages),
