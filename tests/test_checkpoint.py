@@ -22,7 +22,9 @@ from nodebed import (
     wait_for,
 )
 
+from vzbackup.config.node import Node
 from vzbackup.criu import netconf
+from vzbackup.ct.cgroups import open_cgroups
 
 pytestmark = pytest.mark.usefixtures("criu_ready")
 
@@ -243,6 +245,26 @@ def test_suspend_resume_freezes_in_place(node: NodeBed) -> None:
     node.vz("resume", str(ctid))
     wait_for(lambda: _counter(node, ctid) > frozen, what="counter after resume")
     assert node.vz("resume", str(ctid), check=False).returncode == 6
+
+
+def test_exec_and_set_hostname_refuse_a_suspended_ct(node: NodeBed) -> None:
+    """exec, and set --hostname (run inside the CT), refuse a suspended CT: their process
+    froze on joining its cgroups and hung, and once interrupted its frozen child kept the
+    CT's lock, so not even resume could run."""
+    ctid, _ = node.create_running()
+    node.vz("suspend", str(ctid))
+    conf = node.prefix / f"etc/vz/conf/{ctid}.conf"
+    before = conf.read_text()
+    try:
+        for args in (["exec", str(ctid), "hostname"],
+                     ["set", str(ctid), "--hostname", "frozen", "--save"]):
+            res = node.vz(*args, check=False, timeout=20)
+            assert res.returncode == 6 and "suspended" in res.stderr, (args, res.stderr)
+        assert conf.read_text() == before
+        node.vz("resume", str(ctid))
+    finally:  # (the old code's frozen processes go on, and end, once thawed)
+        open_cgroups(f"{Node.load(str(node.prefix)).cgroup_parent}/{ctid}").thaw()
+    assert node.sh(ctid, "hostname").strip() == f"ct{ctid}"
 
 
 def test_missing_or_old_criu_is_one_clear_message(node: NodeBed, tmp_path: Path) -> None:

@@ -106,6 +106,14 @@ class Container:
             raise StateError(f"CT {self.ctid} is not running")
         return st
 
+    def require_thawed(self) -> CTState:
+        """The running CT's state; StateError if it is suspended (a process put into its
+        frozen cgroups would freeze with whatever it holds, e.g. the CT's lock)."""
+        st = self.require_running()
+        if self.status(st) == "suspended":
+            raise StateError(f"CT {self.ctid} is suspended", hint="resume it first")
+        return st
+
     def require_stopped(self, action: str) -> None:
         if self.running:
             raise StateError(f"CT {self.ctid} is running: stop it before {action}")
@@ -289,7 +297,7 @@ class Container:
         from vzbackup.ct import fencing, syscall_filter
         from vzbackup.ct.console import relay_pty
 
-        st = self.require_running()
+        st = self.require_thawed()
         cg = self.cgroup()
         confine = syscall_filter.build()
         pts = f"/proc/{st.init_pid}/root/dev/pts"
@@ -337,7 +345,7 @@ class Container:
 
         from vzbackup.ct import syscall_filter
 
-        st = self.require_running()
+        st = self.require_thawed()
         cg = self.cgroup()
         confine = syscall_filter.build()
 

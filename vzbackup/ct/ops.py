@@ -567,6 +567,8 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
         if unsaved and not save:
             raise E.UsageError(f"{', '.join(unsaved)} can't be applied to running CT "
                                f"{ct.ctid}, only saved: add --save")
+        if running and "hostname" in params:  # set inside the CT, before anything changes
+            ct.require_thawed()
         changed: list[str] = []
         ipadd = [validate_ip(i) for i in params.pop("ipadd", None) or []]
         ipdel = list(params.pop("ipdel", None) or [])
