@@ -97,11 +97,13 @@ def test_wrong_state_operations(node: NodeBed) -> None:
     (["/nowhere/x.tar.zst", "4242", "--storage", "local"], "--storage is for restoring a snap"),
     (["101/2026-11-21T02:00:00Z", "4242", "--dumpfile", "/d"],
      "--dumpfile is for restoring a CRIU checkpoint"),
+    (["101/2026-11-21T02:00:00Z", "4242", "--ipadd", "none", "--ipadd", "10.0.0.9"],
+     "--ipadd none means no address: don't give addresses with it"),
 ])
 def test_restore_refuses_what_its_source_does_not_use(node: NodeBed, args: list[str],
                                                       refused: str) -> None:
     """A CRIU checkpoint (restore CTID) is resumed as it was, an archive has no state and is
-    on no storage: such options were dropped before."""
+    on no storage: such options were dropped before, as was 'none' beside an address."""
     res = node.vz("restore", *args, check=False)
     assert res.returncode == USAGE and refused in res.stderr, res.stderr
 

@@ -51,6 +51,8 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
         emit(as_json, {"ctid": ct.ctid, "init_pid": pid}, f"CT {ct.ctid} restored (init pid {pid})")
         return
     _only_for("restoring a CRIU checkpoint", dumpfile=dumpfile, keep_dump=keep_dump)
+    if "none" in ipadd and len(ipadd) > 1:
+        raise UsageError("--ipadd none means no address: don't give addresses with it")
     require_root()
     node = node_of(ctx)
     target = registry.parse_ctid(ctid if ctid is not None else source.split("/")[0])
