@@ -288,6 +288,13 @@ def test_hostname_keeps_the_cts_other_hosts_lines(node: NodeBed) -> None:
                      "192.0.2.7 db db.example.test", f"{ip} ct{ctid}"]
     node.vz("set", str(ctid), "--hostname", "renamed")
     assert node.sh(ctid, "cat /etc/hosts").splitlines() == [*hosts[:3], f"{ip} renamed"]
+    # a big one (a blocklist: 160 KB) is kept whole, not cut where the node stopped reading
+    blocked = [f"0.0.0.0 ads{i}.example.test" for i in range(6000)]
+    node.sh(ctid, "for i in $(seq 0 5999); do echo 0.0.0.0 ads$i.example.test; done"
+                  " >> /etc/hosts")
+    node.vz("restart", str(ctid))
+    assert node.sh(ctid, "cat /etc/hosts").splitlines() == [*hosts[:3], *blocked,
+                                                             f"{ip} ct{ctid}"]
 
 
 def test_bridged_network_via_netif(node: NodeBed) -> None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the runtime parts load where they are used: a backup needs 
     from vzbackup.ct.cgroups import CgroupSet, Limits
 
 CT_LOCK_WAIT = 30.0
+CT_TEXT_MAX = 16 * 1024 * 1024  # a CT file the node edits (hosts, resolv.conf) at most
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +208,20 @@ class Container:
         if not etc.is_dir() or etc.is_symlink():
             return
         owner = c.idmap.root
+        files: dict[str, str | None] = {}
         if c.hostname:
-            old = _read_in_ct(etc / "hostname").strip()
-            _write_in_ct(etc / "hostname", c.hostname + "\n", owner)
+            old = (_read_in_ct(etc / "hostname") or "").strip()
             ip = c.ips[0].split("/")[0] if c.ips else "127.0.0.1"
-            _write_in_ct(etc / "hosts", _hosts(etc / "hosts", c.hostname, ip, old), owner)
+            files["hostname"] = c.hostname + "\n"
+            files["hosts"] = _hosts(etc / "hosts", c.hostname, ip, old)
         if c.nameservers or c.searchdomains:
-            _write_in_ct(etc / "resolv.conf", _resolv_conf(etc / "resolv.conf", c), owner)
+            files["resolv.conf"] = _resolv_conf(etc / "resolv.conf", c)
+        for name, text in files.items():
+            if text is None:
+                log.warning("CT %s: /etc/%s is over %d bytes; left as it is", self.ctid,
+                            name, CT_TEXT_MAX)
+            else:
+                _write_in_ct(etc / name, text, owner)
         self._write_systemd_dropin(etc, c)
 
     def systemd_checkpoint(self, conf: CTConfig | None = None) -> bool:
@@ -414,13 +422,17 @@ def _host_id(pid: int, kind: str, ct_id: int) -> int:
     return ct_id
 
 
-def _hosts(path: Path, hostname: str, ip: str, old: str) -> str:
+def _hosts(path: Path, hostname: str, ip: str, old: str) -> str | None:
     """The CT's /etc/hosts ending in "IP HOSTNAME": HOSTNAME and the *old* hostname are taken
     out of its other lines (a line left without a name goes), the rest stays, and a localhost
-    line is added if there is none, as vzctl's change_hostname does."""
+    line is added if there is none, as vzctl's change_hostname does; None: left as it is
+    (over CT_TEXT_MAX)."""
     names = {hostname, old} - {"", "localhost"}
+    text = _read_in_ct(path)
+    if text is None:
+        return None
     lines = []
-    for line in _read_in_ct(path).splitlines():
+    for line in text.splitlines():
         fields = line.split("#", 1)[0].split()
         if names & set(fields[1:]):
             rest = [f for f in fields[1:] if f not in names]
@@ -433,28 +445,35 @@ def _hosts(path: Path, hostname: str, ip: str, old: str) -> str:
     return "\n".join([*lines, f"{ip} {hostname}"]) + "\n"
 
 
-def _resolv_conf(path: Path, c: CTConfig) -> str:
+def _resolv_conf(path: Path, c: CTConfig) -> str | None:
     """The CT's resolv.conf with the config's search and nameserver lines; its own lines of a
-    kind the config leaves unset (and options, comments) are kept, as vzctl's set_dns does."""
+    kind the config leaves unset (and options, comments) are kept, as vzctl's set_dns does;
+    None: left as it is (over CT_TEXT_MAX)."""
     ours = ({"search", "domain"} if c.searchdomains else set()) | (
         {"nameserver"} if c.nameservers else set())
-    kept = [ln for ln in _read_in_ct(path).splitlines() if (ln.split() or [""])[0] not in ours]
+    text = _read_in_ct(path)
+    if text is None:
+        return None
+    kept = [ln for ln in text.splitlines() if (ln.split() or [""])[0] not in ours]
     lines = [f"search {' '.join(c.searchdomains)}"] if c.searchdomains else []
     lines += kept + [f"nameserver {ns}" for ns in c.nameservers]
     return "\n".join(lines) + "\n"
 
 
-def _read_in_ct(path: Path) -> str:
+def _read_in_ct(path: Path) -> str | None:
     """A regular file of a CT's tree, '' for anything else (no symlink followed, no fifo
-    waited on: the CT may have planted either)."""
+    waited on: the CT may have planted either), None when it is over CT_TEXT_MAX: too big
+    to read into the node's memory, and to rewrite with only what was read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return ""
-        return f.read(1 << 16).decode(errors="replace")
+        data = f.read(CT_TEXT_MAX + 1)
+        return None if len(data) > CT_TEXT_MAX else data.decode(errors="replace")
 
 
 def _write_in_ct(path: Path, text: str, owner: int) -> None:
