@@ -136,7 +136,8 @@ class DestAgent:
                 finished = True
         if self.silent:
             raise LinkLost(f"DEST did not answer {op!r} within {seconds:g} s",
-                           hint="its agent removes what it made; see DEST's log")
+                           hint="its agent rolls back on its own (keeping the private area "
+                           "with --keep-dst); see DEST's log")
 
     def abort(self, *, keep_private: bool) -> None:
         """Ask DEST to remove what it created (it also does so when the link drops)."""
