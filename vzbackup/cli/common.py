@@ -13,7 +13,7 @@ import click
 from vzbackup.config.node import Node
 from vzbackup.ct import registry
 from vzbackup.ct.container import Container
-from vzbackup.errors import NotRootError, RuntimeFailure, VzError
+from vzbackup.errors import NotRootError, RuntimeFailure, UsageError, VzError
 
 
 def node_of(ctx: click.Context) -> Node:
@@ -33,6 +33,14 @@ def container(ctx: click.Context, ident: str, *, must_exist: bool = True) -> Con
     if must_exist:
         ct.conf  # noqa: B018 - raises NotFoundError / ConfigError
     return ct
+
+
+def new_ips(ipadd: tuple[str, ...]) -> list[str] | None:
+    """A new CT's ``--ipadd`` values (clone, restore): None when none was given, [] for
+    'none' (no address), which goes with no address."""
+    if "none" in ipadd and len(ipadd) > 1:
+        raise UsageError("--ipadd none means no address: don't give addresses with it")
+    return [ip for ip in ipadd if ip != "none"] if ipadd else None
 
 
 def json_option(f: Callable) -> Callable:

@@ -8,10 +8,9 @@ import sys
 import click
 
 from vzbackup.backup import clone as K
-from vzbackup.cli.common import container, emit, json_option, node_of
+from vzbackup.cli.common import container, emit, json_option, new_ips, node_of
 from vzbackup.cli.repo_common import human
 from vzbackup.ct import registry
-from vzbackup.errors import UsageError
 
 
 @click.command()
@@ -27,8 +26,7 @@ from vzbackup.errors import UsageError
 def clone(ctx: click.Context, ctid: str, newid: str, name: str | None, hostname: str | None,
           ipadd: tuple[str, ...], start: bool, as_json: bool) -> None:
     """Clone CT CTID (stopped or running) as the new CT NEWID."""
-    if "none" in ipadd and len(ipadd) > 1:
-        raise UsageError("--ipadd none means no address: don't give addresses with it")
+    ips = new_ips(ipadd) or []
     src = container(ctx, ctid)
     target = registry.parse_ctid(newid)
     tty = sys.stderr.isatty() and not as_json
@@ -45,7 +43,7 @@ def clone(ctx: click.Context, ctid: str, newid: str, name: str | None, hostname:
 
     try:
         res = K.clone(node_of(ctx), src, target, name=name, hostname=hostname,
-                      ipadd=[ip for ip in ipadd if ip != "none"], start=start,
+                      ipadd=ips, start=start,
                       progress=progress if tty else None, log=log)
     finally:
         if tty:

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from vzbackup.backup import restore as R
-from vzbackup.cli.common import container, emit, json_option, node_of, require_root
+from vzbackup.cli.common import container, emit, json_option, new_ips, node_of, require_root
 from vzbackup.cli.repo_common import human, open_repo, repo_options
 from vzbackup.ct import registry
 from vzbackup.errors import UsageError
@@ -51,12 +51,10 @@ def restore(ctx: click.Context, source: str, ctid: str | None, storage: str | No
         emit(as_json, {"ctid": ct.ctid, "init_pid": pid}, f"CT {ct.ctid} restored (init pid {pid})")
         return
     _only_for("restoring a CRIU checkpoint", dumpfile=dumpfile, keep_dump=keep_dump)
-    if "none" in ipadd and len(ipadd) > 1:
-        raise UsageError("--ipadd none means no address: don't give addresses with it")
+    ips = new_ips(ipadd)
     require_root()
     node = node_of(ctx)
     target = registry.parse_ctid(ctid if ctid is not None else source.split("/")[0])
-    ips = None if not ipadd else [ip for ip in ipadd if ip != "none"]
     lines: list[str] = []
     log = lines.append
     tty = sys.stderr.isatty() and not as_json
