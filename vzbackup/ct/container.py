@@ -481,9 +481,8 @@ def _write_in_ct(path: Path, text: str, owner: int) -> None:
     following a symlink the CT may have planted."""
     if path.is_symlink():
         path.unlink()
-    with contextlib.suppress(OSError):
-        if path.is_file() and path.read_text() == text:
-            return  # unchanged: keep its mtime (backups and migrations see no change)
+    if _read_in_ct(path) == text:
+        return  # unchanged: keep its mtime (backups and migrations see no change)
     tmp = path.with_name(f".{path.name}.vzbackup")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as f:
