@@ -253,6 +253,29 @@ def test_set_ipdel_then_ipadd_of_the_same_address_keeps_it(node: NodeBed) -> Non
     assert f"{ip}/32" in node.sh(ctid, "ip -4 addr show")
 
 
+def test_an_address_is_the_cts_once_whatever_its_prefix(node: NodeBed) -> None:
+    """'create --ipadd IP --ipadd IP' gives the CT IP once (it wrote it twice), '--ipadd
+    IP/32' of an IP the CT has adds nothing, '--ipdel IP/32' deletes IP (it said the CT had
+    no IP/32) and takes it off the running CT; one address with two prefixes is refused."""
+    ctid, ip, other = node.new_ctid(), node.new_ip(), node.new_ip()
+    conf = node.prefix / f"etc/vz/conf/{ctid}.conf"
+    res = node.vz("create", str(ctid), "--ipadd", ip, "--ipadd", f"{ip}/24", check=False)
+    assert res.returncode == 2 and f"{ip} and {ip}/24 are the same address" in res.stderr
+    assert not conf.exists()
+    node.vz("create", str(ctid), "--ipadd", ip, "--ipadd", ip)
+    assert f'IP_ADDRESS="{ip}"' in conf.read_text()
+    node.vz("start", str(ctid))
+    node.vz("set", str(ctid), "--ipadd", f"{ip}/32", "--ipadd", other, "--ipadd", other,
+            "--save")
+    assert f'IP_ADDRESS="{ip} {other}"' in conf.read_text()
+    node.vz("set", str(ctid), "--ipdel", f"{ip}/32", "--save")
+    assert f'IP_ADDRESS="{other}"' in conf.read_text()
+    addrs = node.sh(ctid, "ip -4 addr show")
+    assert f"{ip}/" not in addrs and f"{other}/32" in addrs
+    res = node.vz("set", str(ctid), "--ipdel", f"{ip}/32", check=False)
+    assert res.returncode == 2 and f"has no IP {ip}" in res.stderr
+
+
 def test_set_nameserver_and_searchdomain_keep_the_cts_other_resolver_lines(
         node: NodeBed) -> None:
     """--searchdomain replaces the search line and --nameserver the nameservers, as vzctl's

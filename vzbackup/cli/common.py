@@ -36,11 +36,13 @@ def container(ctx: click.Context, ident: str, *, must_exist: bool = True) -> Con
 
 
 def new_ips(ipadd: tuple[str, ...]) -> list[str] | None:
-    """A new CT's ``--ipadd`` values (clone, restore): None when none was given, [] for
-    'none' (no address), which goes with no address."""
+    """A new CT's ``--ipadd`` values (clone, restore), each address once: None when none
+    was given, [] for 'none' (no address), which goes with no address."""
+    from vzbackup.config.net import unique_ips  # (ipaddress: not on every command's start)
+
     if "none" in ipadd and len(ipadd) > 1:
         raise UsageError("--ipadd none means no address: don't give addresses with it")
-    return [ip for ip in ipadd if ip != "none"] if ipadd else None
+    return unique_ips(ip for ip in ipadd if ip != "none") if ipadd else None
 
 
 def json_option(f: Callable) -> Callable:

@@ -73,6 +73,24 @@ def validate_ip(s: str) -> str:
     return f"{addr}/{prefix}"
 
 
+def ip_addr(ip: str) -> str:
+    """The address of a normalised ``addr`` or ``addr/prefix`` (what makes two entries the
+    same IP, whatever their prefixes)."""
+    return ip.partition("/")[0]
+
+
+def unique_ips(ips: Iterable[str]) -> list[str]:
+    """*ips* normalised (validate_ip), each address once: a repeated one is dropped, one
+    given with two prefixes is refused (which of them the CT should have is not clear)."""
+    by_addr: dict[str, str] = {}
+    for ip in map(validate_ip, ips):
+        first = by_addr.setdefault(ip_addr(ip), ip)
+        if first != ip:
+            raise UsageError(f"IP addresses {first} and {ip} are the same address",
+                             hint="give each address once")
+    return list(by_addr.values())
+
+
 def routed_addr(ip: str) -> str:
     """The bare IPv4 address of a routed-mode IP (any prefix is ignored; /32 is used)."""
     addr = ipaddress.ip_interface(validate_ip(ip)).ip

@@ -24,7 +24,7 @@ from pathlib import Path
 from vzbackup import constants as C
 from vzbackup import errors as E
 from vzbackup.config.ct import CTConfig, diskinodes, diskspace_kib, parse_size, validate_name
-from vzbackup.config.net import validate_ip
+from vzbackup.config.net import ip_addr, unique_ips, validate_ip
 from vzbackup.config.node import Node
 from vzbackup.config.vzfile import VzFile
 from vzbackup.criu import blockers, driver
@@ -56,7 +56,7 @@ def create(
     The CT is unprivileged unless *privileged* (or vz.conf's UNPRIVILEGED="no") says so; the
     mode and id map are recorded in CTID.conf and the template's files shifted to the map."""
     ct = Container(node, ctid)
-    ips = [validate_ip(ip) for ip in ipadd or []]
+    ips = unique_ips(ipadd or [])
     if name:
         validate_name(name)
     node.ensure_dirs()
@@ -570,7 +570,7 @@ def set_params(ct: Container, params: dict[str, object], *, save: bool) -> list[
         if running and "hostname" in params:  # set inside the CT, before anything changes
             ct.require_thawed()
         changed: list[str] = []
-        ipadd = [validate_ip(i) for i in params.pop("ipadd", None) or []]
+        ipadd = unique_ips(params.pop("ipadd", None) or [])
         ipdel = list(params.pop("ipdel", None) or [])
         if ipadd or ipdel:
             _set_ips(ct, conf, ipadd, ipdel, running=running)
@@ -601,19 +601,23 @@ def _set_ips(ct: Container, conf: CTConfig, ipadd: list[str], ipdel: list[str], 
     for clash in admission.clashes(ct.node, ct.ctid, new=False, ips=ipadd):
         raise clash.error()
     current = conf.ips
+    # an address matches whatever prefix it is written with ('--ipdel 10.0.0.5/32' deletes
+    # '10.0.0.5'), and a CT has each address once
     if "all" in ipdel:
-        ipdel = list(current)
+        deleted = set(map(ip_addr, current))
     else:
-        ipdel = [validate_ip(i) for i in ipdel]
-        missing = [i for i in ipdel if i not in current]
+        deleted = {ip_addr(validate_ip(i)) for i in ipdel}
+        missing = sorted(deleted - set(map(ip_addr, current)))
         if missing:
             raise E.UsageError(f"CT {ct.ctid} has no IP {', '.join(missing)}")
-    kept = [i for i in current if i not in ipdel]
-    added = [i for i in dict.fromkeys(ipadd) if i not in kept]  # deleted first, as vzctl
+    kept = [i for i in dict.fromkeys(current) if ip_addr(i) not in deleted]
+    have = set(map(ip_addr, kept))
+    added = [i for i in ipadd if ip_addr(i) not in have]  # deleted first, as vzctl
     if running:
         st = ct.require_running()
         net = ct.net_config(conf)
-        gone = [i for i in ipdel if i not in added]  # one deleted and added again stays up
+        # as configured; one deleted and added again as it was stays up
+        gone = [i for i in current if ip_addr(i) in deleted and i not in added]
         if gone:
             network.del_ips(net, st.init_pid, gone)
         if new := [i for i in added if i not in current]:
