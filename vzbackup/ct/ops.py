@@ -617,7 +617,7 @@ def _set_ips(ct: Container, conf: CTConfig, ipadd: list[str], ipdel: list[str], 
         st = ct.require_running()
         net = ct.net_config(conf)
         # as configured; one deleted and added again as it was stays up
-        gone = [i for i in current if ip_addr(i) in deleted and i not in added]
+        gone = [i for i in dict.fromkeys(current) if ip_addr(i) in deleted and i not in added]
         if gone:
             network.del_ips(net, st.init_pid, gone)
         if new := [i for i in added if i not in current]:
