@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vzbackup import constants as C
+from vzbackup.config.ct import VALIDATORS
 from vzbackup.config.vzfile import VzFile
 from vzbackup.errors import ConfigError
 
@@ -48,12 +49,15 @@ class Node:
             raw = node.value(key)
             if not raw.isdigit():
                 raise ConfigError(f"{path}: {key}={raw!r} is not a number of seconds")
-        quota = node.value("DISK_QUOTA")
-        if quota not in ("yes", "no", ""):  # as CTID.conf's is checked
-            raise ConfigError(f"{path}: DISK_QUOTA={quota!r}: expected yes or no")
-        mode = node.value("VE_STOP_MODE")
-        if mode not in ("stop", "suspend"):  # not first at the node's shutdown
-            raise ConfigError(f"{path}: VE_STOP_MODE={mode!r}: expected stop or suspend")
+        # by CTID.conf's rules (else first found at the node's shutdown)
+        for key in ("DISK_QUOTA", "VE_STOP_MODE"):
+            raw = node.value(key)
+            if key == "DISK_QUOTA" and not raw:
+                continue  # empty: enforced, as unset
+            try:
+                VALIDATORS[key](raw)
+            except ValueError as e:
+                raise ConfigError(f"{path}: {key}={raw!r}: {e}") from None
         return node
 
     def value(self, key: str) -> str:
