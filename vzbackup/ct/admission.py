@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vzbackup import errors as E
+from vzbackup.config.net import ip_addr
 from vzbackup.config.node import Node
 from vzbackup.ct import network, registry
 from vzbackup.ct.container import Container
@@ -38,7 +39,7 @@ def ips_of_other_cts(node: Node, ctid: int) -> dict[str, int]:
             continue
         with contextlib.suppress(E.VzError):
             for ip in Container(node, other).conf.ips:
-                used[ip.split("/")[0]] = other
+                used[ip_addr(ip)] = other
     return used
 
 
@@ -58,7 +59,7 @@ def clashes(node: Node, ctid: int, *, new: bool = True, name: str = "",
     others = ips_of_other_cts(node, ctid) if ips else {}
     on_host = set(network.ips_in_use_on_host(ips)) if host and ips else set()
     for ip in ips:
-        addr = ip.split("/")[0]
+        addr = ip_addr(ip)
         if addr in others:
             found.append(Clash("ip", f"IP {ip} is already used by CT {others[addr]}"))
         elif ip in on_host:
