@@ -446,16 +446,14 @@ def test_encrypted_repository(tmp_path: Path):
     repo = Repository.init(be, key)
     src = tmp_path / "src"
     src.mkdir()
-    secret = b"top secret payroll data " * 1000
+    secret = b"top secret payroll data " * 50000  # over 1 MiB: chunked on its own
     (src / "payroll").write_bytes(secret)
     m, _ = backup(repo, src)
-    # nothing readable on disk: no plaintext, ids keyed (not the sha256 of the data)
-    import hashlib
-
+    # nothing readable on disk: no plaintext, ids keyed (not a plain hash of the data)
     for p in (tmp_path / "repo").rglob("*"):
         if p.is_file():
             assert b"payroll" not in p.read_bytes() and b"top secret" not in p.read_bytes()
-    assert hashlib.sha256(secret).hexdigest() not in m.refs
+    assert file_chunk_ids(repo, m, "payroll", secret, key)
     with pytest.raises(ConfigError, match="encrypted"):
         Repository.open(be)
     other = KeyFile.create(tmp_path / "other")
@@ -968,6 +966,70 @@ def test_version_1_repository_restores_and_upgrades_on_the_next_backup(tmp_path:
     rep = maintenance.collect_garbage(repo, grace=0)
     assert 0 < len(repo.list_chunks()) < v1_before and rep.chunks_deleted > 0
     assert verify(repo, repo.manifests()).ok
+
+
+def file_chunk_ids(repo: Repository, m: Manifest, path: str, data: bytes,
+                   key: KeyFile | None = None) -> list[str]:
+    """The chunk ids of the file at *path* (content *data*, cut on its own), checked to be
+    the repository's hashes of its pieces: BLAKE3 keyed with *key*'s id key (and no plain
+    hash), else BLAKE3 (version 3) or SHA-256 (version 2)."""
+    import hashlib
+
+    from blake3 import blake3
+
+    entry = next(e for e in load_tree(repo, m.tree) if e.path == path)
+    ids, pos = [], 0
+    for cid, off, n in entry.chunks:
+        piece = data[pos : pos + n]
+        plain = {3: blake3(piece).hexdigest(), 2: hashlib.sha256(piece).hexdigest()}
+        want = blake3(piece, key=key.id_key).hexdigest() if key else plain[repo.version]
+        assert off == 0 and cid == want
+        assert not key or cid not in plain.values()
+        ids.append(cid)
+        pos += n
+    assert pos == len(data)
+    return ids
+
+
+def test_chunk_ids_are_blake3_and_a_version_2_repository_keeps_sha256(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 << 20)
+    (src / "big").write_bytes(data)
+    repo = Repository.init(DirBackend(tmp_path / "v3"))
+    assert (repo.version, repo.config["chunk_ids"]) == (3, "blake3")
+    m, _ = backup(repo, src)
+    assert len(file_chunk_ids(repo, m, "big", data)) > 1
+    assert verify(repo, repo.manifests()).ok
+    # a repository as version 2 made it: no chunk_ids in its config
+    be = DirBackend(tmp_path / "v2")
+    Repository.init(be)
+    config = json.loads(be.get("config"))
+    config["version"] = 2
+    del config["chunk_ids"]
+    be.put("config", json.dumps(config).encode())
+    v2 = Repository.open(be)
+    m1, _ = backup(v2, src)
+    ids = file_chunk_ids(v2, m1, "big", data)
+    (src / "more").write_bytes(os.urandom(1 << 20))
+    m2, s = backup(v2, src)
+    assert file_chunk_ids(v2, m2, "big", data) == ids and s.bytes_new < (2 << 20)
+    assert json.loads(be.get("config")) == config, "a version 2 repository stays version 2"
+    assert verify(v2, v2.manifests()).ok
+    restore_tree(v2, load_tree(v2, m2.tree), tmp_path / "out")
+    assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"version": 4}, "format version 4 is newer than this vzbackup"),
+    ({"chunk_ids": "md5"}, "unknown chunk id hash 'md5'"),
+])
+def test_a_repository_of_a_later_format_is_refused(tmp_path: Path, change: dict, error: str):
+    be = DirBackend(tmp_path / "repo")
+    Repository.init(be)
+    be.put("config", json.dumps({**json.loads(be.get("config")), **change}).encode())
+    with pytest.raises(DamagedError, match=error):
+        Repository.open(be)
 
 
 def test_gc_repacks_partly_used_packs_and_drops_unused_ones(repo: Repository, tmp_path: Path):

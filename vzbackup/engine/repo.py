@@ -1,7 +1,8 @@
 """The backup repository on a storage backend: config, packs, index, snapshot manifests.
 
 The layout and every encoding are specified in FORMAT.md next to this file (format
-version 2; version 1 repositories are read, and upgraded by their first new backup).
+version 3; versions 1 and 2 are read and written, version 1 upgraded by its first new
+backup).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from vzbackup.engine.crypto import ENCRYPTION, Codec, KeyFile
+from vzbackup.engine.crypto import BLAKE3, CHUNK_IDS, ENCRYPTION, SHA256, Codec, KeyFile
 from vzbackup.engine.metacache import ObjectCache
 from vzbackup.engine.pack import Entries, Index, Location, Packer, decode_index, encode_index
 from vzbackup.errors import ConfigError, DamagedError, NotFoundError, StorageError, UsageError
@@ -26,7 +27,8 @@ from vzbackup.storage.backend import Backend, BackendError, Kind, ObjectInfo, Ob
 T = TypeVar("T")
 
 FORMAT = "vzbackup-repo"
-VERSION = 2  # FORMAT.md; 1 = one object per chunk (chunks/), still read
+VERSION = 3  # FORMAT.md; 2: SHA-256 chunk ids; 1: one object per chunk (chunks/); all read
+PACKED = 2  # the first version with packs (a version 1 repository's next backup upgrades it)
 CONFIG_KEY = "config"
 SNAP_PREFIX = "snapshots/"
 TRASH_PREFIX = "trash/"
@@ -127,7 +129,7 @@ class Repository:
         self.backend = backend
         self.config = config
         self.key = key
-        self.codec = Codec(key, level)
+        self.codec = Codec(key, level, config.get("chunk_ids", SHA256))
         self.manifest_cache: ObjectCache | None = None  # set for remote storage
         self.index_cache: ObjectCache | None = None
         self._index: Index | None = None
@@ -159,6 +161,7 @@ class Repository:
         config = {
             "format": FORMAT,
             "version": VERSION,
+            "chunk_ids": BLAKE3,
             "id": uuid.uuid4().hex,
             "created": time.strftime(TIME_FMT, time.gmtime()),
             "chunker": {"min": CHUNK_MIN, "avg": CHUNK_AVG, "max": CHUNK_MAX},
@@ -200,8 +203,10 @@ class Repository:
             config = json.loads(raw)
             if config.get("format") != FORMAT:
                 raise ValueError("not a vzbackup repository")
-            if int(config.get("version", 0)) not in (1, VERSION):
+            if int(config.get("version", 0)) not in range(1, VERSION + 1):
                 raise ValueError(f"format version {config['version']} is newer than this vzbackup")
+            if config.get("chunk_ids", SHA256) not in CHUNK_IDS:
+                raise ValueError(f"unknown chunk id hash {config['chunk_ids']!r}")
         except (ValueError, TypeError) as e:
             raise DamagedError(f"{backend.url}/{CONFIG_KEY}: {e}") from None
         if config.get("encryption", "none") != "none":
@@ -246,10 +251,11 @@ class Repository:
 
     def upgrade(self) -> bool:
         """Make a version 1 repository version 2 (its chunks stay readable where they are);
-        False if it already was. Older vzbackup refuse the upgraded repository."""
-        if self.version >= VERSION:
+        False if it has packs already. Older vzbackup refuse the upgraded repository. Its
+        chunk ids stay SHA-256 (version 3's BLAKE3 would name every stored chunk anew)."""
+        if self.version >= PACKED:
             return False
-        self.config["version"] = VERSION
+        self.config["version"] = PACKED
         self.config["upgraded"] = time.strftime(TIME_FMT, time.gmtime())
         self._call(lambda: self.backend.put(CONFIG_KEY, json.dumps(self.config, indent=1)
                                             .encode(), Kind.CONFIG))
@@ -473,7 +479,7 @@ class Repository:
                     blob = self.backend.get_range(key, loc.offset, loc.length)
                 break
             except ObjectMissing:
-                if attempt == 0 and self.version >= VERSION:
+                if attempt == 0 and self.version >= PACKED:
                     self.reload_index()  # a gc repacked it meanwhile
                     continue
                 raise DamagedError(f"chunk {cid[:16]} is missing from the repository") from None
@@ -484,7 +490,7 @@ class Repository:
     def open_chunk(self, cid: str, blob: bytes, rehash: bool = True) -> bytes:
         """The plaintext of chunk *cid*'s *blob*, checked: its id is computed again from it,
         unless *rehash* is False and opening the blob checked its content already
-        (``Codec.checks_content``; a restore, which need not pay for SHA-256 again)."""
+        (``Codec.checks_content``; a restore, which need not hash it again)."""
         data = self.codec.open(cid, blob, f"chunk {cid[:16]}")
         if (rehash or not self.codec.checks_content(blob)) and self.codec.chunk_id(data) != cid:
             raise DamagedError(f"chunk {cid[:16]} does not match its hash (corrupt)")
