@@ -999,7 +999,7 @@ def test_chunk_ids_are_blake3_and_a_version_2_repository_keeps_sha256(tmp_path: 
     repo = Repository.init(DirBackend(tmp_path / "v3"))
     assert (repo.version, repo.config["chunk_ids"]) == (3, "blake3")
     m, _ = backup(repo, src)
-    assert len(file_chunk_ids(repo, m, "big", data)) > 1
+    assert len(file_chunk_ids(repo, m, "big", data)) > 1 and m.version == 3
     assert verify(repo, repo.manifests()).ok
     # a repository as version 2 made it: no chunk_ids in its config
     be = DirBackend(tmp_path / "v2")
@@ -1014,6 +1014,7 @@ def test_chunk_ids_are_blake3_and_a_version_2_repository_keeps_sha256(tmp_path: 
     (src / "more").write_bytes(os.urandom(1 << 20))
     m2, s = backup(v2, src)
     assert file_chunk_ids(v2, m2, "big", data) == ids and s.bytes_new < (2 << 20)
+    assert v2.load_manifest(m2.id).version == 2
     assert json.loads(be.get("config")) == config, "a version 2 repository stays version 2"
     assert verify(v2, v2.manifests()).ok
     restore_tree(v2, load_tree(v2, m2.tree), tmp_path / "out")

@@ -141,8 +141,9 @@ class Codec:
             return False
 
     def chunk_id(self, data: bytes | memoryview) -> str:
-        # imported at the first chunk (an unchanged backup hashes none); BLAKE3 hashes 4x as
-        # fast as SHA-256 (even with SHA-NI): 8 % of a full backup's CPU (bench/backup.py)
+        # imported at the first chunk (an unchanged backup hashes none). BLAKE3 hashes 4x as
+        # fast as SHA-256 with SHA-NI: perf of a Debian full backup, SHA-256 of the chunks
+        # ~9.6 % of the CPU, BLAKE3 4.8 %
         if self.chunk_ids == BLAKE3:
             from blake3 import blake3
 

@@ -546,6 +546,7 @@ class Repository:
         stamp = datetime.fromisoformat(manifest.time)  # TIME_FMT (no strptime: its import
         #                                                 is ~2 ms of an unchanged backup)
         self.flush()  # the packs are durable before anything refers to them
+        manifest.version = self.version  # the format its chunk ids and packs follow
         for _ in range(60):
             if not free:
                 stamp = self.free_time(manifest.ctid, stamp)
