@@ -24,6 +24,12 @@ flushes what earlier steps left dirty. Nothing is timed twice in one round:
   restore     vzbackup restore SNAPSHOT NEWCTID | zstd -dc | tar -x | restic restore latest,
               in a rotating order; each result is compared with the source (path, type,
               mode, owner, size, sha256, symlink target, hardlink group, user xattrs)
+  floors      bench/floors.py after the full backups: the CPU of walking and reading the
+              tree, of compressing each distinct chunk of vzbackup's full snapshot and of
+              opening it again; with ``tar -x`` of an uncompressed tar (one more restore in
+              the rotation, its system time) the CPU no backup or restore of this tree can
+              skip. The floors over the CPUs bound what the speed targets can ask here: the
+              table's last lines print that ceiling as a ratio to tar|zstd's time
 
 Wall time, CPU time and peak RSS (os.wait4 of the measured command; for a pipeline the
 largest process) are taken per command; the table shows medians over --rounds. Ratios: time
@@ -160,6 +166,7 @@ class Run:
     cpu_s: float  # user + system time of the command and its children
     out: str
     err: str
+    sys_s: float = 0.0  # the system (kernel) part of cpu_s
 
 
 def measure(cmd: list[str] | str, *, env: dict | None = None, cwd: Path | None = None) -> Run:
@@ -177,7 +184,7 @@ def measure(cmd: list[str] | str, *, env: dict | None = None, cwd: Path | None =
     if p.returncode:
         shown = cmd if isinstance(cmd, str) else shlex.join(cmd)
         raise RuntimeError(f"{shown} failed (exit {p.returncode}):\n{err[-3000:]}{out[-2000:]}")
-    return Run(dt, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime, out, err)
+    return Run(dt, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime, out, err, ru.ru_stime)
 
 
 def busy_cpu_s() -> float:
@@ -805,6 +812,7 @@ class Bench:
         rec["vz_full"] = self.vz_dump()
         rec["tar_full"] = self.tar("full.tar.zst", [])
         rec["tar_full_vzdump"] = self.tar("full-vzdump.tar.zst", VZDUMP_TAR)
+        rec["floor"] = self.floors(rec["vz_full"]["snapshot"])
         rec["restic_init_s"] = self.restic("init", "--repository-version", "2").seconds
         rec["restic_full"] = self.restic_backup()
         self.borg("init", "--encryption", "none")
@@ -826,8 +834,9 @@ class Bench:
             ("vz_restore", lambda: self.vz_restore(rec["vz_unchanged"]["snapshot"], src)),
             ("tar_restore", lambda: self.tar_restore(self.work / "full2-vzdump.tar.zst", src)),
             ("restic_restore", lambda: self.restic_restore(src)),
+            ("files_restore", lambda: self.files_restore(src)),
         ]
-        for key, fn in restores[n % 3:] + restores[: n % 3]:  # a different order each round
+        for key, fn in restores[n % 4:] + restores[: n % 4]:  # a different order each round
             self.warm()
             rec[key] = fn()
         # CPU used by anything but this benchmark (other jobs: noisy timings)
@@ -852,6 +861,33 @@ class Bench:
                         f"tar -C {shlex.quote(str(dest))} -xpf - {shlex.join(VZDUMP_TAR)}")
             res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
                    "verify": compare(src, manifest(dest))}
+        return res
+
+    def floors(self, snapshot: str) -> dict:
+        """The CPU a backup and a restore of the tree can't avoid (bench/floors.py), measured
+        right after tar|zstd's full backup."""
+        self.warm()
+        r = measure([sys.executable, str(ROOT / "bench/floors.py"), str(self.backupdir),
+                     str(self.private), snapshot])
+        return json.loads(r.out)
+
+    def files_restore(self, src: dict) -> dict:
+        """``tar -x`` of an uncompressed tar of the tree (unpacked beforehand, not timed):
+        creating and writing the files alone, the part of a restore's floor floors.py
+        leaves to the kernel (its system time)."""
+        plain = self.work / "tree.tar"
+        measure(f"zstd -q -dc {shlex.quote(str(self.work / 'full2-vzdump.tar.zst'))} "
+                f"> {shlex.quote(str(plain))}")
+        os.sync()
+        try:
+            with restore_fs(self.prefix, self.private) as fs:
+                dest = fs / "restore-files"
+                dest.mkdir()
+                r = measure(["tar", "-C", str(dest), "-xpf", str(plain), *VZDUMP_TAR])
+                res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "sys_s": r.sys_s,
+                       "verify": compare(src, manifest(dest))}
+        finally:
+            plain.unlink(missing_ok=True)
         return res
 
     def restic_restore(self, src: dict) -> dict:
@@ -978,13 +1014,14 @@ def summarise(rounds: list[dict]) -> dict:
               "tar_restore"):
         s[f"{k}_rss_mb"] = max(r[k]["rss_mb"] for r in rounds)
     s["max_foreign_cpu_share"] = max(r["foreign_cpu_share"] for r in rounds)
+    s["floor"] = floors(rounds)
     s["vz_incr_growth"] = s["vz_incr_repo"] - s["vz_full_repo"]
     s["restic_incr_growth"] = s["restic_incr_repo"] - s["restic_full_repo"]
     s["borg_incr_growth"] = s["borg_incr_repo"] - s["borg_full_repo"]
     s["vz_peak_rss_mb"] = max(s[f"{k}_rss_mb"] for k in ("vz_full", "vz_incr", "vz_unchanged",
                                                           "vz_restore"))
     s["verified"] = {t: all(r[f"{t}_restore"]["verify"]["ok"] for r in rounds)
-                     for t in ("vz", "tar", "restic")}
+                     for t in ("vz", "tar", "restic", "files")}
     s["targets"] = {  # issue 14
         "full_speed_vs_tar": s["tar_full_s"] / s["vz_full_s"] >= 1.2,
         "full_size_vs_tar": s["vz_full_repo"] / s["tar_full_size"] <= 1.02,
@@ -998,6 +1035,42 @@ def summarise(rounds: list[dict]) -> dict:
         "peak_rss": s["vz_peak_rss_mb"] <= 300,
     }
     return s
+
+
+def floors(rounds: list[dict]) -> dict:
+    """Medians of the floors (bench/floors.py) and of what they allow per round: the
+    fastest any tool doing the same work could be on this machine's CPUs (all busy, nothing
+    but the floor's work), as a ratio to tar|zstd's time, the issue's measure."""
+    cpus = len(os.sched_getaffinity(0))
+    per_round = []
+    for r in rounds:
+        f = r["floor"]
+        full = f["walk_read"] + f["compress"]
+        restore = f["decompress"] + r["files_restore"]["sys_s"]
+        per_round.append({
+            "walk_read": f["walk_read"], "compress": f["compress"],
+            "decompress": f["decompress"], "files": r["files_restore"]["sys_s"],
+            "full": full, "restore": restore,
+            "full_ceiling": cpus * r["tar_full"]["s"] / full,
+            "restore_ceiling": cpus * r["tar_restore"]["s"] / restore,
+            "full_over_floor": r["vz_full"]["cpu_s"] / full,
+            "restore_over_floor": r["vz_restore"]["cpu_s"] / restore,
+        })
+    out = {k: statistics.median(x[k] for x in per_round) for k in per_round[0]}
+    out["cpus"] = cpus
+    return out
+
+
+def print_floors(f: dict) -> None:
+    print(f"floors (bench/floors.py: CPU no tool can skip; on {f['cpus']} CPUs at best "
+          "floor / CPUs of wall time):")
+    print(f"  full backup  {f['full']:5.2f} CPU s = walk and read {f['walk_read']:.2f} + zstd "
+          f"of each chunk {f['compress']:.2f}: at most {f['full_ceiling']:.2f}x tar|zstd's speed "
+          f"(target 1.2x); vzbackup used {f['full_over_floor']:.2f}x the floor")
+    print(f"  restore      {f['restore']:5.2f} CPU s = opening each chunk {f['decompress']:.2f} "
+          f"+ creating the files (tar -x, system) {f['files']:.2f}: at most "
+          f"{f['restore_ceiling']:.2f}x zstd|tar's speed (target 1.2x); vzbackup used "
+          f"{f['restore_over_floor']:.2f}x the floor")
 
 
 def print_table(s: dict, rounds: int, data: dict) -> None:
@@ -1073,6 +1146,7 @@ def print_table(s: dict, rounds: int, data: dict) -> None:
     # what the wall time is made of when other processes hold the CPUs (wall >> CPU)
     print(f"{'(vzbackup unchanged, CPU user+sys)':<40} {s['vz_unchanged_cpu_s']:>9.2f}")
     foreign = s["max_foreign_cpu_share"]
+    print_floors(s["floor"])
     print(f"other processes used up to {100 * foreign:.0f}% of the CPUs during a round"
           + (": timings are noisy" if foreign > 0.1 else ""))
     v = s["verified"]

@@ -1,0 +1,102 @@
+"""The CPU a backup and a restore of a tree cannot avoid, whatever the tool (bench/backup.py).
+
+    python bench/floors.py REPO_DIR TREE_DIR SNAPSHOT
+
+prints JSON: CPU seconds of
+
+  walk_read   listing and reading every file of TREE_DIR (the kernel's part, system time
+              only: the loop's own Python is not counted)
+  compress    zstd at the repository's level, once per distinct chunk of SNAPSHOT (what a
+              deduplicating backup must compress: the chunks themselves, not their
+              duplicates), each chunk on its own as the repository stores it
+  decompress  opening each of those chunks as a restore does (zstd, the frame's checksum)
+
+A backup can't cost less CPU than walk_read + compress, a restore less than decompress
+plus creating and writing the files (bench/backup.py measures that with ``tar -x`` of an
+uncompressed tar). With C CPUs a tool can't take less wall time than that CPU / C: what the
+issue 14 targets may ask for on a given machine. Hashing, chunking, packing and the
+interpreter come on top of these floors, so they are lower bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import stat
+import sys
+import time
+from pathlib import Path
+
+import zstandard
+from vzbackup.storage.local import DirBackend
+
+from vzbackup.engine.extract import load_tree
+from vzbackup.engine.repo import Repository
+
+READ_BUF = 1024 * 1024
+
+
+def system_s() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
+def walk_read(tree: Path) -> tuple[float, int]:
+    """System CPU seconds of listing and reading every regular file under *tree*; bytes."""
+    buf = bytearray(READ_BUF)
+    total = 0
+    t0 = system_s()
+    for dirpath, _, files in os.walk(tree):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                while n := os.readv(fd, [buf]):
+                    total += n
+            finally:
+                os.close(fd)
+    return system_s() - t0, total
+
+
+def chunk_work(repo: Repository, snapshot: str) -> dict:
+    """CPU seconds of compressing and of opening each distinct data chunk of *snapshot*."""
+    manifest = repo.load_manifest(snapshot)
+    seen: set[str] = set()
+    order = []
+    for e in load_tree(repo, manifest.tree):
+        for cid, _, _ in e.chunks:
+            if cid not in seen:
+                seen.add(cid)
+                order.append(cid)
+    cctx = zstandard.ZstdCompressor(level=repo.codec.level, write_checksum=True)
+    compress = decompress = 0.0
+    stored = plain = 0
+    for cid in order:
+        key, loc = repo.locate(cid)
+        blob = repo.backend.get_range(key, loc.offset, loc.length)  # (not counted)
+        t0 = time.process_time()
+        data = repo.open_chunk(cid, blob, rehash=False)
+        t1 = time.process_time()
+        cctx.compress(data)
+        t2 = time.process_time()
+        decompress += t1 - t0
+        compress += t2 - t1
+        stored += len(blob)
+        plain += len(data)
+    return {"compress": compress, "decompress": decompress, "chunks": len(order),
+            "chunk_bytes": plain, "stored_bytes": stored}
+
+
+def main() -> None:
+    repo_dir, tree, snapshot = sys.argv[1:4]
+    repo = Repository.open(DirBackend(repo_dir, fsync=False))
+    read_s, read_bytes = walk_read(Path(tree))
+    out = {"walk_read": read_s, "read_bytes": read_bytes, **chunk_work(repo, snapshot)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
