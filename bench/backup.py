@@ -1145,8 +1145,8 @@ def print_table(s: dict, rounds: int, data: dict) -> None:
     print(f"{'(vzbackup unchanged, own duration)':<40} {s['vz_unch_own_s']:>9.2f}")
     # what the wall time is made of when other processes hold the CPUs (wall >> CPU)
     print(f"{'(vzbackup unchanged, CPU user+sys)':<40} {s['vz_unchanged_cpu_s']:>9.2f}")
-    foreign = s["max_foreign_cpu_share"]
     print_floors(s["floor"])
+    foreign = s["max_foreign_cpu_share"]
     print(f"other processes used up to {100 * foreign:.0f}% of the CPUs during a round"
           + (": timings are noisy" if foreign > 0.1 else ""))
     v = s["verified"]
