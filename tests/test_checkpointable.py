@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 
 import pytest
 from nodebed import DEBIAN_TEMPLATE_NAME, NodeBed, next_ctid, wait_for
 
 from vzbackup.constants import SYSTEMD_DROPINS
-from vzbackup.criu.blockers import _lacks_sys_resource
+from vzbackup.criu.blockers import _lacks_sys_resource, tree
 
 CRIU_FAILED = 11
 BOOT_TIMEOUT = 90
@@ -28,6 +30,24 @@ def _check(bed: NodeBed, ctid: int) -> tuple[int, list[dict]]:
 def _bg(bed: NodeBed, ctid: int, cmd: str, setsid: str = "setsid ") -> int:
     """Start *cmd* in the background inside the CT (in a session of its own); its CT pid."""
     return int(bed.sh(ctid, f"{setsid}{cmd} </dev/null >/dev/null 2>&1 & echo $!; sleep 0.3"))
+
+
+def test_the_process_tree_is_read_while_processes_come_and_go() -> None:
+    """A backup's checks read the CT's process tree from /proc while its short-lived commands
+    exit: one that went between listing and reading it failed a checkpoint backup in CI
+    (FileNotFoundError, or ProcessLookupError for one exiting). Old code: ~1 in 200 reads."""
+    churn = subprocess.Popen(["sh", "-c", "while :; do /bin/true & /bin/true & wait; done"])
+    try:
+        reads, children, deadline = 0, 0, time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            pids = tree(churn.pid)
+            assert pids[0] == churn.pid and len(set(pids)) == len(pids)
+            reads += 1
+            children += len(pids) > 1
+        assert reads > 1000 and children > 0  # the race was run, with children seen
+    finally:
+        churn.kill()
+        churn.wait()
 
 
 @pytest.mark.usefixtures("criu_ready")

@@ -106,12 +106,18 @@ def _ns(pid: int, kind: str) -> str:
 
 
 def tree(init_pid: int) -> list[int]:
-    """*init_pid* and its descendants (the tree CRIU dumps), parents first."""
+    """*init_pid* and its descendants (the tree CRIU dumps), parents first. A process that
+    exits while it is read (a CT's short-lived commands do, at any moment) is listed without
+    children; its users skip what is gone."""
     out, todo = [], [init_pid]
     while todo:
         pid = todo.pop(0)
         out.append(pid)
-        for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:  # gone (ENOENT), or exiting (ESRCH)
+            continue
+        for tid in tids:
             todo += [int(c) for c in _read(f"/proc/{pid}/task/{tid}/children").split()]
     return out
 
