@@ -1014,7 +1014,7 @@ def summarise(rounds: list[dict]) -> dict:
               "tar_restore"):
         s[f"{k}_rss_mb"] = max(r[k]["rss_mb"] for r in rounds)
     s["max_foreign_cpu_share"] = max(r["foreign_cpu_share"] for r in rounds)
-    s["floor"] = floors(rounds)
+    s["floor"] = summarise_floors(rounds)
     s["vz_incr_growth"] = s["vz_incr_repo"] - s["vz_full_repo"]
     s["restic_incr_growth"] = s["restic_incr_repo"] - s["restic_full_repo"]
     s["borg_incr_growth"] = s["borg_incr_repo"] - s["borg_full_repo"]
@@ -1037,7 +1037,7 @@ def summarise(rounds: list[dict]) -> dict:
     return s
 
 
-def floors(rounds: list[dict]) -> dict:
+def summarise_floors(rounds: list[dict]) -> dict:
     """Medians of the floors (bench/floors.py) and of what they allow per round: the
     fastest any tool doing the same work could be on this machine's CPUs (all busy, nothing
     but the floor's work), as a ratio to tar|zstd's time, the issue's measure."""

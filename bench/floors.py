@@ -64,13 +64,8 @@ def walk_read(tree: Path) -> tuple[float, int]:
 def chunk_work(repo: Repository, snapshot: str) -> dict:
     """CPU seconds of compressing and of opening each distinct data chunk of *snapshot*."""
     manifest = repo.load_manifest(snapshot)
-    seen: set[str] = set()
-    order = []
-    for e in load_tree(repo, manifest.tree):
-        for cid, _, _ in e.chunks:
-            if cid not in seen:
-                seen.add(cid)
-                order.append(cid)
+    order = list(dict.fromkeys(cid for e in load_tree(repo, manifest.tree)
+                               for cid, _, _ in e.chunks))
     cctx = zstandard.ZstdCompressor(level=repo.codec.level, write_checksum=True)
     compress = decompress = 0.0
     stored = plain = 0
