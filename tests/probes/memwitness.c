@@ -1,14 +1,19 @@
-/* memwitness MIB: a witness that a migration moved a process's memory intact.
+/* memwitness MIB [churn]: a witness that a migration moved a process's memory intact.
  *
  * Fills MIB MiB of anonymous memory with a seeded pattern, leaving every 7th page untouched
  * (runs of present pages with holes between them), and 1 MiB more that it then makes
  * PROT_NONE (pages a reader can only get at with FOLL_FORCE). It writes /tmp/memwitness.ready
  * and then, each time /tmp/memwitness.check appears, checks every byte against the pattern
  * and writes "ok" or "bad ..." to /tmp/memwitness.result (and removes the request).
+ * With "churn" it fills every page (one long run) and then frees and reuses memory all the
+ * time, as an allocator does: every 0.5 ms it frees one page in the middle of a 64 KiB run
+ * (madvise(MADV_DONTNEED)) and writes its pattern into it again, walking the region in a
+ * scattered order.
  * Built static by tests/test_migrate.py and copied into the CT. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -27,13 +32,17 @@ static void put(const char *path, const char *text) {
     if (f) { fputs(text, f); fclose(f); }
 }
 
-/* fill (check=0) or check (check=1) the pages of [buf, buf+len) that are not holes;
- * returns the first bad byte offset + 1, or 0 */
-static size_t walk(uint64_t *buf, size_t len, uint64_t seed, int holes, int check) {
+#define CHURN_EVERY 16     /* the page churned in each run of 16 (64 KiB) */
+#define CHURN_SLEEP_US 500 /* between two churn steps */
+
+/* fill (check=0) or check (check=1) the pages of [buf, buf+len) but those that read as
+ * zeros (zero[page] set; zero may be NULL); returns the first bad byte offset + 1, or 0 */
+static size_t walk(uint64_t *buf, size_t len, uint64_t seed, const unsigned char *zero,
+                   int check) {
     size_t per_page = PAGE / 8;
     for (size_t p = 0; p < len / PAGE; p++) {
         uint64_t *pg = buf + p * per_page;
-        int hole = holes && p % HOLE_EVERY == HOLE_EVERY - 1;
+        int hole = zero && zero[p];
         for (size_t i = 0; i < per_page; i++) {
             uint64_t want = hole ? 0 : word(seed + p * per_page + i);
             if (!check) {
@@ -46,23 +55,37 @@ static size_t walk(uint64_t *buf, size_t len, uint64_t seed, int holes, int chec
     return 0;
 }
 
+/* one churn step: free the step-th page of the walk and fill it again */
+static void churn(uint64_t *big, size_t len, size_t step) {
+    size_t runs = len / PAGE / CHURN_EVERY, per_page = PAGE / 8;
+    size_t p = (step * 7919 % runs) * CHURN_EVERY + CHURN_EVERY / 2; /* 7919: a prime */
+    uint64_t *pg = big + p * per_page;
+    madvise(pg, PAGE, MADV_DONTNEED);
+    for (size_t i = 0; i < per_page; i++) pg[i] = word(1 + p * per_page + i);
+}
+
 int main(int argc, char **argv) {
     size_t len = (argc > 1 ? strtoul(argv[1], NULL, 10) : 32) << 20, nlen = 1 << 20;
-    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+    int churning = argc > 2 && !strcmp(argv[2], "churn"), flags = MAP_PRIVATE | MAP_ANONYMOUS;
     uint64_t *big = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, -1, 0);
     uint64_t *none = mmap(NULL, nlen, PROT_READ | PROT_WRITE, flags, -1, 0);
     char msg[128];
-    if (big == MAP_FAILED || none == MAP_FAILED) return 1;
-    walk(big, len, 1, 1, 0);
-    walk(none, nlen, 1ULL << 40, 0, 0);
+    unsigned char *zero = calloc(len / PAGE, 1); /* per page of big: reads as zeros */
+    if (big == MAP_FAILED || none == MAP_FAILED || !zero) return 1;
+    for (size_t p = 0; p < len / PAGE && !churning; p++)
+        zero[p] = p % HOLE_EVERY == HOLE_EVERY - 1;
+    walk(big, len, 1, zero, 0);
+    walk(none, nlen, 1ULL << 40, NULL, 0);
     if (mprotect(none, nlen, PROT_NONE)) return 1;
     put("/tmp/memwitness.ready", "ready\n");
-    for (;;) {
-        usleep(50000);
+    for (size_t step = 0;; step++) {
+        if (churning) churn(big, len, step);
+        usleep(churning ? CHURN_SLEEP_US : 50000);
+        if (churning && step % 100) continue;
         if (access("/tmp/memwitness.check", F_OK)) continue;
-        size_t bad = walk(big, len, 1, 1, 1), bad_none = 0;
+        size_t bad = walk(big, len, 1, zero, 1), bad_none = 0;
         if (mprotect(none, nlen, PROT_READ) == 0) {
-            bad_none = walk(none, nlen, 1ULL << 40, 0, 1);
+            bad_none = walk(none, nlen, 1ULL << 40, NULL, 1);
             mprotect(none, nlen, PROT_NONE);
         }
         if (bad) snprintf(msg, sizeof msg, "bad at %zu of the big region\n", bad - 1);
