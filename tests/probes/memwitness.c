@@ -1,12 +1,12 @@
 /* memwitness MIB [churn]: a witness that a migration moved a process's memory intact.
  *
  * Fills MIB MiB of anonymous memory with a seeded pattern, leaving every 7th page untouched
- * (runs of present pages with holes between them), and 1 MiB more that it then makes
- * PROT_NONE (pages a reader can only get at with FOLL_FORCE). It writes /tmp/memwitness.ready
- * and then, each time /tmp/memwitness.check appears, checks every byte against the pattern
- * and writes "ok" or "bad ..." to /tmp/memwitness.result (and removes the request).
- * With "churn" it fills every page (one long run) and then frees and reuses memory all the
- * time, as an allocator does: every 0.5 ms it frees one page in the middle of a 64 KiB run
+ * (runs of present pages with holes between them; with "churn" no holes), and 1 MiB more
+ * that it then makes PROT_NONE (pages a reader can only get at with FOLL_FORCE). It writes
+ * /tmp/memwitness.ready and then, each time /tmp/memwitness.check appears, checks every
+ * byte against the pattern and writes "ok" or "bad ..." to /tmp/memwitness.result (and
+ * removes the request). With "churn" it also frees and reuses memory all the time, as an
+ * allocator does: every 0.5 ms it frees one page in the middle of a 64 KiB run
  * (madvise(MADV_DONTNEED)) and writes its pattern into it again, walking the region in a
  * scattered order.
  * Built static by tests/test_migrate.py and copied into the CT. */
@@ -35,14 +35,13 @@ static void put(const char *path, const char *text) {
 #define CHURN_EVERY 16     /* the page churned in each run of 16 (64 KiB) */
 #define CHURN_SLEEP_US 500 /* between two churn steps */
 
-/* fill (check=0) or check (check=1) the pages of [buf, buf+len) but those that read as
- * zeros (zero[page] set; zero may be NULL); returns the first bad byte offset + 1, or 0 */
-static size_t walk(uint64_t *buf, size_t len, uint64_t seed, const unsigned char *zero,
-                   int check) {
+/* fill (check=0) or check (check=1) the pages of [buf, buf+len) that are not holes;
+ * returns the first bad byte offset + 1, or 0 */
+static size_t walk(uint64_t *buf, size_t len, uint64_t seed, int holes, int check) {
     size_t per_page = PAGE / 8;
     for (size_t p = 0; p < len / PAGE; p++) {
         uint64_t *pg = buf + p * per_page;
-        int hole = zero && zero[p];
+        int hole = holes && p % HOLE_EVERY == HOLE_EVERY - 1;
         for (size_t i = 0; i < per_page; i++) {
             uint64_t want = hole ? 0 : word(seed + p * per_page + i);
             if (!check) {
@@ -70,12 +69,9 @@ int main(int argc, char **argv) {
     uint64_t *big = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, -1, 0);
     uint64_t *none = mmap(NULL, nlen, PROT_READ | PROT_WRITE, flags, -1, 0);
     char msg[128];
-    unsigned char *zero = calloc(len / PAGE, 1); /* per page of big: reads as zeros */
-    if (big == MAP_FAILED || none == MAP_FAILED || !zero) return 1;
-    for (size_t p = 0; p < len / PAGE && !churning; p++)
-        zero[p] = p % HOLE_EVERY == HOLE_EVERY - 1;
-    walk(big, len, 1, zero, 0);
-    walk(none, nlen, 1ULL << 40, NULL, 0);
+    if (big == MAP_FAILED || none == MAP_FAILED) return 1;
+    walk(big, len, 1, !churning, 0);
+    walk(none, nlen, 1ULL << 40, 0, 0);
     if (mprotect(none, nlen, PROT_NONE)) return 1;
     put("/tmp/memwitness.ready", "ready\n");
     for (size_t step = 0;; step++) {
@@ -83,9 +79,9 @@ int main(int argc, char **argv) {
         usleep(churning ? CHURN_SLEEP_US : 50000);
         if (churning && step % 100) continue;
         if (access("/tmp/memwitness.check", F_OK)) continue;
-        size_t bad = walk(big, len, 1, zero, 1), bad_none = 0;
+        size_t bad = walk(big, len, 1, !churning, 1), bad_none = 0;
         if (mprotect(none, nlen, PROT_READ) == 0) {
-            bad_none = walk(none, nlen, 1ULL << 40, NULL, 1);
+            bad_none = walk(none, nlen, 1ULL << 40, 0, 1);
             mprotect(none, nlen, PROT_NONE);
         }
         if (bad) snprintf(msg, sizeof msg, "bad at %zu of the big region\n", bad - 1);
