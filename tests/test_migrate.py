@@ -68,10 +68,11 @@ def memwitness(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start_witness(node: Node, ctid: int, binary: Path, mib: int = WITNESS_MIB,
-                   churn: bool = False) -> None:
+                   churn: str = "") -> None:
+    """Start the witness in CT *ctid*; *churn*: how it changes its mappings meanwhile
+    ("free", "unmap" or "remap"; probes/memwitness.c)."""
     shutil.copy(binary, _private(node, ctid) / "bin/memwitness")
-    mode = " churn" if churn else ""
-    node.sh(ctid, f"setsid /bin/memwitness {mib}{mode} </dev/null >/dev/null 2>&1 &")
+    node.sh(ctid, f"setsid /bin/memwitness {mib} {churn} </dev/null >/dev/null 2>&1 &")
     wait_for(lambda: node.sh(ctid, "cat /tmp/memwitness.ready 2>/dev/null").strip(),
              timeout=60, what="memory witness")
 
@@ -556,17 +557,20 @@ def test_stalled_lazy_transfer_resumes_at_source(two_nodes: Bed, memwitness: Pat
 CHURN_STALL_MS = 10000  # a stall fails the test in seconds, not at DEST's 60 s default
 
 
-def test_lazy_migration_of_a_ct_freeing_memory_meanwhile(two_nodes: Bed,
-                                                          memwitness: Path) -> None:
-    """A CT's allocators free and reuse pages all the time (madvise(MADV_DONTNEED)). A page
-    freed inside a range DEST's lazy-pages daemon has requested splits the request; stock
-    CRIU completed only the part its reply started at and waited for the others forever (a
-    Debian CT's lazy migration stalled in CI; this one, 4 of 4 times: xferwhole.patch). The
-    witness, freeing and refilling a page every 0.5 ms across 256 MiB, moves intact."""
+@pytest.mark.parametrize("churn", ["free", "unmap", "remap"])
+def test_lazy_migration_of_a_ct_changing_its_mappings_meanwhile(two_nodes: Bed,
+                                                                memwitness: Path,
+                                                                churn: str) -> None:
+    """A CT's allocators free, unmap and move pages all the time. A page freed
+    (madvise(MADV_DONTNEED)), unmapped or moved (mremap) inside a range DEST's lazy-pages
+    daemon has requested splits the request; stock CRIU completed only the part its reply
+    started at and waited for the others forever (a Debian CT's lazy migration stalled in
+    CI; the freeing witness here, 4 of 4 times: xferwhole.patch). The witness, changing a
+    page every 0.5 ms across 256 MiB, moves intact."""
     bed = two_nodes
     ctid, _ = _make_ct(bed.a, privileged=True)
     bed.a.vz("set", str(ctid), "--ram", "1G", "--save")
-    _start_witness(bed.a, ctid, memwitness, mib=256, churn=True)
+    _start_witness(bed.a, ctid, memwitness, mib=256, churn=churn)
     assert _witness_says(bed.a, ctid) == "ok"
     _set_remote_env(bed, bed.b, "CRIU_VZBACKUP_LAZY_STALL_MS", str(CHURN_STALL_MS))
     res, report = _migrate(bed, bed.a, bed.b, ctid, "--online", "--lazy", check=False)
