@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def memwitness(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _start_witness(node: Node, ctid: int, binary: Path, mib: int = WITNESS_MIB,
                    churn: str = "") -> None:
     """Start the witness in CT *ctid*; *churn*: how it changes its mappings meanwhile
-    ("free", "unmap" or "remap"; probes/memwitness.c)."""
+    ("free", "unmap", "remap" or "fork"; probes/memwitness.c)."""
     shutil.copy(binary, _private(node, ctid) / "bin/memwitness")
     node.sh(ctid, f"setsid /bin/memwitness {mib} {churn} </dev/null >/dev/null 2>&1 &")
     wait_for(lambda: node.sh(ctid, "cat /tmp/memwitness.ready 2>/dev/null").strip(),
@@ -557,24 +559,85 @@ def test_stalled_lazy_transfer_resumes_at_source(two_nodes: Bed, memwitness: Pat
 CHURN_STALL_MS = 10000  # a stall fails the test in seconds, not at DEST's 60 s default
 
 
-@pytest.mark.parametrize("churn", ["free", "unmap", "remap"])
+STUCK_SAMPLES = 15  # samples in a row of a witness asleep on one fault: stuck (~0.1 s; a
+# fault that waits for its page takes 1 or 2; one never woken, all until the transfer ends)
+
+
+def _witness_pid(node: Node, ctid: int) -> int | None:
+    """The host PID of the witness in CT *ctid* at *node* (not a child it forked)."""
+    ct = Container(VzNode.load(str(node.prefix)), ctid)
+    with contextlib.suppress(OSError):
+        for pid in ct.cgroup().pids():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "memwitness" and \
+                        Path(f"/proc/{stat[1]}/comm").read_text().strip() != "memwitness":
+                    return pid
+    return None
+
+
+def _lazy_migration_watching_witness(bed: Bed, ctid: int) -> tuple[int, dict, str, list[str]]:
+    """Migrate *ctid* A -> B online with lazy pages, sampling where the witness at DEST
+    sleeps (/proc/PID/wchan) from the restore there ("phase commit") to the end of the lazy
+    transfer ("phase cleanup"): exit code, report, log and the samples."""
+    proc = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m", "vzbackup.cli",
+         "-v", "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "--json", "--online",
+         "--lazy"],
+        env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    log: list[str] = []
+    restored, transferred = threading.Event(), threading.Event()
+
+    def read_log() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            if "phase commit" in line:
+                restored.set()
+            if "phase cleanup" in line:
+                transferred.set()
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    pid, samples = None, []
+    while proc.poll() is None and not transferred.is_set():
+        if restored.is_set():
+            pid = pid or _witness_pid(bed.b, ctid)
+            with contextlib.suppress(OSError, TypeError):
+                samples.append(Path(f"/proc/{pid}/wchan").read_text())
+        time.sleep(0.005)
+    out, _ = proc.communicate(timeout=240)
+    reader.join()
+    return proc.returncode, json.loads(out) if out.strip() else {}, "".join(log), samples
+
+
+@pytest.mark.parametrize("churn", ["free", "unmap", "remap", "fork"])
 def test_lazy_migration_of_a_ct_changing_its_mappings_meanwhile(two_nodes: Bed,
                                                                 memwitness: Path,
                                                                 churn: str) -> None:
-    """A CT's allocators free, unmap and move pages all the time. A page freed
-    (madvise(MADV_DONTNEED)), unmapped or moved (mremap) inside a range DEST's lazy-pages
-    daemon has requested splits the request; stock CRIU completed only the part its reply
-    started at and waited for the others forever (a Debian CT's lazy migration stalled in
-    CI; the freeing witness here, 4 of 4 times: xferwhole.patch). The witness, changing a
-    page every 0.5 ms across 256 MiB, moves intact."""
+    """A CT's allocators free, unmap and move pages all the time, and its programs fork. A
+    page freed (madvise(MADV_DONTNEED)), unmapped or moved (mremap) inside a range DEST's
+    lazy-pages daemon has requested splits the request; stock CRIU completed only the part
+    its reply started at and waited for the others forever (a Debian CT's lazy migration
+    stalled in CI; the freeing witness here, 4 of 4 times: xferwhole.patch). A freed page
+    touched again before the daemon had unregistered it left the process asleep on that
+    fault until the whole transfer ended (zerowake.patch). The witness, changing a page
+    every 0.5 ms across 256 MiB, runs on at DEST while its pages come, and moves intact."""
     bed = two_nodes
     ctid, _ = _make_ct(bed.a, privileged=True)
     bed.a.vz("set", str(ctid), "--ram", "1G", "--save")
     _start_witness(bed.a, ctid, memwitness, mib=256, churn=churn)
     assert _witness_says(bed.a, ctid) == "ok"
     _set_remote_env(bed, bed.b, "CRIU_VZBACKUP_LAZY_STALL_MS", str(CHURN_STALL_MS))
-    res, report = _migrate(bed, bed.a, bed.b, ctid, "--online", "--lazy", check=False)
-    assert res.returncode == 0 and report["mode"] == "online+lazy", res.stderr
+    # debug logging: the daemon logs an event before handling it, so a fault comes in
+    # between more often
+    _set_remote_env(bed, bed.b, C.CRIU_LOG_LEVEL_ENV, "4")
+    rc, report, log, samples = _lazy_migration_watching_witness(bed, ctid)
+    assert rc == 0 and report["mode"] == "online+lazy", log
+    asleep = max((len(list(run)) for where, run in itertools.groupby(samples)
+                  if where == "handle_userfault"), default=0)
+    assert asleep < STUCK_SAMPLES, f"the witness slept on a fault through {asleep} samples"
     _assert_moved(bed.a, bed.b, ctid)
     assert _witness_says(bed.b, ctid) == "ok"
 

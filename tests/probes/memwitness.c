@@ -11,7 +11,9 @@
  * in a scattered order) is
  *   free   freed (madvise(MADV_DONTNEED)) and filled again,
  *   unmap  unmapped, mapped anew at the same address and filled again,
- *   remap  moved elsewhere (mremap) and back, its content kept.
+ *   remap  moved elsewhere (mremap) and back, its content kept,
+ *   fork   freed and filled again (as free), and every 50 ms a forked child checks 64
+ *          scattered pages (the ones its parent has not got back yet are missing in it too).
  * Built static by tests/test_migrate.py and copied into the CT. */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -19,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define PAGE 4096UL
@@ -58,7 +61,7 @@ static size_t walk(uint64_t *buf, size_t len, uint64_t seed, int holes, int chec
     return 0;
 }
 
-enum mode { STILL, FREE, UNMAP, REMAP };
+enum mode { STILL, FREE, UNMAP, REMAP, FORK };
 
 /* one churn step on the step-th page of the walk; *spare* is a page-sized reservation a
  * moved page goes to for a moment (REMAP). Returns 0, or -1 if a call failed. */
@@ -75,7 +78,7 @@ static int churn(uint64_t *big, size_t len, size_t step, enum mode mode, void *s
             return -1;
         return 0;
     }
-    if (mode == FREE && madvise(pg, PAGE, MADV_DONTNEED))
+    if ((mode == FREE || mode == FORK) && madvise(pg, PAGE, MADV_DONTNEED))
         return -1;
     if (mode == UNMAP && (munmap(pg, PAGE) ||
                           mmap(pg, PAGE, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
@@ -86,10 +89,31 @@ static int churn(uint64_t *big, size_t len, size_t step, enum mode mode, void *s
 }
 
 static enum mode parse_mode(const char *arg) {
-    static const char *names[] = {"", "free", "unmap", "remap"};
-    for (int m = FREE; m <= REMAP; m++)
+    static const char *names[] = {"", "free", "unmap", "remap", "fork"};
+    for (int m = FREE; m <= FORK; m++)
         if (arg && !strcmp(arg, names[m])) return (enum mode)m;
     return STILL;
+}
+
+#define FORK_PAGES 64 /* pages a forked child checks */
+
+/* fork a child that checks FORK_PAGES pages of [big, big+len) (no holes) from the
+ * step-th on, scattered; 0 if it found them all as written */
+static int forked_check(uint64_t *big, size_t len, size_t step) {
+    size_t pages = len / PAGE, per_page = PAGE / 8;
+    int status;
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        for (size_t k = 0; k < FORK_PAGES; k++) {
+            size_t p = (step * 31 + k * 4099) % pages; /* 4099: a prime */
+            for (size_t i = 0; i < per_page; i++)
+                if (big[p * per_page + i] != word(1 + p * per_page + i)) _exit(1);
+        }
+        _exit(0);
+    }
+    if (waitpid(pid, &status, 0) != pid) return -1;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -1;
 }
 
 int main(int argc, char **argv) {
@@ -108,6 +132,8 @@ int main(int argc, char **argv) {
     size_t failed = 0; /* the churn step that failed, + 1: churning stops, checks say so */
     for (size_t step = 0;; step++) {
         if (churning && !failed && churn(big, len, step, mode, spare)) failed = step + 1;
+        if (mode == FORK && !failed && step % 100 == 50 && forked_check(big, len, step))
+            failed = step + 1;
         usleep(churning ? CHURN_SLEEP_US : 50000);
         if (churning && step % 100) continue;
         if (access("/tmp/memwitness.check", F_OK)) continue;
@@ -116,7 +142,7 @@ int main(int argc, char **argv) {
             bad_none = walk(none, nlen, 1ULL << 40, 0, 1);
             mprotect(none, nlen, PROT_NONE);
         }
-        if (failed) snprintf(msg, sizeof msg, "bad: churn step %zu failed\n", failed - 1);
+        if (failed) snprintf(msg, sizeof msg, "bad: churn step %zu failed (or its forked check)\n", failed - 1);
         else if (bad) snprintf(msg, sizeof msg, "bad at %zu of the big region\n", bad - 1);
         else if (bad_none) snprintf(msg, sizeof msg, "bad at %zu of the PROT_NONE region\n", bad_none - 1);
         else snprintf(msg, sizeof msg, "ok\n");
