@@ -151,11 +151,7 @@ def _migrate(bed: Bed, src: Node, dst: Node, ctid: int, *extra: str, check: bool
 def _migrate_with_window_changes(bed: Bed, ctid: int, *extra: str) -> dict:
     """Migrate A -> B; the CT changes files (WINDOW_CHANGES) after the first sync, while
     the migration is held still at DEST's staging (before anything is frozen)."""
-    proc = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m", "vzbackup.cli",
-         "-v", "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "--json", *extra],
-        env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = _spawn_migrate(bed, ctid, "--json", *extra, verbose=True)
     assert proc.stderr is not None
     log = []
     for line in proc.stderr:
@@ -172,12 +168,14 @@ def _migrate_with_window_changes(bed: Bed, ctid: int, *extra: str) -> dict:
     return json.loads(out)
 
 
-def _spawn_migrate(bed: Bed, ctid: int, *extra: str,
-                   env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """A migration A -> B in the background (to disturb it while it runs)."""
+def _spawn_migrate(bed: Bed, ctid: int, *extra: str, env: dict[str, str] | None = None,
+                   verbose: bool = False) -> subprocess.Popen[str]:
+    """A migration A -> B in the background (to disturb it while it runs); *verbose*: its
+    log (-v) names each phase as it starts."""
     return subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m", "vzbackup.cli",
-         "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), *extra],
+         *(["-v"] if verbose else []), "migrate", str(ctid), bed.dest(bed.b),
+         *bed.ssh_args(), *extra],
         env=bed.a.env() | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )
@@ -580,12 +578,7 @@ def _lazy_migration_watching_witness(bed: Bed, ctid: int) -> tuple[int, dict, st
     """Migrate *ctid* A -> B online with lazy pages, sampling where the witness at DEST
     sleeps (/proc/PID/wchan) from the restore there ("phase commit") to the end of the lazy
     transfer ("phase cleanup"): exit code, report, log and the samples."""
-    proc = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{bed.a.netns}", sys.executable, "-m", "vzbackup.cli",
-         "-v", "migrate", str(ctid), bed.dest(bed.b), *bed.ssh_args(), "--json", "--online",
-         "--lazy"],
-        env=bed.a.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = _spawn_migrate(bed, ctid, "--json", "--online", "--lazy", verbose=True)
     log: list[str] = []
     restored, transferred = threading.Event(), threading.Event()
 
@@ -604,7 +597,7 @@ def _lazy_migration_watching_witness(bed: Bed, ctid: int) -> tuple[int, dict, st
     while proc.poll() is None and not transferred.is_set():
         if restored.is_set():
             pid = pid or _witness_pid(bed.b, ctid)
-            with contextlib.suppress(OSError, TypeError):
+            with contextlib.suppress(OSError):  # (not found yet, or gone)
                 samples.append(Path(f"/proc/{pid}/wchan").read_text())
         time.sleep(0.005)
     out, _ = proc.communicate(timeout=240)

@@ -1,4 +1,4 @@
-/* memwitness MIB [free|unmap|remap]: a witness that a migration moved a process's memory
+/* memwitness MIB [free|unmap|remap|fork]: a witness that a migration moved a process's memory
  * intact.
  *
  * Fills MIB MiB of anonymous memory with a seeded pattern, leaving every 7th page untouched
