@@ -562,16 +562,11 @@ STUCK_SAMPLES = 15  # samples in a row of a witness asleep on one fault: stuck (
 
 
 def _witness_pid(node: Node, ctid: int) -> int | None:
-    """The host PID of the witness in CT *ctid* at *node* (not a child it forked)."""
-    ct = Container(VzNode.load(str(node.prefix)), ctid)
-    with contextlib.suppress(OSError):
-        for pid in ct.cgroup().pids():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "memwitness" and \
-                        Path(f"/proc/{stat[1]}/comm").read_text().strip() != "memwitness":
-                    return pid
-    return None
+    """The host PID of the witness in CT *ctid* at *node* (not a child it forked: the
+    process tree lists parents first), once the CT runs there."""
+    state = read_state(VzNode.load(str(node.prefix)), ctid)
+    found = _descendants(state.init_pid, "memwitness") if state and state.init_pid else []
+    return found[0] if found else None
 
 
 def _lazy_migration_watching_witness(bed: Bed, ctid: int) -> tuple[int, dict, str, list[str]]:
@@ -628,6 +623,7 @@ def test_lazy_migration_of_a_ct_changing_its_mappings_meanwhile(two_nodes: Bed,
     _set_remote_env(bed, bed.b, C.CRIU_LOG_LEVEL_ENV, "4")
     rc, report, log, samples = _lazy_migration_watching_witness(bed, ctid)
     assert rc == 0 and report["mode"] == "online+lazy", log
+    assert samples, "the witness was never seen at DEST while its pages came"
     asleep = max((len(list(run)) for where, run in itertools.groupby(samples)
                   if where == "handle_userfault"), default=0)
     assert asleep < STUCK_SAMPLES, f"the witness slept on a fault through {asleep} samples"
