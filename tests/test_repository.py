@@ -123,8 +123,9 @@ def test_small_files_share_chunks_and_compress_together(repo: Repository, tmp_pa
     for i in range(2000):
         (src / "etc" / f"f{i:04d}").write_text(f"line {i % 10}\n" * 30)
     m, stats = backup(repo, src)
-    # 2000 files but a handful of chunks, stored much smaller than the data
-    assert len(m.refs) < 20
+    # 2000 files but a handful of chunks (besides the file list's), stored much smaller than
+    # the data
+    assert len(set(m.refs) - set(m.tree)) < 20
     assert stats.stored_new * 5 < stats.bytes_total
 
 
@@ -163,6 +164,40 @@ def test_large_files_are_cut_finer_and_old_repositories_keep_their_cuts(tmp_path
         f.write(b"x" * 4096)
     _, s2 = backup(old, src)
     assert 0 < s2.bytes_new < 2 * (2 << 20)  # the chunk(s) around it (<= 2 MiB each), no more
+
+
+def test_scattered_changes_re_store_a_small_part_of_the_file_list(tmp_path: Path):
+    """A new repository cuts the file list with its tree_chunker (FORMAT.md), so 1% of the
+    files changed, every 100th (as bench/backup.py changes a Debian rootfs), re-stores the
+    pieces of the list around them, not all of it (at the 128 KiB of large files, every
+    piece of a 4000-file list changed); one made before tree_chunker existed cuts its file
+    list as before, with its file_chunker."""
+    src = tmp_path / "src"
+    files = []
+    for d in range(40):
+        (src / f"dir{d:02d}").mkdir(parents=True)
+        for i in range(100):
+            files.append(src / f"dir{d:02d}" / f"file{i:03d}.conf")
+            files[-1].write_text(f"setting{i} = {d}\n")
+    repo = Repository.init(DirBackend(tmp_path / "repo"))
+    cache_path = tmp_path / "cache" / "101.zst"
+    settle()
+    m1, _ = backup(repo, src, cache=FilesCache(cache_path))
+    _, _, tree_max = repo.tree_chunker_params
+    assert len(m1.tree) > 20
+    assert all(len(repo.get_chunk(c)) <= tree_max for c in m1.tree)
+    for f in files[::100]:
+        with open(f, "a") as out:
+            out.write("# changed\n")
+    m2, _ = backup(repo, src, cache=FilesCache(cache_path))  # the others keep their slices
+    changed = set(m2.tree) - set(m1.tree)
+    assert 0 < len(changed) < len(m2.tree) / 2
+
+    config = json.loads((tmp_path / "repo/config").read_text())
+    del config["tree_chunker"]
+    (tmp_path / "repo/config").write_text(json.dumps(config))
+    old = Repository.open(DirBackend(tmp_path / "repo"))
+    assert old.tree_chunker_params == old.file_chunker_params
 
 
 def settle() -> None:
@@ -1140,9 +1175,10 @@ def test_restore_reads_packs_in_few_large_reads_whatever_the_order(tmp_path: Pat
     for i, data in enumerate(blobs):  # the same files, walked in the opposite order
         (first / f"f{i:02d}").write_bytes(data)
         (second / f"f{29 - i:02d}").write_bytes(data)
-    backup(repo, first)
+    first_m, _ = backup(repo, first)
     m, stats = backup(repo, second, ctid=102)
-    assert stats.chunks_new == 1  # the file list: the data sits in the first backup's packs
+    # only the file list is new: the data sits in the first backup's packs
+    assert stats.chunks_new == len(set(m.tree) - set(first_m.tree))
     entries = load_tree(repo, m.tree)
     chunks = {c for e in entries for c, _, _ in e.chunks}
     packed = sum(i.size for i in repo.list_packs())

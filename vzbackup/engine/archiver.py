@@ -510,7 +510,8 @@ class TreeWriter:
                  log: Callable[[str], None] = lambda m: None) -> None:
         mn, avg, mx = repo.chunker_params
         self.cdc = Chunker(mn, avg, mx)  # the small files' stream
-        self.file_cdc = Chunker(*repo.file_chunker_params)  # large files, the file list
+        self.file_cdc = Chunker(*repo.file_chunker_params)  # large files
+        tree_cdc = Chunker(*repo.tree_chunker_params)  # the file list
         self.avg = avg  # a file this big is large
         self.repo = repo
         self.store = store
@@ -519,9 +520,9 @@ class TreeWriter:
         self.progress = progress
         self.log = log
         self.stats = store.stats
-        self.buffers = Buffers(FILE_WINDOW + max(mx, self.file_cdc.max_size))
+        self.buffers = Buffers(FILE_WINDOW + max(mx, self.file_cdc.max_size, tree_cdc.max_size))
         self.small = Stream(self.cdc, store, self.buffers)
-        self.meta = Stream(self.file_cdc, store, self.buffers)
+        self.meta = Stream(tree_cdc, store, self.buffers)
         self.queue: collections.deque[_Pending] = collections.deque()
         self.small_starts: collections.deque[int] = collections.deque()  # of queued entries
         self.hardlinks: dict[tuple[int, int], str] = {}
