@@ -18,6 +18,8 @@ from nodebed import COUNTER, NodeBed, http_get, wait_for
 from treecmp import diff, tree_manifest
 from vzbackup.storage.local import DirBackend
 
+from vzbackup.config.node import Node as VzNode
+from vzbackup.ct.state import read_state
 from vzbackup.engine.extract import load_tree
 from vzbackup.engine.filescache import RACY_NS
 from vzbackup.engine.repo import Repository
@@ -256,6 +258,29 @@ def test_corrupt_chunk_verify_names_the_file_and_restore_fails_clean(node: NodeB
     assert not (node.prefix / f"etc/vz/conf/{new}.conf").exists()
     assert not private(node, new).exists()
     assert [p.name for p in private(node, new).parent.iterdir()] == [str(ctid)]
+
+
+def test_damaged_chunker_in_the_config_fails_a_dump_before_the_ct_stops(node: NodeBed):
+    """A writer cuts with the config's chunkers; damaged ones (a max of 1 TiB would map a
+    buffer that big) fail the dump with a clear error before the CT is stopped, and nothing
+    is written. Readers don't use them: the repository still restores."""
+    ctid, _ = node.create_running()
+    node.sh(ctid, "echo precious > /root/data")
+    snap = dump(node, str(ctid))["results"][0]["snapshot"]
+    init_pid = read_state(VzNode.load(str(node.prefix)), ctid).init_pid
+    cfg = node.prefix / "vz/backup/config"
+    config = json.loads(cfg.read_text())
+    stored = sorted(p for p in (node.prefix / "vz/backup").rglob("*"))
+    for bad in ({"min": 1024, "avg": 4096, "max": 1 << 40}, {"min": "4k", "avg": 1, "max": 2}):
+        config["tree_chunker"] = bad
+        cfg.write_text(json.dumps(config))
+        res = node.vz("dump", str(ctid), check=False)
+        assert res.returncode == 12 and "config: tree_chunker" in res.stderr, res.stderr
+        assert read_state(VzNode.load(str(node.prefix)), ctid).init_pid == init_pid
+        assert sorted(p for p in (node.prefix / "vz/backup").rglob("*")) == stored
+    new = node.new_ctid()
+    node.vz("restore", snap, str(new), "--ipadd", "none")
+    assert (private(node, new) / "root/data").read_text() == "precious\n"
 
 
 def test_encrypted_backups_via_cli(node: NodeBed, tmp_path: Path):

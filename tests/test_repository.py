@@ -200,6 +200,28 @@ def test_scattered_changes_re_store_a_small_part_of_the_file_list(tmp_path: Path
     assert old.tree_chunker_params == old.file_chunker_params
 
 
+@pytest.mark.parametrize("key", ["chunker", "file_chunker", "tree_chunker"])
+@pytest.mark.parametrize("bad", [{"min": 0, "avg": 0, "max": 0}, {"min": 4096, "avg": 1024,
+                                 "max": 8192}, {"min": 1024, "avg": 4096, "max": 1 << 40},
+                                 {"min": "4k", "avg": 1, "max": 2}, {"avg": 4096}, [1, 2, 3]])
+def test_damaged_chunkers_are_refused_by_writers_only(tmp_path: Path, key: str, bad: object):
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    repo = Repository.init(DirBackend(tmp_path / "repo"))
+    m, _ = backup(repo, src)
+    config = json.loads((tmp_path / "repo/config").read_text())
+    config[key] = bad
+    (tmp_path / "repo/config").write_text(json.dumps(config))
+    damaged = Repository.open(DirBackend(tmp_path / "repo"))
+    with pytest.raises(DamagedError, match=f"config: {key}: "):
+        damaged.chunkers()
+    with pytest.raises(DamagedError, match=f"config: {key}: "):
+        backup(damaged, src)
+    assert [x.id for x in damaged.manifests()] == [m.id]
+    restore_tree(damaged, load_tree(damaged, m.tree), tmp_path / "out")
+    assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
+
+
 def settle() -> None:
     """Let the files cache trust what was just written (it re-reads entries changed less
     than RACY_NS before a backup: a second change in the same clock tick is invisible)."""

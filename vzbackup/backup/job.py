@@ -184,6 +184,7 @@ def run(node_ctids: list[Container], opts: DumpDefaults, *,
                        log_line=echo, on_warning=echo)
     repo = session.open_repository(node, opts.storage, opts.encryption_key, create=True,
                                    level=opts.zstd_level)
+    repo.chunkers()  # a damaged config fails the job before any CT is stopped or frozen
     if isinstance(repo.backend, DirBackend):  # as vzdump: a directory storage's path only
         hooks.base_env["DUMPDIR"] = str(repo.backend.root)
     results: list[DumpResult] = []

@@ -60,10 +60,25 @@ TREE_CHUNK_MAX = 16 * 1024
 OLD_CHUNKER = (128 * 1024, 512 * 1024, 2 * 1024 * 1024)
 
 
-def _chunker(c: dict | None, default: tuple[int, int, int]) -> tuple[int, int, int]:
+# what FastCDC (pyfastcdc) cuts with: (lowest, highest) of each parameter, min <= avg <= max
+CHUNKER_BOUNDS = {"min": (64, 1 << 20), "avg": (256, 4 << 20), "max": (1024, 16 << 20)}
+
+
+def _chunker(c: object, default: tuple[int, int, int], where: str) -> tuple[int, int, int]:
+    """(min, avg, max) of a config's chunker *c* (absent: *default*); DamagedError naming
+    *where* if it is not one FastCDC can cut with (a writer would fail, or map a buffer as
+    big as a damaged max, only after reading data)."""
     if not c:
         return default
-    return int(c["min"]), int(c["avg"]), int(c["max"])
+    try:
+        got = tuple(int(c[k]) for k in CHUNKER_BOUNDS)  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        raise DamagedError(f"{where}: not {{min, avg, max}} in bytes: {c!r}") from None
+    if not all(lo <= n <= hi for n, (lo, hi) in zip(got, CHUNKER_BOUNDS.values(), strict=True)) \
+            or not got[0] <= got[1] <= got[2]:
+        raise DamagedError(f"{where}: {got} is not a chunker FastCDC can cut with "
+                           f"(min <= avg <= max, each within {list(CHUNKER_BOUNDS.values())})")
+    return got  # type: ignore[return-value]
 
 
 def chunk_key(cid: str) -> str:
@@ -242,22 +257,30 @@ class Repository:
         then is only missed for dedup)."""
         return self.created and not self.published
 
+    def _chunker_of(self, key: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
+        return _chunker(self.config.get(key), default, f"{self.backend.url}/{CONFIG_KEY}: {key}")
+
     @property
     def chunker_params(self) -> tuple[int, int, int]:
         """(min, avg, max) of the small files' stream; files of avg bytes or more are large."""
-        return _chunker(self.config.get("chunker"), OLD_CHUNKER)
+        return self._chunker_of("chunker", OLD_CHUNKER)
 
     @property
     def file_chunker_params(self) -> tuple[int, int, int]:
-        """(min, avg, max) of large files and the file list (an older repository: the
-        stream's, so its chunks keep deduplicating)."""
-        return _chunker(self.config.get("file_chunker"), self.chunker_params)
+        """(min, avg, max) of large files (an older repository: the stream's, so its chunks
+        keep deduplicating)."""
+        return self._chunker_of("file_chunker", self.chunker_params)
 
     @property
     def tree_chunker_params(self) -> tuple[int, int, int]:
         """(min, avg, max) of the file list (an older repository: its large files', so its
         file lists keep deduplicating)."""
-        return _chunker(self.config.get("tree_chunker"), self.file_chunker_params)
+        return self._chunker_of("tree_chunker", self.file_chunker_params)
+
+    def chunkers(self) -> tuple[tuple[int, int, int], ...]:
+        """The stream's, large files' and file list's (min, avg, max): DamagedError if the
+        config's are unusable (a writer calls it before it changes anything)."""
+        return self.chunker_params, self.file_chunker_params, self.tree_chunker_params
 
     @property
     def version(self) -> int:
