@@ -64,21 +64,22 @@ OLD_CHUNKER = (128 * 1024, 512 * 1024, 2 * 1024 * 1024)
 CHUNKER_BOUNDS = {"min": (64, 1 << 20), "avg": (256, 4 << 20), "max": (1024, 16 << 20)}
 
 
-def _chunker(c: object, default: tuple[int, int, int], where: str) -> tuple[int, int, int]:
+def _chunker(c: Any, default: tuple[int, int, int], where: str) -> tuple[int, int, int]:
     """(min, avg, max) of a config's chunker *c* (absent: *default*); DamagedError naming
     *where* if it is not one FastCDC can cut with (a writer would fail, or map a buffer as
     big as a damaged max, only after reading data)."""
     if not c:
         return default
     try:
-        got = tuple(int(c[k]) for k in CHUNKER_BOUNDS)  # type: ignore[index]
+        mn, avg, mx = (int(c[k]) for k in CHUNKER_BOUNDS)
     except (KeyError, TypeError, ValueError):
-        raise DamagedError(f"{where}: not {{min, avg, max}} in bytes: {c!r}") from None
+        raise DamagedError(f"{where}: not {{min, avg, max}} in bytes: {repr(c)[:200]}") from None
+    got = (mn, avg, mx)
     if not all(lo <= n <= hi for n, (lo, hi) in zip(got, CHUNKER_BOUNDS.values(), strict=True)) \
-            or not got[0] <= got[1] <= got[2]:
+            or not mn <= avg <= mx:
         raise DamagedError(f"{where}: {got} is not a chunker FastCDC can cut with "
                            f"(min <= avg <= max, each within {list(CHUNKER_BOUNDS.values())})")
-    return got  # type: ignore[return-value]
+    return got
 
 
 def chunk_key(cid: str) -> str:
