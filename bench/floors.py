@@ -64,7 +64,7 @@ def walk_read(tree: Path) -> tuple[float, int]:
 def chunk_work(repo: Repository, snapshot: str) -> dict:
     """CPU seconds of compressing and of opening each distinct data chunk of *snapshot*."""
     manifest = repo.load_manifest(snapshot)
-    order = list(dict.fromkeys(cid for e in load_tree(repo, manifest.tree)
+    order = list(dict.fromkeys(cid for e in load_tree(repo, repo.tree_of(manifest))
                                for cid, _, _ in e.chunks))
     cctx = zstandard.ZstdCompressor(level=repo.codec.level, write_checksum=True)
     compress = decompress = 0.0

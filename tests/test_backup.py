@@ -243,7 +243,8 @@ def test_corrupt_chunk_verify_names_the_file_and_restore_fails_clean(node: NodeB
     snap = dump(node, str(ctid))["results"][0]["snapshot"]
     assert node.vz("verify").returncode == 0
     repo = Repository.open(DirBackend(node.prefix / "vz/backup"))
-    big = next(e for e in load_tree(repo, repo.resolve(snap).tree) if e.path == "srv/data/big")
+    entries = load_tree(repo, repo.tree_of(repo.resolve(snap)))
+    big = next(e for e in entries if e.path == "srv/data/big")
     key, loc = repo.locate(big.chunks[1][0])  # flip a byte in the middle of one of its chunks
     victim = node.prefix / "vz/backup" / key
     data = bytearray(victim.read_bytes())

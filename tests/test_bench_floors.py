@@ -35,7 +35,7 @@ def test_floors_count_every_file_read_and_each_distinct_chunk_once(tmp_path: Pat
 
     files = [p for p in src.rglob("*") if p.is_file() and not p.is_symlink()]
     assert got["read_bytes"] == sum(p.stat().st_size for p in files)
-    distinct = {cid for e in load_tree(repo, m.tree) for cid, _, _ in e.chunks}
+    distinct = {cid for e in load_tree(repo, repo.tree_of(m)) for cid, _, _ in e.chunks}
     assert got["chunks"] == len(distinct)
     assert got["chunk_bytes"] == sum(len(repo.get_chunk(c)) for c in distinct)
     assert got["chunk_bytes"] < got["read_bytes"] - len(big) + 4096  # the copy deduplicated

@@ -27,7 +27,7 @@ from vzbackup.storage.local import DirBackend
 from vzbackup.engine import extract, gc, knowncache, maintenance
 from vzbackup.engine import locks as L
 from vzbackup.engine import tree as T
-from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
+from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter, manifest_lists
 from vzbackup.engine.crypto import Codec, KeyFile
 from vzbackup.engine.dirstat import STAT_AHEAD_MIN_DIRS, STAT_BY_PATH, UNKNOWN, StatAhead
 from vzbackup.engine.extract import SPLIT_MIN_FILES, _split_files, load_tree, restore_tree
@@ -55,11 +55,13 @@ def backup(repo: Repository, src: Path, ctid: int = 101, *, cache: FilesCache | 
     store = ChunkStore(repo, known_chunks(repo), threads=2, stats=stats)
     try:
         tree = TreeWriter(repo, store, cache=cache).write(src)
+        store.wait()
+        chunk_lists = manifest_lists(repo, store, tree, None)
         store.finish()
     finally:
         store.close()
     m = Manifest(id="", ctid=ctid, time=when or time.strftime(TIME_FMT, time.gmtime()),
-                 tree=tree, refs=sorted(store.refs), stats={"bytes_total": stats.bytes_total})
+                 **chunk_lists, stats={"bytes_total": stats.bytes_total})
     m = repo.publish(m, "log\n")
     if cache:
         cache.save()
@@ -82,7 +84,7 @@ def test_round_trip_keeps_every_kind_of_entry_and_metadata(repo: Repository, tmp
     m, stats = backup(repo, src)
     assert stats.files > 300 and stats.bytes_new > 0
     out = tmp_path / "out"
-    restore_tree(repo, load_tree(repo, m.tree), out)
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
     # the sparse file stays sparse, the ACLs came back
     assert os.stat(out / "sparse").st_blocks * 512 < 1 << 20
@@ -110,7 +112,7 @@ def test_restore_sets_owner_and_mode_it_was_not_born_with(repo: Repository, tmp_
     m, _ = backup(repo, src)
     old = os.umask(0o022)
     try:
-        restore_tree(repo, load_tree(repo, m.tree), tmp_path / "out")
+        restore_tree(repo, load_tree(repo, repo.tree_of(m)), tmp_path / "out")
     finally:
         os.umask(old)
     assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
@@ -125,12 +127,12 @@ def test_small_files_share_chunks_and_compress_together(repo: Repository, tmp_pa
     m, stats = backup(repo, src)
     # 2000 files but a handful of chunks (besides the file list's), stored much smaller than
     # the data
-    assert len(set(m.refs) - set(m.tree)) < 20
+    assert len(set(repo.refs_of(m)) - set(repo.tree_of(m))) < 20
     assert stats.stored_new * 5 < stats.bytes_total
 
 
 def chunk_lengths(repo: Repository, m: Manifest, path: str) -> list[int]:
-    return [ln for e in load_tree(repo, m.tree) if e.path == path for _, _, ln in e.chunks]
+    return [ln for e in load_tree(repo, repo.tree_of(m)) if e.path == path for _, _, ln in e.chunks]
 
 
 def test_large_files_are_cut_finer_and_old_repositories_keep_their_cuts(tmp_path: Path):
@@ -184,14 +186,14 @@ def test_scattered_changes_re_store_a_small_part_of_the_file_list(tmp_path: Path
     settle()
     m1, _ = backup(repo, src, cache=FilesCache(cache_path))
     _, _, tree_max = repo.tree_chunker_params
-    assert len(m1.tree) > 20
-    assert all(len(repo.get_chunk(c)) <= tree_max for c in m1.tree)
+    assert len(repo.tree_of(m1)) > 20
+    assert all(len(repo.get_chunk(c)) <= tree_max for c in repo.tree_of(m1))
     for f in files[::100]:
         with open(f, "a") as out:
             out.write("# changed\n")
     m2, _ = backup(repo, src, cache=FilesCache(cache_path))  # the others keep their slices
-    changed = set(m2.tree) - set(m1.tree)
-    assert 0 < len(changed) < len(m2.tree) / 2
+    changed = set(repo.tree_of(m2)) - set(repo.tree_of(m1))
+    assert 0 < len(changed) < len(repo.tree_of(m2)) / 2
 
     config = json.loads((tmp_path / "repo/config").read_text())
     del config["tree_chunker"]
@@ -218,7 +220,7 @@ def test_damaged_chunkers_are_refused_by_writers_only(tmp_path: Path, key: str, 
     with pytest.raises(DamagedError, match=f"config: {key}: "):
         backup(damaged, src)
     assert [x.id for x in damaged.manifests()] == [m.id]
-    restore_tree(damaged, load_tree(damaged, m.tree), tmp_path / "out")
+    restore_tree(damaged, load_tree(damaged, damaged.tree_of(m)), tmp_path / "out")
     assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
 
 
@@ -239,7 +241,8 @@ def test_second_backup_dedups_and_files_cache_skips_reading(repo: Repository, tm
     assert s2.cache_hits == s1.files
     assert (s2.files, s2.dirs, s2.other, s2.bytes_total) == \
         (s1.files, s1.dirs, s1.other, s1.bytes_total)
-    assert s2.chunks_new == 0 and m2.tree == m1.tree  # the same file list, byte for byte
+    # the same file list, byte for byte (and the same id lists: nothing new stored)
+    assert s2.chunks_new == 0 and m2.lists == m1.lists
     # change 1 small file, append to the big one, and metadata only elsewhere:
     # only the two changed files are read, every change is in the snapshot
     (src / "etc/conf7").write_text("changed\n")
@@ -255,7 +258,7 @@ def test_second_backup_dedups_and_files_cache_skips_reading(repo: Repository, tm
     assert 0 < s3.bytes_read < (5 << 20)
     assert s3.bytes_new < s3.bytes_read  # the big file's unchanged chunks dedup
     out = tmp_path / "out"
-    restore_tree(repo, load_tree(repo, m3.tree), out)
+    restore_tree(repo, load_tree(repo, repo.tree_of(m3)), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
 
 
@@ -283,7 +286,7 @@ def test_files_cache_looks_entries_up_in_their_own_directory(repo: Repository,
     # the two changed files alone are read again (a chmod sets the ctime: read, to be safe)
     assert s.bytes_read == len("changed, and longer\n") + len("the same name\n")
     out = tmp_path / "out"
-    restore_tree(repo, load_tree(repo, m.tree), out)
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
 
 
@@ -342,7 +345,7 @@ def test_incremental_backup_with_stat_ahead_sees_every_change(repo: Repository, 
     m, s = backup(repo, src, cache=FilesCache(cache_path))
     assert s.bytes_read == 3 * len("changed\n") + len("new\n") + len(f"{len(dirs) - 3} b\n")
     out = tmp_path / "out"
-    restore_tree(repo, load_tree(repo, m.tree), out)
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
 
 
@@ -374,7 +377,7 @@ def test_files_cache_keeps_hardlinks_right_when_the_walk_order_changes(repo: Rep
     (src / "a").rename(src / "c")  # b/y comes first now; b itself did not change
     m, _ = backup(repo, src, cache=FilesCache(cache_path))
     out = tmp_path / "out"
-    restore_tree(repo, load_tree(repo, m.tree), out)
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
     assert os.stat(out / "b/y").st_ino == os.stat(out / "c/x").st_ino
 
@@ -430,7 +433,7 @@ def test_damaged_files_cache_is_ignored(repo: Repository, tmp_path: Path):
     raw[-40] ^= 0xFF
     cache_path.write_bytes(bytes(raw))
     m2, s2 = backup(repo, src, cache=FilesCache(cache_path))
-    assert s2.bytes_read == s1.bytes_read > 0 and m2.tree == m1.tree
+    assert s2.bytes_read == s1.bytes_read > 0 and repo.tree_of(m2) == repo.tree_of(m1)
     _, s3 = backup(repo, src, cache=FilesCache(cache_path))  # rewritten whole
     assert s3.bytes_read == 0
 
@@ -450,7 +453,7 @@ def test_files_cache_is_dropped_when_the_exclusions_change(repo: Repository, tmp
     cache_path = tmp_path / "c.zst"
     backup(repo, src, cache=FilesCache(cache_path, key="/d/b"))
     m, _ = backup(repo, src, cache=FilesCache(cache_path, key=""))
-    assert [e.path for e in load_tree(repo, m.tree)] == [".", "d", "d/a", "d/b"]
+    assert [e.path for e in load_tree(repo, repo.tree_of(m))] == [".", "d", "d/a", "d/b"]
 
 
 def test_files_cache_record_with_an_unpackable_signature_matches_nothing():
@@ -490,7 +493,7 @@ def test_stale_files_cache_entry_is_not_trusted(repo: Repository, tmp_path: Path
     m, s = backup(repo, src, cache=FilesCache(cache_path))
     assert s.bytes_read == 5000
     out = tmp_path / "out"
-    restore_tree(repo, load_tree(repo, m.tree), out)
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), out)
     assert (out / "f").read_bytes() == (src / "f").read_bytes()
 
 
@@ -518,10 +521,10 @@ def test_encrypted_repository(tmp_path: Path):
         Repository.open(be, other)
     repo2 = Repository.open(be, KeyFile.load(tmp_path / "key"))
     out = tmp_path / "out"
-    restore_tree(repo2, load_tree(repo2, repo2.latest(101).tree), out)
+    restore_tree(repo2, load_tree(repo2, repo2.tree_of(repo2.latest(101))), out)
     assert (out / "payroll").read_bytes() == secret
     # a tampered chunk fails authentication
-    cid = next(c for c in m.refs if c not in m.tree)
+    cid = next(c for c in repo.refs_of(m) if c not in repo.tree_of(m))
     key, loc = repo2.locate(cid)
     p = tmp_path / "repo" / key
     blob = bytearray(p.read_bytes())
@@ -537,7 +540,7 @@ def test_corrupt_chunk_is_reported_with_file_path(repo: Repository, tmp_path: Pa
     (src / "a").write_bytes(os.urandom(2 << 20))
     (src / "b").write_text("fine\n")
     m, _ = backup(repo, src)
-    entries = {e.path: e for e in load_tree(repo, m.tree)}
+    entries = {e.path: e for e in load_tree(repo, repo.tree_of(m))}
     cid = entries["a"].chunks[0][0]
     key, loc = repo.locate(cid)
     p = Path(repo.backend.root) / key
@@ -549,7 +552,7 @@ def test_corrupt_chunk_is_reported_with_file_path(repo: Repository, tmp_path: Pa
     assert not rep.ok
     assert any(f"{m.id}:/a" in w for d in rep.damaged for w in d.where)
     with pytest.raises(DamagedError, match=r"^a: "):
-        restore_tree(repo, load_tree(repo, m.tree), tmp_path / "out")
+        restore_tree(repo, load_tree(repo, repo.tree_of(m)), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     # a missing chunk as well
     p.unlink()
@@ -571,10 +574,10 @@ def test_restore_relies_on_the_frame_checksum_and_rehashes_frames_without_one(
     src.mkdir()
     (src / "new").write_bytes(os.urandom(1 << 20))
     m, _ = backup(repo, src)
-    cid = {e.path: e for e in load_tree(repo, m.tree)}["new"].chunks[0][0]
+    cid = {e.path: e for e in load_tree(repo, repo.tree_of(m))}["new"].chunks[0][0]
     _flip_in_middle(repo, cid)
     with pytest.raises(DamagedError, match=r"^new: .*corrupt compressed data"):
-        restore_tree(repo, load_tree(repo, m.tree), tmp_path / "out")
+        restore_tree(repo, load_tree(repo, repo.tree_of(m)), tmp_path / "out")
     # frames written without a checksum (before they had one): the restore hashes them
     compressor = zstandard.ZstdCompressor
     monkeypatch.setattr(zstandard, "ZstdCompressor",
@@ -583,13 +586,13 @@ def test_restore_relies_on_the_frame_checksum_and_rehashes_frames_without_one(
     (src / "old").write_bytes(os.urandom(1 << 20))
     old = Repository.init(DirBackend(tmp_path / "old-repo"))
     m, _ = backup(old, src)
-    cid = {e.path: e for e in load_tree(old, m.tree)}["old"].chunks[0][0]
+    cid = {e.path: e for e in load_tree(old, old.tree_of(m))}["old"].chunks[0][0]
     key, loc = old.locate(cid)
     blob = old.backend.get_range(key, loc.offset, loc.length)
     assert not old.codec.checks_content(blob)
     _flip_in_middle(old, cid)
     with pytest.raises(DamagedError, match=r"^old: .*does not match its hash"):
-        restore_tree(old, load_tree(old, m.tree), tmp_path / "out")
+        restore_tree(old, load_tree(old, old.tree_of(m)), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -601,7 +604,7 @@ def test_verify_rehashes_what_a_restore_takes_on_the_frame_checksum(repo: Reposi
     src.mkdir()
     (src / "a").write_bytes(b"a" * 100_000)
     m, _ = backup(repo, src)
-    cid = {e.path: e for e in load_tree(repo, m.tree)}["a"].chunks[0][0]
+    cid = {e.path: e for e in load_tree(repo, repo.tree_of(m))}["a"].chunks[0][0]
     key, loc = repo.locate(cid)
     p = Path(repo.backend.root) / key
     data = bytearray(p.read_bytes())
@@ -609,7 +612,7 @@ def test_verify_rehashes_what_a_restore_takes_on_the_frame_checksum(repo: Reposi
     assert len(other) == loc.length  # (the same size: the pack's other offsets hold)
     data[loc.offset : loc.offset + loc.length] = other
     p.write_bytes(bytes(data))
-    restore_tree(repo, load_tree(repo, m.tree), tmp_path / "out")
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), tmp_path / "out")
     assert (tmp_path / "out/a").read_bytes() == b"b" * 100_000
     rep = verify(repo, [m])
     assert not rep.ok and "does not match its hash" in rep.damaged[0].error
@@ -643,7 +646,7 @@ def test_restore_in_two_processes_makes_the_same_tree(repo: Repository, tmp_path
     src = tmp_path / "src"
     rich_tree_to_split(src)
     m, _ = backup(repo, src)
-    entries = load_tree(repo, m.tree)
+    entries = load_tree(repo, repo.tree_of(m))
     files = [e for e in entries if e.kind == T.FILE]
     cut = _split_files(repo, entries)
     assert cut is not None and SPLIT_MIN_FILES // 4 < cut < len(files) - SPLIT_MIN_FILES // 4
@@ -662,7 +665,7 @@ def test_restore_in_two_processes_reports_damage_in_the_second(repo: Repository,
     src = tmp_path / "src"
     rich_tree_to_split(src)
     m, _ = backup(repo, src)
-    entries = load_tree(repo, m.tree)
+    entries = load_tree(repo, repo.tree_of(m))
     last = [e for e in entries if e.kind == T.FILE][-1]  # the second process's
     key, loc = repo.locate(last.chunks[0][0])
     p = Path(repo.backend.root) / key
@@ -680,7 +683,7 @@ def test_killed_restore_takes_its_second_process_along(repo: Repository, tmp_pat
     src = tmp_path / "src"
     rich_tree_to_split(src)
     m, _ = backup(repo, src)
-    entries = load_tree(repo, m.tree)
+    entries = load_tree(repo, repo.tree_of(m))
     first_of_child = [e for e in entries if e.kind == T.FILE][_split_files(repo, entries)]
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
@@ -690,7 +693,7 @@ def test_killed_restore_takes_its_second_process_along(repo: Repository, tmp_pat
         from vzbackup.storage.local import DirBackend
         repo = Repository.open(DirBackend(Path({str(repo.backend.root)!r})))
         m = [m for m in repo.manifests() if m.id == {m.id!r}][0]
-        restore_tree(repo, load_tree(repo, m.tree), Path({str(out)!r}))
+        restore_tree(repo, load_tree(repo, repo.tree_of(m)), Path({str(out)!r}))
     """)
     p = subprocess.Popen([sys.executable, "-c", script])
     child = 0
@@ -748,7 +751,7 @@ def test_hostile_snapshot_writes_nothing_outside(repo: Repository, tmp_path: Pat
     m = _hostile_snapshot(repo, evil)
     target = tmp_path / "deep" / "target"
     with pytest.raises(DamagedError):
-        restore_tree(repo, load_tree(repo, m.tree), target)
+        restore_tree(repo, load_tree(repo, repo.tree_of(m)), target)
     assert list(canary.iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == []
     assert not (tmp_path / "escape").exists() and not Path("/abs").exists()
@@ -785,7 +788,7 @@ def test_prune_keeps_the_right_set_and_gc_frees_space(repo: Repository, tmp_path
     assert rep.bytes_deleted >= 2 * 300_000
     assert verify(repo, repo.manifests()).ok
     out = tmp_path / "out"
-    restore_tree(repo, load_tree(repo, repo.latest(101).tree), out)
+    restore_tree(repo, load_tree(repo, repo.tree_of(repo.latest(101))), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
 
 
@@ -822,25 +825,26 @@ def test_known_chunks_file_follows_new_and_removed_snapshots(repo: Repository, t
     src.mkdir()
     (src / "a").write_bytes(os.urandom(1 << 20))
     m1, _ = backup(repo, src, when="2026-01-01T00:00:00Z")
-    assert known_chunks(repo, kept) == set(m1.refs) and kept.exists()
+    assert known_chunks(repo, kept) == set(repo.refs_of(m1)) and kept.exists()
     (src / "a").unlink()
     (src / "b").write_bytes(os.urandom(1 << 20))
     m2, _ = backup(repo, src, when="2026-01-02T00:00:00Z")
-    assert known_chunks(repo, kept) == set(m1.refs) | set(m2.refs)  # m2 added to the file
+    # m2 added to the file
+    assert known_chunks(repo, kept) == set(repo.refs_of(m1)) | set(repo.refs_of(m2))
     repo.trash(m1.id)  # gc may now delete m1's chunks: the file must forget them
-    assert known_chunks(repo, kept) == set(m2.refs) == known_chunks(repo)
+    assert known_chunks(repo, kept) == set(repo.refs_of(m2)) == known_chunks(repo)
     kept.write_bytes(b"not a known-chunks file")
-    assert known_chunks(repo, kept) == set(m2.refs)
+    assert known_chunks(repo, kept) == set(repo.refs_of(m2))
     # a backup remembers the snapshot it published: the next one reads no manifest
     known, sizes = knowncache.load_known(repo, kept)
     (src / "c").write_bytes(os.urandom(1 << 20))
     m3, _ = backup(repo, src, when="2026-01-03T00:00:00Z")
-    knowncache.remember(kept, sizes, known, m3.id, repo.published[m3.id], m3.refs)
+    knowncache.remember(kept, sizes, known, m3.id, repo.published[m3.id], repo.refs_of(m3))
     read = []
     real_get = repo.backend.get
     repo.backend.get = lambda key: read.append(key) or real_get(key)
     try:
-        assert knowncache.load_known(repo, kept)[0] == set(m2.refs) | set(m3.refs)
+        assert knowncache.load_known(repo, kept)[0] == set(repo.refs_of(m2)) | set(repo.refs_of(m3))
     finally:
         repo.backend.get = real_get
     assert read == []
@@ -930,7 +934,7 @@ def test_kill_9_mid_backup_leaves_a_valid_repository(repo: Repository, tmp_path:
     assert rep.running_backups == 0
     assert L.break_stale(repo) == [] or True
     out = tmp_path / "out"
-    restore_tree(repo, load_tree(repo, m.tree), out)
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
     assert gc.DEFAULT_GRACE > 0
 
@@ -997,11 +1001,11 @@ def test_version_1_repository_restores_and_upgrades_on_the_next_backup(tmp_path:
     old_sid = write_v1_repository(tmp_path / "repo", src)
     repo = Repository.open(DirBackend(tmp_path / "repo"))
     assert repo.version == 1
-    restore_tree(repo, load_tree(repo, repo.resolve(old_sid).tree), tmp_path / "v1")
+    restore_tree(repo, load_tree(repo, repo.tree_of(repo.resolve(old_sid))), tmp_path / "v1")
     assert diff(tree_manifest(src), tree_manifest(tmp_path / "v1")) == []
     # its chunk objects (sizes unknown to the index) count against the read-ahead budget too
     monkeypatch.setattr(extract, "PREFETCH_BYTES", 2 * extract.V1_CHUNK_SIZE)
-    entries = load_tree(repo, repo.resolve(old_sid).tree)
+    entries = load_tree(repo, repo.tree_of(repo.resolve(old_sid)))
     reader, held = extract.ChunkReader(repo, entries), 0
     for cid in [c for e in entries for c, _, _ in e.chunks]:
         reader.get(cid)
@@ -1015,7 +1019,7 @@ def test_version_1_repository_restores_and_upgrades_on_the_next_backup(tmp_path:
     assert Repository.open(DirBackend(tmp_path / "repo")).version == 2
     assert s.bytes_new < (2 << 20), "the v1 chunks were deduplicated against"
     assert verify(repo, repo.manifests()).ok
-    restore_tree(repo, load_tree(repo, m.tree), tmp_path / "v2")
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), tmp_path / "v2")
     assert diff(tree_manifest(src), tree_manifest(tmp_path / "v2")) == []
     # gc keeps the v1 chunks the new snapshot needs and drops the rest with the old one
     repo.trash(old_sid)
@@ -1029,17 +1033,18 @@ def file_chunk_ids(repo: Repository, m: Manifest, path: str, data: bytes,
                    key: KeyFile | None = None) -> list[str]:
     """The chunk ids of the file at *path* (content *data*, cut on its own), checked to be
     the repository's hashes of its pieces: BLAKE3 keyed with *key*'s id key (and no plain
-    hash), else BLAKE3 (version 3) or SHA-256 (version 2)."""
+    hash), else BLAKE3 (config chunk_ids, versions 3 and 4) or SHA-256 (version 2)."""
     import hashlib
 
     from blake3 import blake3
 
-    entry = next(e for e in load_tree(repo, m.tree) if e.path == path)
+    entry = next(e for e in load_tree(repo, repo.tree_of(m)) if e.path == path)
     ids, pos = [], 0
     for cid, off, n in entry.chunks:
         piece = data[pos : pos + n]
-        plain = {3: blake3(piece).hexdigest(), 2: hashlib.sha256(piece).hexdigest()}
-        want = blake3(piece, key=key.id_key).hexdigest() if key else plain[repo.version]
+        plain = {"blake3": blake3(piece).hexdigest(), "sha256": hashlib.sha256(piece).hexdigest()}
+        want = (blake3(piece, key=key.id_key).hexdigest() if key
+                else plain[repo.config.get("chunk_ids", "sha256")])
         assert off == 0 and cid == want
         assert not key or cid not in plain.values()
         ids.append(cid)
@@ -1054,9 +1059,9 @@ def test_chunk_ids_are_blake3_and_a_version_2_repository_keeps_sha256(tmp_path: 
     data = os.urandom(3 << 20)
     (src / "big").write_bytes(data)
     repo = Repository.init(DirBackend(tmp_path / "v3"))
-    assert (repo.version, repo.config["chunk_ids"]) == (3, "blake3")
+    assert (repo.version, repo.config["chunk_ids"]) == (4, "blake3")
     m, _ = backup(repo, src)
-    assert len(file_chunk_ids(repo, m, "big", data)) > 1 and m.version == 3
+    assert len(file_chunk_ids(repo, m, "big", data)) > 1 and m.version == 4
     assert verify(repo, repo.manifests()).ok
     # a repository as version 2 made it: no chunk_ids in its config
     be = DirBackend(tmp_path / "v2")
@@ -1071,15 +1076,15 @@ def test_chunk_ids_are_blake3_and_a_version_2_repository_keeps_sha256(tmp_path: 
     (src / "more").write_bytes(os.urandom(1 << 20))
     m2, s = backup(v2, src)
     assert file_chunk_ids(v2, m2, "big", data) == ids and s.bytes_new < (2 << 20)
-    assert v2.load_manifest(m2.id).version == 2
+    assert v2.load_manifest(m2.id).version == 2 and m2.lists == {} and m2.tree, "ids inline"
     assert json.loads(be.get("config")) == config, "a version 2 repository stays version 2"
     assert verify(v2, v2.manifests()).ok
-    restore_tree(v2, load_tree(v2, m2.tree), tmp_path / "out")
+    restore_tree(v2, load_tree(v2, v2.tree_of(m2)), tmp_path / "out")
     assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"version": 4}, "format version 4 is newer than this vzbackup"),
+    ({"version": 5}, "format version 5 is newer than this vzbackup"),
     ({"chunk_ids": "md5"}, "unknown chunk id hash 'md5'"),
 ])
 def test_a_repository_of_a_later_format_is_refused(tmp_path: Path, change: dict, error: str):
@@ -1088,6 +1093,69 @@ def test_a_repository_of_a_later_format_is_refused(tmp_path: Path, change: dict,
     be.put("config", json.dumps({**json.loads(be.get("config")), **change}).encode())
     with pytest.raises(DamagedError, match=error):
         Repository.open(be)
+
+
+def test_an_unchanged_snapshot_stores_its_id_lists_once(repo: Repository, tmp_path: Path):
+    src = tmp_path / "src"
+    for d in range(30):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(100):
+            (src / f"d{d}/f{f}").write_text(f"file {d}/{f}\n" * (f + 1))
+    (src / "big").write_bytes(os.urandom(8 << 20))
+    m1, _ = backup(repo, src)
+    m2, s2 = backup(repo, src)
+    refs = repo.refs_of(m2)
+    assert set(m2.lists) == {"tree", "refs"} and m2.tree == m2.refs == []
+    assert s2.chunks_new == 0 and m2.lists == m1.lists and refs == repo.refs_of(m1)
+    lists = [c for chunks in m2.lists.values() for c in chunks]
+    assert set(lists) <= set(refs) and len(refs) > 100
+    # the manifest names a few list chunks, not every chunk (inline: 36 bytes per chunk)
+    assert repo.published[m2.id] < 2000 < 36 * len(refs)
+    fresh = Repository.open(repo.backend)  # read back from the storage alone
+    assert fresh.refs_of(fresh.load_manifest(m2.id)) == refs
+    out = tmp_path / "out"
+    restore_tree(fresh, load_tree(fresh, fresh.tree_of(fresh.load_manifest(m2.id))), out)
+    assert diff(tree_manifest(src), tree_manifest(out)) == []
+    # a version 3 repository keeps its lists in the manifest, and stays version 3
+    be = DirBackend(tmp_path / "v3")
+    Repository.init(be)
+    config = {**json.loads(be.get("config")), "version": 3}
+    be.put("config", json.dumps(config).encode())
+    v3 = Repository.open(be)
+    m3, _ = backup(v3, src)
+    assert m3.lists == {} and m3.tree and set(m3.refs) == set(v3.refs_of(m3)) >= set(m3.tree)
+    assert json.loads(be.get("config")) == config and verify(v3, v3.manifests()).ok
+
+
+def test_a_damaged_id_list_is_reported_by_verify_and_stops_gc(repo: Repository, tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(1 << 20))
+    m1, _ = backup(repo, src)
+    (src / "a").unlink()
+    (src / "b").write_bytes(os.urandom(1 << 20))
+    (src / "odd").write_bytes(os.urandom(1000))  # the only small file: a 1000-byte chunk
+    m2, _ = backup(repo, src)
+    repo.trash(m1.id)  # its chunks are garbage now: gc would delete them
+    cid = m2.lists["refs"][0]
+    key, loc = repo.locate(cid)
+    victim = tmp_path / "repo" / key
+    data = bytearray(victim.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    rep = verify(Repository.open(repo.backend), [m2])
+    assert [(d.chunk, d.where) for d in rep.damaged] == [(cid, [f"{m2.id}:(refs id list)"])]
+    packs = sorted(i.key for i in repo.list_packs())
+    with pytest.raises(DamagedError, match=f"snapshot {m2.id}: its refs list: chunk {cid[:16]}"):
+        maintenance.collect_garbage(Repository.open(repo.backend), grace=0)
+    assert sorted(i.key for i in repo.list_packs()) == packs, "gc deleted nothing"
+    # intact chunks that don't hold whole ids: a writer's fault, reported all the same
+    odd = next(e for e in load_tree(repo, repo.tree_of(m2)) if e.path == "odd").chunks[0][0]
+    forged = repo.publish(Manifest(id="", ctid=102, time=m2.time,
+                                   lists={**m2.lists, "refs": [odd]}), "")
+    rep = verify(Repository.open(repo.backend), [forged])
+    assert [(d.chunk, d.where) for d in rep.damaged] == [("", [f"{forged.id}:(id lists)"])]
+    assert "not a whole number of 32-byte ids" in rep.damaged[0].error
 
 
 def test_gc_repacks_partly_used_packs_and_drops_unused_ones(repo: Repository, tmp_path: Path):
@@ -1115,7 +1183,7 @@ def test_gc_repacks_partly_used_packs_and_drops_unused_ones(repo: Repository, tm
     assert sum(i.size for i in repo.list_packs()) < 1.2 * (1 << 20)
     assert verify(repo, [m2]).ok
     out = tmp_path / "out"
-    restore_tree(repo, load_tree(repo, m2.tree), out)
+    restore_tree(repo, load_tree(repo, repo.tree_of(m2)), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
     # nothing more to do
     rep = maintenance.collect_garbage(repo, grace=0)
@@ -1164,7 +1232,7 @@ def test_read_range_reads_any_byte_range_of_a_file(repo: Repository, tmp_path: P
     sparse = (src / "sparse").read_bytes()
     (src / "small").write_bytes(b"tiny file\n")
     m, _ = backup(repo, src)
-    entries = {e.path: e for e in load_tree(repo, m.tree)}
+    entries = {e.path: e for e in load_tree(repo, repo.tree_of(m))}
     assert entries["sparse"].extents is not None
     rng = random.Random(5)
     for name, data in (("big", big), ("sparse", sparse), ("small", b"tiny file\n")):
@@ -1199,9 +1267,9 @@ def test_restore_reads_packs_in_few_large_reads_whatever_the_order(tmp_path: Pat
         (second / f"f{29 - i:02d}").write_bytes(data)
     first_m, _ = backup(repo, first)
     m, stats = backup(repo, second, ctid=102)
-    # only the file list is new: the data sits in the first backup's packs
-    assert stats.chunks_new == len(set(m.tree) - set(first_m.tree))
-    entries = load_tree(repo, m.tree)
+    # only the file list and the id lists are new: the data sits in the first backup's packs
+    assert stats.chunks_new == len(set(repo.refs_of(m)) - set(repo.refs_of(first_m)))
+    entries = load_tree(repo, repo.tree_of(m))
     chunks = {c for e in entries for c, _, _ in e.chunks}
     packed = sum(i.size for i in repo.list_packs())
     backend.ranged_reads = 0
@@ -1232,7 +1300,7 @@ def test_big_reads_are_opened_chunk_by_chunk_just_ahead_of_the_writer(tmp_path: 
         (src / f"f{i:02d}").write_bytes(os.urandom(384 << 10).hex().encode())
     (src / "z-same-as-f07").write_bytes((src / "f07").read_bytes())  # used again, later
     m, _ = backup(repo, src)
-    entries = load_tree(repo, m.tree)
+    entries = load_tree(repo, repo.tree_of(m))
     opened_in: list[str] = []
     open_chunk = repo.open_chunk
 
@@ -1273,22 +1341,24 @@ def test_rebuild_index_from_the_pack_headers(tmp_path: Path, monkeypatch):
     for i in range(20):
         (src / f"blob{i}").write_bytes(os.urandom(1 << 20))
     m, _ = backup(repo, src)
-    where = {c: repo.locate(c) for c in m.refs}
+    where = {c: repo.locate(c) for c in repo.refs_of(m)}
     packs = repo.list_packs()
     assert len(packs) >= 2
     repo.delete_objects([info.key for info in repo.index_files()])
     repo = Repository.open(backend, key)
-    assert len(verify(repo, [m]).damaged) == len(m.refs)  # nothing locates a chunk any more
+    # nothing locates a chunk any more, the snapshot's id lists' first
+    lists = {c for chunks in m.lists.values() for c in chunks}
+    assert {d.chunk for d in verify(repo, [m]).damaged} == lists
     rep = maintenance.rebuild_index(repo)
     assert (rep.packs, rep.index_files_written, rep.unreadable) == (len(packs), 1, {})
-    assert {c: repo.locate(c) for c in m.refs} == where
-    restore_tree(repo, load_tree(repo, m.tree), tmp_path / "out")
+    assert {c: repo.locate(c) for c in where} == where
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), tmp_path / "out")
     assert diff(tree_manifest(src), tree_manifest(tmp_path / "out")) == []
     # headers longer than the tail read first take a second read; the old index is replaced
     monkeypatch.setattr(rebuild, "HEADER_TAIL", 64)
     rep = maintenance.rebuild_index(Repository.open(backend, key))
     assert rep.index_files_replaced == 1 and len(repo.index_files()) == 1
-    assert {c: Repository.open(backend, key).locate(c) for c in m.refs} == where
+    assert {c: Repository.open(backend, key).locate(c) for c in where} == where
     # a pack cut short (its writer crashed before syncing it) is reported, the rest indexed
     victim = tmp_path / "repo" / packs[0].key
     victim.write_bytes(victim.read_bytes()[:1000])
@@ -1310,7 +1380,7 @@ def test_a_backups_index_files_are_merged_into_one(repo: Repository, tmp_path: P
     assert repo.consolidate_index() == files - 1
     assert len(repo.index_files()) == 1 and repo.consolidate_index() == 0
     fresh = Repository.open(repo.backend)
-    assert set(fresh.index.packs) == packs and all(c in fresh.index for c in m.refs)
+    assert set(fresh.index.packs) == packs and all(c in fresh.index for c in repo.refs_of(m))
     assert verify(fresh, [m]).ok
 
 

@@ -317,7 +317,7 @@ def test_restore_from_s3_in_two_processes_makes_the_same_tree(
     rich_tree_to_split(src)
     repo = Repository.init(backend(s3_bucket))
     m, _ = backup(repo, src)
-    entries = load_tree(repo, m.tree)
+    entries = load_tree(repo, repo.tree_of(m))
     cut = _split_files(repo, entries)
     assert cut is not None
     sent = repo.backend.requests
@@ -339,7 +339,7 @@ def test_restore_from_s3_in_two_processes_reports_damage_in_the_second(
     rich_tree_to_split(src)
     repo = Repository.init(backend(s3_bucket))
     m, _ = backup(repo, src)
-    entries = load_tree(repo, m.tree)
+    entries = load_tree(repo, repo.tree_of(m))
     last = [e for e in entries if e.kind == T.FILE][-1]  # the second process's
     key, loc = repo.locate(last.chunks[0][0])
     assert loc is not None

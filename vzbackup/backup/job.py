@@ -24,7 +24,7 @@ from vzbackup.backup.hooks import HookScript
 from vzbackup.ct.container import Container
 from vzbackup.engine import knowncache
 from vzbackup.engine import locks as L
-from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter
+from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter, manifest_lists
 from vzbackup.engine.filescache import FilesCache
 from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
 from vzbackup.errors import StorageError, VzError
@@ -110,6 +110,8 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             with ThreadPoolExecutor(1, thread_name_prefix="snapshot-name") as naming:
                 # the snapshot's name is checked for a clash while the last pack is written
                 named = naming.submit(repo.free_time, ct.ctid, datetime.now(UTC))
+                store.wait()
+                chunk_lists = manifest_lists(repo, store, tree, state_tree)
                 store.finish()
         finally:
             store.close()
@@ -121,7 +123,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             )
         for s in stats.skipped[:20]:
             log(f"INFO: skipped {s} (socket or unknown type)")
-        refs = sorted(store.refs)
+        refs = sorted(store.refs)  # the lists' own chunks too
         st = dict(stats.__dict__)
         st.pop("skipped")
         st.update(
@@ -144,9 +146,7 @@ def backup_ct(ct: Container, repo: Repository, opts: DumpDefaults, hooks: HookSc
             mode=mode,
             notes=notes(opts.notes_template or "", ct.ctid, conf.hostname or ""),
             ct_config=conf_text,
-            tree=tree,
-            state_tree=state_tree,
-            refs=refs,
+            **chunk_lists,
             stats=st,
             node=os.uname().nodename,
         )

@@ -128,7 +128,7 @@ def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
                      threads: int | None = None,
                      progress: Callable[[int], None] | None = None,
                      log: Callable[[str], None] = lambda s: None) -> Container:
-    if with_state and not m.state_tree:
+    if with_state and not m.has_state:
         raise E.UsageError(
             f"snapshot {m.id} has no running state (mode {m.mode})",
             hint="only mode=checkpoint backups carry it; restore without --with-state",
@@ -139,7 +139,7 @@ def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
         if ct.exists and ct.running:
             raise E.StateError(f"CT {ctid} is running; restore never touches a running CT")
         conf = _config(node, ctid, m.ct_config, ipadd, hostname, log)
-        entries = load_tree(repo, m.tree)
+        entries = load_tree(repo, repo.tree_of(m))
         log(f"INFO: restoring {m.id} ({len(entries)} entries) as CT {ctid}")
 
         def build(dest: Path) -> None:
@@ -154,7 +154,8 @@ def restore_snapshot(node: Node, repo: Repository, m: Manifest, ctid: int, *,
                                     hint="remove it first")
             with contextlib.suppress(OSError):
                 images.rmdir()
-            restore_tree(repo, load_tree(repo, m.state_tree or []), images, threads=threads)
+            state = load_tree(repo, repo.state_tree_of(m) or [])
+            restore_tree(repo, state, images, threads=threads)
         try:
             install(ct, conf, build)
         except BaseException:

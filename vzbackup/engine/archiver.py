@@ -49,7 +49,7 @@ from vzbackup.engine.filescache import (
     signature,
 )
 from vzbackup.engine.pack import Index
-from vzbackup.engine.repo import Repository
+from vzbackup.engine.repo import LISTED, Repository
 from vzbackup.errors import RuntimeFailure
 from vzbackup.storage.ratelimit import Limiter
 from vzbackup.syscalls import malloc_large_with_mmap
@@ -198,12 +198,17 @@ class ChunkStore:
                 self.reused_orphans.append(cid)
         return ok
 
-    def finish(self) -> None:
-        """Wait for every chunk, then write the last pack (and its index)."""
+    def wait(self) -> None:
+        """Wait for every chunk submitted (all their ids are in ``refs`` then); ``process``
+        still stores more, in the calling thread."""
         self.files.shutdown(wait=True)
         self.pool.shutdown(wait=True)
         if self.error:
             raise self.error
+
+    def finish(self) -> None:
+        """Wait for every chunk, then write the last pack (and its index)."""
+        self.wait()
         self.packer.flush()
 
     def vanished(self) -> list[str]:
@@ -904,3 +909,22 @@ class TreeWriter:
 def line_chunks(line: bytes) -> tuple[str, ...]:
     """The chunk ids a file list line references."""
     return tuple(dict.fromkeys(c[0] for c in json.loads(line).get("c", ())))
+
+
+def manifest_lists(repo: Repository, store: ChunkStore, tree: list[str],
+                   state_tree: list[str] | None) -> dict[str, object]:
+    """The Manifest fields that name a snapshot's chunks, once *store* has processed every
+    chunk of it (``ChunkStore.wait``). Version 4 (FORMAT.md) stores each list of chunk ids
+    as chunks, 32 bytes per id, cut like file lists (an unchanged backup's lists are the
+    last one's chunks): ``lists``; older versions keep the lists in the manifest."""
+    inline = {"tree": tree, "state_tree": state_tree, "refs": sorted(store.refs)}
+    if repo.version < LISTED:
+        return inline
+    cdc = Chunker(*repo.tree_chunker_params)
+    lists = {}
+    for name, ids in inline.items():
+        if ids is not None:
+            data = memoryview(b"".join(map(bytes.fromhex, ids)))
+            lists[name] = store.process_all(
+                [data[c.offset : c.offset + c.length] for c in cdc.cut_buf(data)] if ids else [])
+    return {"lists": lists}

@@ -79,8 +79,9 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
     needed_trash = [sid for sid, t in trashed if live and t >= oldest]
     roots += [repo.load_manifest(sid, trashed=True) for sid in needed_trash]
     referenced: set[str] = set()
-    for m in roots:
-        referenced.update(m.refs)
+    repo.read_lists(roots)
+    for m in roots:  # a damaged id list stops gc here, before anything is deleted
+        referenced.update(repo.refs_of(m))
     rep.chunks_referenced = len(referenced)
     ref_raw = {bytes.fromhex(c) for c in referenced}
     log(f"gc: {len(packs)} packs, {len(loose)} v1 chunks, {len(referenced)} chunks "

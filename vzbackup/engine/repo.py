@@ -1,7 +1,7 @@
 """The backup repository on a storage backend: config, packs, index, snapshot manifests.
 
 The layout and every encoding are specified in FORMAT.md next to this file (format
-version 3; versions 1 and 2 are read and written, version 1 upgraded by its first new
+version 4; versions 1 to 3 are read and written, version 1 upgraded by its first new
 backup).
 """
 
@@ -25,10 +25,15 @@ from vzbackup.errors import ConfigError, DamagedError, NotFoundError, StorageErr
 from vzbackup.storage.backend import Backend, BackendError, Kind, ObjectInfo, ObjectMissing
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 FORMAT = "vzbackup-repo"
-VERSION = 3  # FORMAT.md; 2: SHA-256 chunk ids; 1: one object per chunk (chunks/); all read
+VERSION = 4  # FORMAT.md; 3: id lists in the manifest; 2: SHA-256 chunk ids; 1: one object
+#               per chunk (chunks/); all read
 PACKED = 2  # the first version with packs (a version 1 repository's next backup upgrades it)
+LISTED = 4  # the first version storing a manifest's id lists as chunks
+ID_LISTS = ("tree", "state_tree", "refs")  # a manifest's lists of chunk ids
+ID_SIZE = 32  # bytes of a chunk id in a stored id list
 CONFIG_KEY = "config"
 SNAP_PREFIX = "snapshots/"
 TRASH_PREFIX = "trash/"
@@ -126,12 +131,22 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     node: str = ""
     version: int = VERSION
+    # version 4: the chunk ids of each of ID_LISTS stored as chunks (read them with
+    # Repository.tree_of, state_tree_of, refs_of); the fields above are then left empty
+    lists: dict[str, list[str]] = field(default_factory=dict)
     protected: bool = False  # filled in from the marker when listing
 
     def to_json(self) -> bytes:
         d = dict(self.__dict__)
         d.pop("protected")
+        for k in ID_LISTS if self.lists else ("lists",):
+            d.pop(k)
         return json.dumps(d, sort_keys=True).encode()
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the snapshot holds CRIU images (known without reading any list)."""
+        return self.state_tree is not None or "state_tree" in self.lists
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
@@ -160,6 +175,7 @@ class Repository:
         self._superseded: list[str] = []  # index files a later one lists all packs of
         self.published: dict[str, int] = {}  # snapshot id -> its manifest's stored size
         self.created = False  # by this process (``init``)
+        self._list_chunks: dict[str, bytes] = {}  # read for manifests' id lists
 
     # --- life cycle --------------------------------------------------------------------
     def reopened(self) -> Repository:
@@ -299,7 +315,7 @@ class Repository:
                                             .encode(), Kind.CONFIG))
         return True
 
-    def _fetch_all(self, fetch: Callable[[str], T], keys: list[str]) -> list[T]:
+    def _fetch_all(self, fetch: Callable[[K], T], keys: list[K]) -> list[T]:
         """*fetch* of every key, in parallel; a single one in this thread (an unchanged
         backup reads one new manifest: starting and joining a thread costs more)."""
         if len(keys) < 2:
@@ -705,6 +721,58 @@ class Repository:
         if head[0].isdigit() and (len(head) == 1 or head[1] == "latest"):
             return self.latest(int(head[0]), marked=marked)
         return self.load_manifest(parse_snapshot_id(text)[1], marked=marked)
+
+    # --- a manifest's id lists (version 4 stores them as chunks) ------------------------
+    def tree_of(self, m: Manifest) -> list[str]:
+        """The chunk ids of *m*'s file list."""
+        ids = self._id_list(m, "tree")
+        return m.tree if ids is None else ids
+
+    def state_tree_of(self, m: Manifest) -> list[str] | None:
+        """The chunk ids of the file list of *m*'s CRIU images (None: it has none)."""
+        ids = self._id_list(m, "state_tree")
+        return m.state_tree if ids is None else ids
+
+    def refs_of(self, m: Manifest) -> list[str]:
+        """Every chunk *m* needs: its files', its file lists' and its id lists' own."""
+        ids = self._id_list(m, "refs")
+        if ids is None:
+            return m.refs
+        return ids + [c for name in ID_LISTS for c in m.lists.get(name, ())]
+
+    def read_lists(self, manifests: list[Manifest], names: tuple[str, ...] = ID_LISTS) -> None:
+        """Read the chunks of *manifests*' id lists *names* not read yet, neighbours in one
+        ranged read, in parallel (before asking for the lists of many snapshots); a damaged
+        one is an error when its list is used (not kept: a rebuilt index may find it)."""
+        from vzbackup.engine.extract import fetch, plan_reads  # (extract imports this module)
+
+        want = dict.fromkeys(c for m in manifests for name in names
+                             for c in m.lists.get(name, ()) if c not in self._list_chunks)
+        for got in self._fetch_all(lambda r: fetch(self, r), plan_reads(self, want)):
+            self._list_chunks.update((c, bytes(d)) for c, d in got.items()
+                                     if not isinstance(d, DamagedError))
+
+    def _id_list(self, m: Manifest, name: str) -> list[str] | None:
+        """The list *name* of a version 4 manifest (None: the manifest holds it inline)."""
+        chunks = m.lists.get(name)
+        if chunks is None:
+            return None
+        self.read_lists([m], (name,))
+        data = bytearray()
+        for c in chunks:
+            part = self._list_chunks.get(c)
+            if part is None:
+                try:
+                    part = self.get_chunk(c)  # fails again, saying why
+                except DamagedError as e:
+                    raise DamagedError(f"snapshot {m.id}: its {name} list: {e}") from None
+            data += part
+        if len(data) % ID_SIZE:
+            raise DamagedError(f"snapshot {m.id}: its {name} list has {len(data)} bytes, "
+                               f"not a whole number of {ID_SIZE}-byte ids")
+        text = data.hex()
+        step = 2 * ID_SIZE
+        return [text[i : i + step] for i in range(0, len(text), step)]
 
     def read_log(self, sid: str) -> str:
         return self.get_object(SNAP_PREFIX + sid + LOG_SUFFIX).decode(errors="replace")

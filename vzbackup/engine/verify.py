@@ -49,9 +49,16 @@ def verify(repo: Repository, manifests: list[Manifest], *, threads: int = 4,
     report = VerifyReport(snapshots=[m.id for m in manifests])
     bad: dict[str, Damage] = {}
     needed: dict[str, None] = {}
+    lists_bad: dict[str, tuple[Manifest, str]] = {}  # snapshot id -> (it, why its lists fail)
+    readable: list[tuple[Manifest, list[str], list[str] | None]] = []  # with its file lists
+    repo.read_lists(manifests)
     for m in manifests:
-        for cid in m.refs:
-            needed.setdefault(cid, None)
+        needed.update(dict.fromkeys(c for chunks in m.lists.values() for c in chunks))
+        try:
+            needed.update(dict.fromkeys(repo.refs_of(m)))
+            readable.append((m, repo.tree_of(m), repo.state_tree_of(m)))
+        except DamagedError as e:  # its list chunks are checked below with the others
+            lists_bad[m.id] = (m, str(e))
 
     def check(r: Read) -> list[tuple[str, int, str | None]]:
         try:
@@ -70,13 +77,28 @@ def verify(repo: Repository, manifests: list[Manifest], *, threads: int = 4,
                     bad[cid] = Damage(cid, err)
                 if progress:
                     progress(1)
-    # name the files that need each damaged chunk
+    _name_damage(repo, bad, manifests, readable)
+    for m, why in lists_bad.values():  # intact chunks, yet no list: a writer's fault
+        if not any(c in bad for chunks in m.lists.values() for c in chunks):
+            bad[f"lists of {m.id}"] = Damage("", why, [f"{m.id}:(id lists)"])
+    report.damaged = sorted(bad.values(), key=lambda d: d.chunk)
+    return report
+
+
+def _name_damage(repo: Repository, bad: dict[str, Damage], manifests: list[Manifest],
+                 readable: list[tuple[Manifest, list[str], list[str] | None]]) -> None:
+    """Name the snapshots' lists and files that need each damaged chunk."""
     for m in manifests:
-        for label, chunks in (("file list", m.tree), ("state file list", m.state_tree or [])):
+        for name, chunks in m.lists.items():
+            for cid in chunks:
+                if cid in bad:
+                    bad[cid].where.append(f"{m.id}:({name} id list)")
+    for m, tree, state_tree in readable:
+        for label, chunks in (("file list", tree), ("state file list", state_tree or [])):
             for cid in chunks:
                 if cid in bad:
                     bad[cid].where.append(f"{m.id}:({label})")
-        for chunks, prefix in ((m.tree, ""), (m.state_tree, "[state] ")):
+        for chunks, prefix in ((tree, ""), (state_tree, "[state] ")):
             if not chunks or any(c in bad for c in chunks):
                 continue
             for e in load_tree(repo, chunks):
@@ -86,5 +108,3 @@ def verify(repo: Repository, manifests: list[Manifest], *, threads: int = 4,
                     if cid in bad:
                         bad[cid].where.append(f"{m.id}:{prefix}/{e.path}")
                         break
-    report.damaged = sorted(bad.values(), key=lambda d: d.chunk)
-    return report

@@ -44,7 +44,7 @@ class Snapshot:
 
 def _snapshot(m: Manifest) -> Snapshot:
     return Snapshot(m.id, m.ctid, snapshot_time(m.id), m.mode, m.size, dict(m.stats),
-                    m.protected, bool(m.state_tree))
+                    m.protected, m.has_state)
 
 
 def stored_bytes(repo: Repository) -> int:
@@ -169,9 +169,9 @@ class RepoView:
     def tree(self, sid: str, state: bool = False) -> list[Entry]:
         """The snapshot's files, or with *state* its CRIU images (checkpoint mode)."""
         m = self._manifests.get(sid) or self.repo.load_manifest(sid)
-        if state and not m.state_tree:
+        if state and not m.has_state:
             raise NotFoundError(f"snapshot {sid} has no running state")
-        return load_tree(self.repo, m.state_tree if state else m.tree)
+        return load_tree(self.repo, self.repo.state_tree_of(m) if state else self.repo.tree_of(m))
 
     def read(self, fmap: FileMap, offset: int, size: int) -> bytes:
         """*size* bytes of the file from *offset* (fewer at its end)."""

@@ -28,9 +28,9 @@ def ls(ctx: click.Context, snapshot: str, path: str, storage: str | None, keyfil
     """List files of SNAPSHOT under PATH (like ls -lR)."""
     repo = open_repo(ctx, storage, keyfile)
     m = repo.resolve(snapshot)
-    if state and not m.state_tree:
+    if state and not m.has_state:
         raise NotFoundError(f"snapshot {m.id} has no running state")
-    entries = find(load_tree(repo, m.state_tree if state else m.tree), path)
+    entries = find(load_tree(repo, repo.state_tree_of(m) if state else repo.tree_of(m)), path)
     if not entries:
         raise NotFoundError(f"{path} is not in snapshot {m.id}")
     if as_json:
@@ -56,7 +56,7 @@ def extract(ctx: click.Context, snapshot: str, path: str, dest: str, storage: st
     """Copy PATH (a file or a directory) out of SNAPSHOT into the new directory DEST."""
     repo = open_repo(ctx, storage, keyfile)
     m = repo.resolve(snapshot)
-    entries = find(load_tree(repo, m.tree), path)
+    entries = find(load_tree(repo, repo.tree_of(m)), path)
     if not entries:
         raise NotFoundError(f"{path} is not in snapshot {m.id}")
     base = path.strip("/")
@@ -94,7 +94,7 @@ def export(ctx: click.Context, snapshot: str, dumpdir: str, storage: str | None,
     """Write SNAPSHOT as a classic vzdump archive (vzdump-openvz-CTID-DATE.tar.zst)."""
     repo = open_repo(ctx, storage, keyfile)
     m = repo.resolve(snapshot)
-    entries = [e for e in load_tree(repo, m.tree) if e.path != "."]
+    entries = [e for e in load_tree(repo, repo.tree_of(m)) if e.path != "."]
     reader = ChunkReader(repo, entries)
     kinds = {T.DIR: "dir", T.FILE: "file", T.SYMLINK: "symlink", T.HARDLINK: "hardlink",
              T.CHAR: "chardev", T.BLOCK: "blockdev", T.FIFO: "fifo"}

@@ -186,7 +186,7 @@ def _list_snapshots(ctx: click.Context, storage: str | None, keyfile: str | None
                 {"id": m.id, "ctid": m.ctid, "time": m.time, "mode": m.mode,
                  "hostname": m.hostname, "size": m.size, "new_bytes": m.stats.get("stored_new"),
                  "files": m.stats.get("files"), "protected": m.protected,
-                 "with_state": bool(m.state_tree), "notes": m.notes}
+                 "with_state": m.has_state, "notes": m.notes}
                 for m in ms
             ],
         })
@@ -195,7 +195,7 @@ def _list_snapshots(ctx: click.Context, storage: str | None, keyfile: str | None
         click.echo(f"{'SNAPSHOT':<28} {'MODE':<10} {'SIZE':>10} {'NEW':>10}  P  NOTES")
     for m in ms:
         click.echo(
-            f"{m.id:<28} {m.mode + ('+state' if m.state_tree else ''):<10} "
+            f"{m.id:<28} {m.mode + ('+state' if m.has_state else ''):<10} "
             f"{human(m.size):>10} {human(m.stats.get('stored_new', 0)):>10}  "
             f"{'*' if m.protected else ' '}  {m.notes}"
         )
