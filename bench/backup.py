@@ -996,7 +996,9 @@ def summarise(rounds: list[dict]) -> dict:
         "tar_full2_size": med("tar_full2", "size"),
         "vz_unch_s": med("vz_unchanged", "s"),
         "vz_unch_own_s": med("vz_unchanged", "stats", "duration"),
+        "vz_unch_repo": med("vz_unchanged", "repo", "bytes"),
         "restic_unch_s": med("restic_unchanged", "s"),
+        "restic_unch_repo": med("restic_unchanged", "repo", "bytes"),
         "vz_restore_s": med("vz_restore", "s"),
         "tar_restore_s": med("tar_restore", "s"),
         "restic_restore_s": med("restic_restore", "s"),
@@ -1018,6 +1020,8 @@ def summarise(rounds: list[dict]) -> dict:
     s["vz_incr_growth"] = s["vz_incr_repo"] - s["vz_full_repo"]
     s["restic_incr_growth"] = s["restic_incr_repo"] - s["restic_full_repo"]
     s["borg_incr_growth"] = s["borg_incr_repo"] - s["borg_full_repo"]
+    s["vz_unch_growth"] = s["vz_unch_repo"] - s["vz_incr_repo"]
+    s["restic_unch_growth"] = s["restic_unch_repo"] - s["restic_incr_repo"]
     s["vz_peak_rss_mb"] = max(s[f"{k}_rss_mb"] for k in ("vz_full", "vz_incr", "vz_unchanged",
                                                           "vz_restore"))
     s["verified"] = {t: all(r[f"{t}_restore"]["verify"]["ok"] for r in rounds)
@@ -1112,6 +1116,8 @@ def print_table(s: dict, rounds: int, data: dict) -> None:
          "", None),
         ("unchanged, s (vs restic)", s["vz_unch_s"], s["restic_unch_s"], "speed", "", None),
         ("unchanged, s (vs borg)", s["vz_unch_s"], s["borg_unch_s"], "speed", "", None),
+        ("unchanged, growth KB (vs restic)", s["vz_unch_growth"] / 1000,
+         s["restic_unch_growth"] / 1000, "size", "", None),
         ("unchanged, s incl. start (vs 0.15 s)", s["vz_unch_s"], 0.15, "size", "<= 0.15 s",
          t["unchanged_wall"]),
         ("restore, s (vs zstd -dc|tar -x)", s["vz_restore_s"], s["tar_restore_s"], "speed",

@@ -284,6 +284,40 @@ def test_damaged_chunker_in_the_config_fails_a_dump_before_the_ct_stops(node: No
     assert (private(node, new) / "root/data").read_text() == "precious\n"
 
 
+def test_upgrade_repo_makes_new_snapshots_store_their_id_lists(node: NodeBed):
+    """A version 3 repository (made by an older vzbackup) keeps its version and writes its
+    id lists into the manifests; ``upgrade-repo`` makes it version 4 under the maintenance
+    lock, its next snapshot stores them as chunks, and the old snapshot still restores."""
+    ctid, _ = stopped_ct(node)
+    backend = DirBackend(node.prefix / "vz/backup")
+    Repository.init(backend)
+    config = {**json.loads(backend.get("config")), "version": 3}
+    backend.put("config", json.dumps(config).encode())
+    old = dump(node, str(ctid))["results"][0]["snapshot"]
+    manifest = Repository.open(backend).load_manifest(old)
+    assert manifest.lists == {} and manifest.refs and manifest.version == 3
+    locked = node.prefix / "vz/backup/locks/maintenance-0"  # a gc of another node
+    locked.write_text(json.dumps({"kind": "maintenance", "host": "elsewhere", "boot": "x",
+                                  "pid": 1, "started": time.time()}))
+    res = node.vz("upgrade-repo", "--lockwait", "0", check=False)
+    assert res.returncode == 7 and json.loads(backend.get("config")) == config, res.stderr
+    locked.unlink()
+    up = json.loads(node.vz("upgrade-repo", "--json").stdout)
+    assert (up["from"], up["to"]) == (3, 4) and json.loads(backend.get("config"))["version"] == 4
+    assert "already format version 4" in node.vz("upgrade-repo").stdout
+    (private(node, ctid) / "srv/after").write_text("upgraded\n")
+    new_snap = dump(node, str(ctid))["results"][0]["snapshot"]
+    repo = Repository.open(backend)
+    manifest = repo.load_manifest(new_snap)
+    assert set(manifest.lists) == {"tree", "refs"} and manifest.refs == [] and manifest.version == 4
+    assert node.vz("verify").returncode == 0
+    for snap, after in ((old, False), (new_snap, True)):
+        new = node.new_ctid()
+        node.vz("restore", snap, str(new), "--ipadd", "none")
+        assert (private(node, new) / "srv/data/greeting").read_text() == "hello\n"
+        assert (private(node, new) / "srv/after").exists() == after
+
+
 def test_encrypted_backups_via_cli(node: NodeBed, tmp_path: Path):
     ctid, _ = stopped_ct(node)
     key = tmp_path / "key"

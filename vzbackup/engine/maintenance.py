@@ -50,3 +50,10 @@ def rebuild_index(repo: Repository, *, dry_run: bool = False, lockwait: float = 
                   log: Callable[[str], None] = lambda m: None) -> rebuild.RebuildReport:
     with L.RepoLock(repo, L.MAINTENANCE, what="rebuild-index", wait=lockwait):
         return rebuild.rebuild_index(repo, dry_run=dry_run, log=log)
+
+
+def upgrade_format(repo: Repository, *, lockwait: float = 0.0) -> int:
+    """``Repository.upgrade_format`` under the maintenance lock (no gc or prune of an older
+    vzbackup is halfway through it); returns the version the repository had."""
+    with L.RepoLock(repo, L.MAINTENANCE, what="upgrade-repo", wait=lockwait):
+        return repo.upgrade_format()

@@ -315,6 +315,19 @@ class Repository:
                                             .encode(), Kind.CONFIG))
         return True
 
+    def upgrade_format(self) -> int:
+        """Make the repository the current version (the caller holds the maintenance lock):
+        its next snapshots store their id lists as chunks; the ones stored stay readable as
+        they are, chunk ids keep their hash. Older vzbackup refuse the repository from then
+        on. Returns the version it had."""
+        old = self.version
+        if old < VERSION:
+            self.config["version"] = VERSION
+            self.config["upgraded"] = time.strftime(TIME_FMT, time.gmtime())
+            self._call(lambda: self.backend.put(CONFIG_KEY, json.dumps(self.config, indent=1)
+                                                .encode(), Kind.CONFIG))
+        return old
+
     def _fetch_all(self, fetch: Callable[[K], T], keys: list[K]) -> list[T]:
         """*fetch* of every key, in parallel; a single one in this thread (an unchanged
         backup reads one new manifest: starting and joining a thread costs more)."""
