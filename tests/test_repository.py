@@ -27,7 +27,13 @@ from vzbackup.storage.local import DirBackend
 from vzbackup.engine import extract, gc, knowncache, maintenance
 from vzbackup.engine import locks as L
 from vzbackup.engine import tree as T
-from vzbackup.engine.archiver import ChunkStore, Stats, TreeWriter, manifest_lists
+from vzbackup.engine.archiver import (
+    ChunkStore,
+    Stats,
+    TreeWriter,
+    cut_id_list,
+    manifest_lists,
+)
 from vzbackup.engine.crypto import Codec, KeyFile
 from vzbackup.engine.dirstat import STAT_AHEAD_MIN_DIRS, STAT_BY_PATH, UNKNOWN, StatAhead
 from vzbackup.engine.extract import SPLIT_MIN_FILES, _split_files, load_tree, restore_tree
@@ -1125,6 +1131,20 @@ def test_an_unchanged_snapshot_stores_its_id_lists_once(repo: Repository, tmp_pa
     m3, _ = backup(v3, src)
     assert m3.lists == {} and m3.tree and set(m3.refs) == set(v3.refs_of(m3)) >= set(m3.tree)
     assert json.loads(be.get("config")) == config and verify(v3, v3.manifests()).ok
+
+
+def test_id_lists_are_cut_by_their_ids():
+    ids = sorted(os.urandom(32).hex() for _ in range(5000))
+    chunks = cut_id_list(ids)
+    assert b"".join(chunks) == b"".join(bytes.fromhex(c) for c in ids)
+    assert all(len(c) % 32 == 0 and len(c) <= 512 * 32 for c in chunks)
+    assert 15 < len(chunks) < 80  # ~128 ids per chunk (39 on average)
+    # an id added (a 1% change adds them all over) changes the chunk it lands in
+    more = sorted([*ids, os.urandom(32).hex()])
+    assert len(set(cut_id_list(more)) - set(chunks)) <= 2
+    # no cut among 600 ids: one after 512
+    runs = cut_id_list(["01" * 32] * 600)
+    assert [len(c) // 32 for c in runs] == [512, 88]
 
 
 def test_a_damaged_id_list_is_reported_by_verify_and_stops_gc(repo: Repository, tmp_path: Path):

@@ -27,7 +27,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -49,7 +49,7 @@ from vzbackup.engine.filescache import (
     signature,
 )
 from vzbackup.engine.pack import Index
-from vzbackup.engine.repo import LISTED, Repository
+from vzbackup.engine.repo import ID_CUT, ID_RUN_MAX, LISTED, Repository
 from vzbackup.errors import RuntimeFailure
 from vzbackup.storage.ratelimit import Limiter
 from vzbackup.syscalls import malloc_large_with_mmap
@@ -132,7 +132,7 @@ class ChunkStore:
             out.extend(ChunkId(fut, i) for i in range(len(run)))
         return out
 
-    def process_all(self, chunks: list[memoryview]) -> list[str]:
+    def process_all(self, chunks: Sequence[bytes | memoryview]) -> list[str]:
         return [self.process(c) for c in chunks]
 
     def submit_file(self, fn: Callable[..., T_], *args: object) -> Future:
@@ -915,16 +915,24 @@ def manifest_lists(repo: Repository, store: ChunkStore, tree: list[str],
                    state_tree: list[str] | None) -> dict[str, object]:
     """The Manifest fields that name a snapshot's chunks, once *store* has processed every
     chunk of it (``ChunkStore.wait``). Version 4 (FORMAT.md) stores each list of chunk ids
-    as chunks, 32 bytes per id, cut like file lists (an unchanged backup's lists are the
-    last one's chunks): ``lists``; older versions keep the lists in the manifest."""
+    as chunks (an unchanged backup's lists are the last one's chunks): ``lists``; older
+    versions keep the lists in the manifest."""
     inline = {"tree": tree, "state_tree": state_tree, "refs": sorted(store.refs)}
     if repo.version < LISTED:
         return inline
-    cdc = Chunker(*repo.tree_chunker_params)
-    lists = {}
-    for name, ids in inline.items():
-        if ids is not None:
-            data = memoryview(b"".join(map(bytes.fromhex, ids)))
-            lists[name] = store.process_all(
-                [data[c.offset : c.offset + c.length] for c in cdc.cut_buf(data)] if ids else [])
-    return {"lists": lists}
+    return {"lists": {name: store.process_all(cut_id_list(ids))
+                      for name, ids in inline.items() if ids is not None}}
+
+
+def cut_id_list(ids: list[str]) -> list[bytes]:
+    """*ids* as 32 raw bytes each, cut into chunks by the ids themselves (FORMAT.md)."""
+    out, run = [], []
+    for cid in ids:
+        raw = bytes.fromhex(cid)
+        run.append(raw)
+        if raw[-1] % ID_CUT == 0 or len(run) == ID_RUN_MAX:
+            out.append(b"".join(run))
+            run = []
+    if run:
+        out.append(b"".join(run))
+    return out

@@ -34,6 +34,11 @@ PACKED = 2  # the first version with packs (a version 1 repository's next backup
 LISTED = 4  # the first version storing a manifest's id lists as chunks
 ID_LISTS = ("tree", "state_tree", "refs")  # a manifest's lists of chunk ids
 ID_SIZE = 32  # bytes of a chunk id in a stored id list
+# an id list is cut after each id whose last byte is a multiple of ID_CUT (ids are hashes:
+# 128 ids, 4 KiB, per chunk on average; an id added or gone changes one chunk; not the first
+# byte: a sorted list's ids share theirs in runs), and after ID_RUN_MAX ids without a cut
+ID_CUT = 128
+ID_RUN_MAX = 512
 CONFIG_KEY = "config"
 SNAP_PREFIX = "snapshots/"
 TRASH_PREFIX = "trash/"
