@@ -1176,6 +1176,17 @@ def test_a_damaged_id_list_is_reported_by_verify_and_stops_gc(repo: Repository, 
     rep = verify(Repository.open(repo.backend), [forged])
     assert [(d.chunk, d.where) for d in rep.damaged] == [("", [f"{forged.id}:(id lists)"])]
     assert "not a whole number of 32-byte ids" in rep.damaged[0].error
+    # a manifest whose lists lack the file list, or aren't lists of ids
+    no_tree = repo.publish(Manifest(id="", ctid=103, time=m2.time,
+                                    lists={"refs": m2.lists["refs"]}), "")
+    with pytest.raises(DamagedError, match="its manifest has no tree list"):
+        repo.tree_of(repo.load_manifest(no_tree.id))
+    for i, lists in enumerate(([m2.lists["tree"]], {"tree": "ab"}, {"tree": [1]}, {"x": []})):
+        sid = f"104/2026-01-0{i + 1}T00:00:00Z"
+        raw = {"id": sid, "ctid": 104, "time": sid[4:], "lists": lists}
+        repo.put_object(f"snapshots/{sid}", json.dumps(raw).encode(), Kind.SNAPSHOT)
+        with pytest.raises(DamagedError, match=r"unreadable manifest \(its id lists"):
+            repo.load_manifest(sid)
 
 
 def test_gc_repacks_partly_used_packs_and_drops_unused_ones(repo: Repository, tmp_path: Path):

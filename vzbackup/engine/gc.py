@@ -79,7 +79,7 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
     needed_trash = [sid for sid, t in trashed if live and t >= oldest]
     roots += [repo.load_manifest(sid, trashed=True) for sid in needed_trash]
     referenced: set[str] = set()
-    repo.read_lists(roots)
+    repo.read_lists(roots, ("refs",))
     for m in roots:  # a damaged id list stops gc here, before anything is deleted
         referenced.update(repo.refs_of(m))
     rep.chunks_referenced = len(referenced)

@@ -42,7 +42,7 @@ def load_known(repo: Repository, path: Path | None = None
     else:
         known, new = set(), sizes
     manifests = repo.load_manifests(new)
-    repo.read_lists(manifests)
+    repo.read_lists(manifests, ("refs",))
     for m in manifests:
         # what an unreadable id list names is only not known: the writer finds such a chunk
         # in the index and touches its pack, as it does a pruned snapshot's

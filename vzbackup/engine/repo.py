@@ -157,6 +157,11 @@ class Manifest:
     def from_json(cls, data: bytes) -> Manifest:
         d = json.loads(data)
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        lists = known.get("lists", {})
+        if not isinstance(lists, dict) or not all(
+                k in ID_LISTS and isinstance(v, list) and all(isinstance(c, str) for c in v)
+                for k, v in lists.items()):
+            raise ValueError("its id lists are not {name: [chunk id, ...]}")
         return cls(**known)
 
     @property
@@ -743,20 +748,20 @@ class Repository:
     # --- a manifest's id lists (version 4 stores them as chunks) ------------------------
     def tree_of(self, m: Manifest) -> list[str]:
         """The chunk ids of *m*'s file list."""
-        ids = self._id_list(m, "tree")
-        return m.tree if ids is None else ids
+        return self._id_list(m, "tree") if m.lists else m.tree
 
     def state_tree_of(self, m: Manifest) -> list[str] | None:
         """The chunk ids of the file list of *m*'s CRIU images (None: it has none)."""
-        ids = self._id_list(m, "state_tree")
-        return m.state_tree if ids is None else ids
+        if not m.lists:
+            return m.state_tree
+        return self._id_list(m, "state_tree") if "state_tree" in m.lists else None
 
     def refs_of(self, m: Manifest) -> list[str]:
         """Every chunk *m* needs: its files', its file lists' and its id lists' own."""
-        ids = self._id_list(m, "refs")
-        if ids is None:
+        if not m.lists:
             return m.refs
-        return ids + [c for name in ID_LISTS for c in m.lists.get(name, ())]
+        return self._id_list(m, "refs") + [c for name in ID_LISTS
+                                           for c in m.lists.get(name, ())]
 
     def read_lists(self, manifests: list[Manifest], names: tuple[str, ...] = ID_LISTS) -> None:
         """Read the chunks of *manifests*' id lists *names* not read yet, neighbours in one
@@ -770,11 +775,11 @@ class Repository:
             self._list_chunks.update((c, bytes(d)) for c, d in got.items()
                                      if not isinstance(d, DamagedError))
 
-    def _id_list(self, m: Manifest, name: str) -> list[str] | None:
-        """The list *name* of a version 4 manifest (None: the manifest holds it inline)."""
+    def _id_list(self, m: Manifest, name: str) -> list[str]:
+        """The list *name* of a manifest that stores its lists as chunks."""
         chunks = m.lists.get(name)
         if chunks is None:
-            return None
+            raise DamagedError(f"snapshot {m.id}: its manifest has no {name} list")
         self.read_lists([m], (name,))
         data = bytearray()
         for c in chunks:
