@@ -18,7 +18,7 @@ from vzbackup.engine.repo import VERSION
 def upgrade_repo(ctx: click.Context, lockwait: float, storage: str | None, keyfile: str | None,
                  as_json: bool) -> None:
     """Make the repository format version 4: new snapshots store their lists of chunk ids
-    as chunks (an unchanged backup then adds about 1 KB). Stored snapshots stay as they
+    as chunks (an unchanged backup then adds about 2 KB). Stored snapshots stay as they
     are; vzbackup releases that know only version 3 or older refuse the repository after."""
     repo = open_repo(ctx, storage, keyfile)
     old = maintenance.upgrade_format(repo, lockwait=lockwait * 60)
