@@ -35,8 +35,8 @@ def verify(ctx: click.Context, snapshots: tuple[str, ...], cts: tuple[str, ...],
         emit(True, rep.to_dict())
     else:
         for d in rep.damaged:
-            click.echo(f"DAMAGED {f'chunk {d.chunk[:16]}' if d.chunk else 'snapshot'}: "
-                       f"{d.error}", err=True)
+            what = f"chunk {d.chunk[:16]}" if d.chunk else "snapshot"  # "": its id lists
+            click.echo(f"DAMAGED {what}: {d.error}", err=True)
             for w in d.where:
                 click.echo(f"  needed by {w}", err=True)
         click.echo(f"verified {len(rep.snapshots)} snapshots, {rep.chunks} chunks, "
