@@ -319,10 +319,7 @@ class Repository:
         chunk ids stay SHA-256 (version 3's BLAKE3 would name every stored chunk anew)."""
         if self.version >= PACKED:
             return False
-        self.config["version"] = PACKED
-        self.config["upgraded"] = time.strftime(TIME_FMT, time.gmtime())
-        self._call(lambda: self.backend.put(CONFIG_KEY, json.dumps(self.config, indent=1)
-                                            .encode(), Kind.CONFIG))
+        self._set_version(PACKED)
         return True
 
     def upgrade_format(self) -> int:
@@ -332,11 +329,15 @@ class Repository:
         on. Returns the version it had."""
         old = self.version
         if old < VERSION:
-            self.config["version"] = VERSION
-            self.config["upgraded"] = time.strftime(TIME_FMT, time.gmtime())
-            self._call(lambda: self.backend.put(CONFIG_KEY, json.dumps(self.config, indent=1)
-                                                .encode(), Kind.CONFIG))
+            self._set_version(VERSION)
         return old
+
+    def _set_version(self, version: int) -> None:
+        """Store the config as *version*, noting when it was upgraded."""
+        self.config["version"] = version
+        self.config["upgraded"] = time.strftime(TIME_FMT, time.gmtime())
+        self._call(lambda: self.backend.put(CONFIG_KEY, json.dumps(self.config, indent=1)
+                                            .encode(), Kind.CONFIG))
 
     def _fetch_all(self, fetch: Callable[[K], T], keys: list[K]) -> list[T]:
         """*fetch* of every key, in parallel; a single one in this thread (an unchanged
