@@ -153,6 +153,11 @@ class Manifest:
         """Whether the snapshot holds CRIU images (known without reading any list)."""
         return self.state_tree is not None or "state_tree" in self.lists
 
+    @property
+    def list_chunks(self) -> list[str]:
+        """The chunk ids of the id lists stored as chunks (version 4), in ID_LISTS order."""
+        return [c for name in ID_LISTS for c in self.lists.get(name, ())]
+
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
         d = json.loads(data)
@@ -761,8 +766,7 @@ class Repository:
         """Every chunk *m* needs: its files', its file lists' and its id lists' own."""
         if not m.lists:
             return m.refs
-        return self._id_list(m, "refs") + [c for name in ID_LISTS
-                                           for c in m.lists.get(name, ())]
+        return self._id_list(m, "refs") + m.list_chunks
 
     def read_lists(self, manifests: list[Manifest], names: tuple[str, ...] = ID_LISTS) -> None:
         """Read the chunks of *manifests*' id lists *names* not read yet, neighbours in one

@@ -53,7 +53,7 @@ def verify(repo: Repository, manifests: list[Manifest], *, threads: int = 4,
     readable: list[tuple[Manifest, list[str], list[str] | None]] = []  # with its file lists
     repo.read_lists(manifests)
     for m in manifests:
-        needed.update(dict.fromkeys(c for chunks in m.lists.values() for c in chunks))
+        needed.update(dict.fromkeys(m.list_chunks))
         try:
             needed.update(dict.fromkeys(repo.refs_of(m)))
             readable.append((m, repo.tree_of(m), repo.state_tree_of(m)))
@@ -79,7 +79,7 @@ def verify(repo: Repository, manifests: list[Manifest], *, threads: int = 4,
                     progress(1)
     _name_damage(repo, bad, manifests, readable)
     for m, why in lists_bad.values():  # intact chunks, yet no list: a writer's fault
-        if not any(c in bad for chunks in m.lists.values() for c in chunks):
+        if not any(c in bad for c in m.list_chunks):
             bad[f"lists of {m.id}"] = Damage("", why, [f"{m.id}:(id lists)"])
     report.damaged = sorted(bad.values(), key=lambda d: d.chunk)
     return report
