@@ -772,10 +772,12 @@ class Repository:
         """Read the chunks of *manifests*' id lists *names* not read yet, neighbours in one
         ranged read, in parallel (before asking for the lists of many snapshots); a damaged
         one is an error when its list is used (not kept: a rebuilt index may find it)."""
-        from vzbackup.engine.extract import fetch, plan_reads  # (extract imports this module)
-
         want = dict.fromkeys(c for m in manifests for name in names
                              for c in m.lists.get(name, ()) if c not in self._list_chunks)
+        if not want:  # (an unchanged backup's: no new snapshot to learn the refs of)
+            return
+        from vzbackup.engine.extract import fetch, plan_reads  # (extract imports this module)
+
         for got in self._fetch_all(lambda r: fetch(self, r), plan_reads(self, want)):
             self._list_chunks.update((c, bytes(d)) for c, d in got.items()
                                      if not isinstance(d, DamagedError))
