@@ -58,9 +58,24 @@ class GcReport:
         return dict(self.__dict__)
 
 
+@dataclass
+class _Plan:
+    """What step 4 decided per pack: pack name -> its index entries (for ``repack``: the
+    referenced ones, to copy)."""
+
+    keep: dict[str, Entries] = field(default_factory=dict)
+    drop: dict[str, Entries] = field(default_factory=dict)
+    repack: dict[str, Entries] = field(default_factory=dict)
+
+    def keep_again(self, pack: str, entries: Entries) -> None:
+        self.keep[pack] = entries
+        self.drop.pop(pack, None)
+        self.repack.pop(pack, None)
+
+
 def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = False,
             log: Callable[[str], None] = lambda m: None) -> GcReport:
-    """Run GC; the caller holds the maintenance lock."""
+    """Run GC (the steps of the module docstring); the caller holds the maintenance lock."""
     rep = GcReport(dry_run=dry_run)
     start = L.storage_now(repo)
     live = [lk for lk in L.list_locks(repo) if lk.kind == L.BACKUP and not lk.stale(start)]
@@ -74,47 +89,85 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
     loose = repo.list_chunks()
     rep.packs_total = len(packs)
 
-    roots = repo.manifests()
     trashed = repo.trashed()
-    needed_trash = [sid for sid, t in trashed if live and t >= oldest]
-    roots += [repo.load_manifest(sid, trashed=True) for sid in needed_trash]
-    referenced: set[str] = set()
-    repo.read_lists(roots, ("refs",))
-    for m in roots:  # a damaged id list stops gc here, before anything is deleted
-        referenced.update(repo.refs_of(m))
+    needed_trash = {sid for sid, t in trashed if live and t >= oldest}
+    referenced, n_roots = _referenced(repo, needed_trash)
     rep.chunks_referenced = len(referenced)
-    ref_raw = {bytes.fromhex(c) for c in referenced}
     log(f"gc: {len(packs)} packs, {len(loose)} v1 chunks, {len(referenced)} chunks "
-        f"referenced by {len(roots)} snapshots, {len(live)} backup(s) running")
+        f"referenced by {n_roots} snapshots, {len(live)} backup(s) running")
 
     by_pack = index.by_pack()
-    keep: dict[str, Entries] = {}
-    drop: dict[str, Entries] = {}  # delete outright
-    repack: dict[str, Entries] = {}  # the referenced entries to copy, then delete
+    plan = _plan(packs, by_pack, {bytes.fromhex(c) for c in referenced}, cutoff, rep)
+    v1_garbage = [i for i in loose if _v1_garbage(i, referenced, cutoff)]
+    if dry_run:
+        _count(rep, packs, plan, by_pack)
+        rep.chunks_deleted += len(v1_garbage)
+        rep.bytes_deleted += sum(i.size for i in v1_garbage)
+        rep.trash_deleted = [sid for sid, _ in trashed if sid not in needed_trash]
+        return rep
+
+    _keep_touched(repo, plan, by_pack, cutoff)
+    written = _repack(repo, plan.repack)
+    rep.packs_written = len(written)
+    _count(rep, packs, plan, by_pack)
+    if plan.drop or plan.repack or written or len(index_keys) >= CONSOLIDATE_INDEX:
+        new_index = [(p, e) for p, e in plan.keep.items() if e] + written
+        if new_index:
+            repo.write_index(new_index)
+        repo.delete_objects(index_keys)
+        rep.index_files_replaced = len(index_keys)
+    repo.delete_objects([pack_key(pack) for pack in (*plan.drop, *plan.repack)])
+    _delete_v1(repo, v1_garbage, cutoff, rep)
+    _remove_leftovers(repo, [sid for sid, _ in trashed if sid not in needed_trash], cutoff,
+                      rep, log)
+    repo.reload_index()
+    log(f"gc: deleted {rep.packs_deleted} packs, repacked {rep.packs_repacked} into "
+        f"{rep.packs_written}, dropped {rep.chunks_deleted} chunks ({rep.bytes_deleted} "
+        f"bytes); kept {rep.packs_kept_young} recent packs; removed "
+        f"{len(rep.incomplete_removed)} incomplete uploads and {len(rep.trash_deleted)} "
+        "pruned manifests")
+    return rep
+
+
+def _referenced(repo: Repository, needed_trash: set[str]) -> tuple[set[str], int]:
+    """Step 3: every chunk the roots reference, and how many roots there are. A damaged
+    id list stops gc here, before anything is deleted."""
+    roots = repo.manifests()
+    roots += [repo.load_manifest(sid, trashed=True) for sid in sorted(needed_trash)]
+    referenced: set[str] = set()
+    repo.read_lists(roots, ("refs",))
+    for m in roots:
+        referenced.update(repo.refs_of(m))
+    return referenced, len(roots)
+
+
+def _plan(packs: dict[str, ObjectInfo], by_pack: dict[str, Entries], ref_raw: set[bytes],
+          cutoff: float, rep: GcReport) -> _Plan:
+    """Step 4 for the packs: keep the young and the mostly used, drop the unused, repack
+    the rest."""
+    plan = _Plan()
     for pack, info in packs.items():
         entries = by_pack.get(pack, [])
         if info.mtime >= cutoff:
             rep.packs_kept_young += 1
-            keep[pack] = entries
+            plan.keep[pack] = entries
             continue
         used = [e for e in entries if e[0] in ref_raw]
         used_bytes = sum(e[2] for e in used)
         if not used:
-            drop[pack] = entries
+            plan.drop[pack] = entries
         elif info.size - used_bytes > REPACK_UNUSED * info.size:
-            repack[pack] = used
+            plan.repack[pack] = used
         else:
-            keep[pack] = entries
+            plan.keep[pack] = entries
+    return plan
 
-    if dry_run:
-        _count(rep, packs, drop, repack, by_pack)
-        rep.chunks_deleted += sum(1 for i in loose if _v1_garbage(i, referenced, cutoff))
-        rep.bytes_deleted += sum(i.size for i in loose if _v1_garbage(i, referenced, cutoff))
-        rep.trash_deleted = [sid for sid, _ in trashed if sid not in needed_trash]
-        return rep
 
-    # packs touched since they were listed are in use again
-    for pack in list(drop) + list(repack):
+def _keep_touched(repo: Repository, plan: _Plan, by_pack: dict[str, Entries],
+                  cutoff: float) -> None:
+    """Keep the packs to drop or repack that were touched since they were listed: they
+    are in use again."""
+    for pack in [*plan.drop, *plan.repack]:
         try:
             touched = repo.backend.stat(pack_key(pack)).mtime >= cutoff
         except ObjectMissing:
@@ -122,24 +175,13 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
         except BackendError as e:
             raise StorageError(str(e)) from None
         if touched:
-            keep[pack] = by_pack.get(pack, [])
-            drop.pop(pack, None)
-            repack.pop(pack, None)
+            plan.keep_again(pack, by_pack.get(pack, []))
 
-    written = _repack(repo, repack)
-    rep.packs_written = len(written)
-    _count(rep, packs, drop, repack, by_pack)
-    if drop or repack or written or len(index_keys) >= CONSOLIDATE_INDEX:
-        new_index = [(p, e) for p, e in keep.items() if e] + written
-        if new_index:
-            repo.write_index(new_index)
-        repo.delete_objects(index_keys)
-        rep.index_files_replaced = len(index_keys)
-    repo.delete_objects([pack_key(pack) for pack in list(drop) + list(repack)])
 
-    for info in loose:
-        if not _v1_garbage(info, referenced, cutoff):
-            continue
+def _delete_v1(repo: Repository, garbage: list[ObjectInfo], cutoff: float,
+               rep: GcReport) -> None:
+    """Delete the unreferenced version 1 chunk objects not touched meanwhile."""
+    for info in garbage:
         cid = info.key.rsplit("/", 1)[-1]
         try:
             if repo.backend.stat(chunk_key(cid)).mtime >= cutoff:  # touched meanwhile
@@ -152,39 +194,35 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
         rep.chunks_deleted += 1
         rep.bytes_deleted += info.size
 
+
+def _remove_leftovers(repo: Repository, trash: list[str], cutoff: float, rep: GcReport,
+                      log: Callable[[str], None]) -> None:
+    """Step 6: killed writers' temp files and multipart uploads, and the pruned manifests
+    *trash* no running backup can need."""
     try:
         rep.incomplete_removed = repo.backend.remove_incomplete(cutoff)
     except BackendError as e:
         log(f"gc: could not remove incomplete uploads: {e}")
-    for sid, _ in trashed:
-        if sid in needed_trash:
-            continue
+    for sid in trash:
         rep.trash_deleted.append(sid)
         try:
             repo.drop_trashed(sid)
         except BackendError:
             continue
-    repo.reload_index()
-    log(f"gc: deleted {rep.packs_deleted} packs, repacked {rep.packs_repacked} into "
-        f"{rep.packs_written}, dropped {rep.chunks_deleted} chunks ({rep.bytes_deleted} "
-        f"bytes); kept {rep.packs_kept_young} recent packs; removed "
-        f"{len(rep.incomplete_removed)} incomplete uploads and {len(rep.trash_deleted)} "
-        "pruned manifests")
-    return rep
 
 
 def _v1_garbage(info: ObjectInfo, referenced: set[str], cutoff: float) -> bool:
     return info.key.rsplit("/", 1)[-1] not in referenced and info.mtime < cutoff
 
 
-def _count(rep: GcReport, packs: dict[str, ObjectInfo], drop: dict[str, Entries],
-           repack: dict[str, Entries], by_pack: dict[str, Entries]) -> None:
-    rep.packs_deleted = len(drop)
-    rep.packs_repacked = len(repack)
-    for pack in drop:
+def _count(rep: GcReport, packs: dict[str, ObjectInfo], plan: _Plan,
+           by_pack: dict[str, Entries]) -> None:
+    rep.packs_deleted = len(plan.drop)
+    rep.packs_repacked = len(plan.repack)
+    for pack in plan.drop:
         rep.chunks_deleted += len(by_pack.get(pack, []))
         rep.bytes_deleted += packs[pack].size
-    for pack, used in repack.items():
+    for pack, used in plan.repack.items():
         rep.chunks_deleted += len(by_pack.get(pack, [])) - len(used)
         rep.bytes_deleted += packs[pack].size - sum(e[2] for e in used)
 
