@@ -301,56 +301,21 @@ def _global(section: Section, source: str) -> SchedulerOptions:
 def _job(section: Section, source: str) -> JobDef:
     kind, id_ = section.kind, section.id
     head = f"{source}:{section.line}: job {id_}"
-    allowed = KIND_KEYS[kind]
-    parsed: dict[str, Any] = {}
-    for key, (value, line) in section.options.items():
-        where = f"{source}:{line}: job {id_}"
-        if key not in allowed:
-            known = any(key in keys for keys in KIND_KEYS.values())
-            reason = f"{key!r} is not valid for {kind} jobs" if known else f"unknown key {key!r}"
-            raise ConfigError(f"{where}: {reason}", hint="known: " + ", ".join(allowed))
-        if not value:
-            raise ConfigError(f"{where}: {key!r} has no value")
-        try:
-            parsed[key] = _parse_job_value(key, value)
-        except ScheduleError as e:
-            raise ConfigError(f"{where}: schedule: {e}") from None
-        except ValueError as e:
-            raise ConfigError(f"{where}: {key}: {e}") from None
+    parsed = _job_values(section, source)
 
     def at(key: str) -> str:
         return f"{source}:{section.options[key][1]}: job {id_}" if key in section.options else head
 
     if "schedule" not in parsed:
         raise ConfigError(f"{head}: no schedule", hint="e.g. 'schedule 02:00'")
-    all_ = parsed.get("all", False)
+    all_ = _takes_all(kind, parsed, at, head)
     ctids: list[int] = parsed.get("vmid", [])
     exclude: list[int] = parsed.get("exclude", [])
-    if kind == "vzdump" and "vmid" in parsed and all_:
-        raise ConfigError(f"{at('all')}: give either vmid or 'all 1', not both")
-    if kind == "vzdump" and "vmid" not in parsed and not all_:
-        raise ConfigError(f"{head}: no CTs to back up", hint="give vmid CTID,... or 'all 1'")
-    if kind in ("prune", "verify"):
-        if "vmid" in parsed and all_:
-            raise ConfigError(f"{at('all')}: give either vmid or 'all 1', not both")
-        if "all" in parsed and not all_ and "vmid" not in parsed:
-            raise ConfigError(f"{at('all')}: 'all 0' needs a vmid list",
-                              hint=f"without vmid a {kind} job takes every CT")
-        all_ = "vmid" not in parsed
     if exclude and not all_:
         raise ConfigError(f"{at('exclude')}: exclude needs 'all 1' (not a vmid list)")
     scratch = parsed.get("scratch-ctid")
     if kind == "restore-test":
-        if len(ctids) != 1:
-            raise ConfigError(
-                f"{at('vmid')}: restore-test needs exactly one vmid (the CT whose newest "
-                "snapshot is restored)"
-            )
-        if scratch is None:
-            raise ConfigError(f"{head}: no scratch-ctid",
-                              hint="the CTID to restore into (it is overwritten)")
-        if scratch == ctids[0]:
-            raise ConfigError(f"{at('scratch-ctid')}: scratch-ctid must differ from vmid")
+        _check_restore_test(ctids, scratch, at, head)
     options = {k: section.options[k][0] for k in DUMP_OPTION_KEYS
                if k in section.options and kind == "vzdump"}
     schedule_text, trigger = parsed["schedule"]
@@ -374,6 +339,58 @@ def _job(section: Section, source: str) -> JobDef:
         comment=parsed.get("comment"),
         source=f"{source}:{section.line}",
     )
+
+
+def _job_values(section: Section, source: str) -> dict[str, Any]:
+    """The job's options parsed, each checked against its kind's keys."""
+    kind, id_ = section.kind, section.id
+    allowed = KIND_KEYS[kind]
+    parsed: dict[str, Any] = {}
+    for key, (value, line) in section.options.items():
+        where = f"{source}:{line}: job {id_}"
+        if key not in allowed:
+            known = any(key in keys for keys in KIND_KEYS.values())
+            reason = f"{key!r} is not valid for {kind} jobs" if known else f"unknown key {key!r}"
+            raise ConfigError(f"{where}: {reason}", hint="known: " + ", ".join(allowed))
+        if not value:
+            raise ConfigError(f"{where}: {key!r} has no value")
+        try:
+            parsed[key] = _parse_job_value(key, value)
+        except ScheduleError as e:
+            raise ConfigError(f"{where}: schedule: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"{where}: {key}: {e}") from None
+    return parsed
+
+
+def _takes_all(kind: str, parsed: dict[str, Any], at: Callable[[str], str], head: str) -> bool:
+    """Whether the job takes every CT: a vzdump job says so ('all 1') or names its CTs,
+    a prune or verify job takes every CT unless it names some."""
+    all_ = parsed.get("all", False)
+    if "vmid" in parsed and all_:
+        raise ConfigError(f"{at('all')}: give either vmid or 'all 1', not both")
+    if kind == "vzdump" and "vmid" not in parsed and not all_:
+        raise ConfigError(f"{head}: no CTs to back up", hint="give vmid CTID,... or 'all 1'")
+    if kind in ("prune", "verify"):
+        if "all" in parsed and not all_ and "vmid" not in parsed:
+            raise ConfigError(f"{at('all')}: 'all 0' needs a vmid list",
+                              hint=f"without vmid a {kind} job takes every CT")
+        all_ = "vmid" not in parsed
+    return all_
+
+
+def _check_restore_test(ctids: list[int], scratch: int | None, at: Callable[[str], str],
+                        head: str) -> None:
+    if len(ctids) != 1:
+        raise ConfigError(
+            f"{at('vmid')}: restore-test needs exactly one vmid (the CT whose newest "
+            "snapshot is restored)"
+        )
+    if scratch is None:
+        raise ConfigError(f"{head}: no scratch-ctid",
+                          hint="the CTID to restore into (it is overwritten)")
+    if scratch == ctids[0]:
+        raise ConfigError(f"{at('scratch-ctid')}: scratch-ctid must differ from vmid")
 
 
 def _parse_job_value(key: str, value: str) -> Any:
