@@ -403,12 +403,22 @@ class DataSet:
     def generate(self) -> dict:
         rng = random.Random(self.seed)
         t0 = time.perf_counter()
-        db_bytes = self.size // 3 // PAGE * PAGE
-        budget_bin = int(self.size * 0.46)
-        budget_py = int(self.size * 0.12)
-        budget_doc = int(self.size * 0.05)
+        self._etc(rng)
+        self._binaries(rng, int(self.size * 0.46))
+        self._texts(rng, int(self.size * 0.12), int(self.size * 0.05))
+        self._database(rng, self.size // 3 // PAGE * PAGE)
         log_bytes = int(self.size * 0.03)
-        # etc/: many small configs (~1500 for 300 MB; at least 200)
+        self._write(self.syslog, log_lines(rng, log_bytes * 2 // 3, self.mtime, "ct"), 0o640,
+                    0, 4)
+        self._write("var/log/nginx/access.log", log_lines(rng, log_bytes // 3, self.mtime, "ct"),
+                    0o640, 33, 4)
+        self._specials(rng)
+        self.small_text.sort()
+        return {"generate_seconds": round(time.perf_counter() - t0, 2), **self.counts,
+                "small_text_files": len(self.small_text)}
+
+    def _etc(self, rng: random.Random) -> None:
+        """etc/: many small configs (~1500 for 300 MB; at least 200), ssh host keys."""
         n_etc = max(200, self.size // MB * 5)
         pkgs = sorted({f"{rng.choice(WORDS)}-{rng.choice(WORDS)}" for _ in range(150)})
         for i in range(n_etc):
@@ -419,7 +429,10 @@ class DataSet:
             self._write(rel, config_text(rng, rel, size), mode, text=True)
         for i in range(8):
             self._write(f"etc/ssh/ssh_host_{i}_key", rng.randbytes(400).hex().encode(), 0o600)
-        # binaries and libraries: real ELF bytes from the host, some truncated
+
+    def _binaries(self, rng: random.Random, budget: int) -> None:
+        """Binaries and libraries: real ELF bytes from the host, some truncated, with
+        ldconfig-like symlinks."""
         libs = host_files([Path("/usr/lib/x86_64-linux-gnu")],
                           lambda p, st: ".so" in p.name and st.st_size > 4096, 100_000)
         bins = host_files([Path("/usr/bin")], lambda p, st: st.st_size > 4096, 100_000)
@@ -428,11 +441,11 @@ class DataSet:
         rng.shuffle(pool)
         used, copied = 0, []
         for src, rel in pool:
-            if used >= budget_bin:
+            if used >= budget:
                 break
             size = src.stat().st_size
             n = size if size <= 6 * MB else rng.randint(2 * MB, 6 * MB)
-            n = min(n, budget_bin - used + 4096)
+            n = min(n, budget - used + 4096)
             mode = 0o755 if rel.startswith("usr/bin/") or rng.random() < 0.5 else 0o644
             got = self._copy(src, rel, n, mode)
             if got:
@@ -444,7 +457,9 @@ class DataSet:
                 if not os.path.lexists(self.private / link):
                     os.symlink(os.path.basename(rel), self.private / link)
                     self.counts["symlinks"] += 1
-        # text: Python sources and package docs from the host
+
+    def _texts(self, rng: random.Random, budget_py: int, budget_doc: int) -> None:
+        """Text: Python sources and package docs from the host."""
         pylib = Path(sys.base_prefix) / f"lib/python{sys.version_info[0]}.{sys.version_info[1]}"
         srcs = host_files([pylib], lambda p, st: p.suffix == ".py", 100_000)
         rng.shuffle(srcs)
@@ -462,7 +477,9 @@ class DataSet:
                 break
             used += self._copy(src, f"usr/share/doc/{src.relative_to('/usr/share/doc')}",
                                budget_doc, 0o644, text=not src.name.endswith(".gz"))
-        # the database: fixed-size pages of records, owned by the db user
+
+    def _database(self, rng: random.Random, db_bytes: int) -> None:
+        """The database: fixed-size pages of records, owned by the db user."""
         db = self.private / self.db
         db.parent.mkdir(parents=True, exist_ok=True)
         self.db_pages = db_bytes // PAGE
@@ -480,12 +497,9 @@ class DataSet:
         os.chown(db, 105, 110)
         os.chmod(db, 0o600)
         self._write("var/lib/db/PG_VERSION", b"15\n", 0o600, 105, 110)
-        # logs
-        self._write(self.syslog, log_lines(rng, log_bytes * 2 // 3, self.mtime, "ct"), 0o640,
-                    0, 4)
-        self._write("var/log/nginx/access.log", log_lines(rng, log_bytes // 3, self.mtime, "ct"),
-                    0o640, 33, 4)
-        # a home, symlinks, a hardlink pair, a setuid binary, an xattr
+
+    def _specials(self, rng: random.Random) -> None:
+        """A home, symlinks, a hardlink pair, a setuid binary, an xattr."""
         for i in range(20):
             self._write(f"home/anna/notes/{i:02d}.txt", config_text(rng, f"note {i}", 2000),
                         0o640, 1000, 1000, text=True)
@@ -506,9 +520,6 @@ class DataSet:
             os.chmod(self.private / "usr/bin/sudo-like", 0o4755)
         with contextlib.suppress(OSError):
             os.setxattr(self.private / "etc/ssh/ssh_host_0_key", "user.origin", b"bench")
-        self.small_text.sort()
-        return {"generate_seconds": round(time.perf_counter() - t0, 2), **self.counts,
-                "small_text_files": len(self.small_text)}
 
     def change(self) -> dict:
         """Change ~1% of the bytes: db page runs, 1% of the small text files, the syslog."""
