@@ -34,7 +34,7 @@ class Target(Protocol):
 class RemoteSession(Protocol):
     """An authenticated connection to DEST that runs commands (migrate.ssh.Session)."""
 
-    target: Any  # Target
+    target: Target
 
     @property
     def transport(self) -> Any: ...

@@ -221,15 +221,6 @@ def shift_tree(top: str | Path, src: IdMap, dst: IdMap, *, dry_run: bool = False
     return stats
 
 
-def owner_map(top: str | Path, candidates: list[IdMap]) -> IdMap | None:
-    """Which of *candidates* the root directory's owner says *top* is shifted to."""
-    uid = os.lstat(top).st_uid
-    for m in candidates:
-        if m.to_ct(uid) == 0:
-            return m
-    return None
-
-
 def give_images(images: str | Path, m: IdMap) -> None:
     """Hand CRIU images to the CT's root: CRIU's restored tasks open some of them (tty-info,
     ...) after taking the CT's credentials, and the node's root-only 0600 files (in a 0700

@@ -35,8 +35,6 @@ from vzbackup.ct.state import read_state
 from vzbackup.template import cache as template_cache
 from vzbackup.template.extract import extract_template
 
-START_TIMEOUT = 60.0
-
 log = logging.getLogger(__name__)
 
 
