@@ -25,10 +25,11 @@ flushes what earlier steps left dirty. Nothing is timed twice in one round:
               in a rotating order; each result is compared with the source (path, type,
               mode, owner, size, sha256, symlink target, hardlink group, user xattrs)
   floors      bench/floors.py after the full backups: the CPU of walking and reading the
-              tree, of compressing each distinct chunk of vzbackup's full snapshot and of
-              opening it again; with ``tar -x`` of an uncompressed tar (one more restore in
-              the rotation, its system time) the CPU no backup or restore of this tree can
-              skip. The floors over the CPUs bound what the speed targets can ask here: the
+              tree, of compressing each distinct chunk of vzbackup's full snapshot (alone,
+              and on every CPU at once: the backup's floor) and of opening it again; with
+              ``tar -x`` of an uncompressed tar (one more restore in the rotation, its
+              system time) the CPU no backup or restore of this tree can skip. The floors
+              over the CPUs bound what the speed targets can ask here: the
               table's last lines print that ceiling as a ratio to tar|zstd's time
 
 Wall time, CPU time and peak RSS (os.wait4 of the measured command; for a pipeline the
@@ -1060,10 +1061,11 @@ def summarise_floors(rounds: list[dict]) -> dict:
     per_round = []
     for r in rounds:
         f = r["floor"]
-        full = f["walk_read"] + f["compress"]
+        full = f["walk_read"] + f["compress_all_cpus"]  # (compress: one thread alone)
         restore = f["decompress"] + r["files_restore"]["sys_s"]
         per_round.append({
             "walk_read": f["walk_read"], "compress": f["compress"],
+            "compress_all_cpus": f["compress_all_cpus"],
             "decompress": f["decompress"], "files": r["files_restore"]["sys_s"],
             "full": full, "restore": restore,
             "full_ceiling": cpus * r["tar_full"]["s"] / full,
@@ -1080,7 +1082,8 @@ def print_floors(f: dict) -> None:
     print(f"floors (bench/floors.py: CPU no tool can skip; on {f['cpus']} CPUs at best "
           "floor / CPUs of wall time):")
     print(f"  full backup  {f['full']:5.2f} CPU s = walk and read {f['walk_read']:.2f} + zstd "
-          f"of each chunk {f['compress']:.2f}: at most {f['full_ceiling']:.2f}x tar|zstd's speed "
+          f"of each chunk on {f['cpus']} threads at once {f['compress_all_cpus']:.2f} (alone "
+          f"{f['compress']:.2f}): at most {f['full_ceiling']:.2f}x tar|zstd's speed "
           f"(target 1.2x); vzbackup used {f['full_over_floor']:.2f}x the floor")
     print(f"  restore      {f['restore']:5.2f} CPU s = opening each chunk {f['decompress']:.2f} "
           f"+ creating the files (tar -x, system) {f['files']:.2f}: at most "

@@ -41,3 +41,4 @@ def test_floors_count_every_file_read_and_each_distinct_chunk_once(tmp_path: Pat
     assert got["chunk_bytes"] < got["read_bytes"] - len(big) + 4096  # the copy deduplicated
     assert got["stored_bytes"] == sum(repo.locate(c)[1].length for c in distinct)
     assert got["compress"] > 0 and got["decompress"] > 0 and got["walk_read"] >= 0
+    assert got["compress_all_cpus"] > 0
