@@ -91,6 +91,7 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
 
     trashed = repo.trashed()
     needed_trash = {sid for sid, t in trashed if live and t >= oldest}
+    unneeded_trash = [sid for sid, _ in trashed if sid not in needed_trash]
     referenced, n_roots = _referenced(repo, needed_trash)
     rep.chunks_referenced = len(referenced)
     log(f"gc: {len(packs)} packs, {len(loose)} v1 chunks, {len(referenced)} chunks "
@@ -103,7 +104,7 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
         _count(rep, packs, plan, by_pack)
         rep.chunks_deleted += len(v1_garbage)
         rep.bytes_deleted += sum(i.size for i in v1_garbage)
-        rep.trash_deleted = [sid for sid, _ in trashed if sid not in needed_trash]
+        rep.trash_deleted = unneeded_trash
         return rep
 
     _keep_touched(repo, plan, by_pack, cutoff)
@@ -118,8 +119,7 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = F
         rep.index_files_replaced = len(index_keys)
     repo.delete_objects([pack_key(pack) for pack in (*plan.drop, *plan.repack)])
     _delete_v1(repo, v1_garbage, cutoff, rep)
-    _remove_leftovers(repo, [sid for sid, _ in trashed if sid not in needed_trash], cutoff,
-                      rep, log)
+    _remove_leftovers(repo, unneeded_trash, cutoff, rep, log)
     repo.reload_index()
     log(f"gc: deleted {rep.packs_deleted} packs, repacked {rep.packs_repacked} into "
         f"{rep.packs_written}, dropped {rep.chunks_deleted} chunks ({rep.bytes_deleted} "
