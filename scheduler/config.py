@@ -381,6 +381,7 @@ def _takes_all(kind: str, parsed: dict[str, Any], at: Callable[[str], str], head
 
 def _check_restore_test(ctids: list[int], scratch: int | None, at: Callable[[str], str],
                         head: str) -> None:
+    """A restore-test job names one CT and a different scratch CT to restore it into."""
     if len(ctids) != 1:
         raise ConfigError(
             f"{at('vmid')}: restore-test needs exactly one vmid (the CT whose newest "
