@@ -48,7 +48,7 @@ from vzbackup.engine.filescache import (
 from vzbackup.engine.keeppolicy import KeepPolicy
 from vzbackup.engine.knowncache import known_chunks
 from vzbackup.engine.pack import INDEX_EVERY
-from vzbackup.engine.repo import TIME_FMT, Manifest, Repository
+from vzbackup.engine.repo import ID_CUT, TIME_FMT, Manifest, Repository
 from vzbackup.engine.verify import verify
 from vzbackup.errors import ConfigError, DamagedError, LockedError, StorageError
 
@@ -1189,18 +1189,26 @@ def test_a_damaged_id_list_is_reported_by_verify_and_stops_gc(repo: Repository, 
             repo.load_manifest(sid)
 
 
+SHARED_SEED = 1
+
+
 def test_gc_repacks_partly_used_packs_and_drops_unused_ones(repo: Repository, tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "stays").write_bytes(os.urandom(1 << 20))
+    # 'stays' is the only content m1 and m2 share: seeded so that none of its chunk ids
+    # ends an id list chunk (FORMAT.md: a list is cut after an id whose last byte is a
+    # multiple of ID_CUT), else m2 could reuse a refs list chunk stored in m1's pack
+    (src / "stays").write_bytes(random.Random(SHARED_SEED).randbytes(1 << 20))
     (src / "goes").write_bytes(os.urandom(3 << 20))
     (src / "dir").mkdir()
     (src / "dir/gone").write_bytes(os.urandom(1000))
     m0, _ = backup(repo, src)  # one pack: 1 MiB stays, 3 MiB goes, a file list
     (src / "goes").unlink()
-    m1, _ = backup(repo, src)  # one pack: a new file list
+    m1, _ = backup(repo, src)  # one pack: a new file list, its id lists
     (src / "dir/gone").unlink()
     m2, _ = backup(repo, src)  # and another
+    shared = set(repo.refs_of(m1)) & set(repo.refs_of(m2))
+    assert shared and not any(bytes.fromhex(c)[-1] % ID_CUT == 0 for c in shared)
     repo.trash(m0.id)
     repo.trash(m1.id)
     packs_before = {i.key for i in repo.list_packs()}
