@@ -20,7 +20,6 @@ the last file list's chunks (nothing is cut or hashed, not even ``pyfastcdc`` im
 from __future__ import annotations
 
 import collections
-import gc
 import json
 import mmap
 import os
@@ -601,13 +600,8 @@ class TreeWriter:
     # --- walking -----------------------------------------------------------------------------
     def write(self, root: Path) -> list[str]:
         """Back up the tree under *root*; returns the chunk ids of its metadata stream."""
-        gc_was_on = gc.isenabled()
-        gc.disable()  # the walk makes many small objects and no cycles: skip the collector
-        try:
+        with T.collector_paused():
             return self._write(root)
-        finally:
-            if gc_was_on:
-                gc.enable()
 
     def _write(self, root: Path) -> list[str]:
         self.racy_ns = time.time_ns() - RACY_NS

@@ -75,7 +75,8 @@ def load_tree(repo: Repository, tree_chunks: list[str]) -> list[T.Entry]:
             raise DamagedError(str(p))
     data = b"".join(pieces)
     try:
-        return list(T.decode(data))
+        with T.collector_paused():  # (16.4k entries of a Debian rootfs: 48.5 -> 41.4 ms)
+            return list(T.decode(data))
     except (ValueError, KeyError) as e:
         raise DamagedError(f"the snapshot's file list is unreadable ({e})") from None
 

@@ -10,6 +10,8 @@ file, ``l`` symlink target or hardlink target path, ``r`` device number, ``x`` x
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import json
 import os
 import stat
@@ -140,6 +142,19 @@ def decode(data: bytes) -> Iterator[Entry]:
         if not isinstance(d, dict):
             raise ValueError(f"an entry is not an object: {str(d)[:40]!r}")
         yield Entry.from_dict(d)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while the block makes a file list's many small objects
+    (they hold no cycles; each pass of the collector would visit every one made so far)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def safe_relpath(path: str) -> str:
