@@ -7,6 +7,7 @@ and kill -9 in the middle of a backup.
 
 from __future__ import annotations
 
+import gc as cycle_gc
 import json
 import os
 import random
@@ -645,6 +646,38 @@ def rich_tree_to_split(src: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i}").write_bytes(os.urandom(1000 + i * 37))
     os.link(src / "zz/d0/f0", src / "zz/d7/link-to-f0")
+
+
+def test_load_tree_decodes_with_the_cycle_collector_paused_and_restores_it(
+        repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    m, _ = backup(repo, src)
+    real, seen = T.decode, []
+
+    def watched(data: bytes):
+        seen.append(cycle_gc.isenabled())
+        yield from real(data)
+
+    monkeypatch.setattr(T, "decode", watched)
+    assert cycle_gc.isenabled()
+    assert load_tree(repo, repo.tree_of(m)) and seen == [False] and cycle_gc.isenabled()
+
+    def broken(data: bytes):
+        raise ValueError("garbled")
+        yield
+
+    monkeypatch.setattr(T, "decode", broken)
+    with pytest.raises(DamagedError, match="garbled"):
+        load_tree(repo, repo.tree_of(m))
+    assert cycle_gc.isenabled()
+    cycle_gc.disable()
+    try:  # paused by someone else: left so
+        monkeypatch.setattr(T, "decode", watched)
+        load_tree(repo, repo.tree_of(m))
+        assert not cycle_gc.isenabled()
+    finally:
+        cycle_gc.enable()
 
 
 def test_restore_in_two_processes_makes_the_same_tree(repo: Repository, tmp_path: Path,
