@@ -7,6 +7,7 @@ and kill -9 in the middle of a backup.
 
 from __future__ import annotations
 
+import ctypes
 import gc as cycle_gc
 import json
 import os
@@ -52,6 +53,7 @@ from vzbackup.engine.pack import INDEX_EVERY
 from vzbackup.engine.repo import ID_CUT, TIME_FMT, Manifest, Repository
 from vzbackup.engine.verify import verify
 from vzbackup.errors import ConfigError, DamagedError, LockedError, StorageError
+from vzbackup.syscalls import malloc_keeping_freed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -678,6 +680,32 @@ def test_load_tree_decodes_with_the_cycle_collector_paused_and_restores_it(
         assert not cycle_gc.isenabled()
     finally:
         cycle_gc.enable()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def test_restore_buffers_come_from_the_heap_and_stay_there_then_big_ones_are_mapped_again():
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    libc.mallinfo2.restype = _MallInfo2
+    big = 8 << 20
+
+    def mapped_by_one_block() -> int:
+        before = libc.mallinfo2().hblkhd  # bytes in blocks malloc mapped for themselves
+        block = bytearray(big)
+        grown = libc.mallinfo2().hblkhd - before
+        del block
+        return grown
+
+    with malloc_keeping_freed():
+        assert mapped_by_one_block() < big
+        assert libc.mallinfo2().fordblks >= big  # freed, kept in the heap for the next one
+    assert mapped_by_one_block() >= big
 
 
 def test_restore_in_two_processes_makes_the_same_tree(repo: Repository, tmp_path: Path,

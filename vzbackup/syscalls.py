@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
 import platform
 import signal
 import struct
+from collections.abc import Iterator
 
 # the process's own symbols include libc (find_library("c") would run ldconfig: ~10 ms)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -344,7 +346,14 @@ def set_project_at(dirfd: int, name: str, projid: int) -> None:
     _file_attr(SYS_FILE_SETATTR, dirfd, name, ctypes.create_string_buffer(new, len(new)))
 
 
-M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TRIM_THRESHOLD_DEFAULT = 128 * 1024  # glibc's
+HEAP_BLOCK_MAX = 32 << 20  # the largest block glibc's malloc may serve from its heaps
+
+
+def _mallopt(param: int, value: int) -> None:
+    if hasattr(_libc, "mallopt"):  # glibc only; elsewhere a no-op
+        _libc.mallopt(ctypes.c_int(param), ctypes.c_int(value))
 
 
 def malloc_large_with_mmap(threshold: int = 1 << 20) -> None:
@@ -352,8 +361,24 @@ def malloc_large_with_mmap(threshold: int = 1 << 20) -> None:
     buffer goes back to the kernel. By default the threshold grows to the largest block
     freed (up to 32 MiB): the 8-16 MiB buffers of a backup then come from per-thread
     arenas that keep their memory (a full backup peaked at 265 MB RSS instead of 124)."""
-    if hasattr(_libc, "mallopt"):  # glibc only; elsewhere a no-op
-        _libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold))
+    _mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+@contextlib.contextmanager
+def malloc_keeping_freed() -> Iterator[None]:
+    """While the block runs, glibc's malloc serves blocks up to HEAP_BLOCK_MAX from its
+    heaps and keeps what is freed there for the next ones, instead of mapping each big
+    block afresh (every page of it faulted in and zeroed again); afterwards big blocks are
+    mapped again (``malloc_large_with_mmap``) and the heaps' free memory is returned."""
+    _mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_MAX)
+    _mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        malloc_large_with_mmap()
+        _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_DEFAULT)
+        if hasattr(_libc, "malloc_trim"):
+            _libc.malloc_trim(ctypes.c_size_t(0))
 
 
 # fanotify (Linux >= 5.9 for directory file handles with names)

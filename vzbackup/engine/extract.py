@@ -37,7 +37,7 @@ from vzbackup.engine.repo import Repository
 from vzbackup.errors import DamagedError, ExistsError, RuntimeFailure, StorageError
 from vzbackup.storage.backend import BackendError, ObjectMissing
 from vzbackup.storage.local import pwrite_all
-from vzbackup.syscalls import malloc_large_with_mmap
+from vzbackup.syscalls import malloc_keeping_freed
 
 PREFETCH_BYTES = 32 * 1024 * 1024  # packed bytes fetched ahead of the writer, or held for it
 OPEN_WHOLE_MAX = 1024 * 1024  # reads up to this size are opened whole as they come in (their
@@ -172,7 +172,6 @@ class ChunkReader:
 
     def __init__(self, repo: Repository, entries: Iterable[T.Entry],
                  threads: int | None = None) -> None:
-        malloc_large_with_mmap()  # read buffers go back to the kernel when freed
         self.repo = repo
         # the order get() will be called in (a chunk shared by consecutive files once)
         order: list[str] = []
@@ -570,10 +569,11 @@ def restore_tree(
             except ValueError as err:
                 raise DamagedError(f"snapshot has {err}; refusing to restore it") from None
         cut = _split_files(repo, entries)
-        if cut is None:
-            job.run(entries)
-        else:
-            _restore_in_two(job, entries, cut)
+        with malloc_keeping_freed():  # (a Debian restore: ~85k -> ~60k page faults)
+            if cut is None:
+                job.run(entries)
+            else:
+                _restore_in_two(job, entries, cut)
         job.set_dir_times()
     except BaseException as err:
         job.dirs.close()

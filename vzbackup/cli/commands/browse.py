@@ -14,6 +14,7 @@ from vzbackup.engine import tree as T
 from vzbackup.engine.extract import ChunkReader, file_pieces, find, load_tree, restore_tree
 from vzbackup.engine.repo import snapshot_time
 from vzbackup.errors import ExistsError, NotFoundError
+from vzbackup.syscalls import malloc_large_with_mmap
 
 
 @click.command(name="ls")
@@ -95,6 +96,7 @@ def export(ctx: click.Context, snapshot: str, dumpdir: str, storage: str | None,
     repo = open_repo(ctx, storage, keyfile)
     m = repo.resolve(snapshot)
     entries = [e for e in load_tree(repo, repo.tree_of(m)) if e.path != "."]
+    malloc_large_with_mmap()  # read buffers go back to the kernel when freed
     reader = ChunkReader(repo, entries)
     kinds = {T.DIR: "dir", T.FILE: "file", T.SYMLINK: "symlink", T.HARDLINK: "hardlink",
              T.CHAR: "chardev", T.BLOCK: "blockdev", T.FIFO: "fifo"}
