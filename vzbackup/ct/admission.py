@@ -13,11 +13,12 @@ import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from vzbackup import errors as E
 from vzbackup.config.net import ip_addr
 from vzbackup.config.node import Node
-from vzbackup.ct import network, registry
+from vzbackup.ct import registry
 from vzbackup.ct.container import Container
 
 
@@ -43,6 +44,14 @@ def ips_of_other_cts(node: Node, ctid: int) -> dict[str, int]:
     return used
 
 
+def _network() -> ModuleType:
+    """``vzbackup.ct.network``, imported when the host's addresses are asked about: it brings
+    hashlib, socket and subprocess (~6 ms of imports a restore never needs)."""
+    from vzbackup.ct import network
+
+    return network
+
+
 def clashes(node: Node, ctid: int, *, new: bool = True, name: str = "",
             ips: Iterable[str] = (), host: bool = False, private: Path | None = None,
             empty_private_ok: bool = False) -> list[Clash]:
@@ -57,7 +66,7 @@ def clashes(node: Node, ctid: int, *, new: bool = True, name: str = "",
         found.append(Clash("name", f"name {name!r} is already used by CT {owner}"))
     ips = list(ips)
     others = ips_of_other_cts(node, ctid) if ips else {}
-    on_host = set(network.ips_in_use_on_host(ips)) if host and ips else set()
+    on_host = set(_network().ips_in_use_on_host(ips)) if host and ips else set()
     for ip in ips:
         addr = ip_addr(ip)
         if addr in others:
