@@ -349,6 +349,7 @@ def set_project_at(dirfd: int, name: str, projid: int) -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 TRIM_THRESHOLD_DEFAULT = 128 * 1024  # glibc's
 HEAP_BLOCK_MAX = 32 << 20  # the largest block glibc's malloc may serve from its heaps
+TRIM_NEVER = 1 << 30  # a trim threshold no heap of ours reaches: nothing is trimmed
 
 
 def _mallopt(param: int, value: int) -> None:
@@ -371,7 +372,7 @@ def malloc_keeping_freed() -> Iterator[None]:
     block afresh (every page of it faulted in and zeroed again); afterwards big blocks are
     mapped again (``malloc_large_with_mmap``) and the heaps' free memory is returned."""
     _mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_MAX)
-    _mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    _mallopt(M_TRIM_THRESHOLD, TRIM_NEVER)
     try:
         yield
     finally:
