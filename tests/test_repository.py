@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from nodebed import need
 from treecmp import diff, make_rich_tree, tree_manifest
 from vzbackup.storage.backend import Kind
 from vzbackup.storage.local import DirBackend
@@ -690,8 +691,7 @@ class _MallInfo2(ctypes.Structure):
 
 def test_restore_buffers_come_from_the_heap_and_stay_there_then_big_ones_are_mapped_again():
     libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    need(hasattr(libc, "mallinfo2"), "glibc >= 2.33 (mallinfo2)")
     libc.mallinfo2.restype = _MallInfo2
     big = 8 << 20
 
