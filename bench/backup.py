@@ -26,9 +26,11 @@ flushes what earlier steps left dirty. Nothing is timed twice in one round:
               mode, owner, size, sha256, symlink target, hardlink group, user xattrs)
   floors      bench/floors.py after the full backups: the CPU of walking and reading the
               tree, of compressing each distinct chunk of vzbackup's full snapshot (alone,
-              and on every CPU at once: the backup's floor) and of opening it again; with
-              ``tar -x`` of an uncompressed tar (one more restore in the rotation, its
-              system time) the CPU no backup or restore of this tree can skip. The floors
+              and on every CPU at once: the backup's floor) and of opening it again, and of
+              cutting the files into chunks and naming each (a deduplicating backup's
+              floor: that on top); with ``tar -x`` of an uncompressed tar (one more restore
+              in the rotation, its system time) the CPU no backup or restore of this tree
+              can skip. The floors
               over the CPUs bound what the speed targets can ask here: the
               table's last lines print that ceiling as a ratio to tar|zstd's time
 
@@ -1062,13 +1064,15 @@ def summarise_floors(rounds: list[dict]) -> dict:
     for r in rounds:
         f = r["floor"]
         full = f["walk_read"] + f["compress_all_cpus"]  # (compress: one thread alone)
+        dedup = full + f["cut"] + f["name"]
         restore = f["decompress"] + r["files_restore"]["sys_s"]
         per_round.append({
             "walk_read": f["walk_read"], "compress": f["compress"],
-            "compress_all_cpus": f["compress_all_cpus"],
+            "compress_all_cpus": f["compress_all_cpus"], "cut": f["cut"], "name": f["name"],
             "decompress": f["decompress"], "files": r["files_restore"]["sys_s"],
-            "full": full, "restore": restore,
+            "full": full, "dedup": dedup, "restore": restore,
             "full_ceiling": cpus * r["tar_full"]["s"] / full,
+            "dedup_ceiling": cpus * r["tar_full"]["s"] / dedup,
             "restore_ceiling": cpus * r["tar_restore"]["s"] / restore,
             "full_over_floor": r["vz_full"]["cpu_s"] / full,
             "restore_over_floor": r["vz_restore"]["cpu_s"] / restore,
@@ -1085,6 +1089,9 @@ def print_floors(f: dict) -> None:
           f"of each chunk on {f['cpus']} threads at once {f['compress_all_cpus']:.2f} (alone "
           f"{f['compress']:.2f}): at most {f['full_ceiling']:.2f}x tar|zstd's speed "
           f"(target 1.2x); vzbackup used {f['full_over_floor']:.2f}x the floor")
+    print(f"  deduplicating {f['dedup']:4.2f} CPU s = that + cutting the files into chunks "
+          f"(FastCDC) {f['cut']:.2f} + naming each (BLAKE3) {f['name']:.2f}: at most "
+          f"{f['dedup_ceiling']:.2f}x tar|zstd's speed for any backup that deduplicates")
     print(f"  restore      {f['restore']:5.2f} CPU s = opening each chunk {f['decompress']:.2f} "
           f"+ creating the files (tar -x, system) {f['files']:.2f}: at most "
           f"{f['restore_ceiling']:.2f}x zstd|tar's speed (target 1.2x); vzbackup used "

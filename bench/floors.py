@@ -15,13 +15,18 @@ prints JSON: CPU seconds of
               bandwidth each run slower than one alone, so this is the floor of a tool
               that wants all CPUs' wall time (tar|zstd -T0 pays the same)
   decompress  opening each of those chunks as a restore does (zstd, the frame's checksum)
+  cut, name   cutting every file's bytes into chunks as the backup does (FastCDC with the
+              repository's parameters: small files as one stream, large files each on
+              their own) and naming each chunk (the repository's chunk id: BLAKE3): what
+              a deduplicating backup adds to a tar, for duplicates too (the file's bytes
+              are in memory beforehand: no reading counted)
 
 A backup can't cost less CPU than walk_read + compress (walk_read + compress_all_cpus if
-it uses every CPU), a restore less than decompress
-plus creating and writing the files (bench/backup.py measures that with ``tar -x`` of an
-uncompressed tar). With C CPUs a tool can't take less wall time than that CPU / C: what the
-issue 14 targets may ask for on a given machine. Hashing, chunking, packing and the
-interpreter come on top of these floors, so they are lower bounds.
+it uses every CPU), a deduplicating one less than that + cut + name, a restore less than
+decompress plus creating and writing the files (bench/backup.py measures that with
+``tar -x`` of an uncompressed tar). With C CPUs a tool can't take less wall time than that
+CPU / C: what the issue 14 targets may ask for on a given machine. Packing, encryption
+and the interpreter come on top of these floors, so they are lower bounds.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 import zstandard
 from vzbackup.storage.local import DirBackend
 
+from vzbackup.engine.archiver import Chunker
 from vzbackup.engine.extract import load_tree
 from vzbackup.engine.repo import Repository
 
@@ -67,6 +73,46 @@ def walk_read(tree: Path) -> tuple[float, int]:
             finally:
                 os.close(fd)
     return system_s() - t0, total
+
+
+def cut_and_name(repo: Repository, tree: Path) -> dict:
+    """CPU seconds of cutting the regular files under *tree* into chunks and of naming each
+    chunk, as a backup into *repo* does (files of the stream's average chunk size or more on
+    their own, the others concatenated into one stream, cut as it fills)."""
+    stream_cdc, file_cdc = Chunker(*repo.chunker_params), Chunker(*repo.file_chunker_params)
+    large, stream_max = repo.chunker_params[1], 64 * repo.chunker_params[2]
+    cut = name = 0.0
+    cut_bytes = 0
+    stream = bytearray()
+
+    def work(cdc: Chunker, data: bytes) -> None:
+        nonlocal cut, name, cut_bytes
+        view = memoryview(data)
+        t0 = time.process_time()
+        pieces = list(cdc.cut_buf(view))
+        t1 = time.process_time()
+        for c in pieces:
+            repo.codec.chunk_id(view[c.offset : c.offset + c.length])
+        name += time.process_time() - t1
+        cut += t1 - t0
+        cut_bytes += sum(c.length for c in pieces)
+
+    for dirpath, _, files in os.walk(tree):
+        for filename in files:
+            path = os.path.join(dirpath, filename)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            data = Path(path).read_bytes()
+            if len(data) >= large:
+                work(file_cdc, data)
+                continue
+            stream += data
+            if len(stream) >= stream_max:
+                work(stream_cdc, bytes(stream))
+                stream.clear()
+    if stream:
+        work(stream_cdc, bytes(stream))
+    return {"cut": cut, "name": name, "cut_bytes": cut_bytes}
 
 
 def chunk_work(repo: Repository, snapshot: str) -> dict:
@@ -117,7 +163,8 @@ def main() -> None:
     repo_dir, tree, snapshot = sys.argv[1:4]
     repo = Repository.open(DirBackend(repo_dir, fsync=False))
     read_s, read_bytes = walk_read(Path(tree))
-    out = {"walk_read": read_s, "read_bytes": read_bytes, **chunk_work(repo, snapshot)}
+    out = {"walk_read": read_s, "read_bytes": read_bytes, **chunk_work(repo, snapshot),
+           **cut_and_name(repo, Path(tree))}
     print(json.dumps(out))
 
 

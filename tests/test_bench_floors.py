@@ -42,3 +42,5 @@ def test_floors_count_every_file_read_and_each_distinct_chunk_once(tmp_path: Pat
     assert got["stored_bytes"] == sum(repo.locate(c)[1].length for c in distinct)
     assert got["compress"] > 0 and got["decompress"] > 0 and got["walk_read"] >= 0
     assert got["compress_all_cpus"] > 0
+    assert got["cut_bytes"] == got["read_bytes"]  # every file cut, the copy too
+    assert got["cut"] > 0 and got["name"] > 0
