@@ -11,11 +11,19 @@ directory entry with the manifest put next to it right after (one directory sync
 two; ``flush()`` syncs it if no manifest came). A snapshot is published after a flush. Unlike
 syncfs, this never waits for other writers' data on the same filesystem.
 ``put_if_absent`` uses link(2), which fails if the name exists, so two writers never both win.
+
+Packs are written with O_DIRECT (through a page-aligned copy in the writing thread), where
+the file system takes it: a backup's data bypasses the page cache, so a nightly backup does
+not push the CTs' cached files out of it, and the kernel neither allocates cache pages for
+it nor copies it into them (a Debian rootfs's full backup here: 0.70 -> 0.34 s of system
+time, 1.87 -> 1.67 s). A file system that refuses O_DIRECT gets buffered writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import mmap
 import os
 import threading
 import time
@@ -35,6 +43,55 @@ from vzbackup.storage.backend import (
 
 TMP_MARK = ".tmp-"
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+DIRECT_BLOCK = 4096  # O_DIRECT's alignment of buffers, file offsets and lengths
+DIRECT_GROWTH = 1024 * 1024  # an aligned buffer grows by whole MiB (packs vary in size)
+
+
+class _AlignedBuffer(threading.local):
+    """A thread's page-aligned buffer (an anonymous map) for O_DIRECT writes, kept for its
+    next write and grown as needed."""
+
+    buf: mmap.mmap | None = None
+
+    def take(self, size: int) -> mmap.mmap:
+        if self.buf is None or len(self.buf) < size:
+            if self.buf is not None:
+                self.buf.close()
+            self.buf = mmap.mmap(-1, -(-size // DIRECT_GROWTH) * DIRECT_GROWTH,
+                                 mmap.MAP_PRIVATE)
+        return self.buf
+
+
+def write_direct(fd: int, parts: list[bytes | memoryview], aligned: _AlignedBuffer) -> None:
+    """Write *parts* back to back into *fd*, opened with O_DIRECT: copied into *aligned*,
+    the last block padded with zeros, which are cut off again."""
+    total = sum(len(p) for p in parts)
+    size = -(-total // DIRECT_BLOCK) * DIRECT_BLOCK
+    buf = aligned.take(size)
+    off = 0
+    for p in parts:
+        buf[off : off + len(p)] = p
+        off += len(p)
+    buf[total:size] = bytes(size - total)
+    with memoryview(buf) as view:
+        done = 0
+        while done < size:
+            done += os.pwrite(fd, view[done:size], done)
+    os.ftruncate(fd, total)
+
+
+def _create(path: Path, flags: int) -> int:
+    """Open the new file *path* with *flags*; on failure none is left (an open refused
+    for O_DIRECT has created the file all the same)."""
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as e:
+        if not isinstance(e, (FileNotFoundError, FileExistsError)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
 
 
 def pwrite_all(fd: int, parts: list[bytes | memoryview], offset: int = 0) -> int:
@@ -65,25 +122,44 @@ class DirBackend(Backend):
         self._dirs: set[Path] = set()  # directories known to exist
         self._unsynced: set[Path] = set()  # what flush() syncs: bulk dirs, touched objects
         self._unsynced_lock = threading.Lock()
+        self.direct = True  # packs with O_DIRECT, until the file system refuses it
+        self._aligned = _AlignedBuffer()
 
     def _path(self, key: str) -> Path:
         if not key or key.startswith("/") or ".." in key.split("/"):
             raise BackendError(f"invalid object key {key!r}")
         return self.root / key
 
-    def _write_tmp(self, target: Path, parts: list[bytes], sync: bool = True) -> Path:
+    def _write_tmp(self, target: Path, parts: list[bytes], sync: bool = True,
+                   direct: bool = False) -> Path:
+        """*parts* in a new temporary file beside *target*; with *direct*, by O_DIRECT
+        where this file system takes it."""
+        if direct and self.direct:
+            try:
+                return self._write_tmp_with(target, parts, sync, os.O_DIRECT)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self.direct = False  # the file system refuses O_DIRECT (or its alignment)
+        return self._write_tmp_with(target, parts, sync, 0)
+
+    def _write_tmp_with(self, target: Path, parts: list[bytes], sync: bool,
+                        extra_flags: int) -> Path:
         if target.parent not in self._dirs:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(target.parent)
         tmp = target.with_name(f"{TMP_MARK}{target.name}.{os.getpid()}.{time.monotonic_ns()}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | extra_flags
         try:
-            fd = os.open(tmp, flags, 0o600)
+            fd = _create(tmp, flags)
         except FileNotFoundError:  # the directory went away meanwhile
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, flags, 0o600)
+            fd = _create(tmp, flags)
         try:
-            pwrite_all(fd, parts)
+            if extra_flags & os.O_DIRECT:
+                write_direct(fd, parts, self._aligned)
+            else:
+                pwrite_all(fd, parts)
             if self.fsync and sync:
                 os.fdatasync(fd)
         except BaseException:
@@ -108,10 +184,11 @@ class DirBackend(Backend):
 
     def put_parts(self, key: str, parts: list[bytes], kind: Kind = Kind.OTHER,
                   sha256: str | None = None) -> None:
-        """Written with pwritev: no joined copy of a 16 MiB pack."""
+        """Written with pwritev (no joined copy of a 16 MiB pack), a pack by O_DIRECT."""
         target = self._path(key)
         try:
-            tmp = self._write_tmp(target, parts, sync=kind not in VOLATILE_KINDS)
+            tmp = self._write_tmp(target, parts, sync=kind not in VOLATILE_KINDS,
+                                  direct=kind in BULK_KINDS)
             os.replace(tmp, target)
             if kind in BULK_KINDS or kind in LEADING_KINDS:
                 with self._unsynced_lock:

@@ -12,6 +12,7 @@ import gc as cycle_gc
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -953,6 +954,52 @@ def test_full_disk_fails_cleanly_and_next_backup_works(tmp_path: Path):
         backup(repo, src)
         assert verify(repo, repo.manifests()).ok
         assert not [p for p in (mnt / "repo").rglob(".tmp-*")]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of *path* in the page cache (util-linux's fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_packs_bypass_the_page_cache(repo: Repository, tmp_path: Path):
+    need(shutil.which("fincore") is not None, "fincore (util-linux) is missing")
+    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(tmp_path)],
+                        capture_output=True, text=True, check=True).stdout.strip()
+    need(fs not in ("tmpfs", "ramfs"), f"{tmp_path} is on {fs}: its pages are all in memory")
+    src = tmp_path / "src"
+    make_rich_tree(src)
+    (src / "big").write_bytes(os.urandom((5 << 20) + 1234))  # not a whole number of blocks
+    m, _ = backup(repo, src)
+    assert repo.backend.direct
+    packs = [p for p in (tmp_path / "repo/data").rglob("*") if p.is_file()]
+    assert packs and sum(p.stat().st_size for p in packs) > 5 << 20
+    assert [resident_bytes(p) for p in packs] == [0] * len(packs)
+    assert resident_bytes(tmp_path / "repo/config") > 0  # other objects: buffered
+    out = tmp_path / "out"
+    restore_tree(repo, load_tree(repo, repo.tree_of(m)), out)
+    assert diff(tree_manifest(src), tree_manifest(out)) == []
+    assert not list((tmp_path / "repo").rglob(".tmp-*"))
+
+
+def test_a_file_system_without_o_direct_gets_buffered_packs(tmp_path: Path):
+    mnt = tmp_path / "ramfs"  # ramfs refuses O_DIRECT (EINVAL)
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        repo = Repository.init(DirBackend(mnt / "repo"))
+        src = tmp_path / "src"
+        make_rich_tree(src)
+        m, _ = backup(repo, src)
+        assert repo.backend.direct is False
+        out = tmp_path / "out"
+        restore_tree(repo, load_tree(repo, repo.tree_of(m)), out)
+        assert diff(tree_manifest(src), tree_manifest(out)) == []
+        assert verify(repo, repo.manifests()).ok
+        assert not list((mnt / "repo").rglob(".tmp-*"))
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 
