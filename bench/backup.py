@@ -170,6 +170,7 @@ class Run:
     out: str
     err: str
     sys_s: float = 0.0  # the system (kernel) part of cpu_s
+    faults: int = 0  # page faults (minor and major) of the command and its children
 
 
 def measure(cmd: list[str] | str, *, env: dict | None = None, cwd: Path | None = None) -> Run:
@@ -187,7 +188,8 @@ def measure(cmd: list[str] | str, *, env: dict | None = None, cwd: Path | None =
     if p.returncode:
         shown = cmd if isinstance(cmd, str) else shlex.join(cmd)
         raise RuntimeError(f"{shown} failed (exit {p.returncode}):\n{err[-3000:]}{out[-2000:]}")
-    return Run(dt, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime, out, err, ru.ru_stime)
+    return Run(dt, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime, out, err, ru.ru_stime,
+               ru.ru_minflt + ru.ru_majflt)
 
 
 def busy_cpu_s() -> float:
@@ -862,8 +864,8 @@ class Bench:
         with restore_fs(self.prefix, self.private) as fs:
             r = self.vz("restore", snapshot, str(self.rctid), "--json", wrap=wrap)
             got = fs / "private" / str(self.rctid)
-            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
-                   "verify": compare(src, manifest(got))}
+            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "sys_s": r.sys_s,
+                   "faults": r.faults, "verify": compare(src, manifest(got))}
             self.vz("destroy", str(self.rctid))
         return res
 
@@ -873,7 +875,8 @@ class Bench:
             dest.mkdir()
             r = measure(f"zstd -q -dc {shlex.quote(str(archive))} | "
                         f"tar -C {shlex.quote(str(dest))} -xpf - {shlex.join(VZDUMP_TAR)}")
-            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
+            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "sys_s": r.sys_s,
+                   "faults": r.faults,
                    "verify": compare(src, manifest(dest))}
         return res
 
