@@ -30,9 +30,8 @@ flushes what earlier steps left dirty. Nothing is timed twice in one round:
               cutting the files into chunks and naming each (a deduplicating backup's
               floor: that on top); with ``tar -x`` of an uncompressed tar (one more restore
               in the rotation, its system time) the CPU no backup or restore of this tree
-              can skip. The floors
-              over the CPUs bound what the speed targets can ask here: the
-              table's last lines print that ceiling as a ratio to tar|zstd's time
+              can skip. The floors over the CPUs bound what the speed targets can ask
+              here: the table's last lines print that ceiling as a ratio to tar|zstd's time
 
 Wall time, CPU time and peak RSS (os.wait4 of the measured command; for a pipeline the largest
 process) are taken per command; the table shows medians over --rounds (each round's seconds of

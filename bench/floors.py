@@ -80,7 +80,8 @@ def cut_and_name(repo: Repository, tree: Path) -> dict:
     chunk, as a backup into *repo* does (files of the stream's average chunk size or more on
     their own, the others concatenated into one stream, cut as it fills)."""
     stream_cdc, file_cdc = Chunker(*repo.chunker_params), Chunker(*repo.file_chunker_params)
-    large, stream_max = repo.chunker_params[1], 64 * repo.chunker_params[2]
+    large = repo.chunker_params[1]
+    stream_max = 64 * repo.chunker_params[2]  # the stream is cut this much at a time
     cut = name = 0.0
     cut_bytes = 0
     stream = bytearray()
