@@ -737,11 +737,12 @@ class Bench:
 
     def first_fill(self) -> None:
         """Copy the tree onto a new file system once, not timed, before the run's first
-        restore. On a VM whose balloon driver hands freed memory back to the host (free page
-        reporting), the first file system a run fills costs the kernel far more: a Debian
-        restore that came first took 2.24 s of system time against 0.42-0.46 s (85k page
-        faults against 60-68k), the restores after it never did; the rotation had vzbackup's
-        restore first in round 1 (bench runs that saw it: 1.4-1.8 s instead of 0.7-0.8 s)."""
+        restore. The first file system a run fills can cost the kernel far more (on this VM,
+        whose balloon driver hands freed memory back to the host, new page cache cost up to
+        10x the system time): a Debian restore that came first took 2.24 s of system time
+        against 0.42-0.46 s (85k page faults against 60-68k), no restore after it did; the
+        rotation had vzbackup's restore first in round 1 (3 of 12 runs: 1.4-1.8 s instead of
+        0.7-0.8 s; none in 5 runs with this)."""
         with restore_fs(self.prefix, self.private) as fs:
             dest = fs / "first-fill"
             dest.mkdir()
