@@ -26,7 +26,7 @@ import zstandard
 from nodebed import need
 from treecmp import diff, make_rich_tree, tree_manifest
 from vzbackup.storage.backend import Kind
-from vzbackup.storage.local import DirBackend
+from vzbackup.storage.local import DIRECT_WINDOW, DirBackend
 
 from vzbackup.engine import extract, gc, knowncache, maintenance
 from vzbackup.engine import locks as L
@@ -983,6 +983,18 @@ def test_packs_bypass_the_page_cache(repo: Repository, tmp_path: Path):
     restore_tree(repo, load_tree(repo, repo.tree_of(m)), out)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
     assert not list((tmp_path / "repo").rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("sizes", [[1], [DIRECT_WINDOW], [DIRECT_WINDOW - 1, 1],
+                                   [3 * DIRECT_WINDOW + 5, 0, 17, DIRECT_WINDOW - 22],
+                                   [100] * 1000])
+def test_a_pack_written_a_window_at_a_time_keeps_every_byte(tmp_path: Path, sizes: list[int]):
+    backend = DirBackend(tmp_path / "repo")
+    parts = [os.urandom(n) for n in sizes]
+    backend.put_parts("data/ab/pack", [parts[0], *map(memoryview, parts[1:])], Kind.PACK)
+    assert backend.direct
+    assert (tmp_path / "repo/data/ab/pack").read_bytes() == b"".join(parts)
+    assert os.listdir(tmp_path / "repo/data/ab") == ["pack"]
 
 
 def test_a_file_system_without_o_direct_gets_buffered_packs(tmp_path: Path):
