@@ -61,13 +61,6 @@ class _AlignedBuffer(threading.local):
         return self.buf
 
 
-def _pwrite_window(fd: int, buf: mmap.mmap, size: int, offset: int) -> None:
-    with memoryview(buf) as view:
-        done = 0
-        while done < size:
-            done += os.pwrite(fd, view[done:size], offset + done)
-
-
 def write_direct(fd: int, parts: list[bytes | memoryview], aligned: _AlignedBuffer) -> None:
     """Write *parts* back to back into *fd*, opened with O_DIRECT, through *aligned* a window
     at a time; the last block is padded with zeros, which are cut off again."""
@@ -81,12 +74,13 @@ def write_direct(fd: int, parts: list[bytes | memoryview], aligned: _AlignedBuff
                 buf[filled : filled + n] = view[at : at + n]
                 filled, at = filled + n, at + n
                 if filled == DIRECT_WINDOW:
-                    _pwrite_window(fd, buf, DIRECT_WINDOW, written)
+                    pwrite_all(fd, [buf], written)
                     written, filled = written + DIRECT_WINDOW, 0
     if filled:
         size = -(-filled // DIRECT_BLOCK) * DIRECT_BLOCK
         buf[filled:size] = bytes(size - filled)
-        _pwrite_window(fd, buf, size, written)
+        with memoryview(buf) as view:
+            pwrite_all(fd, [view[:size]], written)
     os.ftruncate(fd, written + filled)
 
 
