@@ -173,6 +173,11 @@ class Run:
     sys_s: float = 0.0  # the system (kernel) part of cpu_s
     faults: int = 0  # page faults (minor and major) of the command and its children
 
+    def record(self, **more: object) -> dict:
+        """The numbers a round keeps of a timed command, and *more*."""
+        return {"s": self.seconds, "rss_mb": self.rss_mb, "cpu_s": self.cpu_s,
+                "sys_s": self.sys_s, "faults": self.faults, **more}
+
 
 def measure(cmd: list[str] | str, *, env: dict | None = None, cwd: Path | None = None) -> Run:
     """Run *cmd* (a str runs in bash with pipefail); wall time and peak RSS via wait4."""
@@ -798,8 +803,8 @@ class Bench:
         res = json.loads(out)["results"][0]
         if not res.get("ok"):
             raise RuntimeError(f"vzbackup dump failed: {res}")
-        return {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "snapshot": res["snapshot"],
-                "repo": tree_size(self.backupdir), "stats": res.get("stats", {})}
+        return r.record(snapshot=res["snapshot"], repo=tree_size(self.backupdir),
+                        stats=res.get("stats", {}))
 
     def tar(self, name: str, flags: list[str]) -> dict:
         self.warm()
@@ -807,7 +812,7 @@ class Bench:
         out.unlink(missing_ok=True)
         r = measure(f"tar -C {shlex.quote(str(self.private))} {shlex.join(flags)} -cf - . | "
                     f"zstd -q -3 -T0 -o {shlex.quote(str(out))}")
-        return {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "size": out.stat().st_size}
+        return r.record(size=out.stat().st_size)
 
     def restic_backup(self) -> dict:
         self.warm()
@@ -819,9 +824,8 @@ class Bench:
                 d = json.loads(line)
                 if d.get("message_type") == "summary":
                     summary = d
-        return {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
-                "repo": tree_size(self.restic_repo),
-                "data_added": summary.get("data_added"), "snapshot": summary.get("snapshot_id")}
+        return r.record(repo=tree_size(self.restic_repo), data_added=summary.get("data_added"),
+                        snapshot=summary.get("snapshot_id"))
 
     def borg(self, *args: str) -> Run:
         return measure(["borg", *args], env=self.borg_env)
@@ -831,8 +835,7 @@ class Bench:
         self.borg_n += 1
         r = self.borg("create", "--compression", "zstd,3", f"::b{self.borg_n}",
                       str(self.private))
-        return {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
-                "repo": tree_size(self.borg_repo)}
+        return r.record(repo=tree_size(self.borg_repo))
 
     # --- one round
     def round(self, n: int) -> dict:
@@ -883,8 +886,7 @@ class Bench:
         with restore_fs(self.prefix, self.private) as fs:
             r = self.vz("restore", snapshot, str(self.rctid), "--json", wrap=wrap)
             got = fs / "private" / str(self.rctid)
-            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "sys_s": r.sys_s,
-                   "faults": r.faults, "verify": compare(src, manifest(got))}
+            res = r.record(verify=compare(src, manifest(got)))
             self.vz("destroy", str(self.rctid))
         return res
 
@@ -894,9 +896,7 @@ class Bench:
             dest.mkdir()
             r = measure(f"zstd -q -dc {shlex.quote(str(archive))} | "
                         f"tar -C {shlex.quote(str(dest))} -xpf - {shlex.join(VZDUMP_TAR)}")
-            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "sys_s": r.sys_s,
-                   "faults": r.faults,
-                   "verify": compare(src, manifest(dest))}
+            res = r.record(verify=compare(src, manifest(dest)))
         return res
 
     def floors(self, snapshot: str) -> dict:
@@ -920,8 +920,7 @@ class Bench:
                 dest = fs / "restore-files"
                 dest.mkdir()
                 r = measure(["tar", "-C", str(dest), "-xpf", str(plain), *VZDUMP_TAR])
-                res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s, "sys_s": r.sys_s,
-                       "verify": compare(src, manifest(dest))}
+                res = r.record(verify=compare(src, manifest(dest)))
         finally:
             plain.unlink(missing_ok=True)
         return res
@@ -931,8 +930,7 @@ class Bench:
             dest = fs / "restore-restic"
             r = self.restic("restore", "latest", "--host", "vzbench", "--target", str(dest))
             got = dest / self.private.relative_to("/")
-            res = {"s": r.seconds, "rss_mb": r.rss_mb, "cpu_s": r.cpu_s,
-                   "verify": compare(src, manifest(got))}
+            res = r.record(verify=compare(src, manifest(got)))
         return res
 
     # --- the peak-RSS pass (--rss-area-gb)
