@@ -33,7 +33,10 @@ flushes what earlier steps left dirty. Nothing is timed twice in one round:
               floor: that on top); with ``tar -x`` of an uncompressed tar (one more restore
               in the rotation, its system time) the CPU no backup or restore of this tree
               can skip. The floors over the CPUs bound what the speed targets can ask
-              here: the table's last lines print that ceiling as a ratio to tar|zstd's time
+              here: the table's last lines print that ceiling as a ratio to tar|zstd's time,
+              also for a command that starts as vzbackup's do (the ``status`` start-up,
+              serial, before the floor's work), and what each cheaper zstd level would save
+              in CPU and cost in size on the same chunks
 
 Wall time, CPU time and peak RSS (os.wait4 of the measured command; for a pipeline the largest
 process) are taken per command; the table shows medians over --rounds (each round's seconds of
@@ -1003,7 +1006,7 @@ def summarise_profile(raw: Path, top: int = 15) -> dict:
 
 
 # --- report ------------------------------------------------------------------------------------
-def summarise(rounds: list[dict]) -> dict:
+def summarise(rounds: list[dict], startup_s: float) -> dict:
     def med(*keys: str) -> float:
         vals = []
         for r in rounds:
@@ -1050,7 +1053,7 @@ def summarise(rounds: list[dict]) -> dict:
               "tar_restore"):
         s[f"{k}_rss_mb"] = max(r[k]["rss_mb"] for r in rounds)
     s["max_foreign_cpu_share"] = max(r["foreign_cpu_share"] for r in rounds)
-    s["floor"] = summarise_floors(rounds)
+    s["floor"] = summarise_floors(rounds, startup_s)
     s["vz_incr_growth"] = s["vz_incr_repo"] - s["vz_full_repo"]
     s["restic_incr_growth"] = s["restic_incr_repo"] - s["restic_full_repo"]
     s["borg_incr_growth"] = s["borg_incr_repo"] - s["borg_full_repo"]
@@ -1075,10 +1078,12 @@ def summarise(rounds: list[dict]) -> dict:
     return s
 
 
-def summarise_floors(rounds: list[dict]) -> dict:
+def summarise_floors(rounds: list[dict], startup_s: float) -> dict:
     """Medians of the floors (bench/floors.py) and of what they allow per round: the
     fastest any tool doing the same work could be on this machine's CPUs (all busy, nothing
-    but the floor's work), as a ratio to tar|zstd's time, the issue's measure."""
+    but the floor's work), as a ratio to tar|zstd's time, the issue's measure; and the same
+    for a command that first starts as vzbackup does (*startup_s*, serial: a Python
+    interpreter and the CLI's imports)."""
     cpus = len(os.sched_getaffinity(0))
     per_round = []
     for r in rounds:
@@ -1094,11 +1099,26 @@ def summarise_floors(rounds: list[dict]) -> dict:
             "full_ceiling": cpus * r["tar_full"]["s"] / full,
             "dedup_ceiling": cpus * r["tar_full"]["s"] / dedup,
             "restore_ceiling": cpus * r["tar_restore"]["s"] / restore,
+            "dedup_ceiling_started": r["tar_full"]["s"] / (startup_s + dedup / cpus),
+            "restore_ceiling_started": r["tar_restore"]["s"] / (startup_s + restore / cpus),
             "full_over_floor": r["vz_full"]["cpu_s"] / full,
             "restore_over_floor": r["vz_restore"]["cpu_s"] / restore,
+            **cheaper_levels(f["levels"]),
         })
     out = {k: statistics.median(x[k] for x in per_round) for k in per_round[0]}
-    out["cpus"] = cpus
+    out["cpus"], out["startup_s"] = cpus, startup_s
+    return out
+
+
+def cheaper_levels(levels: dict[str, dict]) -> dict[str, float]:
+    """Per zstd level below the repository's (floors.py's ``levels``): its compression CPU
+    and its compressed bytes, each as a ratio to the repository's level."""
+    top = levels[max(levels, key=int)]
+    out = {}
+    for level, got in levels.items():
+        if got is not top:
+            out[f"level{level}_cpu"] = got["cpu"] / top["cpu"]
+            out[f"level{level}_bytes"] = got["bytes"] / top["bytes"]
     return out
 
 
@@ -1112,10 +1132,18 @@ def print_floors(f: dict) -> None:
     print(f"  deduplicating {f['dedup']:4.2f} CPU s = that + cutting the files into chunks "
           f"(FastCDC) {f['cut']:.2f} + naming each (BLAKE3) {f['name']:.2f}: at most "
           f"{f['dedup_ceiling']:.2f}x tar|zstd's speed for any backup that deduplicates")
+    cheaper = [f"zstd -{k[5:-4]} {f[k]:.2f}x the CPU for {f[k[:-4] + '_bytes']:.3f}x the "
+               "bytes" for k in sorted(f) if k.startswith("level") and k.endswith("_cpu")]
+    if cheaper:
+        print(f"  a cheaper compressor (the same chunks, one thread): {', '.join(cheaper)} "
+              "(the size target allows 1.02x tar|zstd's bytes)")
     print(f"  restore      {f['restore']:5.2f} CPU s = opening each chunk {f['decompress']:.2f} "
           f"+ creating the files (tar -x, system) {f['files']:.2f}: at most "
           f"{f['restore_ceiling']:.2f}x zstd|tar's speed (target 1.2x); vzbackup used "
           f"{f['restore_over_floor']:.2f}x the floor")
+    print(f"  started      as a vzbackup command is ({f['startup_s']:.2f} s before any work): at "
+          f"most {f['dedup_ceiling_started']:.2f}x tar|zstd's speed for a deduplicating backup,"
+          f" {f['restore_ceiling_started']:.2f}x zstd|tar's for a restore")
 
 
 def print_table(s: dict, rounds: int, data: dict) -> None:
@@ -1302,7 +1330,7 @@ def main() -> None:
         for n in range(args.rounds):
             doc["rounds"].append(bench.round(n))
         if args.rounds:
-            doc["summary"] = summarise(doc["rounds"])
+            doc["summary"] = summarise(doc["rounds"], doc["data"]["cli_startup_s"])
         if args.py_spy and args.rounds:
             try:
                 doc["profile"] = bench.profile(args.py_spy, stamp)

@@ -15,6 +15,10 @@ prints JSON: CPU seconds of
               bandwidth each run slower than one alone, so this is the floor of a tool
               that wants all CPUs' wall time (tar|zstd -T0 pays the same)
   decompress  opening each of those chunks as a restore does (zstd, the frame's checksum)
+  levels      the same chunks (one thread) at each zstd level up to the repository's, CPU
+              and compressed bytes: whether a cheaper setting could lower the compress
+              floor within the size target (on a Debian rootfs no zstd parameter set tried
+              was cheaper at level 3's size: level 3 is on the frontier)
   cut, name   cutting every file's bytes into chunks as the backup does (FastCDC with the
               repository's parameters: small files as one stream, large files each on
               their own) and naming each chunk (the repository's chunk id: BLAKE3): what
@@ -140,7 +144,19 @@ def chunk_work(repo: Repository, snapshot: str) -> dict:
         chunks.append(data)
     return {"compress": compress, "compress_all_cpus": compress_all_cpus(repo, chunks),
             "decompress": decompress, "chunks": len(order), "chunk_bytes": plain,
-            "stored_bytes": stored}
+            "stored_bytes": stored, "levels": cheaper_levels(repo, chunks)}
+
+
+def cheaper_levels(repo: Repository, chunks: list[bytes]) -> dict[str, dict]:
+    """CPU seconds and compressed bytes of *chunks* (one thread) at the repository's zstd
+    level and at each cheaper one: what a faster compressor setting would cost in size."""
+    out = {}
+    for level in range(1, repo.codec.level + 1):
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        t0 = time.process_time()
+        size = sum(len(cctx.compress(data)) for data in chunks)
+        out[str(level)] = {"cpu": time.process_time() - t0, "bytes": size}
+    return out
 
 
 def compress_all_cpus(repo: Repository, chunks: list[bytes]) -> float:
