@@ -1354,6 +1354,9 @@ def main() -> None:
         print_rss_area(doc["rss_area"], doc["data"])
         print(f"\nJSON: {out_path}")
         return
+    if not args.rounds:  # set up (and kept, with --keep) only
+        print(f"\nno rounds run; JSON: {out_path}")
+        return
     print_table(doc["summary"], args.rounds, doc["data"])
     print_rounds(doc["rounds"])
     if "profile" in doc:
