@@ -1103,14 +1103,14 @@ def summarise_floors(rounds: list[dict], startup_s: float) -> dict:
             "restore_ceiling_started": r["tar_restore"]["s"] / (startup_s + restore / cpus),
             "full_over_floor": r["vz_full"]["cpu_s"] / full,
             "restore_over_floor": r["vz_restore"]["cpu_s"] / restore,
-            **cheaper_levels(f["levels"]),
+            **level_ratios(f["levels"]),
         })
     out = {k: statistics.median(x[k] for x in per_round) for k in per_round[0]}
     out["cpus"], out["startup_s"] = cpus, startup_s
     return out
 
 
-def cheaper_levels(levels: dict[str, dict]) -> dict[str, float]:
+def level_ratios(levels: dict[str, dict]) -> dict[str, float]:
     """Per zstd level below the repository's (floors.py's ``levels``): its compression CPU
     and its compressed bytes, each as a ratio to the repository's level."""
     top = levels[max(levels, key=int)]
@@ -1141,9 +1141,9 @@ def print_floors(f: dict) -> None:
           f"+ creating the files (tar -x, system) {f['files']:.2f}: at most "
           f"{f['restore_ceiling']:.2f}x zstd|tar's speed (target 1.2x); vzbackup used "
           f"{f['restore_over_floor']:.2f}x the floor")
-    print(f"  started      as a vzbackup command is ({f['startup_s']:.2f} s before any work): at "
-          f"most {f['dedup_ceiling_started']:.2f}x tar|zstd's speed for a deduplicating backup,"
-          f" {f['restore_ceiling_started']:.2f}x zstd|tar's for a restore")
+    print(f"  started      as a vzbackup command starts ({f['startup_s']:.2f} s before any "
+          f"work): at most {f['dedup_ceiling_started']:.2f}x tar|zstd's speed for a "
+          f"deduplicating backup, {f['restore_ceiling_started']:.2f}x zstd|tar's for a restore")
 
 
 def print_table(s: dict, rounds: int, data: dict) -> None:

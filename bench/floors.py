@@ -144,10 +144,10 @@ def chunk_work(repo: Repository, snapshot: str) -> dict:
         chunks.append(data)
     return {"compress": compress, "compress_all_cpus": compress_all_cpus(repo, chunks),
             "decompress": decompress, "chunks": len(order), "chunk_bytes": plain,
-            "stored_bytes": stored, "levels": cheaper_levels(repo, chunks)}
+            "stored_bytes": stored, "levels": zstd_levels(repo, chunks)}
 
 
-def cheaper_levels(repo: Repository, chunks: list[bytes]) -> dict[str, dict]:
+def zstd_levels(repo: Repository, chunks: list[bytes]) -> dict[str, dict]:
     """CPU seconds and compressed bytes of *chunks* (one thread) at the repository's zstd
     level and at each cheaper one: what a faster compressor setting would cost in size."""
     out = {}
