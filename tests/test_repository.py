@@ -723,9 +723,17 @@ def test_restore_in_two_processes_makes_the_same_tree(repo: Repository, tmp_path
     written = restore_tree(repo, entries, out, progress=done.append)
     assert sum(done) == sum(e.size for e in files)
     assert diff(tree_manifest(src), tree_manifest(out)) == []
+    assert dir_times(out) == dir_times(src)  # set last, after both processes' entries
     monkeypatch.setattr(extract, "SPLIT_MIN_FILES", len(files) + 1)  # in one process
     assert restore_tree(repo, entries, tmp_path / "out1") == written
+    assert dir_times(tmp_path / "out1") == dir_times(src)
     assert os.stat(out / "zz/d7/link-to-f0").st_ino == os.stat(out / "zz/d0/f0").st_ino
+
+
+def dir_times(root: Path) -> dict[str, int]:
+    """The modification time of each directory under *root*, itself included."""
+    return {str(p.relative_to(root)): p.lstat().st_mtime_ns
+            for p in [root, *root.rglob("*")] if p.is_dir() and not p.is_symlink()}
 
 
 def test_restore_in_two_processes_reports_damage_in_the_second(repo: Repository,

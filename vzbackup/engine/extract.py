@@ -574,7 +574,7 @@ def restore_tree(
                 job.run(entries)
             else:
                 _restore_in_two(job, entries, cut)
-        job.set_dir_times()
+        job.set_dir_times(entries)
     except BaseException as err:
         job.dirs.close()
         os.close(root_fd)
@@ -596,7 +596,6 @@ class _Restore:
         self.repo, self.dirs, self.threads = repo, dirs, threads
         self.progress, self.allow_devices = progress, allow_devices
         self.written = 0
-        self.dir_times: list[tuple[str, int]] = []
 
     def run(self, entries: list[T.Entry]) -> None:
         """Restore *entries* (a hard link's target among them or restored before)."""
@@ -619,7 +618,6 @@ class _Restore:
             os.fchown(dirs.root_fd, e.uid, e.gid)
             os.fchmod(dirs.root_fd, e.mode)
             dirs.made("", e)
-            self.dir_times.append((".", e.mtime_ns))
             return
         pfd, name = dirs.parent(e.path)
         if e.kind == T.FILE and e.size <= PARALLEL_FILE_MAX:
@@ -631,17 +629,24 @@ class _Restore:
             if e.kind == T.HARDLINK:
                 writers.drain()  # its target may still be being written
             writers.written += _create(e, pfd, name, dirs, self.allow_devices)
-        if e.kind == T.DIR:
-            self.dir_times.append((e.path, e.mtime_ns))
         if self.progress and e.kind == T.FILE:
             self.progress(e.size)
 
-    def set_dir_times(self) -> None:
+    def set_dir_times(self, entries: list[T.Entry]) -> None:
+        """The modification time of each directory of *entries*, deepest first, set by its
+        name in its parent: one call instead of an open, a set and a close (1.6k directories
+        of a Debian rootfs: 4.0-4.6 -> 2.9-3.1 ms)."""
         dirs = self.dirs
         dirs.close()
-        for rel, mt in reversed(self.dir_times):
-            fd = dirs.root_fd if rel == "." else dirs.open_dir(rel)
-            os.utime(fd, ns=(mt, mt))
+        for e in reversed(entries):
+            if e.kind != T.DIR:
+                continue
+            ns = (e.mtime_ns, e.mtime_ns)
+            if e.path == ".":
+                os.utime(dirs.root_fd, ns=ns)
+            else:
+                pfd, name = dirs.parent(e.path)
+                os.utime(name, ns=ns, dir_fd=pfd, follow_symlinks=False)
         dirs.close()
 
 
