@@ -1132,8 +1132,8 @@ def print_floors(f: dict) -> None:
     print(f"  deduplicating {f['dedup']:4.2f} CPU s = that + cutting the files into chunks "
           f"(FastCDC) {f['cut']:.2f} + naming each (BLAKE3) {f['name']:.2f}: at most "
           f"{f['dedup_ceiling']:.2f}x tar|zstd's speed for any backup that deduplicates")
-    cheaper = [f"zstd -{k[5:-4]} {f[k]:.2f}x the CPU for {f[k[:-4] + '_bytes']:.3f}x the "
-               "bytes" for k in sorted(f) if k.startswith("level") and k.endswith("_cpu")]
+    cheaper = [f"zstd -{n} {f[f'level{n}_cpu']:.2f}x the CPU for {f[f'level{n}_bytes']:.3f}x "
+               "the bytes" for n in range(1, 23) if f"level{n}_cpu" in f]  # (zstd: 1-22)
     if cheaper:
         print(f"  a cheaper compressor (the same chunks, one thread): {', '.join(cheaper)} "
               "(the size target allows 1.02x tar|zstd's bytes)")
